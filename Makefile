@@ -1,0 +1,31 @@
+# Two commands do everything on a fresh machine:
+#   make demo   - create .venv, install, pretrain a small MAE on the embedded synthetic set, probe AFF vs NFF
+#   make test   - same venv, run the test suite
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
+DEMO_DIR ?= demo_out
+
+.PHONY: demo test bench clean venv
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev,torch]'
+	rm -f $(VENV)/.installed-* && touch $(STAMP)
+
+venv: $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m afm_jax.main --config configs/demo.py --workdir $(DEMO_DIR)
+
+test: $(STAMP)
+	$(PY) -m pytest -q -n 2 tests
+
+bench: $(STAMP)
+	$(PY) bench/train_step.py --config configs/mae_vits.py --compare-timm
+	$(PY) bench/input_pipeline.py
+
+clean:
+	rm -rf $(DEMO_DIR)

@@ -1,0 +1,1 @@
+"""afm-jax: orthopaedic radiograph foundation models in JAX."""

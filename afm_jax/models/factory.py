@@ -1,0 +1,51 @@
+"""Builds models from config sections, so configs name components and code stays declarative."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import ml_collections
+from flax import nnx
+
+from afm_jax import configuration
+from afm_jax.models.mae import MAE
+from afm_jax.models.vit import VisionTransformer, parse_variant
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def default_model_config(variant: str = "B/16") -> ml_collections.ConfigDict:
+    """ViT encoder options (see afm_jax.models.vit.VisionTransformer)."""
+    return ml_collections.ConfigDict(dict(
+        variant=variant, in_chans=1, class_token=True, num_reg_tokens=0, no_embed_class=False,
+        pos_embed="sincos", drop_path_rate=0.0, dtype="float32", param_dtype="float32"))
+
+
+def validate_model_config(config: ml_collections.ConfigDict, prefix: str = "model") -> None:
+    model = config[prefix]
+    configuration.require(config, f"{prefix}.variant", lambda v: parse_variant(v) is not None,
+                          'a ViT variant such as "S/16", "B/16", "L/16" or "H/14"')
+    configuration.require_choice(config, f"{prefix}.pos_embed", ("sincos", "learned"))
+    configuration.require_choice(config, f"{prefix}.dtype", tuple(DTYPES))
+    configuration.require_choice(config, f"{prefix}.param_dtype", tuple(DTYPES))
+    configuration.require(config, f"{prefix}.in_chans", lambda v: v in (1, 3), "1 (radiographs) or 3")
+    configuration.require(config, f"{prefix}.num_reg_tokens", lambda v: int(v) >= 0, "a count >= 0")
+    configuration.require(config, f"{prefix}.drop_path_rate", lambda v: 0.0 <= v < 1.0, "a rate in [0, 1)")
+    patch = parse_variant(model.variant)["patch_size"]
+    configuration.require(config, "image_size", lambda v: v % patch == 0,
+                          f"a multiple of the patch size {patch} of model `{model.variant}`")
+
+
+def build_encoder(model: ml_collections.ConfigDict, image_size: int, rngs: nnx.Rngs) -> VisionTransformer:
+    return VisionTransformer(
+        model.variant, img_size=image_size, in_chans=model.in_chans, class_token=model.class_token,
+        num_reg_tokens=model.num_reg_tokens, no_embed_class=model.no_embed_class, pos_embed=model.pos_embed,
+        drop_path_rate=model.drop_path_rate, dtype=DTYPES[model.dtype], param_dtype=DTYPES[model.param_dtype],
+        rngs=rngs)
+
+
+def build_mae(config: ml_collections.ConfigDict, rngs: nnx.Rngs) -> MAE:
+    encoder = build_encoder(config.model, config.image_size, rngs)
+    m = config.mae
+    return MAE(encoder, mask_ratio=m.mask_ratio, decoder_dim=m.decoder_dim, decoder_depth=m.decoder_depth,
+               decoder_heads=m.decoder_heads, norm_pix_loss=m.norm_pix_loss,
+               dtype=DTYPES[config.model.dtype], param_dtype=DTYPES[config.model.param_dtype], rngs=rngs)

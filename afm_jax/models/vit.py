@@ -1,0 +1,623 @@
+"""Vision Transformer encoder (Flax NNX) whose parameter tree mirrors timm's ``VisionTransformer``.
+
+What: the ViT backbone shared by MAE, DINO and every evaluation (kNN, linear probe, fine-tune),
+selected by a variant string such as ``"S/16"`` or ``"L/16"``.
+
+Why it looks like this:
+
+* **One-to-one with timm.** Every parameter sits at the path of the timm state-dict key it maps to
+  (``cls_token``, ``reg_token``, ``pos_embed``, ``patch_embed.proj``, ``blocks.{i}.norm1``,
+  ``blocks.{i}.attn.qkv``, ``blocks.{i}.attn.proj``, ``blocks.{i}.ls1.gamma``, ``blocks.{i}.norm2``,
+  ``blocks.{i}.mlp.fc1``, ``blocks.{i}.mlp.fc2``, ``blocks.{i}.ls2.gamma``, ``norm``), so
+  ``afm_jax/interop/timm.py`` only renames leaves (``kernel``/``scale`` -> ``weight``) and
+  transposes; the maths (qkv split order ``(B, N, 3, heads, head_dim)``, exact-erf GELU, LayerNorm
+  eps 1e-6, prefix-token/pos-embed layout incl. ``no_embed_class``) equals timm's
+  ``forward_features`` (pinned by ``tests/test_vit.py`` against a float64 numpy port of it, and
+  against timm itself when timm is installed).
+* **Grey-scale first.** One input channel by default; images are float ``(B, H, W, C)`` in [0, 1]
+  and are normalised with ``input_mean``/``input_std`` at the model's input (design contract).
+* **Fixed or learned position embedding.** MAE-style fixed 2-D sin-cos is stored as
+  :class:`FixedPosEmbed`, a non-``Param`` variable, so ``nnx.split(model, nnx.Param, ...)`` leaves
+  it out of the optimised parameters; ``pos_embed="learned"`` makes it an ``nnx.Param``. When the
+  input grid differs from the stored one the grid part is resampled on the fly (timm's
+  ``dynamic_img_size``), so a model trained at 224 px can be evaluated at 448 px.
+* **Mixed precision.** ``param_dtype`` (fp32) for storage, ``dtype`` (e.g. bf16) for matmuls. The
+  residual stream stays fp32 (as under torch autocast); LayerNorm statistics and the attention
+  softmax are computed in fp32; outputs are fp32.
+
+Patch embedding: ``patch_embed.proj`` is an ``nnx.Conv`` (kernel ``(p, p, C, D)``, stride ``p``,
+VALID), applied as a convolution. The same kernel applied as a matmul on :func:`patchify`-ed
+pixels was measured on the 2-core CPU box (S/16, 224 px, batch 8, jitted forward+backward): the
+whole step was no faster (2.67 s conv vs 2.80 s matmul, best of 5) and the patch embedding alone
+was slower (12.0 ms vs 7.8 ms), so the conv is kept.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from afm_jax.models.pos_embed import get_2d_sincos_pos_embed, resample_abs_pos_embed
+
+__all__ = [
+    "VIT_SIZES",
+    "FixedPosEmbed",
+    "PatchEmbed",
+    "Attention",
+    "Mlp",
+    "LayerScale",
+    "Block",
+    "VisionTransformer",
+    "parse_variant",
+    "patchify",
+    "unpatchify",
+    "drop_path",
+]
+
+# width, depth, num_heads, mlp_dim — as big_vision / timm (mlp ratio 4). "mu" is big_vision's tiny
+# debugging size.
+VIT_SIZES: dict[str, dict[str, int]] = {
+    "mu": dict(width=32, depth=1, num_heads=2, mlp_dim=128),
+    "Ti": dict(width=192, depth=12, num_heads=3, mlp_dim=768),
+    "S": dict(width=384, depth=12, num_heads=6, mlp_dim=1536),
+    "M": dict(width=512, depth=12, num_heads=8, mlp_dim=2048),
+    "B": dict(width=768, depth=12, num_heads=12, mlp_dim=3072),
+    "L": dict(width=1024, depth=24, num_heads=16, mlp_dim=4096),
+    "H": dict(width=1280, depth=32, num_heads=16, mlp_dim=5120),
+}
+
+_OVERRIDE_KEYS = ("width", "depth", "num_heads", "mlp_dim")
+
+
+class FixedPosEmbed(nnx.Variable):
+    """A position embedding that is *not* trained (fixed sin-cos table).
+
+    Being a distinct ``nnx.Variable`` type (not ``nnx.Param``) keeps it out of
+    ``nnx.split(model, nnx.Param, ...)`` / ``nnx.Optimizer(..., wrt=nnx.Param)`` while it still
+    travels with the model state into checkpoints and exports.
+    """
+
+
+def parse_variant(variant: str) -> dict[str, int]:
+    """Parse ``"<size>/<patch>"`` (e.g. ``"S/16"``, ``"L/16"``, ``"H/14"``, ``"mu/8"``).
+
+    Returns:
+      ``{'width', 'depth', 'num_heads', 'mlp_dim', 'patch_size'}``.
+
+    Raises:
+      ValueError: naming the valid sizes when the string is malformed or the size is unknown.
+    """
+    match = re.fullmatch(r"\s*([A-Za-z]+)\s*/\s*(\d+)\s*", str(variant))
+    valid = ", ".join(VIT_SIZES)
+    if match is None:
+        raise ValueError(
+            f"ViT variant {variant!r} is not of the form '<size>/<patch>', e.g. 'S/16' or 'L/16'; "
+            f"valid sizes: {valid}."
+        )
+    size, patch = match.group(1), int(match.group(2))
+    if size not in VIT_SIZES:
+        raise ValueError(f"Unknown ViT size {size!r} in variant {variant!r}; valid sizes: {valid}.")
+    if patch < 1:
+        raise ValueError(f"Patch size must be a positive integer, got {patch} in {variant!r}.")
+    return dict(VIT_SIZES[size], patch_size=patch)
+
+
+# ----------------------------------------------------------------------------------------------
+# Patches.
+# ----------------------------------------------------------------------------------------------
+
+
+def patchify(images: jax.Array, patch_size: int) -> jax.Array:
+    """``(B, H, W, C)`` -> ``(B, N, p*p*C)``, MAE convention.
+
+    Patches are row-major over the grid; inside a patch the order is ``(p, q, c)`` (row, column,
+    channel), i.e. the MAE reference's ``'nchpwq->nhwpqc'`` written for NHWC input.
+    """
+    b, h, w, c = images.shape
+    p = patch_size
+    if h % p or w % p:
+        raise ValueError(f"Image size {h}x{w} is not divisible by the patch size {p}.")
+    gh, gw = h // p, w // p
+    x = images.reshape(b, gh, p, gw, p, c)
+    x = jnp.einsum("nhpwqc->nhwpqc", x)
+    return x.reshape(b, gh * gw, p * p * c)
+
+
+def unpatchify(
+    patches: jax.Array, patch_size: int, grid_hw: Sequence[int], channels: int
+) -> jax.Array:
+    """Inverse of :func:`patchify`: ``(B, gh*gw, p*p*C)`` -> ``(B, gh*p, gw*p, C)``."""
+    b, n, _ = patches.shape
+    gh, gw = (int(grid_hw[0]), int(grid_hw[1]))
+    p = patch_size
+    if n != gh * gw:
+        raise ValueError(f"{n} patches do not fill a {gh}x{gw} grid.")
+    x = patches.reshape(b, gh, gw, p, p, channels)
+    x = jnp.einsum("nhwpqc->nhpwqc", x)
+    return x.reshape(b, gh * p, gw * p, channels)
+
+
+# ----------------------------------------------------------------------------------------------
+# Layers (names follow timm).
+# ----------------------------------------------------------------------------------------------
+
+
+def drop_path(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
+    """Stochastic depth: drop the whole residual branch per sample, scale survivors by 1/keep.
+
+    Identity when ``key`` is None or ``rate == 0`` (timm's ``DropPath`` with ``scale_by_keep``).
+    """
+    if key is None or rate <= 0.0:
+        return x
+    keep = 1.0 - rate
+    shape = (x.shape[0],) + (1,) * (x.ndim - 1)
+    mask = jax.random.bernoulli(key, keep, shape)
+    return jnp.where(mask, x / keep, jnp.zeros_like(x))
+
+
+def _xavier_uniform() -> nnx.Initializer:
+    return nnx.initializers.xavier_uniform()
+
+
+def _zeros() -> nnx.Initializer:
+    return nnx.initializers.zeros_init()
+
+
+def _layer_norm(dim: int, dtype: Any, param_dtype: Any, rngs: nnx.Rngs) -> nnx.LayerNorm:
+    # use_fast_variance=False: E[(x-mean)^2] like torch, not E[x^2]-mean^2.
+    return nnx.LayerNorm(
+        dim,
+        epsilon=1e-6,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        use_fast_variance=False,
+        rngs=rngs,
+    )
+
+
+class PatchEmbed(nnx.Module):
+    """Non-overlapping ``p x p`` patches -> ``D`` channels (timm ``patch_embed.proj``).
+
+    Init as MAE: xavier-uniform on the kernel viewed as ``(p*p*C, D)``, zero bias.
+    """
+
+    def __init__(
+        self,
+        patch_size: int,
+        in_chans: int,
+        embed_dim: int,
+        *,
+        dtype: Any = jnp.float32,
+        param_dtype: Any = jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        self.patch_size = patch_size
+        self.proj = nnx.Conv(
+            in_chans,
+            embed_dim,
+            kernel_size=(patch_size, patch_size),
+            strides=(patch_size, patch_size),
+            padding="VALID",
+            dtype=dtype,
+            param_dtype=param_dtype,
+            kernel_init=nnx.initializers.variance_scaling(
+                1.0, "fan_avg", "uniform", in_axis=(0, 1, 2), out_axis=-1
+            ),
+            bias_init=_zeros(),
+            rngs=rngs,
+        )
+
+    def __call__(self, images: jax.Array) -> jax.Array:
+        """``(B, H, W, C)`` -> ``(B, H/p, W/p, D)``."""
+        _, h, w, _ = images.shape
+        p = self.patch_size
+        if h % p or w % p:
+            raise ValueError(
+                f"Image size {h}x{w} is not divisible by the patch size {p}; resize or crop the "
+                f"input to a multiple of {p}."
+            )
+        return self.proj(images)
+
+
+class Attention(nnx.Module):
+    """Multi-head self-attention with a fused ``qkv`` projection (timm ``Attention``)."""
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        *,
+        dtype: Any = jnp.float32,
+        param_dtype: Any = jnp.float32,
+        implementation: str | None = None,
+        rngs: nnx.Rngs,
+    ):
+        if dim % num_heads:
+            raise ValueError(f"Width {dim} is not divisible by num_heads {num_heads}.")
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.implementation = implementation
+        kw = dict(
+            dtype=dtype,
+            param_dtype=param_dtype,
+            kernel_init=_xavier_uniform(),
+            bias_init=_zeros(),
+            rngs=rngs,
+        )
+        self.qkv = nnx.Linear(dim, 3 * dim, **kw)
+        self.proj = nnx.Linear(dim, dim, **kw)
+
+    def _qkv(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        b, n, _ = x.shape
+        qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim)  # timm's order
+        return qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # each (B, N, heads, head_dim)
+
+    def attention_weights(self, x: jax.Array) -> jax.Array:
+        """Softmax attention probabilities ``(B, heads, N, N)``, float32."""
+        q, k, _ = self._qkv(x)
+        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * (
+            self.head_dim**-0.5
+        )
+        return jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        b, n, d = x.shape
+        q, k, v = self._qkv(x)
+        # Softmax in fp32 inside (xla path); implementation="cudnn" gives fused attention on GPUs.
+        o = jax.nn.dot_product_attention(q, k, v, implementation=self.implementation)
+        return self.proj(o.reshape(b, n, d))
+
+
+class Mlp(nnx.Module):
+    """``fc1`` -> exact (erf) GELU -> ``fc2`` (timm ``Mlp``)."""
+
+    def __init__(
+        self,
+        dim: int,
+        hidden_dim: int,
+        *,
+        dtype: Any = jnp.float32,
+        param_dtype: Any = jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        kw = dict(
+            dtype=dtype,
+            param_dtype=param_dtype,
+            kernel_init=_xavier_uniform(),
+            bias_init=_zeros(),
+            rngs=rngs,
+        )
+        self.fc1 = nnx.Linear(dim, hidden_dim, **kw)
+        self.fc2 = nnx.Linear(hidden_dim, dim, **kw)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.fc2(jax.nn.gelu(self.fc1(x), approximate=False))
+
+
+class LayerScale(nnx.Module):
+    """Per-channel residual scale ``gamma`` (CaiT / DINOv2; timm ``LayerScale``)."""
+
+    def __init__(self, dim: int, init_value: float, *, param_dtype: Any = jnp.float32):
+        self.gamma = nnx.Param(jnp.full((dim,), init_value, dtype=param_dtype))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return x * self.gamma[...].astype(x.dtype)
+
+
+class Block(nnx.Module):
+    """Pre-norm transformer block (timm ``Block``).
+
+    ``x + drop_path(ls1(attn(norm1(x))))`` then ``x + drop_path(ls2(mlp(norm2(x))))``.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        mlp_dim: int,
+        *,
+        drop_path_rate: float = 0.0,
+        layer_scale_init: float | None = None,
+        dtype: Any = jnp.float32,
+        param_dtype: Any = jnp.float32,
+        attn_implementation: str | None = None,
+        rngs: nnx.Rngs,
+    ):
+        self.drop_path_rate = float(drop_path_rate)
+        self.norm1 = _layer_norm(dim, dtype, param_dtype, rngs)
+        self.attn = Attention(
+            dim,
+            num_heads,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            implementation=attn_implementation,
+            rngs=rngs,
+        )
+        self.ls1 = (
+            LayerScale(dim, layer_scale_init, param_dtype=param_dtype)
+            if layer_scale_init is not None
+            else None
+        )
+        self.norm2 = _layer_norm(dim, dtype, param_dtype, rngs)
+        self.mlp = Mlp(dim, mlp_dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.ls2 = (
+            LayerScale(dim, layer_scale_init, param_dtype=param_dtype)
+            if layer_scale_init is not None
+            else None
+        )
+
+    def __call__(self, x: jax.Array, *, key: jax.Array | None = None) -> jax.Array:
+        """``key`` enables drop-path (training); without it the block is deterministic."""
+        k1 = k2 = None
+        if key is not None and self.drop_path_rate > 0.0:
+            k1, k2 = jax.random.split(key)
+        y = self.attn(self.norm1(x))
+        if self.ls1 is not None:
+            y = self.ls1(y)
+        x = x + drop_path(y, self.drop_path_rate, k1).astype(x.dtype)
+        y = self.mlp(self.norm2(x))
+        if self.ls2 is not None:
+            y = self.ls2(y)
+        return x + drop_path(y, self.drop_path_rate, k2).astype(x.dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# The encoder.
+# ----------------------------------------------------------------------------------------------
+
+
+def _default_norm(in_chans: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    if in_chans == 1:
+        return (0.5,), (0.25,)
+    if in_chans == 3:  # ImageNet statistics, for 3-channel models at the PyTorch boundary
+        return (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    return (0.5,) * in_chans, (0.25,) * in_chans
+
+
+def _as_channel_tuple(v: float | Sequence[float], in_chans: int, name: str) -> tuple[float, ...]:
+    t = (float(v),) * in_chans if np.isscalar(v) else tuple(float(a) for a in v)
+    if len(t) == 1 and in_chans > 1:
+        t = t * in_chans
+    if len(t) != in_chans:
+        raise ValueError(f"{name} has {len(t)} values but the model has in_chans={in_chans}.")
+    return t
+
+
+def _dropout_keys(rngs: nnx.Rngs | jax.Array | None, n: int) -> list[jax.Array | None]:
+    if rngs is None:
+        return [None] * n
+    if isinstance(rngs, nnx.Rngs):
+        return [rngs.dropout() for _ in range(n)]
+    return list(jax.random.split(rngs, n))
+
+
+class VisionTransformer(nnx.Module):
+    """ViT encoder; ``__call__`` equals timm's ``forward_features`` (normalised tokens).
+
+    Args:
+      variant: ``"<size>/<patch>"``, see :func:`parse_variant`.
+      img_size: training image size, ``s`` or ``(h, w)``; sets the stored position-embedding grid.
+      in_chans: input channels (1 for radiographs; 3 at the ImageNet boundary).
+      class_token: prepend a learned class token.
+      num_reg_tokens: number of register tokens (Darcet et al.), after the class token.
+      no_embed_class: prefix tokens get no position embedding (timm's flag; DINOv2-reg, DeiT-3).
+        Otherwise ``pos_embed`` has a slot per prefix token (zeros for sin-cos), as in timm/MAE.
+      pos_embed: ``"sincos"`` (fixed, :class:`FixedPosEmbed`) or ``"learned"`` (``nnx.Param``).
+      drop_path_rate: stochastic depth at the last block; linear from 0 over depth.
+      layer_scale_init: LayerScale init value (e.g. 1e-5 for DINOv2); None = no LayerScale.
+      dtype / param_dtype: compute / storage dtypes.
+      input_mean / input_std: per-channel normalisation of [0, 1] images, applied first.
+      attn_implementation: passed to ``jax.nn.dot_product_attention`` (None/"xla"/"cudnn").
+      rngs: parameter initialisation.
+      **overrides: ``width``, ``depth``, ``num_heads``, ``mlp_dim`` replace the variant's values
+        (``mlp_dim`` follows ``4 * width`` when only ``width`` is given).
+    """
+
+    def __init__(
+        self,
+        variant: str,
+        *,
+        img_size: int | Sequence[int] = 224,
+        in_chans: int = 1,
+        class_token: bool = True,
+        num_reg_tokens: int = 0,
+        no_embed_class: bool = False,
+        pos_embed: str = "sincos",
+        drop_path_rate: float = 0.0,
+        layer_scale_init: float | None = None,
+        dtype: Any = jnp.float32,
+        param_dtype: Any = jnp.float32,
+        input_mean: float | Sequence[float] | None = None,
+        input_std: float | Sequence[float] | None = None,
+        attn_implementation: str | None = None,
+        rngs: nnx.Rngs,
+        **overrides: int,
+    ):
+        unknown = set(overrides) - set(_OVERRIDE_KEYS)
+        if unknown:
+            raise TypeError(
+                f"Unknown ViT override(s) {sorted(unknown)}; allowed: {', '.join(_OVERRIDE_KEYS)}."
+            )
+        cfg = parse_variant(variant)
+        if "width" in overrides and "mlp_dim" not in overrides:
+            overrides = dict(overrides, mlp_dim=4 * int(overrides["width"]))
+        cfg.update({k: int(v) for k, v in overrides.items()})
+        if pos_embed not in ("sincos", "learned"):
+            raise ValueError(f"pos_embed must be 'sincos' or 'learned', got {pos_embed!r}.")
+
+        self.variant = variant
+        self.embed_dim = d = cfg["width"]
+        self.depth = cfg["depth"]
+        self.num_heads = cfg["num_heads"]
+        self.mlp_dim = cfg["mlp_dim"]
+        self.patch_size = p = cfg["patch_size"]
+        self.in_chans = in_chans
+        ih, iw = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
+        if ih % p or iw % p:
+            raise ValueError(f"img_size {ih}x{iw} is not divisible by the patch size {p}.")
+        self.img_size = (int(ih), int(iw))
+        self.grid_size = (ih // p, iw // p)
+        self.num_patches = self.grid_size[0] * self.grid_size[1]
+        self.has_class_token = bool(class_token)
+        self.num_reg_tokens = int(num_reg_tokens)
+        self.num_prefix_tokens = int(class_token) + self.num_reg_tokens
+        self.no_embed_class = bool(no_embed_class)
+        self.pos_embed_type = pos_embed
+        self.dtype = dtype
+        self.param_dtype = param_dtype
+        mean_default, std_default = _default_norm(in_chans)
+        self.input_mean = _as_channel_tuple(
+            mean_default if input_mean is None else input_mean, in_chans, "input_mean"
+        )
+        self.input_std = _as_channel_tuple(
+            std_default if input_std is None else input_std, in_chans, "input_std"
+        )
+
+        self.patch_embed = PatchEmbed(
+            p, in_chans, d, dtype=dtype, param_dtype=param_dtype, rngs=rngs
+        )
+        token_init = nnx.initializers.normal(stddev=0.02)
+        self.cls_token = (
+            nnx.Param(token_init(rngs.params(), (1, 1, d), param_dtype)) if class_token else None
+        )
+        self.reg_token = (
+            nnx.Param(token_init(rngs.params(), (1, self.num_reg_tokens, d), param_dtype))
+            if self.num_reg_tokens
+            else None
+        )
+        num_pos_prefix = 0 if no_embed_class else self.num_prefix_tokens
+        if pos_embed == "sincos":
+            table = get_2d_sincos_pos_embed(d, self.grid_size, num_pos_prefix)
+            self.pos_embed = FixedPosEmbed(jnp.asarray(table[None], dtype=param_dtype))
+        else:
+            init = nnx.initializers.truncated_normal(stddev=0.02)
+            self.pos_embed = nnx.Param(
+                init(rngs.params(), (1, num_pos_prefix + self.num_patches, d), param_dtype)
+            )
+
+        rates = np.linspace(0.0, drop_path_rate, self.depth) if self.depth else []
+        self.blocks = nnx.List(
+            [
+                Block(
+                    d,
+                    self.num_heads,
+                    self.mlp_dim,
+                    drop_path_rate=float(rate),
+                    layer_scale_init=layer_scale_init,
+                    dtype=dtype,
+                    param_dtype=param_dtype,
+                    attn_implementation=attn_implementation,
+                    rngs=rngs,
+                )
+                for rate in rates
+            ]
+        )
+        self.norm = _layer_norm(d, dtype, param_dtype, rngs)
+
+    # -- pieces (MAE and DINO assemble these) ----------------------------------------------------
+
+    def normalize(self, images: jax.Array) -> jax.Array:
+        """``(images - input_mean) / input_std`` in float32 (the model's input normalisation)."""
+        x = jnp.asarray(images, jnp.float32)
+        if x.ndim != 4 or x.shape[-1] != self.in_chans:
+            raise ValueError(
+                f"Expected images of shape (B, H, W, {self.in_chans}) (NHWC), got {x.shape}."
+            )
+        mean = jnp.asarray(self.input_mean, jnp.float32)
+        std = jnp.asarray(self.input_std, jnp.float32)
+        return (x - mean) / std
+
+    def _pos_embed_table(self) -> jax.Array:
+        return self.pos_embed[...].astype(jnp.float32)
+
+    def patch_pos_embed(self, grid_hw: Sequence[int]) -> jax.Array:
+        """Position embedding of the patch tokens for a ``grid_hw`` grid, ``(1, gh*gw, D)`` fp32.
+
+        Resampled bicubically (timm ``resample_abs_pos_embed``) when ``grid_hw`` differs from the
+        stored :attr:`grid_size`.
+        """
+        table = self._pos_embed_table()
+        if not self.no_embed_class:
+            table = table[:, self.num_prefix_tokens :]
+        return resample_abs_pos_embed(
+            table, tuple(grid_hw), old_size=self.grid_size, num_prefix_tokens=0
+        )
+
+    def embed_patches(self, images: jax.Array) -> jax.Array:
+        """Normalise, patch-embed and add position embeddings: ``(B, N, D)`` float32."""
+        x = self.normalize(images).astype(self.dtype)
+        x = self.patch_embed(x)
+        b, gh, gw, d = x.shape
+        x = x.reshape(b, gh * gw, d).astype(jnp.float32)
+        return x + self.patch_pos_embed((gh, gw))
+
+    def prefix_tokens(self, batch_size: int) -> jax.Array:
+        """Class then register tokens, ``(B, num_prefix_tokens, D)`` float32.
+
+        Includes their position embedding unless ``no_embed_class``.
+        """
+        d = self.embed_dim
+        parts = []
+        if self.cls_token is not None:
+            parts.append(self.cls_token[...].astype(jnp.float32))
+        if self.reg_token is not None:
+            parts.append(self.reg_token[...].astype(jnp.float32))
+        if not parts:
+            return jnp.zeros((batch_size, 0, d), jnp.float32)
+        prefix = jnp.concatenate(parts, axis=1)
+        if not self.no_embed_class:
+            prefix = prefix + self._pos_embed_table()[:, : self.num_prefix_tokens]
+        return jnp.broadcast_to(prefix, (batch_size, self.num_prefix_tokens, d))
+
+    def encode_tokens(
+        self, tokens: jax.Array, *, rngs: nnx.Rngs | jax.Array | None = None
+    ) -> jax.Array:
+        """Transformer blocks + final norm on ``(B, T, D)`` tokens -> ``(B, T, D)`` float32.
+
+        ``rngs`` (an ``nnx.Rngs`` with a ``dropout`` or default stream, or a raw PRNG key) turns
+        on drop-path; without it the pass is deterministic.
+        """
+        x = tokens.astype(jnp.float32)
+        keys = _dropout_keys(rngs, len(self.blocks))
+        for block, key in zip(self.blocks, keys, strict=True):
+            x = block(x, key=key)
+        return self.norm(x).astype(jnp.float32)
+
+    def tokens(self, images: jax.Array) -> jax.Array:
+        """Input tokens before the blocks: prefix ⊕ patch tokens, ``(B, P + N, D)``."""
+        x = self.embed_patches(images)
+        return jnp.concatenate([self.prefix_tokens(x.shape[0]), x], axis=1)
+
+    # -- whole-model entry points --------------------------------------------------------------
+
+    def __call__(self, images: jax.Array, *, rngs: nnx.Rngs | jax.Array | None = None) -> jax.Array:
+        """``(B, H, W, C)`` images in [0, 1] -> ``(B, P + N, D)`` normalised tokens (float32)."""
+        return self.encode_tokens(self.tokens(images), rngs=rngs)
+
+    def pooled_features(self, images: jax.Array, *, pool: str = "cls") -> jax.Array:
+        """``(B, D)`` features for probes: the class token (``"cls"``) or the mean of the
+        normalised patch tokens (``"avg"``, prefix tokens excluded)."""
+        if pool not in ("cls", "avg"):
+            raise ValueError(f"pool must be 'cls' or 'avg', got {pool!r}.")
+        if pool == "cls" and not self.has_class_token:
+            raise ValueError("pool='cls' needs a model with class_token=True; use pool='avg'.")
+        x = self(images)
+        if pool == "cls":
+            return x[:, 0]
+        return x[:, self.num_prefix_tokens :].mean(axis=1)
+
+    def attention_maps(self, images: jax.Array) -> jax.Array:
+        """Attention probabilities of the last block, ``(B, heads, T, T)`` float32 (T = P + N)."""
+        if not len(self.blocks):
+            raise ValueError("attention_maps needs at least one block.")
+        x = self.tokens(images)
+        for block in self.blocks[:-1]:
+            x = block(x)
+        last = self.blocks[-1]
+        return last.attn.attention_weights(last.norm1(x))

@@ -1,0 +1,37 @@
+"""The full default config of a pretraining run; config files start from it and change what differs.
+
+Every key a task reads exists here, so the locked ConfigDict rejects misspelt overrides.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from afm_jax.data.pipeline import default_data_config
+from afm_jax.models.factory import default_model_config
+from afm_jax.train.optim import default_optim_config
+from afm_jax.train.tasks.mae import default_mae_config
+
+
+def pretrain_config(task: str = "mae", variant: str = "B/16") -> ml_collections.ConfigDict:
+    config = ml_collections.ConfigDict()
+    config.task = task
+    config.seed = 0
+    config.image_size = 224
+    config.batch_size = 4096          # global, over all processes and devices
+    config.num_epochs = 800.0
+    config.total_steps = 0            # > 0 overrides num_epochs
+    config.data = default_data_config()
+    config.data.synthetic = ml_collections.ConfigDict(dict(
+        enabled=False, num_patients=300, image_size=256, seed=0))
+    config.model = default_model_config(variant)
+    config.mae = default_mae_config()
+    config.optim = default_optim_config()
+    config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
+    config.log_every = 50
+    config.checkpoint_every = 1000
+    config.keep_checkpoints = 3
+    config.image_every = 1000         # MAE reconstruction panels (0 = never)
+    config.num_panel_images = 4
+    config.probe = ml_collections.ConfigDict(dict(enabled=False, pool="avg", batch_size=64))
+    return config

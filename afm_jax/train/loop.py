@@ -1,0 +1,219 @@
+"""The canonical trainer: mesh → input → model and optimiser → sharded state → step → checkpoints → loop.
+
+Task-specific parts (which model, which loss, which pictures) come from a `Task`; everything a
+long job needs — automatic resume from `--workdir`, SIGTERM/SIGINT save-and-exit, logging, MFU —
+lives here once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+import time
+from typing import Any, Callable, Protocol
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from afm_jax import configuration
+from afm_jax.data import pipeline, records
+from afm_jax.train import checkpoint, optim, sharding, state as state_lib, step as step_lib, throughput
+from afm_jax.train.metrics_writer import MetricsWriter
+from afm_jax.version import code_version
+
+
+class Task(Protocol):
+    """What a pretraining method supplies to the trainer."""
+
+    def validate(self, config: ml_collections.ConfigDict) -> None: ...
+    def build_model(self, config: ml_collections.ConfigDict, rngs: nnx.Rngs) -> nnx.Module: ...
+    def loss(self, model: nnx.Module, batch: dict, key: jax.Array) -> tuple[jax.Array, dict]: ...
+    def images(self, model: nnx.Module, batch: dict, key: jax.Array) -> dict[str, jax.Array]: ...
+
+
+@dataclasses.dataclass
+class TrainResult:
+    state: state_lib.TrainState
+    graphdef: nnx.GraphDef
+    step: int
+    finished: bool           # False when stopped early (signal or stop_at_step)
+
+
+class _StopRequest:
+    """Turns SIGTERM/SIGINT into a flag the loop checks after each step (save, then exit cleanly)."""
+
+    def __init__(self):
+        self.requested: str | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread (e.g. some test runners): no handler
+                pass
+        return self
+
+    def _handle(self, signum, _frame):
+        self.requested = signal.Signals(signum).name
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def run_schedule(config: ml_collections.ConfigDict, num_train_examples: int) -> tuple[int, int]:
+    """(total_steps, warmup_steps) from `total_steps` or `num_epochs` and the dataset size."""
+    steps_per_epoch = max(num_train_examples // config.batch_size, 1)
+    total = config.total_steps if config.total_steps > 0 else int(round(config.num_epochs * steps_per_epoch))
+    if total <= 0:
+        raise configuration.ConfigError("Config gives no steps: set --config.total_steps=N or --config.num_epochs=E.")
+    warmup = int(round(config.optim.warmup_epochs * steps_per_epoch))
+    return total, min(warmup, total)
+
+
+def validate_common(config: ml_collections.ConfigDict) -> None:
+    """Checks the keys every training task uses."""
+    configuration.require(config, "batch_size", lambda v: int(v) > 0, "a positive global batch size")
+    configuration.require(config, "image_size", lambda v: int(v) > 0, "a positive image size in pixels")
+    configuration.require(config, "optim.base_lr", lambda v: float(v) > 0, "a positive learning rate")
+    configuration.require(config, "optim.weight_decay", lambda v: float(v) >= 0, "a non-negative weight decay")
+    configuration.require(config, "log_every", lambda v: int(v) > 0, "a positive step interval")
+    configuration.require(config, "checkpoint_every", lambda v: int(v) > 0, "a positive step interval")
+    if config.batch_size % jax.process_count():
+        raise configuration.ConfigError(
+            f"Config key `batch_size` = {config.batch_size} is not divisible by the {jax.process_count()} processes.")
+
+
+def train(config: ml_collections.ConfigDict, workdir: str, task: Task, *,
+          stop_at_step: int | None = None) -> TrainResult:
+    """Trains `task` per `config` in `workdir`, resuming from its latest checkpoint if there is one.
+
+    `stop_at_step` saves and returns at that step as a preemption would (used by resume tests).
+    """
+    validate_common(config)
+    task.validate(config)
+    is_main = jax.process_index() == 0
+    workdir = os.path.abspath(workdir)
+
+    # ─── Input ───────────────────────────────────────────────────────────────────────────────
+    num_train = len(records.open_split(config.data.path, config.data.train_split))
+    total_steps, warmup_steps = run_schedule(config, num_train)
+    data_iter = pipeline.build_train_iterator(config.data, global_batch_size=config.batch_size,
+                                              seed=config.seed, image_size=config.image_size)
+
+    # ─── Mesh ────────────────────────────────────────────────────────────────────────────────
+    mesh = sharding.make_mesh(config.mesh)
+    if config.batch_size % mesh.size:
+        raise configuration.ConfigError(
+            f"Config key `batch_size` = {config.batch_size} is not divisible by the {mesh.size} devices.")
+
+    # ─── Model and optimiser ─────────────────────────────────────────────────────────────────
+    schedule = optim.learning_rate_schedule(config.optim, config.batch_size, total_steps, warmup_steps)
+    tx = optim.make_optimizer(config.optim, schedule)
+    graphdef_box: list[nnx.GraphDef] = []
+
+    def init_state() -> state_lib.TrainState:
+        model = task.build_model(config, nnx.Rngs(config.seed))
+        graphdef, state = state_lib.create_train_state(model, tx, config.seed + 1)
+        graphdef_box.append(graphdef)
+        return state
+
+    # ─── Sharding: the state is created directly in its placement ─────────────────────────────
+    abstract_state = jax.eval_shape(init_state)
+    graphdef = graphdef_box[0]
+    state_shardings = sharding.param_shardings(mesh, abstract_state)
+    batch_sharding = sharding.batch_sharding(mesh)
+    replicated = sharding.replicated(mesh)
+
+    # ─── Update step ─────────────────────────────────────────────────────────────────────────
+    train_step = step_lib.make_train_step(graphdef, task.loss, tx, schedule)
+    jit_step = jax.jit(train_step, in_shardings=(state_shardings, batch_sharding),
+                       out_shardings=(state_shardings, replicated), donate_argnums=0)
+
+    def image_fn(state: state_lib.TrainState, batch: dict) -> dict:
+        return task.images(state_lib.merge_model(graphdef, state), batch, jax.random.key(config.seed))
+
+    jit_images = jax.jit(image_fn)
+
+    # ─── Checkpoint: resume automatically ────────────────────────────────────────────────────
+    ckpt = checkpoint.Checkpointer(workdir, max_to_keep=config.keep_checkpoints)
+    start_step = ckpt.latest_step()
+    if start_step is None:
+        state = jax.jit(init_state, out_shardings=state_shardings)()
+        start_step = 0
+    else:
+        target = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                              abstract_state, state_shardings)
+        state, _ = ckpt.restore(start_step, target, data_iter)
+        if is_main:
+            print(f"Resumed from {ckpt.directory} at step {start_step}.", flush=True)
+    meta = {"config": configuration.to_json(config), "code_version": code_version()}
+
+    writer = MetricsWriter(workdir, enabled=is_main, total_steps=total_steps)
+    writer.write_record({"event": "start", "step": start_step, "total_steps": total_steps,
+                         "num_train_examples": num_train, "processes": jax.process_count(),
+                         "devices": jax.device_count(), **meta})
+
+    # ─── Loop ────────────────────────────────────────────────────────────────────────────────
+    step = start_step
+    peak_flops = None
+    step_flops = None
+    fixed_images: dict | None = None
+    interval_start, interval_steps, pending = time.perf_counter(), 0, []
+    finished = step >= total_steps
+    with _StopRequest() as stop:
+        while step < total_steps:
+            local = next(data_iter)
+            batch = sharding.global_batch(mesh, {"image": local["image"]})
+            if step_flops is None and is_main:
+                step_flops = throughput.compiled_flops(jit_step.lower(state, batch).compile())
+                peak, _ = throughput.device_peak_flops()
+                # CPU "devices" share the host's cores: the measured peak is the whole host's.
+                peak_flops = peak if jax.devices()[0].platform == "cpu" else peak * jax.device_count()
+            if fixed_images is None:
+                n = min(config.num_panel_images, local["image"].shape[0])
+                fixed_images = {"image": jnp.asarray(local["image"][:n])}
+            state, metrics = jit_step(state, batch)
+            pending.append(metrics)
+            step += 1
+            interval_steps += 1
+
+            if step % config.log_every == 0 or step == total_steps:
+                fetched = jax.device_get(pending)
+                elapsed = time.perf_counter() - interval_start
+                scalars = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
+                scalars["step_time_s"] = elapsed / interval_steps
+                scalars["img_per_s"] = config.batch_size * interval_steps / elapsed
+                scalars["img_per_s_per_device"] = scalars["img_per_s"] / jax.device_count()
+                if step_flops and peak_flops:
+                    scalars["mfu"] = step_flops / scalars["step_time_s"] / peak_flops
+                if not np.isfinite(scalars["loss"]):
+                    raise FloatingPointError(f"Loss is {scalars['loss']} at step {step}; lower the learning "
+                                             "rate (--config.optim.base_lr) or enable clipping.")
+                writer.write_scalars(step, scalars)
+                writer.progress(step, scalars)
+                interval_start, interval_steps, pending = time.perf_counter(), 0, []
+
+            if config.image_every > 0 and (step % config.image_every == 0 or step == total_steps):
+                for name, image in jax.device_get(jit_images(state, fixed_images)).items():
+                    writer.write_image(step, name, image)
+
+            stopping = stop.requested is not None or (stop_at_step is not None and step >= stop_at_step)
+            if step % config.checkpoint_every == 0 or step == total_steps or stopping:
+                ckpt.save(step, state, data_iter, {**meta, "step": step})
+            if stopping:
+                if is_main:
+                    why = stop.requested or f"stop_at_step={stop_at_step}"
+                    print(f"Stopping at step {step} ({why}); checkpoint saved, rerun the same command to resume.",
+                          flush=True)
+                break
+        else:
+            finished = True
+    ckpt.close()
+    writer.close()
+    return TrainResult(state=state, graphdef=graphdef, step=step, finished=finished)

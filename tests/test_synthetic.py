@@ -1,0 +1,193 @@
+"""Tests for the synthetic femur radiographs and their DICOM writer (small images, a few seconds)."""
+
+import collections
+import csv
+import dataclasses
+
+import numpy as np
+import pydicom
+import pytest
+
+from afm_jax.data import anonymize, synthetic
+
+SIZE = 64
+
+
+def _images(num_patients, seed=0, size=SIZE, **kw):
+    return list(synthetic.iter_synthetic_images(num_patients, seed=seed, image_size=size, **kw))
+
+
+def _render_pair(label_name, fracture_type, position, seed=3, size=128):
+    """The normal image and the fractured image for one (rng seed, anatomy, pose)."""
+    anatomy = synthetic.FemurAnatomy.sample(np.random.default_rng(seed))
+    kw = dict(size=size, view="AP", laterality="R", fracture_position=position, anatomy=anatomy)
+    normal = synthetic.render_femur(np.random.default_rng(seed + 100), label_name="normal", fracture_type="none", **kw)
+    fractured = synthetic.render_femur(np.random.default_rng(seed + 100), label_name=label_name,
+                                       fracture_type=fracture_type, **kw)
+    return normal.astype(np.int64), fractured.astype(np.int64)
+
+
+def _changed_rows(a, b, threshold=0.02 * 65535):
+    return np.nonzero(np.abs(a - b).max(axis=1) > threshold)[0]
+
+
+# ─── Determinism ─────────────────────────────────────────────────────────────────────────────────
+
+def test_same_seed_same_images_and_different_seed_different():
+    a, b, c = _images(3, seed=1), _images(3, seed=1), _images(3, seed=2)
+    assert len(a) == len(b) >= 6
+    for x, y in zip(a, b):
+        np.testing.assert_array_equal(x.pixels, y.pixels)
+        assert (x.patient_id, x.sop_uid, x.label, x.view) == (y.patient_id, y.sop_uid, y.label, y.view)
+    assert not np.array_equal(a[0].pixels, c[0].pixels)
+    assert a[0].sop_uid != c[0].sop_uid
+
+
+def test_patient_images_do_not_depend_on_num_patients():
+    small, large = _images(3, seed=5), _images(6, seed=5)
+    assert len(large) > len(small)
+    for x, y in zip(small, large):
+        assert dataclasses.asdict(x).keys() == dataclasses.asdict(y).keys()
+        np.testing.assert_array_equal(x.pixels, y.pixels)
+        assert (x.patient_id, x.study_uid, x.sop_uid, x.label_name) == (y.patient_id, y.study_uid, y.sop_uid,
+                                                                         y.label_name)
+    assert synthetic.count_synthetic_images(6, seed=5) == len(large)
+
+
+# ─── Pixels ──────────────────────────────────────────────────────────────────────────────────────
+
+def test_dtype_shape_and_range():
+    for img in _images(4):
+        assert img.pixels.dtype == np.uint16 and img.pixels.shape == (SIZE, SIZE)
+        assert int(img.pixels.max()) - int(img.pixels.min()) > 0.6 * 65535
+        assert img.pixels.max() > 50000
+        assert 0.2 < img.pixel_spacing_mm[0] * SIZE / synthetic._FIELD_MM < 2.0
+
+
+@pytest.mark.parametrize("seed,view", [(0, "AP"), (1, "LAT"), (2, "AP")])
+def test_bone_brighter_than_soft_tissue_brighter_than_background(seed, view):
+    size = 128
+    image = synthetic.render_femur(np.random.default_rng(seed), label_name="normal", fracture_type="none",
+                                   size=size, view=view, laterality="L", fracture_position=0.5)
+    row = image[int(0.7 * size)].astype(np.int64)  # through the shaft, below any corner marker
+    bone_col = int(row.argmax())
+    soft = max(row[max(bone_col - size // 6, 0)], row[min(bone_col + size // 6, size - 1)])
+    assert row.max() > soft + 3000 > row.min() + 6000
+
+
+def test_rejects_inconsistent_arguments():
+    kw = dict(size=64, view="AP", laterality="R", fracture_position=0.5)
+    with pytest.raises(ValueError, match="does not fit label"):
+        synthetic.render_femur(np.random.default_rng(0), label_name="aff", fracture_type="oblique", **kw)
+    with pytest.raises(ValueError, match="view"):
+        synthetic.render_femur(np.random.default_rng(0), label_name="normal", fracture_type="none",
+                               **{**kw, "view": "PA"})
+
+
+# ─── Classes and patients ────────────────────────────────────────────────────────────────────────
+
+def test_class_balance_and_consistent_patients():
+    images = _images(60, size=32)
+    patients = collections.defaultdict(list)
+    for img in images:
+        patients[img.patient_id].append(img)
+    assert len(patients) == 60
+    labels = [imgs[0].label_name for imgs in patients.values()]  # in patient order
+    for n in range(10, 61, 5):  # low-discrepancy assignment: every prefix is balanced, tighter than i.i.d.
+        counts = collections.Counter(labels[:n])
+        for name, fraction in zip(synthetic.LABEL_NAMES, (0.34, 0.33, 0.33)):
+            assert abs(counts[name] - n * fraction) <= 2, (n, counts)
+    for imgs in patients.values():
+        assert len(imgs) >= 2 and {"AP", "LAT"} <= {i.view for i in imgs}
+        assert len({(i.label, i.label_name, i.fracture_type, i.laterality) for i in imgs}) == 1
+        assert imgs[0].fracture_type in synthetic.FRACTURE_TYPES[imgs[0].label_name]
+        assert synthetic.LABEL_NAMES[imgs[0].label] == imgs[0].label_name
+    assert {i.fracture_type for i in images} == {"none", "oblique", "spiral", "comminuted", "transverse"}
+    skewed = collections.Counter(i.label for i in _images(40, size=32, class_fractions=(0.5, 0.5, 0.0)))
+    assert skewed[2] == 0 and skewed[0] > 0 and skewed[1] > 0
+
+
+def test_aff_sign_is_local_and_follows_fracture_position():
+    centres = []
+    for position in (0.0, 1.0):
+        normal, aff = _render_pair("aff", "transverse", position)
+        rows = _changed_rows(normal, aff)
+        assert rows.size > 0 and np.abs(normal - aff).max() > 0.1 * 65535  # the sign is visible
+        assert rows.max() - rows.min() < 0.3 * normal.shape[0]  # ... and confined to the fracture zone
+        weights = np.abs(normal - aff).sum(axis=1)
+        centres.append((weights * np.arange(len(weights))).sum() / weights.sum())
+    assert centres[1] - centres[0] > 0.2 * normal.shape[0]  # sub-trochanteric is above mid-shaft
+
+
+@pytest.mark.parametrize("fracture_type", ["oblique", "spiral", "comminuted"])
+def test_nff_leaves_the_femur_above_the_fracture_unchanged(fracture_type):
+    size = 128
+    normal, high = _render_pair("nff", fracture_type, 0.0, size=size)
+    _, low = _render_pair("nff", fracture_type, 1.0, size=size)
+    rows_high, rows_low = _changed_rows(normal, high), _changed_rows(normal, low)
+    assert rows_high.size > 0 and rows_low.size > 0
+    assert rows_low.min() > 0.45 * size  # head, neck and proximal shaft untouched by a mid-shaft fracture
+    assert rows_high.min() < rows_low.min() - 0.1 * size
+
+
+# ─── Records ─────────────────────────────────────────────────────────────────────────────────────
+
+def test_to_record_hashes_identifiers_and_keeps_no_raw_ones():
+    salt = b"test salt"
+    img = _images(1)[0]
+    record = synthetic.to_record(img, salt)
+    assert set(record) == {"image", "patient_id", "study_id", "series_id", "image_id", "body_part", "view",
+                           "laterality", "modality", "pixel_spacing_mm", "orig_shape", "label", "label_name",
+                           "fracture_type"}
+    raw = [img.patient_id, img.patient_name, *img.patient_name.split("^"), img.birth_date, img.accession_number,
+           img.study_uid, img.series_uid, img.sop_uid]
+    for key, value in record.items():
+        if isinstance(value, str):
+            assert not any(r in value for r in raw), (key, value)
+    assert record["patient_id"] == anonymize.hash_id(img.patient_id, salt)
+    assert record["image_id"] == anonymize.hash_id(img.sop_uid, salt)
+    assert synthetic.to_record(img, salt)["patient_id"] == record["patient_id"]  # stable
+    assert synthetic.to_record(img, b"other salt")["patient_id"] != record["patient_id"]
+    assert record["image"] is img.pixels and record["label"] == img.label
+    assert record["pixel_spacing_mm"].dtype == np.float32 and record["pixel_spacing_mm"].shape == (2,)
+    assert record["orig_shape"].dtype == np.int32 and tuple(record["orig_shape"]) == (SIZE, SIZE)
+
+
+def test_build_synthetic_dataset_writes_all_images(synthetic_dataset):
+    from afm_jax.data import records
+
+    info = records.read_info(synthetic_dataset)
+    assert sum(info["splits"].values()) == synthetic.count_synthetic_images(24, seed=0)
+    assert info["label_names"] == {"0": "normal", "1": "nff", "2": "aff"}
+
+
+# ─── DICOM ───────────────────────────────────────────────────────────────────────────────────────
+
+def test_dicom_files_round_trip(tmp_path):
+    paths = synthetic.write_dicom_files(tmp_path, num_patients=8, seed=0, image_size=SIZE)
+    images = _images(8)
+    assert len(paths) == len(images)
+    with open(tmp_path / "labels.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [(tmp_path / r["path"]) for r in rows] == paths
+    assert [r["label_name"] for r in rows] == [i.label_name for i in images]
+    assert any(p.suffix == "" for p in paths) and any(p.suffix == ".dcm" for p in paths)
+    assert all(len(p.relative_to(tmp_path).parts) == 3 for p in paths)  # patient/study/file
+
+    seen = collections.Counter()
+    for path, img in zip(paths, images):
+        ds = pydicom.dcmread(path)
+        top = (1 << ds.BitsStored) - 1
+        stored = ds.pixel_array.astype(np.int64)
+        seen[ds.Modality, ds.PhotometricInterpretation, ds.BitsStored] += 1
+        assert ds.SOPInstanceUID == img.sop_uid and ds.ViewPosition == img.view
+        assert ds.PatientName == img.patient_name and ds.PatientBirthDate == img.birth_date
+        assert ds.AccessionNumber == img.accession_number and ds.ImageLaterality == img.laterality
+        assert ds.BodyPartExamined in ("FEMUR", "LEG") and ds.BitsStored in (12, 16)
+        assert stored.max() <= top
+        assert ("PixelSpacing" in ds) or ("ImagerPixelSpacing" in ds)
+        bone_bright = top - stored if ds.PhotometricInterpretation == "MONOCHROME1" else stored
+        np.testing.assert_allclose(bone_bright * (65535 / top), img.pixels, atol=65535 / top / 2 + 1)
+    assert {k[0] for k in seen} == {"CR", "DX"}
+    assert {k[1] for k in seen} == {"MONOCHROME1", "MONOCHROME2"}
+    assert {k[2] for k in seen} == {12, 16}
