@@ -2,7 +2,7 @@
 """Train-step throughput and MFU of the MAE trainer's own step, optionally against timm/PyTorch.
 
 Command:  python bench/train_step.py --config configs/mae_vits.py [--batch N] [--image_size P]
-              [--steps K] [--rounds R] [--dtype float32|bfloat16] [--compare-timm]
+              [--steps K] [--rounds R] [--dtype float32|bfloat16] [--compare-timm] [--single-thread]
 
 What it measures (synthetic in-memory batches, no dataset):
 
@@ -11,7 +11,7 @@ What it measures (synthetic in-memory batches, no dataset):
   state), compiled once, warmed up, then timed step by step with ``block_until_ready``.
 * ``step_flops``: FLOPs of one compiled step from XLA's cost analysis; ``achieved_flops`` =
   step_flops / step_time; ``ceiling_flops``: a 4096² matmul timed on the same device in the same run
-  (best of the measurements at the start and the end); ``mfu`` = achieved / ceiling.
+  (best of the measurements at the start and after every round); ``mfu`` = achieved / ceiling.
 * ``--compare-timm``: a plain *supervised* ViT step (class-token features → linear head → softmax
   CE → AdamW; same variant, batch, resolution, one input channel, same precision) in JAX (our
   ``VisionTransformer`` through the same ``make_train_step``) and in timm/PyTorch
@@ -22,6 +22,9 @@ What it measures (synthetic in-memory batches, no dataset):
 Timing: each model is timed in ``--rounds`` interleaved rounds (MAE, JAX ViT, timm ViT, MAE, ...),
 so background load on a shared machine hits all of them alike; every figure is the *best* (minimum)
 single-step time over all ``--steps`` timed steps (the median is reported beside it).
+``cores_used`` (process CPU time / wall time) shows how much of the machine the run actually had;
+``--single-thread`` (one XLA and one torch thread) compares per-core efficiency, which stays steady
+when other jobs share the cores.
 
 The last line of stdout is one JSON object; progress goes to stderr.
 """
@@ -97,6 +100,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--compare-timm", "--compare_timm", dest="compare_timm", action="store_true",
                         help="also time a supervised ViT step in JAX and in timm/PyTorch")
     parser.add_argument("--num_classes", type=int, default=1000, help="head size of the supervised ViT")
+    parser.add_argument("--single-thread", "--single_thread", dest="single_thread", action="store_true",
+                        help="CPU: one thread for XLA and torch (per-core efficiency; robust on a "
+                             "machine shared with other jobs)")
     parser.add_argument("--ceiling_size", type=int, default=4096, help="matmul size of the FLOP/s ceiling")
     args = parser.parse_args(argv)
     if args.steps < 1 or args.rounds < 1 or args.warmup < 0:
@@ -111,10 +117,14 @@ def apply_overrides(config, args: argparse.Namespace, platform_name: str) -> Non
             config.image_size = args.image_size
         config.model.dtype = args.dtype or ("float32" if platform_name == "cpu" else config.model.dtype)
     # The task's own checks (variant, image size divisible by the patch, dtype names, ...).
+    from afm_jax.configuration import ConfigError
     from afm_jax.train.tasks import get_task
-    task = get_task(config.task)
-    if hasattr(task, "validate"):
-        task.validate(config)
+    try:
+        task = get_task(config.task)
+        if hasattr(task, "validate"):
+            task.validate(config)
+    except ConfigError as e:
+        raise SystemExit(f"{e}\n(bench flags --batch/--image_size/--dtype set batch_size/image_size/model.dtype)")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -181,14 +191,14 @@ class JaxStep:
 class TorchStep:
     """One timm ViT supervised step (forward, CE, backward, AdamW), timed per call."""
 
-    def __init__(self, config, num_classes: int, seed: int = 0):
+    def __init__(self, config, num_classes: int, seed: int = 0, threads: int | None = None):
         import timm
         import torch
         from afm_jax.models.vit import parse_variant
 
         self.torch = torch
         torch.manual_seed(seed)
-        torch.set_num_threads(os.cpu_count() or 1)
+        torch.set_num_threads(threads or os.cpu_count() or 1)
         self.threads = torch.get_num_threads()
         size = config.model.variant.split("/")[0].strip()
         patch = parse_variant(config.model.variant)["patch_size"]
@@ -316,6 +326,8 @@ def _round(x, digits: int = 4):
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    if args.single_thread:  # read when the backend starts, i.e. at the first jax.devices() below
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false").strip()
     from afm_jax.train import throughput
 
     device = jax.devices()[0]
@@ -351,7 +363,7 @@ def main(argv: list[str] | None = None) -> dict:
         log(f"  compiled in {jax_vit.compile_s:.1f} s; XLA counts {(jax_vit.flops or 0) / 1e9:.1f} GFLOP/step")
         runners.append(jax_vit)
         try:
-            timm_vit = TorchStep(config, args.num_classes)
+            timm_vit = TorchStep(config, args.num_classes, threads=1 if args.single_thread else None)
             log(f"timm {timm_vit.model_name} on {timm_vit.device} with {timm_vit.threads} torch threads")
             runners.append(timm_vit)
         except ImportError as e:  # torch/timm are an optional extra
@@ -392,6 +404,7 @@ def main(argv: list[str] | None = None) -> dict:
         "device": f"{device.platform}:{device.device_kind}",
         "num_devices": 1,
         "cpu_count": os.cpu_count(),
+        "threads": 1 if args.single_thread else "all",
         "timing": f"best of {len(mae.timer.times)} timed steps (median also given)",
         "img_per_s": _round(b / step_time),
         "img_per_s_median": _round(b / mae.timer.median),
