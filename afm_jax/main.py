@@ -47,7 +47,8 @@ def run(config, workdir: str) -> None:
         return
     trained = state_lib.merge_model(result.graphdef, jax.device_get(result.state))
     random_init = factory.build_encoder(config.model, config.image_size, nnx.Rngs(config.seed))
-    scores = {name: aff_vs_nff_probe(encoder, config.data, image_size=config.image_size,
+    probe_size = config.probe.image_size or config.image_size
+    scores = {name: aff_vs_nff_probe(encoder, config.data, image_size=probe_size,
                                      pool=config.probe.pool, batch_size=config.probe.batch_size, seed=config.seed)
               for name, encoder in (("mae", trained.encoder), ("random_init", random_init))}
     with open(os.path.join(workdir, "linear_probe.json"), "w") as f:

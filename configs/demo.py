@@ -2,12 +2,20 @@
 
 Command:  make demo      (= python -m afm_jax.main --config configs/demo.py --workdir demo_out)
 Hardware: a laptop CPU (sized for 2 cores).
-Runtime:  TBD (measured in the README's results table).
+Runtime:  8 min on 2 cores (README results table): ~1 min to render 1,000 synthetic patients
+          (2,900 images), ~5 min of MAE (1,000 steps × 32 images, ~115 img/s), ~2 min of probes.
 Expected: last line `AUROC (AFF vs NFF, linear probe): mae=<float> random_init=<float>` with mae >
-          random_init: MAE features of held-out synthetic patients separate atypical from normal
-          femoral fractures better than the same ViT at random initialisation.
-Deviations from the paper, for CPU size: ViT-Ti/16 at 128 px, decoder 128-d × 2 blocks × 4 heads,
-a few hundred steps instead of 800 epochs, base lr 1.5e-3 (10×, short schedule), gradient clipping 1.
+          random_init (measured: mae=0.826, random_init=0.808 on 208 held-out test images; close —
+          the two are within each other's confidence interval at this size). `random_init` is the
+          exact encoder the MAE started from (same seed), so the difference is what pretraining added.
+Deviations from the MAE paper, for CPU size (each named here, all config keys):
+  - encoder ViT-Ti width (192, 3 heads) with 6 blocks instead of 12 (`model.depth=6`), 128-px crops;
+  - decoder 128-d × 4 blocks × 4 heads (paper 512 × 8 × 16; its Table 1 shows linear-probe quality
+    falls with a shallower decoder, so 4 rather than 2);
+  - 1,000 steps of batch 32 (~11 epochs of the train split) instead of 800 epochs, base lr 4e-3
+    (peak 5e-4 after scaling, 5 warmup epochs), gradient clipping at 1;
+  - the probe reads the full 256-px images (position embeddings interpolated from the 128-px grid):
+    the fracture signs are thin, and pretraining crops already showed them at that magnification.
 """
 
 from afm_jax.train.defaults import pretrain_config
@@ -15,14 +23,15 @@ from afm_jax.train.defaults import pretrain_config
 
 def get_config(arg=None):
     config = pretrain_config("mae", "Ti/16")
-    config.data.synthetic.update(enabled=True, num_patients=300, image_size=256, seed=0)
+    config.model.depth = 6
+    config.data.synthetic.update(enabled=True, num_patients=1000, image_size=256, seed=0)
     config.image_size = 128
-    config.batch_size = 64
-    config.total_steps = 600
-    config.optim.update(base_lr=1.5e-3, warmup_epochs=5.0, grad_clip_norm=1.0)
-    config.mae.update(decoder_dim=128, decoder_depth=2, decoder_heads=4)
-    config.log_every = 25
-    config.checkpoint_every = 200
-    config.image_every = 200
-    config.probe.enabled = True
+    config.batch_size = 32
+    config.total_steps = 1000
+    config.optim.update(base_lr=4e-3, warmup_epochs=5.0, grad_clip_norm=1.0)
+    config.mae.update(decoder_dim=128, decoder_depth=4, decoder_heads=4)
+    config.log_every = 50
+    config.checkpoint_every = 250
+    config.image_every = 250
+    config.probe.update(enabled=True, image_size=256)
     return config

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 import ml_collections
+from ml_collections.config_dict import placeholder
 from flax import nnx
 
 from afm_jax import configuration
@@ -17,7 +18,17 @@ def default_model_config(variant: str = "B/16") -> ml_collections.ConfigDict:
     """ViT encoder options (see afm_jax.models.vit.VisionTransformer)."""
     return ml_collections.ConfigDict(dict(
         variant=variant, in_chans=1, class_token=True, num_reg_tokens=0, no_embed_class=False,
-        pos_embed="sincos", drop_path_rate=0.0, dtype="float32", param_dtype="float32"))
+        pos_embed="sincos", drop_path_rate=0.0, dtype="float32", param_dtype="float32",
+        # Optional changes to the variant's size (None = the variant's own), e.g. a shallower demo model.
+        width=placeholder(int), depth=placeholder(int), num_heads=placeholder(int), mlp_dim=placeholder(int)))
+
+
+SIZE_OVERRIDES = ("width", "depth", "num_heads", "mlp_dim")
+
+
+def size_overrides(model: ml_collections.ConfigDict) -> dict[str, int]:
+    """The variant-size changes a model config makes (keys whose value is not None)."""
+    return {k: int(model[k]) for k in SIZE_OVERRIDES if model.get(k) is not None}
 
 
 def validate_model_config(config: ml_collections.ConfigDict, prefix: str = "model") -> None:
@@ -30,6 +41,11 @@ def validate_model_config(config: ml_collections.ConfigDict, prefix: str = "mode
     configuration.require(config, f"{prefix}.in_chans", lambda v: v in (1, 3), "1 (radiographs) or 3")
     configuration.require(config, f"{prefix}.num_reg_tokens", lambda v: int(v) >= 0, "a count >= 0")
     configuration.require(config, f"{prefix}.drop_path_rate", lambda v: 0.0 <= v < 1.0, "a rate in [0, 1)")
+    for key in SIZE_OVERRIDES:
+        configuration.require(config, f"{prefix}.{key}", lambda v: v is None or int(v) > 0, "None or a positive int")
+    size = {**parse_variant(model.variant), **size_overrides(model)}
+    configuration.require(config, f"{prefix}.num_heads", lambda _: size["width"] % size["num_heads"] == 0,
+                          f"a divisor of the width {size['width']}")
     patch = parse_variant(model.variant)["patch_size"]
     configuration.require(config, "image_size", lambda v: v % patch == 0,
                           f"a multiple of the patch size {patch} of model `{model.variant}`")
@@ -40,7 +56,7 @@ def build_encoder(model: ml_collections.ConfigDict, image_size: int, rngs: nnx.R
         model.variant, img_size=image_size, in_chans=model.in_chans, class_token=model.class_token,
         num_reg_tokens=model.num_reg_tokens, no_embed_class=model.no_embed_class, pos_embed=model.pos_embed,
         drop_path_rate=model.drop_path_rate, dtype=DTYPES[model.dtype], param_dtype=DTYPES[model.param_dtype],
-        rngs=rngs)
+        rngs=rngs, **size_overrides(model))
 
 
 def build_mae(config: ml_collections.ConfigDict, rngs: nnx.Rngs) -> MAE:

@@ -33,5 +33,6 @@ def pretrain_config(task: str = "mae", variant: str = "B/16") -> ml_collections.
     config.keep_checkpoints = 3
     config.image_every = 1000         # MAE reconstruction panels (0 = never)
     config.num_panel_images = 4
-    config.probe = ml_collections.ConfigDict(dict(enabled=False, pool="avg", batch_size=64))
+    # After pretraining: AFF-vs-NFF linear probe on frozen features (image_size 0 = the training size).
+    config.probe = ml_collections.ConfigDict(dict(enabled=False, pool="avg", batch_size=64, image_size=0))
     return config

@@ -216,4 +216,5 @@ def train(config: ml_collections.ConfigDict, workdir: str, task: Task, *,
             finished = True
     ckpt.close()
     writer.close()
+    data_iter.close()  # stops grain's worker processes and frees their shared memory
     return TrainResult(state=state, graphdef=graphdef, step=step, finished=finished)
