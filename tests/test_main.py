@@ -76,3 +76,10 @@ def test_unknown_key_on_the_command_line_names_it(tmp_path):
     result = _main("--config", "configs/mae_vits.py", "--workdir", str(tmp_path / "w"), "--config.optim.lrr=1")
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "config.optim.lrr" in result.stderr
+
+
+def test_batch_larger_than_the_dataset_is_refused_before_any_work(synthetic_dataset, tmp_path):
+    result = _main("--config", "configs/mae_vits.py", "--workdir", str(tmp_path / "w"),
+                   f"--config.data.path={synthetic_dataset}", "--config.batch_size=100000")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "batch_size" in result.stderr and "larger than" in result.stderr

@@ -102,6 +102,10 @@ def train(config: ml_collections.ConfigDict, workdir: str, task: Task, *,
 
     # ─── Input ───────────────────────────────────────────────────────────────────────────────
     num_train = len(records.open_split(config.data.path, config.data.train_split))
+    if config.batch_size > num_train:
+        raise configuration.ConfigError(
+            f"Config key `batch_size` = {config.batch_size} is larger than the {num_train} images of split "
+            f"`{config.data.train_split}` in {config.data.path}: lower --config.batch_size or use a larger dataset.")
     total_steps, warmup_steps = run_schedule(config, num_train)
     data_iter = pipeline.build_train_iterator(config.data, global_batch_size=config.batch_size,
                                               seed=config.seed, image_size=config.image_size)
