@@ -167,6 +167,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, task: Task, *,
     step = start_step
     peak_flops = None
     step_flops = None
+    compiled_step = None
     fixed_images: dict | None = None
     interval_start, interval_steps, pending = time.perf_counter(), 0, []
     finished = step >= total_steps
@@ -174,15 +175,17 @@ def train(config: ml_collections.ConfigDict, workdir: str, task: Task, *,
         while step < total_steps:
             local = next(data_iter)
             batch = sharding.global_batch(mesh, {"image": local["image"]})
-            if step_flops is None and is_main:
-                step_flops = throughput.compiled_flops(jit_step.lower(state, batch).compile())
-                peak, _ = throughput.device_peak_flops()
-                # CPU "devices" share the host's cores: the measured peak is the whole host's.
-                peak_flops = peak if jax.devices()[0].platform == "cpu" else peak * jax.device_count()
+            if compiled_step is None:  # compile once; the executable also gives the step's FLOPs
+                compiled_step = jit_step.lower(state, batch).compile()
+                step_flops = throughput.compiled_flops(compiled_step)
+                if is_main:
+                    peak, _ = throughput.device_peak_flops()
+                    # CPU "devices" share the host's cores: the measured peak is the whole host's.
+                    peak_flops = peak if jax.devices()[0].platform == "cpu" else peak * jax.device_count()
             if fixed_images is None:
                 n = min(config.num_panel_images, local["image"].shape[0])
                 fixed_images = {"image": jnp.asarray(local["image"][:n])}
-            state, metrics = jit_step(state, batch)
+            state, metrics = compiled_step(state, batch)
             pending.append(metrics)
             step += 1
             interval_steps += 1
