@@ -5,5 +5,7 @@ from __future__ import annotations
 from afm_jax.configuration import ConfigError
 from afm_jax.data.anonymize import MissingSaltError
 from afm_jax.data.records import DatasetNotFoundError
+from afm_jax.train.loop import TrainingDivergedError
 
-USER_ERRORS: tuple[type[Exception], ...] = (ConfigError, DatasetNotFoundError, MissingSaltError)
+USER_ERRORS: tuple[type[Exception], ...] = (ConfigError, DatasetNotFoundError, MissingSaltError,
+                                            TrainingDivergedError)

@@ -4,6 +4,7 @@ import json
 
 import jax
 import numpy as np
+import pytest
 from flax import nnx
 
 from afm_jax.train import loop
@@ -62,3 +63,25 @@ def test_outputs_record_config_and_code_version(tiny_mae_config, tmp_path):
     assert len(panels) == 1
     metas = list((tmp_path / "checkpoints").glob("*/meta/*"))
     assert metas and any("code_version" in p.read_text() for p in metas if p.is_file())
+
+
+class _NaNLossTask:
+    """The MAE task with a loss that turns NaN, as a too-high learning rate makes it."""
+
+    def __init__(self):
+        self._mae = get_task("mae")
+
+    def __getattr__(self, name):
+        return getattr(self._mae, name)
+
+    def loss(self, model, batch, key):
+        loss, aux = self._mae.loss(model, batch, key)
+        return loss * float("nan"), aux
+
+
+def test_divergence_is_a_user_error_that_names_the_fix(tiny_mae_config, tmp_path):
+    from afm_jax.user_errors import USER_ERRORS
+    tiny_mae_config.total_steps = 2
+    with pytest.raises(loop.TrainingDivergedError, match="base_lr") as caught:
+        loop.train(tiny_mae_config, str(tmp_path), _NaNLossTask())
+    assert isinstance(caught.value, USER_ERRORS)

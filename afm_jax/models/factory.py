@@ -46,7 +46,7 @@ def validate_model_config(config: ml_collections.ConfigDict, prefix: str = "mode
     size = {**parse_variant(model.variant), **size_overrides(model)}
     configuration.require(config, f"{prefix}.num_heads", lambda _: size["width"] % size["num_heads"] == 0,
                           f"a divisor of the width {size['width']}")
-    patch = parse_variant(model.variant)["patch_size"]
+    patch = size["patch_size"]
     configuration.require(config, "image_size", lambda v: v % patch == 0,
                           f"a multiple of the patch size {patch} of model `{model.variant}`")
 

@@ -12,7 +12,6 @@ import os
 from typing import Any
 
 import grain
-import jax
 import orbax.checkpoint as ocp
 
 ITEMS = ("state", "data", "meta")
@@ -30,9 +29,6 @@ class Checkpointer:
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
 
-    def all_steps(self) -> list[int]:
-        return list(self._manager.all_steps())
-
     def save(self, step: int, state: Any, data_iterator: Any | None, meta: dict) -> None:
         """Starts an (async) save of `step`; the previous async save is waited for first."""
         args = {"state": ocp.args.StandardSave(state), "meta": ocp.args.JsonSave(meta)}
@@ -48,17 +44,9 @@ class Checkpointer:
         restored = self._manager.restore(step, args=ocp.args.Composite(**args))
         return restored["state"], restored["meta"]
 
-    def restore_meta(self, step: int) -> dict:
-        return self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-
     def wait(self) -> None:
         self._manager.wait_until_finished()
 
     def close(self) -> None:
         self._manager.wait_until_finished()
         self._manager.close()
-
-
-def abstract_like(tree: Any) -> Any:
-    """ShapeDtypeStructs (with shardings) describing `tree`, as orbax restore targets."""
-    return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)

@@ -35,6 +35,10 @@ class Task(Protocol):
     def images(self, model: nnx.Module, batch: dict, key: jax.Array) -> dict[str, jax.Array]: ...
 
 
+class TrainingDivergedError(FloatingPointError):
+    """The loss became NaN/inf: a config problem (learning rate, clipping) the user must change."""
+
+
 @dataclasses.dataclass
 class TrainResult:
     state: state_lib.TrainState
@@ -200,8 +204,10 @@ def train(config: ml_collections.ConfigDict, workdir: str, task: Task, *,
                 if step_flops and peak_flops:
                     scalars["mfu"] = step_flops / scalars["step_time_s"] / peak_flops
                 if not np.isfinite(scalars["loss"]):
-                    raise FloatingPointError(f"Loss is {scalars['loss']} at step {step}; lower the learning "
-                                             "rate (--config.optim.base_lr) or enable clipping.")
+                    raise TrainingDivergedError(
+                        f"Loss is {scalars['loss']} at step {step}: training diverged. Lower the learning rate "
+                        "(--config.optim.base_lr) or enable clipping (--config.optim.grad_clip_norm=1), then rerun "
+                        f"(it resumes from the last checkpoint in {workdir}; delete it to start over).")
                 writer.write_scalars(step, scalars)
                 writer.progress(step, scalars)
                 interval_start, interval_steps, pending = time.perf_counter(), 0, []

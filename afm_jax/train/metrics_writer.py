@@ -72,10 +72,6 @@ class MetricsWriter:
             parts.append(f"ETA {datetime.timedelta(seconds=int(eta))}")
         print(" | ".join(parts), file=sys.stdout, flush=True)
 
-    def flush(self) -> None:
-        if self.enabled:
-            self._tb.flush()
-
     def close(self) -> None:
         if self.enabled:
             self._tb.close()
