@@ -16,6 +16,11 @@ from ml_collections import config_flags
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/demo.py.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, logs, images. Reruns resume.")
 flags.mark_flags_as_required(["config", "workdir"])
+# Multi-process jobs: under SLURM (srun, one task per node or per GPU) these are detected from the
+# environment; elsewhere give all three (the same coordinator on every process).
+_COORDINATOR = flags.DEFINE_string("coordinator", None, "host:port of process 0 for jax.distributed.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the job (jax.distributed).")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index in [0, num_processes).")
 
 
 def prepare_dataset(config, workdir: str) -> None:
@@ -43,17 +48,17 @@ def run(config, workdir: str) -> None:
     task = get_task(config.task)
     prepare_dataset(config, workdir)
     result = loop.train(config, workdir, task)
-    if not (config.probe.enabled and result.finished and jax.process_index() == 0):
+    if not (config.get("probe") and config.probe.enabled and result.finished and jax.process_index() == 0):
         return
     trained = state_lib.merge_model(result.graphdef, jax.device_get(result.state))
     random_init = factory.build_encoder(config.model, config.image_size, nnx.Rngs(config.seed))
     probe_size = config.probe.image_size or config.image_size
     scores = {name: aff_vs_nff_probe(encoder, config.data, image_size=probe_size,
                                      pool=config.probe.pool, batch_size=config.probe.batch_size, seed=config.seed)
-              for name, encoder in (("mae", trained.encoder), ("random_init", random_init))}
+              for name, encoder in ((config.task, task.encoder_of(trained)), ("random_init", random_init))}
     with open(os.path.join(workdir, "linear_probe.json"), "w") as f:
         json.dump(scores, f, indent=2)
-    print(f"AUROC (AFF vs NFF, linear probe): mae={scores['mae']['auroc']:.4f} "
+    print(f"AUROC (AFF vs NFF, linear probe): {config.task}={scores[config.task]['auroc']:.4f} "
           f"random_init={scores['random_init']['auroc']:.4f}", flush=True)
 
 
@@ -76,8 +81,11 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}. Config changes go as --config.key=value.")
     logging.set_verbosity(logging.WARNING)  # keep library INFO chatter (e.g. backend probing) off the console
+    from afm_jax.train import distributed
     from afm_jax.user_errors import USER_ERRORS
     try:
+        distributed.initialize(coordinator=_COORDINATOR.value, num_processes=_NUM_PROCESSES.value,
+                               process_id=_PROCESS_ID.value)
         run(_CONFIG.value, _WORKDIR.value)
     except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)

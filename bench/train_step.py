@@ -93,6 +93,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dtype", choices=tuple(DTYPES), default=None,
                         help="compute dtype (default: the config's model.dtype on accelerators, "
                              "float32 on CPU where bf16 matmuls are slow)")
+    parser.add_argument("--mesh", default=None,
+                        help="DATA,FSDP mesh sizes (-1 = the rest), e.g. -1,1 (data parallel) or 1,-1 (FSDP); "
+                             "fake CPU devices: XLA_FLAGS=--xla_force_host_platform_device_count=8")
+    parser.add_argument("--remat", default=None, help="model.remat policy (none|full|dots|dots_no_batch)")
+    parser.add_argument("--accum_steps", type=int, default=None, help="gradient accumulation micro-batches")
     parser.add_argument("--steps", type=int, default=12, help="timed steps per model (after warm-up)")
     parser.add_argument("--rounds", type=int, default=3,
                         help="the timed steps are split into this many interleaved rounds")
@@ -116,6 +121,13 @@ def apply_overrides(config, args: argparse.Namespace, platform_name: str) -> Non
         if args.image_size:
             config.image_size = args.image_size
         config.model.dtype = args.dtype or ("float32" if platform_name == "cpu" else config.model.dtype)
+        if args.mesh:
+            data, fsdp = (int(v) for v in args.mesh.split(","))
+            config.mesh.data, config.mesh.fsdp = data, fsdp
+        if args.remat:
+            config.model.remat = args.remat
+        if args.accum_steps:
+            config.accum_steps = args.accum_steps
     # The task's own checks (variant, image size divisible by the patch, dtype names, ...).
     from afm_jax.configuration import ConfigError
     from afm_jax.train.tasks import get_task
@@ -169,7 +181,8 @@ class JaxStep:
     def __init__(self, name: str, train_step, state, batch):
         self.name = name
         t0 = time.perf_counter()
-        self.compiled = jax.jit(train_step, donate_argnums=0).lower(state, batch).compile()
+        jitted = train_step if hasattr(train_step, "lower") else jax.jit(train_step, donate_argnums=0)
+        self.compiled = jitted.lower(state, batch).compile()
         self.compile_s = time.perf_counter() - t0
         from afm_jax.train import throughput
         self.flops = throughput.compiled_flops(self.compiled)
@@ -262,17 +275,18 @@ def synthetic_images(config, seed: int) -> jax.Array:
     return jnp.asarray(rng.random((b, s, s, c), dtype=np.float32))
 
 
-def build_mae_step(config) -> JaxStep:
-    from afm_jax.train import state as state_lib, step as step_lib
+def build_method_step(config, total_steps: int = 1000, warmup_steps: int = 100) -> JaxStep:
+    """The pretraining step exactly as the trainer assembles it (task optimiser, extra state,
+    sharding over `config.mesh`), on a random batch shaped like the task's input."""
+    from afm_jax.train import assembly, sharding
     from afm_jax.train.tasks import get_task
 
     task = get_task(config.task)
-    tx, schedule = _optimizer(config)
-    graphdef, state = state_lib.create_train_state(task.build_model(config, nnx.Rngs(config.seed)), tx,
-                                                   seed=config.seed + 1)
-    train_step = step_lib.make_train_step(graphdef, task.loss, tx, schedule)
-    batch = {"image": synthetic_images(config, seed=1)}
-    return JaxStep("mae", train_step, state, batch)
+    task.setup(config, workdir="", total_steps=total_steps, steps_per_epoch=max(total_steps // 100, 1))
+    mesh = sharding.make_mesh(config.mesh)
+    parts = assembly.assemble(config, task, mesh, total_steps=total_steps, warmup_steps=warmup_steps)
+    batch = sharding.global_batch(mesh, task.example_batch(config, config.batch_size, seed=1))
+    return JaxStep(config.task, parts.jit_step, parts.initial_state(), batch)
 
 
 class SupervisedViT(nnx.Module):
@@ -288,11 +302,11 @@ class SupervisedViT(nnx.Module):
         return self.head(self.encoder.pooled_features(images, pool="cls")).astype(jnp.float32)
 
 
-def supervised_loss(model: SupervisedViT, batch: dict, key: jax.Array) -> tuple[jax.Array, dict]:
-    del key  # no drop-path / dropout, as timm's defaults
+def supervised_loss(model: SupervisedViT, batch: dict, key: jax.Array, extra=None, step=None):
+    del key, extra, step  # no drop-path / dropout, as timm's defaults
     logits = model(batch["image"])
     loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean()
-    return loss, {}
+    return loss, ({}, {})
 
 
 def build_jax_vit_step(config, num_classes: int) -> JaxStep:
@@ -350,8 +364,8 @@ def main(argv: list[str] | None = None) -> dict:
     log(f"matmul ceiling ({args.ceiling_size}², {dtype_name}): {ceilings[0] / 1e9:.1f} GFLOP/s")
 
     runners: list = []
-    log("compiling the MAE train step ...")
-    mae = build_mae_step(config)
+    log(f"compiling the {config.task} train step over {jax.device_count()} device(s), mesh {dict(config.mesh)} ...")
+    mae = build_method_step(config)
     log(f"  compiled in {mae.compile_s:.1f} s; XLA counts {(mae.flops or 0) / 1e9:.1f} GFLOP/step")
     runners.append(mae)
 
@@ -402,7 +416,10 @@ def main(argv: list[str] | None = None) -> dict:
         "image_size": config.image_size,
         "dtype": dtype_name,
         "device": f"{device.platform}:{device.device_kind}",
-        "num_devices": 1,
+        "num_devices": jax.device_count(),
+        "mesh": dict(config.mesh),
+        "accum_steps": int(config.get("accum_steps", 1)),
+        "remat": config.model.get("remat", "none"),
         "cpu_count": os.cpu_count(),
         "threads": 1 if args.single_thread else "all",
         "timing": f"best of {len(mae.timer.times)} timed steps (median also given)",

@@ -9,7 +9,7 @@ from flax import nnx
 
 from afm_jax import configuration
 from afm_jax.models.mae import MAE
-from afm_jax.models.vit import VisionTransformer, parse_variant
+from afm_jax.models.vit import REMAT_POLICIES, VisionTransformer, parse_variant
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -19,6 +19,7 @@ def default_model_config(variant: str = "B/16") -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(dict(
         variant=variant, in_chans=1, class_token=True, num_reg_tokens=0, no_embed_class=False,
         pos_embed="sincos", drop_path_rate=0.0, dtype="float32", param_dtype="float32",
+        remat="none",               # activation rematerialisation per block: none | full | dots | dots_no_batch
         # Optional changes to the variant's size (None = the variant's own), e.g. a shallower demo model.
         width=placeholder(int), depth=placeholder(int), num_heads=placeholder(int), mlp_dim=placeholder(int)))
 
@@ -38,6 +39,7 @@ def validate_model_config(config: ml_collections.ConfigDict, prefix: str = "mode
     configuration.require_choice(config, f"{prefix}.pos_embed", ("sincos", "learned"))
     configuration.require_choice(config, f"{prefix}.dtype", tuple(DTYPES))
     configuration.require_choice(config, f"{prefix}.param_dtype", tuple(DTYPES))
+    configuration.require_choice(config, f"{prefix}.remat", tuple(REMAT_POLICIES))
     configuration.require(config, f"{prefix}.in_chans", lambda v: v in (1, 3), "1 (radiographs) or 3")
     configuration.require(config, f"{prefix}.num_reg_tokens", lambda v: int(v) >= 0, "a count >= 0")
     configuration.require(config, f"{prefix}.drop_path_rate", lambda v: 0.0 <= v < 1.0, "a rate in [0, 1)")
@@ -56,7 +58,7 @@ def build_encoder(model: ml_collections.ConfigDict, image_size: int, rngs: nnx.R
         model.variant, img_size=image_size, in_chans=model.in_chans, class_token=model.class_token,
         num_reg_tokens=model.num_reg_tokens, no_embed_class=model.no_embed_class, pos_embed=model.pos_embed,
         drop_path_rate=model.drop_path_rate, dtype=DTYPES[model.dtype], param_dtype=DTYPES[model.param_dtype],
-        rngs=rngs, **size_overrides(model))
+        remat=model.get("remat", "none"), rngs=rngs, **size_overrides(model))
 
 
 def build_mae(config: ml_collections.ConfigDict, rngs: nnx.Rngs) -> MAE:

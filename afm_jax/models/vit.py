@@ -400,6 +400,19 @@ def _dropout_keys(rngs: nnx.Rngs | jax.Array | None, n: int) -> list[jax.Array |
     return list(jax.random.split(rngs, n))
 
 
+# Activation rematerialisation per block (config `model.remat`): what the backward pass may keep.
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_saveable,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def _block_call(block: "Block", x: jax.Array, key: jax.Array | None) -> jax.Array:
+    return block(x, key=key)
+
+
 class VisionTransformer(nnx.Module):
     """ViT encoder; ``__call__`` equals timm's ``forward_features`` (normalised tokens).
 
@@ -417,6 +430,9 @@ class VisionTransformer(nnx.Module):
       dtype / param_dtype: compute / storage dtypes.
       input_mean / input_std: per-channel normalisation of [0, 1] images, applied first.
       attn_implementation: passed to ``jax.nn.dot_product_attention`` (None/"xla"/"cudnn").
+      remat: activation rematerialisation per block, a key of :data:`REMAT_POLICIES` ("none":
+        keep every activation; "full": keep only block inputs; "dots": keep matmul outputs;
+        "dots_no_batch": keep matmul outputs without a batch dimension, i.e. weights-only products).
       rngs: parameter initialisation.
       **overrides: ``width``, ``depth``, ``num_heads``, ``mlp_dim`` replace the variant's values
         (``mlp_dim`` follows ``4 * width`` when only ``width`` is given).
@@ -439,6 +455,7 @@ class VisionTransformer(nnx.Module):
         input_mean: float | Sequence[float] | None = None,
         input_std: float | Sequence[float] | None = None,
         attn_implementation: str | None = None,
+        remat: str = "none",
         rngs: nnx.Rngs,
         **overrides: int,
     ):
@@ -451,6 +468,9 @@ class VisionTransformer(nnx.Module):
         if "width" in overrides and "mlp_dim" not in overrides:
             overrides = dict(overrides, mlp_dim=4 * int(overrides["width"]))
         cfg.update({k: int(v) for k, v in overrides.items()})
+        if remat not in REMAT_POLICIES:
+            raise ValueError(f"remat must be one of {sorted(REMAT_POLICIES)}, got {remat!r}.")
+        self.remat = remat
         if pos_embed not in ("sincos", "learned"):
             raise ValueError(f"pos_embed must be 'sincos' or 'learned', got {pos_embed!r}.")
 
@@ -588,8 +608,10 @@ class VisionTransformer(nnx.Module):
         """
         x = tokens.astype(jnp.float32)
         keys = _dropout_keys(rngs, len(self.blocks))
+        apply = _block_call if self.remat == "none" else nnx.remat(
+            _block_call, policy=REMAT_POLICIES[self.remat], prevent_cse=True)
         for block, key in zip(self.blocks, keys, strict=True):
-            x = block(x, key=key)
+            x = apply(block, x, key)
         return self.norm(x).astype(jnp.float32)
 
     def tokens(self, images: jax.Array) -> jax.Array:

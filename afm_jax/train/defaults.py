@@ -10,7 +10,8 @@ import ml_collections
 from afm_jax.data.pipeline import default_data_config
 from afm_jax.models.factory import default_model_config
 from afm_jax.train.optim import default_optim_config
-from afm_jax.train.tasks.mae import default_mae_config
+from afm_jax.train.sharding import default_sharding_config
+from afm_jax.train.tasks import get_task_class
 
 
 def pretrain_config(task: str = "mae", variant: str = "B/16") -> ml_collections.ConfigDict:
@@ -25,14 +26,19 @@ def pretrain_config(task: str = "mae", variant: str = "B/16") -> ml_collections.
     config.data.synthetic = ml_collections.ConfigDict(dict(
         enabled=False, num_patients=300, image_size=256, seed=0))
     config.model = default_model_config(variant)
-    config.mae = default_mae_config()
     config.optim = default_optim_config()
-    config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
+    config.accum_steps = 1            # gradient accumulation: micro-batches per optimiser step
+    # Start from other weights: a timm/DINO/DINOv2 file, an export of ours, or one of our workdirs.
+    config.init_from = ""
+    config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))   # -1 = the rest of the devices
+    config.sharding = default_sharding_config()
     config.log_every = 50
     config.checkpoint_every = 1000
     config.keep_checkpoints = 3
     config.image_every = 1000         # MAE reconstruction panels (0 = never)
     config.num_panel_images = 4
+    config.eval_every = 0             # the task's periodic evaluation (e.g. DINO's kNN monitor); 0 = never
     # After pretraining: AFF-vs-NFF linear probe on frozen features (image_size 0 = the training size).
     config.probe = ml_collections.ConfigDict(dict(enabled=False, pool="avg", batch_size=64, image_size=0))
+    get_task_class(task).extend_config(config)   # the method's own section, e.g. config.mae
     return config

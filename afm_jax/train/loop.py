@@ -11,7 +11,7 @@ import dataclasses
 import os
 import signal
 import time
-from typing import Any, Callable, Protocol
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -21,18 +21,10 @@ from flax import nnx
 
 from afm_jax import configuration
 from afm_jax.data import pipeline, records
-from afm_jax.train import checkpoint, optim, sharding, state as state_lib, step as step_lib, throughput
+from afm_jax.train import assembly as assembly_lib, checkpoint, sharding, state as state_lib, throughput
+from afm_jax.train.tasks.base import Task
 from afm_jax.train.metrics_writer import MetricsWriter
 from afm_jax.version import code_version
-
-
-class Task(Protocol):
-    """What a pretraining method supplies to the trainer."""
-
-    def validate(self, config: ml_collections.ConfigDict) -> None: ...
-    def build_model(self, config: ml_collections.ConfigDict, rngs: nnx.Rngs) -> nnx.Module: ...
-    def loss(self, model: nnx.Module, batch: dict, key: jax.Array) -> tuple[jax.Array, dict]: ...
-    def images(self, model: nnx.Module, batch: dict, key: jax.Array) -> dict[str, jax.Array]: ...
 
 
 class TrainingDivergedError(FloatingPointError):
@@ -88,6 +80,10 @@ def validate_common(config: ml_collections.ConfigDict) -> None:
     configuration.require(config, "optim.weight_decay", lambda v: float(v) >= 0, "a non-negative weight decay")
     configuration.require(config, "log_every", lambda v: int(v) > 0, "a positive step interval")
     configuration.require(config, "checkpoint_every", lambda v: int(v) > 0, "a positive step interval")
+    configuration.require(config, "accum_steps", lambda v: int(v) >= 1, "a micro-batch count >= 1")
+    configuration.require(config, "eval_every", lambda v: int(v) >= 0, "a step interval (0 = never)")
+    configuration.require(config, "batch_size", lambda v: int(v) % int(config.accum_steps) == 0,
+                          f"a multiple of accum_steps = {config.accum_steps}")
     if config.batch_size % jax.process_count():
         raise configuration.ConfigError(
             f"Config key `batch_size` = {config.batch_size} is not divisible by the {jax.process_count()} processes.")
@@ -111,40 +107,25 @@ def train(config: ml_collections.ConfigDict, workdir: str, task: Task, *,
             f"Config key `batch_size` = {config.batch_size} is larger than the {num_train} images of split "
             f"`{config.data.train_split}` in {config.data.path}: lower --config.batch_size or use a larger dataset.")
     total_steps, warmup_steps = run_schedule(config, num_train)
-    data_iter = pipeline.build_train_iterator(config.data, global_batch_size=config.batch_size,
-                                              seed=config.seed, image_size=config.image_size)
+    task.setup(config, workdir=workdir, total_steps=total_steps,
+               steps_per_epoch=max(num_train // config.batch_size, 1))
 
     # ─── Mesh ────────────────────────────────────────────────────────────────────────────────
     mesh = sharding.make_mesh(config.mesh)
-    if config.batch_size % mesh.size:
+    micro_batch = config.batch_size // config.accum_steps
+    if micro_batch % mesh.size:
         raise configuration.ConfigError(
-            f"Config key `batch_size` = {config.batch_size} is not divisible by the {mesh.size} devices.")
+            f"Config key `batch_size` = {config.batch_size} (÷ accum_steps = {config.accum_steps}) is not "
+            f"divisible by the {mesh.size} devices.")
+    data_iter = task.build_train_iterator(config)
 
-    # ─── Model and optimiser ─────────────────────────────────────────────────────────────────
-    schedule = optim.learning_rate_schedule(config.optim, config.batch_size, total_steps, warmup_steps)
-    tx = optim.make_optimizer(config.optim, schedule)
-    graphdef_box: list[nnx.GraphDef] = []
-
-    def init_state() -> state_lib.TrainState:
-        model = task.build_model(config, nnx.Rngs(config.seed))
-        graphdef, state = state_lib.create_train_state(model, tx, config.seed + 1)
-        graphdef_box.append(graphdef)
-        return state
-
-    # ─── Sharding: the state is created directly in its placement ─────────────────────────────
-    abstract_state = jax.eval_shape(init_state)
-    graphdef = graphdef_box[0]
-    state_shardings = sharding.param_shardings(mesh, abstract_state)
-    batch_sharding = sharding.batch_sharding(mesh)
-    replicated = sharding.replicated(mesh)
-
-    # ─── Update step ─────────────────────────────────────────────────────────────────────────
-    train_step = step_lib.make_train_step(graphdef, task.loss, tx, schedule)
-    jit_step = jax.jit(train_step, in_shardings=(state_shardings, batch_sharding),
-                       out_shardings=(state_shardings, replicated), donate_argnums=0)
+    # ─── Model, optimiser, sharded state and update step (see assembly.py) ───────────────────
+    parts = assembly_lib.assemble(config, task, mesh, total_steps=total_steps, warmup_steps=warmup_steps)
+    graphdef, state_shardings = parts.graphdef, parts.state_shardings
 
     def image_fn(state: state_lib.TrainState, batch: dict) -> dict:
-        return task.images(state_lib.merge_model(graphdef, state), batch, jax.random.key(config.seed))
+        model = state_lib.merge_model(graphdef, state)
+        return task.images(model, state.extra, batch, jax.random.key(config.seed))
 
     jit_images = jax.jit(image_fn)
 
@@ -152,11 +133,14 @@ def train(config: ml_collections.ConfigDict, workdir: str, task: Task, *,
     ckpt = checkpoint.Checkpointer(workdir, max_to_keep=config.keep_checkpoints)
     start_step = ckpt.latest_step()
     if start_step is None:
-        state = jax.jit(init_state, out_shardings=state_shardings)()
+        state = parts.initial_state()
         start_step = 0
+        if parts.init_report and is_main:
+            print(f"Initialised from {config.init_from}: {parts.init_report.get('summary', parts.init_report)}",
+                  flush=True)
     else:
         target = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                              abstract_state, state_shardings)
+                              parts.abstract_state, state_shardings)
         state, _ = ckpt.restore(start_step, target, data_iter)
         if is_main:
             print(f"Resumed from {ckpt.directory} at step {start_step}.", flush=True)
@@ -165,7 +149,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, task: Task, *,
     writer = MetricsWriter(workdir, enabled=is_main, total_steps=total_steps)
     writer.write_record({"event": "start", "step": start_step, "total_steps": total_steps,
                          "num_train_examples": num_train, "processes": jax.process_count(),
-                         "devices": jax.device_count(), **meta})
+                         "devices": jax.device_count(), "init_from": parts.init_report or None, **meta})
 
     # ─── Loop ────────────────────────────────────────────────────────────────────────────────
     step = start_step
@@ -178,17 +162,17 @@ def train(config: ml_collections.ConfigDict, workdir: str, task: Task, *,
     with _StopRequest() as stop:
         while step < total_steps:
             local = next(data_iter)
-            batch = sharding.global_batch(mesh, {"image": local["image"]})
+            batch = sharding.global_batch(mesh, {k: local[k] for k in task.batch_keys})
             if compiled_step is None:  # compile once; the executable also gives the step's FLOPs
-                compiled_step = jit_step.lower(state, batch).compile()
+                compiled_step = parts.jit_step.lower(state, batch).compile()
                 step_flops = throughput.compiled_flops(compiled_step)
                 if is_main:
                     peak, _ = throughput.device_peak_flops()
                     # CPU "devices" share the host's cores: the measured peak is the whole host's.
                     peak_flops = peak if jax.devices()[0].platform == "cpu" else peak * jax.device_count()
             if fixed_images is None:
-                n = min(config.num_panel_images, local["image"].shape[0])
-                fixed_images = {"image": jnp.asarray(local["image"][:n])}
+                n = min(config.num_panel_images, len(local[task.batch_keys[0]]))
+                fixed_images = {k: jnp.asarray(local[k][:n]) for k in task.batch_keys}
             state, metrics = compiled_step(state, batch)
             pending.append(metrics)
             step += 1
@@ -216,9 +200,24 @@ def train(config: ml_collections.ConfigDict, workdir: str, task: Task, *,
                 for name, image in jax.device_get(jit_images(state, fixed_images)).items():
                     writer.write_image(step, name, image)
 
+            early_stop = False
+            if config.eval_every > 0 and (step % config.eval_every == 0 or step == total_steps):
+                results = task.evaluate(state_lib.merge_model(graphdef, state), state.extra, step)
+                early_stop = bool(results.pop("should_stop", False))
+                if results:
+                    writer.write_scalars(step, {f"eval/{k}": float(v) for k, v in results.items()})
+                    if is_main:
+                        print(f"eval @ {step}: " + "  ".join(f"{k}={float(v):.4f}" for k, v in results.items()),
+                              flush=True)
+
             stopping = stop.requested is not None or (stop_at_step is not None and step >= stop_at_step)
-            if step % config.checkpoint_every == 0 or step == total_steps or stopping:
+            if step % config.checkpoint_every == 0 or step == total_steps or stopping or early_stop:
                 ckpt.save(step, state, data_iter, {**meta, "step": step})
+            if early_stop:
+                if is_main:
+                    print(f"Early stop at step {step}: the task's evaluation stopped improving.", flush=True)
+                finished = True
+                break
             if stopping:
                 if is_main:
                     why = stop.requested or f"stop_at_step={stop_at_step}"

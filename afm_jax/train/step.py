@@ -1,32 +1,78 @@
-"""The update step: a pure function (state, batch) -> (state, metrics), shared by trainer and benchmarks."""
+"""The update step: a pure function (state, batch) -> (state, metrics), shared by trainer and benchmarks.
+
+Gradient accumulation (`accum_steps` = k > 1) splits the global batch into k equal micro-batches,
+runs them one after another in a `lax.scan` and averages loss, gradients, metrics and outputs, then
+makes one optimiser update: for a loss that is a mean over examples this is the update of the whole
+batch (up to float rounding), with the activation memory of one micro-batch. Micro-batch i takes
+every k-th example starting at i, so each device keeps an equal share of every micro-batch.
+"""
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 import optax
 from flax import nnx
+from jax.sharding import NamedSharding
 
 from afm_jax.train import state as state_lib
 
-LossFn = Callable[[nnx.Module, dict, jax.Array], tuple[jax.Array, dict]]
+# loss(model, batch, key, extra, step) -> (loss, (metrics, outputs)); see tasks/base.py.
+LossFn = Callable[[nnx.Module, dict, jax.Array, Any, jax.Array], tuple[jax.Array, tuple[dict, dict]]]
+UpdateExtraFn = Callable[[Any, Any, dict, jax.Array], Any]
+
+
+def split_micro_batches(batch: dict, accum_steps: int, sharding: NamedSharding | None = None) -> dict:
+    """(B, ...) leaves -> (k, B/k, ...): micro-batch i holds examples i, i+k, i+2k, ..."""
+    def split(x):
+        if x.shape[0] % accum_steps:
+            raise ValueError(f"Batch of {x.shape[0]} is not divisible by accum_steps={accum_steps}.")
+        y = x.reshape(x.shape[0] // accum_steps, accum_steps, *x.shape[1:]).swapaxes(0, 1)
+        if sharding is not None:
+            spec = jax.sharding.PartitionSpec(None, *sharding.spec)
+            y = jax.lax.with_sharding_constraint(y, NamedSharding(sharding.mesh, spec))
+        return y
+    return jax.tree.map(split, batch)
 
 
 def make_train_step(graphdef: nnx.GraphDef, loss_fn: LossFn, tx: optax.GradientTransformation,
-                    schedule: optax.Schedule) -> Callable:
+                    schedule: optax.Schedule, *, update_extra: UpdateExtraFn | None = None,
+                    accum_steps: int = 1, batch_sharding: NamedSharding | None = None) -> Callable:
     """Returns train_step(state, batch) for `jax.jit` (with shardings and donated state)."""
+    if accum_steps < 1:
+        raise ValueError(f"accum_steps must be >= 1, got {accum_steps}.")
 
     def train_step(state: state_lib.TrainState, batch: dict) -> tuple[state_lib.TrainState, dict]:
         key = state_lib.step_key(state)
 
-        def loss_of(params):
-            return loss_fn(state_lib.merge_model(graphdef, state, params), batch, key)
+        def grads_of(micro_batch: dict, micro_key: jax.Array):
+            def loss_of(params):
+                model = state_lib.merge_model(graphdef, state, params)
+                return loss_fn(model, micro_batch, micro_key, state.extra, state.step)
+            return jax.value_and_grad(loss_of, has_aux=True)(state.params)
 
-        (loss, aux), grads = jax.value_and_grad(loss_of, has_aux=True)(state.params)
+        if accum_steps == 1:
+            (loss, (metrics, outputs)), grads = grads_of(batch, key)
+        else:
+            micro = split_micro_batches(batch, accum_steps, batch_sharding)
+
+            def one(carry, xs):
+                i, micro_batch = xs
+                result = grads_of(micro_batch, jax.random.fold_in(key, i))
+                return jax.tree.map(lambda a, b: a + b.astype(a.dtype), carry, result), None
+
+            zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.promote_types(s.dtype, jnp.float32)),
+                                 jax.eval_shape(grads_of, jax.tree.map(lambda x: x[0], micro), key))
+            total, _ = jax.lax.scan(one, zeros, (jnp.arange(accum_steps), micro))
+            (loss, (metrics, outputs)), grads = jax.tree.map(lambda t: t / accum_steps, total)
+            grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, state.params)
+
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": schedule(state.step), **aux}
-        return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+        extra = state.extra if update_extra is None else update_extra(state.extra, params, outputs, state.step)
+        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": schedule(state.step), **metrics}
+        return state.replace(step=state.step + 1, params=params, opt_state=opt_state, extra=extra), metrics
 
     return train_step

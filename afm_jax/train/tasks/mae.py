@@ -10,6 +10,7 @@ from flax import nnx
 from afm_jax import configuration
 from afm_jax.models import factory
 from afm_jax.models.mae import MAE
+from afm_jax.train.tasks.base import Task
 
 
 def default_mae_config() -> ml_collections.ConfigDict:
@@ -18,8 +19,14 @@ def default_mae_config() -> ml_collections.ConfigDict:
                                           decoder_heads=16, norm_pix_loss=True))
 
 
-class MAETask:
+class MAETask(Task):
     """Masked-autoencoder pretraining of a ViT encoder."""
+
+    name = "mae"
+
+    @classmethod
+    def extend_config(cls, config: ml_collections.ConfigDict) -> None:
+        config.mae = default_mae_config()
 
     def validate(self, config: ml_collections.ConfigDict) -> None:
         factory.validate_model_config(config)
@@ -31,12 +38,13 @@ class MAETask:
     def build_model(self, config: ml_collections.ConfigDict, rngs: nnx.Rngs) -> MAE:
         return factory.build_mae(config, rngs)
 
-    def loss(self, model: MAE, batch: dict, key: jax.Array) -> tuple[jax.Array, dict]:
+    def loss(self, model: MAE, batch: dict, key: jax.Array, extra: dict = None,
+             step: jax.Array = None) -> tuple[jax.Array, tuple[dict, dict]]:
         mask_key, drop_key = jax.random.split(key)
         out = model(batch["image"], key=mask_key, rngs=nnx.Rngs(dropout=drop_key))
-        return out["loss"], {}
+        return out["loss"], ({}, {})
 
-    def images(self, model: MAE, batch: dict, key: jax.Array) -> dict[str, jax.Array]:
+    def images(self, model: MAE, extra: dict, batch: dict, key: jax.Array) -> dict[str, jax.Array]:
         """One row per image: input | masked input | reconstruction (visible patches pasted back)."""
         images = batch["image"]
         masked, reconstructed = model.reconstruct(images, key=key)
