@@ -28,11 +28,24 @@ def prepare_dataset(config, workdir: str) -> None:
     from afm_jax.data import synthetic
     if config.data.path or not config.data.synthetic.enabled:
         return
+    import jax
+    from jax.experimental import multihost_utils
+
     syn = config.data.synthetic
     data_root = os.path.join(workdir, "data")
-    with config.unlocked():
-        config.data.path = os.fspath(synthetic.ensure_synthetic_dataset(
+
+    def ensure() -> str:
+        return os.fspath(synthetic.ensure_synthetic_dataset(
             data_root, num_patients=syn.num_patients, seed=syn.seed, image_size=syn.image_size))
+
+    # In a multi-process job process 0 writes the dataset while the others wait, then they find it.
+    if jax.process_index() != 0:
+        multihost_utils.sync_global_devices("afm_jax:synthetic_dataset")
+    path = ensure()
+    if jax.process_index() == 0 and jax.process_count() > 1:
+        multihost_utils.sync_global_devices("afm_jax:synthetic_dataset")
+    with config.unlocked():
+        config.data.path = path
 
 
 def run(config, workdir: str) -> None:

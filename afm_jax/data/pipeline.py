@@ -20,6 +20,7 @@ Both spread decoding over `data.num_workers` processes (`mp_prefetch`, spawned; 
 
 from __future__ import annotations
 
+import logging
 import math
 import sys
 from collections.abc import Iterator, Mapping
@@ -163,9 +164,14 @@ class HostEpochRecords(grain.MapDataset):
 
 def build_train_dataset(data_cfg: Any, *, global_batch_size: int, seed: int, image_size: int,
                         process_index: int | None = None, process_count: int | None = None,
+                        transform: grain.transforms.RandomMap | None = None,
                         ) -> tuple[grain.MapDataset, dict[str, Any]]:
     """The infinite MapDataset of this host's augmented training examples (batched by the iterator),
-    and the facts an iterator state must match to be resumed on it."""
+    and the facts an iterator state must match to be resumed on it.
+
+    `transform` replaces the per-example augmentation (record -> dict of arrays), e.g. DINO's
+    multi-crop (`afm_jax.data.multicrop`); the epoch order, host slicing and seeds stay the same.
+    The default is `TrainTransform` of `data_cfg.augment` at `image_size`."""
     pi, pc = _process_index_and_count(process_index, process_count)
     local_batch = _local_batch_size(global_batch_size, pc)
     source = records.open_split(_get(data_cfg, "path", ""), _get(data_cfg, "train_split", "train"),
@@ -174,13 +180,25 @@ def build_train_dataset(data_cfg: Any, *, global_batch_size: int, seed: int, ima
     if per_host == 0:
         raise ValueError(f"The training split has {len(source)} examples, too few for {pc} processes.")
     start, end = pi * per_host, (pi + 1) * per_host
-    chain = transforms.train_chain(_get(data_cfg, "augment", None), image_size)
+    if transform is None:
+        transform = transforms.TrainTransform(transforms.train_chain(_get(data_cfg, "augment", None), image_size))
     ds = HostEpochRecords(source, seed=_derive_seed(seed, 0), start=start, count=end - start)
-    ds = ds.random_map(transforms.TrainTransform(chain), seed=_derive_seed(seed, 1, pi))
+    ds = ds.random_map(transform, seed=_derive_seed(seed, 1, pi))
     # What decides which examples come next; augmentation and image size may change on resume.
     facts = {"seed": int(seed), "local_batch_size": local_batch, "process_index": pi, "process_count": pc,
              "examples": len(source)}
     return ds, facts
+
+
+_TOPOLOGY_FACTS = {"process_index", "process_count", "local_batch_size"}
+
+
+def _same_global_batch(saved: Mapping[str, Any], now: Mapping[str, Any]) -> bool:
+    try:
+        return int(saved["local_batch_size"]) * int(saved["process_count"]) == \
+            int(now["local_batch_size"]) * int(now["process_count"])
+    except (KeyError, TypeError, ValueError):
+        return False
 
 
 class TrainIterator(grain.DatasetIterator):
@@ -220,6 +238,15 @@ class TrainIterator(grain.DatasetIterator):
             raise ValueError(f"Not a data iterator state of this code (version {version!r}, expected "
                              f"{STATE_VERSION}); it was saved by a different input pipeline.")
         changed = {k: (state.get(k), v) for k, v in self._facts.items() if state.get(k) != v}
+        if changed and set(changed) <= _TOPOLOGY_FACTS and _same_global_batch(state, self._facts):
+            # Resumed on another number of processes (e.g. 2 hosts -> 1): the global batch index is
+            # still right, so training continues at the same step and epoch position; only the deal of
+            # examples to hosts differs, so the rest of this epoch may repeat or skip a few examples.
+            logging.getLogger(__name__).warning(
+                "Data iterator resumed on %d process(es) from a state saved with %d: same global batch, "
+                "continuing at batch %d with a new deal of examples to processes.",
+                self._facts["process_count"], state.get("process_count"), int(state["next_batch"]))
+            changed = {}
         if changed:
             detail = "; ".join(f"{k}: saved {a!r}, now {b!r}" for k, (a, b) in changed.items())
             raise ValueError(f"Cannot resume the data iterator, the input pipeline changed ({detail}). Resume with "

@@ -8,10 +8,13 @@ One orbax `CheckpointManager` with three items per step:
 
 from __future__ import annotations
 
+import json
 import os
+import pathlib
 from typing import Any
 
 import grain
+import jax
 import orbax.checkpoint as ocp
 
 ITEMS = ("state", "data", "meta")
@@ -37,12 +40,26 @@ class Checkpointer:
         self._manager.save(step, args=ocp.args.Composite(**args), force=True)
 
     def restore(self, step: int, abstract_state: Any, data_iterator: Any | None) -> tuple[Any, dict]:
-        """Restores `state` into the shardings of `abstract_state` and the iterator in place."""
+        """Restores `state` into the shardings of `abstract_state` (any device/process layout: orbax
+        reshards) and the iterator in place."""
         args = {"state": ocp.args.StandardRestore(abstract_state), "meta": ocp.args.JsonRestore()}
-        if data_iterator is not None:
-            args["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
         restored = self._manager.restore(step, args=ocp.args.Composite(**args))
+        if data_iterator is not None:
+            data_iterator.set_state(json.loads(self._data_state_file(step).read_text()))
         return restored["state"], restored["meta"]
+
+    def _data_state_file(self, step: int) -> pathlib.Path:
+        """This process's iterator state; on another process count, process 0's (the iterator
+        accepts a state from another layout when the global batch is unchanged)."""
+        directory = pathlib.Path(self.directory) / str(step) / "data"
+        index, count = jax.process_index(), jax.process_count()
+        own = directory / f"process_{index}-of-{count}.json"
+        if own.is_file():
+            return own
+        others = sorted(directory.glob("process_0-of-*.json"))
+        if not others:
+            raise FileNotFoundError(f"Checkpoint {directory.parent} has no data-iterator state.")
+        return others[0]
 
     def wait(self) -> None:
         self._manager.wait_until_finished()

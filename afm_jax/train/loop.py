@@ -159,6 +159,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, task: Task, *,
     fixed_images: dict | None = None
     interval_start, interval_steps, pending = time.perf_counter(), 0, []
     finished = step >= total_steps
+    last_loss: float | None = None
     with _StopRequest() as stop:
         while step < total_steps:
             local = next(data_iter)
@@ -194,6 +195,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, task: Task, *,
                         f"(it resumes from the last checkpoint in {workdir}; delete it to start over).")
                 writer.write_scalars(step, scalars)
                 writer.progress(step, scalars)
+                last_loss = scalars["loss"]
                 interval_start, interval_steps, pending = time.perf_counter(), 0, []
 
             if config.image_every > 0 and (step % config.image_every == 0 or step == total_steps):
@@ -228,5 +230,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, task: Task, *,
             finished = True
     ckpt.close()
     writer.close()
+    if jax.process_count() > 1 and last_loss is not None:  # one line per process: they must agree
+        print(f"[process {jax.process_index()}/{jax.process_count()}] step {step} loss {last_loss:.6f}", flush=True)
     data_iter.close()  # stops grain's worker processes and frees their shared memory
     return TrainResult(state=state, graphdef=graphdef, step=step, finished=finished)
