@@ -37,7 +37,7 @@ import re
 import shutil
 import uuid
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import cv2
@@ -137,7 +137,7 @@ def write_dataset(examples: Iterable[dict], out_dir: str | os.PathLike, *, name:
                   split_fractions: dict[str, float] | None = None, extra_info: dict | None = None,
                   num_examples_hint: int | None = None, overwrite: bool = False,
                   max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, png_compression: int | None = None,
-                  ) -> pathlib.Path:
+                  assign_split: Callable[[dict], str] | None = None) -> pathlib.Path:
     """Writes `examples` as a dataset in `<out_dir>/<name>/<SCHEMA_VERSION>` and returns that directory.
 
     Args:
@@ -157,6 +157,9 @@ def write_dataset(examples: Iterable[dict], out_dir: str | os.PathLike, *, name:
       png_compression: zlib level 0-9 for images given as arrays (None: OpenCV's default). Level 0
         stores pixels uncompressed: ~1.7x the bytes of the default for 12-bit radiograph-like
         images, but ~3x faster to decode, and decoding is the input pipeline's main cost.
+      assign_split: record dict -> split name, for callers that assign splits themselves (e.g. the
+        DICOM converter's label-stratified patient splits); it must return a key of
+        `split_fractions` and keep each patient in one split. Default: `split_of_patient`.
 
     The dataset is written into a hidden temporary directory beside the final one and renamed into
     place at the end, so a crash never leaves a half dataset that looks complete.
@@ -177,7 +180,7 @@ def write_dataset(examples: Iterable[dict], out_dir: str | os.PathLike, *, name:
     tmp_dir.mkdir()
     try:
         stats = _write_shards(examples, tmp_dir, name, fractions, num_examples_hint, max_shard_bytes,
-                              png_compression)
+                              png_compression, assign_split)
         _write_metadata(tmp_dir, name, fractions, dict(extra_info, png_compression=png_compression), stats)
         _move_into_place(tmp_dir, final_dir)
     except BaseException:
@@ -224,7 +227,8 @@ class _WriteStats:
 
 
 def _write_shards(examples: Iterable[dict], tmp_dir: pathlib.Path, name: str, fractions: dict[str, float],
-                  num_examples_hint: int | None, max_shard_bytes: int, png_compression: int | None) -> _WriteStats:
+                  num_examples_hint: int | None, max_shard_bytes: int, png_compression: int | None,
+                  assign_split: Callable[[dict], str] | None = None) -> _WriteStats:
     feats = features()
     stats = _WriteStats()
     if num_examples_hint is None and hasattr(examples, "__len__"):
@@ -238,7 +242,12 @@ def _write_shards(examples: Iterable[dict], tmp_dir: pathlib.Path, name: str, fr
                 log.warning("Skipping a second record with image_id %s.", record["image_id"])
                 continue
             stats.image_ids.add(record["image_id"])
-            split = split_of_patient(record["patient_id"], fractions)
+            if assign_split is None:
+                split = split_of_patient(record["patient_id"], fractions)
+            else:
+                split = assign_split(record)
+                if split not in fractions:
+                    raise ValueError(f"assign_split returned {split!r}, not one of the splits {sorted(fractions)}.")
             serialized = feats.serialize_example(record)
             writers.write(split, serialized)
             stats.add(split, record, serialized)

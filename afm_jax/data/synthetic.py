@@ -815,14 +815,16 @@ def stored_pixels(pixels: np.ndarray, photometric: str, bits_stored: int) -> np.
     return (top - scaled).astype(np.uint16) if photometric == "MONOCHROME1" else scaled
 
 
-def _to_dicom(img: SyntheticImage, study_index: int, instance_number: int) -> "pydicom.Dataset":
-    """The DICOM dataset of one image; pixels stored as the study's device would store them."""
+def _to_dicom(img: SyntheticImage, study_index: int, instance_number: int,
+              style: _DicomStyle | None = None) -> "pydicom.Dataset":
+    """The DICOM dataset of one image; pixels stored as the study's device would store them
+    (or as `style` says, for twins that differ only in storage)."""
     import pydicom
     from pydicom.dataset import FileMetaDataset
     from pydicom.uid import (PYDICOM_IMPLEMENTATION_UID, ComputedRadiographyImageStorage,
                              DigitalXRayImageStorageForPresentation, ExplicitVRLittleEndian)
 
-    style = _dicom_style(img, study_index)
+    style = style or _dicom_style(img, study_index)
     sop_class = ComputedRadiographyImageStorage if img.modality == "CR" else DigitalXRayImageStorageForPresentation
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = sop_class
@@ -868,6 +870,29 @@ def _to_dicom(img: SyntheticImage, study_index: int, instance_number: int) -> "p
     lo, hi = np.percentile(stored, (1.0, 99.5)) * slope + intercept
     ds.WindowCenter, ds.WindowWidth = round(float(lo + hi) / 2, 1), round(max(float(hi - lo), 1.0), 1)
     return ds
+
+
+def write_dicom_twin(img: SyntheticImage, path: str | os.PathLike, *, photometric: str, bits_stored: int = 12,
+                     rescale: tuple[float, float] = (1.0, 0.0)) -> pathlib.Path:
+    """Writes `img` as one DICOM file with the given storage (MONOCHROME1/2, bits, rescale), all else
+    as `write_dicom_files` would write it; for tests that two storages of one image read the same.
+
+    The window is mirrored with the pixels: for MONOCHROME1 the stored values are inverted, and its
+    window centre is placed at the same pixels (c1 = top - c2 + 1, see the LINEAR window's
+    half-step), so windowed outputs of both twins must be equal too."""
+    base = _dicom_style(img, 0)
+    style = dataclasses.replace(base, photometric=photometric, bits_stored=int(bits_stored), rescale=tuple(rescale))
+    ds = _to_dicom(img, study_index=0, instance_number=1, style=style)
+    if photometric == "MONOCHROME1":  # mirror the window of the MONOCHROME2 twin
+        twin = _to_dicom(img, 0, 1, dataclasses.replace(style, photometric="MONOCHROME2"))
+        slope, intercept = rescale
+        top = ((1 << int(bits_stored)) - 1) * slope + 2 * intercept
+        ds.WindowCenter = float(top - float(twin.WindowCenter) + 1)
+        ds.WindowWidth = twin.WindowWidth
+    out = pathlib.Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(out, enforce_file_format=True)
+    return out
 
 
 def write_dicom_files(out_dir: str | os.PathLike, *, num_patients: int = 10, seed: int = 0, image_size: int = 256,

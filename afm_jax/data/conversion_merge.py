@@ -1,0 +1,252 @@
+"""Merge complete conversion chunks into one dataset: dedup, patient splits, records, manifest.
+
+Runs once, after every chunk is complete (on one machine, or as the final `--merge` step after a
+SLURM array). Two passes over the chunk outputs:
+
+1. the rows (small): exact duplicates are marked — same SOP Instance UID (hashed `image_id`) or the
+   same stored pixels (`pixel_hash`) as an earlier file in input order; the earlier file is kept,
+   so the choice does not depend on sharding — and every patient gets a split;
+2. the images: streamed in input order into `records.write_dataset`, so the dataset, its index and
+   `content_fingerprint` are the same however the chunks were produced.
+
+**Splits** are by patient. With `split_mode="stratified"` (default) patients are grouped by label
+(their most frequent image label; -1 when unlabelled), ordered within a group by the same salted
+hash `records.split_of_patient` uses, and cut at the cumulative fractions: every label's patients
+are split in the requested proportions (within one patient per group). `split_mode="hash"` uses
+`records.split_of_patient` alone, which keeps a patient's split stable when data is added.
+
+The manifest (`manifest.csv`, beside the shards) has one row per input file: `status` is
+`converted`, `skipped:<reason>` or `failed:<error>`, `output` is `<split>:<record index>` (several,
+`;`-separated, for multi-frame files with `frames="all"`), ids are salted hashes.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import pathlib
+from collections import Counter, defaultdict
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import numpy as np
+
+from afm_jax.configuration import ConfigError
+from afm_jax.data import records
+from afm_jax.data.conversion import Plan, read_rows
+
+MANIFEST_FILE = "manifest.csv"
+SPLIT_MODES = ("stratified", "hash")
+MANIFEST_COLUMNS = ("file_index", "file_id", "status", "output", "duplicate_of", "patient_id", "study_id",
+                    "series_id", "image_id", "label", "label_name", "modality", "body_part", "view", "laterality",
+                    "manufacturer", "sop_class", "transfer_syntax", "photometric", "bits_stored", "voi_used",
+                    "orig_rows", "orig_cols", "num_frames", "num_images", "pixel_hash")
+
+
+class IncompleteConversionError(ConfigError):
+    """Some chunks are not converted yet; the message says which and what to run."""
+
+
+def check_complete(plan: Plan) -> None:
+    missing = [c for c in range(plan.num_chunks) if not plan.is_done(c)]
+    if missing:
+        shown = ", ".join(map(str, missing[:20])) + (" ..." if len(missing) > 20 else "")
+        raise IncompleteConversionError(
+            f"{len(missing)} of {plan.num_chunks} chunks are not converted yet (chunks {shown}). Run (or rerun) "
+            "the conversion shards first — finished chunks are skipped — then --merge again. Chunk c belongs to "
+            "shard c mod n of a --shard i/n run.")
+
+
+def mark_duplicates(rows: list[dict]) -> None:
+    """Marks converted rows that repeat an earlier row's SOP Instance UID or pixels (in place)."""
+    by_image: dict[str, str] = {}
+    by_pixels: dict[str, str] = {}
+    for row in rows:
+        if row["status"] != "converted":
+            continue
+        ids = [image["image_id"] for image in row["images"]]
+        first = next((by_image[i] for i in ids if i in by_image), None)
+        if first is not None:
+            row.update(status="skipped:duplicate_sop_instance_uid", duplicate_of=first)
+            continue
+        if row["pixel_hash"] in by_pixels:
+            row.update(status="skipped:duplicate_pixels", duplicate_of=by_pixels[row["pixel_hash"]])
+            continue
+        for i in ids:
+            by_image[i] = row["file_id"]
+        by_pixels[row["pixel_hash"]] = row["file_id"]
+
+
+def _patient_order_key(patient_id: str) -> bytes:
+    return hashlib.sha256(b"afm-jax split:" + patient_id.encode("utf-8")).digest()
+
+
+def assign_patient_splits(patient_labels: Mapping[str, Counter], fractions: Mapping[str, float],
+                          mode: str = "stratified") -> dict[str, str]:
+    """patient_id -> split. `patient_labels[p]` counts the labels of p's images (-1 = unlabelled)."""
+    if mode not in SPLIT_MODES:
+        raise ConfigError(f"split mode {mode!r} must be one of {SPLIT_MODES}.")
+    fractions = records._validate_fractions(fractions)  # pylint: disable=protected-access
+    if mode == "hash":
+        return {p: records.split_of_patient(p, fractions) for p in patient_labels}
+    strata: dict[int, list[str]] = defaultdict(list)
+    for patient, counts in patient_labels.items():
+        labelled = {k: v for k, v in counts.items() if k >= 0}
+        if labelled:
+            top = max(labelled.values())
+            strata[min(k for k, v in labelled.items() if v == top)].append(patient)
+        else:
+            strata[-1].append(patient)
+    names = sorted(fractions)
+    bounds = np.cumsum([fractions[n] for n in names])
+    out = {}
+    for patients in strata.values():
+        patients.sort(key=_patient_order_key)
+        n = len(patients)
+        for k, patient in enumerate(patients):
+            position = (k + 0.5) / n
+            out[patient] = names[min(int(np.searchsorted(bounds, position, side="right")), len(names) - 1)]
+    return out
+
+
+def merge(plan: Plan, out_dir: str | pathlib.Path, name: str, *, split_fractions: Mapping[str, float] | None = None,
+          split_mode: str = "stratified", overwrite: bool = False, max_shard_bytes: int = records.DEFAULT_MAX_SHARD_BYTES,
+          extra_info: dict | None = None) -> tuple[pathlib.Path, dict[str, int]]:
+    """Writes the dataset `<out_dir>/<name>/<version>` and its manifest; returns (dataset dir, summary).
+
+    The summary counts files per status (`converted`, `skipped:<reason>`, `failed:<ExceptionType>`).
+    Raises IncompleteConversionError if chunks are missing, ValueError if nothing was converted
+    (the manifest is then written to `<out_dir>/<name>/manifest.csv` for inspection)."""
+    check_complete(plan)
+    fractions = dict(split_fractions or records.DEFAULT_SPLIT_FRACTIONS)
+    rows = [row for c in range(plan.num_chunks) for row in read_rows(plan, c)]
+    rows.sort(key=lambda r: r["file_index"])
+    mark_duplicates(rows)
+    patient_labels: dict[str, Counter] = defaultdict(Counter)
+    for row in rows:
+        if row["status"] == "converted":
+            for image in row["images"]:
+                patient_labels[image["patient_id"]][int(row["label"])] += 1
+    split_of = assign_patient_splits(patient_labels, fractions, split_mode)
+    summary = summarize(rows)
+
+    # Output locations, in the order write_dataset will see the records.
+    position: Counter = Counter()
+    for row in rows:
+        if row["status"] == "converted":
+            outputs = []
+            for image in row["images"]:
+                split = split_of[image["patient_id"]]
+                outputs.append(f"{split}:{position[split]}")
+                position[split] += 1
+            row["output"] = ";".join(outputs)
+
+    info = dict(extra_info or {})
+    info.update(preprocessing=plan.variant.to_dict(), source_fingerprint=plan.inputs_fingerprint,
+                conversion={"files": len(rows), "status_counts": summary, "split_mode": split_mode,
+                            "label_ids": plan.label_ids, "chunk_size": plan.chunk_size})
+    base = pathlib.Path(out_dir).expanduser().resolve()
+    if not position:
+        (base / name).mkdir(parents=True, exist_ok=True)
+        write_manifest(rows, base / name / MANIFEST_FILE)
+        raise ValueError(f"No file was converted ({summary}); see {base / name / MANIFEST_FILE}.")
+    directory = records.write_dataset(
+        _examples(plan, rows), base, name=name, split_fractions=fractions, extra_info=info,
+        num_examples_hint=sum(position.values()), overwrite=overwrite, max_shard_bytes=max_shard_bytes,
+        png_compression=plan.variant.png_compression, assign_split=lambda record: split_of[record["patient_id"]])
+    write_manifest(rows, directory / MANIFEST_FILE)
+    return directory, summary
+
+
+def _examples(plan: Plan, rows: list[dict]) -> Iterator[dict[str, Any]]:
+    """Record dicts of the kept images, in input order, with the PNGs read from the chunk files."""
+    from array_record.python.array_record_module import ArrayRecordReader  # pylint: disable=g-import-not-at-top
+
+    by_chunk: dict[int, list[dict]] = defaultdict(list)
+    for row in rows:
+        by_chunk[row["file_index"] // plan.chunk_size].append(row)
+    for chunk in range(plan.num_chunks):
+        chunk_rows = by_chunk.get(chunk, [])
+        if not any("images" in r for r in chunk_rows):
+            continue
+        reader = ArrayRecordReader(str(plan.chunk_path(chunk, "array_record")))
+        try:
+            pngs = reader.read_all()
+        finally:
+            reader.close()
+        k = 0
+        for row in chunk_rows:
+            images = row.get("images", [])
+            keep = row["status"] == "converted"
+            for image in images:
+                png = pngs[k]
+                k += 1
+                if keep:
+                    yield _record(row, image, png)
+
+
+def _record(row: dict, image: dict, png: bytes) -> dict[str, Any]:
+    spacing = [np.nan if s is None else s for s in image["pixel_spacing_mm"]]
+    return {
+        "image": png, "patient_id": image["patient_id"], "study_id": image["study_id"],
+        "series_id": image["series_id"], "image_id": image["image_id"], "body_part": image["body_part"],
+        "view": image["view"], "laterality": image["laterality"], "modality": image["modality"],
+        "label_name": row["label_name"], "label": int(row["label"]),
+        "pixel_spacing_mm": np.asarray(spacing, np.float32), "orig_shape": np.asarray(row["orig_shape"], np.int32),
+    }
+
+
+def summarize(rows: list[dict]) -> dict[str, int]:
+    """Files per status, failures grouped by exception type (messages stay in the manifest)."""
+    counts: Counter = Counter()
+    for row in rows:
+        status = row["status"]
+        if status.startswith("failed:"):
+            status = status.split(":", 2)[0] + ":" + status.split(":", 2)[1].strip()
+        counts[status] += 1
+    return dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
+
+
+def format_summary(summary: Mapping[str, int]) -> str:
+    """Human-readable summary: totals per status, then per reason."""
+    totals: Counter = Counter()
+    for status, n in summary.items():
+        totals[status.split(":", 1)[0]] += n
+    lines = ["  " + ", ".join(f"{k}: {totals[k]}" for k in ("converted", "skipped", "failed"))]
+    lines += [f"  {n:7d}  {status}" for status, n in summary.items() if status != "converted"]
+    return "\n".join(lines)
+
+
+def write_manifest(rows: list[dict], path: pathlib.Path) -> None:
+    """One CSV row per input file (no paths, no raw identifiers)."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=MANIFEST_COLUMNS, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        images = row.get("images") or [{}]
+        first = images[0]
+        orig = row.get("orig_shape") or ["", ""]
+        writer.writerow({
+            **{k: row.get(k, "") for k in MANIFEST_COLUMNS},
+            **{k: ";".join(dict.fromkeys(str(im.get(k, "")) for im in images))
+               for k in ("patient_id", "study_id", "series_id", "body_part", "view", "laterality", "modality")},
+            "image_id": ";".join(str(im.get("image_id", "")) for im in images),
+            "orig_rows": orig[0], "orig_cols": orig[1], "num_images": len(row.get("images") or []),
+            "label": row.get("label", -1), "output": row.get("output", ""),
+            "duplicate_of": row.get("duplicate_of", ""),
+        } | ({} if first else {"patient_id": "", "image_id": ""}))
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(buffer.getvalue())
+    tmp.replace(path)
+
+
+def read_manifest(path: str | pathlib.Path) -> list[dict[str, str]]:
+    """The manifest rows as dicts of strings."""
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def dump_summary_json(summary: Mapping[str, int]) -> str:
+    return json.dumps(dict(summary), sort_keys=True)
