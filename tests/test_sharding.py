@@ -43,6 +43,13 @@ def test_fsdp_meshes_really_shard_parameters(sharded_runs):
     assert any("fsdp" in s for s in sharded_runs["fsdp8"]["specs"])
 
 
+def test_a_checkpoint_from_8_devices_restores_on_4(sharded_runs):
+    r = sharded_runs["restore_8_to_4"]
+    assert r["max_diff"] == 0.0
+    assert r["devices_used"] == [0, 1, 2, 3]
+    assert r["step"] == 2 and r["meta_step"] == 1 and np.isfinite(r["loss_after"])
+
+
 def test_fsdp_spec_picks_the_largest_divisible_dimension():
     assert sharding.fsdp_spec((384, 1536), 8, 0) == P(None, "fsdp")
     assert sharding.fsdp_spec((1536, 384), 8, 0) == P("fsdp", None)
