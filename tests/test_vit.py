@@ -345,24 +345,14 @@ def test_init_follows_mae():
     assert 0.01 < np.asarray(m.cls_token[...]).std() < 0.03
 
 
-# -- optional: pin the one-to-one naming against timm -------------------------------------------
+# -- pin the one-to-one naming (afm_jax.interop.timm) against timm --------------------------
 
 
 def _to_timm_state_dict(model: VisionTransformer) -> dict[str, np.ndarray]:
-    """Local, minimal name/shape mapping (the real one lives in afm_jax/interop/timm.py)."""
-    out = {}
-    for path, var in nnx.to_flat_state(nnx.state(model)):
-        name = ".".join(map(str, path))
-        v = np.asarray(var[...])
-        if name == "patch_embed.proj.kernel":
-            out["patch_embed.proj.weight"] = v.transpose(3, 2, 0, 1)
-        elif name.endswith(".kernel"):
-            out[name[: -len("kernel")] + "weight"] = v.T
-        elif name.endswith(".scale"):
-            out[name[: -len("scale")] + "weight"] = v
-        else:
-            out[name] = v
-    return out
+    """The one mapping (afm_jax/interop/timm.py), pinned here against timm and a numpy reference."""
+    from afm_jax.interop.timm import encoder_state_dict
+
+    return encoder_state_dict(model)
 
 
 def _np_layer_norm(x, w, b, eps=1e-6):

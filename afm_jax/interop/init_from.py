@@ -1,0 +1,181 @@
+"""``config.init_from``: start an encoder from other weights ("continue from DINO", from ImageNet, ...).
+
+What: :func:`initialize_encoder` overwrites a freshly built :class:`VisionTransformer` in place from
+
+* a timm / PyTorch ViT weights file: ``.safetensors`` (read without torch), or ``.pth``/``.pt``/
+  ``.bin`` read with ``torch.load(weights_only=True)`` — plain state dicts or dicts holding one under
+  ``teacher`` / ``model`` / ``state_dict`` / ``student`` as DINO, MAE and DeiT checkpoints do;
+  timm, DINO, DINOv2 (with or without registers) and Hugging Face ``Dinov2Model`` (RAD-DINO) layouts;
+* a folder with ``config.json`` + ``model.safetensors``: our exports (``tools/export_timm.py``,
+  ``tools/import_timm.py``), timm Hub snapshots, Hugging Face Dinov2 snapshots (RAD-DINO);
+* one of our runs: a workdir, its ``checkpoints/`` folder or a ``checkpoints/<step>`` folder.
+
+and returns a report of what was loaded, adapted (channels, position grid, prefix slots,
+LayerScale) and left at init. Mismatches raise :class:`~afm_jax.interop.timm.InteropError` naming
+the key.
+
+Why one function: the trainer calls it once after building the model, whatever the source; all
+adaptation lives in :mod:`afm_jax.interop.timm`, so a checkpoint of ours, an export of it and the
+timm model made from it give the same encoder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+from typing import Any
+
+import numpy as np
+
+from afm_jax.interop import timm as timm_interop
+from afm_jax.interop.checkpoints import is_checkpoint_path, read_encoder_checkpoint
+from afm_jax.interop.timm import InteropError
+from afm_jax.models.vit import VisionTransformer
+
+__all__ = ["initialize_encoder", "read_vit_source", "read_weights_file", "unwrap_state_dict", "TORCH_SUFFIXES"]
+
+TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
+_WRAPPER_KEYS = ("teacher", "model", "state_dict", "student", "module", "model_ema")
+
+
+def unwrap_state_dict(obj: Any, *, prefer: tuple[str, ...] = _WRAPPER_KEYS) -> dict[str, Any]:
+    """The state dict inside a checkpoint dict (DINO: ``teacher``; MAE/DeiT: ``model``; ...)."""
+    if not isinstance(obj, dict):
+        raise InteropError(f"The weights file holds a {type(obj).__name__}, not a state dict.")
+    for key in prefer:
+        if isinstance(obj.get(key), dict) and obj[key]:
+            return unwrap_state_dict(obj[key], prefer=prefer)
+    return {k: v for k, v in obj.items() if hasattr(v, "shape")}
+
+
+def _to_numpy(value: Any) -> np.ndarray:
+    if hasattr(value, "detach"):  # torch tensor (bf16/fp16 included)
+        return value.detach().float().cpu().numpy()
+    return np.asarray(value, dtype=np.float32)
+
+
+def read_weights_file(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """A weights file as ``{key: float32 array}``; safetensors without torch, torch files safely.
+
+    ``torch.load(weights_only=True)`` executes nothing from the file; ``argparse.Namespace`` (the
+    ``args`` entry of DINO's training checkpoints) is the one extra class it may build.
+    """
+    p = pathlib.Path(path)
+    if p.suffix == ".safetensors":
+        from safetensors.numpy import load_file
+
+        raw: Any = load_file(str(p))
+    elif p.suffix in TORCH_SUFFIXES:
+        try:
+            import torch
+        except ImportError as e:
+            raise InteropError(f"Reading {p.name} needs PyTorch (pip install -e '.[torch]'), or convert "
+                               "it to .safetensors first.") from e
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            try:
+                raw = torch.load(str(p), map_location="cpu", weights_only=True)
+            except Exception as e:  # pickle with objects weights_only refuses
+                raise InteropError(f"{p} cannot be read safely with torch.load(weights_only=True): {e}. "
+                                   "Save its state_dict alone (or as .safetensors) and retry.") from e
+    else:
+        raise InteropError(f"Unsupported weights file {p.name}: use .safetensors or "
+                           f"{'/'.join(TORCH_SUFFIXES)}.")
+    return {k: _to_numpy(v) for k, v in unwrap_state_dict(raw).items()}
+
+
+def read_vit_source(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict[str, Any], dict[str, Any]]:
+    """(state dict, :func:`load_timm_state_dict` kwargs, description) of a weights file or of an
+    export / Hub snapshot folder (``config.json`` tells the grid, prefix layout, heads, mean/std)."""
+    folder = pathlib.Path(path).expanduser()
+    if not folder.exists():
+        raise InteropError(f"{folder} does not exist: give a .safetensors/.pth file or an export folder.")
+    if not folder.is_dir():
+        return read_weights_file(folder), {}, {"file": str(folder)}
+    cfg = json.loads((folder / "config.json").read_text()) if (folder / "config.json").is_file() else {}
+    files = [folder / n for n in ("model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin")]
+    weights = next((f for f in files if f.is_file()), None)
+    if weights is None:
+        raise InteropError(f"{folder} has no model.safetensors (or pytorch_model.bin): not an export "
+                           "folder. Pass the weights file itself or a run's workdir.")
+    kwargs: dict[str, Any] = {}
+    info: dict[str, Any] = {"file": str(weights)}
+    if "model_args" in cfg:  # timm format (ours, timm Hub)
+        a = cfg["model_args"]
+        if "img_size" in a and "patch_size" in a:
+            size = a["img_size"] if isinstance(a["img_size"], (list, tuple)) else [a["img_size"]] * 2
+            kwargs["source_grid"] = (size[0] // a["patch_size"], size[1] // a["patch_size"])
+        if "no_embed_class" in a:
+            kwargs["source_no_embed_class"] = bool(a["no_embed_class"])
+        if "num_heads" in a:
+            kwargs["source_num_heads"] = int(a["num_heads"])
+        pc = cfg.get("pretrained_cfg", {})
+        if "mean" in pc and "std" in pc:
+            info["source_mean"], info["source_std"] = list(pc["mean"]), list(pc["std"])
+    elif cfg.get("model_type") == "dinov2":  # Hugging Face transformers (RAD-DINO)
+        kwargs["source_num_heads"] = int(cfg["num_attention_heads"])
+        g = int(cfg["image_size"]) // int(cfg["patch_size"])
+        kwargs["source_grid"] = (g, g)
+        pre = folder / "preprocessor_config.json"
+        if pre.is_file():
+            pp = json.loads(pre.read_text())
+            if "image_mean" in pp and "image_std" in pp:
+                info["source_mean"], info["source_std"] = list(pp["image_mean"]), list(pp["image_std"])
+    return read_weights_file(weights), kwargs, info
+
+
+def initialize_encoder(encoder: VisionTransformer, path: str | os.PathLike) -> dict[str, Any]:
+    """Overwrites ``encoder``'s weights in place from ``path`` (see the module docstring).
+
+    Returns:
+      ``{"source": "checkpoint" | "export" | "file", "path", "layout", "loaded": [timm keys],
+      "adapted": [...], "left_at_init": [...], "dropped": [...], "warnings": [...], "summary": str}``
+      (plus ``step``/``weights`` for checkpoints).
+
+    Raises:
+      InteropError: the path does not exist, is not a supported format, or does not fit the model.
+    """
+    p = pathlib.Path(path).expanduser()
+    if not p.exists():
+        raise InteropError(f"init_from path {p} does not exist: give a .safetensors/.pth file, an export "
+                           "folder (config.json + model.safetensors) or a run's workdir.")
+    extra: dict[str, Any] = {}
+    if p.is_dir() and is_checkpoint_path(p):
+        src = read_encoder_checkpoint(p)
+        sd = timm_interop.encoder_state_dict(src.encoder)
+        kwargs = dict(source_grid=src.encoder.grid_size, source_no_embed_class=src.encoder.no_embed_class,
+                      source_num_heads=src.encoder.num_heads)
+        extra = dict(source="checkpoint", step=src.step, weights=src.weights,
+                     source_mean=list(src.encoder.input_mean), source_std=list(src.encoder.input_std))
+    elif p.is_dir():
+        sd, kwargs, info = read_vit_source(p)
+        extra = dict(source="export", **info)
+    else:
+        sd, kwargs = read_weights_file(p), {}
+        extra = dict(source="file")
+    report = timm_interop.load_timm_state_dict(encoder, sd, **kwargs)
+    report = dict(extra, path=str(p), **report)
+    report["summary"] = (
+        f"{len(report['loaded'])} tensors from a {report['layout']} {report['source']}"
+        + (f"; adapted: {'; '.join(report['adapted'])}" if report["adapted"] else "")
+        + (f"; left at init: {', '.join(report['left_at_init'])}" if report["left_at_init"] else ""))
+    if "source_mean" in report:
+        note = normalisation_mismatch(report["source_mean"], report["source_std"], encoder)
+        if note:
+            report["warnings"].append(note)
+    return report
+
+
+def normalisation_mismatch(source_mean: list[float], source_std: list[float],
+                           encoder: VisionTransformer) -> str | None:
+    """A note when the source normalised its inputs differently from ``encoder`` (per channel, or
+    channel-averaged when the channel count was adapted), else None."""
+    sm, ss = np.asarray(source_mean, np.float64), np.asarray(source_std, np.float64)
+    if len(sm) != encoder.in_chans:
+        sm, ss = sm.mean(keepdims=True), ss.mean(keepdims=True)
+    if np.allclose(sm, encoder.input_mean, atol=1e-3) and np.allclose(ss, encoder.input_std, atol=1e-3):
+        return None
+    return (f"the source normalised inputs with mean {list(source_mean)} std {list(source_std)}, the model "
+            f"uses mean {list(encoder.input_mean)} std {list(encoder.input_std)}: features shift until "
+            "training adapts (the patch embedding is linear, so fine-tuning absorbs it quickly)")
