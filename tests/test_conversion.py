@@ -145,8 +145,9 @@ def test_interrupted_run_resumes_to_the_same_dataset(archive, reference, tmp_pat
     assert len(done) == 2
     # A killed worker's leftovers: a half-written chunk of an unfinished chunk.
     (work / "chunks" / "chunk-000004.array_record.tmp-999-abc").write_bytes(b"partial")
+    (work / "chunks" / ".chunk-000004.jsonl.tmp-0123abcd").write_bytes(b"{")  # killed inside _atomic_write
     _, resumed, _ = _convert(archive, tmp_path)
-    assert not list(work.glob("chunks/*.tmp-*"))
+    assert not [p.name for p in (work / "chunks").iterdir() if ".tmp-" in p.name]  # hidden ones included
     assert _comparable(resumed) == _comparable(directory)
 
 
@@ -247,6 +248,18 @@ def test_cli_end_to_end_and_user_errors(archive, tmp_path, monkeypatch, capsys):
     with pytest.raises(SystemExit) as e:
         preprocess.main(args + ["--input", str(tmp_path / "missing")])
     assert e.value.code == 2 and "does not exist" in capsys.readouterr().err
+    for bad, message in ((["--shard", "2/2"], "0 <= i < n"), (["--splits", "train=0.5,test=0.1"], "sum to"),
+                         (["--variant", "no_such"], "std512"), (["--set", "name=std512"], "changes the pixels")):
+        with pytest.raises(SystemExit) as e:
+            preprocess.main(args + bad)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.startswith("error:") and message in err, (bad, err)
+    (tmp_path / "no_dicom").mkdir()
+    (tmp_path / "no_dicom" / "notes.txt").write_text("not an image")
+    with pytest.raises(SystemExit) as e:
+        preprocess.main(args + ["--input", str(tmp_path / "no_dicom"), "--out", str(tmp_path / "empty_out")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "No file was converted" in err and "not_dicom" in err
     with pytest.raises(SystemExit) as e:
         preprocess.main(args + ["--shard", "1/2"])
     assert e.value.code == 0

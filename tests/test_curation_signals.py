@@ -57,6 +57,23 @@ def test_field_of_view_from_spacing_and_shape():
     assert s["field_mm"] == pytest.approx(min(1000 * 0.2, 3000 * 0.1))
 
 
+def test_field_of_view_of_a_converted_record_uses_the_stored_pixels():
+    """tools/preprocess.py stores the spacing of the *stored* (resized) pixels beside the DICOM's
+    orig_shape: the field is stored shape x stored spacing (45 mm here), not orig_shape x stored
+    spacing (1406 mm, which would let every close-up pass the tiny_fov filter)."""
+    from afm_jax.data.curation import scan  # pylint: disable=g-import-not-at-top
+
+    ok, png = cv2.imencode(".png", np.round(_image() * 65535).astype(np.uint16))
+    assert ok
+    stored_spacing = 3000 * 0.015 / 96  # a 45 mm close-up: 3000 px of 0.015 mm, stored at 96 px
+    record = {"image": png.tobytes(), "image_id": "i", "patient_id": "p", "label": -1,
+              "pixel_spacing_mm": np.float32([stored_spacing, stored_spacing]), "orig_shape": np.int32([3000, 3000])}
+    signals = scan._scan_record(record, 128)["signals"]  # pylint: disable=protected-access
+    assert signals["field_mm"] == pytest.approx(96 * stored_spacing, rel=1e-5)  # 45 mm
+    assert (signals["height"], signals["width"]) == (3000, 3000)  # the acquisition's size, for representatives
+    assert "tiny_fov" in quality.quality_reasons(signals, config_lib.default_config().quality)
+
+
 @pytest.mark.parametrize("change,reason", [
     (lambda x: np.full_like(x, 0.4), "blank"),
     (lambda x: 0.7 + 0.3 * x, "underexposed"),

@@ -151,6 +151,9 @@ def test_voi_lut_sequence_matches_pydicom(tmp_path):
     out = dicom.read_dicom(tmp_path / "x.dcm", SALT)[0]
     reference = pydicom.pixels.apply_voi_lut(pydicom.pixels.apply_modality_lut(ds.pixel_array, ds), ds) / 4095.0
     np.testing.assert_allclose(out.image, reference, atol=1e-6)
+    # By hand (C.11.2.1.1): no rescale, first mapped value 0, so the stored value indexes the LUT Data.
+    by_hand = np.asarray(lut[0x00283006].value)[np.clip(ds.pixel_array, 0, 4095)] / 4095.0
+    np.testing.assert_allclose(out.image, by_hand, atol=1e-6)
     assert out.meta["voi_used"] == "voi_lut[0]"
 
 
@@ -205,3 +208,40 @@ def test_not_dicom_and_empty_files_are_skipped(tmp_path):
     for name in ("a.txt", "empty"):
         with pytest.raises(dicom.SkippedFile, match="not_dicom"):
             dicom.read_dicom(tmp_path / name, SALT)
+
+
+def test_invalid_window_width_falls_back_instead_of_failing(tmp_path):
+    """A Window Width the standard forbids (0, written by some modalities) is no window: the next VOI
+    source (here the image's min-max) is used and the file still converts."""
+    stored = [[100, 200, 300, 400]]
+    out = _read(_dataset(stored, WindowCenter=250, WindowWidth=0), tmp_path)[0]
+    np.testing.assert_allclose(out.image, [[0.0, 1 / 3, 2 / 3, 1.0]], atol=1e-6)
+    assert out.meta["voi_used"].startswith("minmax")
+    exact = _read(_dataset(stored, WindowCenter=250, WindowWidth=0, VOILUTFunction="LINEAR_EXACT"), tmp_path)[0]
+    assert exact.meta["voi_used"].startswith("minmax")
+
+
+def test_patient_key_falls_back_to_study_then_instance():
+    ds = pydicom.Dataset()
+    ds.SOPInstanceUID = "1.2.9"
+    assert dicom.patient_key(ds) == ("study:1.2.9", "SOPInstanceUID")
+    ds.StudyInstanceUID = "1.2.3"
+    assert dicom.patient_key(ds) == ("study:1.2.3", "StudyInstanceUID")
+    ds.PatientID = " P7 "
+    assert dicom.patient_key(ds) == ("P7", "PatientID")
+    assert dicom.patient_key(pydicom.Dataset()) == ("", "")
+
+
+@pytest.mark.parametrize("voi", ["window", "none"])
+def test_modality_lut_sequence_by_hand(tmp_path, voi):
+    """A Modality LUT Sequence (C.11.1) maps stored values through its table (clipped to the table's
+    ends); without a window the output spans the modality values' range — the table's, which need not
+    be monotonic, so the ends of the stored range do not give it."""
+    ds = _dataset([[0, 1, 2, 3]])
+    item = pydicom.Dataset()
+    item.add_new(0x00283002, "US", [4, 0, 16])  # LUT Descriptor: 4 entries, first mapped value 0, 16 bits
+    item.add_new(0x00283006, "US", [100, 50, 300, 200])  # LUT Data
+    item.ModalityLUTType = "US"
+    ds.ModalityLUTSequence = pydicom.Sequence([item])
+    out = _read(ds, tmp_path, dicom.DicomOptions(voi=voi))[0]
+    np.testing.assert_allclose(out.image, [[(100 - 50) / 250, 0.0, 1.0, (200 - 50) / 250]], atol=1e-6)

@@ -122,3 +122,6 @@ def test_variant_round_trip_and_validation(tmp_path):
         preprocessing.get_variant("std512", {"imagesize": 3})
     with pytest.raises(ValueError, match="std512"):
         preprocessing.get_variant("no_such_variant")
+    (tmp_path / "list.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match="JSON object"):
+        preprocessing.get_variant(str(tmp_path / "list.json"))

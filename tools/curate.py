@@ -12,12 +12,15 @@ is a `--config.<key>=<value>` override of afm_jax/data/curation/config.py. See d
 
 from __future__ import annotations
 
+import pathlib
 import sys
 
-from absl import app, flags, logging
-from ml_collections import config_flags
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # runs from a fresh clone, uninstalled
 
-from afm_jax.data.curation import config as curation_config
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from afm_jax.data.curation import config as curation_config  # noqa: E402
 
 _DATA = flags.DEFINE_string("data", None, "Dataset directory (a version dir, <out_dir>/<name> or an <out_dir> with one dataset).")
 _OUT = flags.DEFINE_string("out", None, "Output directory for the selection, manifest, report and contact sheets.")

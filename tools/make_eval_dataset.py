@@ -57,17 +57,6 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def _fractions(text: str) -> dict[str, float]:
-    from afm_jax.data import records  # pylint: disable=g-import-not-at-top
-
-    try:
-        fractions = {k.strip(): float(v) for k, v in (part.split("=") for part in text.split(","))}
-        return records._validate_fractions(fractions)  # pylint: disable=protected-access
-    except ValueError as e:
-        raise ConfigError(f"--splits {text!r} must look like train=0.8,validation=0.1,test=0.1 (positive "
-                          f"fractions summing to 1): {e}") from None
-
-
 def _salt(args: argparse.Namespace, allow_demo: bool) -> bytes:
     from afm_jax.data import anonymize  # pylint: disable=g-import-not-at-top
 
@@ -93,11 +82,12 @@ def run(argv: Sequence[str] | None = None) -> int:
                                             salt=_salt(args, allow_demo=True), overwrite=args.overwrite,
                                             workers=args.workers, png_compression=args.png_compression)
     else:
-        from afm_jax.data import folder_dataset  # pylint: disable=g-import-not-at-top
+        from afm_jax.data import conversion_merge, folder_dataset  # pylint: disable=g-import-not-at-top
 
         names = [s.strip() for s in args.label_names.split(",")] if args.label_names else None
+        fractions = conversion_merge.parse_split_fractions(args.splits)
         directory = folder_dataset.build_folder_dataset(
-            args.root, args.out, name=args.name, label_names=names, split_fractions=_fractions(args.splits),
+            args.root, args.out, name=args.name, label_names=names, split_fractions=fractions,
             image_size=args.image_size, salt=_salt(args, allow_demo=False), patient_from=args.patient_from,
             body_part=args.body_part, overwrite=args.overwrite, strict=args.strict, workers=args.workers,
             png_compression=args.png_compression)
@@ -116,7 +106,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     try:
         sys.exit(run(argv))
-    except (*USER_ERRORS, FileExistsError) as e:
+    except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 

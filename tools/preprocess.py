@@ -27,6 +27,14 @@ from afm_jax.configuration import ConfigError  # noqa: E402
 from afm_jax.data import anonymize, conversion, conversion_inputs, conversion_merge, preprocessing  # noqa: E402
 
 
+def _usable_cores() -> int:
+    """Cores this process may run on (a SLURM task's allocation, not the whole node's count)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
@@ -39,7 +47,8 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                                                        "or a JSON file of parameters")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a variant parameter (e.g. --set image_size=256); give a new name= too")
-    p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="worker processes (0: in-process)")
+    p.add_argument("--workers", type=int, default=_usable_cores(),
+                   help="worker processes (0: in-process; default: the cores this job may use)")
     p.add_argument("--shard", help="convert only shard i/n (0-based), or 'slurm' for the array task's shard")
     p.add_argument("--merge", action="store_true", help="only merge the converted shards into the dataset")
     p.add_argument("--chunk_size", type=int, default=conversion.DEFAULT_CHUNK_SIZE, help="files per work unit")
@@ -69,7 +78,13 @@ def _parse_value(text: str):
     return text
 
 
+# Variant parameters that do not change the stored pixels: overriding them keeps the variant's name.
+_NAME_NEUTRAL_PARAMS = frozenset({"name", "description", "png_compression"})
+
+
 def _variant(args: argparse.Namespace) -> preprocessing.Variant:
+    """The variant named by --variant with the --set overrides. Overrides that change the pixels need a
+    new name: the dataset directory carries the name, and two variants must not share one."""
     overrides = {}
     for item in args.set:
         if "=" not in item:
@@ -77,16 +92,16 @@ def _variant(args: argparse.Namespace) -> preprocessing.Variant:
         key, value = item.split("=", 1)
         overrides[key.strip()] = _parse_value(value.strip())
     try:
-        return preprocessing.get_variant(args.variant, overrides)
+        variant = preprocessing.get_variant(args.variant, overrides)
+        base = preprocessing.get_variant(args.variant)
     except (ValueError, TypeError) as e:
         raise ConfigError(f"{e}") from None
-
-
-def _fractions(text: str) -> dict[str, float]:
-    try:
-        return {k.strip(): float(v) for k, v in (part.split("=") for part in text.split(","))}
-    except ValueError:
-        raise ConfigError(f"--splits {text!r} must look like train=0.8,validation=0.1,test=0.1.") from None
+    changed = sorted(k for k in set(overrides) - _NAME_NEUTRAL_PARAMS
+                     if getattr(variant, k) != getattr(base, k))
+    if changed and variant.name == base.name:
+        raise ConfigError(f"--set {', '.join(changed)} changes the pixels of variant {base.name!r}: give it a new "
+                          f"name too (e.g. --set name={base.name}_custom), so that it gets its own dataset directory.")
+    return variant
 
 
 def _shard(text: str | None) -> tuple[int, int] | None:
@@ -112,8 +127,8 @@ def run(argv: Sequence[str] | None = None) -> int:
     salt = anonymize.load_salt(args.salt_file)
     if not args.input:
         raise ConfigError("Give --input (folders and/or CSV files).")
-    files = conversion_inputs.list_inputs(args.input, args.labels,
-                                          exclude=[args.out] if args.out else [])
+    files = conversion_inputs.list_inputs(args.input, args.labels,  # outputs inside an input tree are no inputs
+                                          exclude=[d for d in (args.out, args.work_dir) if d])
     if args.locate:
         found = conversion_inputs.locate(files, [s.strip() for s in args.locate.split(",")], salt)
         for fid in args.locate.split(","):
@@ -125,7 +140,7 @@ def run(argv: Sequence[str] | None = None) -> int:
     name = preprocessing.variant_dir_name(args.name, variant)
     if not conversion_merge.records._NAME_RE.match(name):  # pylint: disable=protected-access
         raise ConfigError(f"--name {args.name!r} must be lower_snake_case.")
-    fractions = _fractions(args.splits)
+    fractions = conversion_merge.parse_split_fractions(args.splits)
     out = pathlib.Path(args.out).expanduser().resolve()
     work = pathlib.Path(args.work_dir).expanduser().resolve() if args.work_dir else out / ".work" / name
     shard = _shard(args.shard)
@@ -165,7 +180,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     try:
         sys.exit(run(argv))
-    except (*USER_ERRORS, FileExistsError) as e:
+    except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 

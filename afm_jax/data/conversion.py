@@ -141,7 +141,7 @@ def convert_chunk(task: ChunkTask) -> Counter:
     logging.getLogger("pydicom").setLevel(logging.ERROR)
     variant = Variant.from_dict(task.variant)
     tag = f".tmp-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-    record_tmp, rows_tmp = task.record_path + tag, task.rows_path + tag
+    record_tmp = task.record_path + tag
     counts: Counter = Counter()
     rows = []
     writer = ArrayRecordWriter(record_tmp, "group_size:1,uncompressed")
@@ -158,9 +158,8 @@ def convert_chunk(task: ChunkTask) -> Counter:
         os.replace(record_tmp, task.record_path)
         _atomic_write(pathlib.Path(task.rows_path), "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows).encode())
     finally:
-        for leftover in (record_tmp, rows_tmp):
-            if os.path.exists(leftover):
-                os.remove(leftover)
+        if os.path.exists(record_tmp):
+            os.remove(record_tmp)
     return counts
 
 
@@ -228,11 +227,12 @@ def pending_chunks(plan: Plan, shard: tuple[int, int] = (0, 1)) -> list[int]:
 
 
 def _remove_stale_temporaries(plan: Plan, chunks: Sequence[int]) -> None:
-    """Temporary files of this shard's unfinished chunks (left by a killed run)."""
+    """Temporary files of this shard's unfinished chunks (left by a killed run): the record file's
+    `chunk-N.array_record.tmp-*` and `_atomic_write`'s hidden `.chunk-N.jsonl.tmp-*`."""
     directory = pathlib.Path(plan.work_dir) / CHUNK_DIR
     names = {f"chunk-{c:06d}" for c in chunks}
     for path in directory.iterdir():
-        if ".tmp-" in path.name and path.name.split(".", 1)[0] in names:
+        if ".tmp-" in path.name and path.name.lstrip(".").split(".", 1)[0] in names:
             path.unlink(missing_ok=True)
 
 

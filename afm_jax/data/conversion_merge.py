@@ -25,7 +25,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
-import json
+import logging
 import pathlib
 from collections import Counter, defaultdict
 from collections.abc import Iterator, Mapping
@@ -36,6 +36,8 @@ import numpy as np
 from afm_jax.configuration import ConfigError
 from afm_jax.data import records
 from afm_jax.data.conversion import Plan, read_rows
+
+log = logging.getLogger(__name__)
 
 MANIFEST_FILE = "manifest.csv"
 SPLIT_MODES = ("stratified", "hash")
@@ -49,7 +51,12 @@ class IncompleteConversionError(ConfigError):
     """Some chunks are not converted yet; the message says which and what to run."""
 
 
+class NothingConvertedError(ConfigError):
+    """No input file was converted (wrong folder, or every file skipped/failed); the manifest says why."""
+
+
 def check_complete(plan: Plan) -> None:
+    """Raises IncompleteConversionError unless every chunk of `plan` is converted."""
     missing = [c for c in range(plan.num_chunks) if not plan.is_done(c)]
     if missing:
         shown = ", ".join(map(str, missing[:20])) + (" ..." if len(missing) > 20 else "")
@@ -77,6 +84,17 @@ def mark_duplicates(rows: list[dict]) -> None:
         for i in ids:
             by_image[i] = row["file_id"]
         by_pixels[row["pixel_hash"]] = row["file_id"]
+
+
+def parse_split_fractions(text: str, option: str = "--splits") -> dict[str, float]:
+    """'train=0.8,validation=0.1,test=0.1' -> {split: fraction}, checked (lower_snake_case names,
+    positive fractions summing to 1); ConfigError naming `option` otherwise. Shared by the CLIs."""
+    try:
+        fractions = {k.strip(): float(v) for k, v in (part.split("=") for part in text.split(","))}
+        return records._validate_fractions(fractions)  # pylint: disable=protected-access
+    except ValueError as e:
+        raise ConfigError(f"{option} {text!r} must look like train=0.8,validation=0.1,test=0.1 (positive "
+                          f"fractions summing to 1): {e}") from None
 
 
 def _patient_order_key(patient_id: str) -> bytes:
@@ -117,8 +135,9 @@ def merge(plan: Plan, out_dir: str | pathlib.Path, name: str, *, split_fractions
     """Writes the dataset `<out_dir>/<name>/<version>` and its manifest; returns (dataset dir, summary).
 
     The summary counts files per status (`converted`, `skipped:<reason>`, `failed:<ExceptionType>`).
-    Raises IncompleteConversionError if chunks are missing, ValueError if nothing was converted
-    (the manifest is then written to `<out_dir>/<name>/manifest.csv` for inspection)."""
+    Raises IncompleteConversionError if chunks are missing, NothingConvertedError (a ConfigError, so a
+    ValueError) if nothing was converted (the manifest is then written to `<out_dir>/<name>/manifest.csv`
+    for inspection)."""
     check_complete(plan)
     fractions = dict(split_fractions or records.DEFAULT_SPLIT_FRACTIONS)
     rows = [row for c in range(plan.num_chunks) for row in read_rows(plan, c)]
@@ -130,6 +149,10 @@ def merge(plan: Plan, out_dir: str | pathlib.Path, name: str, *, split_fractions
             for image in row["images"]:
                 patient_labels[image["patient_id"]][int(row["label"])] += 1
     split_of = assign_patient_splits(patient_labels, fractions, split_mode)
+    empty = sorted(set(fractions) - set(split_of.values()))
+    if empty and split_of:
+        log.warning("Splits %s received no patient (%d patients in all): too few patients per label for the "
+                    "fractions %s. Add patients or change --splits.", empty, len(split_of), fractions)
     summary = summarize(rows)
 
     # Output locations, in the order write_dataset will see the records.
@@ -151,7 +174,8 @@ def merge(plan: Plan, out_dir: str | pathlib.Path, name: str, *, split_fractions
     if not position:
         (base / name).mkdir(parents=True, exist_ok=True)
         write_manifest(rows, base / name / MANIFEST_FILE)
-        raise ValueError(f"No file was converted ({summary}); see {base / name / MANIFEST_FILE}.")
+        raise NothingConvertedError(f"No file was converted ({summary}); the manifest {base / name / MANIFEST_FILE} "
+                                    "gives each file's reason. Check that --input points at DICOM images.")
     directory = records.write_dataset(
         _examples(plan, rows), base, name=name, split_fractions=fractions, extra_info=info,
         num_examples_hint=sum(position.values()), overwrite=overwrite, max_shard_bytes=max_shard_bytes,
@@ -246,7 +270,3 @@ def read_manifest(path: str | pathlib.Path) -> list[dict[str, str]]:
     """The manifest rows as dicts of strings."""
     with open(path, newline="") as f:
         return list(csv.DictReader(f))
-
-
-def dump_summary_json(summary: Mapping[str, int]) -> str:
-    return json.dumps(dict(summary), sort_keys=True)

@@ -101,7 +101,8 @@ def read_dicom(path: str | os.PathLike, salt: bytes, options: DicomOptions = Dic
     suffix before hashing for frames k > 0 of a multi-frame file), body_part, view, laterality,
     modality, manufacturer, pixel_spacing_mm ((row, column) mm or (nan, nan)), spacing_source,
     orig_shape, photometric, bits_stored, transfer_syntax, sop_class, voi_used, frame, num_frames,
-    pixel_hash (SHA-256 of the stored pixels of the whole file, for exact-duplicate detection).
+    pixel_hash (SHA-256 of the decoded stored pixels — every frame, or the first with
+    `frames="first"` — for exact-duplicate detection).
 
     Raises SkippedFile for files that are deliberately not converted; any other exception means the
     file is broken (truncated, corrupt) and is the caller's to report.
@@ -260,7 +261,7 @@ def _chain(ds: Any, options: DicomOptions, values: np.ndarray, image: np.ndarray
         if lut is not None:
             return lut
         lo, hi = _modality_min_max(ds, image)
-        return _linear(modality, lo, hi), "minmax (no window in file)"
+        return _linear(modality, lo, hi), "minmax (no valid window in file)"
     lo, hi = _modality_range(ds, stored_range)
     return _linear(modality, lo, hi), "none"
 
@@ -291,8 +292,11 @@ def _modality_min_max(ds: Any, image: np.ndarray) -> tuple[float, float]:
 
     mask = padding_mask(ds, image)
     values = image[~mask] if mask is not None and (~mask).any() else image
-    ends = np.asarray([values.min(), values.max()], dtype=image.dtype)
-    out = np.asarray(apply_modality_lut(ends, ds), np.float64)
+    # Rescale is monotonic, so the ends of the stored values map to the ends; a Modality LUT Sequence
+    # need not be, so every value goes through it.
+    if "ModalityLUTSequence" not in ds:
+        values = np.asarray([values.min(), values.max()], dtype=image.dtype)
+    out = np.asarray(apply_modality_lut(values, ds), np.float64)
     return float(out.min()), float(out.max())
 
 
@@ -308,7 +312,8 @@ def _nth(value: Any, index: int) -> float | None:
 
 
 def _apply_window(x: np.ndarray, ds: Any, index: int) -> tuple[np.ndarray, str] | None:
-    """Window Center/Width per PS3.3 C.11.2.1.2, output scaled to [0, 1]; None if the file has none."""
+    """Window Center/Width per PS3.3 C.11.2.1.2, output scaled to [0, 1]; None if the file has none or
+    only an invalid one (width < 1 for LINEAR, <= 0 otherwise), so that the next VOI source is used."""
     try:
         centre, width = _nth(ds.get("WindowCenter"), index), _nth(ds.get("WindowWidth"), index)
     except (TypeError, ValueError):
@@ -316,6 +321,8 @@ def _apply_window(x: np.ndarray, ds: Any, index: int) -> tuple[np.ndarray, str] 
     if centre is None or width is None or not math.isfinite(centre) or not math.isfinite(width):
         return None
     function = str(ds.get("VOILUTFunction", "LINEAR") or "LINEAR").strip().upper()
+    if width < (1.0 if function not in ("LINEAR_EXACT", "SIGMOID") else np.finfo(np.float64).tiny):
+        return None  # a width the standard forbids (e.g. 0 written by a broken modality): not a window
     return window(x, centre, width, function), f"window[{index}] {function} c={centre:g} w={width:g}"
 
 
@@ -395,6 +402,21 @@ def _spacing(ds: Any) -> tuple[tuple[float, float], str]:
     return (math.nan, math.nan), ""
 
 
+def patient_key(ds: Any) -> tuple[str, str]:
+    """(raw key, its source): what `patient_id` is the salted hash of. The Patient ID; without one the
+    study stands in for the patient (keeps one study's images in one split), else the instance.
+    ("", "") when the file has none of them. Never write the raw key anywhere: hash it."""
+    patient = str(ds.get("PatientID", "") or "").strip()
+    if patient:
+        return patient, "PatientID"
+    study = str(ds.get("StudyInstanceUID", "") or "")
+    sop = str(ds.get("SOPInstanceUID", "") or getattr(getattr(ds, "file_meta", None),
+                                                      "MediaStorageSOPInstanceUID", "") or "")
+    if study:
+        return f"study:{study}", "StudyInstanceUID"
+    return (f"study:{sop}", "SOPInstanceUID") if sop else ("", "")
+
+
 def _metadata(ds: Any, salt: bytes) -> dict[str, Any]:
     """PHI-free metadata: hashed identifiers, acquisition descriptors; names, dates, accession numbers
     and institutions are not read at all."""
@@ -402,14 +424,12 @@ def _metadata(ds: Any, salt: bytes) -> dict[str, Any]:
                                                       "MediaStorageSOPInstanceUID", "") or "")
     study = str(ds.get("StudyInstanceUID", "") or "")
     series = str(ds.get("SeriesInstanceUID", "") or "")
-    patient = str(ds.get("PatientID", "") or "").strip()
     if not sop:
         raise SkippedFile("no_sop_instance_uid")
-    # Without a Patient ID the study stands in for the patient (keeps one study's images in one split).
-    patient_key, patient_source = (patient, "PatientID") if patient else (f"study:{study or sop}", "StudyInstanceUID")
+    key, patient_source = patient_key(ds)
     spacing, spacing_source = _spacing(ds)
     return {
-        "patient_id": anonymize.hash_id(patient_key, salt),
+        "patient_id": anonymize.hash_id(key, salt),
         "patient_id_source": patient_source,
         "study_id": anonymize.hash_id(study, salt) if study else "",
         "series_id": anonymize.hash_id(series, salt) if series else "",

@@ -297,17 +297,14 @@ def _dicom_patient_key(path: pathlib.Path) -> str:
     """The raw key `dicom.read_dicom` hashes as patient_id (Patient ID, else the study), from the header."""
     import pydicom  # pylint: disable=g-import-not-at-top
 
+    from afm_jax.data import dicom  # pylint: disable=g-import-not-at-top  (pydicom is slow to import)
+
     try:
         ds = pydicom.dcmread(path, stop_before_pixels=True, force=True,
                              specific_tags=["PatientID", "StudyInstanceUID", "SOPInstanceUID"])
     except Exception:  # pylint: disable=broad-except  (broken files are reported when read)
         return ""
-    patient = str(ds.get("PatientID", "") or "").strip()
-    if patient:
-        return patient
-    study = str(ds.get("StudyInstanceUID", "") or "")
-    sop = str(ds.get("SOPInstanceUID", "") or "")
-    return f"study:{study or sop}" if (study or sop) else ""
+    return dicom.patient_key(ds)[0]
 
 
 def patient_keys(files: Sequence[LabelledFile], patient_from: PatientFrom = "auto") -> tuple[list[str], Counter]:

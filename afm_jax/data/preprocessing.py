@@ -30,7 +30,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 import pathlib
 import warnings
 from typing import Any
@@ -146,7 +145,13 @@ def get_variant(name_or_path: str, overrides: dict[str, Any] | None = None) -> V
         if not path.is_file():
             raise ValueError(f"Unknown preprocessing variant {name_or_path!r}: use one of "
                              f"{', '.join(VARIANTS)} or the path of a JSON file of parameters.")
-        params = json.loads(path.read_text())
+        try:
+            params = json.loads(path.read_text())
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f"Variant file {path} is not JSON ({e}).") from None
+        if not isinstance(params, dict):
+            raise ValueError(f"Variant file {path} must hold a JSON object of parameters, e.g. "
+                             '{"name": "std384", "image_size": 384}.')
         params.setdefault("name", path.stem)
     params.update(overrides or {})
     return Variant.from_dict(params)
@@ -296,8 +301,3 @@ def apply_variant(image: np.ndarray, variant: Variant, *, padding: np.ndarray | 
 def variant_dir_name(base: str, variant: Variant) -> str:
     """The dataset name for `base` converted with `variant`: `<base>_<variant>_v<version>`."""
     return f"{base}_{variant.name}_v{variant.version}"
-
-
-def load_variant_file(path: str | os.PathLike) -> Variant:
-    """A variant from a JSON parameter file (see configs/preprocess/)."""
-    return get_variant(os.fspath(path))

@@ -55,7 +55,8 @@ def _kernel(small: np.ndarray) -> np.ndarray:
 
 
 def image_signals(pixels: np.ndarray, *, work_size: int = 128, pixel_spacing_mm: Sequence[float] | None = None,
-                  orig_shape: Sequence[int] | None = None) -> dict[str, float]:
+                  orig_shape: Sequence[int] | None = None,
+                  stored_shape: Sequence[int] | None = None) -> dict[str, float]:
     """The quality signals of one image (see SIGNAL_NAMES).
 
     - mean, std, p01..p99: intensity statistics; dynamic_range = p99 - p01.
@@ -63,7 +64,13 @@ def image_signals(pixels: np.ndarray, *, work_size: int = 128, pixel_spacing_mm:
     - metal_fraction: clipped-white area that survives a morphological opening (solid regions,
       not strokes) — implants, but also large saturated areas.
     - text_fraction: area of thin strokes standing > 0.35 above their surroundings (white top-hat).
-    - field_mm: short side of the field of view in mm (orig_shape x pixel spacing; NaN if unknown).
+    - field_mm: short side of the field of view in mm: `stored_shape` x `pixel_spacing_mm` (NaN if
+      the spacing is unknown). In our records the spacing is that of the *stored* (cropped, resized)
+      pixels (docs/design-notes.md), so the shape must be the stored image's, not `orig_shape` — the
+      DICOM's rows x columns would overstate the field by the resize factor. Without `stored_shape`,
+      `orig_shape` (else the shape of `pixels`) is taken as the shape the spacing refers to.
+    - height, width: `orig_shape` (the acquisition's size; the duplicate representative rule prefers
+      the larger), else the shape of `pixels`.
     """
     small = working_copy(pixels, work_size)
     p01, p05, p50, p95, p99 = np.percentile(small, (1, 5, 50, 95, 99))
@@ -72,9 +79,10 @@ def image_signals(pixels: np.ndarray, *, work_size: int = 128, pixel_spacing_mm:
     metal = cv2.morphologyEx(white, cv2.MORPH_OPEN, kernel)
     tophat = cv2.morphologyEx(small, cv2.MORPH_TOPHAT, kernel)
     h, w = (int(s) for s in (orig_shape if orig_shape is not None and len(orig_shape) == 2 else pixels.shape[:2]))
+    rows, cols = (int(s) for s in stored_shape[:2]) if stored_shape is not None else (h, w)
     field = math.nan
     if pixel_spacing_mm is not None and len(pixel_spacing_mm) == 2 and all(np.isfinite(pixel_spacing_mm)):
-        field = float(min(h * float(pixel_spacing_mm[0]), w * float(pixel_spacing_mm[1])))
+        field = float(min(rows * float(pixel_spacing_mm[0]), cols * float(pixel_spacing_mm[1])))
     return {
         "mean": float(small.mean()), "std": float(small.std()),
         "p01": float(p01), "p05": float(p05), "p50": float(p50), "p95": float(p95), "p99": float(p99),

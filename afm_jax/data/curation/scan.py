@@ -44,7 +44,7 @@ def _scan_record(record: dict, work_size: int) -> dict:
     pixels = transforms.decode_png(record["image"])[..., 0]
     small = quality.working_copy(pixels, work_size)
     signals = quality.image_signals(small, work_size=work_size, pixel_spacing_mm=record.get("pixel_spacing_mm"),
-                                    orig_shape=record.get("orig_shape", pixels.shape))
+                                    orig_shape=record.get("orig_shape", pixels.shape), stored_shape=pixels.shape)
     return {"image_id": record["image_id"], "patient_id": record["patient_id"], "label": int(record.get("label", -1)),
             "signals": signals, "pixel_hash": duplicates.pixel_hash(pixels), "phash": duplicates.perceptual_hash(small),
             "thumbnail": embeddings.thumbnail_embedding(small), "metadata": quality.metadata_fields(record)}
