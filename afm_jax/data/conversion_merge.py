@@ -91,7 +91,7 @@ def parse_split_fractions(text: str, option: str = "--splits") -> dict[str, floa
     positive fractions summing to 1); ConfigError naming `option` otherwise. Shared by the CLIs."""
     try:
         fractions = {k.strip(): float(v) for k, v in (part.split("=") for part in text.split(","))}
-        return records._validate_fractions(fractions)  # pylint: disable=protected-access
+        return records.validate_fractions(fractions)
     except ValueError as e:
         raise ConfigError(f"{option} {text!r} must look like train=0.8,validation=0.1,test=0.1 (positive "
                           f"fractions summing to 1): {e}") from None
@@ -106,7 +106,7 @@ def assign_patient_splits(patient_labels: Mapping[str, Counter], fractions: Mapp
     """patient_id -> split. `patient_labels[p]` counts the labels of p's images (-1 = unlabelled)."""
     if mode not in SPLIT_MODES:
         raise ConfigError(f"split mode {mode!r} must be one of {SPLIT_MODES}.")
-    fractions = records._validate_fractions(fractions)  # pylint: disable=protected-access
+    fractions = records.validate_fractions(fractions)
     if mode == "hash":
         return {p: records.split_of_patient(p, fractions) for p in patient_labels}
     strata: dict[int, list[str]] = defaultdict(list)

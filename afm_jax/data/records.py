@@ -106,7 +106,7 @@ def split_of_patient(patient_id: str, split_fractions: Mapping[str, float]) -> s
     The id is hashed (SHA-256) to a number in [0, 1) that is compared with the cumulative fractions
     of the splits in sorted name order, so the result does not depend on the dict's order.
     """
-    fractions = _validate_fractions(split_fractions)
+    fractions = validate_fractions(split_fractions)
     digest = hashlib.sha256(b"afm-jax split:" + patient_id.encode("utf-8")).digest()
     u = int.from_bytes(digest[:8], "big") / 2.0**64
     cumulative = 0.0
@@ -118,7 +118,8 @@ def split_of_patient(patient_id: str, split_fractions: Mapping[str, float]) -> s
     return names[-1]  # u within rounding of 1.0
 
 
-def _validate_fractions(split_fractions: Mapping[str, float]) -> dict[str, float]:
+def validate_fractions(split_fractions: Mapping[str, float]) -> dict[str, float]:
+    """{split: fraction} as floats after checking they are positive and sum to 1 (ValueError otherwise)."""
     fractions = {str(k): float(v) for k, v in split_fractions.items()}
     if not fractions:
         raise ValueError("split_fractions is empty: give e.g. {'train': 0.8, 'validation': 0.1, 'test': 0.1}.")
@@ -166,7 +167,7 @@ def write_dataset(examples: Iterable[dict], out_dir: str | os.PathLike, *, name:
     """
     if not _NAME_RE.match(name):
         raise ValueError(f"Dataset name {name!r} must be lower_snake_case (letters, digits, _).")
-    fractions = _validate_fractions(split_fractions or DEFAULT_SPLIT_FRACTIONS)
+    fractions = validate_fractions(split_fractions or DEFAULT_SPLIT_FRACTIONS)
     if png_compression is not None and not 0 <= int(png_compression) <= 9:
         raise ValueError(f"png_compression must be a zlib level 0-9 (or None), got {png_compression!r}.")
     extra_info = dict(extra_info or {})
