@@ -101,7 +101,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, task: Task, *,
     workdir = os.path.abspath(workdir)
 
     # ─── Input ───────────────────────────────────────────────────────────────────────────────
-    num_train = len(records.open_split(config.data.path, config.data.train_split))
+    num_train = task.num_train_examples(config)
     if config.batch_size > num_train:
         raise configuration.ConfigError(
             f"Config key `batch_size` = {config.batch_size} is larger than the {num_train} images of split "

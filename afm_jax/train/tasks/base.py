@@ -46,6 +46,12 @@ class Task:
         """Raises ConfigError naming the key for a bad value; called before any work."""
         factory.validate_model_config(config)
 
+    def num_train_examples(self, config: ml_collections.ConfigDict) -> int:
+        """How many examples one epoch has (for `num_epochs` and warmup epochs); called before setup."""
+        from afm_jax.data import records
+        return len(records.open_split(config.data.path, config.data.train_split,
+                                      selection=config.data.get("selection")))
+
     def setup(self, config: ml_collections.ConfigDict, *, workdir: str, total_steps: int,
               steps_per_epoch: int) -> None:
         """Called once by the trainer before anything is built: remembers the run's shape."""

@@ -1,0 +1,374 @@
+"""Evaluation protocols on one backbone interface: kNN, linear probe, fine-tuning, low-shot.
+
+What: `run_protocol(...)` evaluates one backbone on one binary task with one protocol, seed and
+fraction of training patients, and returns validation and test `Prediction`s (per image: label,
+P(positive), patient, study and image ids). `score_predictions` turns them into metrics with
+bootstrap CIs over patients, at the level the task names (image, patient or study; image
+probabilities are aggregated by mean or max), with the operating point (Youden) chosen on
+*validation* — choosing it on the test set would flatter every backbone.
+
+Protocols:
+  knn       DINO's weighted cosine kNN (k = 20, T = 0.07) on frozen features.
+  linear    logistic regression on frozen features, L2 strength chosen on validation AUROC
+            (afm_jax.evaluation.linear).
+  finetune  the trainer with `FinetuneTask` (layer-wise lr decay, drop-path, warmup, class weights,
+            early stopping on validation AUROC) in a run directory; JAX ViT backbones only.
+Low-shot: `fraction` < 1 keeps that fraction of training *patients* (all their images; class balance
+kept; `sampling.low_shot_patients`), different per seed. Validation and test are never subsampled.
+
+Frozen features are cached on disk per backbone × dataset × split (`FeatureCache`), so kNN, linear,
+every low-shot fraction and every seed reuse one forward pass.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import pathlib
+from typing import Any, Callable
+
+import numpy as np
+from tqdm import tqdm
+
+from afm_jax.configuration import ConfigError
+from afm_jax.evaluation import aggregation, sampling, statistics
+from afm_jax.evaluation.backbones import Backbone, BackboneSpec, load_backbone
+from afm_jax.evaluation.finetune import binary_targets
+
+PROTOCOLS = ("knn", "linear", "finetune")
+UNITS = ("image", "patient", "study")
+
+
+@dataclasses.dataclass
+class TaskSpec:
+    """A binary downstream task on a record dataset.
+
+    data: dataset path (a version dir or its parent, as `data.path`), or empty with `synthetic` set
+    (num_patients, image_size, seed of the embedded synthetic femurs, built under the study folder).
+    positive_labels / negative_labels: label ints of each class; other images are left out.
+    unit: where metrics are computed ("patient": the users' AFF question; "study": MURA's kappa).
+    aggregate: "mean" or "max" of image probabilities per unit.
+    """
+
+    name: str
+    data: str = ""
+    positive_labels: tuple[int, ...] = (2,)
+    negative_labels: tuple[int, ...] = (1,)
+    unit: str = "patient"
+    aggregate: str = "mean"
+    train_split: str = "train"
+    val_split: str = "validation"
+    test_split: str = "test"
+    synthetic: dict | None = None
+
+    def __post_init__(self) -> None:
+        self.positive_labels = tuple(int(x) for x in self.positive_labels)
+        self.negative_labels = tuple(int(x) for x in self.negative_labels)
+        if not self.positive_labels or not self.negative_labels or set(self.positive_labels) & set(self.negative_labels):
+            raise ConfigError(f"Task {self.name!r}: positive_labels {self.positive_labels} and negative_labels "
+                              f"{self.negative_labels} must be non-empty and disjoint.")
+        if self.unit not in UNITS:
+            raise ConfigError(f"Task {self.name!r}: unit {self.unit!r} is invalid; expected one of {UNITS}.")
+        if self.aggregate not in ("mean", "max"):
+            raise ConfigError(f"Task {self.name!r}: aggregate {self.aggregate!r} is invalid; use 'mean' or 'max'.")
+        if not self.data and not self.synthetic:
+            raise ConfigError(f"Task {self.name!r} names no dataset: set `data` to a dataset path "
+                              "(tools/preprocess.py output, a MURA or folder dataset) or `synthetic`.")
+
+    def data_path(self, root: str | os.PathLike = ".") -> str:
+        """The dataset path, building the synthetic set under `root`/data on first use."""
+        if self.data:
+            return os.fspath(self.data)
+        from afm_jax.data import synthetic
+        s = dict(self.synthetic or {})
+        return os.fspath(synthetic.ensure_synthetic_dataset(
+            pathlib.Path(root) / "data", num_patients=int(s.get("num_patients", 300)),
+            seed=int(s.get("seed", 0)), image_size=int(s.get("image_size", 256))))
+
+
+@dataclasses.dataclass
+class Prediction:
+    """Per-image predictions of one split: labels 0/1, P(positive), and the ids to aggregate by."""
+
+    y_true: np.ndarray
+    y_score: np.ndarray
+    patient_id: np.ndarray
+    study_id: np.ndarray
+    image_id: np.ndarray
+
+    def save(self, path: str | os.PathLike) -> None:
+        np.savez(path, **dataclasses.asdict(self))
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "Prediction":
+        with np.load(path, allow_pickle=False) as z:
+            return cls(**{f.name: z[f.name] for f in dataclasses.fields(cls)})
+
+    def units(self, unit: str) -> np.ndarray:
+        return {"image": self.image_id, "patient": self.patient_id, "study": self.study_id}[unit]
+
+
+# ─── Features ────────────────────────────────────────────────────────────────────────────────────
+
+def extract_split(backbone: Backbone, data_path: str, split: str, *, batch_size: int = 64,
+                  progress: bool = True) -> dict[str, np.ndarray]:
+    """Frozen features of every image of `split` in dataset order, with label and ids."""
+    from afm_jax.data import pipeline
+
+    batches = pipeline.build_eval_iterator({"path": data_path, "num_workers": 0}, split=split, batch_size=batch_size,
+                                           image_size=backbone.image_size, process_index=0, process_count=1)
+    cols: dict[str, list] = {"features": [], "label": [], "patient_id": [], "image_id": []}
+    for batch in tqdm(batches, desc=f"features[{backbone.name}:{split}]", disable=not progress, leave=False):
+        keep = np.asarray(batch["mask"], bool)
+        cols["features"].append(backbone.features(batch["image"])[keep])
+        for k in ("label", "patient_id", "image_id"):
+            cols[k].append(np.asarray(batch[k])[keep])
+    out = {k: np.concatenate(v) for k, v in cols.items()}
+    out["patient_id"] = out["patient_id"].astype(str)
+    out["image_id"] = out["image_id"].astype(str)
+    out["study_id"] = _study_ids(data_path, split, out["image_id"])
+    return out
+
+
+def _study_ids(data_path: str, split: str, image_ids: np.ndarray) -> np.ndarray:
+    """study_id per image (records carry it; the eval iterator does not): read once per split, cheap
+    next to decoding, since records are parsed without decoding the PNG."""
+    from afm_jax.data import records
+    source = records.open_split(data_path, split)
+    by_image = {}
+    for i in range(len(source)):
+        ex = source[i]
+        by_image[ex["image_id"]] = ex.get("study_id", "") or ex["patient_id"]
+    return np.asarray([by_image.get(i, "") for i in image_ids.tolist()], dtype=str)
+
+
+def dataset_fingerprint(data_path: str) -> str:
+    """A short hash of the dataset's identity (directory, content fingerprint, split sizes)."""
+    from afm_jax.data import records
+    info = records.read_info(data_path)
+    payload = {k: info.get(k) for k in ("path", "content_fingerprint", "source_fingerprint", "splits")}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+class FeatureCache:
+    """Frozen features on disk: `<root>/<backbone key>/<dataset key>/<split>.npz`.
+
+    The backbone key hashes its spec and weights (path, size, mtime), the dataset key its content
+    fingerprint, so a retrained checkpoint or a rewritten dataset is never served stale features.
+    """
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = pathlib.Path(root)
+
+    def path(self, spec: BackboneSpec, data_path: str, split: str) -> pathlib.Path:
+        return self.root / spec.cache_key() / dataset_fingerprint(data_path) / f"{split}.npz"
+
+    def get(self, spec: BackboneSpec, data_path: str, split: str, backbone: Callable[[], Backbone], *,
+            batch_size: int = 64) -> dict[str, np.ndarray]:
+        path = self.path(spec, data_path, split)
+        if path.is_file():
+            with np.load(path, allow_pickle=False) as z:
+                return {k: z[k] for k in z.files}
+        feats = extract_split(backbone(), data_path, split, batch_size=batch_size)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp.npz")
+        np.savez(tmp, **feats)
+        os.replace(tmp, path)
+        (path.parent.parent / "spec.json").write_text(json.dumps(spec.to_json(), indent=2))
+        return feats
+
+
+def binary_subset(feats: dict[str, np.ndarray], task: TaskSpec) -> dict[str, np.ndarray]:
+    """The task's images only, with `y` = 1 (positive) / 0 (negative)."""
+    y = binary_targets(feats["label"], task.positive_labels, task.negative_labels)
+    keep = y >= 0
+    out = {k: v[keep] for k, v in feats.items()}
+    out["y"] = y[keep].astype(np.int64)
+    return out
+
+
+def _prediction(split: dict[str, np.ndarray], scores: np.ndarray) -> Prediction:
+    return Prediction(y_true=split["y"], y_score=np.asarray(scores, np.float64), patient_id=split["patient_id"],
+                      study_id=split["study_id"], image_id=split["image_id"])
+
+
+def low_shot_mask(train: dict[str, np.ndarray], fraction: float, seed: int) -> np.ndarray:
+    """Images of a `fraction` of training patients (whole patients, class balance kept)."""
+    if fraction >= 1.0:
+        return np.ones(len(train["y"]), bool)
+    mask = sampling.low_shot_patients(train["patient_id"], train["y"], fraction, seed)
+    if len(np.unique(train["y"][mask])) < 2:
+        raise ConfigError(f"{fraction:.0%} of the training patients (seed {seed}) holds only one class: use a "
+                          "larger fraction or dataset.")
+    return mask
+
+
+# ─── Protocols on frozen features ────────────────────────────────────────────────────────────────
+
+def knn_protocol(train: dict, val: dict, test: dict, *, k: int = 20, temperature: float = 0.07,
+                 ) -> tuple[Prediction, Prediction, dict]:
+    from afm_jax.evaluation.knn import knn_predict
+    preds = [knn_predict(train["features"], train["y"], s["features"], num_classes=2, k=k,
+                         temperature=temperature)[:, 1] for s in (val, test)]
+    return _prediction(val, preds[0]), _prediction(test, preds[1]), {"k": k, "temperature": temperature}
+
+
+def linear_protocol(train: dict, val: dict, test: dict, *, seed: int = 0) -> tuple[Prediction, Prediction, dict]:
+    from afm_jax.evaluation.linear import fit_linear_probe
+    probe = fit_linear_probe(train["features"], train["y"], val["features"], val["y"], seed=seed)
+    info = {"C": probe.C, "validation_auroc": probe.validation_auroc}
+    return (_prediction(val, probe.predict_proba(val["features"])), _prediction(test, probe.predict_proba(test["features"])),
+            info)
+
+
+def probe_weights(train: dict, val: dict, *, seed: int = 0) -> np.ndarray:
+    """The linear probe's direction in raw feature space (coef / scale): for class-activation maps."""
+    from afm_jax.evaluation.linear import fit_linear_probe
+    probe = fit_linear_probe(train["features"], train["y"], val["features"], val["y"], seed=seed)
+    scaler, clf = probe.classifier[0], probe.classifier[-1]
+    return (clf.coef_[0] / scaler.scale_).astype(np.float32)
+
+
+# ─── Fine-tuning through the trainer ─────────────────────────────────────────────────────────────
+
+def finetune_config(spec: BackboneSpec, task: TaskSpec, data_path: str, *, seed: int,
+                    options: dict[str, Any] | None = None):
+    """The trainer config of fine-tuning `spec` on `task`; `options` are dotted config overrides
+    (e.g. {"total_steps": 300, "optim.base_lr": 1e-3})."""
+    from afm_jax.train.defaults import pretrain_config
+
+    if spec.kind not in ("checkpoint", "timm_vit", "random_init"):
+        raise ConfigError(f"Fine-tuning needs a JAX ViT backbone (checkpoint, timm_vit, random_init), not "
+                          f"{spec.kind!r}; evaluate {spec.kind!r} with the knn or linear protocol.")
+    config = pretrain_config("finetune", spec.variant)
+    if spec.kind == "checkpoint" or (spec.kind == "random_init" and spec.path):
+        from afm_jax.interop.checkpoints import read_meta, resolve_step_dir
+        step_dir, _ = resolve_step_dir(spec.path)
+        saved = read_meta(step_dir)["config"]["model"]
+        config.model.update({k: v for k, v in saved.items() if k in config.model})
+    else:
+        config.model.in_chans = spec.in_chans
+        config.model.update(dict(spec.model))
+    if spec.kind in ("checkpoint", "timm_vit"):
+        config.init_from = os.fspath(spec.path)
+    config.seed = int(seed)
+    config.image_size = int(spec.image_size)
+    config.data.path = data_path
+    config.data.num_workers = 0
+    config.data.train_split, config.data.eval_split = task.train_split, task.val_split
+    config.finetune.update(positive_labels=task.positive_labels, negative_labels=task.negative_labels,
+                           pool=spec.pool, test_split=task.test_split)
+    config.checkpoint_every = 10 ** 9
+    for key, value in (options or {}).items():
+        node = config
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node[p]
+        if leaf not in node:
+            raise ConfigError(f"Fine-tuning option {key!r} is not a config key (see afm_jax/train/defaults.py).")
+        node[leaf] = tuple(value) if isinstance(value, list) else value
+    return config
+
+
+def finetune_protocol(spec: BackboneSpec, task: TaskSpec, data_path: str, workdir: str, *, seed: int,
+                      fraction: float, options: dict[str, Any] | None = None) -> tuple[Prediction, Prediction, dict]:
+    """Fine-tunes in `workdir` (resumable) and returns the best-on-validation model's predictions."""
+    from afm_jax.data import records
+    from afm_jax.train import loop
+    from afm_jax.train.tasks import get_task
+
+    config = finetune_config(spec, task, data_path, seed=seed, options=options)
+    os.makedirs(workdir, exist_ok=True)
+    if fraction < 1.0:
+        index = records.split_index(data_path, task.train_split)
+        y = binary_targets(np.asarray(index["label"]), task.positive_labels, task.negative_labels)
+        keep = y >= 0
+        ids = np.asarray(index["image_id"])[keep]
+        train = {"patient_id": np.asarray(index["patient_id"])[keep].astype(str), "y": y[keep]}
+        selection = os.path.join(workdir, "low_shot_selection.json")
+        mask = low_shot_mask(train, fraction, seed)
+        with open(selection, "w") as f:
+            json.dump(ids[mask].tolist(), f)
+        config.data.selection = selection   # batches cycle over the chosen images (epochs wrap)
+    result = loop.train(config, workdir, get_task("finetune"))
+    pred_dir = pathlib.Path(workdir) / "predictions"
+    preds = []
+    for split in ("validation", "test"):
+        with np.load(pred_dir / f"{split}.npz", allow_pickle=False) as z:
+            study = _study_ids(data_path, task.val_split if split == "validation" else task.test_split,
+                               z["image_id"].astype(str))
+            preds.append(Prediction(y_true=z["y_true"].astype(np.int64), y_score=z["y_score"].astype(np.float64),
+                                    patient_id=z["patient_id"].astype(str), study_id=study,
+                                    image_id=z["image_id"].astype(str)))
+    best = json.loads((pathlib.Path(workdir) / "finetune_best.json").read_text())
+    return preds[0], preds[1], {"best_step": best["step"], "validation_auroc": best["val_auroc"],
+                                "steps_run": int(result.step)}
+
+
+# ─── One run ─────────────────────────────────────────────────────────────────────────────────────
+
+def run_protocol(spec: BackboneSpec, task: TaskSpec, protocol: str, *, seed: int = 0, fraction: float = 1.0,
+                 cache: FeatureCache, data_path: str, workdir: str | None = None, name: str = "",
+                 options: dict[str, Any] | None = None, batch_size: int = 64) -> tuple[Prediction, Prediction, dict]:
+    """(validation, test, info) predictions of `protocol` for backbone `spec` on `task`."""
+    if protocol not in PROTOCOLS:
+        raise ConfigError(f"Protocol {protocol!r} is unknown: expected one of {', '.join(PROTOCOLS)}.")
+    if not 0.0 < fraction <= 1.0:
+        raise ConfigError(f"Low-shot fraction {fraction!r} must be in (0, 1].")
+    options = dict(options or {})
+    if protocol == "finetune":
+        if workdir is None:
+            raise ValueError("The finetune protocol needs a workdir.")
+        return finetune_protocol(spec, task, data_path, workdir, seed=seed, fraction=fraction, options=options)
+    loaded: dict[str, Backbone] = {}
+
+    def backbone() -> Backbone:
+        if "b" not in loaded:
+            loaded["b"] = load_backbone(spec, name)
+        return loaded["b"]
+
+    splits = [binary_subset(cache.get(spec, data_path, s, backbone, batch_size=batch_size), task)
+              for s in (task.train_split, task.val_split, task.test_split)]
+    train, val, test = splits
+    for split_name, split in zip((task.train_split, task.val_split), (train, val)):
+        if len(np.unique(split["y"])) < 2:
+            raise ConfigError(f"Split {split_name!r} of {data_path} lacks one of the classes of task {task.name!r} "
+                              f"(positive {task.positive_labels}, negative {task.negative_labels}).")
+    mask = low_shot_mask(train, fraction, seed)
+    train = {k: v[mask] for k, v in train.items()}
+    if protocol == "knn":
+        val_p, test_p, info = knn_protocol(train, val, test, k=int(options.get("k", 20)),
+                                           temperature=float(options.get("temperature", 0.07)))
+    else:
+        val_p, test_p, info = linear_protocol(train, val, test, seed=seed)
+    info.update(num_train_images=int(mask.sum()), num_train_patients=int(len(np.unique(train["patient_id"]))))
+    return val_p, test_p, info
+
+
+# ─── Metrics with confidence intervals ───────────────────────────────────────────────────────────
+
+def unit_level(pred: Prediction, task: TaskSpec) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(unit ids, labels, scores, patient of each unit) at the task's unit (aggregated probabilities)."""
+    if task.unit == "image":
+        return pred.image_id, pred.y_true, pred.y_score, pred.patient_id
+    ids, y, s = aggregation.aggregate(pred.units(task.unit), pred.y_true, pred.y_score, how=task.aggregate)
+    patient_of = dict(zip(pred.units(task.unit).tolist(), pred.patient_id.tolist()))
+    return ids, y, s, np.asarray([patient_of[i] for i in ids.tolist()])
+
+
+def score_predictions(val: Prediction, test: Prediction, task: TaskSpec, *, n_boot: int = 1000,
+                      seed: int = 0) -> dict[str, Any]:
+    """Test metrics at the task's unit with 95% bootstrap CIs over patients; operating point (Youden)
+    fixed on validation."""
+    from afm_jax.evaluation.metrics import binary_metrics
+    _, vy, vs, _ = unit_level(val, task)
+    threshold = binary_metrics(vy, vs)["youden_threshold"] if len(np.unique(vy)) == 2 else None
+    if threshold is not None and not np.isfinite(threshold):
+        threshold = None
+    ids, y, s, groups = unit_level(test, task)
+    metrics = statistics.bootstrap_all(y, s, groups, n_boot=n_boot, seed=seed, threshold=threshold)
+    return {"metrics": metrics, "unit": task.unit, "num_units": int(len(ids)),
+            "num_patients": int(len(np.unique(groups))), "threshold_from": "validation" if threshold is not None
+            else "test (Youden; validation had one class)"}

@@ -1,0 +1,380 @@
+"""Studies: many runs (backbone × task × protocol × low-shot fraction × seed), run once, one report.
+
+What: a study file (`configs/studies/*.py`, a Python file the user chose) has `get_study()`
+returning a `Study`. `run_study(study, out_dir)`:
+
+1. trains the pretraining variants it names (`Study.pretrain`: a config file + overrides; each in
+   `<out>/pretrain/<name>`, resumed if interrupted) — a backbone refers to one by path "@<name>";
+2. runs every run whose result is missing (`<out>/results/<run_id>.json`; predictions beside it in
+   `<out>/predictions/`), reusing frozen features cached per backbone × dataset × split in
+   `<out>/features/`; fine-tuning runs train in `<out>/finetune/<run_id>`;
+3. writes `<out>/report/` (afm_jax.evaluation.report): tables with CIs, ROC/calibration/confusion
+   PNGs per task, attention and CAM overlays on a few test images per backbone.
+
+`write_slurm(study, out_dir, study_file)` writes SLURM array scripts into `<out>/launch/` instead
+(one array task per missing run, pretraining first, the report after) without submitting them.
+
+Why results are files: a study of dozens of runs is interrupted, extended (a new backbone, a new
+seed) and rerun; each run is computed once and the report is always rebuilt from what exists.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import itertools
+import json
+import os
+import pathlib
+import re
+import shlex
+import sys
+import time
+from typing import Any
+
+import numpy as np
+
+from afm_jax.configuration import ConfigError
+from afm_jax.evaluation.backbones import BackboneSpec, load_backbone
+from afm_jax.evaluation.finetune import binary_targets
+from afm_jax.evaluation.protocols import (PROTOCOLS, FeatureCache, Prediction, TaskSpec, binary_subset, probe_weights,
+                                          run_protocol, score_predictions)
+
+
+@dataclasses.dataclass
+class PretrainSpec:
+    """A pretraining variant trained by the study: `config` file (+ `arg`) with dotted `overrides`;
+    `data_task` names the task whose dataset it trains on (when the config sets no data.path)."""
+
+    config: str
+    overrides: dict[str, Any] = dataclasses.field(default_factory=dict)
+    data_task: str = ""
+    arg: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    backbone: str
+    task: str
+    protocol: str
+    seed: int = 0
+    fraction: float = 1.0
+
+    @property
+    def run_id(self) -> str:
+        return re.sub(r"[^A-Za-z0-9_.-]+", "_",
+                      f"{self.task}__{self.backbone}__{self.protocol}__f{self.fraction:g}__s{self.seed}")
+
+
+@dataclasses.dataclass
+class Study:
+    """What to compare. `runs` defaults to every backbone × task × protocol × fraction × seed.
+
+    reference: the backbone every other one is compared with (default: the first).
+    options: per-protocol settings, e.g. {"knn": {"k": 20}, "finetune": {"total_steps": 300}}.
+    overlay_images: test images per task shown with attention/CAM overlays (0 = none).
+    """
+
+    name: str
+    tasks: dict[str, TaskSpec]
+    backbones: dict[str, BackboneSpec]
+    protocols: tuple[str, ...] = ("knn", "linear")
+    seeds: tuple[int, ...] = (0,)
+    fractions: tuple[float, ...] = (1.0,)
+    pretrain: dict[str, PretrainSpec] = dataclasses.field(default_factory=dict)
+    runs: list[Run] | None = None
+    reference: str | None = None
+    options: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
+    n_boot: int = 1000
+    overlay_images: int = 4
+    feature_batch_size: int = 64
+
+    def all_runs(self) -> list[Run]:
+        if self.runs is not None:
+            return list(self.runs)
+        return [Run(b, t, p, int(s), float(f)) for t, p, f, s, b in itertools.product(
+            self.tasks, self.protocols, self.fractions, self.seeds, self.backbones)]
+
+    def validate(self) -> None:
+        for run in self.all_runs():
+            if run.backbone not in self.backbones:
+                raise ConfigError(f"Study {self.name!r}: run {run.run_id} names backbone {run.backbone!r}, not one of "
+                                  f"{sorted(self.backbones)}.")
+            if run.task not in self.tasks:
+                raise ConfigError(f"Study {self.name!r}: run {run.run_id} names task {run.task!r}, not one of "
+                                  f"{sorted(self.tasks)}.")
+            if run.protocol not in PROTOCOLS:
+                raise ConfigError(f"Study {self.name!r}: protocol {run.protocol!r} is not one of {PROTOCOLS}.")
+        for name, spec in self.backbones.items():
+            ref = spec.path[1:] if spec.path.startswith("@") else None
+            if ref is not None and ref not in self.pretrain:
+                raise ConfigError(f"Study {self.name!r}: backbone {name!r} refers to pretraining {spec.path!r}, but "
+                                  f"the study's `pretrain` has only {sorted(self.pretrain)}.")
+        for name, p in self.pretrain.items():
+            if p.data_task and p.data_task not in self.tasks:
+                raise ConfigError(f"Study {self.name!r}: pretraining {name!r} names data_task {p.data_task!r}, not "
+                                  f"one of {sorted(self.tasks)}.")
+
+
+def load_study(path: str | os.PathLike) -> Study:
+    """`get_study()` of a study file (a Python file the user chose; nothing else is executed)."""
+    p = pathlib.Path(path)
+    if not p.is_file():
+        raise ConfigError(f"Study file {p} does not exist; see configs/studies/demo.py for an example.")
+    spec = importlib.util.spec_from_file_location(f"afm_study_{p.stem}", p)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not hasattr(module, "get_study"):
+        raise ConfigError(f"Study file {p} has no get_study() function returning afm_jax.evaluation.study.Study.")
+    study = module.get_study()
+    if not isinstance(study, Study):
+        raise ConfigError(f"get_study() in {p} returned {type(study).__name__}, not a Study.")
+    study.validate()
+    return study
+
+
+# ─── Paths ───────────────────────────────────────────────────────────────────────────────────────
+
+class Layout:
+    """Where a study keeps its parts, under one output folder."""
+
+    def __init__(self, out_dir: str | os.PathLike):
+        self.root = pathlib.Path(out_dir).absolute()
+        self.results = self.root / "results"
+        self.predictions = self.root / "predictions"
+        self.features = self.root / "features"
+        self.finetune = self.root / "finetune"
+        self.pretrain = self.root / "pretrain"
+        self.report = self.root / "report"
+        self.launch = self.root / "launch"
+
+    def result(self, run: Run) -> pathlib.Path:
+        return self.results / f"{run.run_id}.json"
+
+    def prediction(self, run: Run, split: str) -> pathlib.Path:
+        return self.predictions / f"{run.run_id}.{split}.npz"
+
+
+def resolve_backbone(spec: BackboneSpec, layout: Layout) -> BackboneSpec:
+    """`@name` paths -> that pretraining's workdir in the study folder."""
+    if spec.path.startswith("@"):
+        return dataclasses.replace(spec, path=os.fspath(layout.pretrain / spec.path[1:]))
+    return spec
+
+
+# ─── Pretraining variants ────────────────────────────────────────────────────────────────────────
+
+def _load_config(path: str, arg: str | None):
+    p = pathlib.Path(path)
+    if not p.is_file():
+        raise ConfigError(f"Pretraining config {p} does not exist.")
+    spec = importlib.util.spec_from_file_location(f"afm_config_{p.stem}", p)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg)
+
+
+def pretrain_config(study: Study, name: str, layout: Layout):
+    """The trainer config of pretraining variant `name` (overrides applied, data path resolved)."""
+    p = study.pretrain[name]
+    config = _load_config(p.config, p.arg)
+    for key, value in p.overrides.items():
+        node = config
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node[part]
+        if leaf not in node:
+            raise ConfigError(f"Pretraining {name!r}: override {key!r} is not a key of {p.config}.")
+        node[leaf] = tuple(value) if isinstance(value, list) else value
+    if p.data_task and not config.data.path:
+        with config.unlocked():
+            config.data.path = study.tasks[p.data_task].data_path(layout.root)
+    return config
+
+
+def run_pretraining(study: Study, name: str, layout: Layout) -> pathlib.Path:
+    """Trains pretraining variant `name` into `<out>/pretrain/<name>` unless it has finished."""
+    workdir = layout.pretrain / name
+    done = workdir / "done.json"
+    if done.is_file():
+        return workdir
+    from afm_jax.main import prepare_dataset
+    from afm_jax.train import loop
+    from afm_jax.train.tasks import get_task
+
+    config = pretrain_config(study, name, layout)
+    workdir.mkdir(parents=True, exist_ok=True)
+    prepare_dataset(config, os.fspath(workdir))
+    print(f"[study] pretraining {name!r} in {workdir}", flush=True)
+    result = loop.train(config, os.fspath(workdir), get_task(config.task))
+    if result.finished:
+        done.write_text(json.dumps({"step": result.step}))
+    else:
+        raise RuntimeError(f"Pretraining {name!r} stopped at step {result.step} before finishing; rerun to resume.")
+    return workdir
+
+
+# ─── Runs ────────────────────────────────────────────────────────────────────────────────────────
+
+def execute_run(study: Study, run: Run, layout: Layout) -> dict:
+    """Computes one run (if its result is missing) and returns its result record."""
+    path = layout.result(run)
+    if path.is_file():
+        return json.loads(path.read_text())
+    task = study.tasks[run.task]
+    spec = resolve_backbone(study.backbones[run.backbone], layout)
+    ref = study.backbones[run.backbone].path
+    if ref.startswith("@"):
+        run_pretraining(study, ref[1:], layout)
+    data_path = task.data_path(layout.root)
+    print(f"[study] {run.run_id}", flush=True)
+    start = time.perf_counter()
+    val, test, info = run_protocol(spec, task, run.protocol, seed=run.seed, fraction=run.fraction,
+                                   cache=FeatureCache(layout.features), data_path=data_path,
+                                   workdir=os.fspath(layout.finetune / run.run_id), name=run.backbone,
+                                   options=study.options.get(run.protocol), batch_size=study.feature_batch_size)
+    scored = score_predictions(val, test, task, n_boot=study.n_boot, seed=run.seed)
+    layout.predictions.mkdir(parents=True, exist_ok=True)
+    val.save(layout.prediction(run, "validation"))
+    test.save(layout.prediction(run, "test"))
+    record = {"run_id": run.run_id, **dataclasses.asdict(run), **scored, "info": info,
+              "backbone_spec": spec.to_json(), "seconds": time.perf_counter() - start}
+    layout.results.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(record, indent=2, default=float))
+    os.replace(tmp, path)
+    auroc = scored["metrics"]["auroc"]
+    print(f"[study] {run.run_id}: AUROC {auroc['point']:.3f} [{auroc['low']:.3f}, {auroc['high']:.3f}] "
+          f"({time.perf_counter() - start:.0f} s)", flush=True)
+    return record
+
+
+def _overlays(study: Study, layout: Layout, records: list[dict]) -> dict[tuple[str, str], dict]:
+    """Attention and CAM maps of each backbone on the first few positive and negative test images."""
+    from afm_jax.data import pipeline
+
+    n = int(study.overlay_images)
+    if n <= 0:
+        return {}
+    out = {}
+    cache = FeatureCache(layout.features)
+    names = [b for b in study.backbones if any(r["backbone"] == b for r in records)]
+    for task_name in sorted({r["task"] for r in records}):
+        task = study.tasks[task_name]
+        data_path = task.data_path(layout.root)
+        for name in names:
+            spec = resolve_backbone(study.backbones[name], layout)
+            backbone = load_backbone(spec, name)
+            batches = pipeline.build_eval_iterator({"path": data_path, "num_workers": 0}, split=task.test_split,
+                                                   batch_size=64, image_size=spec.image_size, process_index=0,
+                                                   process_count=1)
+            picked = {0: [], 1: []}
+            for batch in batches:
+                y = binary_targets(np.asarray(batch["label"]), task.positive_labels, task.negative_labels)
+                for img, t, ok in zip(batch["image"], y, batch["mask"]):
+                    if ok and t >= 0 and len(picked[int(t)]) < (n + 1) // 2:
+                        picked[int(t)].append(img)
+                if all(len(v) >= (n + 1) // 2 for v in picked.values()):
+                    break
+            batches.close()
+            images = np.stack(picked[1] + picked[0])[:n]
+            captions = (["positive"] * len(picked[1]) + ["negative"] * len(picked[0]))[:n]
+            maps = {}
+            attention = backbone.attention_maps(images)
+            if attention is not None:
+                maps["attention (CLS, last block)"] = attention
+            spatial = backbone.spatial_features(images)
+            if spatial is not None:
+                train, val = (binary_subset(cache.get(spec, data_path, s, lambda: backbone), task)
+                              for s in (task.train_split, task.val_split))
+                maps["CAM of the linear probe (= Grad-CAM)"] = _cam(spatial, probe_weights(train, val))
+            if maps:
+                out[(task_name, name)] = {"images": images, "captions": captions, "maps": maps}
+    return out
+
+
+def _cam(spatial: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    from afm_jax.evaluation.report import cam_maps
+    return cam_maps(spatial, weights)
+
+
+def write_study_report(study: Study, layout: Layout, *, overlays: bool = True) -> pathlib.Path:
+    """Rebuilds `<out>/report/` from every result that exists."""
+    from afm_jax.evaluation import report
+
+    order = {name: i for i, name in enumerate(study.backbones)}
+    records, predictions = [], {}
+    for run in study.all_runs():
+        if not layout.result(run).is_file():
+            continue
+        rec = json.loads(layout.result(run).read_text())
+        rec["order"] = order[run.backbone]
+        records.append(rec)
+        predictions[run.run_id] = (Prediction.load(layout.prediction(run, "validation")),
+                                   Prediction.load(layout.prediction(run, "test")))
+    if not records:
+        raise ConfigError(f"No results in {layout.results} yet: run the study before asking for its report.")
+    maps = _overlays(study, layout, records) if overlays else {}
+    return report.write_report(layout.report, records, predictions, study.tasks, reference=study.reference,
+                               overlays=maps, title=f"Study {study.name}", n_boot=study.n_boot)
+
+
+def run_study(study: Study, out_dir: str | os.PathLike, *, report: bool = True) -> pathlib.Path | None:
+    """Runs what is missing, then writes the report; returns the report's index.html."""
+    from tqdm import tqdm
+    layout = Layout(out_dir)
+    runs = study.all_runs()
+    missing = [r for r in runs if not layout.result(r).is_file()]
+    print(f"[study] {study.name}: {len(runs)} runs, {len(missing)} to compute, output in {layout.root}", flush=True)
+    for run in tqdm(missing, desc="runs", unit="run", disable=not missing):
+        execute_run(study, run, layout)
+    return write_study_report(study, layout) if report else None
+
+
+# ─── SLURM ───────────────────────────────────────────────────────────────────────────────────────
+
+def write_slurm(study: Study, out_dir: str | os.PathLike, study_file: str, *, partition: str = "",
+                account: str = "", gpus: int = 1, time_limit: str = "04:00:00") -> pathlib.Path:
+    """Writes `<out>/launch/`: pretrain.sbatch, runs.sbatch (an array over missing runs), report.sbatch
+    and submit.sh chaining them with dependencies. Submits nothing; returns submit.sh."""
+    layout = Layout(out_dir)
+    layout.launch.mkdir(parents=True, exist_ok=True)
+    runs = study.all_runs()
+    missing = [i for i, r in enumerate(runs) if not layout.result(r).is_file()]
+    pending_pre = [name for name in study.pretrain if not (layout.pretrain / name / "done.json").is_file()]
+    tool = shlex.quote(os.fspath(pathlib.Path(__file__).resolve().parents[2] / "tools" / "study.py"))
+    base = f"{shlex.quote(sys.executable)} {tool} {shlex.quote(os.fspath(pathlib.Path(study_file).absolute()))} " \
+           f"--out {shlex.quote(os.fspath(layout.root))}"
+    header = ["#!/bin/bash", f"#SBATCH --gpus={gpus}", f"#SBATCH --time={time_limit}",
+              f"#SBATCH --output={layout.launch}/%x_%A_%a.log", "#SBATCH --signal=B:TERM@120"]
+    if partition:
+        header.append(f"#SBATCH --partition={partition}")
+    if account:
+        header.append(f"#SBATCH --account={account}")
+
+    def script(name: str, body: str, array: list[int] | None = None) -> pathlib.Path:
+        lines = [*header, f"#SBATCH --job-name={study.name}_{name}"]
+        if array is not None:
+            lines.append(f"#SBATCH --array={','.join(map(str, array))}")
+        lines += ["set -euo pipefail", body, ""]
+        path = layout.launch / f"{name}.sbatch"
+        path.write_text("\n".join(lines))
+        return path
+
+    (layout.launch / "runs.txt").write_text("\n".join(f"{i}\t{runs[i].run_id}" for i in missing) + "\n")
+    (layout.launch / "pretrain.txt").write_text("\n".join(f"{i}\t{n}" for i, n in enumerate(study.pretrain)) + "\n")
+    names = list(study.pretrain)
+    submit = ["#!/bin/bash", "# Written by tools/study.py --slurm; review, then run: bash submit.sh", "set -euo pipefail",
+              f"cd {shlex.quote(os.fspath(layout.launch))}", "dep=''"]
+    if pending_pre:
+        script("pretrain", f"srun {base} --pretrain-index $SLURM_ARRAY_TASK_ID", [names.index(n) for n in pending_pre])
+        submit += ["pre=$(sbatch --parsable pretrain.sbatch)", 'dep="--dependency=afterok:${pre}"']
+    if missing:
+        script("runs", f"srun {base} --run-index $SLURM_ARRAY_TASK_ID --no-report", missing)
+        submit += ["runs=$(sbatch --parsable ${dep} runs.sbatch)", 'dep="--dependency=afterany:${runs}"']
+    script("report", f"{base} --report-only")
+    submit += ["sbatch ${dep} report.sbatch", ""]
+    path = layout.launch / "submit.sh"
+    path.write_text("\n".join(submit))
+    path.chmod(0o755)
+    return path

@@ -1,0 +1,274 @@
+"""Fine-tuning and linear probing as trainer tasks: `config.task = "finetune"` / `"linprobe"`.
+
+What: a `Classifier` (our ViT + linear head, afm_jax.evaluation.finetune) trained on a binary task
+given by label ints (`finetune.positive_labels` vs `finetune.negative_labels`, e.g. AFF=2 vs NFF=1;
+images with other labels are left out of training through a selection file in the workdir). The
+trainer brings checkpointing, resume, logging and SIGTERM handling; this task adds
+
+- start weights from `config.init_from` (our workdir, a timm/DINO/DINOv2 file or an export);
+- layer-wise lr decay (`finetune.layer_decay`, BEiT/MAE), drop-path (`model.drop_path_rate`),
+  warmup (`optim.warmup_epochs`), balanced class weights (`finetune.class_weighting`);
+- every `eval_every` steps the validation AUROC; when it improves the test-split predictions of that
+  model are written to `<workdir>/predictions/test.npz` (so the reported model is the best on
+  validation, as if its checkpoint were restored), and after `finetune.patience` evaluations without
+  improvement `should_stop` ends training (early stopping). The best-so-far record lives in
+  `<workdir>/finetune_best.json`, so a resumed run continues the same bookkeeping.
+
+`LinearProbeTask` is the same with the encoder frozen (no gradient, no optimiser state, no
+drop-path): the linear protocol trained by SGD with augmentation, as in the MAE paper (AdamW here
+instead of LARS, a named deviation for small batches).
+
+Evaluation runs the whole validation/test split in every process (single-host runs; a multi-host
+run evaluates redundantly but correctly on each host's addressable copy only when params are
+replicated, i.e. `mesh.fsdp = 1`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax import nnx
+from tqdm import tqdm
+
+from afm_jax import configuration
+from afm_jax.evaluation import finetune as ft
+from afm_jax.models import factory
+from afm_jax.train import optim
+from afm_jax.train.tasks.base import Task
+
+BEST_FILE = "finetune_best.json"
+SELECTION_FILE = "finetune_selection.json"
+PREDICTIONS_DIR = "predictions"
+
+
+def default_finetune_config() -> ml_collections.ConfigDict:
+    """The `config.finetune` block (MAE fine-tuning recipe where it applies)."""
+    return ml_collections.ConfigDict(dict(
+        positive_labels=(2,),        # label ints of the positive class (synthetic femur: aff=2)
+        negative_labels=(1,),        # label ints of the negative class (nff=1); other labels are left out
+        pool="avg",                  # "avg" (mean of patch tokens, MAE's fine-tuning choice) or "cls"
+        head_init_std=2e-5,          # MAE: trunc-normal(2e-5) head init
+        layer_decay=0.75,            # layer-wise lr decay (MAE ViT-B: 0.75; 1.0 = off)
+        class_weighting="balanced",  # "balanced" (n / (C·n_c)) or "none"
+        label_smoothing=0.0,
+        patience=5,                  # evaluations without validation-AUROC gain before stopping (0 = never)
+        eval_batch_size=64,
+        eval_image_size=0,           # 0 = config.image_size
+        test_split="test",
+    ))
+
+
+def _write_json_atomic(path: str, payload: Any) -> None:
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(payload, f, indent=2)
+    os.replace(tmp, path)
+
+
+class FinetuneTask(Task):
+    """Full fine-tuning of a ViT encoder with a linear head on a binary label task."""
+
+    name = "finetune"
+    batch_keys = ("image", "label")
+    freeze_encoder = False
+
+    # ─── Config ──────────────────────────────────────────────────────────────────────────────
+    @classmethod
+    def extend_config(cls, config: ml_collections.ConfigDict) -> None:
+        config.finetune = default_finetune_config()
+        # MAE fine-tuning (He et al. 2021, Table 9): AdamW(0.9, 0.999), wd 0.05, base lr 5e-4 (B),
+        # 5 warmup epochs, drop-path 0.1, 100 epochs; evaluation drives early stopping.
+        config.optim.update(base_lr=5e-4, b2=0.999, weight_decay=0.05, warmup_epochs=5.0)
+        config.model.drop_path_rate = 0.1
+        config.num_epochs = 100.0
+        config.batch_size = 1024
+        config.eval_every = 100
+        config.image_every = 0
+
+    def validate(self, config: ml_collections.ConfigDict) -> None:
+        factory.validate_model_config(config)
+        f = config.finetune
+        configuration.require(config, "finetune.positive_labels", lambda v: len(v) > 0, "a non-empty tuple of label ints")
+        configuration.require(config, "finetune.negative_labels",
+                              lambda v: len(v) > 0 and not set(v) & set(f.positive_labels),
+                              "a non-empty tuple of label ints disjoint from finetune.positive_labels")
+        configuration.require_choice(config, "finetune.pool", ("avg", "cls"))
+        configuration.require_choice(config, "finetune.class_weighting", ("balanced", "none"))
+        configuration.require(config, "finetune.layer_decay", lambda v: 0.0 < v <= 1.0, "a factor in (0, 1]")
+        configuration.require(config, "finetune.label_smoothing", lambda v: 0.0 <= v < 1.0, "a value in [0, 1)")
+        configuration.require(config, "finetune.patience", lambda v: int(v) >= 0, "an evaluation count >= 0")
+        configuration.require(config, "eval_every", lambda v: int(v) > 0,
+                              "a positive step interval (fine-tuning evaluates on validation to pick the model)")
+        if f.pool == "cls" and not config.model.class_token:
+            raise configuration.ConfigError("Config key `finetune.pool` = 'cls' needs model.class_token=True; "
+                                            "use --config.finetune.pool=avg.")
+
+    def _training_examples(self, config: ml_collections.ConfigDict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(image ids, binary targets with -1 for left-out labels, mask of the examples trained on)."""
+        from afm_jax.data import records
+        f = config.finetune
+        self.positive, self.negative = tuple(int(x) for x in f.positive_labels), tuple(int(x) for x in f.negative_labels)
+        index = records.split_index(config.data.path, config.data.train_split)
+        ids = np.asarray(index["image_id"])
+        targets = ft.binary_targets(np.asarray(index["label"]), self.positive, self.negative)
+        keep = targets >= 0
+        if config.data.get("selection"):
+            with open(os.path.expanduser(config.data.selection)) as fh:
+                keep &= np.isin(ids, np.asarray(json.load(fh)))
+        return ids, targets, keep
+
+    def num_train_examples(self, config: ml_collections.ConfigDict) -> int:
+        return int(self._training_examples(config)[2].sum())
+
+    def setup(self, config: ml_collections.ConfigDict, *, workdir: str, total_steps: int,
+              steps_per_epoch: int) -> None:
+        super().setup(config, workdir=workdir, total_steps=total_steps, steps_per_epoch=steps_per_epoch)
+        f = config.finetune
+        ids, targets, keep = self._training_examples(config)
+        if len(np.unique(targets[keep])) < 2:
+            raise configuration.ConfigError(
+                f"The training split `{config.data.train_split}` of {config.data.path} has no examples of "
+                f"{'positive' if not (targets[keep] == 1).any() else 'negative'} labels "
+                f"{self.positive if not (targets[keep] == 1).any() else self.negative}: check "
+                "finetune.positive_labels / finetune.negative_labels against the dataset's labels.")
+        self.class_weights = ft.class_weights(targets[keep], 2, f.class_weighting)
+        os.makedirs(workdir, exist_ok=True)
+        self.selection_path = os.path.join(workdir, SELECTION_FILE)
+        if jax.process_index() == 0 or not os.path.exists(self.selection_path):
+            _write_json_atomic(self.selection_path, ids[keep].tolist())
+        self.best_path = os.path.join(workdir, BEST_FILE)
+        self.best = {"step": -1, "val_auroc": -np.inf, "evals_since_best": 0}
+        if os.path.exists(self.best_path):
+            with open(self.best_path) as fh:
+                self.best = json.load(fh)
+        self._score_fn = None
+
+    # ─── Model, optimiser, input ─────────────────────────────────────────────────────────────
+    def build_model(self, config: ml_collections.ConfigDict, rngs: nnx.Rngs) -> ft.Classifier:
+        encoder = factory.build_encoder(config.model, config.image_size, rngs)
+        return ft.Classifier(encoder, 2, pool=config.finetune.pool, head_init_std=config.finetune.head_init_std,
+                             freeze_encoder=self.freeze_encoder, rngs=rngs)
+
+    def make_optimizer(self, config: ml_collections.ConfigDict, schedule: optax.Schedule,
+                       params: Any) -> optax.GradientTransformation:
+        from afm_jax.train.layer_decay import lr_scale_tree, scale_updates_by_tree
+        base = optim.make_optimizer(config.optim, schedule)
+        if self.freeze_encoder:
+            def labels(p):
+                return jax.tree_util.tree_map_with_path(
+                    lambda path, _: "frozen" if _is_encoder(path) else "train", p)
+            return optax.multi_transform({"train": base, "frozen": optax.set_to_zero()}, labels)
+        decay = float(config.finetune.layer_decay)
+        if decay >= 1.0:
+            return base
+        depth = factory.size_overrides(config.model).get("depth")
+        if depth is None:
+            from afm_jax.models.vit import parse_variant
+            depth = parse_variant(config.model.variant)["depth"]
+        scales = lr_scale_tree(params, num_layers=int(depth), decay=decay)
+        return optax.chain(base, scale_updates_by_tree(scales))
+
+    def build_train_iterator(self, config: ml_collections.ConfigDict):
+        from afm_jax.data import pipeline
+        data = config.data.copy_and_resolve_references()
+        with data.unlocked():
+            data.selection = self.selection_path
+        return pipeline.build_train_iterator(data, global_batch_size=config.batch_size, seed=config.seed,
+                                             image_size=config.image_size)
+
+    def example_batch(self, config: ml_collections.ConfigDict, batch_size: int, seed: int) -> dict[str, np.ndarray]:
+        batch = super().example_batch(config, batch_size, seed)
+        labels = np.asarray((list(config.finetune.negative_labels) + list(config.finetune.positive_labels)) * batch_size)
+        return {**batch, "label": labels[:batch_size].astype(np.int32)}
+
+    # ─── Loss ────────────────────────────────────────────────────────────────────────────────
+    def loss(self, model: ft.Classifier, batch: dict, key: jax.Array, extra: Any = None,
+             step: jax.Array = None) -> tuple[jax.Array, tuple[dict, dict]]:
+        targets = ft.binary_targets(batch["label"], self.positive, self.negative)
+        logits = model(batch["image"], rngs=key)
+        loss = ft.weighted_cross_entropy(logits, targets, jnp.asarray(self.class_weights),
+                                         label_smoothing=float(self.config.finetune.label_smoothing))
+        valid = targets >= 0
+        correct = (logits.argmax(-1) == targets) & valid
+        accuracy = correct.sum() / jnp.maximum(valid.sum(), 1)
+        return loss, ({"train_accuracy": accuracy}, {})
+
+    # ─── Evaluation: validation AUROC, best-model test predictions, early stopping ───────────
+    def predict_split(self, model: ft.Classifier, split: str) -> dict[str, np.ndarray]:
+        """P(positive) for the positive/negative images of `split`, with labels and ids."""
+        from afm_jax.data import pipeline
+        if self._score_fn is None:
+            @nnx.jit
+            def score(m, images):
+                return jax.nn.softmax(m(images), axis=-1)[:, 1]
+            self._score_fn = score
+        f = self.config.finetune
+        size = int(f.eval_image_size or self.config.image_size)
+        batches = pipeline.build_eval_iterator(self.config.data, split=split, batch_size=int(f.eval_batch_size),
+                                               image_size=size, process_index=0, process_count=1)
+        cols: dict[str, list] = {"y_score": [], "label": [], "patient_id": [], "image_id": []}
+        for batch in tqdm(batches, desc=f"eval[{split}]", leave=False, disable=jax.process_index() != 0):
+            keep = np.asarray(batch["mask"], bool)
+            cols["y_score"].append(np.asarray(self._score_fn(model, batch["image"]))[keep])
+            for k in ("label", "patient_id", "image_id"):
+                cols[k].append(np.asarray(batch[k])[keep])
+        out = {k: np.concatenate(v) for k, v in cols.items()}
+        targets = ft.binary_targets(out["label"], self.positive, self.negative)
+        keep = targets >= 0
+        out = {k: v[keep] for k, v in out.items()}
+        out["y_true"] = targets[keep]
+        return out
+
+    def evaluate(self, model: ft.Classifier, extra: Any, step: int) -> dict[str, float]:
+        from sklearn.metrics import roc_auc_score
+        val = self.predict_split(model, self.config.data.eval_split)
+        if len(np.unique(val["y_true"])) < 2:
+            raise configuration.ConfigError(
+                f"The validation split `{self.config.data.eval_split}` needs positive and negative images for "
+                "early stopping on AUROC; set --config.data.eval_split to a split that has both.")
+        auroc = float(roc_auc_score(val["y_true"], val["y_score"]))
+        improved = auroc > float(self.best["val_auroc"])
+        if improved:
+            self.best = {"step": int(step), "val_auroc": auroc, "evals_since_best": 0}
+            test = self.predict_split(model, self.config.finetune.test_split)
+            if jax.process_index() == 0:
+                out_dir = os.path.join(self.workdir, PREDICTIONS_DIR)
+                os.makedirs(out_dir, exist_ok=True)
+                for name, pred in (("validation", val), ("test", test)):
+                    np.savez(os.path.join(out_dir, f"{name}.npz"), **pred)
+        else:
+            self.best["evals_since_best"] = int(self.best["evals_since_best"]) + 1
+        if jax.process_index() == 0:
+            _write_json_atomic(self.best_path, self.best)
+        patience = int(self.config.finetune.patience)
+        stop = patience > 0 and self.best["evals_since_best"] >= patience
+        return {"val_auroc": auroc, "best_val_auroc": float(self.best["val_auroc"]), "should_stop": stop}
+
+
+def _is_encoder(path: tuple) -> bool:
+    first = path[0] if path else None
+    return str(getattr(first, "key", getattr(first, "name", first))) == "encoder"
+
+
+class LinearProbeTask(FinetuneTask):
+    """A linear head on frozen encoder features, trained with the trainer (SGD + augmentation)."""
+
+    name = "linprobe"
+    freeze_encoder = True
+
+    @classmethod
+    def extend_config(cls, config: ml_collections.ConfigDict) -> None:
+        super().extend_config(config)
+        # MAE linear probing (Table 10): no weight decay, 10 warmup epochs, 90 epochs; AdamW instead of
+        # LARS (named deviation: LARS needs its 16k batch). Frozen encoder: no drop-path, no layer decay.
+        config.finetune.update(layer_decay=1.0, head_init_std=0.01)
+        config.optim.update(base_lr=1e-3, b2=0.999, weight_decay=0.0, warmup_epochs=10.0)
+        config.model.drop_path_rate = 0.0
+        config.num_epochs = 90.0
