@@ -156,14 +156,18 @@ def flip_lr(image: np.ndarray, rng: np.random.Generator, *, p: float = 0.5) -> n
 
 @register("intensity_jitter")
 def intensity_jitter(image: np.ndarray, rng: np.random.Generator, *, brightness: float = 0.0,
-                     contrast: float = 0.0, gamma: float = 0.0) -> np.ndarray:
+                     contrast: float = 0.0, gamma: float = 0.0, p: float = 1.0) -> np.ndarray:
     """Mild exposure changes, each drawn independently and skipped at strength 0; clipped to [0, 1].
 
     gamma: x ** g with log g ~ U(-gamma, gamma); contrast: scale about the image mean by
     c ~ U(1 - contrast, 1 + contrast); brightness: add b ~ U(-brightness, brightness).
+    p < 1 applies the whole jitter with probability p (DINO's RandomApply(ColorJitter, p=0.8));
+    at p = 1 no extra random number is drawn, so existing chains keep their exact output.
     """
     if image.dtype.kind != "f":
         raise ValueError(f"intensity_jitter needs a float image in [0, 1], got {image.dtype}; put it after to_float.")
+    if p < 1.0 and rng.random() >= p:
+        return image
     g = math.exp(rng.uniform(-gamma, gamma)) if gamma > 0 else 1.0
     c = rng.uniform(1 - contrast, 1 + contrast) if contrast > 0 else 1.0
     b = rng.uniform(-brightness, brightness) if brightness > 0 else 0.0
@@ -175,6 +179,34 @@ def intensity_jitter(image: np.ndarray, rng: np.random.Generator, *, brightness:
         out *= np.float32(c)
         out += np.float32(mean * (1 - c) + b)
     return np.clip(out, 0.0, 1.0, out=out)
+
+
+@register("gaussian_blur")
+def gaussian_blur(image: np.ndarray, rng: np.random.Generator, *, p: float = 0.5,
+                  sigma: Sequence[float] = (0.1, 2.0)) -> np.ndarray:
+    """Gaussian blur with probability p, sigma ~ U(sigma) in output pixels (DINO: PIL radius 0.1–2).
+
+    Float images only (put it after `to_float`); the kernel is cut at 4 sigma, borders reflect."""
+    if image.dtype.kind != "f":
+        raise ValueError(f"gaussian_blur needs a float image in [0, 1], got {image.dtype}; put it after to_float.")
+    if rng.random() >= p:
+        return image
+    s = float(rng.uniform(float(sigma[0]), float(sigma[1])))
+    radius = max(1, int(math.ceil(4.0 * s)))
+    blurred = cv2.GaussianBlur(np.ascontiguousarray(image[..., 0]), (2 * radius + 1, 2 * radius + 1), s,
+                               borderType=cv2.BORDER_REFLECT_101)
+    return blurred[..., None].astype(np.float32, copy=False)
+
+
+@register("solarize")
+def solarize(image: np.ndarray, rng: np.random.Generator, *, p: float = 0.2, threshold: float = 0.5) -> np.ndarray:
+    """With probability p, inverts every pixel at or above `threshold` (x -> 1 - x), as PIL's
+    solarize at 128 of 256 in DINO's second global view. Float images in [0, 1] only."""
+    if image.dtype.kind != "f":
+        raise ValueError(f"solarize needs a float image in [0, 1], got {image.dtype}; put it after to_float.")
+    if rng.random() >= p:
+        return image
+    return np.where(image >= np.float32(threshold), np.float32(1.0) - image, image).astype(np.float32, copy=False)
 
 
 # ─── Chains from config ──────────────────────────────────────────────────────────────────────────

@@ -1,0 +1,366 @@
+"""DINO (Caron et al. 2021) and DINOv2-style (Oquab et al. 2023) self-distillation as a trainer task.
+
+The student is the trained model (`DINOModel`: ViT + DINO head [+ iBOT head, mask token]); the
+teacher is the same module merged with the EMA params kept in `state.extra["teacher"]`, beside the
+centres, so checkpoints, resume and sharding cover them with no extra code. One step:
+
+1. the teacher (no gradient, no drop-path) embeds the global crops -> prototype logits t;
+2. the student embeds the global crops (iBOT: with masked patches replaced by the mask token) and,
+   in one more batched pass, all local crops -> logits s;
+3. loss = DINO cross-entropy between softmax((t - c)/τ_t) (or Sinkhorn-Knopp targets) and every
+   other student view, + optional KoLeo on the student's global class tokens, + optional iBOT
+   masked-patch loss;
+4. after the optimiser update (`update_extra`): teacher <- EMA of student (momentum cosine to 1),
+   centre <- EMA of the teacher's batch-mean logits (the global batch under data parallelism).
+
+Collapse monitors go to the logs as metrics: the teacher's target entropy (0 = collapsed to one
+prototype, log K = uniform, i.e. collapsed to the centre), the KL between teacher targets and
+student predictions, the centre norm; `evaluate` adds a kNN accuracy of the teacher backbone on a
+small labelled subset every `config.eval_every` steps.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax import nnx
+from ml_collections.config_dict import placeholder
+
+from afm_jax import configuration
+from afm_jax.data import multicrop
+from afm_jax.models import factory
+from afm_jax.models import dino as dino_lib
+from afm_jax.models.vit import parse_variant
+from afm_jax.train import dino_schedules, optim
+from afm_jax.train.tasks.base import Task
+
+CENTERINGS = ("center", "sinkhorn_knopp")
+
+
+def default_dino_config() -> ml_collections.ConfigDict:
+    """`config.dino`: DINO ViT-S/16 defaults (official `main_dino.py`); DINOv2 parts switched off."""
+    return ml_collections.ConfigDict(dict(
+        out_dim=65536, hidden_dim=2048, bottleneck_dim=256, nlayers=3,
+        norm_last_layer=True,                 # weight-norm gains fixed to 1
+        student_temp=0.1,
+        teacher_temp=0.07, warmup_teacher_temp=0.04, warmup_teacher_temp_epochs=30.0,
+        momentum_teacher=0.996, final_momentum_teacher=1.0,
+        centering="center",                   # "center" (EMA, momentum below) or "sinkhorn_knopp" (DINOv2)
+        center_momentum=0.9,
+        sinkhorn_iterations=3,
+        weight_decay_end=0.4,                 # cosine from optim.weight_decay (0.04) to this
+        freeze_last_layer_epochs=1.0,
+        clip_per_tensor=True,                 # DINO v1 clips each tensor at optim.grad_clip_norm; False = global norm
+        dino_loss_weight=1.0,
+        koleo_weight=0.0,                     # DINOv2: 0.1
+        layer_decay=1.0,                      # DINOv2: 0.9 (1 = off)
+        patch_embed_lr_mult=1.0,              # DINOv2: 0.2
+        ibot=ml_collections.ConfigDict(dict(
+            enabled=False, loss_weight=1.0, mask_probability=0.5, mask_ratio=(0.1, 0.5),
+            separate_head=False, out_dim=placeholder(int))),   # None = dino.out_dim
+        knn=ml_collections.ConfigDict(dict(
+            train_split="train", eval_split="validation", max_train=2000, max_eval=1000,
+            label_key="label",                # or a record string field such as "view" or "body_part"
+            random_init_baseline=True,        # also log the kNN accuracy of the network at its initialisation
+            k=20, temperature=0.07, batch_size=64, pool="cls")),
+    ))
+
+
+class DINOTask(Task):
+    """DINO/DINOv2 self-distillation of a ViT with multi-crop input."""
+
+    name = "dino"
+    batch_keys = ("global", "local")
+
+    # ─── Config ──────────────────────────────────────────────────────────────────────────────
+    @classmethod
+    def extend_config(cls, config: ml_collections.ConfigDict) -> None:
+        """DINO's section plus its changes of the common defaults (official ViT-S/16, 100 epochs)."""
+        config.dino = default_dino_config()
+        config.multicrop = multicrop.default_multicrop_config()
+        config.batch_size = 1024
+        config.num_epochs = 100.0
+        config.image_size = 224            # the global crop size
+        config.image_every = 0
+        config.model.pos_embed = "learned"
+        config.model.drop_path_rate = 0.1
+        config.optim.update(base_lr=5e-4, min_lr=1e-6, warmup_epochs=10.0, b1=0.9, b2=0.999,
+                            weight_decay=0.04, grad_clip_norm=3.0)
+
+    def validate(self, config: ml_collections.ConfigDict) -> None:
+        factory.validate_model_config(config)
+        req = configuration.require
+        req(config, "model.class_token", bool, "True (DINO's head reads the class token)")
+        size = {**parse_variant(config.model.variant), **factory.size_overrides(config.model)}
+        multicrop.validate_multicrop_config(config, size["patch_size"])
+        for key in ("out_dim", "hidden_dim", "bottleneck_dim", "nlayers"):
+            req(config, f"dino.{key}", lambda v: int(v) >= 1, "a positive integer")
+        for key in ("student_temp", "teacher_temp", "warmup_teacher_temp"):
+            req(config, f"dino.{key}", lambda v: float(v) > 0, "a positive temperature")
+        req(config, "dino.warmup_teacher_temp_epochs", lambda v: float(v) >= 0, "epochs >= 0")
+        for key in ("momentum_teacher", "final_momentum_teacher", "center_momentum"):
+            req(config, f"dino.{key}", lambda v: 0 <= float(v) <= 1, "a momentum in [0, 1]")
+        configuration.require_choice(config, "dino.centering", CENTERINGS)
+        req(config, "dino.sinkhorn_iterations", lambda v: int(v) >= 1, "at least 1 iteration")
+        req(config, "dino.weight_decay_end", lambda v: float(v) >= 0, "a non-negative weight decay")
+        req(config, "dino.freeze_last_layer_epochs", lambda v: float(v) >= 0, "epochs >= 0")
+        for key in ("dino_loss_weight", "koleo_weight", "ibot.loss_weight"):
+            req(config, f"dino.{key}", lambda v: float(v) >= 0, "a weight >= 0")
+        req(config, "dino.layer_decay", lambda v: 0 < float(v) <= 1, "a decay in (0, 1] (1 = off)")
+        req(config, "dino.patch_embed_lr_mult", lambda v: float(v) > 0, "a positive multiplier")
+        req(config, "dino.ibot.mask_probability", lambda v: 0 <= float(v) <= 1, "a probability")
+        req(config, "dino.ibot.mask_ratio", lambda v: 0 < float(v[0]) <= float(v[1]) < 1,
+            "a pair 0 < min <= max < 1")
+        req(config, "dino.ibot.out_dim", lambda v: v is None or int(v) >= 1, "None (= dino.out_dim) or a positive int")
+        req(config, "dino.koleo_weight", lambda v: float(v) == 0 or int(config.batch_size) >= 2,
+            "0 when the batch has a single image (KoLeo needs a nearest neighbour)")
+        req(config, "dino.knn.k", lambda v: int(v) >= 1, "k >= 1")
+        req(config, "dino.knn.max_train", lambda v: int(v) >= 1, "a positive image count")
+        req(config, "dino.knn.max_eval", lambda v: int(v) >= 1, "a positive image count")
+        configuration.require_choice(config, "dino.knn.pool", ("cls", "avg"))
+        from afm_jax.data.records import STRING_KEYS
+        configuration.require_choice(config, "dino.knn.label_key", ("label",) + tuple(STRING_KEYS))
+
+    def setup(self, config: ml_collections.ConfigDict, *, workdir: str, total_steps: int,
+              steps_per_epoch: int) -> None:
+        super().setup(config, workdir=workdir, total_steps=total_steps, steps_per_epoch=steps_per_epoch)
+        d = config.dino
+        self.patch_size = parse_variant(config.model.variant)["patch_size"]
+        self.ibot = bool(d.ibot.enabled)
+        keys = ["global"] + (["local"] if int(config.multicrop.num_local) > 0 else []) + (["masks"] if self.ibot else [])
+        self.batch_keys = tuple(keys)
+        self.teacher_temp = dino_schedules.teacher_temperature_schedule(
+            d.warmup_teacher_temp, d.teacher_temp, int(round(d.warmup_teacher_temp_epochs * self.steps_per_epoch)))
+        self.momentum = dino_schedules.teacher_momentum_schedule(
+            d.momentum_teacher, self.total_steps, d.final_momentum_teacher)
+        self.freeze_steps = int(round(d.freeze_last_layer_epochs * self.steps_per_epoch))
+        self._knn_fn = None
+        self._knn_random_init: float | None = None
+
+    # ─── Model, state, optimiser, input ──────────────────────────────────────────────────────
+    def build_model(self, config: ml_collections.ConfigDict, rngs: nnx.Rngs) -> dino_lib.DINOModel:
+        encoder = factory.build_encoder(config.model, config.image_size, rngs)
+        d = config.dino
+        return dino_lib.DINOModel(
+            encoder, out_dim=d.out_dim, hidden_dim=d.hidden_dim, bottleneck_dim=d.bottleneck_dim,
+            nlayers=d.nlayers, norm_last_layer=d.norm_last_layer, ibot=d.ibot.enabled,
+            ibot_separate_head=d.ibot.separate_head, ibot_out_dim=d.ibot.out_dim,
+            dtype=factory.DTYPES[config.model.dtype], param_dtype=factory.DTYPES[config.model.param_dtype], rngs=rngs)
+
+    def init_extra(self, model: dino_lib.DINOModel) -> dict:
+        """The teacher starts as a copy of the student; centres start at zero."""
+        params = nnx.state(model, nnx.Param)
+        extra = {"teacher": jax.tree.map(lambda x: jnp.array(x, copy=True), params),
+                 "center": jnp.zeros((self.config.dino.out_dim,), jnp.float32)}
+        if model.ibot:
+            head = model.ibot_head if model.ibot_head is not None else model.dino_head
+            extra["patch_center"] = jnp.zeros((head.last_layer.weight_v.shape[1],), jnp.float32)
+        return extra
+
+    def make_optimizer(self, config: ml_collections.ConfigDict, schedule: optax.Schedule,
+                       params: Any) -> optax.GradientTransformation:
+        """AdamW with cosine weight decay (0.04 -> 0.4) off biases/norms/tokens, clipping, the last
+        layer frozen for the first epoch(s), and optional layer-wise lr decay (DINOv2)."""
+        o, d = config.optim, config.dino
+        is_last = jax.tree_util.tree_map_with_path(
+            lambda path, _: "last_layer" in [str(getattr(k, "key", k)) for k in path], params)
+        parts = []
+        if o.grad_clip_norm and o.grad_clip_norm > 0:
+            parts.append(dino_schedules.clip_per_tensor(o.grad_clip_norm) if d.clip_per_tensor
+                         else optax.clip_by_global_norm(o.grad_clip_norm))
+        if self.freeze_steps > 0:
+            parts.append(dino_schedules.freeze_for_steps(is_last, self.freeze_steps))
+        wd = dino_schedules.weight_decay_schedule(o.weight_decay, d.weight_decay_end, self.total_steps)
+        parts += [optax.scale_by_adam(b1=o.b1, b2=o.b2, eps=o.eps),
+                  optax.add_decayed_weights(wd, mask=optim.weight_decay_mask),
+                  optax.scale_by_learning_rate(schedule)]
+        if d.layer_decay < 1.0 or d.patch_embed_lr_mult != 1.0:
+            from afm_jax.train import layer_decay
+            depth = {**parse_variant(config.model.variant), **factory.size_overrides(config.model)}["depth"]
+            parts.append(layer_decay.scale_updates_by_tree(layer_decay.lr_scale_tree(
+                params, num_layers=depth, decay=float(d.layer_decay), patch_embed_scale=float(d.patch_embed_lr_mult))))
+        if self.freeze_steps > 0:
+            parts.append(dino_schedules.freeze_for_steps(is_last, self.freeze_steps))
+        return optax.chain(*parts)
+
+    def build_train_iterator(self, config: ml_collections.ConfigDict):
+        return multicrop.build_multicrop_iterator(config, patch_size=self.patch_size,
+                                                  ibot=config.dino.ibot if self.ibot else None)
+
+    def example_batch(self, config: ml_collections.ConfigDict, batch_size: int, seed: int) -> dict[str, np.ndarray]:
+        rng = np.random.default_rng(seed)
+        mc, s = config.multicrop, config.image_size
+        batch = {"global": rng.random((batch_size, mc.num_global, s, s, 1), dtype=np.float32),
+                 "local": rng.random((batch_size, mc.num_local, mc.local_size, mc.local_size, 1), dtype=np.float32)}
+        if config.dino.ibot.enabled:
+            g = s // parse_variant(config.model.variant)["patch_size"]
+            spec = multicrop.MaskSpec((g, g), config.dino.ibot.mask_probability, tuple(config.dino.ibot.mask_ratio))
+            batch["masks"] = np.stack([[spec.sample(rng) for _ in range(mc.num_global)] for _ in range(batch_size)])
+        return {k: batch[k] for k in self.batch_keys}
+
+    # ─── The loss (pure, jitted) ─────────────────────────────────────────────────────────────
+    def teacher_of(self, model: dino_lib.DINOModel, teacher_params: Any) -> dino_lib.DINOModel:
+        """The student's module with the teacher's params (no gradient flows into them)."""
+        graphdef, _, rest = nnx.split(model, nnx.Param, ...)
+        return nnx.merge(graphdef, jax.lax.stop_gradient(teacher_params), rest)
+
+    def loss(self, model: dino_lib.DINOModel, batch: dict, key: jax.Array, extra: dict,
+             step: jax.Array) -> tuple[jax.Array, tuple[dict, dict]]:
+        d = self.config.dino
+        glob = batch["global"]                                   # (B, G, S, S, C)
+        b, ng = glob.shape[:2]
+        crops_first = lambda x: jnp.swapaxes(x, 0, 1).reshape(-1, *x.shape[2:])   # (G·B, ...), crop-major
+        g_images = crops_first(glob)
+        masks = crops_first(batch["masks"]) if self.ibot else None
+        key_g, key_l = jax.random.split(key)
+
+        teacher = self.teacher_of(model, extra["teacher"])
+        t_cls, t_patch = teacher.backbone(g_images)
+        t_logits = jax.lax.stop_gradient(teacher.dino_head(t_cls)).reshape(ng, b, -1)
+
+        s_cls, s_patch = model.backbone(g_images, masks=masks, rngs=key_g)
+        s_logits = [model.dino_head(s_cls).reshape(ng, b, -1)]
+        if "local" in batch:
+            loc = batch["local"]
+            l_cls, _ = model.backbone(crops_first(loc), rngs=key_l)
+            s_logits.append(model.dino_head(l_cls).reshape(loc.shape[1], b, -1))
+        s_logits = jnp.concatenate(s_logits, axis=0)             # (V, B, K), global views first
+
+        temp = self.teacher_temp(step)
+        if d.centering == "center":
+            t_probs = dino_lib.teacher_softmax(t_logits, extra["center"], temp)
+        else:
+            k = t_logits.shape[-1]
+            t_probs = dino_lib.sinkhorn_knopp(t_logits.reshape(-1, k), temp, d.sinkhorn_iterations).reshape(t_logits.shape)
+        t_probs = jax.lax.stop_gradient(t_probs)
+        loss_dino = dino_lib.dino_loss(s_logits, t_probs, d.student_temp)
+        teacher_entropy = dino_lib.entropy(t_probs)
+        total = d.dino_loss_weight * loss_dino
+        metrics = {"loss_dino": loss_dino, "teacher_entropy": teacher_entropy,
+                   # every teacher view meets V - 1 student views, so the mean entropy over pairs is this one
+                   "kl_teacher_student": loss_dino - teacher_entropy,
+                   "student_entropy": dino_lib.entropy(jax.nn.softmax(s_logits / d.student_temp, axis=-1)),
+                   "center_norm": jnp.linalg.norm(extra["center"]),
+                   "teacher_temp": jnp.asarray(temp, jnp.float32),
+                   "teacher_momentum": self.momentum(step)}
+        outputs = {"teacher_mean": jnp.mean(t_logits, axis=(0, 1))}
+
+        if d.koleo_weight > 0:
+            per_view = s_cls.reshape(ng, b, -1)
+            loss_koleo = sum(dino_lib.koleo_loss(per_view[i]) for i in range(ng))
+            total = total + d.koleo_weight * loss_koleo
+            metrics["loss_koleo"] = loss_koleo
+
+        if self.ibot:
+            loss_ibot, ibot_metrics, ibot_outputs = self._ibot(model, teacher, s_patch, t_patch, masks, extra, temp)
+            total = total + d.ibot.loss_weight * loss_ibot
+            metrics.update(loss_ibot=loss_ibot, **ibot_metrics)
+            outputs.update(ibot_outputs)
+        return total, (metrics, outputs)
+
+    def _ibot(self, model, teacher, s_patch, t_patch, masks, extra, temp):
+        """iBOT's masked-patch term on at most ceil(N · max ratio) gathered patches per crop."""
+        d = self.config.dino
+        n = masks.shape[1]
+        n_max = max(1, min(n, int(math.ceil(n * float(d.ibot.mask_ratio[1])))))
+        order = jnp.argsort(jnp.logical_not(masks), axis=1, stable=True)[:, :n_max]   # masked patches first
+        sel = jnp.take_along_axis(masks, order, axis=1)                              # (G·B, n_max)
+        gather = lambda x: jnp.take_along_axis(x, order[..., None], axis=1)
+        s_logits = model.patch_head(gather(s_patch))
+        t_logits = jax.lax.stop_gradient(teacher.patch_head(gather(t_patch)))       # (G·B, n_max, K)
+        if d.centering == "center":
+            t_probs = dino_lib.teacher_softmax(t_logits, extra["patch_center"], temp)
+        else:
+            k = t_logits.shape[-1]
+            t_probs = dino_lib.sinkhorn_knopp(t_logits.reshape(-1, k), temp, d.sinkhorn_iterations,
+                                              weights=sel.reshape(-1)).reshape(t_logits.shape)
+        t_probs = jax.lax.stop_gradient(t_probs)
+        loss = dino_lib.ibot_patch_loss(s_logits, t_probs, sel, d.student_temp)
+        m = sel.astype(jnp.float32)
+        # Means over crops (batch means, as the step's contract asks); their ratio is the masked-patch mean.
+        outputs = {"patch_logit_sum": jnp.mean(jnp.einsum("cn,cnk->ck", m, t_logits), axis=0),
+                   "patch_count": jnp.mean(jnp.sum(m, axis=1))}
+        metrics = {"masked_fraction": jnp.sum(m) / (masks.shape[0] * n),
+                   "patch_center_norm": jnp.linalg.norm(extra["patch_center"])}
+        return loss, metrics, outputs
+
+    def update_extra(self, extra: dict, params: Any, outputs: dict, step: jax.Array) -> dict:
+        d = self.config.dino
+        new = dict(extra)
+        new["teacher"] = dino_schedules.ema_update(extra["teacher"], params, self.momentum(step))
+        if d.centering == "center":
+            new["center"] = dino_lib.update_center(extra["center"], outputs["teacher_mean"], d.center_momentum)
+            if self.ibot:
+                count = outputs["patch_count"]
+                batch_center = outputs["patch_logit_sum"] / jnp.maximum(count, 1e-6)
+                updated = dino_lib.update_center(extra["patch_center"], batch_center, d.center_momentum)
+                new["patch_center"] = jnp.where(count > 0, updated, extra["patch_center"])
+        return new
+
+    # ─── kNN monitor ─────────────────────────────────────────────────────────────────────────
+    def evaluate(self, model: dino_lib.DINOModel, extra: dict, step: int) -> dict[str, float]:
+        """kNN accuracy (DINO's weighted 20-NN, T 0.07) of the *teacher* backbone's features."""
+        teacher = self.teacher_of(model, jax.device_get(extra["teacher"]))
+        results = {"knn_acc": self.knn_accuracy(teacher.encoder)}
+        if self.config.dino.knn.random_init_baseline:
+            if self._knn_random_init is None:   # once per process: the same network at its initialisation
+                fresh = self.build_model(self.config, nnx.Rngs(self.config.seed))
+                self._knn_random_init = self.knn_accuracy(fresh.encoder)
+            results["knn_acc_random_init"] = self._knn_random_init
+        return results
+
+    def knn_accuracy(self, encoder: nnx.Module) -> float:
+        """kNN accuracy of `encoder` on the first `knn.max_eval` images of `knn.eval_split`, voting
+        with the first `knn.max_train` images of `knn.train_split` (unaugmented, config.image_size).
+
+        Classes are `knn.label_key`: the integer `label` (images with -1 are left out) or a record
+        string field (e.g. "view"), whose distinct values are numbered in sorted order."""
+        from afm_jax.evaluation.knn import knn_accuracy
+        k = self.config.dino.knn
+        train_x, train_y = self._features(encoder, k.train_split, int(k.max_train))
+        test_x, test_y = self._features(encoder, k.eval_split, int(k.max_eval))
+        if k.label_key != "label":
+            classes = {v: i for i, v in enumerate(sorted(set(train_y.tolist()) | set(test_y.tolist())))}
+            train_y = np.array([classes[v] for v in train_y], np.int64)
+            test_y = np.array([classes[v] for v in test_y], np.int64)
+        train_x, train_y = train_x[train_y >= 0], train_y[train_y >= 0]
+        test_x, test_y = test_x[test_y >= 0], test_y[test_y >= 0]
+        if len(train_y) == 0 or len(test_y) == 0:
+            return float("nan")
+        num_classes = int(max(train_y.max(), test_y.max())) + 1
+        return knn_accuracy(train_x, train_y, test_x, test_y, num_classes=num_classes, k=int(k.k),
+                            temperature=float(k.temperature))
+
+    def _features(self, encoder: nnx.Module, split: str, limit: int) -> tuple[np.ndarray, np.ndarray]:
+        from afm_jax.data import pipeline
+        k = self.config.dino.knn
+        graphdef, state = nnx.split(encoder)
+        if self._knn_fn is None or self._knn_fn[0] != graphdef:
+            pool = k.pool
+            self._knn_fn = (graphdef, jax.jit(lambda st, x: nnx.merge(graphdef, st).pooled_features(x, pool=pool)))
+        fn = self._knn_fn[1]
+        batches = pipeline.build_eval_iterator(self.config.data, split=split, batch_size=int(k.batch_size),
+                                               image_size=self.config.image_size, process_index=0, process_count=1)
+        feats, labels, seen = [], [], 0
+        try:
+            for batch in batches:
+                keep = np.asarray(batch["mask"], bool)
+                feats.append(np.asarray(fn(state, batch["image"]), np.float32)[keep])
+                labels.append(np.asarray(batch["label"])[keep])
+                seen += int(keep.sum())
+                if seen >= limit:
+                    break
+        finally:
+            batches.close()
+        feats, labels = np.concatenate(feats)[:limit], np.concatenate(labels)[:limit]
+        if k.label_key != "label":   # eval batches are in dataset order: record i is feature i
+            from afm_jax.data import records
+            source = records.open_split(self.config.data.path, split)
+            labels = np.array([str(source[i].get(k.label_key, "")) for i in range(len(feats))])
+        return feats, labels
