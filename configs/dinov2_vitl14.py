@@ -17,8 +17,7 @@ before a long run; some releases set it to 1.0).
 Learning rate: DINOv2 scales base_lr by sqrt(batch/1024); this repository scales linearly by
 batch/256, so base_lr = 5e-5 gives DINOv2's peak of 2e-4 at batch 1024 (change both if you change
 the batch). 500 epochs of LVD-142M in the paper; 100 epochs here (set num_epochs for your data).
-Deviations: plain GELU MLP instead of SwiGLU; no LayerScale until the model config exposes it
-(`model.layer_scale_init`); 4 register tokens (DINOv2 with registers, Darcet et al. 2024);
+Deviations: plain GELU MLP instead of SwiGLU; LayerScale init 1e-5 as DINOv2; 4 register tokens (DINOv2 with registers, Darcet et al. 2024);
 radiograph intensity jitter instead of colour jitter, as in dino_vits16.py.
 """
 
@@ -27,7 +26,8 @@ from afm_jax.train.defaults import pretrain_config
 
 def get_config(arg=None):
     config = pretrain_config("dino", "L/14")
-    config.model.update(dtype="bfloat16", drop_path_rate=0.4, num_reg_tokens=4, remat="full")
+    config.model.update(dtype="bfloat16", drop_path_rate=0.4, num_reg_tokens=4, remat="full",
+                        layer_scale_init=1e-5)
     config.batch_size = 1024
     config.accum_steps = 4
     config.num_epochs = 100.0

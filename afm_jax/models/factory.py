@@ -20,6 +20,7 @@ def default_model_config(variant: str = "B/16") -> ml_collections.ConfigDict:
         variant=variant, in_chans=1, class_token=True, num_reg_tokens=0, no_embed_class=False,
         pos_embed="sincos", drop_path_rate=0.0, dtype="float32", param_dtype="float32",
         remat="none",               # activation rematerialisation per block: none | full | dots | dots_no_batch
+        layer_scale_init=placeholder(float),  # LayerScale init (DINOv2: 1e-5); None = no LayerScale
         # Optional changes to the variant's size (None = the variant's own), e.g. a shallower demo model.
         width=placeholder(int), depth=placeholder(int), num_heads=placeholder(int), mlp_dim=placeholder(int)))
 
@@ -58,7 +59,8 @@ def build_encoder(model: ml_collections.ConfigDict, image_size: int, rngs: nnx.R
         model.variant, img_size=image_size, in_chans=model.in_chans, class_token=model.class_token,
         num_reg_tokens=model.num_reg_tokens, no_embed_class=model.no_embed_class, pos_embed=model.pos_embed,
         drop_path_rate=model.drop_path_rate, dtype=DTYPES[model.dtype], param_dtype=DTYPES[model.param_dtype],
-        remat=model.get("remat", "none"), rngs=rngs, **size_overrides(model))
+        remat=model.get("remat", "none"), layer_scale_init=model.get("layer_scale_init"), rngs=rngs,
+        **size_overrides(model))
 
 
 def build_mae(config: ml_collections.ConfigDict, rngs: nnx.Rngs) -> MAE:
