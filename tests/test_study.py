@@ -121,3 +121,19 @@ def test_tools_print_a_message_not_a_traceback(tmp_path, capsys, synthetic_datas
     last = capsys.readouterr().out.strip().splitlines()[-1]
     assert code == 0 and 0.0 <= json.loads(last)["auroc"] <= 1.0
     assert (tmp_path / "e2" / "result.json").is_file()
+
+
+def test_curation_ablation_study_needs_the_curation_output(tmp_path, monkeypatch):
+    """The ablation study file loads when tools/curate.py's selections exist, and says what to run when not."""
+    ablation = REPO / "configs" / "studies" / "curation_ablation.py"
+    monkeypatch.setenv("AFM_ABLATION_CURATION", str(tmp_path / "cur"))
+    with pytest.raises(ConfigError, match="tools/curate.py"):
+        study_lib.load_study(ablation)
+    (tmp_path / "cur").mkdir()
+    for name in ("selection.json", "selection_random.json"):
+        (tmp_path / "cur" / name).write_text(json.dumps(["a"]))
+    study = study_lib.load_study(ablation)
+    assert sorted(study.pretrain) == ["curated_s0", "curated_s1", "random_subset_s0", "random_subset_s1"]
+    sel = {n: p.overrides["data.selection"] for n, p in study.pretrain.items()}
+    assert sel["curated_s0"].endswith("selection.json") and sel["random_subset_s1"].endswith("selection_random.json")
+    assert {p.overrides["seed"] for p in study.pretrain.values()} == {0, 1}
