@@ -6,7 +6,10 @@ an unknown key fails at flag parsing). This module checks the *values* a task ne
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import os
+import pathlib
 from typing import Any, Callable, Iterable
 
 import ml_collections
@@ -41,3 +44,32 @@ def require_choice(config: ml_collections.ConfigDict, key: str, choices: Iterabl
 def to_json(config: ml_collections.ConfigDict) -> dict:
     """A JSON-safe dict of the config (tuples become lists), for checkpoints and logs."""
     return json.loads(config.to_json_best_effort())
+
+
+def load_python_file(path: str | os.PathLike, function: str, *args: Any, what: str = "Config file") -> Any:
+    """Calls `function(*args)` of a Python file the user named (a config or study file; nothing
+    else is executed). Missing file or function: ConfigError saying which."""
+    file = pathlib.Path(path)
+    if not file.is_file():
+        raise ConfigError(f"{what} {file} does not exist.")
+    spec = importlib.util.spec_from_file_location(f"afm_{function}_{file.stem}", file)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not hasattr(module, function):
+        raise ConfigError(f"{what} {file} has no {function}() function.")
+    return getattr(module, function)(*args)
+
+
+def apply_overrides(config: ml_collections.ConfigDict, overrides: dict[str, Any], where: str) -> None:
+    """Sets dotted keys (`{"optim.base_lr": 1e-3}`) in place; a key the config lacks is a ConfigError
+    naming `where` the override came from. Lists become tuples (ConfigDict's sequence type)."""
+    for key, value in overrides.items():
+        node = config
+        *parents, leaf = key.split(".")
+        for part in parents:
+            if part not in node:
+                raise ConfigError(f"{where}: override {key!r} is not a config key (see afm_jax/train/defaults.py).")
+            node = node[part]
+        if leaf not in node:
+            raise ConfigError(f"{where}: override {key!r} is not a config key (see afm_jax/train/defaults.py).")
+        node[leaf] = tuple(value) if isinstance(value, list) else value

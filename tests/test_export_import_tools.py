@@ -27,7 +27,10 @@ def load_tool(name):
 
 
 def run_tool(name, argv, capsys):
-    rc = load_tool(name).main([str(a) for a in argv])
+    try:
+        rc = load_tool(name).main([str(a) for a in argv])
+    except SystemExit as e:  # a user error exits with status 2
+        rc = e.code
     out, err = capsys.readouterr()
     return rc, out, err
 

@@ -47,13 +47,9 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}. Settings go as --config.key=value.")
     logging.set_verbosity(logging.WARNING)
     from afm_jax.data.curation.run import curate  # pylint: disable=g-import-not-at-top
-    from afm_jax.user_errors import USER_ERRORS  # pylint: disable=g-import-not-at-top
+    from afm_jax.user_errors import exit_on_user_error  # pylint: disable=g-import-not-at-top
 
-    try:
-        result = curate(_DATA.value, _OUT.value, _CONFIG.value, embeddings=_EMBEDDINGS.value)
-    except USER_ERRORS as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    result = exit_on_user_error(curate, _DATA.value, _OUT.value, _CONFIG.value, embeddings=_EMBEDDINGS.value)
     s = result.summary
     removed = ", ".join(f"{k} {v}" for k, v in s["removed_by_reason"].items()) or "none"
     print(f"Scanned {s['images']} images ({s['images_per_s']} img/s without embeddings); removed: {removed}.")

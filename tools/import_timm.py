@@ -158,13 +158,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE)
     parser.add_argument("--no-parity", action="store_true", help="skip the timm parity check")
     args = parser.parse_args(argv)
-    from afm_jax.user_errors import USER_ERRORS
+    from afm_jax.user_errors import exit_on_user_error
 
-    try:
-        summary = import_weights(args)
-    except USER_ERRORS as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    summary = exit_on_user_error(import_weights, args)
     print(f"wrote {summary['out_dir']}/model.safetensors, config.json, README.md")
     print(json.dumps(summary))
     return 0

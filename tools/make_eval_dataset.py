@@ -102,13 +102,9 @@ def run(argv: Sequence[str] | None = None) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    from afm_jax.user_errors import USER_ERRORS  # pylint: disable=g-import-not-at-top
+    from afm_jax.user_errors import exit_on_user_error  # heavy import; not for worker processes
 
-    try:
-        sys.exit(run(argv))
-    except USER_ERRORS as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    sys.exit(exit_on_user_error(run, argv))
 
 
 if __name__ == "__main__":

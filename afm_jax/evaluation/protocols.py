@@ -32,6 +32,7 @@ from typing import Any, Callable
 import numpy as np
 from tqdm import tqdm
 
+from afm_jax import configuration
 from afm_jax.configuration import ConfigError
 from afm_jax.evaluation import aggregation, sampling, statistics
 from afm_jax.evaluation.backbones import Backbone, BackboneSpec, load_backbone
@@ -261,14 +262,7 @@ def finetune_config(spec: BackboneSpec, task: TaskSpec, data_path: str, *, seed:
     config.finetune.update(positive_labels=task.positive_labels, negative_labels=task.negative_labels,
                            pool=spec.pool, test_split=task.test_split)
     config.checkpoint_every = 10 ** 9
-    for key, value in (options or {}).items():
-        node = config
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node[p]
-        if leaf not in node:
-            raise ConfigError(f"Fine-tuning option {key!r} is not a config key (see afm_jax/train/defaults.py).")
-        node[leaf] = tuple(value) if isinstance(value, list) else value
+    configuration.apply_overrides(config, options or {}, "Fine-tuning options")
     return config
 
 

@@ -21,7 +21,6 @@ seed) and rerun; each run is computed once and the report is always rebuilt from
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import itertools
 import json
 import os
@@ -34,6 +33,7 @@ from typing import Any
 
 import numpy as np
 
+from afm_jax import configuration
 from afm_jax.configuration import ConfigError
 from afm_jax.evaluation.backbones import BackboneSpec, load_backbone
 from afm_jax.evaluation.finetune import binary_targets
@@ -118,17 +118,9 @@ class Study:
 
 def load_study(path: str | os.PathLike) -> Study:
     """`get_study()` of a study file (a Python file the user chose; nothing else is executed)."""
-    p = pathlib.Path(path)
-    if not p.is_file():
-        raise ConfigError(f"Study file {p} does not exist; see configs/studies/demo.py for an example.")
-    spec = importlib.util.spec_from_file_location(f"afm_study_{p.stem}", p)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    if not hasattr(module, "get_study"):
-        raise ConfigError(f"Study file {p} has no get_study() function returning afm_jax.evaluation.study.Study.")
-    study = module.get_study()
+    study = configuration.load_python_file(path, "get_study", what="Study file (see configs/studies/demo.py)")
     if not isinstance(study, Study):
-        raise ConfigError(f"get_study() in {p} returned {type(study).__name__}, not a Study.")
+        raise ConfigError(f"get_study() in {path} returned {type(study).__name__}, not a Study.")
     study.validate()
     return study
 
@@ -164,28 +156,11 @@ def resolve_backbone(spec: BackboneSpec, layout: Layout) -> BackboneSpec:
 
 # ─── Pretraining variants ────────────────────────────────────────────────────────────────────────
 
-def _load_config(path: str, arg: str | None):
-    p = pathlib.Path(path)
-    if not p.is_file():
-        raise ConfigError(f"Pretraining config {p} does not exist.")
-    spec = importlib.util.spec_from_file_location(f"afm_config_{p.stem}", p)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(arg)
-
-
 def pretrain_config(study: Study, name: str, layout: Layout):
     """The trainer config of pretraining variant `name` (overrides applied, data path resolved)."""
     p = study.pretrain[name]
-    config = _load_config(p.config, p.arg)
-    for key, value in p.overrides.items():
-        node = config
-        *parents, leaf = key.split(".")
-        for part in parents:
-            node = node[part]
-        if leaf not in node:
-            raise ConfigError(f"Pretraining {name!r}: override {key!r} is not a key of {p.config}.")
-        node[leaf] = tuple(value) if isinstance(value, list) else value
+    config = configuration.load_python_file(p.config, "get_config", p.arg, what="Pretraining config")
+    configuration.apply_overrides(config, p.overrides, f"Pretraining {name!r} ({p.config})")
     if p.data_task and not config.data.path:
         with config.unlocked():
             config.data.path = study.tasks[p.data_task].data_path(layout.root)
