@@ -73,3 +73,11 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: dict[str, Any]
         if leaf not in node:
             raise ConfigError(f"{where}: override {key!r} is not a config key (see afm_jax/train/defaults.py).")
         node[leaf] = tuple(value) if isinstance(value, list) else value
+
+
+def bad_override_message(argv: Iterable[str], error: Exception, keys_are_in: str) -> str:
+    """The message for a `--config.a.b=v` override that ml_collections rejected (unknown key or bad
+    value), naming the overrides given and where the valid keys are listed."""
+    overrides = [a.split("=")[0] for a in argv if a.startswith("--config.")]
+    detail = str(error).strip("\"'").replace("\\n", " ").replace("\\'", "'")
+    return f"bad config override in {', '.join(overrides)}: {detail}. The valid keys are in {keys_are_in}."

@@ -83,10 +83,9 @@ def parse_flags(argv: list[str]) -> list[str]:
         print(f"error: {e}\nRun with --helpfull for the flags.", file=sys.stderr)
         sys.exit(2)
     except (AttributeError, KeyError) as e:  # ml_collections: unknown key in a --config.a.b=v override
-        overrides = [a.split("=")[0] for a in argv if a.startswith("--config.")]
-        detail = str(e).strip("\"'").replace("\\n", " ").replace("\\'", "'")
-        print(f"error: unknown config key in {', '.join(overrides)}: {detail}. Every key a config accepts is "
-              "in afm_jax/train/defaults.py (or the config file).", file=sys.stderr)
+        from afm_jax.configuration import bad_override_message
+        print("error: " + bad_override_message(argv, e, "afm_jax/train/defaults.py (or the config file)"),
+              file=sys.stderr)
         sys.exit(2)
 
 

@@ -36,9 +36,8 @@ def _define_config_flag() -> None:
     try:
         _CONFIG = config_flags.DEFINE_config_dict("config", curation_config.default_config(), "Curation settings.")
     except (AttributeError, KeyError, ValueError, TypeError) as e:  # unknown key or unparsable value
-        overrides = [a.split("=")[0] for a in sys.argv if a.startswith("--config.")]
-        print(f"error: bad config override in {', '.join(overrides)}: {str(e).strip(chr(34))}. The keys and their "
-              "meaning are in afm_jax/data/curation/config.py.", file=sys.stderr)
+        from afm_jax.configuration import bad_override_message  # pylint: disable=g-import-not-at-top
+        print("error: " + bad_override_message(sys.argv, e, "afm_jax/data/curation/config.py"), file=sys.stderr)
         sys.exit(2)
 
 

@@ -133,13 +133,8 @@ def plot_roc(curves: dict[str, tuple[np.ndarray, np.ndarray, float]], title: str
     for name, (y, s, auroc) in curves.items():
         fpr, tpr, _ = metrics_lib.roc_curve_points(y, s)
         ax.plot(fpr, tpr, lw=1.6, label=f"{name} (AUROC {auroc:.3f})")
-    ax.plot([0, 1], [0, 1], ls="--", c="0.6", lw=0.8)
     ax.set(xlabel="1 − specificity", ylabel="sensitivity", xlim=(0, 1), ylim=(0, 1.01))
-    ax.set_title(title, fontsize=7)
-    ax.legend(loc="lower right", fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    _finish_diagonal_plot(fig, ax, title, path, legend_loc="lower right")
 
 
 def plot_calibration(curves: dict[str, tuple[np.ndarray, np.ndarray]], title: str, path: pathlib.Path) -> None:
@@ -149,10 +144,15 @@ def plot_calibration(curves: dict[str, tuple[np.ndarray, np.ndarray]], title: st
         ok = bins["counts"] > 0
         ax.plot(bins["mean_predicted"][ok], bins["observed_fraction"][ok], marker="o", ms=3, lw=1.2,
                 label=f"{name} (ECE {bins['ece']:.3f})")
-    ax.plot([0, 1], [0, 1], ls="--", c="0.6", lw=0.8)
     ax.set(xlabel="mean predicted probability", ylabel="observed fraction positive", xlim=(0, 1), ylim=(0, 1))
+    _finish_diagonal_plot(fig, ax, title, path, legend_loc="upper left")
+
+
+def _finish_diagonal_plot(fig, ax, title: str, path: pathlib.Path, *, legend_loc: str) -> None:
+    """The chance/ideal diagonal, title and legend; saves and closes the figure."""
+    ax.plot([0, 1], [0, 1], ls="--", c="0.6", lw=0.8)
     ax.set_title(title, fontsize=7)
-    ax.legend(loc="upper left", fontsize=7)
+    ax.legend(loc=legend_loc, fontsize=7)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

@@ -10,7 +10,12 @@ What: :func:`initialize_encoder` overwrites a freshly built :class:`VisionTransf
   ``tools/import_timm.py``), timm Hub snapshots, Hugging Face Dinov2 snapshots (RAD-DINO);
 * one of our runs: a workdir, its ``checkpoints/`` folder or a ``checkpoints/<step>`` folder.
 
-and returns a report of what was loaded, adapted (channels, position grid, prefix slots,
+A :class:`~afm_jax.models.resnet.ResNet` encoder (``model.arch="resnet50"``, e.g. DINO continued from
+RadImageNet) is loaded from a torchvision-layout ``.pth``/``.safetensors`` file instead, through
+:mod:`afm_jax.interop.torchvision_resnet` (RGB stem summed to one channel, BatchNorm running
+statistics included, ``fc`` dropped).
+
+:func:`initialize_encoder` returns a report of what was loaded, adapted (channels, position grid, prefix slots,
 LayerScale) and left at init. Mismatches raise :class:`~afm_jax.interop.timm.InteropError` naming
 the key.
 
@@ -32,6 +37,7 @@ import numpy as np
 from afm_jax.interop import timm as timm_interop
 from afm_jax.interop.checkpoints import is_checkpoint_path, read_encoder_checkpoint
 from afm_jax.interop.timm import InteropError
+from afm_jax.models.resnet import ResNet
 from afm_jax.models.vit import VisionTransformer
 
 __all__ = ["initialize_encoder", "read_vit_source", "read_weights_file", "unwrap_state_dict", "TORCH_SUFFIXES"]
@@ -125,7 +131,7 @@ def read_vit_source(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dic
     return read_weights_file(weights), kwargs, info
 
 
-def initialize_encoder(encoder: VisionTransformer, path: str | os.PathLike) -> dict[str, Any]:
+def initialize_encoder(encoder: VisionTransformer | ResNet, path: str | os.PathLike) -> dict[str, Any]:
     """Overwrites ``encoder``'s weights in place from ``path`` (see the module docstring).
 
     Returns:
@@ -140,6 +146,8 @@ def initialize_encoder(encoder: VisionTransformer, path: str | os.PathLike) -> d
     if not p.exists():
         raise InteropError(f"init_from path {p} does not exist: give a .safetensors/.pth file, an export "
                            "folder (config.json + model.safetensors) or a run's workdir.")
+    if isinstance(encoder, ResNet):
+        return initialize_resnet(encoder, p)
     extra: dict[str, Any] = {}
     if p.is_dir() and is_checkpoint_path(p):
         src = read_encoder_checkpoint(p)
@@ -164,6 +172,32 @@ def initialize_encoder(encoder: VisionTransformer, path: str | os.PathLike) -> d
         note = normalisation_mismatch(report["source_mean"], report["source_std"], encoder)
         if note:
             report["warnings"].append(note)
+    return report
+
+
+def initialize_resnet(encoder: ResNet, path: pathlib.Path) -> dict[str, Any]:
+    """Overwrites a ResNet in place from a torchvision-layout weights file (RadImageNet, ImageNet,
+    DINO's ResNet-50); the report has the keys of :func:`initialize_encoder`'s.
+
+    Raises:
+      InteropError: a folder or run directory (only weights files hold a ResNet here), or keys and
+        shapes that do not fit (named by :func:`load_torchvision_resnet`).
+    """
+    from flax import nnx
+
+    from afm_jax.interop.torchvision_resnet import flax_key, load_torchvision_resnet
+
+    if path.is_dir():
+        raise InteropError(f"init_from {path} is a folder; a ResNet starts from a torchvision-layout weights "
+                           "file (.pth/.pt/.safetensors, e.g. RadImageNet's ResNet50.pt).")
+    loaded = load_torchvision_resnet(encoder, read_weights_file(path))
+    keys = [flax_key(".".join(map(str, k)))[0] for k, _ in nnx.to_flat_state(nnx.state(encoder))]
+    report: dict[str, Any] = dict(source="file", path=str(path), layout="torchvision ResNet",
+                                  loaded=keys, adapted=loaded["adapted"], left_at_init=[],
+                                  dropped=loaded["dropped"], warnings=[])
+    report["summary"] = (f"{loaded['loaded']} tensors from a torchvision ResNet file"
+                         + (f"; adapted: {'; '.join(loaded['adapted'])}" if loaded["adapted"] else "")
+                         + (f"; dropped: {', '.join(loaded['dropped'])}" if loaded["dropped"] else ""))
     return report
 
 

@@ -13,9 +13,10 @@ What (each piece follows the reference code named beside it):
 * :func:`sinkhorn_knopp` — DINOv2's alternative to centring (3 iterations).
 * :func:`koleo_loss` — DINOv2's KoLeo regulariser on the student's class tokens.
 * :func:`ibot_patch_loss` — iBOT's masked-patch cross-entropy, counted on masked patches only.
-* :class:`DINOModel` — the student: our :class:`VisionTransformer`, the DINO head, an optional
-  separate iBOT head and the learned `mask_token` for masked patches. The teacher is the same
-  module merged with EMA params (see `afm_jax.train.tasks.dino`).
+* :class:`DINOModel` — the student: our :class:`VisionTransformer` (or a :class:`ResNet`, DINO's
+  ResNet-50 recipe: the head reads the 2048-d pooled feature; no patch tokens, so no iBOT), the DINO
+  head, an optional separate iBOT head and the learned `mask_token` for masked patches. The teacher
+  is the same module merged with EMA params (see `afm_jax.train.tasks.dino`).
 
 All functions are pure jnp on logits shaped (views, batch, prototypes), so the train step computes
 each crop size as one batched array and the batch mean is the global batch mean under SPMD.
@@ -29,6 +30,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from afm_jax.models.resnet import ResNet
 from afm_jax.models.vit import VisionTransformer
 
 __all__ = ["DINOHead", "DINOModel", "FrozenWeight", "dino_loss", "teacher_softmax", "update_center",
@@ -105,11 +107,14 @@ class DINOHead(nnx.Module):
 class DINOModel(nnx.Module):
     """Student (and, with EMA params, teacher) of DINO/DINOv2: backbone + head(s) + mask token."""
 
-    def __init__(self, encoder: VisionTransformer, *, out_dim: int, hidden_dim: int = 2048,
+    def __init__(self, encoder: VisionTransformer | ResNet, *, out_dim: int, hidden_dim: int = 2048,
                  bottleneck_dim: int = 256, nlayers: int = 3, norm_last_layer: bool = True,
                  ibot: bool = False, ibot_separate_head: bool = False, ibot_out_dim: int | None = None,
                  dtype: Any = jnp.float32, param_dtype: Any = jnp.float32, rngs: nnx.Rngs):
-        if not encoder.has_class_token:
+        self.is_resnet = isinstance(encoder, ResNet)
+        if self.is_resnet and ibot:
+            raise ValueError("iBOT needs patch tokens; a ResNet backbone has none (set dino.ibot.enabled=False).")
+        if not self.is_resnet and not encoder.has_class_token:
             raise ValueError("DINO needs an encoder with a class token (config model.class_token=True).")
         self.encoder = encoder
         kw = dict(hidden_dim=hidden_dim, bottleneck_dim=bottleneck_dim, nlayers=nlayers,
@@ -126,11 +131,16 @@ class DINOModel(nnx.Module):
         return (self.ibot_head if self.ibot_head is not None else self.dino_head)(tokens)
 
     def backbone(self, images: jax.Array, *, masks: jax.Array | None = None,
-                 rngs: nnx.Rngs | jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+                 rngs: nnx.Rngs | jax.Array | None = None) -> tuple[jax.Array, jax.Array | None]:
         """(B, H, W, C) -> (class token (B, D), patch tokens (B, N, D)), after the final norm.
 
         `masks` (B, N) bool replaces the masked patch embeddings by `mask_token` *before* the
-        position embedding is added (DINOv2 `prepare_tokens_with_masks`)."""
+        position embedding is added (DINOv2 `prepare_tokens_with_masks`). A ResNet backbone gives
+        (pooled feature (B, 2048), None), its BatchNorm in the mode it was built with."""
+        if self.is_resnet:
+            if masks is not None:
+                raise ValueError("masks given to a DINO model with a ResNet backbone (no patch tokens).")
+            return self.encoder.forward_features(images), None
         enc = self.encoder
         x = enc.normalize(images).astype(enc.dtype)
         x = enc.patch_embed(x)

@@ -1,4 +1,9 @@
-"""Builds models from config sections, so configs name components and code stays declarative."""
+"""Builds models from config sections, so configs name components and code stays declarative.
+
+`model.arch` picks the backbone family: "vit" (default; `VisionTransformer`, every other key of the
+section) or "resnet50" (torchvision-layout `ResNet`, for DINO's ResNet-50 recipe and continued
+pretraining from RadImageNet; reads `in_chans`, `dtype`, `param_dtype`, `resnet_layers`).
+"""
 
 from __future__ import annotations
 
@@ -9,20 +14,25 @@ from flax import nnx
 
 from afm_jax import configuration
 from afm_jax.models.mae import MAE
+from afm_jax.models.resnet import RESNET_LAYERS, ResNet
 from afm_jax.models.vit import REMAT_POLICIES, VisionTransformer, parse_variant
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+ARCHS = ("vit", "resnet50")
 
 
 def default_model_config(variant: str = "B/16") -> ml_collections.ConfigDict:
     """ViT encoder options (see afm_jax.models.vit.VisionTransformer)."""
     return ml_collections.ConfigDict(dict(
+        arch="vit",                 # vit | resnet50 (see the module docstring)
         variant=variant, in_chans=1, class_token=True, num_reg_tokens=0, no_embed_class=False,
         pos_embed="sincos", drop_path_rate=0.0, dtype="float32", param_dtype="float32",
         remat="none",               # activation rematerialisation per block: none | full | dots | dots_no_batch
         layer_scale_init=placeholder(float),  # LayerScale init (DINOv2: 1e-5); None = no LayerScale
         # Optional changes to the variant's size (None = the variant's own), e.g. a shallower demo model.
-        width=placeholder(int), depth=placeholder(int), num_heads=placeholder(int), mlp_dim=placeholder(int)))
+        width=placeholder(int), depth=placeholder(int), num_heads=placeholder(int), mlp_dim=placeholder(int),
+        resnet_layers=RESNET_LAYERS["resnet50"],   # arch resnet50: bottleneck blocks per stage (tests: (1, 1, 1, 1))
+    ))
 
 
 SIZE_OVERRIDES = ("width", "depth", "num_heads", "mlp_dim")
@@ -35,6 +45,11 @@ def size_overrides(model: ml_collections.ConfigDict) -> dict[str, int]:
 
 def validate_model_config(config: ml_collections.ConfigDict, prefix: str = "model") -> None:
     model = config[prefix]
+    if "arch" in model:
+        configuration.require_choice(config, f"{prefix}.arch", ARCHS)
+    if is_resnet(model):
+        validate_resnet_config(config, prefix)
+        return
     configuration.require(config, f"{prefix}.variant", lambda v: parse_variant(v) is not None,
                           'a ViT variant such as "S/16", "B/16", "L/16" or "H/14"')
     configuration.require_choice(config, f"{prefix}.pos_embed", ("sincos", "learned"))
@@ -52,6 +67,54 @@ def validate_model_config(config: ml_collections.ConfigDict, prefix: str = "mode
     patch = size["patch_size"]
     configuration.require(config, "image_size", lambda v: v % patch == 0,
                           f"a multiple of the patch size {patch} of model `{model.variant}`")
+
+
+# ViT-only options a ResNet cannot honour: refused rather than silently ignored. (class_token,
+# pos_embed and no_embed_class describe a ViT's tokens; they are not read for a ResNet.)
+_VIT_ONLY_REFUSED = {
+    "num_reg_tokens": (lambda v: int(v) == 0, "0 with model.arch=resnet50 (a ResNet has no tokens)"),
+    "drop_path_rate": (lambda v: float(v) == 0.0, "0.0 with model.arch=resnet50 (no drop-path in a ResNet)"),
+    "remat": (lambda v: v == "none", '"none" with model.arch=resnet50 (per-block remat is ViT-only)'),
+    "layer_scale_init": (lambda v: v is None, "None with model.arch=resnet50 (LayerScale is ViT-only)"),
+}
+
+
+def validate_resnet_config(config: ml_collections.ConfigDict, prefix: str = "model") -> None:
+    """The checks of `validate_model_config` for `model.arch="resnet50"`."""
+    configuration.require_choice(config, f"{prefix}.dtype", tuple(DTYPES))
+    configuration.require_choice(config, f"{prefix}.param_dtype", tuple(DTYPES))
+    configuration.require(config, f"{prefix}.in_chans", lambda v: v in (1, 3), "1 (radiographs) or 3")
+    configuration.require(config, f"{prefix}.resnet_layers",
+                          lambda v: len(tuple(v)) == 4 and all(int(n) >= 1 for n in v),
+                          "4 positive block counts, e.g. (3, 4, 6, 3) for ResNet-50")
+    for key, (ok, expected) in _VIT_ONLY_REFUSED.items():
+        configuration.require(config, f"{prefix}.{key}", ok, expected)
+    for key in SIZE_OVERRIDES:
+        configuration.require(config, f"{prefix}.{key}", lambda v: v is None,
+                              "None with model.arch=resnet50 (ViT size override)")
+    configuration.require(config, "image_size", lambda v: int(v) >= 32 and int(v) % 32 == 0,
+                          "a multiple of 32 (a ResNet downsamples by 32)")
+
+
+def is_resnet(model: ml_collections.ConfigDict) -> bool:
+    """Whether a model config section describes a ResNet backbone."""
+    return model.get("arch", "vit") == "resnet50"
+
+
+def build_resnet(model: ml_collections.ConfigDict, rngs: nnx.Rngs, *, train_batch_norm: bool = False) -> ResNet:
+    """The ResNet of a `model.arch="resnet50"` section; `train_batch_norm` builds it with batch
+    statistics in the forward pass (DINO pretraining) instead of running averages (evaluation)."""
+    return ResNet(tuple(int(n) for n in model.resnet_layers), in_chans=int(model.in_chans),
+                  use_running_average=not train_batch_norm, dtype=DTYPES[model.dtype],
+                  param_dtype=DTYPES[model.param_dtype], rngs=rngs)
+
+
+def build_backbone(model: ml_collections.ConfigDict, image_size: int, rngs: nnx.Rngs, *,
+                   train_batch_norm: bool = False) -> VisionTransformer | ResNet:
+    """The backbone `model.arch` names: a ViT (`build_encoder`) or a ResNet (`build_resnet`)."""
+    if is_resnet(model):
+        return build_resnet(model, rngs, train_batch_norm=train_batch_norm)
+    return build_encoder(model, image_size, rngs)
 
 
 def build_encoder(model: ml_collections.ConfigDict, image_size: int, rngs: nnx.Rngs) -> VisionTransformer:

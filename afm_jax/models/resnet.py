@@ -14,8 +14,13 @@ Why it looks like this:
   transposing only (``conv.weight (O, I, kh, kw)`` -> ``kernel (kh, kw, I, O)``; BN
   ``weight/bias/running_mean/running_var`` -> ``scale/bias/mean/var``).
 * **Eval-mode BatchNorm** by default (running statistics, eps 1e-5 as torch): a pretrained CNN is
-  used frozen or fine-tuned with frozen statistics here; ``use_running_average=False`` is
-  available for training but the trainer's cross-device batch statistics are not wired up.
+  used frozen or fine-tuned with frozen statistics here. ``use_running_average=False`` builds the
+  train-mode network DINO pretrains (batch statistics in the forward pass, running averages
+  updated with torch's momentum 0.1; the trainer's step writes them back into the train state, and
+  under SPMD ``jit`` the batch mean is over the global batch, i.e. SyncBatchNorm). One difference
+  from torch: flax updates the running variance with the biased batch variance (torch: unbiased,
+  a factor n/(n-1) that is ~1 for the batch sizes trained here).
+  :meth:`ResNet.pooled_features` (probes, kNN) always uses the running averages.
 * **Images** follow the design contract: ``(B, H, W, C)`` floats in [0, 1], normalised at the
   model's input. Defaults are ImageNet's statistics for 3 channels and their channel mean
   (0.449 / 0.226) for one grey channel (RGB kernels summed on import).
@@ -72,11 +77,12 @@ class Bottleneck(nnx.Module):
             if stride != 1 or cin != cout else None
         )
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        y = jax.nn.relu(self.bn1(self.conv1(x)))
-        y = jax.nn.relu(self.bn2(self.conv2(y)))
-        y = self.bn3(self.conv3(y))
-        shortcut = x if self.downsample is None else self.downsample[1](self.downsample[0](x))
+    def __call__(self, x: jax.Array, use_running_average: bool | None = None) -> jax.Array:
+        ura = use_running_average
+        y = jax.nn.relu(self.bn1(self.conv1(x), ura))
+        y = jax.nn.relu(self.bn2(self.conv2(y), ura))
+        y = self.bn3(self.conv3(y), ura)
+        shortcut = x if self.downsample is None else self.downsample[1](self.downsample[0](x), ura)
         return jax.nn.relu(y + shortcut)
 
 
@@ -120,6 +126,7 @@ class ResNet(nnx.Module):
             stages.append(nnx.List(blocks))
         self.layer1, self.layer2, self.layer3, self.layer4 = stages
         self.num_features = cin
+        self.embed_dim = cin          # the pooled feature width, under the ViT's name (heads, probes)
 
     def normalize(self, images: jax.Array) -> jax.Array:
         x = jnp.asarray(images, jnp.float32)
@@ -127,24 +134,28 @@ class ResNet(nnx.Module):
             raise ValueError(f"Expected images of shape (B, H, W, {self.in_chans}) (NHWC), got {x.shape}.")
         return (x - jnp.asarray(self.input_mean)) / jnp.asarray(self.input_std)
 
-    def feature_map(self, images: jax.Array) -> jax.Array:
-        """``(B, H, W, C)`` in [0, 1] -> last-stage map ``(B, H/32, W/32, 2048)`` float32."""
-        x = jax.nn.relu(self.bn1(self.conv1(self.normalize(images))))
+    def feature_map(self, images: jax.Array, use_running_average: bool | None = None) -> jax.Array:
+        """``(B, H, W, C)`` in [0, 1] -> last-stage map ``(B, H/32, W/32, 2048)`` float32.
+
+        ``use_running_average`` overrides the BatchNorm mode the model was built with (None = keep)."""
+        ura = use_running_average
+        x = jax.nn.relu(self.bn1(self.conv1(self.normalize(images)), ura))
         x = nnx.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
         for stage in (self.layer1, self.layer2, self.layer3, self.layer4):
             for block in stage:
-                x = block(x)
+                x = block(x, ura)
         return x.astype(jnp.float32)
 
-    def forward_features(self, images: jax.Array) -> jax.Array:
+    def forward_features(self, images: jax.Array, use_running_average: bool | None = None) -> jax.Array:
         """Global-average-pooled features ``(B, num_features)`` (torchvision with ``fc = Identity``)."""
-        return self.feature_map(images).mean(axis=(1, 2))
+        return self.feature_map(images, use_running_average).mean(axis=(1, 2))
 
     def pooled_features(self, images: jax.Array, *, pool: str = "avg") -> jax.Array:
-        """Same as :meth:`forward_features`; the ViT's probe interface (only ``pool="avg"``)."""
+        """Eval-mode :meth:`forward_features` (running BN statistics, whatever mode the model was
+        built in); the ViT's probe interface (only ``pool="avg"``)."""
         if pool != "avg":
             raise ValueError(f"A ResNet has no class token; use pool='avg', got {pool!r}.")
-        return self.forward_features(images)
+        return self.forward_features(images, use_running_average=True)
 
     def __call__(self, images: jax.Array) -> jax.Array:
         return self.forward_features(images)

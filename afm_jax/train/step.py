@@ -5,6 +5,13 @@ runs them one after another in a `lax.scan` and averages loss, gradients, metric
 makes one optimiser update: for a loss that is a mean over examples this is the update of the whole
 batch (up to float rounding), with the activation memory of one micro-batch. Micro-batch i takes
 every k-th example starting at i, so each device keeps an equal share of every micro-batch.
+
+Non-trainable state (`state.frozen`: every variable that is not an `nnx.Param`) is carried through
+the loss: whatever the model changes during its forward pass is written back. That is how
+train-mode BatchNorm's running averages (DINO's ResNet-50) advance; constants such as sin-cos
+position embeddings come back bit-identical. Under accumulation the micro-batches run in order and
+each starts from the state the previous one left (running averages updated once per micro-batch,
+as PyTorch does with accumulation); the step keeps the last micro-batch's state.
 """
 
 from __future__ import annotations
@@ -47,25 +54,33 @@ def make_train_step(graphdef: nnx.GraphDef, loss_fn: LossFn, tx: optax.GradientT
     def train_step(state: state_lib.TrainState, batch: dict) -> tuple[state_lib.TrainState, dict]:
         key = state_lib.step_key(state)
 
-        def grads_of(micro_batch: dict, micro_key: jax.Array):
+        def grads_of(frozen: Any, micro_batch: dict, micro_key: jax.Array):
+            """((loss, (metrics, outputs)), grads) of one (micro-)batch, and the model's non-Param
+            state after the loss (BatchNorm running averages; everything else passes through)."""
             def loss_of(params):
-                model = state_lib.merge_model(graphdef, state, params)
-                return loss_fn(model, micro_batch, micro_key, state.extra, state.step)
-            return jax.value_and_grad(loss_of, has_aux=True)(state.params)
+                model = nnx.merge(graphdef, params, frozen)
+                loss, aux = loss_fn(model, micro_batch, micro_key, state.extra, state.step)
+                _, _, after = nnx.split(model, nnx.Param, ...)
+                return loss, (aux, after)
+            (loss, (aux, after)), grads = jax.value_and_grad(loss_of, has_aux=True)(state.params)
+            after = jax.tree.map(lambda new, old: new if new.dtype == old.dtype else new.astype(old.dtype),
+                                 jax.lax.stop_gradient(after), frozen)
+            return ((loss, aux), grads), after
 
         if accum_steps == 1:
-            (loss, (metrics, outputs)), grads = grads_of(batch, key)
+            ((loss, (metrics, outputs)), grads), frozen = grads_of(state.frozen, batch, key)
         else:
             micro = split_micro_batches(batch, accum_steps, batch_sharding)
 
             def one(carry, xs):
+                total, frozen_i = carry
                 i, micro_batch = xs
-                result = grads_of(micro_batch, jax.random.fold_in(key, i))
-                return jax.tree.map(lambda a, b: a + b.astype(a.dtype), carry, result), None
+                result, frozen_next = grads_of(frozen_i, micro_batch, jax.random.fold_in(key, i))
+                return (jax.tree.map(lambda a, b: a + b.astype(a.dtype), total, result), frozen_next), None
 
-            zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.promote_types(s.dtype, jnp.float32)),
-                                 jax.eval_shape(grads_of, jax.tree.map(lambda x: x[0], micro), key))
-            total, _ = jax.lax.scan(one, zeros, (jnp.arange(accum_steps), micro))
+            shapes = jax.eval_shape(lambda m: grads_of(state.frozen, m, key)[0], jax.tree.map(lambda x: x[0], micro))
+            zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.promote_types(s.dtype, jnp.float32)), shapes)
+            (total, frozen), _ = jax.lax.scan(one, (zeros, state.frozen), (jnp.arange(accum_steps), micro))
             (loss, (metrics, outputs)), grads = jax.tree.map(lambda t: t / accum_steps, total)
             grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, state.params)
 
@@ -73,6 +88,7 @@ def make_train_step(graphdef: nnx.GraphDef, loss_fn: LossFn, tx: optax.GradientT
         params = optax.apply_updates(state.params, updates)
         extra = state.extra if update_extra is None else update_extra(state.extra, params, outputs, state.step)
         metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": schedule(state.step), **metrics}
-        return state.replace(step=state.step + 1, params=params, opt_state=opt_state, extra=extra), metrics
+        return state.replace(step=state.step + 1, params=params, frozen=frozen, opt_state=opt_state,
+                             extra=extra), metrics
 
     return train_step

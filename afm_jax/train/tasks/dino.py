@@ -13,6 +13,13 @@ centres, so checkpoints, resume and sharding cover them with no extra code. One 
 4. after the optimiser update (`update_extra`): teacher <- EMA of student (momentum cosine to 1),
    centre <- EMA of the teacher's batch-mean logits (the global batch under data parallelism).
 
+With `model.arch="resnet50"` the backbone is a torchvision-layout ResNet whose BatchNorm trains in
+train mode, as DINO's ResNet-50 run: the student's running averages advance in `state.frozen`
+(written back by the step); the teacher also normalises with its batch statistics and keeps its own
+running averages in `extra["teacher_stats"]`, updated by its forward pass (outputs of the loss, so
+averaged over accumulation micro-batches) — the EMA copies parameters only, as DINO's does. The
+DINO head reads the 2048-d pooled feature; iBOT, registers and class-token pooling are refused.
+
 Collapse monitors go to the logs as metrics: the teacher's target entropy (0 = collapsed to one
 prototype, log K = uniform, i.e. collapsed to the centre), the KL between teacher targets and
 student predictions, the centre norm; `evaluate` adds a kNN accuracy of the teacher backbone on a
@@ -61,6 +68,8 @@ def default_dino_config() -> ml_collections.ConfigDict:
         koleo_weight=0.0,                     # DINOv2: 0.1
         layer_decay=1.0,                      # DINOv2: 0.9 (1 = off)
         patch_embed_lr_mult=1.0,              # DINOv2: 0.2
+        optimizer="adamw",                    # adamw | lars (DINO's ResNet-50: LARS, momentum 0.9, eta 0.001)
+        lars_momentum=0.9, lars_trust_coefficient=0.001,
         ibot=ml_collections.ConfigDict(dict(
             enabled=False, loss_weight=1.0, mask_probability=0.5, mask_ratio=(0.1, 0.5),
             separate_head=False, out_dim=placeholder(int))),   # None = dino.out_dim
@@ -96,9 +105,11 @@ class DINOTask(Task):
     def validate(self, config: ml_collections.ConfigDict) -> None:
         factory.validate_model_config(config)
         req = configuration.require
-        req(config, "model.class_token", bool, "True (DINO's head reads the class token)")
-        size = {**parse_variant(config.model.variant), **factory.size_overrides(config.model)}
-        multicrop.validate_multicrop_config(config, size["patch_size"])
+        if factory.is_resnet(config.model):
+            self._validate_resnet(config)
+        else:
+            req(config, "model.class_token", bool, "True (DINO's head reads the class token)")
+        multicrop.validate_multicrop_config(config, self._granularity(config))
         for key in ("out_dim", "hidden_dim", "bottleneck_dim", "nlayers"):
             req(config, f"dino.{key}", lambda v: int(v) >= 1, "a positive integer")
         for key in ("student_temp", "teacher_temp", "warmup_teacher_temp"):
@@ -113,6 +124,9 @@ class DINOTask(Task):
         for key in ("dino_loss_weight", "koleo_weight", "ibot.loss_weight"):
             req(config, f"dino.{key}", lambda v: float(v) >= 0, "a weight >= 0")
         req(config, "dino.layer_decay", lambda v: 0 < float(v) <= 1, "a decay in (0, 1] (1 = off)")
+        configuration.require_choice(config, "dino.optimizer", ("adamw", "lars"))
+        req(config, "dino.lars_momentum", lambda v: 0 <= float(v) < 1, "a momentum in [0, 1)")
+        req(config, "dino.lars_trust_coefficient", lambda v: float(v) > 0, "a positive trust coefficient (eta)")
         req(config, "dino.patch_embed_lr_mult", lambda v: float(v) > 0, "a positive multiplier")
         req(config, "dino.ibot.mask_probability", lambda v: 0 <= float(v) <= 1, "a probability")
         req(config, "dino.ibot.mask_ratio", lambda v: 0 < float(v[0]) <= float(v[1]) < 1,
@@ -127,11 +141,34 @@ class DINOTask(Task):
         from afm_jax.data.records import STRING_KEYS
         configuration.require_choice(config, "dino.knn.label_key", ("label",) + tuple(STRING_KEYS))
 
+    @staticmethod
+    def _validate_resnet(config: ml_collections.ConfigDict) -> None:
+        """What a ResNet backbone cannot do: patch tokens (iBOT), class-token pooling, per-block rates."""
+        req = configuration.require
+        req(config, "dino.ibot.enabled", lambda v: not v,
+            "False with model.arch=resnet50 (iBOT needs patch tokens; a ResNet has none)")
+        req(config, "dino.knn.pool", lambda v: v == "avg",
+            '"avg" with model.arch=resnet50 (a ResNet has no class token)')
+        if "probe" in config:
+            req(config, "probe.pool", lambda v: v == "avg",
+                '"avg" with model.arch=resnet50 (a ResNet has no class token)')
+        req(config, "dino.layer_decay", lambda v: float(v) == 1.0,
+            "1.0 with model.arch=resnet50 (layer-wise lr decay counts ViT blocks)")
+        req(config, "dino.patch_embed_lr_mult", lambda v: float(v) == 1.0,
+            "1.0 with model.arch=resnet50 (a ResNet has no patch embedding)")
+
+    @staticmethod
+    def _granularity(config: ml_collections.ConfigDict) -> int:
+        """Crop sizes must be multiples of this: the ViT's patch size, a ResNet's total stride 32."""
+        if factory.is_resnet(config.model):
+            return 32
+        return {**parse_variant(config.model.variant), **factory.size_overrides(config.model)}["patch_size"]
+
     def setup(self, config: ml_collections.ConfigDict, *, workdir: str, total_steps: int,
               steps_per_epoch: int) -> None:
         super().setup(config, workdir=workdir, total_steps=total_steps, steps_per_epoch=steps_per_epoch)
         d = config.dino
-        self.patch_size = parse_variant(config.model.variant)["patch_size"]
+        self.patch_size = self._granularity(config)
         self.ibot = bool(d.ibot.enabled)
         keys = ["global"] + (["local"] if int(config.multicrop.num_local) > 0 else []) + (["masks"] if self.ibot else [])
         self.batch_keys = tuple(keys)
@@ -145,7 +182,8 @@ class DINOTask(Task):
 
     # ─── Model, state, optimiser, input ──────────────────────────────────────────────────────
     def build_model(self, config: ml_collections.ConfigDict, rngs: nnx.Rngs) -> dino_lib.DINOModel:
-        encoder = factory.build_encoder(config.model, config.image_size, rngs)
+        # A ResNet trains its BatchNorm in train mode (batch statistics), as DINO's ResNet-50 does.
+        encoder = factory.build_backbone(config.model, config.image_size, rngs, train_batch_norm=True)
         d = config.dino
         return dino_lib.DINOModel(
             encoder, out_dim=d.out_dim, hidden_dim=d.hidden_dim, bottleneck_dim=d.bottleneck_dim,
@@ -158,6 +196,9 @@ class DINOTask(Task):
         params = nnx.state(model, nnx.Param)
         extra = {"teacher": jax.tree.map(lambda x: jnp.array(x, copy=True), params),
                  "center": jnp.zeros((self.config.dino.out_dim,), jnp.float32)}
+        stats = nnx.state(model, nnx.BatchStat)
+        if jax.tree.leaves(stats):   # the teacher's own BatchNorm running averages (ResNet)
+            extra["teacher_stats"] = jax.tree.map(lambda x: jnp.array(x, copy=True), stats)
         if model.ibot:
             head = model.ibot_head if model.ibot_head is not None else model.dino_head
             extra["patch_center"] = jnp.zeros((head.last_layer.weight_v.shape[1],), jnp.float32)
@@ -177,9 +218,19 @@ class DINOTask(Task):
         if self.freeze_steps > 0:
             parts.append(dino_schedules.freeze_for_steps(is_last, self.freeze_steps))
         wd = dino_schedules.weight_decay_schedule(o.weight_decay, d.weight_decay_end, self.total_steps)
-        parts += [optax.scale_by_adam(b1=o.b1, b2=o.b2, eps=o.eps),
-                  optax.add_decayed_weights(wd, mask=optim.weight_decay_mask),
-                  optax.scale_by_learning_rate(schedule)]
+        if d.optimizer == "lars":
+            # DINO's LARS (utils.LARS): g + wd·p, then trust ratio eta·||p||/||g + wd·p|| and momentum;
+            # both skip 1-D tensors (biases, BatchNorm), as DINO's does.
+            not_1d = lambda tree: jax.tree.map(lambda p: getattr(p, "ndim", 0) > 1, tree)
+            parts += [optax.add_decayed_weights(wd, mask=optim.weight_decay_mask),
+                      optax.masked(optax.scale_by_trust_ratio(trust_coefficient=float(d.lars_trust_coefficient)),
+                                   not_1d),
+                      optax.trace(decay=float(d.lars_momentum)),
+                      optax.scale_by_learning_rate(schedule)]
+        else:
+            parts += [optax.scale_by_adam(b1=o.b1, b2=o.b2, eps=o.eps),
+                      optax.add_decayed_weights(wd, mask=optim.weight_decay_mask),
+                      optax.scale_by_learning_rate(schedule)]
         if d.layer_decay < 1.0 or d.patch_embed_lr_mult != 1.0:
             from afm_jax.train import layer_decay
             depth = {**parse_variant(config.model.variant), **factory.size_overrides(config.model)}["depth"]
@@ -205,10 +256,14 @@ class DINOTask(Task):
         return {k: batch[k] for k in self.batch_keys}
 
     # ─── The loss (pure, jitted) ─────────────────────────────────────────────────────────────
-    def teacher_of(self, model: dino_lib.DINOModel, teacher_params: Any) -> dino_lib.DINOModel:
-        """The student's module with the teacher's params (no gradient flows into them)."""
-        graphdef, _, rest = nnx.split(model, nnx.Param, ...)
-        return nnx.merge(graphdef, jax.lax.stop_gradient(teacher_params), rest)
+    def teacher_of(self, model: dino_lib.DINOModel, teacher_params: Any,
+                   teacher_stats: Any = None) -> dino_lib.DINOModel:
+        """The student's module with the teacher's params (no gradient flows into them) and, when
+        given, the teacher's own BatchNorm running averages."""
+        graphdef, _, stats, rest = nnx.split(model, nnx.Param, nnx.BatchStat, ...)
+        if teacher_stats is not None:
+            stats = teacher_stats
+        return nnx.merge(graphdef, jax.lax.stop_gradient(teacher_params), jax.lax.stop_gradient(stats), rest)
 
     def loss(self, model: dino_lib.DINOModel, batch: dict, key: jax.Array, extra: dict,
              step: jax.Array) -> tuple[jax.Array, tuple[dict, dict]]:
@@ -220,7 +275,7 @@ class DINOTask(Task):
         masks = crops_first(batch["masks"]) if self.ibot else None
         key_g, key_l = jax.random.split(key)
 
-        teacher = self.teacher_of(model, extra["teacher"])
+        teacher = self.teacher_of(model, extra["teacher"], extra.get("teacher_stats"))
         t_cls, t_patch = teacher.backbone(g_images)
         t_logits = jax.lax.stop_gradient(teacher.dino_head(t_cls)).reshape(ng, b, -1)
 
@@ -250,6 +305,8 @@ class DINOTask(Task):
                    "teacher_temp": jnp.asarray(temp, jnp.float32),
                    "teacher_momentum": self.momentum(step)}
         outputs = {"teacher_mean": jnp.mean(t_logits, axis=(0, 1))}
+        if "teacher_stats" in extra:   # the teacher's running averages after its train-mode forward
+            outputs["teacher_stats"] = jax.lax.stop_gradient(nnx.state(teacher, nnx.BatchStat))
 
         if d.koleo_weight > 0:
             per_view = s_cls.reshape(ng, b, -1)
@@ -294,6 +351,8 @@ class DINOTask(Task):
         d = self.config.dino
         new = dict(extra)
         new["teacher"] = dino_schedules.ema_update(extra["teacher"], params, self.momentum(step))
+        if "teacher_stats" in outputs:
+            new["teacher_stats"] = outputs["teacher_stats"]
         if d.centering == "center":
             new["center"] = dino_lib.update_center(extra["center"], outputs["teacher_mean"], d.center_momentum)
             if self.ibot:
@@ -306,7 +365,9 @@ class DINOTask(Task):
     # ─── kNN monitor ─────────────────────────────────────────────────────────────────────────
     def evaluate(self, model: dino_lib.DINOModel, extra: dict, step: int) -> dict[str, float]:
         """kNN accuracy (DINO's weighted 20-NN, T 0.07) of the *teacher* backbone's features."""
-        teacher = self.teacher_of(model, jax.device_get(extra["teacher"]))
+        stats = extra.get("teacher_stats")
+        teacher = self.teacher_of(model, jax.device_get(extra["teacher"]),
+                                  None if stats is None else jax.device_get(stats))
         results = {"knn_acc": self.knn_accuracy(teacher.encoder)}
         if self.config.dino.knn.random_init_baseline:
             if self._knn_random_init is None:   # once per process: the same network at its initialisation
