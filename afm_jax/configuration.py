@@ -80,4 +80,5 @@ def bad_override_message(argv: Iterable[str], error: Exception, keys_are_in: str
     value), naming the overrides given and where the valid keys are listed."""
     overrides = [a.split("=")[0] for a in argv if a.startswith("--config.")]
     detail = str(error).strip("\"'").replace("\\n", " ").replace("\\'", "'")
-    return f"bad config override in {', '.join(overrides)}: {detail}. The valid keys are in {keys_are_in}."
+    return (f"unknown key or bad value in {', '.join(overrides)} ({detail}). "
+            f"The valid keys and their defaults are in {keys_are_in}.")
