@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 DEMO_DIR ?= demo_out
 
-.PHONY: demo test bench clean venv
+.PHONY: demo test bench clean venv dino-demo study-demo
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -23,9 +23,18 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q -n 2 tests
 
+dino-demo: $(STAMP)
+	$(PY) -m afm_jax.main --config configs/dino_demo.py --workdir dino_demo_out
+
+study-demo: $(STAMP)
+	$(PY) tools/study.py configs/studies/demo.py
+
 bench: $(STAMP)
 	$(PY) bench/train_step.py --config configs/mae_vits.py --compare-timm
+	$(PY) bench/train_step.py --config configs/dino_vits16.py --compare-timm
 	$(PY) bench/input_pipeline.py
+	$(PY) bench/preprocess.py
+	$(PY) bench/curate.py
 
 clean:
-	rm -rf $(DEMO_DIR)
+	rm -rf $(DEMO_DIR) dino_demo_out study_out
