@@ -64,7 +64,7 @@ def run(config, workdir: str) -> None:
     if not (config.get("probe") and config.probe.enabled and result.finished and jax.process_index() == 0):
         return
     trained = state_lib.merge_model(result.graphdef, jax.device_get(result.state))
-    random_init = factory.build_encoder(config.model, config.image_size, nnx.Rngs(config.seed))
+    random_init = factory.build_backbone(config.model, config.image_size, nnx.Rngs(config.seed))
     probe_size = config.probe.image_size or config.image_size
     scores = {name: aff_vs_nff_probe(encoder, config.data, image_size=probe_size,
                                      pool=config.probe.pool, batch_size=config.probe.batch_size, seed=config.seed)

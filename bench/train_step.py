@@ -178,14 +178,14 @@ class StepTimer:
 class JaxStep:
     """A compiled (state, batch) -> (state, metrics) step with donated state, timed per call."""
 
-    def __init__(self, name: str, train_step, state, batch):
+    def __init__(self, name: str, train_step, state, batch, num_devices: int = 1):
         self.name = name
         t0 = time.perf_counter()
         jitted = train_step if hasattr(train_step, "lower") else jax.jit(train_step, donate_argnums=0)
         self.compiled = jitted.lower(state, batch).compile()
         self.compile_s = time.perf_counter() - t0
         from afm_jax.train import throughput
-        self.flops = throughput.compiled_flops(self.compiled)
+        self.flops = throughput.compiled_flops(self.compiled, num_devices=num_devices)  # whole step, all devices
         self.state, self.batch = state, batch
         self.timer = StepTimer(name)
         self.last_loss = float("nan")
@@ -286,7 +286,7 @@ def build_method_step(config, total_steps: int = 1000, warmup_steps: int = 100) 
     mesh = sharding.make_mesh(config.mesh)
     parts = assembly.assemble(config, task, mesh, total_steps=total_steps, warmup_steps=warmup_steps)
     batch = sharding.global_batch(mesh, task.example_batch(config, config.batch_size, seed=1))
-    return JaxStep(config.task, parts.jit_step, parts.initial_state(), batch)
+    return JaxStep(config.task, parts.jit_step, parts.initial_state(), batch, num_devices=mesh.size)
 
 
 class SupervisedViT(nnx.Module):
@@ -439,6 +439,7 @@ def main(argv: list[str] | None = None) -> dict:
     }
     if device.platform != "cpu":
         peak, source = throughput.device_peak_flops(device)
+        peak *= jax.device_count()  # the step runs on every device; each has this peak
         result.update(peak_flops=peak, peak_source=source, mfu_vs_peak=_round(_ratio(achieved, peak)))
     if args.compare_timm:
         jt = jax_vit.timer.best

@@ -58,7 +58,7 @@ def unwrap_state_dict(obj: Any, *, prefer: tuple[str, ...] = _WRAPPER_KEYS) -> d
 
 def _to_numpy(value: Any) -> np.ndarray:
     if hasattr(value, "detach"):  # torch tensor (bf16/fp16 included)
-        return value.detach().float().cpu().numpy()
+        return np.array(value.detach().float().cpu().numpy(), np.float32, copy=True)  # never share torch memory
     return np.asarray(value, dtype=np.float32)
 
 
@@ -197,8 +197,17 @@ def initialize_resnet(encoder: ResNet, path: pathlib.Path) -> dict[str, Any]:
                                   dropped=loaded["dropped"], warnings=[])
     report["summary"] = (f"{loaded['loaded']} tensors from a torchvision ResNet file"
                          + (f"; adapted: {'; '.join(loaded['adapted'])}" if loaded["adapted"] else "")
-                         + (f"; dropped: {', '.join(loaded['dropped'])}" if loaded["dropped"] else ""))
+                         + _dropped_note(loaded["dropped"]))
     return report
+
+
+def _dropped_note(dropped: list[str]) -> str:
+    """"; dropped: fc.weight, fc.bias (+ 17 num_batches_tracked)" — the counters are not worth listing."""
+    counters = [k for k in dropped if k.endswith("num_batches_tracked")]
+    named = [k for k in dropped if not k.endswith("num_batches_tracked")]
+    if not dropped:
+        return ""
+    return "; dropped: " + ", ".join(named + ([f"{len(counters)} num_batches_tracked"] if counters else []))
 
 
 def normalisation_mismatch(source_mean: list[float], source_std: list[float],

@@ -37,7 +37,7 @@ _BN_LEAF = {"weight": "scale", "bias": "bias", "running_mean": "mean", "running_
 
 def normalize_resnet_state_dict(sd: Mapping[str, Any]) -> tuple[dict[str, np.ndarray], list[str]]:
     """Any supported ResNet layout -> torchvision keys (fp32 numpy); returns (state dict, dropped)."""
-    sd = {str(k): np.asarray(v.detach().float().numpy() if hasattr(v, "detach") else v, np.float32)
+    sd = {str(k): np.array(v.detach().float().numpy() if hasattr(v, "detach") else v, np.float32, copy=True)
           for k, v in sd.items()}
     anchors = [k[: -len("layer1.0.conv1.weight")] for k in sd if k.endswith("layer1.0.conv1.weight")]
     sequential = False

@@ -118,6 +118,10 @@ def build_backbone(model: ml_collections.ConfigDict, image_size: int, rngs: nnx.
 
 
 def build_encoder(model: ml_collections.ConfigDict, image_size: int, rngs: nnx.Rngs) -> VisionTransformer:
+    if is_resnet(model):   # a task that builds ViTs only (MAE, ...) must not silently ignore model.arch
+        raise configuration.ConfigError(
+            f"Config key `model.arch` = {model.arch!r}: this task builds a ViT; a ResNet backbone is available "
+            "for task dino (configs/dino_resnet50_radimagenet.py). Use --config.model.arch=vit.")
     return VisionTransformer(
         model.variant, img_size=image_size, in_chans=model.in_chans, class_token=model.class_token,
         num_reg_tokens=model.num_reg_tokens, no_embed_class=model.no_embed_class, pos_embed=model.pos_embed,

@@ -166,7 +166,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, task: Task, *,
             batch = sharding.global_batch(mesh, {k: local[k] for k in task.batch_keys})
             if compiled_step is None:  # compile once; the executable also gives the step's FLOPs
                 compiled_step = parts.jit_step.lower(state, batch).compile()
-                step_flops = throughput.compiled_flops(compiled_step)
+                step_flops = throughput.compiled_flops(compiled_step, num_devices=mesh.size)
                 if is_main:
                     peak, _ = throughput.device_peak_flops()
                     # CPU "devices" share the host's cores: the measured peak is the whole host's.

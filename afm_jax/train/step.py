@@ -58,7 +58,7 @@ def make_train_step(graphdef: nnx.GraphDef, loss_fn: LossFn, tx: optax.GradientT
             """((loss, (metrics, outputs)), grads) of one (micro-)batch, and the model's non-Param
             state after the loss (BatchNorm running averages; everything else passes through)."""
             def loss_of(params):
-                model = nnx.merge(graphdef, params, frozen)
+                model = nnx.merge(graphdef, params, frozen, copy=True)   # fresh variables: the loss may update them
                 loss, aux = loss_fn(model, micro_batch, micro_key, state.extra, state.step)
                 _, _, after = nnx.split(model, nnx.Param, ...)
                 return loss, (aux, after)

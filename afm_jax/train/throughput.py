@@ -22,8 +22,11 @@ PEAK_FLOPS_BY_DEVICE_KIND = {
 }
 
 
-def compiled_flops(compiled: jax.stages.Compiled) -> float | None:
-    """FLOPs of one call of a compiled function, from XLA's cost analysis (None if unavailable)."""
+def compiled_flops(compiled: jax.stages.Compiled, num_devices: int = 1) -> float | None:
+    """FLOPs of one call of a compiled function, from XLA's cost analysis (None if unavailable).
+
+    For a function partitioned over several devices (SPMD) XLA counts the FLOPs of *one device's*
+    program; pass `num_devices` (the mesh size) to get the whole step's."""
     try:
         analysis = compiled.cost_analysis()
     except Exception:  # noqa: BLE001 - some backends don't implement it
@@ -32,7 +35,7 @@ def compiled_flops(compiled: jax.stages.Compiled) -> float | None:
         analysis = analysis[0] if analysis else None
     if not analysis or "flops" not in analysis:
         return None
-    return float(analysis["flops"])
+    return float(analysis["flops"]) * num_devices
 
 
 def measure_matmul_flops(size: int = 2048, dtype=jnp.float32, repeats: int = 5,

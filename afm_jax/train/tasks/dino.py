@@ -263,7 +263,8 @@ class DINOTask(Task):
         graphdef, _, stats, rest = nnx.split(model, nnx.Param, nnx.BatchStat, ...)
         if teacher_stats is not None:
             stats = teacher_stats
-        return nnx.merge(graphdef, jax.lax.stop_gradient(teacher_params), jax.lax.stop_gradient(stats), rest)
+        return nnx.merge(graphdef, jax.lax.stop_gradient(teacher_params), jax.lax.stop_gradient(stats), rest,
+                         copy=True)
 
     def loss(self, model: dino_lib.DINOModel, batch: dict, key: jax.Array, extra: dict,
              step: jax.Array) -> tuple[jax.Array, tuple[dict, dict]]:
