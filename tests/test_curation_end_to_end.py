@@ -173,3 +173,21 @@ def test_embedding_duplicates_from_a_backbone_file(defective, curated, tmp_path)
     assert len(flagged) == 1 and flagged[0] in (a, b)
     assert res.duplicate_of[flagged[0]] == ids[b if flagged[0] == a else a]
     assert res.summary["removed_by_reason"]["embedding_duplicate"] == 1
+
+
+def test_embeddings_computed_by_a_backbone_match_a_direct_forward(defective, curated):
+    """`backbone:<spec>` embeds every scanned image with an evaluation backbone, rows in scan order."""
+    from afm_jax.evaluation import backbones
+
+    ids = list(curated.scan.image_id)
+    spec = "random_init:,variant=mu/8,image_size=32"
+    vectors = embeddings.load_embeddings(embeddings.BACKBONE_PREFIX + spec, ids, dataset_dir=defective.path,
+                                         splits=("train",))
+    assert vectors.shape == (len(ids), 32) and np.isfinite(vectors).all()
+    backbone = backbones.load_backbone(backbones.parse_backbone_arg(spec))
+    source = records.open_split(defective.path, "train")
+    from afm_jax.data import transforms
+    row = {source[i]["image_id"]: i for i in range(len(source))}
+    for k in (0, len(ids) // 2):
+        image = transforms.apply_chain(transforms.decode_png(source[row[ids[k]]]["image"]), transforms.eval_chain(32))
+        np.testing.assert_allclose(vectors[k], backbone.features(image[None])[0], rtol=1e-4, atol=1e-5)

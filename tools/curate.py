@@ -25,7 +25,9 @@ from afm_jax.data.curation import config as curation_config  # noqa: E402
 _DATA = flags.DEFINE_string("data", None, "Dataset directory (a version dir, <out_dir>/<name> or an <out_dir> with one dataset).")
 _OUT = flags.DEFINE_string("out", None, "Output directory for the selection, manifest, report and contact sheets.")
 _EMBEDDINGS = flags.DEFINE_string("embeddings", "thumbnail",
-                                  "'thumbnail' (model-free baseline), or a .npz (embeddings, image_id) / .npy (+ .ids.json).")
+                                  "'thumbnail' (model-free baseline), 'backbone:<kind:path,key=value>' (e.g. "
+                                  "backbone:checkpoint:runs/mae,image_size=224), or a .npz (embeddings, image_id) / "
+                                  ".npy (+ .ids.json).")
 flags.mark_flags_as_required(["data", "out"])
 _CONFIG: flags.FlagHolder | None = None
 

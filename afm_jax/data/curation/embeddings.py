@@ -8,10 +8,13 @@ Sources (the `--embeddings` value of tools/curate.py):
 - a ".npz" file with arrays `embeddings` (N, D) and `image_id` (N,) — e.g. written by
   `save_embeddings` from `encoder_embeddings` (any of our checkpoints or a timm model loaded as an
   nnx encoder), or by any other tool;
-- a ".npy" file (N, D) with its ids in a JSON list beside it: "<stem>.ids.json".
+- a ".npy" file (N, D) with its ids in a JSON list beside it: "<stem>.ids.json";
+- "backbone:<spec>": computed now by any evaluation backbone (afm_jax.evaluation.backbones), e.g.
+  `backbone:checkpoint:runs/mae_vitb,image_size=224` (one of our runs; a DINO run's teacher),
+  `backbone:timm_vit:dinov2_vits14.pth,variant=S/14` or `backbone:resnet50:radimagenet_r50.pth`.
 
 Rows are matched to the dataset by image_id; missing ids are an error (a stale file is the usual
-cause). To add a source (e.g. a checkpoint read through afm_jax.interop), add a branch here.
+cause). To add a source, add a branch to `load_embeddings`.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import numpy as np
 from afm_jax.configuration import ConfigError
 
 THUMBNAIL = "thumbnail"
+BACKBONE_PREFIX = "backbone:"
 THUMB_SIDE = 16
 
 
@@ -37,9 +41,16 @@ def thumbnail_embedding(small: np.ndarray) -> np.ndarray:
     return (thumb / max(float(np.linalg.norm(thumb)), 1e-6)).astype(np.float32)
 
 
-def load_embeddings(source: str, image_ids: Sequence[str]) -> np.ndarray:
-    """(len(image_ids), D) float32 embeddings from a file `source` (.npz or .npy + .ids.json), in
-    the order of `image_ids`. ("thumbnail" is computed by the quality pass, not here.)"""
+def load_embeddings(source: str, image_ids: Sequence[str], *, dataset_dir: str | os.PathLike | None = None,
+                    splits: Sequence[str] = ()) -> np.ndarray:
+    """(len(image_ids), D) float32 embeddings in the order of `image_ids`, from a file `source`
+    (.npz or .npy + .ids.json) or computed by a backbone ("backbone:<spec>", reading `splits` of
+    `dataset_dir`). ("thumbnail" is computed by the quality pass, not here.)"""
+    if source.startswith(BACKBONE_PREFIX):
+        if dataset_dir is None:
+            raise ConfigError(f"--embeddings={source} needs the dataset to compute embeddings from.")
+        emb, ids = backbone_embeddings(source[len(BACKBONE_PREFIX):], dataset_dir, splits)
+        return _in_order(emb, ids, image_ids, source)
     path = pathlib.Path(source).expanduser()
     if not path.is_file():
         raise ConfigError(f"Embeddings file {path} does not exist. Pass --embeddings=thumbnail, a .npz with "
@@ -59,12 +70,27 @@ def load_embeddings(source: str, image_ids: Sequence[str]) -> np.ndarray:
         raise ConfigError(f"Embeddings file {path} must be .npz or .npy (got {path.suffix!r}).")
     if emb.ndim != 2 or len(emb) != len(ids):
         raise ConfigError(f"{path}: embeddings of shape {emb.shape} do not match {len(ids)} image ids.")
+    return _in_order(emb, ids, image_ids, str(path))
+
+
+def _in_order(emb: np.ndarray, ids: Sequence[str], image_ids: Sequence[str], source: str) -> np.ndarray:
     row = {image_id: i for i, image_id in enumerate(ids)}
     missing = [i for i in image_ids if i not in row]
     if missing:
-        raise ConfigError(f"{path} has no embedding for {len(missing)} of the {len(image_ids)} images being "
+        raise ConfigError(f"{source} has no embedding for {len(missing)} of the {len(image_ids)} images being "
                           f"curated (e.g. {missing[0]}); recompute it for this dataset.")
     return np.asarray(emb[[row[i] for i in image_ids]], np.float32)
+
+
+def backbone_embeddings(spec: str, dataset_dir: str | os.PathLike, splits: Sequence[str]) -> tuple[np.ndarray, list[str]]:
+    """Frozen features of every image of `splits` by the backbone `spec` (`kind:path[,key=value]`,
+    as tools/evaluate.py's --backbone), and their image ids."""
+    from afm_jax.evaluation import backbones, protocols  # pylint: disable=g-import-not-at-top  (jax; only here)
+
+    backbone = backbones.load_backbone(backbones.parse_backbone_arg(spec))
+    parts = [protocols.extract_split(backbone, os.fspath(dataset_dir), split) for split in splits]
+    return (np.concatenate([p["features"] for p in parts]).astype(np.float32),
+            [str(i) for p in parts for i in p["image_id"]])
 
 
 def save_embeddings(path: str | os.PathLike, embeddings: np.ndarray, image_ids: Sequence[str]) -> pathlib.Path:

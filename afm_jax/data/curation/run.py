@@ -106,7 +106,8 @@ def curate(dataset_path: str | os.PathLike, out_dir: str | os.PathLike, cfg: ml_
 
     # ─── Embeddings (timed apart: excluded from the curation throughput) ──────────────────────
     t = time.perf_counter()
-    vectors = scan.thumbnail if embeddings == emb_lib.THUMBNAIL else emb_lib.load_embeddings(embeddings, scan.image_id)
+    vectors = scan.thumbnail if embeddings == emb_lib.THUMBNAIL else emb_lib.load_embeddings(
+        embeddings, scan.image_id, dataset_dir=dataset_dir, splits=splits)
     timings["embeddings_s"] = time.perf_counter() - t
 
     # ─── Quality and metadata filters ────────────────────────────────────────────────────────
