@@ -9,7 +9,7 @@ AUROC with bootstrap CIs and paired tests against the random arm).
 Commands (CPU demo size; for the real archive point AFM_ABLATION_DATA at the femur dataset and use a
 pretraining config sized for the cluster):
     python -m afm_jax.data.synthetic --out data --num_patients 300 --image_size 128
-    python tools/curate.py --data data/synthetic_femur_p300_s0_i128/1.0.0 --out curation_out \\
+    python tools/curate.py --data data/synthetic_femur/1.0.0 --out curation_out \\
         --config.selection.target_fraction=0.5
     python tools/study.py configs/studies/curation_ablation.py
 Environment: AFM_ABLATION_DATA (dataset version dir), AFM_ABLATION_CURATION (tools/curate.py --out).
@@ -31,7 +31,7 @@ from afm_jax.evaluation.backbones import BackboneSpec
 from afm_jax.evaluation.protocols import TaskSpec
 from afm_jax.evaluation.study import PretrainSpec, Study
 
-DATA = os.environ.get("AFM_ABLATION_DATA", "data/synthetic_femur_p300_s0_i128/1.0.0")
+DATA = os.environ.get("AFM_ABLATION_DATA", "data/synthetic_femur/1.0.0")
 CURATION = os.environ.get("AFM_ABLATION_CURATION", "curation_out")
 IMAGE_SIZE = 64
 SEEDS = (0, 1)
