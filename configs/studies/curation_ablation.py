@@ -14,13 +14,15 @@ pretraining config sized for the cluster):
     python tools/study.py configs/studies/curation_ablation.py
 Environment: AFM_ABLATION_DATA (dataset version dir), AFM_ABLATION_CURATION (tools/curate.py --out).
 Hardware: a laptop CPU (2 cores).
-Runtime:  ~10 min on 2 cores: four 300-step MAE pretrainings of a 4-block ViT-Ti/8 at 64 px (~2 min
-          each), features and probes (~1 min), report.
+Runtime:  8 min 48 s measured on 2 shared cores: four 300-step MAE pretrainings of a 4-block ViT-Ti/8
+          at 64 px (~1.5 min each), features and probes (~1 min), report.
 Expected: study_out/curation_ablation/report/index.html with one row per arm × seed × task ×
           protocol. Both arms see the same number of images per step and the same total steps, so a
           difference is the selection's. On the synthetic set (no injected defects, few clusters)
           expect no significant difference — it demonstrates the protocol; the real archive, with
           follow-up duplicates, implants and other body parts, is where curation can matter.
+          Measured (test AUROC, patient level, AFF vs NFF linear): curated 0.63 / 0.71 (seeds 0/1),
+          random subset 0.63 / 0.78; kNN 0.46 / 0.58 vs 0.50 / 0.44 — no difference beyond seed noise.
 """
 
 import os
