@@ -19,6 +19,7 @@ from afm_jax.configuration import ConfigError
 from afm_jax.train import assembly, loop, sharding, state as state_lib, step as step_lib
 from afm_jax.train.defaults import pretrain_config
 from afm_jax.train.tasks import get_task
+from dino_helpers import flat_state, setup_dino_task
 
 torch = pytest.importorskip("torch")
 torchvision = pytest.importorskip("torchvision")
@@ -41,15 +42,6 @@ def _resnet_config(path="", **dino):
     return config
 
 
-def _setup(config, total_steps=10, steps_per_epoch=2):
-    task = get_task("dino")
-    task.validate(config)
-    task.setup(config, workdir="", total_steps=total_steps, steps_per_epoch=steps_per_epoch)
-    return task
-
-
-def _flat(tree):
-    return {"/".join(map(str, k)): np.asarray(v) for k, v in nnx.to_flat_state(tree)}
 
 
 def _crops_first(x):
@@ -91,7 +83,7 @@ def test_train_mode_batchnorm_matches_torch_train_mode():
     assert want_train.std() > 0.05 and np.abs(np.asarray(got_train) - want_train).max() < 1e-4
     assert np.abs(np.asarray(got_eval) - want_eval).max() < 1e-4
     assert np.abs(want_eval - want_train).max() > 1e-2        # the two modes do differ
-    stats = _flat(stats)
+    stats = flat_state(stats)
     # stem BN sees 2 × 32 × 32 values per channel; layer4's last BN 2 × 2 × 2
     for name, n in (("bn1", 2 * 32 * 32), ("layer4.0.bn3", 2 * 2 * 2)):
         t_bn, key = ref.get_submodule(name), name.replace(".", "/")
@@ -124,7 +116,7 @@ def test_step_carries_batchnorm_statistics_of_student_and_teacher():
     config = _resnet_config(koleo_weight=0.0)
     config.image_size = 32
     config.multicrop.num_local = 0
-    task = _setup(config)
+    task = setup_dino_task(config)
     graphdef, state, train_step = _state_and_step(config, task, accum_steps=2)
     batch = {k: jnp.asarray(v) for k, v in task.example_batch(config, 4, seed=0).items()}
     new, metrics = train_step(state, batch)
@@ -144,15 +136,15 @@ def test_step_carries_batchnorm_statistics_of_student_and_teacher():
         images = _crops_first(batch["global"][i::2])
         teacher_updates.append(nnx.state(nnx.merge(graphdef, forward(teacher, images)), nnx.BatchStat))
         student = forward(student, images)
-    want_student = _flat(nnx.state(nnx.merge(graphdef, student), nnx.BatchStat))
-    got_student = _flat(nnx.state(nnx.merge(graphdef, new.params, new.frozen), nnx.BatchStat))
+    want_student = flat_state(nnx.state(nnx.merge(graphdef, student), nnx.BatchStat))
+    got_student = flat_state(nnx.state(nnx.merge(graphdef, new.params, new.frozen), nnx.BatchStat))
     assert want_student.keys() == got_student.keys() and len(want_student) == 2 * 17   # mean + var of 17 BNs
-    before = _flat(nnx.state(nnx.merge(graphdef, state.params, state.frozen), nnx.BatchStat))
+    before = flat_state(nnx.state(nnx.merge(graphdef, state.params, state.frozen), nnx.BatchStat))
     for k in want_student:
         np.testing.assert_allclose(got_student[k], want_student[k], rtol=1e-4, atol=1e-5, err_msg=k)
         assert not np.allclose(got_student[k], before[k]), k
-    want_teacher = _flat(jax.tree.map(lambda a, b: (a + b) / 2, *teacher_updates))
-    got_teacher = _flat(new.extra["teacher_stats"])
+    want_teacher = flat_state(jax.tree.map(lambda a, b: (a + b) / 2, *teacher_updates))
+    got_teacher = flat_state(new.extra["teacher_stats"])
     for k in want_teacher:
         np.testing.assert_allclose(got_teacher[k], want_teacher[k], rtol=1e-4, atol=1e-5, err_msg=k)
     # the teacher's statistics are its own: they differ from the student's
@@ -165,19 +157,19 @@ def test_step_keeps_fixed_position_embeddings_bit_identical():
     config.image_size = 32
     config.multicrop.num_local = 0
     config.dino.update(out_dim=32, hidden_dim=32, bottleneck_dim=16)
-    task = _setup(config)
+    task = setup_dino_task(config)
     _, state, train_step = _state_and_step(config, task, accum_steps=3)
-    before = _flat(jax.device_get(state.frozen))
+    before = flat_state(jax.device_get(state.frozen))
     assert "encoder/pos_embed" in before
     batch = {k: jnp.asarray(v) for k, v in task.example_batch(config, 6, seed=0).items()}
     new, metrics = train_step(state, batch)
     assert np.isfinite(float(metrics["loss"]))
-    after = _flat(jax.device_get(new.frozen))
+    after = flat_state(jax.device_get(new.frozen))
     assert after.keys() == before.keys()
     for k in before:
         assert after[k].dtype == before[k].dtype and np.array_equal(after[k], before[k]), k
-    assert not np.array_equal(_flat(new.params)["encoder/patch_embed/proj/kernel"],
-                              _flat(state.params)["encoder/patch_embed/proj/kernel"])
+    assert not np.array_equal(flat_state(new.params)["encoder/patch_embed/proj/kernel"],
+                              flat_state(state.params)["encoder/patch_embed/proj/kernel"])
 
 
 # ─── LARS ───────────────────────────────────────────────────────────────────────────────────────
@@ -187,7 +179,7 @@ def test_lars_matches_dinos_update_rule():
     neither; then momentum 0.9 and p -= lr·mu."""
     config = _resnet_config(optimizer="lars", weight_decay_end=0.1, freeze_last_layer_epochs=0.0)
     config.optim.update(weight_decay=0.1, grad_clip_norm=0.0)
-    task = _setup(config)
+    task = setup_dino_task(config)
     rng = np.random.default_rng(0)
     params = {"conv": {"kernel": jnp.asarray(rng.normal(size=(3, 3, 2, 4)), jnp.float32)},
               "bn": {"scale": jnp.asarray(rng.normal(size=(4,)), jnp.float32)}}
@@ -234,7 +226,7 @@ def test_init_from_torchvision_resnet50_gives_torch_features(tmp_path):
     config = _resnet_config(koleo_weight=0.0)
     config.model.resnet_layers = (3, 4, 6, 3)
     config.init_from = str(path)
-    task = _setup(config)
+    task = setup_dino_task(config)
     mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
     parts = assembly.assemble(config, task, mesh, total_steps=10, warmup_steps=0)
     state = jax.device_get(parts.initial_state())
@@ -329,7 +321,7 @@ def test_resnet_dino_resume_reproduces_the_uninterrupted_run(synthetic_dataset, 
     # BatchNorm running averages (student in `frozen`, teacher in `extra`) kept moving after the resume
     for a, b in ((part.state.frozen, resumed.state.frozen), (part.state.extra["teacher_stats"],
                                                             resumed.state.extra["teacher_stats"])):
-        fa, fb = _flat(jax.device_get(a)), _flat(jax.device_get(b))
+        fa, fb = flat_state(jax.device_get(a)), flat_state(jax.device_get(b))
         assert np.abs(fa["encoder/bn1/mean"] - fb["encoder/bn1/mean"]).max() > 0
     lines = [json.loads(l) for l in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
     logged = [l for l in lines if "loss" in l]

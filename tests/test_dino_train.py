@@ -13,6 +13,7 @@ from flax import nnx
 from afm_jax.train import loop, state as state_lib
 from afm_jax.train.defaults import pretrain_config
 from afm_jax.train.tasks import get_task
+from dino_helpers import flat_state, setup_dino_task
 
 
 def _tiny_config(path, **dino):
@@ -30,21 +31,12 @@ def _tiny_config(path, **dino):
     return config
 
 
-def _setup(config, total_steps=10, steps_per_epoch=2):
-    task = get_task("dino")
-    task.validate(config)
-    task.setup(config, workdir="", total_steps=total_steps, steps_per_epoch=steps_per_epoch)
-    return task
-
-
-def _flat(tree):
-    return {"/".join(map(str, k)): np.asarray(v) for k, v in nnx.to_flat_state(tree)}
 
 
 def test_optimizer_freezes_last_layer_for_an_epoch_and_decays_weights_on_schedule(synthetic_dataset):
     config = _tiny_config(synthetic_dataset)
     config.optim.grad_clip_norm = 0.0
-    task = _setup(config, total_steps=10, steps_per_epoch=2)      # last layer frozen for 2 updates
+    task = setup_dino_task(config, total_steps=10, steps_per_epoch=2)      # last layer frozen for 2 updates
     model = task.build_model(config, nnx.Rngs(0))
     _, params, _ = state_lib.split_model(model)
     lr = 0.01
@@ -52,11 +44,11 @@ def test_optimizer_freezes_last_layer_for_an_epoch_and_decays_weights_on_schedul
     opt_state = tx.init(params)
     zeros = jax.tree.map(jnp.zeros_like, params)
     update = jax.jit(tx.update)
-    history = [_flat(params)]
+    history = [flat_state(params)]
     for _ in range(3):
         updates, opt_state = update(zeros, opt_state, params)
         params = optax.apply_updates(params, updates)
-        history.append(_flat(params))
+        history.append(flat_state(params))
     last, fc, bias = "dino_head/last_layer/weight_v", "dino_head/mlp/0/kernel", "dino_head/mlp/0/bias"
     np.testing.assert_array_equal(history[2][last], history[0][last])          # frozen for 2 updates
     assert not np.array_equal(history[3][last], history[2][last])              # then trained
@@ -72,14 +64,14 @@ def test_layer_decay_scales_early_blocks_and_patch_embedding(synthetic_dataset):
     config = _tiny_config(synthetic_dataset, layer_decay=0.5, patch_embed_lr_mult=0.2)
     config.model.depth = 2
     config.optim.grad_clip_norm = 0.0
-    task = _setup(config, steps_per_epoch=0)
+    task = setup_dino_task(config, steps_per_epoch=0)
     task.freeze_steps = 0
     model = task.build_model(config, nnx.Rngs(0))
     _, params, _ = state_lib.split_model(model)
     tx = task.make_optimizer(config, optax.constant_schedule(1e-2), params)
     ones = jax.tree.map(jnp.ones_like, params)
     updates, _ = jax.jit(tx.update)(ones, tx.init(params), params)
-    u = {k: float(np.abs(v).max()) for k, v in _flat(updates).items()}
+    u = {k: float(np.abs(v).max()) for k, v in flat_state(updates).items()}
     head = u["dino_head/mlp/0/bias"]                    # layer 3 of 2 blocks: full rate
     np.testing.assert_allclose(u["encoder/blocks/1/norm1/bias"], head * 0.5, rtol=1e-4)
     np.testing.assert_allclose(u["encoder/blocks/0/norm1/bias"], head * 0.25, rtol=1e-4)
@@ -88,7 +80,7 @@ def test_layer_decay_scales_early_blocks_and_patch_embedding(synthetic_dataset):
 
 def test_update_extra_moves_teacher_by_ema_and_centre_by_batch_mean(synthetic_dataset):
     config = _tiny_config(synthetic_dataset)
-    task = _setup(config, total_steps=10)
+    task = setup_dino_task(config, total_steps=10)
     model = task.build_model(config, nnx.Rngs(0))
     extra = task.init_extra(model)
     params = jax.tree.map(lambda p: p + 1.0, nnx.state(model, nnx.Param))
@@ -96,7 +88,7 @@ def test_update_extra_moves_teacher_by_ema_and_centre_by_batch_mean(synthetic_da
     new = task.update_extra(extra, params, {"teacher_mean": batch_mean}, jnp.asarray(3))
     m = float(task.momentum(3))
     assert 0.996 < m < 1.0
-    t0, t1, p = _flat(extra["teacher"]), _flat(new["teacher"]), _flat(params)
+    t0, t1, p = flat_state(extra["teacher"]), flat_state(new["teacher"]), flat_state(params)
     for k in t0:
         np.testing.assert_allclose(t1[k], m * t0[k] + (1 - m) * p[k], rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(np.asarray(new["center"]), 0.1 * np.arange(64), rtol=1e-6)
@@ -107,7 +99,7 @@ def test_centres_from_micro_batch_outputs_equal_the_full_batch_centres(synthetic
     full-batch value (the masked-patch centre is a ratio, so it is carried as two batch means)."""
     config = _tiny_config(synthetic_dataset, ibot=dict(enabled=True, mask_probability=0.5))
     config.model.drop_path_rate = 0.0
-    task = _setup(config)
+    task = setup_dino_task(config)
     model = task.build_model(config, nnx.Rngs(0))
     extra = task.init_extra(model)
     batch = {k: jnp.asarray(v) for k, v in task.example_batch(config, 8, seed=0).items()}
