@@ -290,23 +290,6 @@ def test_the_radimagenet_config_validates():
 
 # ─── Checkpoint and resume ──────────────────────────────────────────────────────────────────────
 
-@pytest.fixture
-def compilation_cache(tmp_path):
-    """A persistent XLA cache for this test only: its three runs compile the same step."""
-    names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
-             "jax_persistent_cache_min_entry_size_bytes")
-    saved = {n: jax.config.values[n] for n in names}
-    jax.config.update("jax_compilation_cache_dir", str(tmp_path / "xla_cache"))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-    from jax.experimental.compilation_cache import compilation_cache as cc
-    cc.reset_cache()
-    yield
-    for n, v in saved.items():
-        jax.config.update(n, v)
-    cc.reset_cache()
-
-
 @pytest.mark.slow
 def test_resnet_dino_resume_reproduces_the_uninterrupted_run(synthetic_dataset, tmp_path, compilation_cache):
     config = _resnet_config(synthetic_dataset)

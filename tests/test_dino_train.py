@@ -117,24 +117,6 @@ def test_centres_from_micro_batch_outputs_equal_the_full_batch_centres(synthetic
         assert np.abs(np.asarray(want[key_])).max() > 0
 
 
-@pytest.fixture
-def compilation_cache(tmp_path):
-    """A persistent XLA cache for this test only: the three runs below compile the same step, so
-    the second and third load it instead of compiling again (~2/3 of this test's CPU time)."""
-    names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
-             "jax_persistent_cache_min_entry_size_bytes")
-    saved = {n: jax.config.values[n] for n in names}
-    jax.config.update("jax_compilation_cache_dir", str(tmp_path / "xla_cache"))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-    from jax.experimental.compilation_cache import compilation_cache as cc
-    cc.reset_cache()
-    yield
-    for n, v in saved.items():
-        jax.config.update(n, v)
-    cc.reset_cache()          # later tests compile as before, without the deleted directory
-
-
 def test_resume_reproduces_the_uninterrupted_run(synthetic_dataset, tmp_path, compilation_cache):
     config = _tiny_config(synthetic_dataset, koleo_weight=0.1,
                           ibot=dict(enabled=True, mask_probability=0.5, separate_head=True, out_dim=32))
