@@ -20,8 +20,6 @@ import os
 import sys
 from typing import Any
 
-DEFAULT_TOLERANCE = 1e-4
-
 
 def _redacted_config(config: Any) -> dict:
     """The run config without data locations (paths may name sites; never exported)."""
@@ -137,9 +135,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
     parser.add_argument("--weights", choices=("auto", "teacher", "student"), default="auto",
                         help="DINO: teacher (default via auto) or student; MAE: the encoder")
-    parser.add_argument("--check", action="store_true", help="fail if the timm parity check fails")
-    parser.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE)
-    parser.add_argument("--no-parity", action="store_true", help="skip the timm parity check")
+    from afm_jax.interop.timm import add_parity_arguments
+    add_parity_arguments(parser)
     args = parser.parse_args(argv)
     from afm_jax.user_errors import exit_on_user_error
 

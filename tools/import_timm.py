@@ -29,7 +29,6 @@ import os
 import sys
 from typing import Any
 
-DEFAULT_TOLERANCE = 1e-4
 
 
 def _variant(arch: dict[str, Any], num_heads: int) -> tuple[str, dict[str, int]]:
@@ -154,9 +153,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--image-size", type=int, default=224, help="our training image size (pos-embed grid)")
     parser.add_argument("--in-chans", type=int, default=1, choices=(1, 3), help="1 = grey (RGB kernels summed)")
     parser.add_argument("--num-heads", type=int, default=None, help="attention heads (weights do not store it)")
-    parser.add_argument("--check", action="store_true", help="fail if the timm parity check fails")
-    parser.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE)
-    parser.add_argument("--no-parity", action="store_true", help="skip the timm parity check")
+    from afm_jax.interop.timm import add_parity_arguments
+    add_parity_arguments(parser)
     args = parser.parse_args(argv)
     from afm_jax.user_errors import exit_on_user_error
 
