@@ -13,10 +13,7 @@ import pathlib
 from typing import Any, Callable, Iterable
 
 import ml_collections
-
-
-class ConfigError(ValueError):
-    """A config value is missing or invalid; the message names the key and what to do."""
+from afm_jax.errors import ConfigError
 
 
 def require(config: ml_collections.ConfigDict, key: str, check: Callable[[Any], bool], expected: str) -> Any:

@@ -94,7 +94,7 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}. Config changes go as --config.key=value.")
     logging.set_verbosity(logging.WARNING)  # keep library INFO chatter (e.g. backend probing) off the console
     from afm_jax.train import distributed
-    from afm_jax.user_errors import exit_on_user_error
+    from afm_jax.errors import exit_on_user_error
     exit_on_user_error(distributed.initialize, coordinator=_COORDINATOR.value, num_processes=_NUM_PROCESSES.value,
                        process_id=_PROCESS_ID.value)
     exit_on_user_error(run, _CONFIG.value, _WORKDIR.value)

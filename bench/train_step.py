@@ -129,7 +129,7 @@ def apply_overrides(config, args: argparse.Namespace, platform_name: str) -> Non
         if args.accum_steps:
             config.accum_steps = args.accum_steps
     # The task's own checks (variant, image size divisible by the patch, dtype names, ...).
-    from afm_jax.configuration import ConfigError
+    from afm_jax.errors import ConfigError
     from afm_jax.train.tasks import get_task
     try:
         task = get_task(config.task)

@@ -11,7 +11,8 @@ import pydicom
 import pytest
 from pydicom.data import get_testdata_file
 
-from afm_jax.configuration import ConfigError
+from afm_jax import errors
+from afm_jax.errors import ConfigError
 from afm_jax.data import conversion, conversion_inputs, conversion_merge, preprocessing, records, synthetic
 
 SALT = b"conversion test salt"
@@ -171,7 +172,7 @@ def test_merge_refuses_missing_chunks_and_other_plans(archive, tmp_path):
     v = preprocessing.get_variant("std512", {"image_size": 32})
     plan = conversion.make_plan(files, v, tmp_path / "w", SALT, chunk_size=5)
     conversion.run_shard(plan, SALT, shard=(0, 4), progress=False)
-    with pytest.raises(conversion_merge.IncompleteConversionError, match="chunks are not converted"):
+    with pytest.raises(errors.IncompleteConversionError, match="chunks are not converted"):
         conversion_merge.merge(plan, tmp_path, "x")
     with pytest.raises(ConfigError, match="variant"):
         conversion.make_plan(files, preprocessing.get_variant("clahe512"), tmp_path / "w", SALT, chunk_size=5)

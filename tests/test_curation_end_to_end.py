@@ -14,7 +14,7 @@ import cv2
 import numpy as np
 import pytest
 
-from afm_jax.configuration import ConfigError
+from afm_jax.errors import ConfigError
 from afm_jax.data import pipeline, records
 from afm_jax.data.curation import config as config_lib, embeddings, run, selection, synthetic_defects
 

@@ -8,7 +8,7 @@ import pytest
 import scipy.fft
 import scipy.ndimage
 
-from afm_jax.configuration import ConfigError
+from afm_jax.errors import ConfigError
 from afm_jax.data.curation import config as config_lib, duplicates, quality
 
 

@@ -15,7 +15,7 @@ import optax
 import pytest
 from flax import nnx
 
-from afm_jax.configuration import ConfigError
+from afm_jax.errors import ConfigError
 from afm_jax.train import assembly, loop, sharding, state as state_lib, step as step_lib
 from afm_jax.train.defaults import pretrain_config
 from afm_jax.train.tasks import get_task
@@ -251,7 +251,7 @@ def test_init_from_torchvision_resnet50_gives_torch_features(tmp_path):
 
 def test_init_from_a_folder_is_refused_for_a_resnet(tmp_path):
     from afm_jax.interop.init_from import initialize_encoder
-    from afm_jax.interop.timm import InteropError
+    from afm_jax.errors import InteropError
     from afm_jax.models.resnet import ResNet
 
     encoder = nnx.eval_shape(lambda: ResNet((1, 1, 1, 1), rngs=nnx.Rngs(0)))

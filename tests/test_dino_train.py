@@ -141,7 +141,7 @@ def test_resume_reproduces_the_uninterrupted_run(synthetic_dataset, tmp_path, co
 @pytest.mark.parametrize("key,value", [("dino.centering", "mean"), ("multicrop.local_size", 12),
                                        ("dino.ibot.mask_ratio", (0.5, 0.1)), ("dino.knn.label_key", "name")])
 def test_bad_dino_config_values_name_the_key(synthetic_dataset, key, value):
-    from afm_jax.configuration import ConfigError
+    from afm_jax.errors import ConfigError
     config = _tiny_config(synthetic_dataset)
     section, _, leaf = key.rpartition(".")
     node = config

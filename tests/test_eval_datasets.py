@@ -9,9 +9,10 @@ import cv2
 import numpy as np
 import pytest
 
-from afm_jax.configuration import ConfigError
+from afm_jax import errors
+from afm_jax.errors import ConfigError
 from afm_jax.data import anonymize, folder_dataset, mura, records
-from afm_jax.data.records import DatasetNotFoundError
+from afm_jax.errors import DatasetNotFoundError
 
 SALT = b"test salt for eval datasets"
 
@@ -228,7 +229,7 @@ def test_folder_dataset_images_patients_and_failures(tmp_path):
     blob = _all_bytes(directory)
     for raw in (b"JohnDoe", b"JaneRoe", b"MaxMu", b"EvaZed", b"1CT1", b"Scan5", b"single"):
         assert raw not in blob
-    with pytest.raises(folder_dataset.UnreadableImageError, match="broken.png"):
+    with pytest.raises(errors.UnreadableImageError, match="broken.png"):
         folder_dataset.build_folder_dataset(root, tmp_path / "out2", name="knee", salt=SALT, strict=True)
 
 

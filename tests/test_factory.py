@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from afm_jax import errors
 from afm_jax import configuration
 from afm_jax.models import factory
 from afm_jax.train.defaults import pretrain_config
@@ -37,12 +38,12 @@ def test_size_overrides_change_only_what_they_name():
                                         (dict(depth=0), "model.depth"),
                                         (dict(pos_embed="rope"), "model.pos_embed")])
 def test_bad_model_values_name_the_key(model, key):
-    with pytest.raises(configuration.ConfigError, match=key.replace(".", r"\.")):
+    with pytest.raises(errors.ConfigError, match=key.replace(".", r"\.")):
         factory.validate_model_config(_config(**model))
 
 
 def test_image_size_must_be_a_multiple_of_the_patch():
     config = _config()
     config.image_size = 36
-    with pytest.raises(configuration.ConfigError, match="image_size"):
+    with pytest.raises(errors.ConfigError, match="image_size"):
         factory.validate_model_config(config)

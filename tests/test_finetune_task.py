@@ -12,7 +12,7 @@ import optax
 import pytest
 from flax import nnx
 
-from afm_jax.configuration import ConfigError
+from afm_jax.errors import ConfigError
 from afm_jax.evaluation import finetune as ft
 from afm_jax.train import loop, state as state_lib
 from afm_jax.train.defaults import pretrain_config

@@ -18,6 +18,7 @@ timm = pytest.importorskip("timm")
 from safetensors.numpy import save_file  # noqa: E402
 from safetensors.torch import load_file as torch_load_file  # noqa: E402
 
+from afm_jax import errors  # noqa: E402
 from afm_jax.interop import timm as ti  # noqa: E402
 from afm_jax.interop.checkpoints import read_encoder_checkpoint  # noqa: E402
 from afm_jax.interop.init_from import initialize_encoder  # noqa: E402
@@ -303,33 +304,33 @@ def test_mismatches_raise_errors_naming_the_key(tmp_path):
         return VisionTransformer(kw.pop("variant", "mu/8"), rngs=nnx.Rngs(0),
                                  **{k: v for k, v in base.items() if k != "variant"})
 
-    with pytest.raises(ti.InteropError, match=r"'blocks.0.mlp.fc1.(weight|bias)' has shape"):
+    with pytest.raises(errors.InteropError, match=r"'blocks.0.mlp.fc1.(weight|bias)' has shape"):
         ti.load_timm_state_dict(model(mlp_dim=64), sd)
-    with pytest.raises(ti.InteropError, match=r"'blocks.2.attn.proj.bias' is missing.*depth 2"):
+    with pytest.raises(errors.InteropError, match=r"'blocks.2.attn.proj.bias' is missing.*depth 2"):
         ti.load_timm_state_dict(model(depth=3), sd)
-    with pytest.raises(ti.InteropError, match=r"'blocks.1.[a-z0-9.]+' in the file has no place"):
+    with pytest.raises(errors.InteropError, match=r"'blocks.1.[a-z0-9.]+' in the file has no place"):
         ti.load_timm_state_dict(model(depth=1), sd)
-    with pytest.raises(ti.InteropError, match=r"patch size 8.*variant"):
+    with pytest.raises(errors.InteropError, match=r"patch size 8.*variant"):
         ti.load_timm_state_dict(model(variant="mu/16"), sd)
-    with pytest.raises(ti.InteropError, match="num_heads=3"):
+    with pytest.raises(errors.InteropError, match="num_heads=3"):
         ti.load_timm_state_dict(model(num_heads=2), sd, source_num_heads=3)
-    with pytest.raises(ti.InteropError, match="class_token"):
+    with pytest.raises(errors.InteropError, match="class_token"):
         ti.load_timm_state_dict(model(class_token=False), sd)
     m = model()
     before = np.asarray(m.blocks[0].attn.qkv.kernel[...])
     bad = dict(sd, **{"norm.weight": np.zeros(7, np.float32)})
-    with pytest.raises(ti.InteropError, match="'norm.weight'"):
+    with pytest.raises(errors.InteropError, match="'norm.weight'"):
         ti.load_timm_state_dict(m, bad)
     np.testing.assert_array_equal(np.asarray(m.blocks[0].attn.qkv.kernel[...]), before)  # untouched
-    with pytest.raises(ti.InteropError, match="does not exist"):
+    with pytest.raises(errors.InteropError, match="does not exist"):
         initialize_encoder(m, tmp_path / "nope.pth")
     (tmp_path / "w.npz").write_bytes(b"x")
-    with pytest.raises(ti.InteropError, match="Unsupported weights file"):
+    with pytest.raises(errors.InteropError, match="Unsupported weights file"):
         initialize_encoder(m, tmp_path / "w.npz")
     torch.save(tm, tmp_path / "pickled.pth")  # a whole pickled module: refused, nothing executed
-    with pytest.raises(ti.InteropError, match="weights_only"):
+    with pytest.raises(errors.InteropError, match="weights_only"):
         initialize_encoder(m, tmp_path / "pickled.pth")
     save_file({"conv1.weight": np.zeros((64, 3, 7, 7), np.float32)}, str(tmp_path / "cnn.safetensors"))
-    with pytest.raises(ti.InteropError, match="No ViT patch embedding"):
+    with pytest.raises(errors.InteropError, match="No ViT patch embedding"):
         initialize_encoder(m, tmp_path / "cnn.safetensors")
-    assert issubclass(ti.InteropError, __import__("afm_jax.configuration", fromlist=["x"]).ConfigError)
+    assert issubclass(errors.InteropError, __import__("afm_jax.configuration", fromlist=["x"]).ConfigError)

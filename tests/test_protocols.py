@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from afm_jax.configuration import ConfigError
+from afm_jax.errors import ConfigError
 from afm_jax.evaluation import backbones as bb
 from afm_jax.evaluation import protocols as pr
 

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
+from afm_jax import errors
 from afm_jax.data import records
 
 NUM_EXAMPLES = 48
@@ -188,18 +189,18 @@ def test_split_of_patient_is_deterministic_and_proportional():
 
 def test_missing_path_says_how_to_make_a_dataset(tmp_path):
     for path in (tmp_path / "nope", ""):
-        with pytest.raises(records.DatasetNotFoundError) as err:
+        with pytest.raises(errors.DatasetNotFoundError) as err:
             records.open_split(path, "train")
         message = str(err.value)
         assert "python -m afm_jax.data.synthetic --out DIR" in message
         assert "tools/preprocess.py" in message and "--config.data.path=" in message
-    with pytest.raises(records.DatasetNotFoundError, match="not a dataset directory"):
+    with pytest.raises(errors.DatasetNotFoundError, match="not a dataset directory"):
         records.read_info(tmp_path)
 
 
 def test_unknown_split_lists_available_splits(dataset):
     _, path = dataset
-    with pytest.raises(records.DatasetNotFoundError, match=r"no split 'trian'; available splits: .*train"):
+    with pytest.raises(errors.DatasetNotFoundError, match=r"no split 'trian'; available splits: .*train"):
         records.open_split(path, "trian")
 
 
@@ -244,7 +245,7 @@ def test_failed_write_leaves_nothing_that_looks_complete(tmp_path, examples):
         records.write_dataset(crashing(), tmp_path, name="crash")
     assert not (tmp_path / "crash" / records.SCHEMA_VERSION).exists()
     assert os.listdir(tmp_path / "crash") == []
-    with pytest.raises(records.DatasetNotFoundError):
+    with pytest.raises(errors.DatasetNotFoundError):
         records.open_split(tmp_path, "train")
 
 

@@ -12,7 +12,7 @@ torch = pytest.importorskip("torch")
 torchvision = pytest.importorskip("torchvision")
 from safetensors.torch import save_file  # noqa: E402
 
-from afm_jax.interop.timm import InteropError  # noqa: E402
+from afm_jax.errors import InteropError  # noqa: E402
 from afm_jax.interop.torchvision_resnet import load_torchvision_resnet, resnet_from_file  # noqa: E402
 from afm_jax.models.resnet import ResNet, resnet50, resnet50_from_torchvision  # noqa: E402
 

@@ -7,7 +7,7 @@ import pathlib
 
 import pytest
 
-from afm_jax.configuration import ConfigError
+from afm_jax.errors import ConfigError
 from afm_jax.evaluation import study as study_lib
 from afm_jax.evaluation.backbones import BackboneSpec
 from afm_jax.evaluation.protocols import TaskSpec

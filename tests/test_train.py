@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from afm_jax import errors
 from afm_jax.train import loop
 from afm_jax.train.tasks import get_task
 from afm_jax.train.tasks.mae import MAETask
@@ -75,8 +76,8 @@ class _NaNLossTask(MAETask):
 
 
 def test_divergence_is_a_user_error_that_names_the_fix(tiny_mae_config, tmp_path):
-    from afm_jax.user_errors import USER_ERRORS
+    from afm_jax.errors import UserError
     tiny_mae_config.total_steps = 2
-    with pytest.raises(loop.TrainingDivergedError, match="base_lr") as caught:
+    with pytest.raises(errors.TrainingDivergedError, match="base_lr") as caught:
         loop.train(tiny_mae_config, str(tmp_path), _NaNLossTask())
-    assert isinstance(caught.value, USER_ERRORS)
+    assert isinstance(caught.value, UserError)

@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from afm_jax.evaluation import backbones, protocols
-    from afm_jax.user_errors import USER_ERRORS
+    from afm_jax.errors import UserError
 
     try:
         spec = backbones.parse_backbone_arg(args.backbone)
@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
             cache=protocols.FeatureCache(out / "features"), workdir=os.fspath(out / "finetune"),
             name=spec.kind, options=options)
         scored = protocols.score_predictions(val, test, task, n_boot=args.n_boot, seed=args.seed)
-    except USER_ERRORS as e:
+    except (UserError, FileExistsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     out.mkdir(parents=True, exist_ok=True)

@@ -96,7 +96,8 @@ def parity_check(encoder: Any, out_dir: str) -> dict[str, float]:
 
 def export(args: argparse.Namespace) -> dict:
     from afm_jax.interop.checkpoints import read_encoder_checkpoint
-    from afm_jax.interop.timm import InteropError, write_export
+    from afm_jax.errors import InteropError
+    from afm_jax.interop.timm import write_export
 
     ck = read_encoder_checkpoint(args.checkpoint, step=args.step, weights=args.weights)
     dataset = _dataset_summary(ck.config)
@@ -138,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     from afm_jax.interop.timm import add_parity_arguments
     add_parity_arguments(parser)
     args = parser.parse_args(argv)
-    from afm_jax.user_errors import exit_on_user_error
+    from afm_jax.errors import exit_on_user_error
 
     summary = exit_on_user_error(export, args)
     print(f"wrote {summary['out_dir']}/model.safetensors, config.json, README.md")

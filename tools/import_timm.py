@@ -38,7 +38,7 @@ def _variant(arch: dict[str, Any], num_heads: int) -> tuple[str, dict[str, int]]
     size = dict(width=arch["embed_dim"], depth=arch["depth"], num_heads=num_heads, mlp_dim=arch["mlp_dim"])
     p = arch["patch_size"]
     if not isinstance(p, int):
-        from afm_jax.interop.timm import InteropError
+        from afm_jax.errors import InteropError
         raise InteropError(f"Non-square patches {p} are not supported by our ViT.")
     for name, known in VIT_SIZES.items():
         if known == size:
@@ -69,7 +69,8 @@ def import_weights(args: argparse.Namespace) -> dict:
     from flax import nnx
 
     from afm_jax.interop.init_from import normalisation_mismatch, read_vit_source
-    from afm_jax.interop.timm import (InteropError, describe_vit_state_dict, forward_parity, load_timm_state_dict,
+    from afm_jax.errors import InteropError
+    from afm_jax.interop.timm import (describe_vit_state_dict, forward_parity, load_timm_state_dict,
                                       normalize_vit_state_dict, usage_snippet, write_export)
     from afm_jax.models.vit import VisionTransformer
 
@@ -156,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     from afm_jax.interop.timm import add_parity_arguments
     add_parity_arguments(parser)
     args = parser.parse_args(argv)
-    from afm_jax.user_errors import exit_on_user_error
+    from afm_jax.errors import exit_on_user_error
 
     summary = exit_on_user_error(import_weights, args)
     print(f"wrote {summary['out_dir']}/model.safetensors, config.json, README.md")

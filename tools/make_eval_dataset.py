@@ -23,7 +23,7 @@ from collections.abc import Sequence
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-from afm_jax.configuration import ConfigError  # noqa: E402
+from afm_jax.errors import ConfigError  # noqa: E402
 
 
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -102,7 +102,7 @@ def run(argv: Sequence[str] | None = None) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    from afm_jax.user_errors import exit_on_user_error  # heavy import; not for worker processes
+    from afm_jax.errors import exit_on_user_error
 
     sys.exit(exit_on_user_error(run, argv))
 

@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from afm_jax.evaluation import study as study_lib
-    from afm_jax.user_errors import USER_ERRORS
+    from afm_jax.errors import UserError
 
     try:
         study = study_lib.load_study(args.study)
@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
             summary["report"] = str(index) if index else None
             results = [json.loads(p.read_text()) for p in sorted(layout.results.glob("*.json"))]
             summary["auroc"] = {r["run_id"]: round(r["metrics"]["auroc"]["point"], 4) for r in results}
-    except USER_ERRORS as e:
+    except (UserError, FileExistsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if summary.get("report"):

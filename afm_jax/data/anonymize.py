@@ -11,15 +11,12 @@ import hashlib
 import hmac
 import os
 from pathlib import Path
+from afm_jax.errors import MissingSaltError
 
 SALT_ENV_VAR = "AFM_SALT"
 SALT_FILE_ENV_VAR = "AFM_SALT_FILE"
 # Only for the embedded synthetic data, whose identifiers are fake anyway.
 SYNTHETIC_DEMO_SALT = b"afm-jax synthetic demo salt (not a secret)"
-
-
-class MissingSaltError(RuntimeError):
-    """Raised when real identifiers would be hashed without a user-provided salt."""
 
 
 def load_salt(salt_file: str | os.PathLike | None = None, *, allow_demo_salt: bool = False) -> bytes:

@@ -41,7 +41,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from afm_jax.configuration import ConfigError
+from afm_jax.errors import ConfigError
 from afm_jax.data import anonymize, conversion_inputs
 from afm_jax.data.conversion_inputs import InputFile
 from afm_jax.data.preprocessing import Variant

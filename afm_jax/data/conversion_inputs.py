@@ -24,7 +24,7 @@ import os
 import pathlib
 from collections.abc import Iterable, Sequence
 
-from afm_jax.configuration import ConfigError
+from afm_jax.errors import ConfigError
 from afm_jax.data import anonymize
 
 

@@ -33,7 +33,8 @@ from typing import Any
 
 import numpy as np
 
-from afm_jax.configuration import ConfigError
+from afm_jax.errors import IncompleteConversionError, NothingConvertedError
+from afm_jax.errors import ConfigError
 from afm_jax.data import records
 from afm_jax.data.conversion import Plan, read_rows
 
@@ -45,14 +46,6 @@ MANIFEST_COLUMNS = ("file_index", "file_id", "status", "output", "duplicate_of",
                     "series_id", "image_id", "label", "label_name", "modality", "body_part", "view", "laterality",
                     "manufacturer", "sop_class", "transfer_syntax", "photometric", "bits_stored", "voi_used",
                     "orig_rows", "orig_cols", "num_frames", "num_images", "pixel_hash")
-
-
-class IncompleteConversionError(ConfigError):
-    """Some chunks are not converted yet; the message says which and what to run."""
-
-
-class NothingConvertedError(ConfigError):
-    """No input file was converted (wrong folder, or every file skipped/failed); the manifest says why."""
 
 
 def check_complete(plan: Plan) -> None:

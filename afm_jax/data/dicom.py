@@ -41,6 +41,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from afm_jax.errors import DecodeError
 from afm_jax.data import anonymize
 
 VoiMode = Literal["window", "none"]
@@ -52,10 +53,6 @@ _NON_IMAGE_SOP_WORDS = ("Structured Report", "SR Storage", "Presentation State",
                         "Encapsulated", "Raw Data", "Waveform", "Spectroscopy", "Media Storage Directory",
                         "Segmentation", "Registration", "Measurement Report", "RT Dose", "RT Plan", "RT Ion",
                         "RT Structure", "RT Beams", "RT Treatment")
-
-
-class DecodeError(ValueError):
-    """The pixel data of a supported transfer syntax does not decode (corrupt or truncated file)."""
 
 
 class SkippedFile(Exception):

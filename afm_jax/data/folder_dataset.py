@@ -45,9 +45,10 @@ from typing import Any, Literal
 import cv2
 import numpy as np
 
-from afm_jax.configuration import ConfigError
+from afm_jax.errors import UnreadableImageError
+from afm_jax.errors import ConfigError
 from afm_jax.data import anonymize, records
-from afm_jax.data.records import DatasetNotFoundError
+from afm_jax.errors import DatasetNotFoundError
 
 log = logging.getLogger(__name__)
 
@@ -56,10 +57,6 @@ DICOM_SUFFIXES = (".dcm", ".dicom", ".dic")
 PATIENT_SOURCES = ("auto", "csv", "dicom", "subfolder", "file")
 PatientFrom = Literal["auto", "csv", "dicom", "subfolder", "file"]
 _SPLIT_NAME_RE = re.compile(r"^[a-z][a-z0-9_]*$")
-
-
-class UnreadableImageError(ConfigError):
-    """With strict=True: a listed file does not decode (the message names it and the reason)."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -34,9 +34,9 @@ import re
 from collections import Counter, defaultdict
 from collections.abc import Sequence
 
-from afm_jax.configuration import ConfigError
+from afm_jax.errors import ConfigError
 from afm_jax.data import anonymize, folder_dataset, records
-from afm_jax.data.records import DatasetNotFoundError
+from afm_jax.errors import DatasetNotFoundError
 
 log = logging.getLogger(__name__)
 

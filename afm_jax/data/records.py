@@ -43,6 +43,7 @@ from typing import Any
 import cv2
 import numpy as np
 from tqdm import tqdm
+from afm_jax.errors import DatasetNotFoundError
 
 SCHEMA_VERSION = "1.0.0"
 DEFAULT_SPLIT_FRACTIONS: dict[str, float] = {"train": 0.8, "validation": 0.1, "test": 0.1}
@@ -59,10 +60,6 @@ _NAME_RE = re.compile(r"^[a-z][a-z0-9_]*$")
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 log = logging.getLogger(__name__)
-
-
-class DatasetNotFoundError(FileNotFoundError):
-    """The dataset path or split does not exist; the message says how to make one."""
 
 
 def _not_found(problem: str) -> DatasetNotFoundError:

@@ -51,6 +51,7 @@ from typing import Callable, Iterable, Iterator, Sequence
 import cv2
 import numpy as np
 
+from afm_jax import errors
 from afm_jax.data import anonymize
 
 LABEL_NAMES = ("normal", "nff", "aff")  # label ints 0, 1, 2
@@ -761,7 +762,7 @@ def ensure_synthetic_dataset(data_dir: str | os.PathLike, *, num_patients: int =
     if existing.is_dir():
         try:
             return records.resolve_dataset_dir(existing)
-        except records.DatasetNotFoundError:
+        except errors.DatasetNotFoundError:
             pass  # an interrupted build leaves no dataset_info.json; write_dataset starts over
     return build_synthetic_dataset(data_dir, num_patients=num_patients, seed=seed, image_size=image_size,
                                    name=name)

@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from afm_jax.configuration import ConfigError
+from afm_jax.errors import ConfigError
 
 KINDS = ("checkpoint", "timm_vit", "resnet50", "torch_timm", "random_init")
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)

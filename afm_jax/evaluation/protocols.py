@@ -33,7 +33,7 @@ import numpy as np
 from tqdm import tqdm
 
 from afm_jax import configuration
-from afm_jax.configuration import ConfigError
+from afm_jax.errors import ConfigError
 from afm_jax.evaluation import aggregation, sampling, statistics
 from afm_jax.evaluation.backbones import Backbone, BackboneSpec, load_backbone
 from afm_jax.evaluation.finetune import binary_targets

@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from afm_jax import configuration
-from afm_jax.configuration import ConfigError
+from afm_jax.errors import ConfigError
 from afm_jax.evaluation.backbones import BackboneSpec, load_backbone
 from afm_jax.evaluation.finetune import binary_targets
 from afm_jax.evaluation.protocols import (PROTOCOLS, FeatureCache, Prediction, TaskSpec, binary_subset, probe_weights,

@@ -24,7 +24,8 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from afm_jax.interop.timm import InteropError, encoder_flat_state
+from afm_jax.errors import InteropError
+from afm_jax.interop.timm import encoder_flat_state
 from afm_jax.models import factory
 from afm_jax.models.vit import VisionTransformer
 

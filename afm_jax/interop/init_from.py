@@ -36,7 +36,7 @@ import numpy as np
 
 from afm_jax.interop import timm as timm_interop
 from afm_jax.interop.checkpoints import is_checkpoint_path, read_encoder_checkpoint
-from afm_jax.interop.timm import InteropError
+from afm_jax.errors import InteropError
 from afm_jax.models.resnet import ResNet
 from afm_jax.models.vit import VisionTransformer
 

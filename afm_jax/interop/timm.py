@@ -34,7 +34,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from afm_jax.configuration import ConfigError
+from afm_jax.errors import InteropError
+from afm_jax.errors import ConfigError
 from afm_jax.models.pos_embed import resample_abs_pos_embed
 from afm_jax.models.vit import VisionTransformer
 
@@ -58,13 +59,6 @@ __all__ = [
     "write_export",
     "usage_snippet",
 ]
-
-
-class InteropError(ConfigError):
-    """Weights that do not fit the model the config describes, or a file that is not a ViT state dict.
-
-    A :class:`~afm_jax.configuration.ConfigError`, so the CLIs show it as ``error: ...`` (exit 2).
-    """
 
 
 # Width -> the head count every public ViT of that width uses (timm, DINO, DINOv2, MAE).

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from afm_jax.interop.timm import InteropError
+from afm_jax.errors import InteropError
 from afm_jax.models.resnet import RESNET_LAYERS, ResNet
 
 __all__ = ["normalize_resnet_state_dict", "load_torchvision_resnet", "resnet_from_file", "flax_key"]

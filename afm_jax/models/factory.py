@@ -12,6 +12,7 @@ import ml_collections
 from ml_collections.config_dict import placeholder
 from flax import nnx
 
+from afm_jax import errors
 from afm_jax import configuration
 from afm_jax.models.mae import MAE
 from afm_jax.models.resnet import RESNET_LAYERS, ResNet
@@ -119,7 +120,7 @@ def build_backbone(model: ml_collections.ConfigDict, image_size: int, rngs: nnx.
 
 def build_encoder(model: ml_collections.ConfigDict, image_size: int, rngs: nnx.Rngs) -> VisionTransformer:
     if is_resnet(model):   # a task that builds ViTs only (MAE, ...) must not silently ignore model.arch
-        raise configuration.ConfigError(
+        raise errors.ConfigError(
             f"Config key `model.arch` = {model.arch!r}: this task builds a ViT; a ResNet backbone is available "
             "for task dino (configs/dino_resnet50_radimagenet.py). Use --config.model.arch=vit.")
     return VisionTransformer(

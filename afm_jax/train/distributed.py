@@ -18,7 +18,7 @@ from collections.abc import Mapping
 
 import jax
 
-from afm_jax.configuration import ConfigError
+from afm_jax.errors import ConfigError
 
 
 def _first_count(tasks_per_node: str) -> int:

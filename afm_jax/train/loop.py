@@ -19,16 +19,14 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
+from afm_jax import errors
+from afm_jax.errors import TrainingDivergedError
 from afm_jax import configuration
 from afm_jax.data import pipeline, records
 from afm_jax.train import assembly as assembly_lib, checkpoint, sharding, state as state_lib, throughput
 from afm_jax.train.tasks.base import Task
 from afm_jax.train.metrics_writer import MetricsWriter
 from afm_jax.version import code_version
-
-
-class TrainingDivergedError(FloatingPointError):
-    """The loss became NaN/inf: a config problem (learning rate, clipping) the user must change."""
 
 
 @dataclasses.dataclass
@@ -67,7 +65,7 @@ def run_schedule(config: ml_collections.ConfigDict, num_train_examples: int) -> 
     steps_per_epoch = max(num_train_examples // config.batch_size, 1)
     total = config.total_steps if config.total_steps > 0 else int(round(config.num_epochs * steps_per_epoch))
     if total <= 0:
-        raise configuration.ConfigError("Config gives no steps: set --config.total_steps=N or --config.num_epochs=E.")
+        raise errors.ConfigError("Config gives no steps: set --config.total_steps=N or --config.num_epochs=E.")
     warmup = int(round(config.optim.warmup_epochs * steps_per_epoch))
     return total, min(warmup, total)
 
@@ -85,7 +83,7 @@ def validate_common(config: ml_collections.ConfigDict) -> None:
     configuration.require(config, "batch_size", lambda v: int(v) % int(config.accum_steps) == 0,
                           f"a multiple of accum_steps = {config.accum_steps}")
     if config.batch_size % jax.process_count():
-        raise configuration.ConfigError(
+        raise errors.ConfigError(
             f"Config key `batch_size` = {config.batch_size} is not divisible by the {jax.process_count()} processes.")
 
 
@@ -103,7 +101,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, task: Task, *,
     # ─── Input ───────────────────────────────────────────────────────────────────────────────
     num_train = task.num_train_examples(config)
     if config.batch_size > num_train:
-        raise configuration.ConfigError(
+        raise errors.ConfigError(
             f"Config key `batch_size` = {config.batch_size} is larger than the {num_train} images of split "
             f"`{config.data.train_split}` in {config.data.path}: lower --config.batch_size or use a larger dataset.")
     total_steps, warmup_steps = run_schedule(config, num_train)
@@ -114,7 +112,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, task: Task, *,
     mesh = sharding.make_mesh(config.mesh)
     micro_batch = config.batch_size // config.accum_steps
     if micro_batch % mesh.size:
-        raise configuration.ConfigError(
+        raise errors.ConfigError(
             f"Config key `batch_size` = {config.batch_size} (÷ accum_steps = {config.accum_steps}) is not "
             f"divisible by the {mesh.size} devices.")
     data_iter = task.build_train_iterator(config)

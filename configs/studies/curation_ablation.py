@@ -28,7 +28,7 @@ Expected: study_out/curation_ablation/report/index.html with one row per arm × 
 import os
 import pathlib
 
-from afm_jax.configuration import ConfigError
+from afm_jax.errors import ConfigError
 from afm_jax.evaluation.backbones import BackboneSpec
 from afm_jax.evaluation.protocols import TaskSpec
 from afm_jax.evaluation.study import PretrainSpec, Study

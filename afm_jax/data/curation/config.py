@@ -14,7 +14,7 @@ from __future__ import annotations
 import ml_collections
 
 from afm_jax import configuration
-from afm_jax.configuration import ConfigError
+from afm_jax.errors import ConfigError
 
 # The reasons an image is removed for, in priority order: an image failing several filters is
 # counted under the first (its "primary" reason); the manifest lists all of them.

@@ -27,7 +27,7 @@ from collections.abc import Sequence
 import cv2
 import numpy as np
 
-from afm_jax.configuration import ConfigError
+from afm_jax.errors import ConfigError
 
 THUMBNAIL = "thumbnail"
 BACKBONE_PREFIX = "backbone:"

@@ -22,7 +22,7 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from afm_jax.configuration import ConfigError
+from afm_jax.errors import ConfigError
 from afm_jax.data import records
 from afm_jax.data.curation import clustering, config as config_lib, duplicates, embeddings as emb_lib, quality
 from afm_jax.data.curation import report as report_lib, scan as scan_lib, selection as selection_lib

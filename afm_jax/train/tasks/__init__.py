@@ -14,7 +14,7 @@ TASKS = {
 
 
 def get_task_class(name: str) -> type:
-    from afm_jax.configuration import ConfigError
+    from afm_jax.errors import ConfigError
     if name not in TASKS:
         raise ConfigError(f"Config key `task` = {name!r} is unknown: expected one of {', '.join(map(repr, TASKS))}.")
     module_name, class_name = TASKS[name].split(":")

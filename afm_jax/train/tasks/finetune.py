@@ -37,6 +37,7 @@ import optax
 from flax import nnx
 from tqdm import tqdm
 
+from afm_jax import errors
 from afm_jax import configuration
 from afm_jax.evaluation import finetune as ft
 from afm_jax.models import factory
@@ -107,7 +108,7 @@ class FinetuneTask(Task):
         configuration.require(config, "eval_every", lambda v: int(v) > 0,
                               "a positive step interval (fine-tuning evaluates on validation to pick the model)")
         if f.pool == "cls" and not config.model.class_token:
-            raise configuration.ConfigError("Config key `finetune.pool` = 'cls' needs model.class_token=True; "
+            raise errors.ConfigError("Config key `finetune.pool` = 'cls' needs model.class_token=True; "
                                             "use --config.finetune.pool=avg.")
 
     def _training_examples(self, config: ml_collections.ConfigDict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -133,7 +134,7 @@ class FinetuneTask(Task):
         f = config.finetune
         ids, targets, keep = self._training_examples(config)
         if len(np.unique(targets[keep])) < 2:
-            raise configuration.ConfigError(
+            raise errors.ConfigError(
                 f"The training split `{config.data.train_split}` of {config.data.path} has no examples of "
                 f"{'positive' if not (targets[keep] == 1).any() else 'negative'} labels "
                 f"{self.positive if not (targets[keep] == 1).any() else self.negative}: check "
@@ -230,7 +231,7 @@ class FinetuneTask(Task):
         from sklearn.metrics import roc_auc_score
         val = self.predict_split(model, self.config.data.eval_split)
         if len(np.unique(val["y_true"])) < 2:
-            raise configuration.ConfigError(
+            raise errors.ConfigError(
                 f"The validation split `{self.config.data.eval_split}` needs positive and negative images for "
                 "early stopping on AUROC; set --config.data.eval_split to a split that has both.")
         auroc = float(roc_auc_score(val["y_true"], val["y_score"]))
