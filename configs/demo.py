@@ -18,11 +18,11 @@ Deviations from the MAE paper, for CPU size (each named here, all config keys):
     the fracture signs are thin, and pretraining crops already showed them at that magnification.
 """
 
-from afm_jax.train.defaults import pretrain_config
+from afm_jax.train.defaults import default_config
 
 
 def get_config(arg=None):
-    config = pretrain_config("mae", "Ti/16")
+    config = default_config("mae", "Ti/16")
     config.model.depth = 6
     config.data.synthetic.update(enabled=True, num_patients=1000, image_size=256, seed=0)
     config.image_size = 128

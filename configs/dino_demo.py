@@ -25,11 +25,11 @@ tests/test_dino_train.py, which is what we found to learn rather than collapse a
     fracture classes are not separable by kNN at 32 px, not even on raw pixels.
 """
 
-from afm_jax.train.defaults import pretrain_config
+from afm_jax.train.defaults import default_config
 
 
 def get_config(arg=None):
-    config = pretrain_config("dino", "mu/8")
+    config = default_config("dino", "mu/8")
     config.model.update(width=64, depth=2, num_heads=2, drop_path_rate=0.0)
     config.data.synthetic.update(enabled=True, num_patients=300, image_size=64, seed=0)
     config.data.num_workers = 2

@@ -27,11 +27,11 @@ channel means 0.449/0.226 — check RadImageNet's own preprocessing and set mode
 differs); intensity jitter instead of colour jitter (as every DINO config here).
 """
 
-from afm_jax.train.defaults import pretrain_config
+from afm_jax.train.defaults import default_config
 
 
 def get_config(arg=None):
-    config = pretrain_config("dino", "S/16")
+    config = default_config("dino", "S/16")
     config.model.update(arch="resnet50", dtype="bfloat16", drop_path_rate=0.0, class_token=False,
                         pos_embed="sincos")          # the last two are ViT keys, not read for a ResNet
     config.batch_size = 1024

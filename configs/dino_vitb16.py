@@ -12,11 +12,11 @@ gradient clipping at 0.3, last layer frozen for 3 epochs, teacher temperature wa
 Radiograph deviations as in dino_vits16.py.
 """
 
-from afm_jax.train.defaults import pretrain_config
+from afm_jax.train.defaults import default_config
 
 
 def get_config(arg=None):
-    config = pretrain_config("dino", "B/16")
+    config = default_config("dino", "B/16")
     config.model.dtype = "bfloat16"
     config.batch_size = 1024
     config.num_epochs = 400.0

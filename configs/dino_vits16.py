@@ -20,11 +20,11 @@ contrast 0.4, gamma 0.2, p 0.8) instead of colour jitter and grayscale; no weigh
 token and position embeddings (the reference decays them; this repository's rule for every method).
 """
 
-from afm_jax.train.defaults import pretrain_config
+from afm_jax.train.defaults import default_config
 
 
 def get_config(arg=None):
-    config = pretrain_config("dino", "S/16")
+    config = default_config("dino", "S/16")
     config.model.dtype = "bfloat16"
     config.batch_size = 1024
     config.num_epochs = 100.0

@@ -21,11 +21,11 @@ Deviations: plain GELU MLP instead of SwiGLU; LayerScale init 1e-5 as DINOv2; 4 
 radiograph intensity jitter instead of colour jitter, as in dino_vits16.py.
 """
 
-from afm_jax.train.defaults import pretrain_config
+from afm_jax.train.defaults import default_config
 
 
 def get_config(arg=None):
-    config = pretrain_config("dino", "L/14")
+    config = default_config("dino", "L/14")
     config.model.update(dtype="bfloat16", drop_path_rate=0.4, num_reg_tokens=4, remat="full",
                         layer_scale_init=1e-5)
     config.batch_size = 1024

@@ -17,11 +17,11 @@ Recipe (MAE fine-tuning, He et al. 2021, Table 9), with CPU-size deviations as n
   base lr 1e-3, no mixup/cutmix/label smoothing.
 """
 
-from afm_jax.train.defaults import pretrain_config
+from afm_jax.train.defaults import default_config
 
 
 def get_config(arg=None):
-    config = pretrain_config("finetune", "Ti/16")
+    config = default_config("finetune", "Ti/16")
     config.model.depth = 6
     config.data.synthetic.update(enabled=True, num_patients=1000, image_size=256, seed=0)
     config.image_size = 128

@@ -15,11 +15,11 @@ Recipe: MAE linear probing (He et al. 2021, Table 10): frozen encoder, no weight
   epochs, 90 epochs, augmentation on; AdamW instead of LARS (named deviation: LARS needs its 16k batch).
 """
 
-from afm_jax.train.defaults import pretrain_config
+from afm_jax.train.defaults import default_config
 
 
 def get_config(arg=None):
-    config = pretrain_config("linprobe", "B/16")
+    config = default_config("linprobe", "B/16")
     config.data.path = ""               # set --config.data.path=.../mura/1.0.0
     config.init_from = ""               # set --config.init_from=<workdir | timm file | export folder>
     config.image_size = 224

@@ -8,11 +8,11 @@ Expected: a ViT-B femur encoder; compare with mae_vitl.py and DINO in the evalua
 Paper defaults as in mae_vitl.py.
 """
 
-from afm_jax.train.defaults import pretrain_config
+from afm_jax.train.defaults import default_config
 
 
 def get_config(arg=None):
-    config = pretrain_config("mae", "B/16")
+    config = default_config("mae", "B/16")
     config.model.dtype = "bfloat16"
     config.data.path = ""
     return config

@@ -12,11 +12,11 @@ MAE paper defaults (He et al. 2021): mask 0.75, norm-pix loss, decoder 512×8×1
 wd 0.05, base lr 1.5e-4 per 256, 40 warmup epochs, no gradient clipping.
 """
 
-from afm_jax.train.defaults import pretrain_config
+from afm_jax.train.defaults import default_config
 
 
 def get_config(arg=None):
-    config = pretrain_config("mae", "L/16")
+    config = default_config("mae", "L/16")
     config.model.dtype = "bfloat16"
     config.data.path = ""             # required: a dataset made by tools/preprocess.py or afm_jax.data.synthetic
     return config

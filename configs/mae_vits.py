@@ -9,11 +9,11 @@ Expected: a small femur encoder for quick ablations (preprocessing variants, cur
 Paper defaults as in mae_vitl.py, except the smaller global batch (lr scales with it).
 """
 
-from afm_jax.train.defaults import pretrain_config
+from afm_jax.train.defaults import default_config
 
 
 def get_config(arg=None):
-    config = pretrain_config("mae", "S/16")
+    config = default_config("mae", "S/16")
     config.batch_size = 1024
     config.model.dtype = "bfloat16"
     config.data.path = ""

@@ -18,8 +18,8 @@ def synthetic_dataset(tmp_path_factory):
 @pytest.fixture
 def tiny_mae_config(synthetic_dataset):
     """A MAE config small enough to train a few steps in seconds on a CPU."""
-    from afm_jax.train.defaults import pretrain_config
-    config = pretrain_config("mae", "mu/8")
+    from afm_jax.train.defaults import default_config
+    config = default_config("mae", "mu/8")
     config.data.path = os.fspath(synthetic_dataset)
     config.data.num_workers = 0
     config.image_size = 32

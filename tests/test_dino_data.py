@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 
 from afm_jax.data import multicrop, transforms
-from afm_jax.train.defaults import pretrain_config
+from afm_jax.train.defaults import default_config
 
 
 def _config(path, **multicrop_overrides):
-    config = pretrain_config("dino", "mu/8")
+    config = default_config("dino", "mu/8")
     config.data.path = os.fspath(path)
     config.data.num_workers = 0
     config.image_size = 32
@@ -69,7 +69,7 @@ def test_multicrop_iterator_state_resumes_exactly(synthetic_dataset):
 
 
 def test_view_chains_follow_dino():
-    config = pretrain_config("dino", "S/16")
+    config = default_config("dino", "S/16")
     globals_, local = multicrop.multicrop_chains(config.multicrop, 224)
     ops = lambda chain: {name: params for name, params in chain}
     g1, g2, loc = ops(globals_[0]), ops(globals_[1]), ops(local)

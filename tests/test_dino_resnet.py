@@ -17,7 +17,7 @@ from flax import nnx
 
 from afm_jax.errors import ConfigError
 from afm_jax.train import assembly, loop, sharding, state as state_lib, step as step_lib
-from afm_jax.train.defaults import pretrain_config
+from afm_jax.train.defaults import default_config
 from afm_jax.train.tasks import get_task
 from dino_helpers import flat_state, setup_dino_task
 
@@ -26,7 +26,7 @@ torchvision = pytest.importorskip("torchvision")
 
 
 def _resnet_config(path="", **dino):
-    config = pretrain_config("dino", "mu/8")
+    config = default_config("dino", "mu/8")
     config.data.path = os.fspath(path)
     config.data.num_workers = 0
     config.model.update(arch="resnet50", resnet_layers=(1, 1, 1, 1), drop_path_rate=0.0)
@@ -152,7 +152,7 @@ def test_step_carries_batchnorm_statistics_of_student_and_teacher():
 
 
 def test_step_keeps_fixed_position_embeddings_bit_identical():
-    config = pretrain_config("dino", "mu/8")
+    config = default_config("dino", "mu/8")
     config.model.update(pos_embed="sincos", drop_path_rate=0.0)
     config.image_size = 32
     config.multicrop.num_local = 0
@@ -250,7 +250,7 @@ def test_init_from_torchvision_resnet50_gives_torch_features(tmp_path):
 
 
 def test_init_from_a_folder_is_refused_for_a_resnet(tmp_path):
-    from afm_jax.interop.init_from import initialize_encoder
+    from afm_jax.train.init_from import initialize_encoder
     from afm_jax.errors import InteropError
     from afm_jax.models.resnet import ResNet
 

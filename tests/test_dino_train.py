@@ -10,14 +10,15 @@ import optax
 import pytest
 from flax import nnx
 
+from afm_jax.evaluation import monitors
 from afm_jax.train import loop, state as state_lib
-from afm_jax.train.defaults import pretrain_config
+from afm_jax.train.defaults import default_config
 from afm_jax.train.tasks import get_task
 from dino_helpers import flat_state, setup_dino_task
 
 
 def _tiny_config(path, **dino):
-    config = pretrain_config("dino", "mu/8")
+    config = default_config("dino", "mu/8")
     config.data.path = os.fspath(path)
     config.data.num_workers = 0
     config.image_size = 32
@@ -173,8 +174,9 @@ def test_short_dino_run_beats_random_init_on_knn_without_collapse(knn_dataset, t
     config.eval_every = 100
     config.dino.knn.update(eval_split="test", label_key="view", max_train=1000, max_eval=1000)
     task = get_task("dino")
-    loop.train(config, str(tmp_path), task)
-    random_init = task.knn_accuracy(task.build_model(config, nnx.Rngs(config.seed)).encoder)
+    monitor = monitors.monitor_for(config)
+    loop.train(config, str(tmp_path), task, monitor=monitor)
+    random_init = monitor.accuracy(task.build_model(config, nnx.Rngs(config.seed)).encoder)
     lines = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     trained = [l["eval/knn_acc"] for l in lines if "eval/knn_acc" in l][-1]
     entropy = [l["teacher_entropy"] for l in lines if "teacher_entropy" in l]

@@ -39,10 +39,10 @@ def run_tool(name, argv, capsys):
 def mae_run(tmp_path_factory, synthetic_dataset):
     """A real MAE run (2 steps of a mu/8 model): (workdir, the encoder params the trainer returned)."""
     from afm_jax.train import loop
-    from afm_jax.train.defaults import pretrain_config
+    from afm_jax.train.defaults import default_config
     from afm_jax.train.tasks import get_task
 
-    config = pretrain_config("mae", "mu/8")
+    config = default_config("mae", "mu/8")
     config.data.path = str(synthetic_dataset)
     config.data.num_workers = 0
     config.image_size, config.batch_size, config.total_steps = 32, 8, 2
@@ -54,8 +54,8 @@ def mae_run(tmp_path_factory, synthetic_dataset):
 
 
 def test_checkpoint_encoder_and_init_from_workdir_equal_the_trained_encoder(mae_run):
-    from afm_jax.interop.checkpoints import read_encoder_checkpoint
-    from afm_jax.interop.init_from import initialize_encoder
+    from afm_jax.train.checkpoint import read_encoder_checkpoint
+    from afm_jax.train.init_from import initialize_encoder
     from afm_jax.models.vit import VisionTransformer
 
     mae_workdir, trained_encoder = mae_run
@@ -109,7 +109,7 @@ def test_export_tool_user_errors(mae_run, tmp_path, capsys):
 def test_import_tool_converts_dinov2_and_init_from_its_output(tmp_path, capsys):
     from timm.models.vision_transformer import VisionTransformer as TimmViT
 
-    from afm_jax.interop.init_from import initialize_encoder
+    from afm_jax.train.init_from import initialize_encoder
     from afm_jax.models.vit import VisionTransformer
 
     torch.manual_seed(0)

@@ -8,11 +8,11 @@ from flax import nnx
 from afm_jax import errors
 from afm_jax import configuration
 from afm_jax.models import factory
-from afm_jax.train.defaults import pretrain_config
+from afm_jax.train.defaults import default_config
 
 
 def _config(**model):
-    config = pretrain_config("mae", "mu/8")
+    config = default_config("mae", "mu/8")
     config.image_size = 32
     config.mae.update(decoder_dim=32, decoder_depth=1, decoder_heads=2)
     config.model.update(model)

@@ -13,9 +13,9 @@ import pytest
 from flax import nnx
 
 from afm_jax.errors import ConfigError
-from afm_jax.evaluation import finetune as ft
+from afm_jax.models import classifier as ft
 from afm_jax.train import loop, state as state_lib
-from afm_jax.train.defaults import pretrain_config
+from afm_jax.train.defaults import default_config
 from afm_jax.train.tasks import get_task
 
 
@@ -51,7 +51,7 @@ def test_binary_targets_map_label_groups():
 @pytest.fixture
 def tiny_ft_config(synthetic_dataset):
     def make(task="finetune"):
-        config = pretrain_config(task, "mu/8")
+        config = default_config(task, "mu/8")
         config.data.path = os.fspath(synthetic_dataset)
         config.data.num_workers = 0
         config.image_size = 32

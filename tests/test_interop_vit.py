@@ -20,8 +20,9 @@ from safetensors.torch import load_file as torch_load_file  # noqa: E402
 
 from afm_jax import errors  # noqa: E402
 from afm_jax.interop import timm as ti  # noqa: E402
-from afm_jax.interop.checkpoints import read_encoder_checkpoint  # noqa: E402
-from afm_jax.interop.init_from import initialize_encoder  # noqa: E402
+from afm_jax.interop import timm_export  # noqa: E402
+from afm_jax.train.checkpoint import read_encoder_checkpoint  # noqa: E402
+from afm_jax.train.init_from import initialize_encoder  # noqa: E402
 from afm_jax.models.vit import VisionTransformer  # noqa: E402
 
 TOL = 1e-4
@@ -75,7 +76,7 @@ def test_export_loads_strictly_in_timm_and_matches_forward_features(case, tmp_pa
     # abstract build + random values: skips the eager initialisation of a B/16-wide model
     ours = nnx.eval_shape(lambda: VisionTransformer(variant, img_size=img, depth=2, rngs=nnx.Rngs(1), **kw))
     randomise(ours, seed=1)
-    cfg = ti.write_export(str(tmp_path), ours)
+    cfg = timm_export.write_export(str(tmp_path), ours)
     assert json.loads((tmp_path / "config.json").read_text()) == json.loads(json.dumps(cfg))
     tm = timm.create_model(cfg["architecture"], pretrained=False, **cfg["model_args"]).eval()
     result = tm.load_state_dict(torch_load_file(str(tmp_path / "model.safetensors")), strict=True)
@@ -91,7 +92,7 @@ def test_export_loads_strictly_in_timm_and_matches_forward_features(case, tmp_pa
 def test_export_folder_loads_with_timm_local_dir_and_overlay(tmp_path):
     ours = VisionTransformer("mu/8", img_size=(32, 40), num_reg_tokens=1, rngs=nnx.Rngs(0))
     randomise(ours, seed=2)
-    cfg = ti.write_export(str(tmp_path), ours)
+    cfg = timm_export.write_export(str(tmp_path), ours)
     x = images(2, 32, 40)
     ref = ours_forward(ours, x)
     by_dir = timm.create_model(f"local-dir:{tmp_path}", pretrained=True).eval()
@@ -268,9 +269,9 @@ def test_teacher_is_exported_by_default_student_on_request(tmp_path):
     """A DINO-like checkpoint (extra['teacher'] with the params' tree), written by our Checkpointer."""
     from afm_jax.configuration import to_json
     from afm_jax.train.checkpoint import Checkpointer
-    from afm_jax.train.defaults import pretrain_config
+    from afm_jax.train.defaults import default_config
 
-    config = pretrain_config("mae", "mu/8")
+    config = default_config("mae", "mu/8")
     config.image_size = 32
     student = VisionTransformer("mu/8", img_size=32, rngs=nnx.Rngs(1))
     teacher = VisionTransformer("mu/8", img_size=32, rngs=nnx.Rngs(2))

@@ -108,7 +108,7 @@ def test_resnet50_backbone_from_a_torchvision_file_equals_torchvision(tmp_path):
 
 def test_timm_vit_file_imports_into_the_jax_backbone(tmp_path):
     timm = pytest.importorskip("timm")
-    pytest.importorskip("afm_jax.interop.init_from")
+    pytest.importorskip("afm_jax.train.init_from")
     from safetensors.torch import save_file
     model = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, img_size=32, in_chans=1)
     path = tmp_path / "vit.safetensors"
@@ -232,11 +232,11 @@ def pretrained_and_data(tmp_path_factory):
     """A 200-patient synthetic set (128 px) and a short MAE pretraining of a 2-block ViT on it."""
     from afm_jax.data import synthetic
     from afm_jax.train import loop
-    from afm_jax.train.defaults import pretrain_config
+    from afm_jax.train.defaults import default_config
     from afm_jax.train.tasks import get_task
     root = tmp_path_factory.mktemp("e2e")
     data = synthetic.ensure_synthetic_dataset(root / "data", num_patients=E2E["patients"], seed=0, image_size=128)
-    config = pretrain_config("mae", f"mu/{E2E['patch']}")
+    config = default_config("mae", f"mu/{E2E['patch']}")
     config.model.update(width=64, depth=2, num_heads=2)
     config.data.path, config.data.num_workers = os.fspath(data), 0
     config.image_size, config.batch_size, config.total_steps = E2E["size"], 32, E2E["steps"]

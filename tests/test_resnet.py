@@ -14,7 +14,8 @@ from safetensors.torch import save_file  # noqa: E402
 
 from afm_jax.errors import InteropError  # noqa: E402
 from afm_jax.interop.torchvision_resnet import load_torchvision_resnet, resnet_from_file  # noqa: E402
-from afm_jax.models.resnet import ResNet, resnet50, resnet50_from_torchvision  # noqa: E402
+from afm_jax.models.resnet import ResNet, resnet50
+from afm_jax.interop.torchvision_resnet import resnet50_from_torchvision# noqa: E402
 
 TOL = 1e-4
 

@@ -75,7 +75,7 @@ def _model_card(ck: Any, config_json: dict, parity: dict, dataset: dict, run_con
 
 
 def _usage(config_json: dict) -> str:
-    from afm_jax.interop.timm import usage_snippet
+    from afm_jax.interop.timm_export import usage_snippet
 
     return usage_snippet("OUT_DIR", config_json)
 
@@ -84,7 +84,7 @@ def parity_check(encoder: Any, out_dir: str) -> dict[str, float]:
     """Loads OUT_DIR/model.safetensors into a fresh timm ViT (strict) and compares outputs."""
     from safetensors.numpy import load_file
 
-    from afm_jax.interop.timm import create_timm_vit, forward_parity, timm_model_args
+    from afm_jax.interop.timm_export import create_timm_vit, forward_parity, timm_model_args
 
     model = create_timm_vit(timm_model_args(encoder), load_file(os.path.join(out_dir, "model.safetensors")))
     h, w = encoder.img_size
@@ -95,9 +95,9 @@ def parity_check(encoder: Any, out_dir: str) -> dict[str, float]:
 
 
 def export(args: argparse.Namespace) -> dict:
-    from afm_jax.interop.checkpoints import read_encoder_checkpoint
+    from afm_jax.train.checkpoint import read_encoder_checkpoint
     from afm_jax.errors import InteropError
-    from afm_jax.interop.timm import write_export
+    from afm_jax.interop.timm_export import write_export
 
     ck = read_encoder_checkpoint(args.checkpoint, step=args.step, weights=args.weights)
     dataset = _dataset_summary(ck.config)
@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
     parser.add_argument("--weights", choices=("auto", "teacher", "student"), default="auto",
                         help="DINO: teacher (default via auto) or student; MAE: the encoder")
-    from afm_jax.interop.timm import add_parity_arguments
+    from afm_jax.interop.timm_export import add_parity_arguments
     add_parity_arguments(parser)
     args = parser.parse_args(argv)
     from afm_jax.errors import exit_on_user_error

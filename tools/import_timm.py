@@ -52,7 +52,8 @@ def timm_reference(source_sd: dict, model_args: dict[str, Any]):
     from timm.models._manipulate import adapt_input_conv
     from timm.models.vision_transformer import checkpoint_filter_fn
 
-    from afm_jax.interop.timm import _from_hf_dinov2, _strip_prefix, create_timm_vit
+    from afm_jax.interop.vit_layouts import _from_hf_dinov2, _strip_prefix
+    from afm_jax.interop.timm_export import create_timm_vit
 
     sd, _, _ = _strip_prefix(dict(source_sd))
     if "embeddings.patch_embeddings.projection.weight" in sd:  # timm cannot read HF keys itself
@@ -68,10 +69,11 @@ def timm_reference(source_sd: dict, model_args: dict[str, Any]):
 def import_weights(args: argparse.Namespace) -> dict:
     from flax import nnx
 
-    from afm_jax.interop.init_from import normalisation_mismatch, read_vit_source
+    from afm_jax.train.init_from import normalisation_mismatch, read_vit_source
     from afm_jax.errors import InteropError
-    from afm_jax.interop.timm import (describe_vit_state_dict, forward_parity, load_timm_state_dict,
-                                      normalize_vit_state_dict, usage_snippet, write_export)
+    from afm_jax.interop.vit_layouts import describe_vit_state_dict, normalize_vit_state_dict
+    from afm_jax.interop.timm_export import forward_parity, usage_snippet, write_export
+    from afm_jax.interop.timm import load_timm_state_dict
     from afm_jax.models.vit import VisionTransformer
 
     source_sd, kwargs, info = read_vit_source(args.source)
@@ -154,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--image-size", type=int, default=224, help="our training image size (pos-embed grid)")
     parser.add_argument("--in-chans", type=int, default=1, choices=(1, 3), help="1 = grey (RGB kernels summed)")
     parser.add_argument("--num-heads", type=int, default=None, help="attention heads (weights do not store it)")
-    from afm_jax.interop.timm import add_parity_arguments
+    from afm_jax.interop.timm_export import add_parity_arguments
     add_parity_arguments(parser)
     args = parser.parse_args(argv)
     from afm_jax.errors import exit_on_user_error

@@ -23,12 +23,13 @@ from __future__ import annotations
 import logging
 import math
 import sys
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import grain
 import ml_collections
 import numpy as np
+from tqdm import tqdm
 
 from afm_jax.data import records, transforms
 
@@ -378,3 +379,33 @@ def build_eval_iterator(data_cfg: ml_collections.ConfigDict, *, split: str, batc
                                  local_batch, pi, int(image_size))
     ds = grain.MapDataset.range(num_batches * local_batch).map(element)
     return EvalIterator(ds, local_batch, data_cfg, num_batches, len(source))
+
+
+def map_split(fn: Callable[[np.ndarray], Any], data_cfg: Any, *, split: str, batch_size: int, image_size: int,
+              keys: Sequence[str] = ("label", "patient_id", "image_id"), limit: int | None = None,
+              progress: bool = False, desc: str = "") -> dict[str, np.ndarray]:
+    """`fn(images)` over every image of `split` once, in dataset order, on this host (no sharding).
+
+    The one loop behind feature extraction, probe scoring and monitors: returns
+    {"output": concatenated fn outputs (padding rows dropped), <key>: the batch column for each of
+    `keys`}. `limit` stops after that many images (the first `limit` of the split).
+    """
+    batches = build_eval_iterator(data_cfg, split=split, batch_size=batch_size, image_size=image_size,
+                                  process_index=0, process_count=1)
+    cols: dict[str, list] = {"output": [], **{k: [] for k in keys}}
+    seen = 0
+    try:
+        for batch in tqdm(batches, desc=desc or f"[{split}]", disable=not progress, leave=False):
+            keep = np.asarray(batch["mask"], bool)
+            cols["output"].append(np.asarray(fn(batch["image"]))[keep])
+            for k in keys:
+                cols[k].append(np.asarray(batch[k])[keep])
+            seen += int(keep.sum())
+            if limit is not None and seen >= limit:
+                break
+    finally:
+        batches.close()
+    out = {k: np.concatenate(v) for k, v in cols.items()}
+    if limit is not None:
+        out = {k: v[:limit] for k, v in out.items()}
+    return out

@@ -49,7 +49,9 @@ import pathlib
 from typing import Callable, Iterable, Iterator, Sequence
 
 import cv2
+import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
 from afm_jax import errors
 from afm_jax.data import anonymize
@@ -785,6 +787,28 @@ class _DicomStyle:
     study_time: str
     also_pixel_spacing: bool  # DX: write PixelSpacing beside ImagerPixelSpacing
     sex: str
+
+
+
+def prepare_dataset(config, workdir: str) -> None:
+    """Builds the embedded synthetic dataset into the workdir when the config asks for it."""
+    if config.data.path or not config.data.synthetic.enabled:
+        return
+    syn = config.data.synthetic
+    data_root = os.path.join(workdir, "data")
+
+    def ensure() -> str:
+        return os.fspath(ensure_synthetic_dataset(
+            data_root, num_patients=syn.num_patients, seed=syn.seed, image_size=syn.image_size))
+
+    # In a multi-process job process 0 writes the dataset while the others wait, then they find it.
+    if jax.process_index() != 0:
+        multihost_utils.sync_global_devices("afm_jax:synthetic_dataset")
+    path = ensure()
+    if jax.process_index() == 0 and jax.process_count() > 1:
+        multihost_utils.sync_global_devices("afm_jax:synthetic_dataset")
+    with config.unlocked():
+        config.data.path = path
 
 
 def _hash_rng(*parts: str) -> np.random.Generator:

@@ -36,6 +36,13 @@ import numpy as np
 from flax import nnx
 
 from afm_jax.errors import ConfigError
+from afm_jax.train.checkpoint import is_checkpoint_path, resolve_step_dir
+from afm_jax.models import factory
+from afm_jax.train.checkpoint import read_encoder_checkpoint
+import ml_collections
+from afm_jax.train.checkpoint import read_meta, resolve_step_dir
+from afm_jax.train.init_from import initialize_encoder
+from afm_jax.interop.torchvision_resnet import resnet50_from_torchvision
 
 KINDS = ("checkpoint", "timm_vit", "resnet50", "torch_timm", "random_init")
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -102,7 +109,6 @@ def _weights_fingerprint(path: str) -> list:
         st = p.stat()
         return [str(p.resolve()), st.st_size, int(st.st_mtime)]
     try:  # one of our runs: the latest step is what gets loaded
-        from afm_jax.interop.checkpoints import is_checkpoint_path, resolve_step_dir
         if is_checkpoint_path(p):
             step_dir, step = resolve_step_dir(p)
             return [str(step_dir.resolve()), step, int(step_dir.stat().st_mtime)]
@@ -277,7 +283,6 @@ def _read_torch_state_dict(path: str) -> dict:
 def _vit_from_spec(spec: BackboneSpec, model_cfg=None, image_size: int | None = None):
     """A fresh VisionTransformer of `spec`'s shape (or `model_cfg`'s, built for `image_size`),
     initialised with `spec.seed` (the trainer's `nnx.Rngs(config.seed)`: the same draw as a run's start)."""
-    from afm_jax.models import factory
     if model_cfg is None:
         model_cfg = factory.default_model_config(spec.variant)
         model_cfg.in_chans = spec.in_chans
@@ -289,14 +294,11 @@ def load_backbone(spec: BackboneSpec, name: str = "") -> Backbone:
     """The `Backbone` for `spec` (see the module docstring); user mistakes raise ConfigError."""
     name = name or spec.kind
     if spec.kind == "checkpoint":
-        from afm_jax.interop.checkpoints import read_encoder_checkpoint
         encoder = read_encoder_checkpoint(spec.path).encoder
         return JaxViTBackbone(encoder, pool=spec.pool, image_size=spec.image_size, name=name)
     if spec.kind == "random_init":
         model_cfg, size = None, None
         if spec.path:  # the architecture of that run, at initialisation (what its pretraining started from)
-            import ml_collections
-            from afm_jax.interop.checkpoints import read_meta, resolve_step_dir
             step_dir, _ = resolve_step_dir(spec.path)
             saved = read_meta(step_dir)["config"]
             model_cfg, size = ml_collections.ConfigDict(saved["model"]), int(saved["image_size"])
@@ -304,17 +306,10 @@ def load_backbone(spec: BackboneSpec, name: str = "") -> Backbone:
         return JaxViTBackbone(_vit_from_spec(spec, model_cfg, size), pool=spec.pool, image_size=spec.image_size,
                               name=name)
     if spec.kind == "timm_vit":
-        from afm_jax.interop.init_from import initialize_encoder
         encoder = _vit_from_spec(spec)
         initialize_encoder(encoder, spec.path)
         return JaxViTBackbone(encoder, pool=spec.pool, image_size=spec.image_size, name=name)
     if spec.kind == "resnet50":
-        try:
-            from afm_jax.models.resnet import resnet50_from_torchvision
-        except ImportError as e:
-            raise ConfigError("Backbone kind 'resnet50' needs afm_jax.models.resnet (the interop issue); "
-                              "use kind='torch_timm' with arch='resnet50' (the same torchvision weights "
-                              "layout) meanwhile.") from e
         return JaxResNetBackbone(resnet50_from_torchvision(os.fspath(spec.path), in_chans=1),
                                  image_size=spec.image_size, name=name)
     if spec.kind == "torch_timm":

@@ -30,13 +30,22 @@ import pathlib
 from typing import Any, Callable
 
 import numpy as np
-from tqdm import tqdm
+from sklearn.metrics import roc_auc_score
+from flax import nnx
 
-from afm_jax import configuration
+from afm_jax import configuration, io
 from afm_jax.errors import ConfigError
+from afm_jax.data import pipeline, records, synthetic
 from afm_jax.evaluation import aggregation, sampling, statistics
 from afm_jax.evaluation.backbones import Backbone, BackboneSpec, load_backbone
-from afm_jax.evaluation.finetune import binary_targets
+from afm_jax.evaluation.features import extract_features
+from afm_jax.evaluation.knn import knn_predict
+from afm_jax.evaluation.linear import fit_linear_probe
+from afm_jax.evaluation.metrics import binary_metrics
+from afm_jax.train import run as train_run
+from afm_jax.train.checkpoint import read_meta, resolve_step_dir
+from afm_jax.train.defaults import default_config
+from afm_jax.models.classifier import binary_targets
 
 PROTOCOLS = ("knn", "linear", "finetune")
 UNITS = ("image", "patient", "study")
@@ -82,7 +91,6 @@ class TaskSpec:
         """The dataset path, building the synthetic set under `root`/data on first use."""
         if self.data:
             return os.fspath(self.data)
-        from afm_jax.data import synthetic
         s = dict(self.synthetic or {})
         return os.fspath(synthetic.ensure_synthetic_dataset(
             pathlib.Path(root) / "data", num_patients=int(s.get("num_patients", 300)),
@@ -116,27 +124,27 @@ class Prediction:
 def extract_split(backbone: Backbone, data_path: str, split: str, *, batch_size: int = 64,
                   progress: bool = True) -> dict[str, np.ndarray]:
     """Frozen features of every image of `split` in dataset order, with label and ids."""
-    from afm_jax.data import pipeline
-
-    batches = pipeline.build_eval_iterator({"path": data_path, "num_workers": 0}, split=split, batch_size=batch_size,
-                                           image_size=backbone.image_size, process_index=0, process_count=1)
-    cols: dict[str, list] = {"features": [], "label": [], "patient_id": [], "image_id": []}
-    for batch in tqdm(batches, desc=f"features[{backbone.name}:{split}]", disable=not progress, leave=False):
-        keep = np.asarray(batch["mask"], bool)
-        cols["features"].append(backbone.features(batch["image"])[keep])
-        for k in ("label", "patient_id", "image_id"):
-            cols[k].append(np.asarray(batch[k])[keep])
-    out = {k: np.concatenate(v) for k, v in cols.items()}
+    out = pipeline.map_split(backbone.features, {"path": data_path, "num_workers": 0}, split=split,
+                             batch_size=batch_size, image_size=backbone.image_size, progress=progress,
+                             desc=f"features[{backbone.name}:{split}]")
+    out["features"] = out.pop("output")
     out["patient_id"] = out["patient_id"].astype(str)
     out["image_id"] = out["image_id"].astype(str)
     out["study_id"] = _study_ids(data_path, split, out["image_id"])
     return out
 
 
+def encoder_split(encoder: nnx.Module, data_cfg, split: str, *, image_size: int, pool: str = "avg",
+                  batch_size: int = 64) -> dict[str, np.ndarray]:
+    """`extract_split` for an in-memory Flax encoder (a model just trained, or its random init)."""
+    out = extract_features(encoder, data_cfg, split=split, image_size=image_size, batch_size=batch_size, pool=pool)
+    out["study_id"] = _study_ids(data_cfg.path, split, out["image_id"])
+    return out
+
+
 def _study_ids(data_path: str, split: str, image_ids: np.ndarray) -> np.ndarray:
     """study_id per image (records carry it; the eval iterator does not): read once per split, cheap
     next to decoding, since records are parsed without decoding the PNG."""
-    from afm_jax.data import records
     source = records.open_split(data_path, split)
     by_image = {}
     for i in range(len(source)):
@@ -147,7 +155,6 @@ def _study_ids(data_path: str, split: str, image_ids: np.ndarray) -> np.ndarray:
 
 def dataset_fingerprint(data_path: str) -> str:
     """A short hash of the dataset's identity (directory, content fingerprint, split sizes)."""
-    from afm_jax.data import records
     info = records.read_info(data_path)
     payload = {k: info.get(k) for k in ("path", "content_fingerprint", "source_fingerprint", "splits")}
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -174,10 +181,8 @@ class FeatureCache:
                 return {k: z[k] for k in z.files}
         feats = extract_split(backbone(), data_path, split, batch_size=batch_size)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp.npz")
-        np.savez(tmp, **feats)
-        os.replace(tmp, path)
-        (path.parent.parent / "spec.json").write_text(json.dumps(spec.to_json(), indent=2))
+        io.write_with(path, lambda tmp: np.savez(tmp, **feats))
+        io.write_json(path.parent.parent / "spec.json", spec.to_json())
         return feats
 
 
@@ -210,14 +215,12 @@ def low_shot_mask(train: dict[str, np.ndarray], fraction: float, seed: int) -> n
 
 def knn_protocol(train: dict, val: dict, test: dict, *, k: int = 20, temperature: float = 0.07,
                  ) -> tuple[Prediction, Prediction, dict]:
-    from afm_jax.evaluation.knn import knn_predict
     preds = [knn_predict(train["features"], train["y"], s["features"], num_classes=2, k=k,
                          temperature=temperature)[:, 1] for s in (val, test)]
     return _prediction(val, preds[0]), _prediction(test, preds[1]), {"k": k, "temperature": temperature}
 
 
 def linear_protocol(train: dict, val: dict, test: dict, *, seed: int = 0) -> tuple[Prediction, Prediction, dict]:
-    from afm_jax.evaluation.linear import fit_linear_probe
     probe = fit_linear_probe(train["features"], train["y"], val["features"], val["y"], seed=seed)
     info = {"C": probe.C, "validation_auroc": probe.validation_auroc}
     return (_prediction(val, probe.predict_proba(val["features"])), _prediction(test, probe.predict_proba(test["features"])),
@@ -226,10 +229,21 @@ def linear_protocol(train: dict, val: dict, test: dict, *, seed: int = 0) -> tup
 
 def probe_weights(train: dict, val: dict, *, seed: int = 0) -> np.ndarray:
     """The linear probe's direction in raw feature space (coef / scale): for class-activation maps."""
-    from afm_jax.evaluation.linear import fit_linear_probe
     probe = fit_linear_probe(train["features"], train["y"], val["features"], val["y"], seed=seed)
     scaler, clf = probe.classifier[0], probe.classifier[-1]
     return (clf.coef_[0] / scaler.scale_).astype(np.float32)
+
+
+def linear_probe_encoder(encoder: nnx.Module, data_cfg, task: TaskSpec, *, image_size: int, pool: str = "avg",
+                         batch_size: int = 64, seed: int = 0) -> dict[str, float]:
+    """The linear protocol on an in-memory encoder's frozen features (e.g. right after pretraining):
+    image-level test AUROC of `task`, with the probe's strength C chosen on validation."""
+    train, val, test = (binary_subset(encoder_split(encoder, data_cfg, split, image_size=image_size, pool=pool,
+                                                    batch_size=batch_size), task)
+                        for split in (task.train_split, task.val_split, task.test_split))
+    _, test_pred, info = linear_protocol(train, val, test, seed=seed)
+    return {"auroc": float(roc_auc_score(test_pred.y_true, test_pred.y_score)), "C": info["C"],
+            "validation_auroc": info["validation_auroc"], "num_test_images": int(len(test_pred.y_true))}
 
 
 # ─── Fine-tuning through the trainer ─────────────────────────────────────────────────────────────
@@ -238,14 +252,11 @@ def finetune_config(spec: BackboneSpec, task: TaskSpec, data_path: str, *, seed:
                     options: dict[str, Any] | None = None):
     """The trainer config of fine-tuning `spec` on `task`; `options` are dotted config overrides
     (e.g. {"total_steps": 300, "optim.base_lr": 1e-3})."""
-    from afm_jax.train.defaults import pretrain_config
-
     if spec.kind not in ("checkpoint", "timm_vit", "random_init"):
         raise ConfigError(f"Fine-tuning needs a JAX ViT backbone (checkpoint, timm_vit, random_init), not "
                           f"{spec.kind!r}; evaluate {spec.kind!r} with the knn or linear protocol.")
-    config = pretrain_config("finetune", spec.variant)
+    config = default_config("finetune", spec.variant)
     if spec.kind == "checkpoint" or (spec.kind == "random_init" and spec.path):
-        from afm_jax.interop.checkpoints import read_meta, resolve_step_dir
         step_dir, _ = resolve_step_dir(spec.path)
         saved = read_meta(step_dir)["config"]["model"]
         config.model.update({k: v for k, v in saved.items() if k in config.model})
@@ -269,10 +280,6 @@ def finetune_config(spec: BackboneSpec, task: TaskSpec, data_path: str, *, seed:
 def finetune_protocol(spec: BackboneSpec, task: TaskSpec, data_path: str, workdir: str, *, seed: int,
                       fraction: float, options: dict[str, Any] | None = None) -> tuple[Prediction, Prediction, dict]:
     """Fine-tunes in `workdir` (resumable) and returns the best-on-validation model's predictions."""
-    from afm_jax.data import records
-    from afm_jax.train import loop
-    from afm_jax.train.tasks import get_task
-
     config = finetune_config(spec, task, data_path, seed=seed, options=options)
     os.makedirs(workdir, exist_ok=True)
     if fraction < 1.0:
@@ -283,20 +290,17 @@ def finetune_protocol(spec: BackboneSpec, task: TaskSpec, data_path: str, workdi
         train = {"patient_id": np.asarray(index["patient_id"])[keep].astype(str), "y": y[keep]}
         selection = os.path.join(workdir, "low_shot_selection.json")
         mask = low_shot_mask(train, fraction, seed)
-        with open(selection, "w") as f:
-            json.dump(ids[mask].tolist(), f)
+        io.write_json(selection, ids[mask].tolist())
         config.data.selection = selection   # batches cycle over the chosen images (epochs wrap)
-    result = loop.train(config, workdir, get_task("finetune"))
-    pred_dir = pathlib.Path(workdir) / "predictions"
+    result = train_run.run(config, workdir)
     preds = []
-    for split in ("validation", "test"):
-        with np.load(pred_dir / f"{split}.npz", allow_pickle=False) as z:
-            study = _study_ids(data_path, task.val_split if split == "validation" else task.test_split,
-                               z["image_id"].astype(str))
-            preds.append(Prediction(y_true=z["y_true"].astype(np.int64), y_score=z["y_score"].astype(np.float64),
-                                    patient_id=z["patient_id"].astype(str), study_id=study,
-                                    image_id=z["image_id"].astype(str)))
-    best = json.loads((pathlib.Path(workdir) / "finetune_best.json").read_text())
+    for split, dataset_split in (("validation", task.val_split), ("test", task.test_split)):
+        z = result.predictions[split]
+        study = _study_ids(data_path, dataset_split, z["image_id"].astype(str))
+        preds.append(Prediction(y_true=z["y_true"].astype(np.int64), y_score=z["y_score"].astype(np.float64),
+                                patient_id=z["patient_id"].astype(str), study_id=study,
+                                image_id=z["image_id"].astype(str)))
+    best = result.predictions["best"]
     return preds[0], preds[1], {"best_step": best["step"], "validation_auroc": best["val_auroc"],
                                 "steps_run": int(result.step)}
 
@@ -356,7 +360,6 @@ def score_predictions(val: Prediction, test: Prediction, task: TaskSpec, *, n_bo
                       seed: int = 0) -> dict[str, Any]:
     """Test metrics at the task's unit with 95% bootstrap CIs over patients; operating point (Youden)
     fixed on validation."""
-    from afm_jax.evaluation.metrics import binary_metrics
     _, vy, vs, _ = unit_level(val, task)
     threshold = binary_metrics(vy, vs)["youden_threshold"] if len(np.unique(vy)) == 2 else None
     if threshold is not None and not np.isfinite(threshold):

@@ -39,6 +39,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from afm_jax.evaluation import metrics as metrics_lib  # noqa: E402
+from afm_jax.evaluation import statistics
+from afm_jax.evaluation.protocols import unit_level
+import cv2
 
 TABLE_METRICS = ("auroc", "auprc", "accuracy", "sensitivity", "specificity", "sensitivity_at_spec_0.90",
                  "sensitivity_at_spec_0.95", "f1", "mcc", "kappa")
@@ -79,8 +82,6 @@ def results_table(results: list[dict]) -> tuple[list[str], list[list[str]]]:
 def comparisons(results: list[dict], predictions: dict[str, Any], tasks: dict[str, Any], reference: str, *,
                 n_boot: int = 1000, seed: int = 0) -> list[dict]:
     """AUROC of each backbone minus the reference's, on the same test units of each group."""
-    from afm_jax.evaluation import statistics
-    from afm_jax.evaluation.protocols import unit_level
 
     by_group: dict[tuple, dict[str, dict]] = defaultdict(dict)
     for r in results:
@@ -201,7 +202,6 @@ def plot_overlays(images: np.ndarray, maps: dict[str, np.ndarray], captions: lis
 
 
 def _resize_map(m: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
-    import cv2
     m = np.asarray(m, np.float32)
     return cv2.resize(m, (shape[1], shape[0]), interpolation=cv2.INTER_CUBIC).clip(0, 1)
 
@@ -224,7 +224,6 @@ def write_report(out_dir: str | os.PathLike, results: list[dict], predictions: d
     threshold); predictions: run_id -> (validation Prediction, test Prediction); overlays:
     (task, backbone) keyed dicts {"images", "captions", "maps": {name: (B, h, w)}}.
     """
-    from afm_jax.evaluation.protocols import unit_level
 
     out = pathlib.Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

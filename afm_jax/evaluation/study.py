@@ -32,11 +32,16 @@ import time
 from typing import Any
 
 import numpy as np
+from tqdm import tqdm
 
-from afm_jax import configuration
+from afm_jax import configuration, io
+from afm_jax.data import pipeline
+from afm_jax.evaluation import monitors
+from afm_jax.evaluation import report as report_lib
 from afm_jax.errors import ConfigError
 from afm_jax.evaluation.backbones import BackboneSpec, load_backbone
-from afm_jax.evaluation.finetune import binary_targets
+from afm_jax.models.classifier import binary_targets
+from afm_jax.train import run as train_run
 from afm_jax.evaluation.protocols import (PROTOCOLS, FeatureCache, Prediction, TaskSpec, binary_subset, probe_weights,
                                           run_protocol, score_predictions)
 
@@ -156,7 +161,7 @@ def resolve_backbone(spec: BackboneSpec, layout: Layout) -> BackboneSpec:
 
 # ─── Pretraining variants ────────────────────────────────────────────────────────────────────────
 
-def pretrain_config(study: Study, name: str, layout: Layout):
+def pretraining_config(study: Study, name: str, layout: Layout):
     """The trainer config of pretraining variant `name` (overrides applied, data path resolved)."""
     p = study.pretrain[name]
     config = configuration.load_python_file(p.config, "get_config", p.arg, what="Pretraining config")
@@ -173,17 +178,12 @@ def run_pretraining(study: Study, name: str, layout: Layout) -> pathlib.Path:
     done = workdir / "done.json"
     if done.is_file():
         return workdir
-    from afm_jax.main import prepare_dataset
-    from afm_jax.train import loop
-    from afm_jax.train.tasks import get_task
-
-    config = pretrain_config(study, name, layout)
+    config = pretraining_config(study, name, layout)
     workdir.mkdir(parents=True, exist_ok=True)
-    prepare_dataset(config, os.fspath(workdir))
     print(f"[study] pretraining {name!r} in {workdir}", flush=True)
-    result = loop.train(config, os.fspath(workdir), get_task(config.task))
+    result = train_run.run(config, os.fspath(workdir), monitor=monitors.monitor_for(config))
     if result.finished:
-        done.write_text(json.dumps({"step": result.step}))
+        io.write_json(done, {"step": result.step})
     else:
         raise RuntimeError(f"Pretraining {name!r} stopped at step {result.step} before finishing; rerun to resume.")
     return workdir
@@ -215,9 +215,7 @@ def execute_run(study: Study, run: Run, layout: Layout) -> dict:
     record = {"run_id": run.run_id, **dataclasses.asdict(run), **scored, "info": info,
               "backbone_spec": spec.to_json(), "seconds": time.perf_counter() - start}
     layout.results.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(record, indent=2, default=float))
-    os.replace(tmp, path)
+    io.write_json(path, record, default=float)
     auroc = scored["metrics"]["auroc"]
     print(f"[study] {run.run_id}: AUROC {auroc['point']:.3f} [{auroc['low']:.3f}, {auroc['high']:.3f}] "
           f"({time.perf_counter() - start:.0f} s)", flush=True)
@@ -226,8 +224,6 @@ def execute_run(study: Study, run: Run, layout: Layout) -> dict:
 
 def _overlays(study: Study, layout: Layout, records: list[dict]) -> dict[tuple[str, str], dict]:
     """Attention and CAM maps of each backbone on the first few positive and negative test images."""
-    from afm_jax.data import pipeline
-
     n = int(study.overlay_images)
     if n <= 0:
         return {}
@@ -269,14 +265,11 @@ def _overlays(study: Study, layout: Layout, records: list[dict]) -> dict[tuple[s
 
 
 def _cam(spatial: np.ndarray, weights: np.ndarray) -> np.ndarray:
-    from afm_jax.evaluation.report import cam_maps
-    return cam_maps(spatial, weights)
+    return report_lib.cam_maps(spatial, weights)
 
 
 def write_study_report(study: Study, layout: Layout, *, overlays: bool = True) -> pathlib.Path:
     """Rebuilds `<out>/report/` from every result that exists."""
-    from afm_jax.evaluation import report
-
     order = {name: i for i, name in enumerate(study.backbones)}
     records, predictions = [], {}
     for run in study.all_runs():
@@ -290,13 +283,12 @@ def write_study_report(study: Study, layout: Layout, *, overlays: bool = True) -
     if not records:
         raise ConfigError(f"No results in {layout.results} yet: run the study before asking for its report.")
     maps = _overlays(study, layout, records) if overlays else {}
-    return report.write_report(layout.report, records, predictions, study.tasks, reference=study.reference,
+    return report_lib.write_report(layout.report, records, predictions, study.tasks, reference=study.reference,
                                overlays=maps, title=f"Study {study.name}", n_boot=study.n_boot)
 
 
 def run_study(study: Study, out_dir: str | os.PathLike, *, report: bool = True) -> pathlib.Path | None:
     """Runs what is missing, then writes the report; returns the report's index.html."""
-    from tqdm import tqdm
     layout = Layout(out_dir)
     runs = study.all_runs()
     missing = [r for r in runs if not layout.result(r).is_file()]

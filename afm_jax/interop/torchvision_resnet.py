@@ -27,9 +27,11 @@ import numpy as np
 from flax import nnx
 
 from afm_jax.errors import InteropError
+from afm_jax.interop.weights_file import read_weights_file
 from afm_jax.models.resnet import RESNET_LAYERS, ResNet
 
-__all__ = ["normalize_resnet_state_dict", "load_torchvision_resnet", "resnet_from_file", "flax_key"]
+__all__ = ["normalize_resnet_state_dict", "load_torchvision_resnet", "resnet_from_file", "resnet50_from_torchvision",
+           "flax_key"]
 
 _SEQUENTIAL = {"0": "conv1", "1": "bn1", "4": "layer1", "5": "layer2", "6": "layer3", "7": "layer4"}
 _BN_LEAF = {"weight": "scale", "bias": "bias", "running_mean": "mean", "running_var": "var"}
@@ -124,10 +126,20 @@ def sd_shape(v: np.ndarray, kind: str) -> tuple[int, ...]:
 def resnet_from_file(path: str | os.PathLike, *, in_chans: int = 1, arch: str = "resnet50",
                      **kwargs: Any) -> tuple[ResNet, dict[str, Any]]:
     """A ResNet loaded from a ``.safetensors``/``.pth`` file (RadImageNet, ImageNet, DINO ResNet-50)."""
-    from afm_jax.interop.init_from import read_weights_file
-
     if arch not in RESNET_LAYERS:
         raise InteropError(f"Unknown ResNet {arch!r}; choose one of {', '.join(RESNET_LAYERS)}.")
     model = nnx.eval_shape(lambda: ResNet(RESNET_LAYERS[arch], in_chans=in_chans, rngs=nnx.Rngs(0), **kwargs))
     report = load_torchvision_resnet(model, read_weights_file(path))
     return model, dict(report, path=str(path))
+
+
+def resnet50_from_torchvision(path: str, *, in_chans: int = 1, **kwargs: Any) -> ResNet:
+    """A ResNet-50 loaded from a torchvision-layout weights file (RadImageNet, ImageNet).
+
+    The model takes grey ``(B, H, W, 1)`` images in [0, 1] and normalises them itself (RGB stem
+    summed to one channel); with ``in_chans=3`` pass the grey image replicated to RGB, un-normalised
+    (the model applies ImageNet's mean/std). See :func:`resnet_from_file`
+    for the load report.
+    """
+    model, _ = resnet_from_file(path, in_chans=in_chans, **kwargs)
+    return model

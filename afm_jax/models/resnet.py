@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-__all__ = ["Bottleneck", "ResNet", "resnet50", "resnet50_from_torchvision", "RESNET_LAYERS"]
+__all__ = ["Bottleneck", "ResNet", "resnet50", "RESNET_LAYERS"]
 
 RESNET_LAYERS = {"resnet50": (3, 4, 6, 3), "resnet101": (3, 4, 23, 3), "resnet152": (3, 8, 36, 3)}
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -164,17 +164,3 @@ class ResNet(nnx.Module):
 def resnet50(*, in_chans: int = 1, rngs: nnx.Rngs, **kwargs: Any) -> ResNet:
     """torchvision ``resnet50`` without ``fc`` (2048-d pooled features)."""
     return ResNet(RESNET_LAYERS["resnet50"], in_chans=in_chans, rngs=rngs, **kwargs)
-
-
-def resnet50_from_torchvision(path: str, *, in_chans: int = 1, **kwargs: Any) -> ResNet:
-    """A ResNet-50 loaded from a torchvision-layout weights file (RadImageNet, ImageNet).
-
-    The model takes grey ``(B, H, W, 1)`` images in [0, 1] and normalises them itself (RGB stem
-    summed to one channel); with ``in_chans=3`` pass the grey image replicated to RGB, un-normalised
-    (the model applies ImageNet's mean/std). See :func:`afm_jax.interop.torchvision_resnet.resnet_from_file`
-    for the load report.
-    """
-    from afm_jax.interop.torchvision_resnet import resnet_from_file
-
-    model, _ = resnet_from_file(path, in_chans=in_chans, **kwargs)
-    return model

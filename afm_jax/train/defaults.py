@@ -1,4 +1,4 @@
-"""The full default config of a pretraining run; config files start from it and change what differs.
+"""The full default config of a training run (pretraining or fine-tuning); config files start from it and change what differs.
 
 Every key a task reads exists here, so the locked ConfigDict rejects misspelt overrides.
 """
@@ -14,7 +14,9 @@ from afm_jax.train.sharding import default_sharding_config
 from afm_jax.train.tasks import get_task_class
 
 
-def pretrain_config(task: str = "mae", variant: str = "B/16") -> ml_collections.ConfigDict:
+def default_config(task: str = "mae", variant: str = "B/16") -> ml_collections.ConfigDict:
+    """Every key any task reads, with defaults, then the task's own section (`config.<task>`) and its
+    changes of common defaults (e.g. fine-tuning's recipe): pretraining and fine-tuning alike."""
     config = ml_collections.ConfigDict()
     config.task = task
     config.seed = 0

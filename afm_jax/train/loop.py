@@ -11,7 +11,7 @@ import dataclasses
 import os
 import signal
 import time
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -22,7 +22,6 @@ from flax import nnx
 from afm_jax import errors
 from afm_jax.errors import TrainingDivergedError
 from afm_jax import configuration
-from afm_jax.data import pipeline, records
 from afm_jax.train import assembly as assembly_lib, checkpoint, sharding, state as state_lib, throughput
 from afm_jax.train.tasks.base import Task
 from afm_jax.train.metrics_writer import MetricsWriter
@@ -35,6 +34,16 @@ class TrainResult:
     graphdef: nnx.GraphDef
     step: int
     finished: bool           # False when stopped early (signal or stop_at_step)
+    predictions: dict | None = None   # the task's predictions (fine-tuning: per split), see Task.predictions
+
+    def model(self) -> nnx.Module:
+        """The trained model (host copy), e.g. for `task.encoder_of(result.model())`."""
+        return state_lib.merge_model(self.graphdef, jax.device_get(self.state))
+
+
+# A monitor: called every `eval_every` steps with (task, model, extra, step); returns scalars logged as
+# eval/<name> (e.g. evaluation.monitors.KnnMonitor). The trainer never imports evaluation itself.
+Monitor = Callable[[Task, nnx.Module, Any, int], dict]
 
 
 class _StopRequest:
@@ -88,10 +97,11 @@ def validate_common(config: ml_collections.ConfigDict) -> None:
 
 
 def train(config: ml_collections.ConfigDict, workdir: str, task: Task, *,
-          stop_at_step: int | None = None) -> TrainResult:
+          stop_at_step: int | None = None, monitor: Monitor | None = None) -> TrainResult:
     """Trains `task` per `config` in `workdir`, resuming from its latest checkpoint if there is one.
 
-    `stop_at_step` saves and returns at that step as a preemption would (used by resume tests).
+    `stop_at_step` saves and returns at that step as a preemption would (used by resume tests);
+    `monitor` runs with the task's own evaluation every `eval_every` steps.
     """
     validate_common(config)
     task.validate(config)
@@ -202,7 +212,10 @@ def train(config: ml_collections.ConfigDict, workdir: str, task: Task, *,
 
             early_stop = False
             if config.eval_every > 0 and (step % config.eval_every == 0 or step == total_steps):
-                results = task.evaluate(state_lib.merge_model(graphdef, state), state.extra, step)
+                model = state_lib.merge_model(graphdef, state)
+                results = task.evaluate(model, state.extra, step)
+                if monitor is not None:
+                    results.update(monitor(task, model, state.extra, step))
                 early_stop = bool(results.pop("should_stop", False))
                 if results:
                     writer.write_scalars(step, {f"eval/{k}": float(v) for k, v in results.items()})
@@ -231,4 +244,4 @@ def train(config: ml_collections.ConfigDict, workdir: str, task: Task, *,
     if jax.process_count() > 1 and last_loss is not None:  # one line per process: they must agree
         print(f"[process {jax.process_index()}/{jax.process_count()}] step {step} loss {last_loss:.6f}", flush=True)
     data_iter.close()  # stops grain's worker processes and frees their shared memory
-    return TrainResult(state=state, graphdef=graphdef, step=step, finished=finished)
+    return TrainResult(state=state, graphdef=graphdef, step=step, finished=finished, predictions=task.predictions())

@@ -7,11 +7,11 @@ Expected: both processes print `[process i/2] step 8 loss <same value>`; rerunni
           with one process (`python -m afm_jax.main ... --config.total_steps=12`) resumes from step 8.
 """
 
-from afm_jax.train.defaults import pretrain_config
+from afm_jax.train.defaults import default_config
 
 
 def get_config(arg=None):
-    config = pretrain_config("mae", "mu/8")
+    config = default_config("mae", "mu/8")
     config.model.update(width=64, num_heads=2, depth=2)
     config.data.synthetic.update(enabled=True, num_patients=20, image_size=64, seed=0)
     config.data.num_workers = 0

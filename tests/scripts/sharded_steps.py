@@ -11,12 +11,12 @@ import jax
 import numpy as np
 
 from afm_jax.train import assembly, sharding
-from afm_jax.train.defaults import pretrain_config
+from afm_jax.train.defaults import default_config
 from afm_jax.train.tasks import get_task
 
 
 def tiny_config(data: int, fsdp: int, accum_steps: int = 1, remat: str = "none"):
-    config = pretrain_config("mae", "mu/8")
+    config = default_config("mae", "mu/8")
     config.image_size = 32
     config.batch_size = 16
     config.accum_steps = accum_steps

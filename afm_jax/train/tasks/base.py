@@ -102,6 +102,16 @@ class Task:
         """Named (H, W) images in [0, 1] to log (jitted by the trainer); {} for none."""
         return {}
 
+    def monitored_encoder(self, model: nnx.Module, extra: Any) -> nnx.Module:
+        """The encoder a monitor (e.g. evaluation/monitors.KnnMonitor) evaluates: by default the
+        trained one; DINO: the EMA teacher's."""
+        return self.encoder_of(model)
+
+    def predictions(self) -> dict[str, Any] | None:
+        """What the task predicted for downstream use after training (fine-tuning: the best-on-
+        validation model's per-image predictions per split); None for pretraining tasks."""
+        return None
+
     def evaluate(self, model: nnx.Module, extra: Any, step: int) -> dict[str, float]:
         """Periodic evaluation every `config.eval_every` steps, on every process; returns scalars
         logged as `eval/<name>`. A truthy `should_stop` entry ends training (early stopping)."""

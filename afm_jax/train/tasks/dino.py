@@ -22,8 +22,9 @@ DINO head reads the 2048-d pooled feature; iBOT, registers and class-token pooli
 
 Collapse monitors go to the logs as metrics: the teacher's target entropy (0 = collapsed to one
 prototype, log K = uniform, i.e. collapsed to the centre), the KL between teacher targets and
-student predictions, the centre norm; `evaluate` adds a kNN accuracy of the teacher backbone on a
-small labelled subset every `config.eval_every` steps.
+student predictions, the centre norm; `afm_jax.evaluation.monitors.KnnMonitor` (passed to the trainer by `main`)
+adds a kNN accuracy of the teacher backbone (`monitored_encoder`) on a small labelled subset every
+`config.eval_every` steps.
 """
 
 from __future__ import annotations
@@ -177,8 +178,6 @@ class DINOTask(Task):
         self.momentum = dino_schedules.teacher_momentum_schedule(
             d.momentum_teacher, self.total_steps, d.final_momentum_teacher)
         self.freeze_steps = int(round(d.freeze_last_layer_epochs * self.steps_per_epoch))
-        self._knn_fn = None
-        self._knn_random_init: float | None = None
 
     # ─── Model, state, optimiser, input ──────────────────────────────────────────────────────
     def build_model(self, config: ml_collections.ConfigDict, rngs: nnx.Rngs) -> dino_lib.DINOModel:
@@ -363,66 +362,11 @@ class DINOTask(Task):
                 new["patch_center"] = jnp.where(count > 0, updated, extra["patch_center"])
         return new
 
-    # ─── kNN monitor ─────────────────────────────────────────────────────────────────────────
-    def evaluate(self, model: dino_lib.DINOModel, extra: dict, step: int) -> dict[str, float]:
-        """kNN accuracy (DINO's weighted 20-NN, T 0.07) of the *teacher* backbone's features."""
+    # ─── Monitoring ──────────────────────────────────────────────────────────────────────────
+    def monitored_encoder(self, model: dino_lib.DINOModel, extra: dict) -> nnx.Module:
+        """The *teacher* backbone: what DINO evaluates and exports (evaluation/monitors.py runs the kNN)."""
         stats = extra.get("teacher_stats")
         teacher = self.teacher_of(model, jax.device_get(extra["teacher"]),
                                   None if stats is None else jax.device_get(stats))
-        results = {"knn_acc": self.knn_accuracy(teacher.encoder)}
-        if self.config.dino.knn.random_init_baseline:
-            if self._knn_random_init is None:   # once per process: the same network at its initialisation
-                fresh = self.build_model(self.config, nnx.Rngs(self.config.seed))
-                self._knn_random_init = self.knn_accuracy(fresh.encoder)
-            results["knn_acc_random_init"] = self._knn_random_init
-        return results
+        return teacher.encoder
 
-    def knn_accuracy(self, encoder: nnx.Module) -> float:
-        """kNN accuracy of `encoder` on the first `knn.max_eval` images of `knn.eval_split`, voting
-        with the first `knn.max_train` images of `knn.train_split` (unaugmented, config.image_size).
-
-        Classes are `knn.label_key`: the integer `label` (images with -1 are left out) or a record
-        string field (e.g. "view"), whose distinct values are numbered in sorted order."""
-        from afm_jax.evaluation.knn import knn_accuracy
-        k = self.config.dino.knn
-        train_x, train_y = self._features(encoder, k.train_split, int(k.max_train))
-        test_x, test_y = self._features(encoder, k.eval_split, int(k.max_eval))
-        if k.label_key != "label":
-            classes = {v: i for i, v in enumerate(sorted(set(train_y.tolist()) | set(test_y.tolist())))}
-            train_y = np.array([classes[v] for v in train_y], np.int64)
-            test_y = np.array([classes[v] for v in test_y], np.int64)
-        train_x, train_y = train_x[train_y >= 0], train_y[train_y >= 0]
-        test_x, test_y = test_x[test_y >= 0], test_y[test_y >= 0]
-        if len(train_y) == 0 or len(test_y) == 0:
-            return float("nan")
-        num_classes = int(max(train_y.max(), test_y.max())) + 1
-        return knn_accuracy(train_x, train_y, test_x, test_y, num_classes=num_classes, k=int(k.k),
-                            temperature=float(k.temperature))
-
-    def _features(self, encoder: nnx.Module, split: str, limit: int) -> tuple[np.ndarray, np.ndarray]:
-        from afm_jax.data import pipeline
-        k = self.config.dino.knn
-        graphdef, state = nnx.split(encoder)
-        if self._knn_fn is None or self._knn_fn[0] != graphdef:
-            pool = k.pool
-            self._knn_fn = (graphdef, jax.jit(lambda st, x: nnx.merge(graphdef, st).pooled_features(x, pool=pool)))
-        fn = self._knn_fn[1]
-        batches = pipeline.build_eval_iterator(self.config.data, split=split, batch_size=int(k.batch_size),
-                                               image_size=self.config.image_size, process_index=0, process_count=1)
-        feats, labels, seen = [], [], 0
-        try:
-            for batch in batches:
-                keep = np.asarray(batch["mask"], bool)
-                feats.append(np.asarray(fn(state, batch["image"]), np.float32)[keep])
-                labels.append(np.asarray(batch["label"])[keep])
-                seen += int(keep.sum())
-                if seen >= limit:
-                    break
-        finally:
-            batches.close()
-        feats, labels = np.concatenate(feats)[:limit], np.concatenate(labels)[:limit]
-        if k.label_key != "label":   # eval batches are in dataset order: record i is feature i
-            from afm_jax.data import records
-            source = records.open_split(self.config.data.path, split)
-            labels = np.array([str(source[i].get(k.label_key, "")) for i in range(len(feats))])
-        return feats, labels

@@ -1,6 +1,6 @@
 """Fine-tuning and linear probing as trainer tasks: `config.task = "finetune"` / `"linprobe"`.
 
-What: a `Classifier` (our ViT + linear head, afm_jax.evaluation.finetune) trained on a binary task
+What: a `Classifier` (our ViT + linear head, afm_jax.models.classifier) trained on a binary task
 given by label ints (`finetune.positive_labels` vs `finetune.negative_labels`, e.g. AFF=2 vs NFF=1;
 images with other labels are left out of training through a selection file in the workdir). The
 trainer brings checkpointing, resume, logging and SIGTERM handling; this task adds
@@ -35,13 +35,17 @@ import ml_collections
 import numpy as np
 import optax
 from flax import nnx
-from tqdm import tqdm
+from sklearn.metrics import roc_auc_score
 
 from afm_jax import errors
 from afm_jax import configuration
-from afm_jax.evaluation import finetune as ft
+from afm_jax import io
+from afm_jax.data import pipeline, records
+from afm_jax.models import classifier as ft
 from afm_jax.models import factory
+from afm_jax.models.vit import parse_variant
 from afm_jax.train import optim
+from afm_jax.train.layer_decay import lr_scale_tree, scale_updates_by_tree
 from afm_jax.train.tasks.base import Task
 
 BEST_FILE = "finetune_best.json"
@@ -64,13 +68,6 @@ def default_finetune_config() -> ml_collections.ConfigDict:
         eval_image_size=0,           # 0 = config.image_size
         test_split="test",
     ))
-
-
-def _write_json_atomic(path: str, payload: Any) -> None:
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(payload, f, indent=2)
-    os.replace(tmp, path)
 
 
 class FinetuneTask(Task):
@@ -113,7 +110,6 @@ class FinetuneTask(Task):
 
     def _training_examples(self, config: ml_collections.ConfigDict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(image ids, binary targets with -1 for left-out labels, mask of the examples trained on)."""
-        from afm_jax.data import records
         f = config.finetune
         self.positive, self.negative = tuple(int(x) for x in f.positive_labels), tuple(int(x) for x in f.negative_labels)
         index = records.split_index(config.data.path, config.data.train_split)
@@ -143,7 +139,7 @@ class FinetuneTask(Task):
         os.makedirs(workdir, exist_ok=True)
         self.selection_path = os.path.join(workdir, SELECTION_FILE)
         if jax.process_index() == 0 or not os.path.exists(self.selection_path):
-            _write_json_atomic(self.selection_path, ids[keep].tolist())
+            io.write_json(self.selection_path, ids[keep].tolist())
         self.best_path = os.path.join(workdir, BEST_FILE)
         self.best = {"step": -1, "val_auroc": -np.inf, "evals_since_best": 0}
         if os.path.exists(self.best_path):
@@ -159,7 +155,6 @@ class FinetuneTask(Task):
 
     def make_optimizer(self, config: ml_collections.ConfigDict, schedule: optax.Schedule,
                        params: Any) -> optax.GradientTransformation:
-        from afm_jax.train.layer_decay import lr_scale_tree, scale_updates_by_tree
         base = optim.make_optimizer(config.optim, schedule)
         if self.freeze_encoder:
             def labels(p):
@@ -171,13 +166,11 @@ class FinetuneTask(Task):
             return base
         depth = factory.size_overrides(config.model).get("depth")
         if depth is None:
-            from afm_jax.models.vit import parse_variant
             depth = parse_variant(config.model.variant)["depth"]
         scales = lr_scale_tree(params, num_layers=int(depth), decay=decay)
         return optax.chain(base, scale_updates_by_tree(scales))
 
     def build_train_iterator(self, config: ml_collections.ConfigDict):
-        from afm_jax.data import pipeline
         data = config.data.copy_and_resolve_references()
         with data.unlocked():
             data.selection = self.selection_path
@@ -204,31 +197,35 @@ class FinetuneTask(Task):
     # ─── Evaluation: validation AUROC, best-model test predictions, early stopping ───────────
     def predict_split(self, model: ft.Classifier, split: str) -> dict[str, np.ndarray]:
         """P(positive) for the positive/negative images of `split`, with labels and ids."""
-        from afm_jax.data import pipeline
         if self._score_fn is None:
             @nnx.jit
             def score(m, images):
                 return jax.nn.softmax(m(images), axis=-1)[:, 1]
             self._score_fn = score
         f = self.config.finetune
-        size = int(f.eval_image_size or self.config.image_size)
-        batches = pipeline.build_eval_iterator(self.config.data, split=split, batch_size=int(f.eval_batch_size),
-                                               image_size=size, process_index=0, process_count=1)
-        cols: dict[str, list] = {"y_score": [], "label": [], "patient_id": [], "image_id": []}
-        for batch in tqdm(batches, desc=f"eval[{split}]", leave=False, disable=jax.process_index() != 0):
-            keep = np.asarray(batch["mask"], bool)
-            cols["y_score"].append(np.asarray(self._score_fn(model, batch["image"]))[keep])
-            for k in ("label", "patient_id", "image_id"):
-                cols[k].append(np.asarray(batch[k])[keep])
-        out = {k: np.concatenate(v) for k, v in cols.items()}
+        out = pipeline.map_split(lambda images: self._score_fn(model, images), self.config.data, split=split,
+                                 batch_size=int(f.eval_batch_size),
+                                 image_size=int(f.eval_image_size or self.config.image_size),
+                                 progress=jax.process_index() == 0, desc=f"eval[{split}]")
+        out["y_score"] = out.pop("output")
         targets = ft.binary_targets(out["label"], self.positive, self.negative)
         keep = targets >= 0
         out = {k: v[keep] for k, v in out.items()}
         out["y_true"] = targets[keep]
         return out
 
+    def predictions(self) -> dict[str, Any]:
+        """{"validation": ..., "test": ... (per-image y_true, y_score, label, patient_id, image_id of the
+        best-on-validation model), "best": {"step", "val_auroc", ...}}."""
+        out: dict[str, Any] = {"best": dict(self.best)}
+        for split in ("validation", "test"):
+            path = os.path.join(self.workdir, PREDICTIONS_DIR, f"{split}.npz")
+            if os.path.isfile(path):
+                with np.load(path, allow_pickle=False) as z:
+                    out[split] = {k: z[k] for k in z.files}
+        return out
+
     def evaluate(self, model: ft.Classifier, extra: Any, step: int) -> dict[str, float]:
-        from sklearn.metrics import roc_auc_score
         val = self.predict_split(model, self.config.data.eval_split)
         if len(np.unique(val["y_true"])) < 2:
             raise errors.ConfigError(
@@ -247,7 +244,7 @@ class FinetuneTask(Task):
         else:
             self.best["evals_since_best"] = int(self.best["evals_since_best"]) + 1
         if jax.process_index() == 0:
-            _write_json_atomic(self.best_path, self.best)
+            io.write_json(self.best_path, self.best)
         patience = int(self.config.finetune.patience)
         stop = patience > 0 and self.best["evals_since_best"] >= patience
         return {"val_auroc": auroc, "best_val_auroc": float(self.best["val_auroc"]), "should_stop": stop}

@@ -26,7 +26,6 @@ timm model made from it give the same encoder.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import pathlib
@@ -34,62 +33,17 @@ from typing import Any
 
 import numpy as np
 
+from flax import nnx
+
 from afm_jax.interop import timm as timm_interop
-from afm_jax.interop.checkpoints import is_checkpoint_path, read_encoder_checkpoint
+from afm_jax.interop.torchvision_resnet import flax_key, load_torchvision_resnet
+from afm_jax.interop.weights_file import read_weights_file
+from afm_jax.train.checkpoint import is_checkpoint_path, read_encoder_checkpoint
 from afm_jax.errors import InteropError
 from afm_jax.models.resnet import ResNet
 from afm_jax.models.vit import VisionTransformer
 
-__all__ = ["initialize_encoder", "read_vit_source", "read_weights_file", "unwrap_state_dict", "TORCH_SUFFIXES"]
-
-TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
-_WRAPPER_KEYS = ("teacher", "model", "state_dict", "student", "module", "model_ema")
-
-
-def unwrap_state_dict(obj: Any, *, prefer: tuple[str, ...] = _WRAPPER_KEYS) -> dict[str, Any]:
-    """The state dict inside a checkpoint dict (DINO: ``teacher``; MAE/DeiT: ``model``; ...)."""
-    if not isinstance(obj, dict):
-        raise InteropError(f"The weights file holds a {type(obj).__name__}, not a state dict.")
-    for key in prefer:
-        if isinstance(obj.get(key), dict) and obj[key]:
-            return unwrap_state_dict(obj[key], prefer=prefer)
-    return {k: v for k, v in obj.items() if hasattr(v, "shape")}
-
-
-def _to_numpy(value: Any) -> np.ndarray:
-    if hasattr(value, "detach"):  # torch tensor (bf16/fp16 included)
-        return np.array(value.detach().float().cpu().numpy(), np.float32, copy=True)  # never share torch memory
-    return np.asarray(value, dtype=np.float32)
-
-
-def read_weights_file(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """A weights file as ``{key: float32 array}``; safetensors without torch, torch files safely.
-
-    ``torch.load(weights_only=True)`` executes nothing from the file; ``argparse.Namespace`` (the
-    ``args`` entry of DINO's training checkpoints) is the one extra class it may build.
-    """
-    p = pathlib.Path(path)
-    if p.suffix == ".safetensors":
-        from safetensors.numpy import load_file
-
-        raw: Any = load_file(str(p))
-    elif p.suffix in TORCH_SUFFIXES:
-        try:
-            import torch
-        except ImportError as e:
-            raise InteropError(f"Reading {p.name} needs PyTorch (pip install -e '.[torch]'), or convert "
-                               "it to .safetensors first.") from e
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            try:
-                raw = torch.load(str(p), map_location="cpu", weights_only=True)
-            except Exception as e:  # pickle with objects weights_only refuses
-                raise InteropError(f"{p} cannot be read safely with torch.load(weights_only=True): {e}. "
-                                   "Save its state_dict alone (or as .safetensors) and retry.") from e
-    else:
-        raise InteropError(f"Unsupported weights file {p.name}: use .safetensors or "
-                           f"{'/'.join(TORCH_SUFFIXES)}.")
-    return {k: _to_numpy(v) for k, v in unwrap_state_dict(raw).items()}
-
+__all__ = ["initialize_encoder", "initialize_resnet", "read_vit_source", "normalisation_mismatch"]
 
 def read_vit_source(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict[str, Any], dict[str, Any]]:
     """(state dict, :func:`load_timm_state_dict` kwargs, description) of a weights file or of an
@@ -183,10 +137,6 @@ def initialize_resnet(encoder: ResNet, path: pathlib.Path) -> dict[str, Any]:
       InteropError: a folder or run directory (only weights files hold a ResNet here), or keys and
         shapes that do not fit (named by :func:`load_torchvision_resnet`).
     """
-    from flax import nnx
-
-    from afm_jax.interop.torchvision_resnet import flax_key, load_torchvision_resnet
-
     if path.is_dir():
         raise InteropError(f"init_from {path} is a folder; a ResNet starts from a torchvision-layout weights "
                            "file (.pth/.pt/.safetensors, e.g. RadImageNet's ResNet50.pt).")
