@@ -1,13 +1,14 @@
 # Two commands do everything on a fresh machine:
 #   make demo   - create .venv, install, pretrain a small MAE on the embedded synthetic set, probe AFF vs NFF
 #   make test   - same venv, run the test suite
+#   make lint   - ruff format/lint and the import-layer contract
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 DEMO_DIR ?= demo_out
 
-.PHONY: demo test bench clean venv dino-demo study-demo
+.PHONY: demo test lint format bench clean venv dino-demo study-demo
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -22,6 +23,16 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q -n 2 tests
+
+# ruff (format + lint) and the layer contract (import-linter, pyproject.toml [tool.importlinter]).
+lint: $(STAMP)
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/lint-imports
+
+format: $(STAMP)
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
 
 dino-demo: $(STAMP)
 	$(PY) -m afm_jax.main --config configs/dino_demo.py --workdir dino_demo_out

@@ -40,7 +40,7 @@ from afm_jax.train.checkpoint import is_checkpoint_path, resolve_step_dir
 from afm_jax.models import factory
 from afm_jax.train.checkpoint import read_encoder_checkpoint
 import ml_collections
-from afm_jax.train.checkpoint import read_meta, resolve_step_dir
+from afm_jax.train.checkpoint import read_meta
 from afm_jax.train.init_from import initialize_encoder
 from afm_jax.interop.torchvision_resnet import resnet50_from_torchvision
 
@@ -219,8 +219,8 @@ class TorchTimmBackbone(Backbone):
     """A timm model in PyTorch (CPU or CUDA), weights from a local file, ImageNet normalisation."""
 
     def __init__(self, arch: str, path: str, *, image_size: int = 224, name: str = ""):
-        import timm
-        import torch
+        import timm  # optional extra [torch]
+        import torch  # optional extra [torch]
 
         self.torch = torch
         self.model = timm.create_model(arch, pretrained=False, num_classes=0)
@@ -265,13 +265,13 @@ class TorchTimmBackbone(Backbone):
 
 def _read_torch_state_dict(path: str) -> dict:
     """A state dict from .safetensors (no pickle) or .pth/.pt/.bin (torch.load(weights_only=True))."""
-    import torch
+    import torch  # optional extra [torch]
 
     p = pathlib.Path(path).expanduser()
     if not p.is_file():
         raise ConfigError(f"Backbone weights file {p} does not exist.")
     if p.suffix == ".safetensors":
-        from safetensors.torch import load_file
+        from safetensors.torch import load_file  # optional extra [torch]
         return load_file(str(p))
     obj = torch.load(str(p), map_location="cpu", weights_only=True)
     for key in ("state_dict", "model", "teacher", "module"):

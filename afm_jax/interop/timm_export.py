@@ -17,6 +17,9 @@ from flax import nnx
 
 from afm_jax.interop.timm import encoder_state_dict
 from afm_jax.models.vit import VisionTransformer
+import json
+import os
+from safetensors.numpy import save_file
 
 # ----------------------------------------------------------------------------------------------
 # Export metadata: how timm rebuilds the encoder.
@@ -99,8 +102,8 @@ def timm_pretrained_cfg(encoder: VisionTransformer) -> dict[str, Any]:
 
 def create_timm_vit(model_args: Mapping[str, Any], state_dict: Mapping[str, np.ndarray] | None = None):
     """A timm ``VisionTransformer`` (eval mode, random init unless ``state_dict``, loaded strictly)."""
-    import torch
-    from timm.models.vision_transformer import VisionTransformer as TimmViT
+    import torch  # optional extra [torch]
+    from timm.models.vision_transformer import VisionTransformer as TimmViT  # optional extra [torch]
 
     args = dict(model_args)
     img = args.pop("img_size")
@@ -116,7 +119,7 @@ def forward_parity(
     seed: int = 0,
 ) -> float:
     """Max |ours(x) - timm.forward_features(normalised x)| on a random batch of [0, 1] images."""
-    import torch
+    import torch  # optional extra [torch]
 
     h, w = size or encoder.img_size
     x = np.random.default_rng(seed).random((batch, h, w, encoder.in_chans), dtype=np.float32)
@@ -157,10 +160,7 @@ def write_export(
     Returns the config written. The safetensors file carries ``{"format": "pt"}`` metadata, as
     torch-saved safetensors do.
     """
-    import json
-    import os
 
-    from safetensors.numpy import save_file
 
     os.makedirs(out_dir, exist_ok=True)
     sd = encoder_state_dict(encoder)

@@ -44,6 +44,12 @@ def size_overrides(model: ml_collections.ConfigDict) -> dict[str, int]:
     return {k: int(model[k]) for k in SIZE_OVERRIDES if model.get(k) is not None}
 
 
+def vit_dims(model: ml_collections.ConfigDict) -> dict[str, int]:
+    """The ViT's real size: its variant's {width, depth, num_heads, mlp_dim, patch_size} with the
+    config's overrides applied (the one place that combines them)."""
+    return {**parse_variant(model.variant), **size_overrides(model)}
+
+
 def validate_model_config(config: ml_collections.ConfigDict, prefix: str = "model") -> None:
     model = config[prefix]
     if "arch" in model:
@@ -62,7 +68,7 @@ def validate_model_config(config: ml_collections.ConfigDict, prefix: str = "mode
     configuration.require(config, f"{prefix}.drop_path_rate", lambda v: 0.0 <= v < 1.0, "a rate in [0, 1)")
     for key in SIZE_OVERRIDES:
         configuration.require(config, f"{prefix}.{key}", lambda v: v is None or int(v) > 0, "None or a positive int")
-    size = {**parse_variant(model.variant), **size_overrides(model)}
+    size = vit_dims(model)
     configuration.require(config, f"{prefix}.num_heads", lambda _: size["width"] % size["num_heads"] == 0,
                           f"a divisor of the width {size['width']}")
     patch = size["patch_size"]

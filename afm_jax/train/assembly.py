@@ -19,6 +19,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
 from afm_jax.train import optim, sharding, state as state_lib, step as step_lib
+from afm_jax.train.init_from import initialize_encoder
 
 
 @dataclasses.dataclass
@@ -80,5 +81,4 @@ def assemble(config: ml_collections.ConfigDict, task: Any, mesh: Mesh, *, total_
 def load_initial_weights(task: Any, model: nnx.Module, path: str) -> dict:
     """Overwrites the task's backbone in `model` with weights from `path` (timm/DINO/DINOv2 file,
     an export of ours, or one of our run directories); returns what was loaded."""
-    from afm_jax.train.init_from import initialize_encoder
     return initialize_encoder(task.encoder_of(model), path)

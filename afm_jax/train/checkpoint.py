@@ -152,7 +152,6 @@ def read_meta(step_dir: pathlib.Path) -> dict:
 
 def _restore_subtrees(state_dir: pathlib.Path, keys: tuple[str, ...]) -> dict:
     """Restores only ``keys`` of the saved TrainState, as numpy arrays on the host."""
-    import jax
     with ocp.PyTreeCheckpointer() as ck:
         md = ck.metadata(state_dir)
         tree = getattr(md, "item_metadata", md)

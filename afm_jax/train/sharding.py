@@ -25,6 +25,7 @@ import jax
 import ml_collections
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from afm_jax.errors import ConfigError
 
 MESH_AXES = ("data", "fsdp")
 BATCH_AXES = ("data", "fsdp")
@@ -38,7 +39,6 @@ def default_sharding_config() -> ml_collections.ConfigDict:
 
 def make_mesh(mesh_cfg: ml_collections.ConfigDict, devices: list | None = None) -> Mesh:
     """Mesh of shape (data, fsdp) from config; one size may be -1, meaning "the rest of the devices"."""
-    from afm_jax.errors import ConfigError
     devices = list(devices if devices is not None else jax.devices())
     sizes = [int(mesh_cfg.data), int(mesh_cfg.fsdp)]
     if sizes.count(-1) > 1:
@@ -93,7 +93,6 @@ def fsdp_spec(shape: Sequence[int], fsdp_size: int, min_size: int) -> P:
 
 
 def _spec_for(path: str, shape: Sequence[int], rules: Sequence, fsdp_size: int, min_size: int) -> P:
-    from afm_jax.errors import ConfigError
     for pattern, placement in rules:
         if not re.search(pattern, path):
             continue

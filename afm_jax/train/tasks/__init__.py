@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+from afm_jax.errors import ConfigError
 
 # name -> "module:Class"; a task module registers here and nowhere else.
 TASKS = {
@@ -14,7 +15,6 @@ TASKS = {
 
 
 def get_task_class(name: str) -> type:
-    from afm_jax.errors import ConfigError
     if name not in TASKS:
         raise ConfigError(f"Config key `task` = {name!r} is unknown: expected one of {', '.join(map(repr, TASKS))}.")
     module_name, class_name = TASKS[name].split(":")

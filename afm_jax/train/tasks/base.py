@@ -29,6 +29,8 @@ from flax import nnx
 
 from afm_jax.models import factory
 from afm_jax.train import optim
+from afm_jax.data import records
+from afm_jax.data import pipeline
 
 
 class Task:
@@ -48,7 +50,6 @@ class Task:
 
     def num_train_examples(self, config: ml_collections.ConfigDict) -> int:
         """How many examples one epoch has (for `num_epochs` and warmup epochs); called before setup."""
-        from afm_jax.data import records
         return len(records.open_split(config.data.path, config.data.train_split,
                                       selection=config.data.get("selection")))
 
@@ -79,7 +80,6 @@ class Task:
 
     def build_train_iterator(self, config: ml_collections.ConfigDict):
         """This host's infinite, checkpointable iterator of training batches (numpy dicts)."""
-        from afm_jax.data import pipeline
         return pipeline.build_train_iterator(config.data, global_batch_size=config.batch_size,
                                              seed=config.seed, image_size=config.image_size)
 

@@ -43,7 +43,6 @@ from afm_jax import io
 from afm_jax.data import pipeline, records
 from afm_jax.models import classifier as ft
 from afm_jax.models import factory
-from afm_jax.models.vit import parse_variant
 from afm_jax.train import optim
 from afm_jax.train.layer_decay import lr_scale_tree, scale_updates_by_tree
 from afm_jax.train.tasks.base import Task
@@ -164,9 +163,7 @@ class FinetuneTask(Task):
         decay = float(config.finetune.layer_decay)
         if decay >= 1.0:
             return base
-        depth = factory.size_overrides(config.model).get("depth")
-        if depth is None:
-            depth = parse_variant(config.model.variant)["depth"]
+        depth = factory.vit_dims(config.model)["depth"]
         scales = lr_scale_tree(params, num_layers=int(depth), decay=decay)
         return optax.chain(base, scale_updates_by_tree(scales))
 
