@@ -436,7 +436,7 @@ def build_folder_dataset(source: str | os.PathLike, out_dir: str | os.PathLike, 
       strict: stop at the first unreadable file (naming it) instead of skipping and counting it.
       workers: decoding threads.
     """
-    from afm_jax.data import conversion_merge  # pylint: disable=g-import-not-at-top
+    from afm_jax.data.conversion import merge as conversion_merge  # pylint: disable=g-import-not-at-top
 
     salt = salt if salt is not None else anonymize.load_salt()
     files = list_labelled_files(source)

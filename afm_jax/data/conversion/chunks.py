@@ -42,8 +42,9 @@ from typing import Any
 from tqdm import tqdm
 
 from afm_jax.errors import ConfigError
-from afm_jax.data import anonymize, conversion_inputs
-from afm_jax.data.conversion_inputs import InputFile
+from afm_jax.data import anonymize
+from afm_jax.data.conversion import inputs as conversion_inputs
+from afm_jax.data.conversion.inputs import InputFile
 from afm_jax.data.preprocessing import Variant
 
 PLAN_FILE = "plan.json"

@@ -36,7 +36,7 @@ import numpy as np
 from afm_jax.errors import IncompleteConversionError, NothingConvertedError
 from afm_jax.errors import ConfigError
 from afm_jax.data import records
-from afm_jax.data.conversion import Plan, read_rows
+from afm_jax.data.conversion.chunks import Plan, read_rows
 
 log = logging.getLogger(__name__)
 
