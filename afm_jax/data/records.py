@@ -19,9 +19,9 @@ reads back, so the layout stays TFDS's and not a look-alike.
 Images are stored as 16-bit one-channel PNG bytes and stay encoded when read (`open_split`): the
 input pipeline decodes them lazily in its workers, which is where decoding parallelises.
 
-Splits are by patient, never by image: `split_of_patient` maps the (already salted and hashed)
-patient id to a split deterministically, so the same patient lands in the same split in every
-dataset built from the same ids.
+Splits are by patient, never by image: `split_of_patient` (from `afm_jax.data.splits`, the home of
+split assignment) maps the (already salted and hashed) patient id to a split deterministically, so
+the same patient lands in the same split in every dataset built from the same ids.
 """
 
 from __future__ import annotations
@@ -30,7 +30,6 @@ import datetime
 import hashlib
 import json
 import logging
-import math
 import os
 import pathlib
 import re
@@ -43,10 +42,10 @@ from typing import Any
 import cv2
 import numpy as np
 from tqdm import tqdm
-from afm_jax.errors import DatasetNotFoundError
+from afm_jax.data.splits import DEFAULT_SPLIT_FRACTIONS, split_of_patient, validate_fractions  # noqa: F401
+from afm_jax.errors import ConfigError, DatasetNotFoundError
 
 SCHEMA_VERSION = "1.0.0"
-DEFAULT_SPLIT_FRACTIONS: dict[str, float] = {"train": 0.8, "validation": 0.1, "test": 0.1}
 DEFAULT_MAX_SHARD_BYTES = 1 << 30  # ~1 GiB per shard, as TFDS does
 FILE_FORMAT = "array_record"
 METADATA_FILE = "metadata.json"
@@ -72,6 +71,14 @@ def _not_found(problem: str) -> DatasetNotFoundError:
         f"--config.data.path=DIR/<name>/{SCHEMA_VERSION}")
 
 
+def check_dataset_name(name: str, what: str = "Dataset name") -> str:
+    """Returns `name` if it can name a dataset (lower_snake_case: it becomes part of the shard file names);
+    raises ConfigError otherwise, starting with `what` (e.g. "--name")."""
+    if not isinstance(name, str) or not _NAME_RE.match(name):
+        raise ConfigError(f"{what} {name!r} must be lower_snake_case (letters, digits, _), e.g. knee_oa.")
+    return name
+
+
 # ─── Schema ──────────────────────────────────────────────────────────────────────────────────────
 
 def features():
@@ -95,38 +102,6 @@ FEATURES_SUMMARY: dict[str, dict[str, Any]] = {
     "orig_shape": {"dtype": "int32", "shape": [2]},
     "label": {"dtype": "int64", "shape": [], "note": "-1 = no label"},
 }
-
-
-def split_of_patient(patient_id: str, split_fractions: Mapping[str, float]) -> str:
-    """The split of a patient, deterministic from the hashed id only.
-
-    The id is hashed (SHA-256) to a number in [0, 1) that is compared with the cumulative fractions
-    of the splits in sorted name order, so the result does not depend on the dict's order.
-    """
-    fractions = validate_fractions(split_fractions)
-    digest = hashlib.sha256(b"afm-jax split:" + patient_id.encode("utf-8")).digest()
-    u = int.from_bytes(digest[:8], "big") / 2.0**64
-    cumulative = 0.0
-    names = sorted(fractions)
-    for name in names:
-        cumulative += fractions[name]
-        if u < cumulative:
-            return name
-    return names[-1]  # u within rounding of 1.0
-
-
-def validate_fractions(split_fractions: Mapping[str, float]) -> dict[str, float]:
-    """{split: fraction} as floats after checking they are positive and sum to 1 (ValueError otherwise)."""
-    fractions = {str(k): float(v) for k, v in split_fractions.items()}
-    if not fractions:
-        raise ValueError("split_fractions is empty: give e.g. {'train': 0.8, 'validation': 0.1, 'test': 0.1}.")
-    bad = [k for k, v in fractions.items() if not (v > 0) or not _NAME_RE.match(k)]
-    if bad:
-        raise ValueError(f"split_fractions {fractions}: splits {bad} need a positive fraction and a "
-                         "lower_snake_case name.")
-    if not math.isclose(sum(fractions.values()), 1.0, abs_tol=1e-6):
-        raise ValueError(f"split_fractions {fractions} sum to {sum(fractions.values())}, not 1.")
-    return fractions
 
 
 # ─── Writer ──────────────────────────────────────────────────────────────────────────────────────
@@ -162,8 +137,7 @@ def write_dataset(examples: Iterable[dict], out_dir: str | os.PathLike, *, name:
     The dataset is written into a hidden temporary directory beside the final one and renamed into
     place at the end, so a crash never leaves a half dataset that looks complete.
     """
-    if not _NAME_RE.match(name):
-        raise ValueError(f"Dataset name {name!r} must be lower_snake_case (letters, digits, _).")
+    check_dataset_name(name)
     fractions = validate_fractions(split_fractions or DEFAULT_SPLIT_FRACTIONS)
     if png_compression is not None and not 0 <= int(png_compression) <= 9:
         raise ValueError(f"png_compression must be a zlib level 0-9 (or None), got {png_compression!r}.")
