@@ -31,6 +31,7 @@ import ml_collections
 import numpy as np
 
 from afm_jax.data import records, transforms
+from afm_jax.errors import ConfigError
 
 STATE_VERSION = 1
 
@@ -68,8 +69,8 @@ def _process_index_and_count(process_index: int | None, process_count: int | Non
 
 def _local_batch_size(global_batch_size: int, process_count: int) -> int:
     if global_batch_size <= 0 or global_batch_size % process_count:
-        raise ValueError(f"Global batch size {global_batch_size} must be a positive multiple of the "
-                         f"{process_count} processes (config key `batch_size`).")
+        raise ConfigError(f"Global batch size {global_batch_size} must be a positive multiple of the "
+                          f"{process_count} processes (config key `batch_size`).")
     return global_batch_size // process_count
 
 
@@ -178,7 +179,9 @@ def build_train_dataset(data_cfg: Any, *, global_batch_size: int, seed: int, ima
                                 selection=_get(data_cfg, "selection", None))
     per_host = len(source) // pc  # equal slices (the remainder is dropped), so hosts' epochs stay aligned
     if per_host == 0:
-        raise ValueError(f"The training split has {len(source)} examples, too few for {pc} processes.")
+        raise ConfigError(f"The training split {_get(data_cfg, 'train_split', 'train')!r} of {source.path} has "
+                          f"{len(source)} examples, too few for {pc} processes: use a bigger dataset or split "
+                          "(config keys `data.path`, `data.train_split`, `data.selection`) or fewer processes.")
     start, end = pi * per_host, (pi + 1) * per_host
     if transform is None:
         transform = transforms.TrainTransform(transforms.train_chain(_get(data_cfg, "augment", None), image_size))
@@ -249,8 +252,8 @@ class TrainIterator(grain.DatasetIterator):
             changed = {}
         if changed:
             detail = "; ".join(f"{k}: saved {a!r}, now {b!r}" for k, (a, b) in changed.items())
-            raise ValueError(f"Cannot resume the data iterator, the input pipeline changed ({detail}). Resume with "
-                             "the same data config, seed, batch size and process count, or start a new workdir.")
+            raise ConfigError(f"Cannot resume the data iterator, the input pipeline changed ({detail}). Resume with "
+                              "the same data config, seed, batch size and process count, or start a new workdir.")
         self.close()  # a running pipeline was positioned for the old state
         self._closed = False
         self._next_batch = int(state["next_batch"])

@@ -42,6 +42,7 @@ from typing import Any
 import cv2
 import numpy as np
 from tqdm import tqdm
+from afm_jax.data import selection as selection_lib
 from afm_jax.data.splits import DEFAULT_SPLIT_FRACTIONS, split_of_patient, validate_fractions  # noqa: F401
 from afm_jax.errors import ConfigError, DatasetNotFoundError
 
@@ -480,7 +481,7 @@ def open_split(path: str | os.PathLike, split: str, *, selection: str | None = N
     indices = None
     if selection:
         if base != split:
-            raise ValueError(f"A selection cannot be combined with a sliced split ({split!r}); use {base!r}.")
+            raise ConfigError(f"A selection cannot be combined with a sliced split ({split!r}); use {base!r}.")
         indices = _selected_indices(directory, base, selection)
     return RecordSource(str(directory), split, indices)
 
@@ -503,19 +504,13 @@ def split_index(path: str | os.PathLike, split: str) -> dict[str, list]:
 
 
 def _selected_indices(directory: pathlib.Path, split: str, selection: str | os.PathLike) -> np.ndarray:
-    sel_path = pathlib.Path(selection).expanduser()
-    if not sel_path.is_file():
-        raise FileNotFoundError(f"Selection file {sel_path} does not exist (config key `data.selection`). "
-                                "Make one with tools/curate.py or unset the key.")
-    wanted = json.loads(sel_path.read_text())
-    if not isinstance(wanted, list) or not all(isinstance(x, str) for x in wanted):
-        raise ValueError(f"Selection file {sel_path} must hold a JSON list of image_id strings.")
-    wanted_set = set(wanted)
+    wanted_set = set(selection_lib.read_selection(selection))
     ids = split_index(directory, split)["image_id"]
     indices = np.asarray([i for i, image_id in enumerate(ids) if image_id in wanted_set], np.int64)
     if indices.size == 0:
-        raise ValueError(f"Selection {sel_path} ({len(wanted_set)} ids) matches none of the {len(ids)} "
-                         f"records of split {split!r} in {directory}.")
+        raise ConfigError(f"Selection {pathlib.Path(selection).expanduser()} ({len(wanted_set)} ids) matches none "
+                          f"of the {len(ids)} records of split {split!r} in {directory}: it was made for another "
+                          "dataset or split (config keys `data.selection`, `data.path`).")
     return indices
 
 

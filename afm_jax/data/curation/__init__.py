@@ -7,10 +7,9 @@ Modules, one job each:
   duplicates.py         exact / perceptual / embedding near-duplicates with faiss, grouping, kept representative
   embeddings.py         where embeddings come from (thumbnail baseline, .npz/.npy files, an nnx encoder)
   clustering.py         hierarchical k-means, balanced sampling order, retrieval toward seeds, per-patient caps
-  selection.py          selection files (JSON list of image ids; `--config.data.selection=<file>`)
   report.py             contact sheets and the Markdown report
   run.py                `curate(...)`: the stages in order, manifest and report.json
   synthetic_defects.py  the synthetic set with injected defects and the truth (tests, bench, how-to)
 
-See docs/curate.md.
+The selection files it writes are afm_jax/data/selection.py's. See docs/curate.md.
 """

@@ -25,7 +25,8 @@ import numpy as np
 from afm_jax.errors import ConfigError
 from afm_jax.data import records
 from afm_jax.data.curation import clustering, config as config_lib, duplicates, embeddings as emb_lib, quality
-from afm_jax.data.curation import report as report_lib, scan as scan_lib, selection as selection_lib
+from afm_jax.data import selection as selection_lib
+from afm_jax.data.curation import report as report_lib, scan as scan_lib
 
 SELECTION_FILE = "selection.json"
 RANDOM_SELECTION_FILE = "selection_random.json"
@@ -69,7 +70,7 @@ def _seed_vectors(cfg: ml_collections.ConfigDict, scan: scan_lib.Scan, vectors: 
         if not path.is_file():
             raise ConfigError(f"Config key `retrieval.seed_ids` = {str(path)!r}: no such file (a JSON list of "
                               "image_ids). Fix it with --config.retrieval.seed_ids=...")
-        wanted = set(selection_lib.read_selection(path))
+        wanted = set(selection_lib.read_selection(path, key="retrieval.seed_ids"))
         rows |= {i for i, image_id in enumerate(scan.image_id) if image_id in wanted}
         if not rows:
             raise ConfigError(f"None of the {len(wanted)} seed ids in {path} is among the curated images.")
