@@ -34,6 +34,7 @@ import concurrent.futures
 import csv
 import dataclasses
 import hashlib
+import json
 import logging
 import os
 import pathlib
@@ -45,6 +46,7 @@ from typing import Any, Literal
 import cv2
 import numpy as np
 
+from afm_jax import io
 from afm_jax.data import anonymize, records, splits as splits_lib
 from afm_jax.errors import ConfigError, DatasetNotFoundError, UnreadableImageError
 
@@ -478,13 +480,11 @@ def build_folder_dataset(source: str | os.PathLike, out_dir: str | os.PathLike, 
 
 def _record_failures(directory: pathlib.Path, failures: Counter) -> None:
     """Adds the skipped-file counts (reasons only, no paths) to metadata.json."""
-    import json  # pylint: disable=g-import-not-at-top
-
     meta_file = directory / records.METADATA_FILE
     if meta_file.is_file():
         meta = json.loads(meta_file.read_text())
         meta["skipped_files"] = dict(failures)
-        meta_file.write_text(json.dumps(meta, indent=2))
+        io.write_text(meta_file, json.dumps(meta, indent=2))
 
 
 def _listing_fingerprint(items: Iterable[PlannedImage]) -> str:

@@ -24,7 +24,7 @@ The manifest (`manifest.csv`, beside the shards) has one row per input file: `st
 from __future__ import annotations
 
 import csv
-import io
+from io import StringIO
 import logging
 import pathlib
 from collections import Counter, defaultdict
@@ -33,6 +33,7 @@ from typing import Any
 
 import numpy as np
 
+from afm_jax import io
 from afm_jax.data import records
 from afm_jax.data.splits import SPLIT_MODES, assign_patient_splits, parse_split_fractions  # noqa: F401  (CLIs' names)
 from afm_jax.errors import IncompleteConversionError, NothingConvertedError
@@ -194,7 +195,7 @@ def format_summary(summary: Mapping[str, int]) -> str:
 
 def write_manifest(rows: list[dict], path: pathlib.Path) -> None:
     """One CSV row per input file (no paths, no raw identifiers)."""
-    buffer = io.StringIO()
+    buffer = StringIO()
     writer = csv.DictWriter(buffer, fieldnames=MANIFEST_COLUMNS, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
     for row in rows:
@@ -210,9 +211,7 @@ def write_manifest(rows: list[dict], path: pathlib.Path) -> None:
             "label": row.get("label", -1), "output": row.get("output", ""),
             "duplicate_of": row.get("duplicate_of", ""),
         } | ({} if first else {"patient_id": "", "image_id": ""}))
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(buffer.getvalue())
-    tmp.replace(path)
+    io.write_text(path, buffer.getvalue())
 
 
 def read_manifest(path: str | pathlib.Path) -> list[dict[str, str]]:
