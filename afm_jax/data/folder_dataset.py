@@ -47,7 +47,8 @@ import cv2
 import numpy as np
 
 from afm_jax import io
-from afm_jax.data import anonymize, records, splits as splits_lib
+from afm_jax.data import anonymize, dicom, records, splits as splits_lib
+from afm_jax.data.preprocessing import resize_longest
 from afm_jax.errors import ConfigError, DatasetNotFoundError, UnreadableImageError
 
 log = logging.getLogger(__name__)
@@ -241,7 +242,6 @@ def read_image(path: str | os.PathLike, salt: bytes | None = None) -> LoadedImag
     """
     p = pathlib.Path(path)
     if is_dicom_file(p):
-        from afm_jax.data import dicom  # pylint: disable=g-import-not-at-top  (pydicom is slow to import)
 
         salt = salt or anonymize.load_salt()
         try:
@@ -264,7 +264,7 @@ def _read_colour_dicom(path: pathlib.Path, salt: bytes) -> LoadedImage:
 
     Its study/series UIDs are hashed as `dicom.read_dicom` hashes them; nothing else is read out.
     """
-    import pydicom  # pylint: disable=g-import-not-at-top
+    import pydicom  # pylint: disable=g-import-not-at-top  (pydicom: slow to import, only for DICOM inputs)
     from pydicom.pixels import pixel_array  # pylint: disable=g-import-not-at-top
 
     ds = pydicom.dcmread(path)
@@ -281,7 +281,6 @@ def _read_colour_dicom(path: pathlib.Path, salt: bytes) -> LoadedImage:
 def shrink(image: np.ndarray, image_size: int) -> np.ndarray:
     """The image with its longest side reduced to `image_size` (area interpolation); 0 = unchanged."""
     if image_size and max(image.shape) > image_size:
-        from afm_jax.data.preprocessing import resize_longest  # pylint: disable=g-import-not-at-top
 
         return resize_longest(image, int(image_size))
     return image
@@ -291,9 +290,8 @@ def shrink(image: np.ndarray, image_size: int) -> np.ndarray:
 
 def _dicom_patient_key(path: pathlib.Path) -> str:
     """The raw key `dicom.read_dicom` hashes as patient_id (Patient ID, else the study), from the header."""
-    import pydicom  # pylint: disable=g-import-not-at-top
+    import pydicom  # pylint: disable=g-import-not-at-top  (pydicom: slow to import, only for DICOM inputs)
 
-    from afm_jax.data import dicom  # pylint: disable=g-import-not-at-top  (pydicom is slow to import)
 
     try:
         ds = pydicom.dcmread(path, stop_before_pixels=True, force=True,

@@ -26,7 +26,9 @@ import sys
 from collections.abc import Iterator, Mapping
 from typing import Any
 
+import cv2
 import grain
+from absl import flags
 import ml_collections
 import numpy as np
 
@@ -82,8 +84,6 @@ def _derive_seed(*parts: int) -> int:
 def _init_worker(worker_index: int, worker_count: int) -> None:
     """Runs in each worker process: one OpenCV thread per worker, the workers are the parallelism."""
     del worker_index, worker_count
-    import cv2  # pylint: disable=g-import-not-at-top
-
     cv2.setNumThreads(1)
 
 
@@ -95,8 +95,6 @@ def _as_plain_arrays(batch: dict[str, Any]) -> dict[str, np.ndarray]:
 
 def _ensure_absl_flags_parsed() -> None:
     """grain reads absl flags; outside absl.app (tests, notebooks) they are unparsed and it would fail."""
-    from absl import flags  # pylint: disable=g-import-not-at-top
-
     if not flags.FLAGS.is_parsed():
         flags.FLAGS.mark_as_parsed()
 

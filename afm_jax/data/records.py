@@ -45,6 +45,7 @@ from tqdm import tqdm
 from afm_jax.data import selection as selection_lib
 from afm_jax.data.splits import DEFAULT_SPLIT_FRACTIONS, split_of_patient, validate_fractions  # noqa: F401
 from afm_jax.errors import ConfigError, DatasetNotFoundError
+from afm_jax.version import code_version
 
 SCHEMA_VERSION = "1.0.0"
 DEFAULT_MAX_SHARD_BYTES = 1 << 30  # ~1 GiB per shard, as TFDS does
@@ -84,7 +85,7 @@ def check_dataset_name(name: str, what: str = "Dataset name") -> str:
 
 def features():
     """The TFDS feature spec of one record (imported lazily: tensorflow_datasets is slow to load)."""
-    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top  (tfds: seconds to import)
 
     text = tfds.features.Text
     return tfds.features.FeaturesDict({
@@ -251,6 +252,7 @@ class _SplitShardWriters:
         return self._dir / f"{self._name}-{split}.{FILE_FORMAT}.tmp{shard:05d}"
 
     def write(self, split: str, serialized: bytes) -> None:
+        # array_record: a native extension, loaded only by processes that write shards
         from array_record.python.array_record_module import ArrayRecordWriter  # pylint: disable=g-import-not-at-top
 
         if split not in self._open:
@@ -274,7 +276,7 @@ class _SplitShardWriters:
             self._close_split(split)
 
     def finalize(self) -> list[Any]:
-        import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+        import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top  (tfds: seconds to import)
 
         infos = []
         for split in sorted(self._done):
@@ -375,9 +377,8 @@ _RESERVED_INFO_KEYS = ("name", "version", "path", "schema_version", "features", 
 def _write_metadata(directory: pathlib.Path, name: str, fractions: dict[str, float], extra_info: dict,
                     stats: _WriteStats) -> None:
     """Writes the TFDS metadata (dataset_info.json, features.json), metadata.json and the split index."""
-    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top  (tfds: seconds to import)
 
-    from afm_jax.version import code_version  # pylint: disable=g-import-not-at-top
 
     info = {
         "schema_version": SCHEMA_VERSION,
@@ -529,7 +530,7 @@ class RecordSource(Sequence):
 
     def _open(self) -> Any:
         if self._source is None:
-            import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+            import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top  (tfds: seconds to import)
 
             builder = tfds.builder_from_directory(self.path)
             raw = tfds.decode.DeserializeMethod.RAW_BYTES
@@ -570,7 +571,7 @@ def parse_record(raw: bytes) -> dict[str, Any]:
     The same result as TFDS's `deserialize_example_np` with the image left encoded, at a tenth of
     its cost (it matters: the pipeline parses every record of every epoch).
     """
-    from tensorflow_datasets.proto import tf_example_pb2  # pylint: disable=g-import-not-at-top
+    from tensorflow_datasets.proto import tf_example_pb2  # pylint: disable=g-import-not-at-top  (tfds: slow import)
 
     out: dict[str, Any] = {}
     for key, feature in tf_example_pb2.Example.FromString(raw).features.feature.items():

@@ -38,10 +38,11 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import cv2
 from tqdm import tqdm
 
 from afm_jax import io
-from afm_jax.data import anonymize
+from afm_jax.data import anonymize, dicom, preprocessing
 from afm_jax.data.conversion import inputs as conversion_inputs
 from afm_jax.data.conversion.inputs import InputFile
 from afm_jax.data.preprocessing import Variant
@@ -131,6 +132,7 @@ class ChunkTask:
 
 def convert_chunk(task: ChunkTask) -> Counter:
     """Converts one chunk's files and writes its two output files atomically; returns status counts."""
+    # array_record: a native extension, loaded only in the worker processes that write chunks
     from array_record.python.array_record_module import ArrayRecordWriter  # pylint: disable=g-import-not-at-top
 
     logging.getLogger("pydicom").setLevel(logging.ERROR)
@@ -154,10 +156,6 @@ def convert_chunk(task: ChunkTask) -> Counter:
 
 def convert_file(f: InputFile, variant: Variant, salt: bytes, label_ids: dict[str, int]) -> tuple[dict, list[bytes]]:
     """One input file -> (manifest row, PNG bytes of its images). Never raises for a bad file."""
-    import cv2  # pylint: disable=g-import-not-at-top
-
-    from afm_jax.data import dicom, preprocessing  # pylint: disable=g-import-not-at-top
-
     start = time.perf_counter()
     row: dict[str, Any] = {"file_index": f.index, "file_id": f.file_id(salt), "label_name": f.label_name,
                            "label": label_ids.get(f.label_name, -1) if f.label_name else -1}

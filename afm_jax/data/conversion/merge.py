@@ -136,6 +136,7 @@ def merge(plan: Plan, out_dir: str | pathlib.Path, name: str, *, split_fractions
 
 def _examples(plan: Plan, rows: list[dict]) -> Iterator[dict[str, Any]]:
     """Record dicts of the kept images, in input order, with the PNGs read from the chunk files."""
+    # array_record: a native extension, loaded only by the process that merges
     from array_record.python.array_record_module import ArrayRecordReader  # pylint: disable=g-import-not-at-top
 
     by_chunk: dict[int, list[dict]] = defaultdict(list)

@@ -2,8 +2,8 @@
 (+ retrieval, caps) -> selection files, manifest and report.
 
 `curate(dataset, out_dir, config, embeddings=...)` is what tools/curate.py calls (through
-`afm_jax.evaluation.curation_embeddings.curate`, which adds the model for "backbone:<spec>" embeddings). Each stage only
-sees what the previous one kept, so every removed image has exactly one primary reason (the first
+`afm_jax.evaluation.curation_embeddings.curate`, which adds the model for "backbone:<spec>"
+embeddings). Each stage only sees what the previous one kept, so every removed image has exactly one primary reason (the first
 that applied, in the order quality, metadata, exact, near, embedding duplicate); the manifest also
 lists every quality/metadata reason that fired. Timings are kept per stage so the throughput
 excludes the embedding computation, as asked.
