@@ -1,7 +1,7 @@
-"""DICOM archive -> per-chunk outputs, in parallel and resumable (the merge is in `conversion_merge`).
+"""DICOM archive -> per-chunk outputs, in parallel and resumable (the merge is in `merge`).
 
 The unit of work is a **chunk**: `chunk_size` consecutive files of the ordered input list
-(`conversion_inputs.list_inputs`). Each chunk becomes two files in the work directory:
+(`inputs.list_inputs`). Each chunk becomes two files in the work directory:
 
     <work>/chunks/chunk-000042.array_record   16-bit PNGs of the chunk's images, in order
     <work>/chunks/chunk-000042.jsonl          one row per input file: status, hashed ids, metadata
