@@ -82,7 +82,7 @@ def main() -> None:
     parser.add_argument("--scale", type=int, default=20000, help="rows for the column-stage timing (0 = skip)")
     args = parser.parse_args()
 
-    from afm_jax.data.curation import config as config_lib, run, synthetic_defects
+    from afm_jax.data.curation import config as config_lib, curate as run, synthetic_defects
 
     with tempfile.TemporaryDirectory() as tmp:
         print("building the synthetic set with injected defects ...", file=sys.stderr)

@@ -40,7 +40,9 @@ import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-from afm_jax.data import conversion, conversion_inputs, conversion_merge, preprocessing  # noqa: E402
+from afm_jax.data import preprocessing  # noqa: E402
+from afm_jax.data.conversion import chunks as conversion  # noqa: E402
+from afm_jax.data.conversion import inputs as conversion_inputs, merge as conversion_merge  # noqa: E402
 
 SALT = b"bench salt (not a secret)"
 

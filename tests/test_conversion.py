@@ -13,7 +13,8 @@ from pydicom.data import get_testdata_file
 
 from afm_jax import errors
 from afm_jax.errors import ConfigError
-from afm_jax.data import conversion, conversion_inputs, conversion_merge, preprocessing, records, synthetic
+from afm_jax.data import preprocessing, records, synthetic
+from afm_jax.data.conversion import chunks as conversion, inputs as conversion_inputs, merge as conversion_merge
 
 SALT = b"conversion test salt"
 PYDICOM_FILES = ("MR_small.dcm", "CT_small.dcm", "rtplan.dcm", "MR_truncated.dcm", "README.txt",

@@ -16,7 +16,9 @@ import pytest
 
 from afm_jax.errors import ConfigError
 from afm_jax.data import pipeline, records
-from afm_jax.data.curation import config as config_lib, embeddings, run, selection, synthetic_defects
+from afm_jax.data import selection
+from afm_jax.data.curation import config as config_lib, curate as run, synthetic_defects
+from afm_jax.evaluation import curation_embeddings as embeddings
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DUPLICATE_KINDS = ("exact_duplicate", "near_duplicate")

@@ -7,8 +7,9 @@ import pydicom
 import pytest
 from pydicom.data import get_testdata_file, get_testdata_files
 
-from afm_jax.data import conversion, dicom, preprocessing, synthetic
-from afm_jax.data.conversion_inputs import InputFile
+from afm_jax.data import dicom, preprocessing, synthetic
+from afm_jax.data.conversion import chunks as conversion
+from afm_jax.data.conversion.inputs import InputFile
 
 SALT = b"test salt"
 # Files of pydicom's test set that are deliberately broken (truncated or undecodable pixel data).

@@ -9,6 +9,7 @@ import cv2
 import numpy as np
 import pytest
 
+from afm_jax import errors
 from afm_jax.data import pipeline, records, transforms
 
 IMAGE_SIZE = 16
@@ -115,6 +116,15 @@ def test_train_chain_follows_the_config():
         transforms.train_chain({"hue": 0.1}, 8)
     with pytest.raises(ValueError, match="crop_scale"):
         transforms.train_chain({"crop_scale": (0.5, 0.2)}, 8)
+
+
+@pytest.mark.parametrize("augment, message", [({"hue": 0.1}, "Unknown augment config keys"),
+                                              ({"brightness": 1.5}, "data.augment.brightness"),
+                                              ({"crop_scale": 0.5}, "data.augment.crop_scale")])
+def test_bad_augment_configs_are_user_errors(augment, message):
+    """The tools show a UserError as one `error:` line, so these config mistakes never end in a traceback."""
+    with pytest.raises(errors.UserError, match=message):
+        transforms.train_chain(augment, 8)
 
 
 # ─── Pipelines ───────────────────────────────────────────────────────────────────────────────────
@@ -287,3 +297,11 @@ def test_eval_hosts_assemble_global_batches_in_order(dataset):
     global_mask = np.concatenate([np.concatenate([a["mask"], b["mask"]]) for a, b in zip(*per_host)])
     assert list(global_labels[global_mask]) == records.split_index(dataset, "validation")["label"]
     assert global_mask.sum() == n
+
+
+def test_too_small_a_training_split_for_the_processes_is_a_user_error(dataset, tmp_path):
+    selection = tmp_path / "one.json"
+    selection.write_text(json.dumps(records.split_index(dataset, "train")["image_id"][:1]))
+    with pytest.raises(errors.UserError, match="too few for 2 processes"):
+        pipeline.build_train_dataset(data_config(dataset, selection=str(selection)), global_batch_size=2, seed=0,
+                                     image_size=IMAGE_SIZE, process_index=0, process_count=2)

@@ -225,6 +225,38 @@ def test_selection_serves_only_selected_images_in_order(tmp_path, dataset):
         records.open_split(path, "train", selection=str(tmp_path / "missing.json"))
 
 
+def test_selection_mistakes_are_user_errors(tmp_path, dataset):
+    """Each of these is the user's to fix, so the tools print it as `error: ...` instead of a traceback."""
+    _, path = dataset
+    selection = tmp_path / "selection.json"
+    selection.write_text(json.dumps(["nothing-matches"]))
+    with pytest.raises(errors.UserError, match="matches none"):
+        records.open_split(path, "train", selection=str(selection))
+    with pytest.raises(errors.DatasetNotFoundError, match="data.selection"):
+        records.open_split(path, "train", selection=str(tmp_path / "missing.json"))
+    selection.write_text(json.dumps({"not": "a list"}))
+    with pytest.raises(errors.ConfigError, match="JSON list of image_id strings"):
+        records.open_split(path, "train", selection=str(selection))
+    selection.write_text("[not json")
+    with pytest.raises(errors.ConfigError, match="not JSON"):
+        records.open_split(path, "train", selection=str(selection))
+    ids = records.split_index(path, "train")["image_id"]
+    selection.write_text(json.dumps(ids))
+    with pytest.raises(errors.ConfigError, match="sliced split"):
+        records.open_split(path, "train[:2]", selection=str(selection))
+
+
+@pytest.mark.parametrize("name", ["knee_oa", "mura", "a1_b2"])
+def test_check_dataset_name_accepts_lower_snake_case(name):
+    assert records.check_dataset_name(name) == name
+
+
+@pytest.mark.parametrize("name", ["Bad-Name", "1mura", "", "knee oa", "_x", "Mura"])
+def test_check_dataset_name_rejects_others_as_config_errors(name):
+    with pytest.raises(errors.ConfigError, match="--name .* must be lower_snake_case"):
+        records.check_dataset_name(name, "--name")
+
+
 def test_source_pickles_without_its_open_files(dataset):
     import pickle
 

@@ -47,7 +47,7 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}. Settings go as --config.key=value.")
     logging.set_verbosity(logging.WARNING)
-    from afm_jax.data.curation.run import curate  # pylint: disable=g-import-not-at-top
+    from afm_jax.evaluation.curation_embeddings import curate  # pylint: disable=g-import-not-at-top
     from afm_jax.errors import exit_on_user_error
 
     result = exit_on_user_error(curate, _DATA.value, _OUT.value, _CONFIG.value, embeddings=_EMBEDDINGS.value)

@@ -82,7 +82,8 @@ def run(argv: Sequence[str] | None = None) -> int:
                                             salt=_salt(args, allow_demo=True), overwrite=args.overwrite,
                                             workers=args.workers, png_compression=args.png_compression)
     else:
-        from afm_jax.data import conversion_merge, folder_dataset  # pylint: disable=g-import-not-at-top
+        from afm_jax.data import folder_dataset  # pylint: disable=g-import-not-at-top
+        from afm_jax.data.conversion import merge as conversion_merge  # pylint: disable=g-import-not-at-top
 
         names = [s.strip() for s in args.label_names.split(",")] if args.label_names else None
         fractions = conversion_merge.parse_split_fractions(args.splits)

@@ -24,7 +24,9 @@ from collections.abc import Sequence
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from afm_jax.errors import ConfigError  # noqa: E402
-from afm_jax.data import anonymize, conversion, conversion_inputs, conversion_merge, preprocessing  # noqa: E402
+from afm_jax.data import anonymize, preprocessing  # noqa: E402
+from afm_jax.data.conversion import chunks as conversion  # noqa: E402
+from afm_jax.data.conversion import inputs as conversion_inputs, merge as conversion_merge  # noqa: E402
 
 
 def _usable_cores() -> int:

@@ -140,7 +140,7 @@ def read_dicom(path: str | os.PathLike, salt: bytes, options: DicomOptions = Dic
 # ─── Reading and classifying ─────────────────────────────────────────────────────────────────────
 
 def _read_dataset(path: str | os.PathLike) -> Any:
-    import pydicom  # pylint: disable=g-import-not-at-top
+    import pydicom  # pylint: disable=g-import-not-at-top  (pydicom: slow to import)
     from pydicom.errors import InvalidDicomError  # pylint: disable=g-import-not-at-top
 
     try:
@@ -185,7 +185,7 @@ def transfer_syntax_name(ds: Any) -> str:
 
 def _decode(ds: Any, index: int | None) -> np.ndarray:
     """Stored pixel values (no LUT applied), all frames or frame `index`."""
-    from pydicom.pixels import pixel_array  # pylint: disable=g-import-not-at-top
+    from pydicom.pixels import pixel_array  # pylint: disable=g-import-not-at-top  (pydicom: slow to import)
 
     try:
         if index is None:
@@ -247,7 +247,7 @@ def _chain(ds: Any, options: DicomOptions, values: np.ndarray, image: np.ndarray
 
     `image` (the stored pixels) is only used for the min-max fallback, `stored_range` for `voi="none"`.
     """
-    from pydicom.pixels import apply_modality_lut  # pylint: disable=g-import-not-at-top
+    from pydicom.pixels import apply_modality_lut  # pylint: disable=g-import-not-at-top  (pydicom: slow to import)
 
     modality = np.asarray(apply_modality_lut(values, ds), dtype=np.float64)
     if options.voi == "window":
@@ -271,7 +271,7 @@ def _linear(x: np.ndarray, lo: float, hi: float) -> np.ndarray:
 
 def _modality_range(ds: Any, stored_range: tuple[float, float]) -> tuple[float, float]:
     """Min and max of the Modality LUT's output over the stored range."""
-    from pydicom.pixels import apply_modality_lut  # pylint: disable=g-import-not-at-top
+    from pydicom.pixels import apply_modality_lut  # pylint: disable=g-import-not-at-top  (pydicom: slow to import)
 
     ends = np.asarray(stored_range, dtype=np.float64)
     if "ModalityLUTSequence" in ds:
@@ -285,7 +285,7 @@ def _modality_range(ds: Any, stored_range: tuple[float, float]) -> tuple[float, 
 
 def _modality_min_max(ds: Any, image: np.ndarray) -> tuple[float, float]:
     """Min and max of the Modality LUT's output over the image's own (non-padding) stored values."""
-    from pydicom.pixels import apply_modality_lut  # pylint: disable=g-import-not-at-top
+    from pydicom.pixels import apply_modality_lut  # pylint: disable=g-import-not-at-top  (pydicom: slow to import)
 
     mask = padding_mask(ds, image)
     values = image[~mask] if mask is not None and (~mask).any() else image
@@ -350,7 +350,7 @@ def window(x: np.ndarray, centre: float, width: float, function: str = "LINEAR")
 
 def _apply_voi_lut_sequence(x: np.ndarray, values: np.ndarray, ds: Any, index: int) -> tuple[np.ndarray, str] | None:
     """VOI LUT Sequence item `index` (pydicom's implementation), output scaled by the LUT's bit depth."""
-    from pydicom.pixels import apply_voi  # pylint: disable=g-import-not-at-top
+    from pydicom.pixels import apply_voi  # pylint: disable=g-import-not-at-top  (pydicom: slow to import)
 
     sequence = ds.get("VOILUTSequence")
     if not sequence:

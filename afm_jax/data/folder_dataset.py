@@ -24,8 +24,8 @@ else the file itself — one patient per image, which is only right if every pat
 (`anonymize.hash_id`); no path or raw identifier is written into the dataset.
 
 Splits: a CSV `split` column is used as given; otherwise patients are split train/validation/test
-(default 0.8/0.1/0.1) stratified by label, deterministically from the hashed ids (the converter's
-`assign_patient_splits`).
+(default 0.8/0.1/0.1) stratified by label, deterministically from the hashed ids
+(`splits.assign_patient_splits`, as the DICOM converter).
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ import concurrent.futures
 import csv
 import dataclasses
 import hashlib
+import json
 import logging
 import os
 import pathlib
@@ -45,10 +46,10 @@ from typing import Any, Literal
 import cv2
 import numpy as np
 
-from afm_jax.errors import UnreadableImageError
-from afm_jax.errors import ConfigError
-from afm_jax.data import anonymize, records
-from afm_jax.errors import DatasetNotFoundError
+from afm_jax import io
+from afm_jax.data import anonymize, dicom, records, splits as splits_lib
+from afm_jax.data.preprocessing import resize_longest
+from afm_jax.errors import ConfigError, DatasetNotFoundError, UnreadableImageError
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +57,6 @@ RASTER_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 DICOM_SUFFIXES = (".dcm", ".dicom", ".dic")
 PATIENT_SOURCES = ("auto", "csv", "dicom", "subfolder", "file")
 PatientFrom = Literal["auto", "csv", "dicom", "subfolder", "file"]
-_SPLIT_NAME_RE = re.compile(r"^[a-z][a-z0-9_]*$")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -242,7 +242,6 @@ def read_image(path: str | os.PathLike, salt: bytes | None = None) -> LoadedImag
     """
     p = pathlib.Path(path)
     if is_dicom_file(p):
-        from afm_jax.data import dicom  # pylint: disable=g-import-not-at-top  (pydicom is slow to import)
 
         salt = salt or anonymize.load_salt()
         try:
@@ -265,7 +264,7 @@ def _read_colour_dicom(path: pathlib.Path, salt: bytes) -> LoadedImage:
 
     Its study/series UIDs are hashed as `dicom.read_dicom` hashes them; nothing else is read out.
     """
-    import pydicom  # pylint: disable=g-import-not-at-top
+    import pydicom  # pylint: disable=g-import-not-at-top  (pydicom: slow to import, only for DICOM inputs)
     from pydicom.pixels import pixel_array  # pylint: disable=g-import-not-at-top
 
     ds = pydicom.dcmread(path)
@@ -282,7 +281,6 @@ def _read_colour_dicom(path: pathlib.Path, salt: bytes) -> LoadedImage:
 def shrink(image: np.ndarray, image_size: int) -> np.ndarray:
     """The image with its longest side reduced to `image_size` (area interpolation); 0 = unchanged."""
     if image_size and max(image.shape) > image_size:
-        from afm_jax.data.preprocessing import resize_longest  # pylint: disable=g-import-not-at-top
 
         return resize_longest(image, int(image_size))
     return image
@@ -292,9 +290,8 @@ def shrink(image: np.ndarray, image_size: int) -> np.ndarray:
 
 def _dicom_patient_key(path: pathlib.Path) -> str:
     """The raw key `dicom.read_dicom` hashes as patient_id (Patient ID, else the study), from the header."""
-    import pydicom  # pylint: disable=g-import-not-at-top
+    import pydicom  # pylint: disable=g-import-not-at-top  (pydicom: slow to import, only for DICOM inputs)
 
-    from afm_jax.data import dicom  # pylint: disable=g-import-not-at-top  (pydicom is slow to import)
 
     try:
         ds = pydicom.dcmread(path, stop_before_pixels=True, force=True,
@@ -412,11 +409,6 @@ def iter_examples(items: Sequence[PlannedImage], salt: bytes, *, image_size: int
                 }
 
 
-def _fractions_from_counts(patients_per_split: Mapping[str, int]) -> dict[str, float]:
-    total = sum(patients_per_split.values())
-    return {s: n / total for s, n in sorted(patients_per_split.items()) if n}
-
-
 def build_folder_dataset(source: str | os.PathLike, out_dir: str | os.PathLike, *, name: str,
                          label_names: Sequence[str] | None = None, split_fractions: Mapping[str, float] | None = None,
                          image_size: int = 0, salt: bytes | None = None, patient_from: PatientFrom = "auto",
@@ -436,8 +428,6 @@ def build_folder_dataset(source: str | os.PathLike, out_dir: str | os.PathLike, 
       strict: stop at the first unreadable file (naming it) instead of skipping and counting it.
       workers: decoding threads.
     """
-    from afm_jax.data import conversion_merge  # pylint: disable=g-import-not-at-top
-
     salt = salt if salt is not None else anonymize.load_salt()
     files = list_labelled_files(source)
     ids = label_ids(files, label_names)
@@ -448,7 +438,7 @@ def build_folder_dataset(source: str | os.PathLike, out_dir: str | os.PathLike, 
                     "several images, add a patient column to a CSV to keep each patient in one split.")
     hashed = [anonymize.hash_id(p, salt) for p in raw_patients]
     labels = [ids[f.label_name] if f.label_name else -1 for f in files]
-    splits = _assign_splits(files, hashed, labels, split_fractions, conversion_merge.assign_patient_splits)
+    splits = _assign_splits(files, hashed, labels, split_fractions)
     names = {v: k for k, v in ids.items()}
     items = []
     for f, raw, pid, label in zip(files, raw_patients, hashed, labels):
@@ -459,8 +449,8 @@ def build_folder_dataset(source: str | os.PathLike, out_dir: str | os.PathLike, 
             image_id=anonymize.hash_id(f"{name}:{f.relpath}", salt), label=label,
             label_name=names.get(label, ""), body_part=f.body_part or body_part.upper(), split=splits[pid]))
     split_of_item = {it.image_id: it.split for it in items}
-    fractions = _fractions_from_counts(Counter(splits.values()))
-    empty = sorted(set(split_fractions or records.DEFAULT_SPLIT_FRACTIONS) - set(fractions))
+    fractions = splits_lib.fractions_from_counts(Counter(splits.values()))
+    empty = sorted(set(split_fractions or splits_lib.DEFAULT_SPLIT_FRACTIONS) - set(fractions))
     if empty and not any(f.split for f in files):
         log.warning("Splits %s received no patient: there are too few patients per label (%d patients). Add "
                     "patients, change --splits, or give a CSV with a split column.", empty, len(splits))
@@ -488,13 +478,11 @@ def build_folder_dataset(source: str | os.PathLike, out_dir: str | os.PathLike, 
 
 def _record_failures(directory: pathlib.Path, failures: Counter) -> None:
     """Adds the skipped-file counts (reasons only, no paths) to metadata.json."""
-    import json  # pylint: disable=g-import-not-at-top
-
     meta_file = directory / records.METADATA_FILE
     if meta_file.is_file():
         meta = json.loads(meta_file.read_text())
         meta["skipped_files"] = dict(failures)
-        meta_file.write_text(json.dumps(meta, indent=2))
+        io.write_text(meta_file, json.dumps(meta, indent=2))
 
 
 def _listing_fingerprint(items: Iterable[PlannedImage]) -> str:
@@ -507,23 +495,16 @@ def _listing_fingerprint(items: Iterable[PlannedImage]) -> str:
 
 
 def _assign_splits(files: Sequence[LabelledFile], hashed: Sequence[str], labels: Sequence[int],
-                   split_fractions: Mapping[str, float] | None, assign_patient_splits) -> dict[str, str]:
+                   split_fractions: Mapping[str, float] | None) -> dict[str, str]:
     """hashed patient id -> split: the CSV's split column if present, else stratified by label."""
     given = [f.split for f in files]
     if any(given):
         if not all(given):
             raise ConfigError(f"The CSV's split column is empty for {sum(not s for s in given)} rows; fill it for "
                               "every row or drop the column to split automatically.")
-        bad = sorted({s for s in given if not _SPLIT_NAME_RE.match(s)})
-        if bad:
-            raise ConfigError(f"Split names {bad} must be lower_snake_case (train, validation, test).")
-        out: dict[str, str] = {}
-        for pid, split, f in zip(hashed, given, files):
-            if out.setdefault(pid, split) != split:
-                raise ConfigError(f"A patient is in two splits ({out[pid]!r} and {split!r}; e.g. {f.relpath}). "
-                                  "Splits must be by patient: fix the CSV's split column.")
-        return out
+        return splits_lib.splits_from_column(hashed, given, [f.relpath for f in files])
     per_patient: dict[str, Counter] = {}
     for pid, label in zip(hashed, labels):
         per_patient.setdefault(pid, Counter())[label] += 1
-    return assign_patient_splits(per_patient, dict(split_fractions or records.DEFAULT_SPLIT_FRACTIONS), "stratified")
+    return splits_lib.assign_patient_splits(per_patient, dict(split_fractions or splits_lib.DEFAULT_SPLIT_FRACTIONS),
+                                            "stratified")

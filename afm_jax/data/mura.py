@@ -34,9 +34,8 @@ import re
 from collections import Counter, defaultdict
 from collections.abc import Sequence
 
-from afm_jax.errors import ConfigError
-from afm_jax.data import anonymize, folder_dataset, records
-from afm_jax.errors import DatasetNotFoundError
+from afm_jax.data import anonymize, folder_dataset, records, splits
+from afm_jax.errors import ConfigError, DatasetNotFoundError
 
 log = logging.getLogger(__name__)
 
@@ -150,15 +149,14 @@ def carve_validation(images: Sequence[dict], fraction: float) -> set[str]:
     for im in images:
         if im["mura_split"] == "train":
             per_patient[im["patient"]][(im["body_part"], im["label"])] += 1
-    strata: dict[tuple, list[str]] = defaultdict(list)
-    for patient, counts in per_patient.items():
-        top = max(counts.values())
-        strata[min(k for k, v in counts.items() if v == top)].append(patient)
-    chosen = set()
-    for patients in strata.values():
-        patients.sort(key=lambda p: hashlib.sha256(f"afm-jax mura validation:{p}".encode()).digest())
-        chosen.update(p for k, p in enumerate(patients) if (k + 0.5) / len(patients) < fraction)
-    return chosen
+    stratum_of = {patient: splits.majority(counts) for patient, counts in per_patient.items()}
+    split_of = splits.assign_stratified(stratum_of, [("validation", fraction), ("train", 1.0 - fraction)],
+                                        order_key=_validation_order_key)
+    return {patient for patient, split in split_of.items() if split == "validation"}
+
+
+def _validation_order_key(patient: str) -> bytes:
+    return hashlib.sha256(f"afm-jax mura validation:{patient}".encode()).digest()
 
 
 def build_mura_dataset(root: str | os.PathLike, out_dir: str | os.PathLike, *, name: str = "mura",
@@ -188,8 +186,7 @@ def build_mura_dataset(root: str | os.PathLike, out_dir: str | os.PathLike, *, n
             study_id=anonymize.hash_id(f"mura:{im['study']}", salt),
             image_id=anonymize.hash_id(f"mura:{im['relpath']}", salt), label=im["label"],
             label_name=LABEL_NAMES[im["label"]], body_part=im["body_part"], split=split))
-    total = sum(len(p) for p in patients_per_split.values())
-    fractions = {s: len(p) / total for s, p in sorted(patients_per_split.items())}
+    fractions = splits.fractions_from_counts({s: len(p) for s, p in patients_per_split.items()})
     split_of = {it.image_id: it.split for it in items}
     mura_dir = find_mura_dir(root)
     info = {

@@ -26,12 +26,15 @@ import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
+import cv2
 import grain
+from absl import flags
 import ml_collections
 import numpy as np
 from tqdm import tqdm
 
 from afm_jax.data import records, transforms
+from afm_jax.errors import ConfigError
 
 STATE_VERSION = 1
 
@@ -69,8 +72,8 @@ def _process_index_and_count(process_index: int | None, process_count: int | Non
 
 def _local_batch_size(global_batch_size: int, process_count: int) -> int:
     if global_batch_size <= 0 or global_batch_size % process_count:
-        raise ValueError(f"Global batch size {global_batch_size} must be a positive multiple of the "
-                         f"{process_count} processes (config key `batch_size`).")
+        raise ConfigError(f"Global batch size {global_batch_size} must be a positive multiple of the "
+                          f"{process_count} processes (config key `batch_size`).")
     return global_batch_size // process_count
 
 
@@ -82,8 +85,6 @@ def _derive_seed(*parts: int) -> int:
 def _init_worker(worker_index: int, worker_count: int) -> None:
     """Runs in each worker process: one OpenCV thread per worker, the workers are the parallelism."""
     del worker_index, worker_count
-    import cv2  # pylint: disable=g-import-not-at-top
-
     cv2.setNumThreads(1)
 
 
@@ -95,8 +96,6 @@ def _as_plain_arrays(batch: dict[str, Any]) -> dict[str, np.ndarray]:
 
 def _ensure_absl_flags_parsed() -> None:
     """grain reads absl flags; outside absl.app (tests, notebooks) they are unparsed and it would fail."""
-    from absl import flags  # pylint: disable=g-import-not-at-top
-
     if not flags.FLAGS.is_parsed():
         flags.FLAGS.mark_as_parsed()
 
@@ -179,7 +178,9 @@ def build_train_dataset(data_cfg: Any, *, global_batch_size: int, seed: int, ima
                                 selection=_get(data_cfg, "selection", None))
     per_host = len(source) // pc  # equal slices (the remainder is dropped), so hosts' epochs stay aligned
     if per_host == 0:
-        raise ValueError(f"The training split has {len(source)} examples, too few for {pc} processes.")
+        raise ConfigError(f"The training split {_get(data_cfg, 'train_split', 'train')!r} of {source.path} has "
+                          f"{len(source)} examples, too few for {pc} processes: use a bigger dataset or split "
+                          "(config keys `data.path`, `data.train_split`, `data.selection`) or fewer processes.")
     start, end = pi * per_host, (pi + 1) * per_host
     if transform is None:
         transform = transforms.TrainTransform(transforms.train_chain(_get(data_cfg, "augment", None), image_size))
@@ -250,8 +251,8 @@ class TrainIterator(grain.DatasetIterator):
             changed = {}
         if changed:
             detail = "; ".join(f"{k}: saved {a!r}, now {b!r}" for k, (a, b) in changed.items())
-            raise ValueError(f"Cannot resume the data iterator, the input pipeline changed ({detail}). Resume with "
-                             "the same data config, seed, batch size and process count, or start a new workdir.")
+            raise ConfigError(f"Cannot resume the data iterator, the input pipeline changed ({detail}). Resume with "
+                              "the same data config, seed, batch size and process count, or start a new workdir.")
         self.close()  # a running pipeline was positioned for the old state
         self._closed = False
         self._next_batch = int(state["next_batch"])

@@ -19,9 +19,9 @@ reads back, so the layout stays TFDS's and not a look-alike.
 Images are stored as 16-bit one-channel PNG bytes and stay encoded when read (`open_split`): the
 input pipeline decodes them lazily in its workers, which is where decoding parallelises.
 
-Splits are by patient, never by image: `split_of_patient` maps the (already salted and hashed)
-patient id to a split deterministically, so the same patient lands in the same split in every
-dataset built from the same ids.
+Splits are by patient, never by image: `split_of_patient` (from `afm_jax.data.splits`, the home of
+split assignment) maps the (already salted and hashed) patient id to a split deterministically, so
+the same patient lands in the same split in every dataset built from the same ids.
 """
 
 from __future__ import annotations
@@ -30,7 +30,6 @@ import datetime
 import hashlib
 import json
 import logging
-import math
 import os
 import pathlib
 import re
@@ -43,10 +42,12 @@ from typing import Any
 import cv2
 import numpy as np
 from tqdm import tqdm
-from afm_jax.errors import DatasetNotFoundError
+from afm_jax.data import selection as selection_lib
+from afm_jax.data.splits import DEFAULT_SPLIT_FRACTIONS, split_of_patient, validate_fractions  # noqa: F401
+from afm_jax.errors import ConfigError, DatasetNotFoundError
+from afm_jax.version import code_version
 
 SCHEMA_VERSION = "1.0.0"
-DEFAULT_SPLIT_FRACTIONS: dict[str, float] = {"train": 0.8, "validation": 0.1, "test": 0.1}
 DEFAULT_MAX_SHARD_BYTES = 1 << 30  # ~1 GiB per shard, as TFDS does
 FILE_FORMAT = "array_record"
 METADATA_FILE = "metadata.json"
@@ -72,11 +73,19 @@ def _not_found(problem: str) -> DatasetNotFoundError:
         f"--config.data.path=DIR/<name>/{SCHEMA_VERSION}")
 
 
+def check_dataset_name(name: str, what: str = "Dataset name") -> str:
+    """Returns `name` if it can name a dataset (lower_snake_case: it becomes part of the shard file names);
+    raises ConfigError otherwise, starting with `what` (e.g. "--name")."""
+    if not isinstance(name, str) or not _NAME_RE.match(name):
+        raise ConfigError(f"{what} {name!r} must be lower_snake_case (letters, digits, _), e.g. knee_oa.")
+    return name
+
+
 # ─── Schema ──────────────────────────────────────────────────────────────────────────────────────
 
 def features():
     """The TFDS feature spec of one record (imported lazily: tensorflow_datasets is slow to load)."""
-    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top  (tfds: seconds to import)
 
     text = tfds.features.Text
     return tfds.features.FeaturesDict({
@@ -95,38 +104,6 @@ FEATURES_SUMMARY: dict[str, dict[str, Any]] = {
     "orig_shape": {"dtype": "int32", "shape": [2]},
     "label": {"dtype": "int64", "shape": [], "note": "-1 = no label"},
 }
-
-
-def split_of_patient(patient_id: str, split_fractions: Mapping[str, float]) -> str:
-    """The split of a patient, deterministic from the hashed id only.
-
-    The id is hashed (SHA-256) to a number in [0, 1) that is compared with the cumulative fractions
-    of the splits in sorted name order, so the result does not depend on the dict's order.
-    """
-    fractions = validate_fractions(split_fractions)
-    digest = hashlib.sha256(b"afm-jax split:" + patient_id.encode("utf-8")).digest()
-    u = int.from_bytes(digest[:8], "big") / 2.0**64
-    cumulative = 0.0
-    names = sorted(fractions)
-    for name in names:
-        cumulative += fractions[name]
-        if u < cumulative:
-            return name
-    return names[-1]  # u within rounding of 1.0
-
-
-def validate_fractions(split_fractions: Mapping[str, float]) -> dict[str, float]:
-    """{split: fraction} as floats after checking they are positive and sum to 1 (ValueError otherwise)."""
-    fractions = {str(k): float(v) for k, v in split_fractions.items()}
-    if not fractions:
-        raise ValueError("split_fractions is empty: give e.g. {'train': 0.8, 'validation': 0.1, 'test': 0.1}.")
-    bad = [k for k, v in fractions.items() if not (v > 0) or not _NAME_RE.match(k)]
-    if bad:
-        raise ValueError(f"split_fractions {fractions}: splits {bad} need a positive fraction and a "
-                         "lower_snake_case name.")
-    if not math.isclose(sum(fractions.values()), 1.0, abs_tol=1e-6):
-        raise ValueError(f"split_fractions {fractions} sum to {sum(fractions.values())}, not 1.")
-    return fractions
 
 
 # ─── Writer ──────────────────────────────────────────────────────────────────────────────────────
@@ -162,8 +139,7 @@ def write_dataset(examples: Iterable[dict], out_dir: str | os.PathLike, *, name:
     The dataset is written into a hidden temporary directory beside the final one and renamed into
     place at the end, so a crash never leaves a half dataset that looks complete.
     """
-    if not _NAME_RE.match(name):
-        raise ValueError(f"Dataset name {name!r} must be lower_snake_case (letters, digits, _).")
+    check_dataset_name(name)
     fractions = validate_fractions(split_fractions or DEFAULT_SPLIT_FRACTIONS)
     if png_compression is not None and not 0 <= int(png_compression) <= 9:
         raise ValueError(f"png_compression must be a zlib level 0-9 (or None), got {png_compression!r}.")
@@ -276,6 +252,7 @@ class _SplitShardWriters:
         return self._dir / f"{self._name}-{split}.{FILE_FORMAT}.tmp{shard:05d}"
 
     def write(self, split: str, serialized: bytes) -> None:
+        # array_record: a native extension, loaded only by processes that write shards
         from array_record.python.array_record_module import ArrayRecordWriter  # pylint: disable=g-import-not-at-top
 
         if split not in self._open:
@@ -299,7 +276,7 @@ class _SplitShardWriters:
             self._close_split(split)
 
     def finalize(self) -> list[Any]:
-        import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+        import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top  (tfds: seconds to import)
 
         infos = []
         for split in sorted(self._done):
@@ -400,9 +377,8 @@ _RESERVED_INFO_KEYS = ("name", "version", "path", "schema_version", "features", 
 def _write_metadata(directory: pathlib.Path, name: str, fractions: dict[str, float], extra_info: dict,
                     stats: _WriteStats) -> None:
     """Writes the TFDS metadata (dataset_info.json, features.json), metadata.json and the split index."""
-    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top  (tfds: seconds to import)
 
-    from afm_jax.version import code_version  # pylint: disable=g-import-not-at-top
 
     info = {
         "schema_version": SCHEMA_VERSION,
@@ -506,7 +482,7 @@ def open_split(path: str | os.PathLike, split: str, *, selection: str | None = N
     indices = None
     if selection:
         if base != split:
-            raise ValueError(f"A selection cannot be combined with a sliced split ({split!r}); use {base!r}.")
+            raise ConfigError(f"A selection cannot be combined with a sliced split ({split!r}); use {base!r}.")
         indices = _selected_indices(directory, base, selection)
     return RecordSource(str(directory), split, indices)
 
@@ -529,19 +505,13 @@ def split_index(path: str | os.PathLike, split: str) -> dict[str, list]:
 
 
 def _selected_indices(directory: pathlib.Path, split: str, selection: str | os.PathLike) -> np.ndarray:
-    sel_path = pathlib.Path(selection).expanduser()
-    if not sel_path.is_file():
-        raise FileNotFoundError(f"Selection file {sel_path} does not exist (config key `data.selection`). "
-                                "Make one with tools/curate.py or unset the key.")
-    wanted = json.loads(sel_path.read_text())
-    if not isinstance(wanted, list) or not all(isinstance(x, str) for x in wanted):
-        raise ValueError(f"Selection file {sel_path} must hold a JSON list of image_id strings.")
-    wanted_set = set(wanted)
+    wanted_set = set(selection_lib.read_selection(selection))
     ids = split_index(directory, split)["image_id"]
     indices = np.asarray([i for i, image_id in enumerate(ids) if image_id in wanted_set], np.int64)
     if indices.size == 0:
-        raise ValueError(f"Selection {sel_path} ({len(wanted_set)} ids) matches none of the {len(ids)} "
-                         f"records of split {split!r} in {directory}.")
+        raise ConfigError(f"Selection {pathlib.Path(selection).expanduser()} ({len(wanted_set)} ids) matches none "
+                          f"of the {len(ids)} records of split {split!r} in {directory}: it was made for another "
+                          "dataset or split (config keys `data.selection`, `data.path`).")
     return indices
 
 
@@ -560,7 +530,7 @@ class RecordSource(Sequence):
 
     def _open(self) -> Any:
         if self._source is None:
-            import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+            import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top  (tfds: seconds to import)
 
             builder = tfds.builder_from_directory(self.path)
             raw = tfds.decode.DeserializeMethod.RAW_BYTES
@@ -601,7 +571,7 @@ def parse_record(raw: bytes) -> dict[str, Any]:
     The same result as TFDS's `deserialize_example_np` with the image left encoded, at a tenth of
     its cost (it matters: the pipeline parses every record of every epoch).
     """
-    from tensorflow_datasets.proto import tf_example_pb2  # pylint: disable=g-import-not-at-top
+    from tensorflow_datasets.proto import tf_example_pb2  # pylint: disable=g-import-not-at-top  (tfds: slow import)
 
     out: dict[str, Any] = {}
     for key, feature in tf_example_pb2.Example.FromString(raw).features.feature.items():

@@ -46,15 +46,19 @@ import hashlib
 import math
 import os
 import pathlib
-from typing import Callable, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Sequence
 
 import cv2
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
+from tqdm import tqdm
 
 from afm_jax import errors
-from afm_jax.data import anonymize
+from afm_jax.data import anonymize, records
+
+if TYPE_CHECKING:
+    import pydicom
 
 LABEL_NAMES = ("normal", "nff", "aff")  # label ints 0, 1, 2
 FRACTURE_TYPES: dict[str, tuple[str, ...]] = {
@@ -651,7 +655,7 @@ def _plan_patient(index: int, seed: int, class_fractions: Sequence[float]) -> _P
 
 
 def _uid(*parts: object) -> str:
-    from pydicom.uid import generate_uid
+    from pydicom.uid import generate_uid  # pydicom: slow to import, only the DICOM writer needs it
 
     return str(generate_uid(entropy_srcs=[_UID_ROOT, *map(str, parts)]))
 
@@ -738,8 +742,6 @@ def build_synthetic_dataset(data_dir: str | os.PathLike, *, num_patients: int = 
     Identifiers are hashed with `anonymize.load_salt(allow_demo_salt=True)`: the user's salt if
     one is configured, else the public demo salt (the identifiers are fake anyway).
     """
-    from afm_jax.data import records  # imported here: the records writer pulls in heavier deps
-
     salt = anonymize.load_salt(allow_demo_salt=True)
     examples = (to_record(img, salt) for img in iter_synthetic_images(num_patients, seed=seed, image_size=image_size))
     parameters = {"num_patients": num_patients, "seed": seed, "image_size": image_size,
@@ -757,8 +759,6 @@ def ensure_synthetic_dataset(data_dir: str | os.PathLike, *, num_patients: int =
     Each parameter set gets its own folder, so a rerun (e.g. a resumed demo) reuses the dataset its
     checkpoints were trained on, and a changed parameter never silently reuses a different one.
     """
-    from afm_jax.data import records
-
     name = f"synthetic_femur_p{num_patients}_s{seed}_i{image_size}"
     existing = pathlib.Path(data_dir) / name
     if existing.is_dir():
@@ -768,6 +768,29 @@ def ensure_synthetic_dataset(data_dir: str | os.PathLike, *, num_patients: int =
             pass  # an interrupted build leaves no dataset_info.json; write_dataset starts over
     return build_synthetic_dataset(data_dir, num_patients=num_patients, seed=seed, image_size=image_size,
                                    name=name)
+
+
+def prepare_dataset(config, workdir: str) -> None:
+    """Builds the embedded synthetic dataset into `<workdir>/data` when the config asks for it
+    (`data.synthetic.enabled` and no `data.path`), and sets `config.data.path` to it.
+
+    In a multi-process job process 0 writes the dataset while the others wait, then they find it."""
+    if config.data.path or not config.data.synthetic.enabled:
+        return
+    syn = config.data.synthetic
+    data_root = os.path.join(workdir, "data")
+
+    def ensure() -> str:
+        return os.fspath(ensure_synthetic_dataset(data_root, num_patients=syn.num_patients, seed=syn.seed,
+                                                  image_size=syn.image_size))
+
+    if jax.process_index() != 0:
+        multihost_utils.sync_global_devices("afm_jax:synthetic_dataset")
+    path = ensure()
+    if jax.process_index() == 0 and jax.process_count() > 1:
+        multihost_utils.sync_global_devices("afm_jax:synthetic_dataset")
+    with config.unlocked():
+        config.data.path = path
 
 
 # ======================================================================================
@@ -787,28 +810,6 @@ class _DicomStyle:
     study_time: str
     also_pixel_spacing: bool  # DX: write PixelSpacing beside ImagerPixelSpacing
     sex: str
-
-
-
-def prepare_dataset(config, workdir: str) -> None:
-    """Builds the embedded synthetic dataset into the workdir when the config asks for it."""
-    if config.data.path or not config.data.synthetic.enabled:
-        return
-    syn = config.data.synthetic
-    data_root = os.path.join(workdir, "data")
-
-    def ensure() -> str:
-        return os.fspath(ensure_synthetic_dataset(
-            data_root, num_patients=syn.num_patients, seed=syn.seed, image_size=syn.image_size))
-
-    # In a multi-process job process 0 writes the dataset while the others wait, then they find it.
-    if jax.process_index() != 0:
-        multihost_utils.sync_global_devices("afm_jax:synthetic_dataset")
-    path = ensure()
-    if jax.process_index() == 0 and jax.process_count() > 1:
-        multihost_utils.sync_global_devices("afm_jax:synthetic_dataset")
-    with config.unlocked():
-        config.data.path = path
 
 
 def _hash_rng(*parts: str) -> np.random.Generator:
@@ -844,7 +845,7 @@ def _to_dicom(img: SyntheticImage, study_index: int, instance_number: int,
               style: _DicomStyle | None = None) -> "pydicom.Dataset":
     """The DICOM dataset of one image; pixels stored as the study's device would store them
     (or as `style` says, for twins that differ only in storage)."""
-    import pydicom
+    import pydicom  # pydicom: slow to import, only the DICOM writer needs it
     from pydicom.dataset import FileMetaDataset
     from pydicom.uid import (PYDICOM_IMPLEMENTATION_UID, ComputedRadiographyImageStorage,
                              DigitalXRayImageStorageForPresentation, ExplicitVRLittleEndian)
@@ -935,8 +936,6 @@ def write_dicom_files(out_dir: str | os.PathLike, *, num_patients: int = 10, see
     studies_of_patient: dict[str, list[str]] = {}
     images: Iterable[SyntheticImage] = iter_synthetic_images(num_patients, seed=seed, image_size=image_size)
     if progress:
-        from tqdm import tqdm
-
         images = tqdm(images, total=count_synthetic_images(num_patients, seed=seed), desc="writing DICOM", unit="img")
     for img in images:
         number = images_in_study[img.study_uid] = images_in_study.get(img.study_uid, 0) + 1

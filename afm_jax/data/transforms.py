@@ -25,6 +25,8 @@ import cv2
 import grain
 import numpy as np
 
+from afm_jax.errors import ConfigError
+
 Op = Callable[..., np.ndarray]
 Chain = tuple[tuple[str, dict[str, Any]], ...]
 
@@ -224,13 +226,14 @@ def train_chain(augment: Mapping[str, Any] | None, image_size: int) -> Chain:
     cfg = default_augment_config()
     unknown = sorted(set(augment or {}) - set(cfg))
     if unknown:
-        raise ValueError(f"Unknown augment config keys {unknown}; known keys: {sorted(cfg)}.")
+        raise ConfigError(f"Unknown augment config keys {unknown} (config key `data.augment`); known keys: "
+                          f"{sorted(cfg)}.")
     cfg.update(dict(augment or {}))
     _check_range("crop_scale", cfg["crop_scale"], 0.0, 1.0)
     _check_range("crop_ratio", cfg["crop_ratio"], 0.0, math.inf)
     for key in ("brightness", "contrast", "gamma"):
         if not 0 <= float(cfg[key]) < 1:
-            raise ValueError(f"augment.{key} = {cfg[key]!r} must be in [0, 1).")
+            raise ConfigError(f"Config key `data.augment.{key}` = {cfg[key]!r} must be in [0, 1).")
     chain: list[tuple[str, dict[str, Any]]] = []
     if cfg["crop"]:
         chain.append(("random_resized_crop", dict(size=int(image_size), scale=tuple(map(float, cfg["crop_scale"])),
@@ -255,9 +258,9 @@ def _check_range(key: str, value: Any, low: float, high: float) -> None:
     try:
         a, b = (float(v) for v in value)
     except (TypeError, ValueError):
-        raise ValueError(f"augment.{key} = {value!r} must be a pair (min, max).") from None
+        raise ConfigError(f"Config key `data.augment.{key}` = {value!r} must be a pair (min, max).") from None
     if not low < a <= b <= high:
-        raise ValueError(f"augment.{key} = {value!r} must satisfy {low} < min <= max <= {high}.")
+        raise ConfigError(f"Config key `data.augment.{key}` = {value!r} must satisfy {low} < min <= max <= {high}.")
 
 
 # ─── grain transforms ────────────────────────────────────────────────────────────────────────────

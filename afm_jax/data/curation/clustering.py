@@ -35,7 +35,7 @@ def hierarchical_kmeans(x: np.ndarray, levels: Sequence[int], *, niter: int = 20
     Returns (assignments, centroids): assignments[l] is the level-l cluster of every *point*
     (int64, shape (N,)), centroids[l] the level-l centroids.
     """
-    import faiss  # pylint: disable=g-import-not-at-top
+    import faiss  # pylint: disable=g-import-not-at-top  (faiss: slow to load, only the search stages need it)
 
     points = normalize(x)
     assignments: list[np.ndarray] = []
@@ -121,7 +121,7 @@ def distance_to_centroid(x: np.ndarray, labels: np.ndarray, centroids: np.ndarra
 def retrieve(x: np.ndarray, seeds: np.ndarray, *, neighbours: int, min_cosine: float = -1.0) -> np.ndarray:
     """Indices of the rows of `x` among the `neighbours` nearest (cosine, faiss) of any seed vector,
     at least `min_cosine` similar; ordered by their best similarity to a seed (most similar first)."""
-    import faiss  # pylint: disable=g-import-not-at-top
+    import faiss  # pylint: disable=g-import-not-at-top  (faiss: slow to load, only the search stages need it)
 
     if len(seeds) == 0 or neighbours <= 0 or len(x) == 0:
         return np.zeros(0, np.int64)

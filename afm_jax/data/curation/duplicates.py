@@ -99,7 +99,7 @@ def hamming_pairs(codes: np.ndarray, max_distance: int, *, chunk: int = 4096, pr
     Exact either way: a flat binary index for small N; for large N a multi-index hash with
     max_distance + 1 sub-codes (pigeonhole: a pair within max_distance agrees exactly on one).
     """
-    import faiss  # pylint: disable=g-import-not-at-top
+    import faiss  # pylint: disable=g-import-not-at-top  (faiss: slow to load, only the search stages need it)
 
     codes = np.ascontiguousarray(codes, np.uint8)
     n = len(codes)
@@ -115,7 +115,7 @@ def hamming_pairs(codes: np.ndarray, max_distance: int, *, chunk: int = 4096, pr
 
 def cosine_pairs(embeddings: np.ndarray, min_cosine: float, *, chunk: int = 4096, progress: bool = False) -> np.ndarray:
     """(P, 2) pairs (i < j) whose L2-normalised embeddings have cosine >= min_cosine (exact, faiss)."""
-    import faiss  # pylint: disable=g-import-not-at-top
+    import faiss  # pylint: disable=g-import-not-at-top  (faiss: slow to load, only the search stages need it)
 
     x = normalize(embeddings)
     if len(x) < 2:

@@ -6,10 +6,12 @@ Sources (the `--embeddings` value of tools/curate.py):
   area-downsampled to 16x16 and standardised (zero mean, unit norm). It groups images by global
   appearance (view, exposure, framing); good enough to balance a demo, no substitute for a backbone.
 - a ".npz" file with arrays `embeddings` (N, D) and `image_id` (N,) — e.g. written by
-  `save_embeddings` from `encoder_embeddings` (any of our checkpoints or a timm model loaded as an
-  nnx encoder), or by any other tool;
+  `save_embeddings` from `afm_jax.evaluation.curation_embeddings.encoder_embeddings` (any of our
+  checkpoints or a timm model loaded as an nnx encoder), or by any other tool;
 - a ".npy" file (N, D) with its ids in a JSON list beside it: "<stem>.ids.json";
-- "backbone:<spec>": computed now by any evaluation backbone (afm_jax.evaluation.backbones), e.g.
+- "backbone:<spec>": computed now by a model. Models live in higher layers than data, so the caller
+  injects the function that computes them (`embed`, an `Embedder`);
+  `afm_jax.evaluation.curation_embeddings` passes any evaluation backbone, e.g.
   `backbone:checkpoint:runs/mae_vitb,image_size=224` (one of our runs; a DINO run's teacher),
   `backbone:timm_vit:dinov2_vits14.pth,variant=S/14` or `backbone:resnet50:radimagenet_r50.pth`.
 
@@ -22,16 +24,21 @@ from __future__ import annotations
 import json
 import os
 import pathlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import cv2
 import numpy as np
 
+from afm_jax import io
 from afm_jax.errors import ConfigError
 
 THUMBNAIL = "thumbnail"
 BACKBONE_PREFIX = "backbone:"
 THUMB_SIDE = 16
+
+Embedder = Callable[[str, "str | os.PathLike", Sequence[str]], tuple[np.ndarray, list[str]]]
+"""`embed(spec, dataset_dir, splits) -> (embeddings (N, D), image ids (N,))`: computes the embeddings of
+every image of `splits` by the model `spec` names (the part of `--embeddings` after "backbone:")."""
 
 
 def thumbnail_embedding(small: np.ndarray) -> np.ndarray:
@@ -42,14 +49,17 @@ def thumbnail_embedding(small: np.ndarray) -> np.ndarray:
 
 
 def load_embeddings(source: str, image_ids: Sequence[str], *, dataset_dir: str | os.PathLike | None = None,
-                    splits: Sequence[str] = ()) -> np.ndarray:
+                    splits: Sequence[str] = (), embed: Embedder | None = None) -> np.ndarray:
     """(len(image_ids), D) float32 embeddings in the order of `image_ids`, from a file `source`
-    (.npz or .npy + .ids.json) or computed by a backbone ("backbone:<spec>", reading `splits` of
+    (.npz or .npy + .ids.json) or computed by `embed` ("backbone:<spec>", reading `splits` of
     `dataset_dir`). ("thumbnail" is computed by the quality pass, not here.)"""
     if source.startswith(BACKBONE_PREFIX):
         if dataset_dir is None:
             raise ConfigError(f"--embeddings={source} needs the dataset to compute embeddings from.")
-        emb, ids = backbone_embeddings(source[len(BACKBONE_PREFIX):], dataset_dir, splits)
+        if embed is None:
+            raise ConfigError(f"--embeddings={source} needs a model to compute embeddings: run tools/curate.py, or "
+                              "call afm_jax.evaluation.curation_embeddings.curate, which computes them.")
+        emb, ids = embed(source[len(BACKBONE_PREFIX):], dataset_dir, splits)
         return _in_order(emb, ids, image_ids, source)
     path = pathlib.Path(source).expanduser()
     if not path.is_file():
@@ -82,38 +92,10 @@ def _in_order(emb: np.ndarray, ids: Sequence[str], image_ids: Sequence[str], sou
     return np.asarray(emb[[row[i] for i in image_ids]], np.float32)
 
 
-def backbone_embeddings(spec: str, dataset_dir: str | os.PathLike, splits: Sequence[str]) -> tuple[np.ndarray, list[str]]:
-    """Frozen features of every image of `splits` by the backbone `spec` (`kind:path[,key=value]`,
-    as tools/evaluate.py's --backbone), and their image ids."""
-    from afm_jax.evaluation import backbones, protocols  # pylint: disable=g-import-not-at-top  (jax; only here)
-
-    backbone = backbones.load_backbone(backbones.parse_backbone_arg(spec))
-    parts = [protocols.extract_split(backbone, os.fspath(dataset_dir), split) for split in splits]
-    return (np.concatenate([p["features"] for p in parts]).astype(np.float32),
-            [str(i) for p in parts for i in p["image_id"]])
-
-
 def save_embeddings(path: str | os.PathLike, embeddings: np.ndarray, image_ids: Sequence[str]) -> pathlib.Path:
     """Writes the .npz that `load_embeddings` reads."""
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(path, embeddings=np.asarray(embeddings, np.float32), image_id=np.asarray(list(image_ids), dtype=str))
+    vectors, ids = np.asarray(embeddings, np.float32), np.asarray(list(image_ids), dtype=str)
+    io.write_with(path, lambda tmp: np.savez(tmp, embeddings=vectors, image_id=ids))
     return path
-
-
-def encoder_embeddings(encoder, dataset_path: str | os.PathLike, split: str, *, image_size: int,
-                       batch_size: int = 64, pool: str = "avg", num_workers: int = 0) -> tuple[np.ndarray, list[str]]:
-    """Frozen-encoder embeddings of every image of `split` (evaluation's `extract_features`: resize,
-    no augmentation) and their image ids, in dataset order. `encoder` is any nnx module with
-    `pooled_features(images, pool=...)` — our ViT, or a timm backbone converted by afm_jax.interop."""
-    from afm_jax.data import pipeline, records  # pylint: disable=g-import-not-at-top
-    from afm_jax.evaluation.features import extract_features  # pylint: disable=g-import-not-at-top
-
-    data_cfg = pipeline.default_data_config()
-    data_cfg.path, data_cfg.num_workers = os.fspath(dataset_path), num_workers
-    feats = extract_features(encoder, data_cfg, split=split, image_size=image_size, batch_size=batch_size,
-                             pool=pool)
-    ids = records.split_index(dataset_path, split)["image_id"]  # eval order is dataset order
-    if len(ids) != len(feats["features"]):
-        raise RuntimeError(f"{len(feats['features'])} features for {len(ids)} images of split {split!r}.")
-    return feats["features"], list(ids)

@@ -17,12 +17,13 @@ import ml_collections
 import numpy as np
 from tqdm import tqdm
 
+from afm_jax import io
 from afm_jax.data import records, transforms
 from afm_jax.data.curation import quality
 from afm_jax.data.curation.config import DUPLICATE_REASONS, METADATA_PREFIX
 
 if TYPE_CHECKING:
-    from afm_jax.data.curation.run import Curation
+    from afm_jax.data.curation.curate import Curation
 
 SHEETS_DIR = "contact_sheets"
 MARKDOWN_FILE = "report.md"
@@ -131,9 +132,10 @@ def write_report(result: "Curation", cfg: ml_collections.ConfigDict, dataset_dir
     written = []
     for name, title, shown, captions, frames in tqdm(jobs, desc="contact sheets", disable=not progress, leave=False):
         images = [thumbs(scan.split[i], scan.index[i]) for i in shown]
-        cv2.imwrite(str(sheets_dir / _sheet_name(name)), contact_sheet(images, captions, frames, title=title))
+        sheet = contact_sheet(images, captions, frames, title=title)
+        io.write_with(sheets_dir / _sheet_name(name), lambda tmp, sheet=sheet: cv2.imwrite(str(tmp), sheet))
         written.append(_sheet_name(name))
-    (result.out_dir / MARKDOWN_FILE).write_text(markdown(result.summary, written))
+    io.write_text(result.out_dir / MARKDOWN_FILE, markdown(result.summary, written))
 
 
 def markdown(summary: dict[str, Any], sheets: Sequence[str]) -> str:

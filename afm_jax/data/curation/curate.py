@@ -1,8 +1,9 @@
-"""The curation run: scan -> quality and metadata filters -> dedup -> clustering and balanced
-selection (+ retrieval, caps) -> selection files, manifest and report.
+"""`curate()`: scan -> quality and metadata filters -> dedup -> clustering and balanced selection
+(+ retrieval, caps) -> selection files, manifest and report.
 
-`curate(dataset, out_dir, config, embeddings=...)` is what tools/curate.py calls. Each stage only
-sees what the previous one kept, so every removed image has exactly one primary reason (the first
+`curate(dataset, out_dir, config, embeddings=...)` is what tools/curate.py calls (through
+`afm_jax.evaluation.curation_embeddings.curate`, which adds the model for "backbone:<spec>"
+embeddings). Each stage only sees what the previous one kept, so every removed image has exactly one primary reason (the first
 that applied, in the order quality, metadata, exact, near, embedding duplicate); the manifest also
 lists every quality/metadata reason that fired. Timings are kept per stage so the throughput
 excludes the embedding computation, as asked.
@@ -22,10 +23,12 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from afm_jax.errors import ConfigError
+from afm_jax import io
 from afm_jax.data import records
 from afm_jax.data.curation import clustering, config as config_lib, duplicates, embeddings as emb_lib, quality
-from afm_jax.data.curation import report as report_lib, scan as scan_lib, selection as selection_lib
+from afm_jax.data import selection as selection_lib
+from afm_jax.data.curation import report as report_lib, scan as scan_lib
+from afm_jax.errors import ConfigError
 
 SELECTION_FILE = "selection.json"
 RANDOM_SELECTION_FILE = "selection_random.json"
@@ -69,7 +72,7 @@ def _seed_vectors(cfg: ml_collections.ConfigDict, scan: scan_lib.Scan, vectors: 
         if not path.is_file():
             raise ConfigError(f"Config key `retrieval.seed_ids` = {str(path)!r}: no such file (a JSON list of "
                               "image_ids). Fix it with --config.retrieval.seed_ids=...")
-        wanted = set(selection_lib.read_selection(path))
+        wanted = set(selection_lib.read_selection(path, key="retrieval.seed_ids"))
         rows |= {i for i, image_id in enumerate(scan.image_id) if image_id in wanted}
         if not rows:
             raise ConfigError(f"None of the {len(wanted)} seed ids in {path} is among the curated images.")
@@ -79,11 +82,13 @@ def _seed_vectors(cfg: ml_collections.ConfigDict, scan: scan_lib.Scan, vectors: 
 
 
 def curate(dataset_path: str | os.PathLike, out_dir: str | os.PathLike, cfg: ml_collections.ConfigDict, *,
-           embeddings: str = emb_lib.THUMBNAIL, progress: bool = True) -> Curation:
+           embeddings: str = emb_lib.THUMBNAIL, embed: emb_lib.Embedder | None = None,
+           progress: bool = True) -> Curation:
     """Curates the configured split(s) of a dataset into `out_dir` (selection, manifest, report).
 
-    `embeddings`: "thumbnail" or a .npz/.npy file (see afm_jax.data.curation.embeddings). With
-    thumbnails the embedding-duplicate stage is skipped (too coarse to tell copies from look-alikes).
+    `embeddings`: "thumbnail", a .npz/.npy file, or "backbone:<spec>" computed by `embed` (see
+    afm_jax.data.curation.embeddings). With thumbnails the embedding-duplicate stage is skipped (too
+    coarse to tell copies from look-alikes).
     """
     config_lib.validate(cfg)
     dataset_dir = records.resolve_dataset_dir(dataset_path)
@@ -107,7 +112,7 @@ def curate(dataset_path: str | os.PathLike, out_dir: str | os.PathLike, cfg: ml_
     # ─── Embeddings (timed apart: excluded from the curation throughput) ──────────────────────
     t = time.perf_counter()
     vectors = scan.thumbnail if embeddings == emb_lib.THUMBNAIL else emb_lib.load_embeddings(
-        embeddings, scan.image_id, dataset_dir=dataset_dir, splits=splits)
+        embeddings, scan.image_id, dataset_dir=dataset_dir, splits=splits, embed=embed)
     timings["embeddings_s"] = time.perf_counter() - t
 
     # ─── Quality and metadata filters ────────────────────────────────────────────────────────
@@ -194,7 +199,7 @@ def curate(dataset_path: str | os.PathLike, out_dir: str | os.PathLike, cfg: ml_
     curation_s = sum(v for k, v in timings.items() if k != "embeddings_s")
     result.summary["timings_s"] = {k: round(v, 3) for k, v in timings.items()}
     result.summary["images_per_s"] = round(n / max(curation_s, 1e-9), 2)
-    (out / REPORT_FILE).write_text(json.dumps(result.summary, indent=2))
+    io.write_text(out / REPORT_FILE, json.dumps(result.summary, indent=2))
     return result
 
 
@@ -238,7 +243,7 @@ def _write_manifest(path: pathlib.Path, result: Curation) -> None:
     header = (["split", "index", "image_id", "patient_id", "label", *meta_keys, *quality.SIGNAL_NAMES,
                "reasons", "removed_for", "duplicate_of", "duplicate_cross_patient"]
               + [f"cluster_l{lvl}" for lvl in range(len(result.clusters))] + ["retrieved", "selected"])
-    with open(path, "w", newline="") as f:
+    with io.atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(header)
         for i in range(len(scan)):

@@ -11,9 +11,10 @@ SLURM array). Two passes over the chunk outputs:
 
 **Splits** are by patient. With `split_mode="stratified"` (default) patients are grouped by label
 (their most frequent image label; -1 when unlabelled), ordered within a group by the same salted
-hash `records.split_of_patient` uses, and cut at the cumulative fractions: every label's patients
+hash `splits.split_of_patient` uses, and cut at the cumulative fractions: every label's patients
 are split in the requested proportions (within one patient per group). `split_mode="hash"` uses
-`records.split_of_patient` alone, which keeps a patient's split stable when data is added.
+`splits.split_of_patient` alone, which keeps a patient's split stable when data is added. Both live
+in `afm_jax.data.splits`.
 
 The manifest (`manifest.csv`, beside the shards) has one row per input file: `status` is
 `converted`, `skipped:<reason>` or `failed:<error>`, `output` is `<split>:<record index>` (several,
@@ -23,8 +24,7 @@ The manifest (`manifest.csv`, beside the shards) has one row per input file: `st
 from __future__ import annotations
 
 import csv
-import hashlib
-import io
+from io import StringIO
 import logging
 import pathlib
 from collections import Counter, defaultdict
@@ -33,15 +33,15 @@ from typing import Any
 
 import numpy as np
 
-from afm_jax.errors import IncompleteConversionError, NothingConvertedError
-from afm_jax.errors import ConfigError
+from afm_jax import io
 from afm_jax.data import records
-from afm_jax.data.conversion import Plan, read_rows
+from afm_jax.data.splits import SPLIT_MODES, assign_patient_splits, parse_split_fractions  # noqa: F401  (CLIs' names)
+from afm_jax.errors import IncompleteConversionError, NothingConvertedError
+from afm_jax.data.conversion.chunks import Plan, read_rows
 
 log = logging.getLogger(__name__)
 
 MANIFEST_FILE = "manifest.csv"
-SPLIT_MODES = ("stratified", "hash")
 MANIFEST_COLUMNS = ("file_index", "file_id", "status", "output", "duplicate_of", "patient_id", "study_id",
                     "series_id", "image_id", "label", "label_name", "modality", "body_part", "view", "laterality",
                     "manufacturer", "sop_class", "transfer_syntax", "photometric", "bits_stored", "voi_used",
@@ -77,49 +77,6 @@ def mark_duplicates(rows: list[dict]) -> None:
         for i in ids:
             by_image[i] = row["file_id"]
         by_pixels[row["pixel_hash"]] = row["file_id"]
-
-
-def parse_split_fractions(text: str, option: str = "--splits") -> dict[str, float]:
-    """'train=0.8,validation=0.1,test=0.1' -> {split: fraction}, checked (lower_snake_case names,
-    positive fractions summing to 1); ConfigError naming `option` otherwise. Shared by the CLIs."""
-    try:
-        fractions = {k.strip(): float(v) for k, v in (part.split("=") for part in text.split(","))}
-        return records.validate_fractions(fractions)
-    except ValueError as e:
-        raise ConfigError(f"{option} {text!r} must look like train=0.8,validation=0.1,test=0.1 (positive "
-                          f"fractions summing to 1): {e}") from None
-
-
-def _patient_order_key(patient_id: str) -> bytes:
-    return hashlib.sha256(b"afm-jax split:" + patient_id.encode("utf-8")).digest()
-
-
-def assign_patient_splits(patient_labels: Mapping[str, Counter], fractions: Mapping[str, float],
-                          mode: str = "stratified") -> dict[str, str]:
-    """patient_id -> split. `patient_labels[p]` counts the labels of p's images (-1 = unlabelled)."""
-    if mode not in SPLIT_MODES:
-        raise ConfigError(f"split mode {mode!r} must be one of {SPLIT_MODES}.")
-    fractions = records.validate_fractions(fractions)
-    if mode == "hash":
-        return {p: records.split_of_patient(p, fractions) for p in patient_labels}
-    strata: dict[int, list[str]] = defaultdict(list)
-    for patient, counts in patient_labels.items():
-        labelled = {k: v for k, v in counts.items() if k >= 0}
-        if labelled:
-            top = max(labelled.values())
-            strata[min(k for k, v in labelled.items() if v == top)].append(patient)
-        else:
-            strata[-1].append(patient)
-    names = sorted(fractions)
-    bounds = np.cumsum([fractions[n] for n in names])
-    out = {}
-    for patients in strata.values():
-        patients.sort(key=_patient_order_key)
-        n = len(patients)
-        for k, patient in enumerate(patients):
-            position = (k + 0.5) / n
-            out[patient] = names[min(int(np.searchsorted(bounds, position, side="right")), len(names) - 1)]
-    return out
 
 
 def merge(plan: Plan, out_dir: str | pathlib.Path, name: str, *, split_fractions: Mapping[str, float] | None = None,
@@ -179,6 +136,7 @@ def merge(plan: Plan, out_dir: str | pathlib.Path, name: str, *, split_fractions
 
 def _examples(plan: Plan, rows: list[dict]) -> Iterator[dict[str, Any]]:
     """Record dicts of the kept images, in input order, with the PNGs read from the chunk files."""
+    # array_record: a native extension, loaded only by the process that merges
     from array_record.python.array_record_module import ArrayRecordReader  # pylint: disable=g-import-not-at-top
 
     by_chunk: dict[int, list[dict]] = defaultdict(list)
@@ -238,7 +196,7 @@ def format_summary(summary: Mapping[str, int]) -> str:
 
 def write_manifest(rows: list[dict], path: pathlib.Path) -> None:
     """One CSV row per input file (no paths, no raw identifiers)."""
-    buffer = io.StringIO()
+    buffer = StringIO()
     writer = csv.DictWriter(buffer, fieldnames=MANIFEST_COLUMNS, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
     for row in rows:
@@ -254,9 +212,7 @@ def write_manifest(rows: list[dict], path: pathlib.Path) -> None:
             "label": row.get("label", -1), "output": row.get("output", ""),
             "duplicate_of": row.get("duplicate_of", ""),
         } | ({} if first else {"patient_id": "", "image_id": ""}))
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(buffer.getvalue())
-    tmp.replace(path)
+    io.write_text(path, buffer.getvalue())
 
 
 def read_manifest(path: str | pathlib.Path) -> list[dict[str, str]]:

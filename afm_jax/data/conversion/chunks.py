@@ -1,12 +1,12 @@
-"""DICOM archive -> per-chunk outputs, in parallel and resumable (the merge is in `conversion_merge`).
+"""DICOM archive -> per-chunk outputs, in parallel and resumable (the merge is in `merge`).
 
 The unit of work is a **chunk**: `chunk_size` consecutive files of the ordered input list
-(`conversion_inputs.list_inputs`). Each chunk becomes two files in the work directory:
+(`inputs.list_inputs`). Each chunk becomes two files in the work directory:
 
     <work>/chunks/chunk-000042.array_record   16-bit PNGs of the chunk's images, in order
     <work>/chunks/chunk-000042.jsonl          one row per input file: status, hashed ids, metadata
 
-both written under temporary names and renamed into place (the `.jsonl` last: its presence means the
+both written under temporary names (`afm_jax.io`) and renamed into place (the `.jsonl` last: its presence means the
 chunk is complete). Hence:
 
 * **parallel on one machine**: chunks go to a pool of worker processes (spawned; `workers=0` runs
@@ -33,18 +33,20 @@ import multiprocessing
 import os
 import pathlib
 import time
-import uuid
 import warnings
 from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import cv2
 from tqdm import tqdm
 
-from afm_jax.errors import ConfigError
-from afm_jax.data import anonymize, conversion_inputs
-from afm_jax.data.conversion_inputs import InputFile
+from afm_jax import io
+from afm_jax.data import anonymize, dicom, preprocessing
+from afm_jax.data.conversion import inputs as conversion_inputs
+from afm_jax.data.conversion.inputs import InputFile
 from afm_jax.data.preprocessing import Variant
+from afm_jax.errors import ConfigError
 
 PLAN_FILE = "plan.json"
 CHUNK_DIR = "chunks"
@@ -109,14 +111,8 @@ def make_plan(files: Sequence[InputFile], variant: Variant, work_dir: str | os.P
                               "(salt_check: another salt). Use the same inputs, variant, chunk size and salt to "
                               "resume it, or delete the directory (or pass --restart) to start over.")
     else:
-        _atomic_write(plan_file, json.dumps(wanted, indent=1, sort_keys=True).encode())
+        io.write_text(plan_file, json.dumps(wanted, indent=1, sort_keys=True))
     return plan
-
-
-def _atomic_write(path: pathlib.Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 # ─── One chunk (runs in a worker process) ────────────────────────────────────────────────────────
@@ -136,39 +132,30 @@ class ChunkTask:
 
 def convert_chunk(task: ChunkTask) -> Counter:
     """Converts one chunk's files and writes its two output files atomically; returns status counts."""
+    # array_record: a native extension, loaded only in the worker processes that write chunks
     from array_record.python.array_record_module import ArrayRecordWriter  # pylint: disable=g-import-not-at-top
 
     logging.getLogger("pydicom").setLevel(logging.ERROR)
     variant = Variant.from_dict(task.variant)
-    tag = f".tmp-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-    record_tmp = task.record_path + tag
     counts: Counter = Counter()
     rows = []
-    writer = ArrayRecordWriter(record_tmp, "group_size:1,uncompressed")
-    try:
-        for f in task.files:
-            row, pngs = convert_file(f, variant, task.salt, task.label_ids)
-            for png in pngs:
-                writer.write(png)
-            rows.append(row)
-            counts[row["status"].split(":", 1)[0]] += 1
-    finally:
-        writer.close()
-    try:
-        os.replace(record_tmp, task.record_path)
-        _atomic_write(pathlib.Path(task.rows_path), "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows).encode())
-    finally:
-        if os.path.exists(record_tmp):
-            os.remove(record_tmp)
+    with io.atomic_path(task.record_path) as record_tmp:
+        writer = ArrayRecordWriter(os.fspath(record_tmp), "group_size:1,uncompressed")
+        try:
+            for f in task.files:
+                row, pngs = convert_file(f, variant, task.salt, task.label_ids)
+                for png in pngs:
+                    writer.write(png)
+                rows.append(row)
+                counts[row["status"].split(":", 1)[0]] += 1
+        finally:
+            writer.close()
+    io.write_text(task.rows_path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
     return counts
 
 
 def convert_file(f: InputFile, variant: Variant, salt: bytes, label_ids: dict[str, int]) -> tuple[dict, list[bytes]]:
     """One input file -> (manifest row, PNG bytes of its images). Never raises for a bad file."""
-    import cv2  # pylint: disable=g-import-not-at-top
-
-    from afm_jax.data import dicom, preprocessing  # pylint: disable=g-import-not-at-top
-
     start = time.perf_counter()
     row: dict[str, Any] = {"file_index": f.index, "file_id": f.file_id(salt), "label_name": f.label_name,
                            "label": label_ids.get(f.label_name, -1) if f.label_name else -1}
@@ -227,12 +214,12 @@ def pending_chunks(plan: Plan, shard: tuple[int, int] = (0, 1)) -> list[int]:
 
 
 def _remove_stale_temporaries(plan: Plan, chunks: Sequence[int]) -> None:
-    """Temporary files of this shard's unfinished chunks (left by a killed run): the record file's
-    `chunk-N.array_record.tmp-*` and `_atomic_write`'s hidden `.chunk-N.jsonl.tmp-*`."""
+    """Temporary files of this shard's unfinished chunks (left by a killed run): `afm_jax.io`'s hidden
+    `.chunk-N.<suffix>.tmp-*`, and the unhidden `chunk-N.array_record.tmp-*` of earlier versions."""
     directory = pathlib.Path(plan.work_dir) / CHUNK_DIR
     names = {f"chunk-{c:06d}" for c in chunks}
     for path in directory.iterdir():
-        if ".tmp-" in path.name and path.name.lstrip(".").split(".", 1)[0] in names:
+        if io.TMP_MARK in path.name and path.name.lstrip(".").split(".", 1)[0] in names:
             path.unlink(missing_ok=True)
 
 
