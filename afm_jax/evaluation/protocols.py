@@ -36,6 +36,7 @@ from flax import nnx
 from afm_jax import configuration, io
 from afm_jax.errors import ConfigError
 from afm_jax.data import pipeline, records, synthetic
+from afm_jax.data.selection import write_selection
 from afm_jax.evaluation import aggregation, sampling, statistics
 from afm_jax.evaluation.backbones import Backbone, BackboneSpec, load_backbone
 from afm_jax.evaluation.features import extract_features
@@ -290,7 +291,7 @@ def finetune_protocol(spec: BackboneSpec, task: TaskSpec, data_path: str, workdi
         train = {"patient_id": np.asarray(index["patient_id"])[keep].astype(str), "y": y[keep]}
         selection = os.path.join(workdir, "low_shot_selection.json")
         mask = low_shot_mask(train, fraction, seed)
-        io.write_json(selection, ids[mask].tolist())
+        write_selection(selection, ids[mask].tolist())
         config.data.selection = selection   # batches cycle over the chosen images (epochs wrap)
     result = train_run.run(config, workdir)
     preds = []

@@ -40,7 +40,7 @@ from sklearn.metrics import roc_auc_score
 from afm_jax import errors
 from afm_jax import configuration
 from afm_jax import io
-from afm_jax.data import pipeline, records
+from afm_jax.data import pipeline, records, selection
 from afm_jax.models import classifier as ft
 from afm_jax.models import factory
 from afm_jax.train import optim
@@ -116,8 +116,7 @@ class FinetuneTask(Task):
         targets = ft.binary_targets(np.asarray(index["label"]), self.positive, self.negative)
         keep = targets >= 0
         if config.data.get("selection"):
-            with open(os.path.expanduser(config.data.selection)) as fh:
-                keep &= np.isin(ids, np.asarray(json.load(fh)))
+            keep &= np.isin(ids, np.asarray(selection.read_selection(config.data.selection)))
         return ids, targets, keep
 
     def num_train_examples(self, config: ml_collections.ConfigDict) -> int:
@@ -138,7 +137,7 @@ class FinetuneTask(Task):
         os.makedirs(workdir, exist_ok=True)
         self.selection_path = os.path.join(workdir, SELECTION_FILE)
         if jax.process_index() == 0 or not os.path.exists(self.selection_path):
-            io.write_json(self.selection_path, ids[keep].tolist())
+            selection.write_selection(self.selection_path, ids[keep].tolist())
         self.best_path = os.path.join(workdir, BEST_FILE)
         self.best = {"step": -1, "val_auroc": -np.inf, "evals_since_best": 0}
         if os.path.exists(self.best_path):
