@@ -97,16 +97,17 @@ def help_text(tool: Tool, fv: flags.FlagValues | None = None) -> str:
     if tool.default_config is not None:
         lines += ["", f"Settings (override with --{CONFIG}.<key>=<value>; documented in {tool.config_keys_in}):"]
         config = tool.default_config([])
-        for key, value in sorted(_flatten(config).items()):
+        for key, value in sorted(flatten(config).items()):
             lines.append(f"  --{CONFIG}.{key}={value!r}")
     return "\n".join(lines)
 
 
-def _flatten(config: ml_collections.ConfigDict, prefix: str = "") -> dict[str, object]:
+def flatten(config: ml_collections.ConfigDict, prefix: str = "") -> dict[str, object]:
+    """{dotted key: value} of every leaf of `config`."""
     out: dict[str, object] = {}
     for key, value in config.items():
         if isinstance(value, ml_collections.ConfigDict):
-            out.update(_flatten(value, f"{prefix}{key}."))
+            out.update(flatten(value, f"{prefix}{key}."))
         else:
             out[f"{prefix}{key}"] = value
     return out
