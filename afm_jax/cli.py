@@ -220,3 +220,17 @@ def refuse_overwrite(path: str | os.PathLike, marker: str, overwrite: bool, flag
     if not overwrite and os.path.exists(os.path.join(path, marker)):
         raise UsageError(f"--{flag} {os.fspath(path)} already holds {marker}: pass --overwrite to replace it, "
                          "or give another folder.")
+
+
+def define_parity_flags(fv: flags.FlagValues, tolerance: float) -> None:
+    """The timm parity-check flags both interop tools take (--check, --tolerance, --no_parity)."""
+    flags.DEFINE_bool("check", False, "Fail if the timm parity check fails (or torch/timm are missing).", flag_values=fv)
+    flags.DEFINE_float("tolerance", tolerance, "Max abs difference of forward_features accepted by --check.",
+                       flag_values=fv)
+    flags.DEFINE_bool("no_parity", False, "Skip the timm parity check.", flag_values=fv)
+
+
+def define_output_flags(fv: flags.FlagValues, what: str) -> None:
+    """--out (a folder) and --overwrite (replace an earlier output there)."""
+    flags.DEFINE_string("out", None, f"Folder to write {what} into.", flag_values=fv)
+    flags.DEFINE_bool("overwrite", False, "Replace an earlier output in --out.", flag_values=fv)
