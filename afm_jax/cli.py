@@ -224,7 +224,8 @@ def refuse_overwrite(path: str | os.PathLike, marker: str, overwrite: bool, flag
 
 def define_parity_flags(fv: flags.FlagValues, tolerance: float) -> None:
     """The timm parity-check flags both interop tools take (--check, --tolerance, --no_parity)."""
-    flags.DEFINE_bool("check", False, "Fail if the timm parity check fails (or torch/timm are missing).", flag_values=fv)
+    flags.DEFINE_bool("check", False, "Fail if the timm parity check fails (or torch/timm are missing).",
+                      flag_values=fv)
     flags.DEFINE_float("tolerance", tolerance, "Max abs difference of forward_features accepted by --check.",
                        flag_values=fv)
     flags.DEFINE_bool("no_parity", False, "Skip the timm parity check.", flag_values=fv)

@@ -38,9 +38,8 @@ import sys
 import tempfile
 import time
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-from afm_jax.data import conversion, conversion_inputs, conversion_merge, preprocessing  # noqa: E402
+from afm_jax.data import conversion, conversion_inputs, conversion_merge, preprocessing
 
 SALT = b"bench salt (not a secret)"
 

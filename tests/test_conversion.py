@@ -4,7 +4,6 @@ import importlib.util
 import os
 import pathlib
 import shutil
-import sys
 from collections import Counter
 
 import numpy as np

@@ -71,7 +71,8 @@ def _labels(values: list[str], flag: str) -> tuple[int, ...]:
     try:
         return tuple(int(v) for v in values)
     except ValueError:
-        raise ConfigError(f"--{flag} {','.join(values)} must be comma-separated label ints, e.g. --{flag} 1,2.") from None
+        raise ConfigError(f"--{flag} {','.join(values)} must be comma-separated label ints, "
+                          f"e.g. --{flag} 1,2.") from None
 
 
 def _finetune_options(config: ml_collections.ConfigDict) -> dict:

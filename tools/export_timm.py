@@ -94,8 +94,6 @@ def _usage(config_json: dict) -> str:
 
 def parity_check(encoder: Any, out_dir: str) -> dict[str, float]:
     """Loads OUT_DIR/model.safetensors into a fresh timm ViT (strict) and compares outputs."""
-    from afm_jax.interop.timm import create_timm_vit, forward_parity, timm_model_args
-
     model = create_timm_vit(timm_model_args(encoder), load_file(os.path.join(out_dir, "model.safetensors")))
     h, w = encoder.img_size
     p = encoder.patch_size
@@ -142,7 +140,8 @@ def export(fv: flags.FlagValues, args: list[str]) -> int:
 
 
 def define_flags(fv: flags.FlagValues) -> None:
-    flags.DEFINE_string("workdir", None, "A run's folder, its checkpoints/ folder or checkpoints/<step>.", flag_values=fv)
+    flags.DEFINE_string("workdir", None, "A run's folder, its checkpoints/ folder or checkpoints/<step>.",
+                        flag_values=fv)
     cli.define_output_flags(fv, "model.safetensors, config.json, README.md")
     flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).", flag_values=fv)
     flags.DEFINE_enum("weights", "auto", ["auto", "teacher", "student"],

@@ -77,7 +77,8 @@ def timm_reference(source_sd: dict, model_args: dict[str, Any]):
 
 
 def _check_out(fv: flags.FlagValues) -> None:
-    """--out must not be the source (or the folder holding the source file), nor an earlier output unless --overwrite."""
+    """--out must not be the source (or the folder holding the source file), nor an earlier output unless
+    --overwrite."""
     cli.refuse_overwrite(fv.out, "model.safetensors", fv.overwrite)
     source = os.path.abspath(fv.input)
     holder = source if os.path.isdir(source) else os.path.dirname(source)
@@ -98,7 +99,8 @@ def import_weights(fv: flags.FlagValues, args: list[str]) -> int:
     variant, overrides = _variant(arch, heads)
     if fv.image_size % arch["patch_size"]:
         raise InteropError(f"--image_size {fv.image_size} is not a multiple of the source's patch size "
-                           f"{arch['patch_size']}; use e.g. {fv.image_size // arch['patch_size'] * arch['patch_size']}.")
+                           f"{arch['patch_size']}; use e.g. "
+                           f"{fv.image_size // arch['patch_size'] * arch['patch_size']}.")
     no_embed_class = bool(kwargs.get("source_no_embed_class", layout["no_embed_class"]) or False)
     encoder = VisionTransformer(
         variant, img_size=fv.image_size, in_chans=int(fv.in_chans), class_token=arch["class_token"],
