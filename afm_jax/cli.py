@@ -89,7 +89,7 @@ def help_text(tool: Tool, fv: flags.FlagValues | None = None) -> str:
     """The docstring (usage and examples) followed by every flag with its default."""
     fv = fv if fv is not None else _define(tool, [])
     lines = [tool.doc.strip(), "", "Flags:"]
-    for flag in sorted({f.name: f for f in fv._flags().values()}.values(), key=lambda f: f.name):  # pylint: disable=protected-access
+    for flag in (fv[name] for name in sorted(fv)):
         if flag.name == CONFIG or flag.name.startswith(CONFIG + "."):
             continue
         default = "" if flag.default is None else f" (default: {flag.default_as_str or repr(flag.default)})"

@@ -114,7 +114,8 @@ def work(fv: flags.FlagValues, args: list[str]) -> int:
         print(f"{name:>12}: {m['point']:.4f}  [{m['low']:.4f}, {m['high']:.4f}]")
     print(json.dumps({"protocol": fv.protocol, "unit": fv.unit, "num_units": scored["num_units"],
                       **{k: round(scored["metrics"][k]["point"], 4) for k in ("auroc", "auprc", "kappa")},
-                      "auroc_ci": [round(scored["metrics"]["auroc"]["low"], 4), round(scored["metrics"]["auroc"]["high"], 4)],
+                      "auroc_ci": [round(scored["metrics"]["auroc"]["low"], 4),
+                                   round(scored["metrics"]["auroc"]["high"], 4)],
                       "result": str(out / "result.json")}))
     return 0
 
