@@ -74,8 +74,15 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: dict[str, Any]
 
 def bad_override_message(argv: Iterable[str], error: Exception, keys_are_in: str) -> str:
     """The message for a `--config.a.b=v` override that ml_collections rejected (unknown key or bad
-    value), naming the overrides given and where the valid keys are listed."""
-    overrides = [a.split("=")[0] for a in argv if a.startswith("--config.")]
+    value), naming the one override that failed and where the valid keys are listed."""
+    overrides = list(dict.fromkeys(a.split("=")[0] for a in argv if a.startswith("--config.")))
     detail = str(error).strip("\"'").replace("\\n", " ").replace("\\'", "'")
-    return (f"unknown key or bad value in {', '.join(overrides)} ({detail}). "
+    # ml_collections names the missing part (AttributeError(KeyError("'zz'"))) or the flag (`--config.a=abc`)
+    inner: Any = error
+    while isinstance(inner, BaseException) and inner.args:
+        inner = inner.args[0]
+    missing = str(inner).strip("\"'")
+    failed = [o for o in overrides if o in detail] or [o for o in overrides if missing in o.split(".")[1:]]
+    named = failed[-1] if failed else (overrides[0] if len(overrides) == 1 else "a --config override")
+    return (f"unknown key or bad value in {named} ({detail}). "
             f"The valid keys and their defaults are in {keys_are_in}.")

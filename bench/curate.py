@@ -29,8 +29,6 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # runs from a fresh clone
-
 
 def decode_rate(path: str, threads: int) -> float:
     """Images/s of reading + decoding every train record with `threads` threads (one reader each)."""

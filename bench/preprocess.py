@@ -38,11 +38,11 @@ import sys
 import tempfile
 import time
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-from afm_jax.data import preprocessing  # noqa: E402
-from afm_jax.data.conversion import chunks as conversion  # noqa: E402
-from afm_jax.data.conversion import inputs as conversion_inputs, merge as conversion_merge  # noqa: E402
+from afm_jax.data import preprocessing
+from afm_jax.data.conversion import chunks as conversion
+from afm_jax.data.conversion import inputs as conversion_inputs
+from afm_jax.data.conversion import merge as conversion_merge
 
 SALT = b"bench salt (not a secret)"
 

@@ -322,24 +322,32 @@ def test_cli_mura_and_folder(tmp_path, mura_dataset, capsys, monkeypatch):
     root, expected, _ = mura_dataset
     cli = _cli()
     monkeypatch.setenv("AFM_SALT", "cli salt")
-    assert cli.run(["mura", str(root), "--out", str(tmp_path / "o"), "--body_parts", "elbow,hand",
-                    "--png_compression", "0"]) == 0
+    assert cli.main(["mura", "--input", str(root), "--out", str(tmp_path / "o"), "--body_parts", "elbow,hand",
+                     "--png_compression", "0"]) == 0
     out = capsys.readouterr().out
     assert "dataset:" in out and "mura/1.0.0" in out
     folder = tmp_path / "f"
     _make_folder(folder)
-    assert cli.run(["folder", str(folder), "--out", str(tmp_path / "o"), "--name", "knee",
-                    "--label_names", "normal,abnormal"]) == 0
+    assert cli.main(["folder", "--input", str(folder), "--out", str(tmp_path / "o"), "--name", "knee",
+                     "--label_names", "normal,abnormal"]) == 0
     assert "skipped unreadable files" in capsys.readouterr().out
-    for argv, message in ((["mura", str(tmp_path), "--out", str(tmp_path / "o")], "MURA-v1.1"),
-                          (["folder", str(folder), "--out", str(tmp_path / "o"), "--name", "Bad-Name"], "lower_snake"),
-                          (["folder", str(folder), "--out", str(tmp_path / "o"), "--name", "knee"], "already exists"),
-                          (["folder", str(folder), "--out", str(tmp_path / "o"), "--name", "k", "--splits", "train=0.5"],
-                           "--splits")):
-        with pytest.raises(SystemExit) as exit_info:
-            cli.main(argv)
-        assert exit_info.value.code == 2 and message in capsys.readouterr().err
+    (tmp_path / "a_file").write_text("x")
+    for argv, message in ((["mura", "--input", str(tmp_path), "--out", str(tmp_path / "o")], "MURA-v1.1"),
+                          (["folder", "--input", str(folder), "--out", str(tmp_path / "o"), "--name", "Bad-Name"],
+                           "lower_snake"),
+                          (["folder", "--input", str(folder), "--out", str(tmp_path / "o"), "--name", "knee"],
+                           "already exists"),
+                          (["folder", "--input", str(folder), "--out", str(tmp_path / "o"), "--name", "k", "--splits",
+                            "train=0.5"], "--splits"),
+                          (["folder", "--input", str(folder), "--out", str(tmp_path / "a_file"), "--name", "k"],
+                           "is a file"),
+                          (["folder", "--input", str(folder), "--out", str(tmp_path / "o"), "--name", "k",
+                            "--workers", "-1"], "workers"),
+                          (["tiff", "--input", str(folder), "--out", str(tmp_path / "o")], "mura` or `folder")):
+        assert cli.main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert "error:" in err and message in err.split("error:", 1)[1] and "Traceback" not in err, (argv, err)
     monkeypatch.delenv("AFM_SALT")
-    with pytest.raises(SystemExit):  # real (folder) data needs the user's salt
-        cli.main(["folder", str(folder), "--out", str(tmp_path / "o2"), "--name", "knee2"])
+    # real (folder) data needs the user's salt
+    assert cli.main(["folder", "--input", str(folder), "--out", str(tmp_path / "o2"), "--name", "knee2"]) == 2
     assert "salt" in capsys.readouterr().err

@@ -80,7 +80,7 @@ def test_checkpoint_encoder_and_init_from_workdir_equal_the_trained_encoder(mae_
 def test_export_tool_writes_a_checked_timm_model_and_card(mae_run, synthetic_dataset, tmp_path, capsys):
     mae_workdir, _ = mae_run
     out = tmp_path / "export"
-    rc, stdout, err = run_tool("export_timm", [mae_workdir, out, "--check"], capsys)
+    rc, stdout, err = run_tool("export_timm", ["--workdir", mae_workdir, "--out", out, "--check"], capsys)
     assert rc == 0, err
     summary = json.loads(stdout.strip().splitlines()[-1])
     assert summary["step"] == 2 and summary["weights"] == "student"
@@ -93,17 +93,31 @@ def test_export_tool_writes_a_checked_timm_model_and_card(mae_run, synthetic_dat
     assert "Steps**: 2" in card and "load_state_dict" in card and "local-dir:" in card
     for f in out.iterdir():  # the data location never leaves the machine
         assert str(synthetic_dataset) not in f.read_bytes().decode("latin-1"), f.name
+    # an existing export is replaced only with --overwrite
+    before = (out / "model.safetensors").stat().st_mtime_ns
+    rc, _, err = run_tool("export_timm", ["--workdir", mae_workdir, "--out", out, "--no_parity"], capsys)
+    assert rc == 2 and err.startswith("error:") and "--overwrite" in err and "Traceback" not in err
+    assert (out / "model.safetensors").stat().st_mtime_ns == before
+    rc, _, err = run_tool("export_timm", ["--workdir", mae_workdir, "--out", out, "--no_parity", "--overwrite"],
+                          capsys)
+    assert rc == 0, err
     # --step picks a step; a step that does not exist is a user error
-    rc, _, err = run_tool("export_timm", [mae_workdir, tmp_path / "x", "--step", "7"], capsys)
+    rc, _, err = run_tool("export_timm", ["--workdir", mae_workdir, "--out", tmp_path / "x", "--step", "7"], capsys)
     assert rc == 2 and err.startswith("error: No checkpoint of step 7") and "[2]" in err
 
 
 def test_export_tool_user_errors(mae_run, tmp_path, capsys):
     mae_workdir, _ = mae_run
-    rc, _, err = run_tool("export_timm", [tmp_path / "missing", tmp_path / "out"], capsys)
+    rc, _, err = run_tool("export_timm", ["--workdir", tmp_path / "missing", "--out", tmp_path / "out"], capsys)
     assert rc == 2 and err.startswith("error:") and "does not exist" in err
-    rc, _, err = run_tool("export_timm", [mae_workdir, tmp_path / "out", "--weights", "teacher"], capsys)
+    rc, _, err = run_tool("export_timm", ["--workdir", mae_workdir, "--out", tmp_path / "out", "--weights", "teacher"],
+                          capsys)
     assert rc == 2 and "no teacher" in err and "--weights student" in err
+    (tmp_path / "a_file").write_text("x")
+    rc, _, err = run_tool("export_timm", ["--workdir", mae_workdir, "--out", tmp_path / "a_file"], capsys)
+    assert rc == 2 and "is a file" in err
+    rc, _, err = run_tool("export_timm", ["--workdir", mae_workdir], capsys)
+    assert rc == 2 and err.startswith("error:") and "--out" in err
 
 
 def test_import_tool_converts_dinov2_and_init_from_its_output(tmp_path, capsys):
@@ -126,7 +140,8 @@ def test_import_tool_converts_dinov2_and_init_from_its_output(tmp_path, capsys):
     torch.save({"teacher": {"backbone." + k: v for k, v in sd.items()}, "epoch": 1}, src)
 
     out = tmp_path / "imported"
-    rc, stdout, err = run_tool("import_timm", [src, out, "--image-size", "56", "--num-heads", "3", "--check"],
+    rc, stdout, err = run_tool("import_timm", ["--input", src, "--out", out, "--image_size", "56", "--num_heads", "3",
+                                               "--check"],
                                capsys)
     assert rc == 0, err
     summary = json.loads(stdout.strip().splitlines()[-1])
@@ -144,8 +159,22 @@ def test_import_tool_converts_dinov2_and_init_from_its_output(tmp_path, capsys):
     x = np.random.default_rng(0).random((2, 56, 56, 1), dtype=np.float32)
     np.testing.assert_allclose(np.asarray(a(x)), np.asarray(b(x)), atol=1e-6)
 
-    rc, _, err = run_tool("import_timm", [src, tmp_path / "o2", "--image-size", "50"], capsys)
+    rc, _, err = run_tool("import_timm", ["--input", src, "--out", tmp_path / "o2", "--image_size", "50"], capsys)
     assert rc == 2 and "multiple of the source's patch size 14" in err
+    # an existing output is replaced only with --overwrite; the source's own folder never
+    before = (out / "model.safetensors").stat().st_mtime_ns
+    rc, _, err = run_tool("import_timm", ["--input", src, "--out", out, "--image_size", "56", "--num_heads", "3",
+                                          "--no_parity"], capsys)
+    assert rc == 2 and "--overwrite" in err and (out / "model.safetensors").stat().st_mtime_ns == before
+    rc, _, err = run_tool("import_timm", ["--input", src, "--out", out, "--image_size", "56", "--num_heads", "3",
+                                          "--no_parity", "--overwrite"], capsys)
+    assert rc == 0, err
+    rc, _, err = run_tool("import_timm", ["--input", out, "--out", out, "--image_size", "56", "--no_parity",
+                                          "--overwrite"], capsys)
+    assert rc == 2 and "holds the source" in err and (out / "model.safetensors").is_file()
+    rc, _, err = run_tool("import_timm", ["--input", src, "--out", tmp_path, "--image_size", "56", "--no_parity"],
+                          capsys)
+    assert rc == 2 and "holds the source" in err and src.is_file()
 
 
 def test_tools_run_as_scripts():

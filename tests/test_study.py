@@ -70,8 +70,8 @@ def test_slurm_mode_writes_array_scripts_for_missing_runs_only(synthetic_dataset
     runs = (layout.launch / "runs.sbatch").read_text()
     n = len(study.all_runs())
     assert f"#SBATCH --array={','.join(str(i) for i in range(1, n))}" in runs
-    assert "--run-index $SLURM_ARRAY_TASK_ID" in runs and "#SBATCH --partition=gpu" in runs
-    assert "--pretrain-index $SLURM_ARRAY_TASK_ID" in (layout.launch / "pretrain.sbatch").read_text()
+    assert "--run_index $SLURM_ARRAY_TASK_ID" in runs and "#SBATCH --partition=gpu" in runs
+    assert "--pretrain_index $SLURM_ARRAY_TASK_ID" in (layout.launch / "pretrain.sbatch").read_text()
     text = submit.read_text()
     assert "afterok:${pre}" in text and "afterany:${runs}" in text and "report.sbatch" in text
 
@@ -110,14 +110,14 @@ def test_tools_print_a_message_not_a_traceback(tmp_path, capsys, synthetic_datas
         "from afm_jax.evaluation.protocols import TaskSpec\n"
         f"def get_study():\n    return Study(name='s', tasks={{'a': TaskSpec('a', data={os.fspath(synthetic_dataset)!r})}},"
         " backbones={'r': BackboneSpec('random_init', variant='mu/8', image_size=32)})\n")
-    assert tool("study").main([str(study_file), "--out", str(tmp_path / "o"), "--report-only"]) == 2
+    assert tool("study").main([str(study_file), "--out", str(tmp_path / "o"), "--report_only"]) == 2
     assert "error: No results" in capsys.readouterr().err
     assert tool("evaluate").main(["--backbone", "checkpoint:/no/such/run", "--data", os.fspath(synthetic_dataset),
                                   "--out", str(tmp_path / "e")]) == 2
     assert "error:" in capsys.readouterr().err
     code = tool("evaluate").main(["--backbone", "random_init:,variant=mu/8,image_size=32", "--data",
                                   os.fspath(synthetic_dataset), "--protocol", "knn", "--unit", "image",
-                                  "--n-boot", "20", "--out", str(tmp_path / "e2")])
+                                  "--n_boot", "20", "--out", str(tmp_path / "e2")])
     last = capsys.readouterr().out.strip().splitlines()[-1]
     assert code == 0 and 0.0 <= json.loads(last)["auroc"] <= 1.0
     assert (tmp_path / "e2" / "result.json").is_file()

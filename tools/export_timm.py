@@ -1,7 +1,12 @@
 """Export a run's ViT encoder as a timm model: model.safetensors + config.json + README.md.
 
-    python tools/export_timm.py WORKDIR_OR_CHECKPOINT_DIR OUT_DIR [--step N] [--weights auto|teacher|student] [--check]
+Usage: python tools/export_timm.py --workdir RUN --out OUT_DIR [--step N] [--weights auto|teacher|student] [--check]
+    [--overwrite]
 
+Example:
+    python tools/export_timm.py --workdir runs/mae_vitb16 --out exports/mae_vitb16 --check
+
+--workdir is a run's folder (as given to afm_jax.main), its checkpoints/ folder or checkpoints/<step>.
 OUT_DIR then loads in PyTorch with ``timm.create_model("local-dir:OUT_DIR", pretrained=True)`` or
 ``model.load_state_dict(safetensors.torch.load_file("OUT_DIR/model.safetensors"), strict=True)``
 (docs/export.md). MAE/DINO heads are not exported; for DINO the teacher is exported by default.
@@ -9,16 +14,26 @@ OUT_DIR then loads in PyTorch with ``timm.create_model("local-dir:OUT_DIR", pret
 After writing, the export is loaded into timm and one random batch runs through both frameworks at
 the training resolution and at 1.5x it; the max abs difference of ``forward_features`` is printed
 (and written to config.json). ``--check`` makes a difference above ``--tolerance`` (or a missing
-torch/timm) fail the command. The last line of output is one JSON object.
+torch/timm) fail the command. An existing export in OUT_DIR is replaced only with --overwrite.
+The last line of output is one JSON object.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
+from collections.abc import Sequence
 from typing import Any
+
+from absl import flags
+from safetensors.numpy import load_file
+
+from afm_jax import cli
+from afm_jax.data import records
+from afm_jax.errors import InteropError
+from afm_jax.train.checkpoint import read_encoder_checkpoint
+from afm_jax.interop.timm_export import PARITY_TOLERANCE, create_timm_vit, forward_parity, timm_model_args, usage_snippet, write_export
 
 
 def _redacted_config(config: Any) -> dict:
@@ -32,8 +47,6 @@ def _redacted_config(config: Any) -> dict:
 
 def _dataset_summary(config: Any) -> dict:
     """Preprocessing parameters and split sizes of the training data, when it is readable here."""
-    from afm_jax.data import records
-
     try:
         info = records.read_info(config.data.path)
     except Exception:  # the data need not be on the exporting machine
@@ -75,17 +88,11 @@ def _model_card(ck: Any, config_json: dict, parity: dict, dataset: dict, run_con
 
 
 def _usage(config_json: dict) -> str:
-    from afm_jax.interop.timm_export import usage_snippet
-
     return usage_snippet("OUT_DIR", config_json)
 
 
 def parity_check(encoder: Any, out_dir: str) -> dict[str, float]:
     """Loads OUT_DIR/model.safetensors into a fresh timm ViT (strict) and compares outputs."""
-    from safetensors.numpy import load_file
-
-    from afm_jax.interop.timm_export import create_timm_vit, forward_parity, timm_model_args
-
     model = create_timm_vit(timm_model_args(encoder), load_file(os.path.join(out_dir, "model.safetensors")))
     h, w = encoder.img_size
     p = encoder.patch_size
@@ -94,59 +101,59 @@ def parity_check(encoder: Any, out_dir: str) -> dict[str, float]:
             f"{other[0]}x{other[1]}": forward_parity(encoder, model, size=other, seed=1)}
 
 
-def export(args: argparse.Namespace) -> dict:
-    from afm_jax.train.checkpoint import read_encoder_checkpoint
-    from afm_jax.errors import InteropError
-    from afm_jax.interop.timm_export import write_export
-
-    ck = read_encoder_checkpoint(args.checkpoint, step=args.step, weights=args.weights)
+def export(fv: flags.FlagValues, args: list[str]) -> int:
+    out_dir = fv.out
+    cli.refuse_overwrite(out_dir, "model.safetensors", fv.overwrite)
+    if os.path.isdir(out_dir) and os.path.isdir(fv.workdir) and os.path.samefile(out_dir, fv.workdir):
+        raise InteropError(f"--out {out_dir} is the run folder itself: give a new folder for the export.")
+    ck = read_encoder_checkpoint(fv.workdir, step=fv.step, weights=fv.weights)
     dataset = _dataset_summary(ck.config)
     run_config = _redacted_config(ck.config)
     afm_info = dict(method=ck.config.get("task"), step=ck.step, weights=ck.weights,
                     code_version=ck.code_version, image_size=ck.config.image_size,
                     preprocessing=dataset.get("preprocessing", {}),
                     augment=run_config.get("data", {}).get("augment", {}))
-    config_json = write_export(args.out_dir, ck.encoder, afm_info=afm_info)
+    config_json = write_export(out_dir, ck.encoder, afm_info=afm_info)
     parity: dict[str, Any] = {}
-    if not args.no_parity:
+    if not fv.no_parity:
         try:
-            parity = parity_check(ck.encoder, args.out_dir)
+            parity = parity_check(ck.encoder, out_dir)
         except ImportError as e:
-            if args.check:
+            if fv.check:
                 raise InteropError(f"--check needs torch and timm ({e}); pip install -e '.[torch]'.") from e
             print(f"parity check skipped: {e}", file=sys.stderr)
     config_json["afm_jax"]["parity_max_abs_diff"] = parity
-    write_export(args.out_dir, ck.encoder, afm_info=config_json["afm_jax"],
+    write_export(out_dir, ck.encoder, afm_info=config_json["afm_jax"],
                  readme=_model_card(ck, config_json, parity, dataset, run_config))
     worst = max(parity.values()) if parity else None
-    summary = dict(tool="export_timm", out_dir=os.path.abspath(args.out_dir), step=ck.step,
+    summary = dict(tool="export_timm", out_dir=os.path.abspath(out_dir), step=ck.step,
                    weights=ck.weights, architecture=config_json["architecture"],
-                   max_abs_diff=worst, tolerance=args.tolerance, parity=parity)
+                   max_abs_diff=worst, tolerance=fv.tolerance, parity=parity)
     for size, diff in parity.items():
         print(f"parity {size}: max |timm - afm_jax| = {diff:.3e}")
-    if args.check and (worst is None or worst > args.tolerance):
-        raise InteropError(f"Parity check failed: max abs difference {worst} > tolerance {args.tolerance}.")
-    return summary
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("checkpoint", help="a run's --workdir, its checkpoints/ folder or checkpoints/<step>")
-    parser.add_argument("out_dir", help="folder to write model.safetensors, config.json, README.md into")
-    parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
-    parser.add_argument("--weights", choices=("auto", "teacher", "student"), default="auto",
-                        help="DINO: teacher (default via auto) or student; MAE: the encoder")
-    from afm_jax.interop.timm_export import add_parity_arguments
-    add_parity_arguments(parser)
-    args = parser.parse_args(argv)
-    from afm_jax.errors import exit_on_user_error
-
-    summary = exit_on_user_error(export, args)
+    if fv.check and (worst is None or worst > fv.tolerance):
+        raise InteropError(f"Parity check failed: max abs difference {worst} > tolerance {fv.tolerance}.")
     print(f"wrote {summary['out_dir']}/model.safetensors, config.json, README.md")
     print(json.dumps(summary))
     return 0
 
 
+def define_flags(fv: flags.FlagValues) -> None:
+    flags.DEFINE_string("workdir", None, "A run's folder, its checkpoints/ folder or checkpoints/<step>.",
+                        flag_values=fv)
+    cli.define_output_flags(fv, "model.safetensors, config.json, README.md")
+    flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).", flag_values=fv)
+    flags.DEFINE_enum("weights", "auto", ["auto", "teacher", "student"],
+                      "DINO: teacher (the default via auto) or student; MAE: the encoder.", flag_values=fv)
+    cli.define_parity_flags(fv, PARITY_TOLERANCE)
+
+
+TOOL = cli.Tool(__doc__, define_flags, required=("workdir", "out"))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return cli.run(TOOL, export, argv)
+
+
 if __name__ == "__main__":
-    os.environ.setdefault("JAX_PLATFORMS", "cpu")  # export is host work; no accelerator needed
-    sys.exit(main())
+    cli.app_main(TOOL, export)

@@ -1,16 +1,21 @@
 """Import a timm / DINO / DINOv2 / RAD-DINO ViT checkpoint as an afm-jax encoder (1 channel, our grid).
 
-    python tools/import_timm.py SOURCE OUT_DIR [--image-size 224] [--in-chans 1] [--num-heads N] [--check]
+Usage: python tools/import_timm.py --input SOURCE --out OUT_DIR [--image_size 224] [--in_chans 1] [--num_heads N]
+    [--check] [--overwrite]
 
-SOURCE is a local weights file (``.safetensors``, or ``.pth``/``.pt``/``.bin`` read with
+Example:
+    python tools/import_timm.py --input weights/dinov2_vits14_reg4_pretrain.pth --out imports/dinov2_s14 \\
+        --image_size 224 --check
+
+SOURCE (--input) is a local weights file (``.safetensors``, or ``.pth``/``.pt``/``.bin`` read with
 ``torch.load(weights_only=True)``; DINO's ``teacher``/``student`` dicts are unwrapped) or a folder
 with ``config.json`` + ``model.safetensors`` (a timm Hub snapshot, a Hugging Face Dinov2 snapshot such
 as RAD-DINO, or an export of ours). The architecture is read from the weights (width, depth, patch,
 registers, LayerScale); the head count is not stored in weights files, so it comes from
-``config.json``, ``--num-heads`` or the usual count for the width.
+``config.json``, ``--num_heads`` or the usual count for the width.
 
 The RGB patch kernel is summed into one channel (as timm's ``in_chans=1``), the position embedding is
-resampled to ``--image-size``, DINOv2's LayerScale is folded into the projections (our configs have no
+resampled to ``--image_size``, DINOv2's LayerScale is folded into the projections (our configs have no
 LayerScale); OUT_DIR gets model.safetensors + config.json + README.md in the export format, so
 training starts from it with ``--config.init_from=OUT_DIR`` (the command is printed) and timm loads
 it as well.
@@ -18,27 +23,35 @@ it as well.
 Parity: timm itself builds the same adapted model from SOURCE (its ``checkpoint_filter_fn`` for the
 DINOv2 layout and position resampling, ``adapt_input_conv`` for the channels) and one random batch
 runs through both; the max abs difference of ``forward_features`` is printed. ``--check`` makes a
-difference above ``--tolerance`` fail the command. The last line of output is one JSON object.
+difference above ``--tolerance`` fail the command. An existing output in OUT_DIR is replaced only with
+``--overwrite``, and never the source itself. The last line of output is one JSON object.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
+from collections.abc import Sequence
 from typing import Any
 
+from absl import flags
+from flax import nnx
+
+from afm_jax import cli
+from afm_jax.errors import InteropError
+from afm_jax.train.init_from import normalisation_mismatch, read_vit_source
+from afm_jax.interop.timm import load_timm_state_dict
+from afm_jax.interop.timm_export import PARITY_TOLERANCE, create_timm_vit, forward_parity, usage_snippet, write_export
+from afm_jax.interop.vit_layouts import _from_hf_dinov2, _strip_prefix, describe_vit_state_dict, normalize_vit_state_dict
+from afm_jax.models.vit import VIT_SIZES, VisionTransformer
 
 
 def _variant(arch: dict[str, Any], num_heads: int) -> tuple[str, dict[str, int]]:
     """Our variant string (+ size overrides when no named size matches) for the source's shapes."""
-    from afm_jax.models.vit import VIT_SIZES
-
     size = dict(width=arch["embed_dim"], depth=arch["depth"], num_heads=num_heads, mlp_dim=arch["mlp_dim"])
     p = arch["patch_size"]
     if not isinstance(p, int):
-        from afm_jax.errors import InteropError
         raise InteropError(f"Non-square patches {p} are not supported by our ViT.")
     for name, known in VIT_SIZES.items():
         if known == size:
@@ -48,12 +61,9 @@ def _variant(arch: dict[str, Any], num_heads: int) -> tuple[str, dict[str, int]]
 
 def timm_reference(source_sd: dict, model_args: dict[str, Any]):
     """timm's own adaptation of ``source_sd`` to ``model_args`` (independent of our mapping)."""
-    import torch
+    import torch  # optional dependencies (pip install -e '.[torch]'); ImportError skips the parity check
     from timm.models._manipulate import adapt_input_conv
     from timm.models.vision_transformer import checkpoint_filter_fn
-
-    from afm_jax.interop.vit_layouts import _from_hf_dinov2, _strip_prefix
-    from afm_jax.interop.timm_export import create_timm_vit
 
     sd, _, _ = _strip_prefix(dict(source_sd))
     if "embeddings.patch_embeddings.projection.weight" in sd:  # timm cannot read HF keys itself
@@ -66,28 +76,34 @@ def timm_reference(source_sd: dict, model_args: dict[str, Any]):
     return model
 
 
-def import_weights(args: argparse.Namespace) -> dict:
-    from flax import nnx
+def _check_out(fv: flags.FlagValues) -> None:
+    """--out must not be the source (or the folder holding the source file), nor an earlier output unless
+    --overwrite."""
+    cli.refuse_overwrite(fv.out, "model.safetensors", fv.overwrite)
+    source = os.path.abspath(fv.input)
+    holder = source if os.path.isdir(source) else os.path.dirname(source)
+    if os.path.isdir(fv.out) and os.path.exists(holder) and os.path.samefile(fv.out, holder):
+        raise InteropError(f"--out {fv.out} holds the source {fv.input}: writing there would replace it; "
+                           "give another folder.")
 
-    from afm_jax.train.init_from import normalisation_mismatch, read_vit_source
-    from afm_jax.errors import InteropError
-    from afm_jax.interop.vit_layouts import describe_vit_state_dict, normalize_vit_state_dict
-    from afm_jax.interop.timm_export import forward_parity, usage_snippet, write_export
-    from afm_jax.interop.timm import load_timm_state_dict
-    from afm_jax.models.vit import VisionTransformer
 
-    source_sd, kwargs, info = read_vit_source(args.source)
+def import_weights(fv: flags.FlagValues, args: list[str]) -> int:
+    cli.require_positive(fv.image_size, "image_size", allow_zero=False)
+    cli.require_positive(fv.num_heads, "num_heads", allow_zero=False)
+    _check_out(fv)
+    source_sd, kwargs, info = read_vit_source(fv.input)
     normalized, layout = normalize_vit_state_dict(source_sd)
     arch = describe_vit_state_dict(normalized)
-    heads = args.num_heads or kwargs.get("source_num_heads") or arch["num_heads"]
+    heads = fv.num_heads or kwargs.get("source_num_heads") or arch["num_heads"]
     kwargs["source_num_heads"] = heads
     variant, overrides = _variant(arch, heads)
-    if args.image_size % arch["patch_size"]:
-        raise InteropError(f"--image-size {args.image_size} is not a multiple of the source's patch size "
-                           f"{arch['patch_size']}; use e.g. {args.image_size // arch['patch_size'] * arch['patch_size']}.")
+    if fv.image_size % arch["patch_size"]:
+        raise InteropError(f"--image_size {fv.image_size} is not a multiple of the source's patch size "
+                           f"{arch['patch_size']}; use e.g. "
+                           f"{fv.image_size // arch['patch_size'] * arch['patch_size']}.")
     no_embed_class = bool(kwargs.get("source_no_embed_class", layout["no_embed_class"]) or False)
     encoder = VisionTransformer(
-        variant, img_size=args.image_size, in_chans=args.in_chans, class_token=arch["class_token"],
+        variant, img_size=fv.image_size, in_chans=int(fv.in_chans), class_token=arch["class_token"],
         num_reg_tokens=arch["reg_tokens"], no_embed_class=no_embed_class, pos_embed="learned",
         rngs=nnx.Rngs(0), **overrides)
     report = load_timm_state_dict(encoder, source_sd, **kwargs)
@@ -95,35 +111,35 @@ def import_weights(args: argparse.Namespace) -> dict:
         report["warnings"].append(note)
 
     parity: dict[str, float] = {}
-    if not args.no_parity:
+    if not fv.no_parity:
         try:
             ref_args = dict(
-                img_size=args.image_size, patch_size=arch["patch_size"], embed_dim=arch["embed_dim"],
+                img_size=fv.image_size, patch_size=arch["patch_size"], embed_dim=arch["embed_dim"],
                 depth=arch["depth"], num_heads=heads, mlp_ratio=arch["mlp_dim"] / arch["embed_dim"],
-                in_chans=args.in_chans, class_token=arch["class_token"], reg_tokens=arch["reg_tokens"],
+                in_chans=int(fv.in_chans), class_token=arch["class_token"], reg_tokens=arch["reg_tokens"],
                 no_embed_class=no_embed_class, init_values=1e-5 if arch["layer_scale"] else None,
                 global_pool="token" if arch["class_token"] else "avg", fc_norm=False, num_classes=0,
                 dynamic_img_size=True)
             reference = timm_reference(source_sd, ref_args)
-            s = args.image_size
+            s = fv.image_size
             parity = {f"{s}x{s}": forward_parity(encoder, reference)}
         except ImportError as e:
-            if args.check:
+            if fv.check:
                 raise InteropError(f"--check needs torch and timm ({e}); pip install -e '.[torch]'.") from e
             print(f"parity check skipped: {e}", file=sys.stderr)
 
-    afm_info = dict(source=os.path.basename(os.path.normpath(args.source)), source_layout=report["layout"],
+    afm_info = dict(source=os.path.basename(os.path.normpath(fv.input)), source_layout=report["layout"],
                     adapted=report["adapted"], dropped=report["dropped"], warnings=report["warnings"],
                     parity_max_abs_diff=parity)
-    config_json = write_export(args.out_dir, encoder, afm_info=afm_info)
-    overrides_cli = [f"--config.model.variant={variant}", f"--config.image_size={args.image_size}",
-                     f"--config.model.in_chans={args.in_chans}",
+    config_json = write_export(fv.out, encoder, afm_info=afm_info)
+    overrides_cli = [f"--config.model.variant={variant}", f"--config.image_size={fv.image_size}",
+                     f"--config.model.in_chans={int(fv.in_chans)}",
                      f"--config.model.class_token={arch['class_token']}",
                      f"--config.model.num_reg_tokens={arch['reg_tokens']}",
                      f"--config.model.no_embed_class={no_embed_class}",
                      "--config.model.pos_embed=learned"]
     overrides_cli += [f"--config.model.{k}={v}" for k, v in overrides.items()]
-    overrides_cli.append(f"--config.init_from={os.path.abspath(args.out_dir)}")
+    overrides_cli.append(f"--config.init_from={os.path.abspath(fv.out)}")
     readme = "\n".join([
         f"# ViT-{variant} imported from {afm_info['source']} ({report['layout']} layout)", "",
         f"- Adapted: {'; '.join(report['adapted']) or 'nothing'}.",
@@ -133,7 +149,7 @@ def import_weights(args: argparse.Namespace) -> dict:
         "", "## Continue training from it", "", "```", "python -m afm_jax.main --config configs/X.py --workdir DIR \\",
         "  " + " \\\n  ".join(overrides_cli), "```", "", "## Load in PyTorch", "", "```python",
         usage_snippet("OUT_DIR", config_json), "```", ""])
-    write_export(args.out_dir, encoder, afm_info=afm_info, readme=readme)
+    write_export(fv.out, encoder, afm_info=afm_info, readme=readme)
     worst = max(parity.values()) if parity else None
     for size, diff in parity.items():
         print(f"parity {size}: max |timm - afm_jax| = {diff:.3e}")
@@ -142,31 +158,32 @@ def import_weights(args: argparse.Namespace) -> dict:
     for line in report["warnings"]:
         print(f"warning: {line}")
     print("train from it with:\n  " + " ".join(overrides_cli))
-    if args.check and (worst is None or worst > args.tolerance):
-        raise InteropError(f"Parity check failed: max abs difference {worst} > tolerance {args.tolerance}.")
-    return dict(tool="import_timm", out_dir=os.path.abspath(args.out_dir), layout=report["layout"],
-                variant=variant, overrides=overrides, num_heads=heads, adapted=report["adapted"],
-                max_abs_diff=worst, tolerance=args.tolerance, config_overrides=overrides_cli)
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("source", help="weights file (.safetensors/.pth/.pt/.bin) or a folder with config.json")
-    parser.add_argument("out_dir", help="folder to write model.safetensors, config.json, README.md into")
-    parser.add_argument("--image-size", type=int, default=224, help="our training image size (pos-embed grid)")
-    parser.add_argument("--in-chans", type=int, default=1, choices=(1, 3), help="1 = grey (RGB kernels summed)")
-    parser.add_argument("--num-heads", type=int, default=None, help="attention heads (weights do not store it)")
-    from afm_jax.interop.timm_export import add_parity_arguments
-    add_parity_arguments(parser)
-    args = parser.parse_args(argv)
-    from afm_jax.errors import exit_on_user_error
-
-    summary = exit_on_user_error(import_weights, args)
+    if fv.check and (worst is None or worst > fv.tolerance):
+        raise InteropError(f"Parity check failed: max abs difference {worst} > tolerance {fv.tolerance}.")
+    summary = dict(tool="import_timm", out_dir=os.path.abspath(fv.out), layout=report["layout"],
+                   variant=variant, overrides=overrides, num_heads=heads, adapted=report["adapted"],
+                   max_abs_diff=worst, tolerance=fv.tolerance, config_overrides=overrides_cli)
     print(f"wrote {summary['out_dir']}/model.safetensors, config.json, README.md")
     print(json.dumps(summary))
     return 0
 
 
+def define_flags(fv: flags.FlagValues) -> None:
+    d = dict(flag_values=fv)
+    flags.DEFINE_string("input", None, "Weights file (.safetensors/.pth/.pt/.bin) or a folder with config.json.", **d)
+    cli.define_output_flags(fv, "model.safetensors, config.json, README.md")
+    flags.DEFINE_integer("image_size", 224, "Our training image size (the position-embedding grid).", **d)
+    flags.DEFINE_enum("in_chans", "1", ["1", "3"], "Input channels: 1 = grey (RGB kernels summed), 3 = RGB.", **d)
+    flags.DEFINE_integer("num_heads", None, "Attention heads (weights files do not store it).", **d)
+    cli.define_parity_flags(fv, PARITY_TOLERANCE)
+
+
+TOOL = cli.Tool(__doc__, define_flags, required=("input", "out"))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return cli.run(TOOL, import_weights, argv)
+
+
 if __name__ == "__main__":
-    os.environ.setdefault("JAX_PLATFORMS", "cpu")  # conversion is host work; no accelerator needed
-    sys.exit(main())
+    cli.app_main(TOOL, import_weights)

@@ -1,97 +1,101 @@
 """Evaluation datasets in the record format: MURA-v1.1, or any labelled image folder / CSV.
 
-MURA (unpacked MURA-v1.1.zip; test = MURA's valid, validation = 10% of train patients):
-    python tools/make_eval_dataset.py mura /data/raw --out /data/eval
-    python tools/make_eval_dataset.py mura /data/raw/MURA-v1.1 --out /data/eval --body_parts wrist --name mura_wrist
+Usage: python tools/make_eval_dataset.py mura|folder --input ROOT --out DATA_DIR [--name NAME] [--image_size N] ...
 
-Any folder ROOT/<label>/.../<image> or CSV path,label[,patient] (PNG/JPEG/TIFF/DICOM, any size):
-    AFM_SALT_FILE=~/salt.txt python tools/make_eval_dataset.py folder /data/knee --out /data/eval --name knee_oa \\
-        --label_names normal,abnormal --image_size 512
+Example (MURA, the unpacked MURA-v1.1.zip; test = MURA's valid, validation = 10% of train patients):
+    python tools/make_eval_dataset.py mura --input /data/raw --out /data/eval
+    python tools/make_eval_dataset.py mura --input /data/raw/MURA-v1.1 --out /data/eval --body_parts wrist \\
+        --name mura_wrist
 
-The dataset lands in `<out>/<name>/1.0.0`; point an evaluation config at it
-(`--config.data.path=<that dir>`). See docs/evaluate.md.
+Example (any folder ROOT/<label>/.../<image> or CSV path,label[,patient]; PNG/JPEG/TIFF/DICOM, any size):
+    AFM_SALT_FILE=~/salt.txt python tools/make_eval_dataset.py folder --input /data/knee --out /data/eval \\
+        --name knee_oa --label_names normal,abnormal --image_size 512
+
+The first argument says which kind of source --input is. The dataset lands in `<out>/<name>/1.0.0`;
+point an evaluation config at it (`--config.data.path=<that dir>`). See docs/evaluate.md.
 """
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
-import pathlib
-import sys
 from collections.abc import Sequence
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+from absl import flags
 
-from afm_jax.errors import ConfigError  # noqa: E402
+from afm_jax import cli
+from afm_jax.data import anonymize, folder_dataset, mura, records
+from afm_jax.data.conversion import merge as conversion_merge
+from afm_jax.errors import ConfigError
 
-
-def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
-    sub = p.add_subparsers(dest="source", required=True)
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--out", required=True, help="data directory the dataset is written into")
-    common.add_argument("--image_size", type=int, default=0, help="shrink the longest side to this (0: keep)")
-    common.add_argument("--salt_file", help="file holding the hashing salt (default: $AFM_SALT_FILE or $AFM_SALT)")
-    common.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="decoding threads")
-    common.add_argument("--overwrite", action="store_true", help="replace an existing dataset of the same name")
-    common.add_argument("--png_compression", type=int, choices=range(10), metavar="0-9",
-                        help="zlib level of the stored PNGs (0: ~3x faster decoding, larger files; default OpenCV's)")
-    mura = sub.add_parser("mura", parents=[common], help="MURA-v1.1 from its unpacked folder")
-    mura.add_argument("root", help="the MURA-v1.1 folder or the folder holding it")
-    mura.add_argument("--name", default="mura", help="dataset name (lower_snake_case)")
-    mura.add_argument("--body_parts", help="comma-separated subset, e.g. wrist,elbow (default: all seven)")
-    mura.add_argument("--validation_fraction", type=float, default=0.1, help="train patients moved to validation")
-    folder = sub.add_parser("folder", parents=[common], help="a labelled folder ROOT/<label>/... or a CSV")
-    folder.add_argument("root", help="folder ROOT/<label>/.../<image>, or CSV path,label[,patient]")
-    folder.add_argument("--name", required=True, help="dataset name (lower_snake_case)")
-    folder.add_argument("--label_names", help="comma-separated label names in id order, positive class last "
-                                              "for binary tasks (default: sorted)")
-    folder.add_argument("--splits", default="train=0.8,validation=0.1,test=0.1",
-                        help="patient fractions per split (ignored when the CSV has a split column)")
-    folder.add_argument("--patient_from", default="auto", choices=("auto", "csv", "dicom", "subfolder", "file"),
-                        help="where patient ids come from (auto: CSV column, DICOM, ROOT/<label>/<patient>/, file)")
-    folder.add_argument("--body_part", default="", help="body part for images that do not state one, e.g. KNEE")
-    folder.add_argument("--strict", action="store_true", help="stop at the first unreadable file")
-    return p.parse_args(argv)
+SOURCES = ("mura", "folder")
+_MURA_ONLY = ("body_parts", "validation_fraction")
+_FOLDER_ONLY = ("label_names", "splits", "patient_from", "body_part", "strict")
 
 
-def _salt(args: argparse.Namespace, allow_demo: bool) -> bytes:
-    from afm_jax.data import anonymize  # pylint: disable=g-import-not-at-top
+def define_flags(fv: flags.FlagValues) -> None:
+    d = dict(flag_values=fv)
+    flags.DEFINE_string("input", None, "mura: the MURA-v1.1 folder or the folder holding it; folder: ROOT/<label>/.../"
+                        "<image>, or a CSV path,label[,patient].", **d)
+    flags.DEFINE_string("out", None, "Data directory the dataset is written into.", **d)
+    flags.DEFINE_string("name", None, "Dataset name (lower_snake_case; default 'mura' for mura, required for folder).",
+                        **d)
+    flags.DEFINE_integer("image_size", 0, "Shrink the longest side to this (0: keep).", lower_bound=0, **d)
+    flags.DEFINE_string("salt_file", None, "File holding the hashing salt (default: $AFM_SALT_FILE or $AFM_SALT).", **d)
+    flags.DEFINE_integer("workers", min(4, os.cpu_count() or 1), "Decoding threads.", lower_bound=1, **d)
+    flags.DEFINE_bool("overwrite", False, "Replace an existing dataset of the same name.", **d)
+    flags.DEFINE_integer("png_compression", None, "zlib level 0-9 of the stored PNGs (0: ~3x faster decoding, larger "
+                         "files; default OpenCV's).", lower_bound=0, upper_bound=9, **d)
+    flags.DEFINE_string("body_parts", None, "mura: comma-separated subset, e.g. wrist,elbow (default: all seven).", **d)
+    flags.DEFINE_float("validation_fraction", 0.1, "mura: train patients moved to validation.", **d)
+    flags.DEFINE_string("label_names", None, "folder: comma-separated label names in id order, positive class last "
+                        "for binary tasks (default: sorted).", **d)
+    flags.DEFINE_string("splits", "train=0.8,validation=0.1,test=0.1",
+                        "folder: patient fractions per split (ignored when the CSV has a split column).", **d)
+    flags.DEFINE_enum("patient_from", "auto", ["auto", "csv", "dicom", "subfolder", "file"],
+                      "folder: where patient ids come from (auto: CSV column, DICOM, ROOT/<label>/<patient>/, file).",
+                      **d)
+    flags.DEFINE_string("body_part", "", "folder: body part for images that do not state one, e.g. KNEE.", **d)
+    flags.DEFINE_bool("strict", False, "folder: stop at the first unreadable file.", **d)
 
-    return anonymize.load_salt(args.salt_file, allow_demo_salt=allow_demo)
+
+TOOL = cli.Tool(__doc__, define_flags, positional="mura|folder", required=("input", "out"))
 
 
-def run(argv: Sequence[str] | None = None) -> int:
-    args = _parse_args(argv)
+def _salt(salt_file: str | None, allow_demo: bool) -> bytes:
+    return anonymize.load_salt(salt_file, allow_demo_salt=allow_demo)
+
+
+def work(fv: flags.FlagValues, args: list[str]) -> int:
+    if len(args) != 1 or args[0] not in SOURCES:
+        raise ConfigError(f"Give the kind of source first: `mura` or `folder` (got {' '.join(args) or 'nothing'}), "
+                          "e.g. python tools/make_eval_dataset.py mura --input /data/raw --out /data/eval.")
+    source = args[0]
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s", force=True)
-    if args.image_size < 0:
-        raise ConfigError(f"--image_size must be >= 0, got {args.image_size}.")
-    from afm_jax.data import records  # pylint: disable=g-import-not-at-top
+    other = _FOLDER_ONLY if source == "mura" else _MURA_ONLY
+    wrong = [f"--{n}" for n in other if fv[n].present]
+    if wrong:
+        raise ConfigError(f"{', '.join(wrong)} do(es) not apply to `{source}` sources (see --help).")
+    cli.check_output_dir(fv.out)
+    name = fv.name or ("mura" if source == "mura" else None)
+    if not name:
+        raise ConfigError("Give --name for a folder dataset (lower_snake_case, e.g. knee_oa).")
+    records.check_dataset_name(name, "--name")
 
-    if not records._NAME_RE.match(args.name):  # pylint: disable=protected-access
-        raise ConfigError(f"--name {args.name!r} must be lower_snake_case (letters, digits, _), e.g. knee_oa.")
-
-    if args.source == "mura":
-        from afm_jax.data import mura  # pylint: disable=g-import-not-at-top
-
-        parts = [s for s in (args.body_parts or "").split(",") if s.strip()]
-        directory = mura.build_mura_dataset(args.root, args.out, name=args.name, body_parts=parts or None,
-                                            validation_fraction=args.validation_fraction, image_size=args.image_size,
-                                            salt=_salt(args, allow_demo=True), overwrite=args.overwrite,
-                                            workers=args.workers, png_compression=args.png_compression)
+    if source == "mura":
+        parts = [s for s in (fv.body_parts or "").split(",") if s.strip()]
+        directory = mura.build_mura_dataset(fv.input, fv.out, name=name, body_parts=parts or None,
+                                            validation_fraction=fv.validation_fraction, image_size=fv.image_size,
+                                            salt=_salt(fv.salt_file, allow_demo=True), overwrite=fv.overwrite,
+                                            workers=fv.workers, png_compression=fv.png_compression)
     else:
-        from afm_jax.data import folder_dataset  # pylint: disable=g-import-not-at-top
-        from afm_jax.data.conversion import merge as conversion_merge  # pylint: disable=g-import-not-at-top
-
-        names = [s.strip() for s in args.label_names.split(",")] if args.label_names else None
-        fractions = conversion_merge.parse_split_fractions(args.splits)
+        names = [s.strip() for s in fv.label_names.split(",")] if fv.label_names else None
+        fractions = conversion_merge.parse_split_fractions(fv.splits)
         directory = folder_dataset.build_folder_dataset(
-            args.root, args.out, name=args.name, label_names=names, split_fractions=fractions,
-            image_size=args.image_size, salt=_salt(args, allow_demo=False), patient_from=args.patient_from,
-            body_part=args.body_part, overwrite=args.overwrite, strict=args.strict, workers=args.workers,
-            png_compression=args.png_compression)
+            fv.input, fv.out, name=name, label_names=names, split_fractions=fractions,
+            image_size=fv.image_size, salt=_salt(fv.salt_file, allow_demo=False), patient_from=fv.patient_from,
+            body_part=fv.body_part, overwrite=fv.overwrite, strict=fv.strict, workers=fv.workers,
+            png_compression=fv.png_compression)
     info = records.read_info(directory)
     print(f"splits (images): {info['splits']}")
     print(f"splits (patients): {info.get('split_patients')}")
@@ -102,11 +106,9 @@ def run(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    from afm_jax.errors import exit_on_user_error
-
-    sys.exit(exit_on_user_error(run, argv))
+def main(argv: Sequence[str] | None = None) -> int:
+    return cli.run(TOOL, work, argv)
 
 
 if __name__ == "__main__":
-    main()
+    cli.app_main(TOOL, work)

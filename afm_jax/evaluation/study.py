@@ -334,12 +334,12 @@ def write_slurm(study: Study, out_dir: str | os.PathLike, study_file: str, *, pa
     submit = ["#!/bin/bash", "# Written by tools/study.py --slurm; review, then run: bash submit.sh", "set -euo pipefail",
               f"cd {shlex.quote(os.fspath(layout.launch))}", "dep=''"]
     if pending_pre:
-        script("pretrain", f"srun {base} --pretrain-index $SLURM_ARRAY_TASK_ID", [names.index(n) for n in pending_pre])
+        script("pretrain", f"srun {base} --pretrain_index $SLURM_ARRAY_TASK_ID", [names.index(n) for n in pending_pre])
         submit += ["pre=$(sbatch --parsable pretrain.sbatch)", 'dep="--dependency=afterok:${pre}"']
     if missing:
-        script("runs", f"srun {base} --run-index $SLURM_ARRAY_TASK_ID --no-report", missing)
+        script("runs", f"srun {base} --run_index $SLURM_ARRAY_TASK_ID --no_report", missing)
         submit += ["runs=$(sbatch --parsable ${dep} runs.sbatch)", 'dep="--dependency=afterany:${runs}"']
-    script("report", f"{base} --report-only")
+    script("report", f"{base} --report_only")
     submit += ["sbatch ${dep} report.sbatch", ""]
     path = layout.launch / "submit.sh"
     path.write_text("\n".join(submit))

@@ -197,11 +197,3 @@ def usage_snippet(out_dir: str, config: Mapping[str, Any]) -> str:
 
 
 PARITY_TOLERANCE = 1e-4   # max abs difference to timm's forward_features accepted by --check (fp32)
-
-
-def add_parity_arguments(parser) -> None:
-    """The parity-check options both interop tools take (--check, --tolerance, --no-parity)."""
-    parser.add_argument("--check", action="store_true", help="fail if the timm parity check fails")
-    parser.add_argument("--tolerance", type=float, default=PARITY_TOLERANCE)
-    parser.add_argument("--no-parity", action="store_true", help="skip the timm parity check")
-
