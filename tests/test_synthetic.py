@@ -18,9 +18,10 @@ def _images(num_patients, seed=0, size=SIZE, **kw):
 
 
 def _render_pair(label_name, fracture_type, position, seed=3, size=128):
-    """The normal image and the fractured image for one (rng seed, anatomy, pose)."""
+    """The normal image and the fractured image for one (rng seed, anatomy, pose), framed on the hip and
+    proximal shaft so that both fracture levels are in the picture."""
     anatomy = synthetic.FemurAnatomy.sample(np.random.default_rng(seed))
-    kw = dict(size=size, view="AP", laterality="R", fracture_position=position, anatomy=anatomy)
+    kw = dict(size=size, view="AP", laterality="R", fracture_position=position, anatomy=anatomy, framing="proximal")
     normal = synthetic.render_femur(np.random.default_rng(seed + 100), label_name="normal", fracture_type="none", **kw)
     fractured = synthetic.render_femur(np.random.default_rng(seed + 100), label_name=label_name,
                                        fracture_type=fracture_type, **kw)
@@ -64,15 +65,82 @@ def test_dtype_shape_and_range():
         assert 0.2 < img.pixel_spacing_mm[0] * SIZE / synthetic._FIELD_MM < 2.0
 
 
-@pytest.mark.parametrize("seed,view", [(0, "AP"), (1, "LAT"), (2, "AP")])
-def test_bone_brighter_than_soft_tissue_brighter_than_background(seed, view):
-    size = 128
-    image = synthetic.render_femur(np.random.default_rng(seed), label_name="normal", fracture_type="none",
-                                   size=size, view=view, laterality="L", fracture_position=0.5)
-    row = image[int(0.7 * size)].astype(np.int64)  # through the shaft, below any corner marker
-    bone_col = int(row.argmax())
-    soft = max(row[max(bone_col - size // 6, 0)], row[min(bone_col + size // 6, size - 1)])
-    assert row.max() > soft + 3000 > row.min() + 6000
+def _layered(seed, view, *, size=128, laterality="L", label_name="normal", fracture_type="none", framing=None,
+             implant="none", position=0.5):
+    anatomy = synthetic.FemurAnatomy.sample(np.random.default_rng(seed))
+    return synthetic._render(np.random.default_rng(seed + 50), label_name=label_name, fracture_type=fracture_type,
+                             size=size, view=view, laterality=laterality, fracture_position=position, anatomy=anatomy,
+                             framing=framing, implant=implant, layers=True)
+
+
+def _open_field(out):
+    """Pixels inside the collimated field and away from the side marker."""
+    return (out.layers["collimator"] > 0.99) & (out.layers["marker"] == 0)
+
+
+# Replaces the old single-row check (brightest pixel of row 0.7 = bone): with collimation, knee framings
+# and a lead marker the brightest pixel of a row is no longer bone, so the tissues are found by their layers.
+@pytest.mark.parametrize("seed,view,framing", [(0, "AP", "proximal"), (1, "LAT", "mid"), (2, "AP", "distal"),
+                                               (3, "LAT", None)])
+def test_bone_brighter_than_soft_tissue_brighter_than_air(seed, view, framing):
+    out = _layered(seed, view, framing=framing)
+    pixels, layers, field = out.pixels.astype(np.int64), out.layers, _open_field(out)
+    bone = field & (layers["bone"] > 0.5)
+    soft = field & (layers["bone"] == 0) & (layers["soft"] > 0.3)
+    air = field & (layers["soft"] == 0) & (layers["bone"] == 0)
+    assert bone.sum() > 100 and soft.sum() > 100
+    assert np.median(pixels[bone]) > np.median(pixels[soft]) + 6000
+    if air.sum() > 50:  # the thigh may fill the collimated field
+        assert np.median(pixels[soft]) > np.median(pixels[air]) + 3000
+
+
+# ─── Physics ─────────────────────────────────────────────────────────────────────────────────────
+
+@pytest.mark.parametrize("fracture_type", ["oblique", "spiral", "comminuted", "transverse"])
+def test_fracture_gap_is_as_bright_as_soft_tissue_never_darker(fracture_type):
+    """Where a fracture removes bone only soft tissue is left on the ray: the gap shows at the level of
+    soft tissue of the same depth (a little brighter from blur), never below the darkest soft tissue —
+    the old generator drew black wedges there."""
+    label = "aff" if fracture_type == "transverse" else "nff"
+    checked = 0
+    for seed in range(8):
+        view, laterality = ("AP", "LAT")[seed % 2], "LR"[seed % 2]
+        kw = dict(size=384, view=view, laterality=laterality, framing="proximal")
+        normal = _layered(seed, **kw)
+        fractured = _layered(seed, label_name=label, fracture_type=fracture_type, **kw)
+        np.testing.assert_array_equal(normal.layers["soft"], fractured.layers["soft"])  # fracture: bone only
+        field = _open_field(normal)
+        gap = field & (normal.layers["bone"] > 0.3) & (fractured.layers["bone"] < 0.05 * normal.layers["bone"])
+        if gap.sum() < 8:
+            continue
+        rows = np.unique(np.nonzero(gap)[0])
+        band = np.zeros_like(gap)
+        band[rows.min():rows.max() + 1] = True
+        soft = field & band & (normal.layers["bone"] == 0) & (fractured.layers["bone"] == 0)
+        depth = np.median(fractured.layers["soft"][gap])
+        same_depth = soft & (np.abs(fractured.layers["soft"] - depth) < 0.15 * depth)
+        img, before = fractured.pixels / 65535.0, normal.pixels / 65535.0
+        assert np.percentile(img[gap], 1) >= np.percentile(img[soft], 1)  # not darker than the darkest soft tissue
+        if gap.sum() >= 50:  # wide enough to escape the blur of the bone around it
+            soft_level, bone_level = np.median(img[same_depth]), np.median(before[gap])
+            assert np.percentile(img[same_depth], 5) - 0.02 <= np.median(img[gap])
+            assert np.median(img[gap]) <= soft_level + 0.3 * (bone_level - soft_level), (seed, soft_level, bone_level)
+            checked += 1
+    assert checked >= 2
+
+
+@pytest.mark.parametrize("implant", ["nail", "plate", "hip"])
+@pytest.mark.parametrize("view", ["AP", "LAT"])
+def test_implants_are_brighter_than_cortical_bone(implant, view):
+    framing = "mid" if implant == "plate" else "proximal"
+    for seed in range(3):
+        out = _layered(seed, view, size=256, framing=framing, implant=implant)
+        field, img = _open_field(out), out.pixels / 65535.0
+        metal = field & (out.layers["metal"] > 1.0)
+        cortex = field & (out.layers["metal"] == 0) & (out.layers["bone"] > 0.6)
+        assert metal.sum() > 20 and cortex.sum() > 50, (seed, metal.sum(), cortex.sum())
+        assert np.median(img[metal]) > np.percentile(img[cortex], 95) + 0.02
+        assert np.percentile(img, 100) < 0.98  # not clipped white (curation's metal filter is for defects)
 
 
 def test_rejects_inconsistent_arguments():
@@ -82,6 +150,12 @@ def test_rejects_inconsistent_arguments():
     with pytest.raises(ValueError, match="view"):
         synthetic.render_femur(np.random.default_rng(0), label_name="normal", fracture_type="none",
                                **{**kw, "view": "PA"})
+    with pytest.raises(ValueError, match="framing"):
+        synthetic.render_femur(np.random.default_rng(0), label_name="normal", fracture_type="none",
+                               **{**kw, "framing": "whole"})
+    with pytest.raises(ValueError, match="implant"):
+        synthetic.render_femur(np.random.default_rng(0), label_name="normal", fracture_type="none",
+                               **{**kw, "implant": "cast"})
 
 
 # ─── Classes and patients ────────────────────────────────────────────────────────────────────────
