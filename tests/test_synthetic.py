@@ -18,9 +18,10 @@ def _images(num_patients, seed=0, size=SIZE, **kw):
 
 
 def _render_pair(label_name, fracture_type, position, seed=3, size=128):
-    """The normal image and the fractured image for one (rng seed, anatomy, pose)."""
+    """The normal image and the fractured image for one (rng seed, anatomy, pose), framed on the hip and
+    proximal shaft so that both fracture levels are in the picture."""
     anatomy = synthetic.FemurAnatomy.sample(np.random.default_rng(seed))
-    kw = dict(size=size, view="AP", laterality="R", fracture_position=position, anatomy=anatomy)
+    kw = dict(size=size, view="AP", laterality="R", fracture_position=position, anatomy=anatomy, framing="proximal")
     normal = synthetic.render_femur(np.random.default_rng(seed + 100), label_name="normal", fracture_type="none", **kw)
     fractured = synthetic.render_femur(np.random.default_rng(seed + 100), label_name=label_name,
                                        fracture_type=fracture_type, **kw)
@@ -64,15 +65,82 @@ def test_dtype_shape_and_range():
         assert 0.2 < img.pixel_spacing_mm[0] * SIZE / synthetic._FIELD_MM < 2.0
 
 
-@pytest.mark.parametrize("seed,view", [(0, "AP"), (1, "LAT"), (2, "AP")])
-def test_bone_brighter_than_soft_tissue_brighter_than_background(seed, view):
-    size = 128
-    image = synthetic.render_femur(np.random.default_rng(seed), label_name="normal", fracture_type="none",
-                                   size=size, view=view, laterality="L", fracture_position=0.5)
-    row = image[int(0.7 * size)].astype(np.int64)  # through the shaft, below any corner marker
-    bone_col = int(row.argmax())
-    soft = max(row[max(bone_col - size // 6, 0)], row[min(bone_col + size // 6, size - 1)])
-    assert row.max() > soft + 3000 > row.min() + 6000
+def _layered(seed, view, *, size=128, laterality="L", label_name="normal", fracture_type="none", framing=None,
+             implant="none", position=0.5):
+    anatomy = synthetic.FemurAnatomy.sample(np.random.default_rng(seed))
+    return synthetic._render(np.random.default_rng(seed + 50), label_name=label_name, fracture_type=fracture_type,
+                             size=size, view=view, laterality=laterality, fracture_position=position, anatomy=anatomy,
+                             framing=framing, implant=implant, layers=True)
+
+
+def _open_field(out):
+    """Pixels inside the collimated field and away from the side marker."""
+    return (out.layers["collimator"] > 0.99) & (out.layers["marker"] == 0)
+
+
+# Replaces the old single-row check (brightest pixel of row 0.7 = bone): with collimation, knee framings
+# and a lead marker the brightest pixel of a row is no longer bone, so the tissues are found by their layers.
+@pytest.mark.parametrize("seed,view,framing", [(0, "AP", "proximal"), (1, "LAT", "mid"), (2, "AP", "distal"),
+                                               (3, "LAT", None)])
+def test_bone_brighter_than_soft_tissue_brighter_than_air(seed, view, framing):
+    out = _layered(seed, view, framing=framing)
+    pixels, layers, field = out.pixels.astype(np.int64), out.layers, _open_field(out)
+    bone = field & (layers["bone"] > 0.5)
+    soft = field & (layers["bone"] == 0) & (layers["soft"] > 0.3)
+    air = field & (layers["soft"] == 0) & (layers["bone"] == 0)
+    assert bone.sum() > 100 and soft.sum() > 100
+    assert np.median(pixels[bone]) > np.median(pixels[soft]) + 6000
+    if air.sum() > 50:  # the thigh may fill the collimated field
+        assert np.median(pixels[soft]) > np.median(pixels[air]) + 3000
+
+
+# ─── Physics ─────────────────────────────────────────────────────────────────────────────────────
+
+@pytest.mark.parametrize("fracture_type", ["oblique", "spiral", "comminuted", "transverse"])
+def test_fracture_gap_is_as_bright_as_soft_tissue_never_darker(fracture_type):
+    """Where a fracture removes bone only soft tissue is left on the ray: the gap shows at the level of
+    soft tissue of the same depth (a little brighter from blur), never below the darkest soft tissue —
+    the old generator drew black wedges there."""
+    label = "aff" if fracture_type == "transverse" else "nff"
+    checked = 0
+    for seed in range(8):
+        view, laterality = ("AP", "LAT")[seed % 2], "LR"[seed % 2]
+        kw = dict(size=384, view=view, laterality=laterality, framing="proximal")
+        normal = _layered(seed, **kw)
+        fractured = _layered(seed, label_name=label, fracture_type=fracture_type, **kw)
+        np.testing.assert_array_equal(normal.layers["soft"], fractured.layers["soft"])  # fracture: bone only
+        field = _open_field(normal)
+        gap = field & (normal.layers["bone"] > 0.3) & (fractured.layers["bone"] < 0.05 * normal.layers["bone"])
+        if gap.sum() < 8:
+            continue
+        rows = np.unique(np.nonzero(gap)[0])
+        band = np.zeros_like(gap)
+        band[rows.min():rows.max() + 1] = True
+        soft = field & band & (normal.layers["bone"] == 0) & (fractured.layers["bone"] == 0)
+        depth = np.median(fractured.layers["soft"][gap])
+        same_depth = soft & (np.abs(fractured.layers["soft"] - depth) < 0.15 * depth)
+        img, before = fractured.pixels / 65535.0, normal.pixels / 65535.0
+        assert np.percentile(img[gap], 1) >= np.percentile(img[soft], 1)  # not darker than the darkest soft tissue
+        if gap.sum() >= 50:  # wide enough to escape the blur of the bone around it
+            soft_level, bone_level = np.median(img[same_depth]), np.median(before[gap])
+            assert np.percentile(img[same_depth], 5) - 0.02 <= np.median(img[gap])
+            assert np.median(img[gap]) <= soft_level + 0.3 * (bone_level - soft_level), (seed, soft_level, bone_level)
+            checked += 1
+    assert checked >= 2
+
+
+@pytest.mark.parametrize("implant", ["nail", "plate", "hip"])
+@pytest.mark.parametrize("view", ["AP", "LAT"])
+def test_implants_are_brighter_than_cortical_bone(implant, view):
+    framing = "mid" if implant == "plate" else "proximal"
+    for seed in range(3):
+        out = _layered(seed, view, size=256, framing=framing, implant=implant)
+        field, img = _open_field(out), out.pixels / 65535.0
+        metal = field & (out.layers["metal"] > 1.0)
+        cortex = field & (out.layers["metal"] == 0) & (out.layers["bone"] > 0.6)
+        assert metal.sum() > 20 and cortex.sum() > 50, (seed, metal.sum(), cortex.sum())
+        assert np.median(img[metal]) > np.percentile(img[cortex], 95) + 0.02
+        assert np.percentile(img, 100) < 0.98  # not clipped white (curation's metal filter is for defects)
 
 
 def test_rejects_inconsistent_arguments():
@@ -82,6 +150,12 @@ def test_rejects_inconsistent_arguments():
     with pytest.raises(ValueError, match="view"):
         synthetic.render_femur(np.random.default_rng(0), label_name="normal", fracture_type="none",
                                **{**kw, "view": "PA"})
+    with pytest.raises(ValueError, match="framing"):
+        synthetic.render_femur(np.random.default_rng(0), label_name="normal", fracture_type="none",
+                               **{**kw, "framing": "whole"})
+    with pytest.raises(ValueError, match="implant"):
+        synthetic.render_femur(np.random.default_rng(0), label_name="normal", fracture_type="none",
+                               **{**kw, "implant": "cast"})
 
 
 # ─── Classes and patients ────────────────────────────────────────────────────────────────────────
@@ -191,3 +265,101 @@ def test_dicom_files_round_trip(tmp_path):
     assert {k[0] for k in seen} == {"CR", "DX"}
     assert {k[1] for k in seen} == {"MONOCHROME1", "MONOCHROME2"}
     assert {k[2] for k in seen} == {12, 16}
+
+
+# ─── No class cue outside the fracture ───────────────────────────────────────────────────────────
+
+TRIVIAL_PATIENTS = 1200  # ~3,400 images: AUROC standard error ~0.02 at patient level, ~0.015 per image
+
+
+@pytest.fixture(scope="module")
+def trivial_sample():
+    """The images at 32 px, and each image's normal twin (same everything, fracture left out)."""
+    kw = dict(seed=0, image_size=32, class_fractions=synthetic._DEFAULT_FRACTIONS)
+    real = list(synthetic._iter_images(TRIVIAL_PATIENTS, **kw))
+    twins = list(synthetic._iter_images(TRIVIAL_PATIENTS, fractures=False, **kw))
+    assert [t.sop_uid for t in twins] == [r.sop_uid for r in real]
+    assert all(t.label == r.label and t.framing == r.framing and t.marker_xy == r.marker_xy
+               and t.implant == r.implant for t, r in zip(twins, real))
+    return real, twins
+
+
+def _cv_auroc(features, labels, groups):
+    """Mean over 5 patient-grouped folds of the held-out AUROC of a logistic regression on `features`.
+
+    AUROC is taken within each fold: pooling out-of-fold scores would mix the folds' intercepts, which
+    follow each training fold's class balance and so anti-correlate with the held-out labels (a
+    feature without information would then score below 0.5)."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import roc_auc_score
+    from sklearn.model_selection import GroupKFold
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    x = np.asarray(features, np.float64)
+    aurocs = []
+    for train, test in GroupKFold(n_splits=5).split(x, labels, groups):
+        model = make_pipeline(StandardScaler(), LogisticRegression(C=0.1, max_iter=2000)).fit(x[train], labels[train])
+        aurocs.append(roc_auc_score(labels[test], model.predict_proba(x[test])[:, 1]))
+    return float(np.mean(aurocs))
+
+
+def _thumbnail(pixels):
+    import cv2
+
+    return cv2.resize(pixels.astype(np.float32) / 65535.0, (16, 16), interpolation=cv2.INTER_AREA).ravel()
+
+
+COMPARISONS = {"aff_vs_nff": ((2,), (1,)), "fractured_vs_normal": ((1, 2), (0,))}
+
+
+def _nuisance_features(images):
+    """Per-image nuisance features (name -> (n, k) array) and per-patient ones, with their labels."""
+    one_hot = lambda values, names: np.asarray([[v == n for n in names] for v in values], np.float64)  # noqa: E731
+    image = {
+        "mean_intensity": np.asarray([[img.pixels.mean()] for img in images]),
+        "laterality": one_hot([i.laterality for i in images], synthetic.LATERALITIES)[:, :1],
+        "view": one_hot([i.view for i in images], synthetic.VIEWS)[:, :1],
+        "marker_position": np.asarray([i.marker_xy for i in images]),
+        "implant": one_hot([i.implant for i in images], synthetic.IMPLANTS),
+        "framing": one_hot([i.framing for i in images], synthetic.FRAMINGS),
+        "pixel_spacing": np.asarray([[i.pixel_spacing_mm[0]] for i in images]),
+    }
+    per_patient = collections.defaultdict(list)
+    for img in images:
+        per_patient[img.patient_id].append(img)
+    patients = list(per_patient.values())
+    patient = {
+        "images_per_patient": np.asarray([[len(p)] for p in patients], np.float64),
+        "laterality_per_patient": np.asarray([[p[0].laterality == "L"] for p in patients], np.float64),
+        "implant_per_patient": np.asarray([[any(i.implant != "none" for i in p)] for p in patients], np.float64),
+    }
+    return image, patient, patients
+
+
+@pytest.mark.parametrize("comparison", sorted(COMPARISONS))
+def test_trivial_features_do_not_predict_the_class(trivial_sample, comparison):
+    """Mean intensity, laterality, view, marker position, implant, framing, pixel spacing and images per
+    patient carry no class (AUROC 0.5 +- 0.07); nor do 16x16 thumbnails of the normal twins — the images
+    with the fracture itself left out and all else kept (thumbnails of the real images may show a
+    displaced fracture at 16 px, which is a class cue *inside* the fracture and allowed)."""
+    real, twins = trivial_sample
+    positive, negative = COMPARISONS[comparison]
+    keep = [i for i, img in enumerate(real) if img.label in positive + negative]
+    images = [real[i] for i in keep]
+    labels = np.asarray([img.label in positive for img in images], np.int64)
+    groups = np.asarray([img.patient_id for img in images])
+    assert labels.sum() > 600 and (1 - labels).sum() > 600
+    image_features, patient_features, patients = _nuisance_features(images)
+    aurocs = {name: _cv_auroc(x, labels, groups) for name, x in image_features.items()}
+    patient_labels = np.asarray([p[0].label in positive for p in patients], np.int64)
+    patient_groups = np.asarray([p[0].patient_id for p in patients])
+    aurocs.update({name: _cv_auroc(x, patient_labels, patient_groups) for name, x in patient_features.items()})
+    twin_thumbs = np.stack([_thumbnail(twins[i].pixels) for i in keep])
+    aurocs["thumbnail_16px_without_fracture"] = _cv_auroc(twin_thumbs, labels, groups)
+    off = {k: round(v, 3) for k, v in aurocs.items() if abs(v - 0.5) > 0.07}
+    assert not off, (off, {k: round(v, 3) for k, v in aurocs.items()})
+    # The same test sees a real cue: the fracture itself, in thumbnails of the real images (so it can fail).
+    if comparison == "fractured_vs_normal":
+        real_thumbs = np.stack([_thumbnail(real[i].pixels) for i in keep])
+        assert _cv_auroc(real_thumbs - twin_thumbs, labels, groups) > 0.6

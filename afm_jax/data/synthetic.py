@@ -1,39 +1,47 @@
-"""Embedded demo data: deterministic procedural femur radiographs, and a DICOM writer for them.
+"""Embedded demo data: deterministic synthetic femur radiographs rendered by attenuation, and a DICOM writer.
 
 Why: the real femur data (~500k DICOMs) is private, yet every part of the pipeline — DICOM
 conversion, records, pretraining, probing, curation — needs realistic input in tests and in the
 demo. This module draws synthetic patients whose radiographs carry the signs that define the
-three classes, so that a small self-supervised ViT has something real to learn:
+three classes, and vary in every other way a clinical femur series varies:
 
 * ``normal``: an intact femur.
-* ``nff`` (normal femoral fracture): an oblique, spiral or comminuted shaft fracture, with the
-  distal fragment displaced (shift, shortening, angulation) and, if comminuted, loose fragments.
-* ``aff`` (atypical femoral fracture): a transverse line that starts at the lateral cortex and runs
-  part way or fully across, focal lateral cortical thickening ("beaking") at the line, an optional
-  medial spike, no comminution and no displacement.
+* ``nff`` (normal femoral fracture): an oblique, spiral or comminuted shaft fracture with a jagged
+  line, the distal fragment displaced (shift, shortening with overlapping fragments, angulation)
+  and, if comminuted, a split butterfly segment and loose cortical chips.
+* ``aff`` (atypical femoral fracture): focal lateral cortical thickening ("beaking") with either a
+  thin transverse lucency running in from the lateral cortex (incomplete) or a complete transverse /
+  short-oblique line with an optional medial spike, little displacement and no comminution.
 
-How: each image is a projection of an analytic 3-D-ish model. Bone and soft tissue contribute
-path lengths (hollow cylinder for the shaft with cortex and medullary canal, ellipsoids and a
-capsule for head, neck and trochanters, an elliptic cylinder for the thigh), which are turned
-into a processed radiograph (``1 - exp(-k A)``, gamma, unsharp mask, noise) and stored as uint16,
-bone bright (MONOCHROME2 sense). Fractures cut the bone into rigid fragments evaluated in their
-own (undisplaced) coordinates. Everything is vectorised numpy/cv2 (~20 ms per 256² image).
+How (docs/synthetic.md): each pixel is a line integral ``A = sum(mu_i * L_i)`` through an analytic
+leg — soft tissue (thigh, knee, calf), cortical and trabecular bone (femur from the head to the
+condyles, pelvis, patella, tibia, fibula) and metal (intramedullary nails, plates and screws, hip
+prostheses, the lead side marker). Bone attenuations are given relative to the soft tissue they
+displace, so removing bone (a fracture gap, a displaced fragment) leaves exactly the soft-tissue
+integral: a gap is as bright as soft tissue, never black. The detector sees ``exp(-A)`` through
+the collimator, heel effect and anti-scatter grid, plus blurred scatter, focal-spot blur and quantum
+noise; processing takes ``-log``, sharpens and maps it through a sigmoid LUT (bone bright,
+MONOCHROME2 sense) to uint16. Everything is vectorised numpy/cv2.
 
-Randomness is layered so that class signs are the *only* class-dependent part:
+Randomness is layered so that the fracture is the *only* class-dependent part:
 
 * patient level (``default_rng([seed, i, 0])``): anatomy, laterality, number of images, fake
-  identifiers, fracture shape (its own stream, shared by all images of the patient);
-* image level (``default_rng([seed, i, j, 1])``): pose, magnification, exposure, contrast,
-  noise, side marker — drawn identically whatever the class;
+  identifiers, the implant of the follow-up study, fracture shape (its own stream, shared by all
+  images of the patient);
+* image level (``default_rng([seed, i, j, 1])``): framing (proximal / mid-shaft / distal with the
+  knee) and magnification, pose, collimation, grid, exposure, scatter, noise, processing and the
+  side marker's place — all drawn before, and independently of, the class;
 * labels follow a low-discrepancy (Weyl) sequence over patient index, so class fractions hold
   closely for any number of patients and patient ``i`` never depends on ``num_patients``.
 
-Canonical frame (used by all geometry below): a right femur, AP view, image centre at the origin,
-x to the right (medial in AP; posterior in LAT), y down, one unit = the image width at
-magnification 1 (``_FIELD_MM`` millimetres). Left femurs are mirrored images of right ones.
+Canonical frame (used by all geometry below): a right femur, image x to the right (medial in AP;
+posterior in LAT), y down, one unit = ``_FIELD_MM`` millimetres; the femoral head lies near
+y = -0.3 and the knee joint near y = 1.5. An image is a square window of this frame (its framing).
+Left femurs are mirrored images of right ones; the marker, collimator and grid are not mirrored.
 
 CLI: ``python -m afm_jax.data.synthetic --out DIR [--num_patients N] [--seed S] [--image_size P]
-[--dicom]`` writes the records dataset (default) or a DICOM tree with ``labels.csv``.
+[--dicom]`` writes the records dataset (default) or a DICOM tree with ``labels.csv``;
+``--contact_sheet PNG`` draws the per class x view contact sheet (docs/synthetic_contact_sheet.png).
 """
 
 from __future__ import annotations
@@ -54,7 +62,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
-from afm_jax import errors
+from afm_jax import errors, io
 from afm_jax.data import anonymize, records
 
 if TYPE_CHECKING:
@@ -68,18 +76,28 @@ FRACTURE_TYPES: dict[str, tuple[str, ...]] = {
 }
 VIEWS = ("AP", "LAT")
 LATERALITIES = ("L", "R")
+FRAMINGS = ("proximal", "mid", "distal")  # hip + proximal shaft; shaft; distal shaft + knee
+IMPLANTS = ("none", "nail", "plate", "hip")  # intramedullary nail, plate and screws, hip prosthesis
 
-_FIELD_MM = 240.0  # width of the canonical field of view at magnification 1
-_SHAFT_X = -0.06  # shaft axis position in the canonical frame (head lies to the right)
+_FIELD_MM = 240.0  # one canonical unit in millimetres
+_SHAFT_X = -0.06  # shaft axis position at the top of the shaft (head lies to the right)
+_SHAFT_TOP = -0.2  # where the shaft meets the neck
 # Fracture level along the shaft: fracture_position 0 = sub-trochanteric, 1 = mid-shaft.
-_FRACTURE_Y_RANGE = (-0.04, 0.34)
-# Attenuation per canonical unit of path (display-tuned, not physical constants).
+_FRACTURE_Y_RANGE = (-0.04, 0.55)
+_FRAMING_P = (0.5, 0.3, 0.2)
+_IMPLANT_P = 0.5  # fraction of follow-up studies with an implant (any class)
+# Effective linear attenuation per canonical unit of path (1 unit = 240 mm). Bone and metal are given
+# *relative to the soft tissue they displace* (so A = mu_soft * L_leg + sum (mu_i - mu_soft) L_i).
+# Cortex 11/unit = 0.46/cm (cortical bone at ~60 keV effective: ~0.5/cm); soft tissue is set ~4x below
+# its physical 0.2/cm, standing in for the dynamic-range compression (equalisation) of clinical
+# processing that keeps the thigh grey rather than white; marrow ~ soft tissue.
 _MU_CORTEX = 11.0
-_MU_TRABECULAR = 0.35 * _MU_CORTEX
-_MU_MARROW = 0.06 * _MU_CORTEX
+_MU_TRABECULAR = 0.3 * _MU_CORTEX
+_MU_MARROW = 0.0
 _MU_PELVIS = 0.30 * _MU_CORTEX
-_MU_SOFT = 0.75
-_WHITE_ATTENUATION = 1.7
+_MU_SOFT = 1.2
+_MU_METAL = 7.0 * _MU_CORTEX  # steel / titanium alloy implants
+_MARKER_ATTENUATION = 6.0  # a lead letter stops nearly the whole beam
 _UID_ROOT = "afm-jax synthetic femur"
 _GOLDEN = 0.6180339887498949  # Weyl sequence step for class assignment
 _DEFAULT_FRACTIONS = (0.34, 0.33, 0.33)
@@ -110,6 +128,10 @@ class SyntheticImage:
     label: int  # 0 normal, 1 nff, 2 aff
     label_name: str
     fracture_type: str  # "none", "oblique", "spiral", "comminuted", "transverse"
+    # Nuisance facts, for tests and the contact sheet only (not in the record schema):
+    framing: str = "proximal"  # one of FRAMINGS
+    implant: str = "none"  # one of IMPLANTS
+    marker_xy: tuple[float, float] = (0.0, 0.0)  # side-marker centre, fraction of width / height
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,13 +146,15 @@ class FemurAnatomy:
     thigh_radius: float
     thigh_offset: float  # thigh centre relative to the shaft axis
     bone_density: float
-    fracture_seed: int  # seeds the fracture shape, so all views show the same fracture
+    fracture_seed: int  # seeds the fracture (and implant) shape, so all views show the same one
+    knee_y: float = 1.5  # height of the knee joint line (femoral length)
+    valgus: float = 0.1  # slope of the shaft in AP (the knee lies medial to the hip), radians
 
     @classmethod
     def sample(cls, rng: np.random.Generator) -> FemurAnatomy:
         """Draws a plausible adult femur."""
         return cls(
-            shaft_radius=float(rng.uniform(0.052, 0.066)),
+            shaft_radius=float(rng.uniform(0.052, 0.064)),
             cortex_fraction=float(rng.uniform(0.25, 0.38)),
             neck_shaft_angle_deg=float(rng.uniform(122.0, 136.0)),
             head_scale=float(rng.uniform(1.3, 1.5)),
@@ -139,6 +163,8 @@ class FemurAnatomy:
             thigh_offset=float(rng.uniform(0.0, 0.06)),
             bone_density=float(rng.uniform(0.85, 1.15)),
             fracture_seed=int(rng.integers(2**62)),
+            knee_y=float(rng.uniform(1.4, 1.6)),
+            valgus=float(rng.uniform(0.07, 0.12)),
         )
 
 
@@ -170,10 +196,40 @@ def _ellipsoid_path(x: np.ndarray, y: np.ndarray, centre: tuple[float, float], a
     return 2.0 * depth * np.sqrt(np.maximum(1.0 - q, 0.0))
 
 
+def _shell(full_path: np.ndarray, core_path: np.ndarray) -> np.ndarray:
+    """Trabecular body with a cortical shell, from the paths through the whole and the core."""
+    return _MU_TRABECULAR * core_path + _MU_CORTEX * (full_path - core_path)
+
+
+def _shelled_ellipsoid(x, y, centre, axes, depth, angle=0.0, core=0.88) -> np.ndarray:
+    return _shell(_ellipsoid_path(x, y, centre, axes, depth, angle),
+                  _ellipsoid_path(x, y, centre, (core * axes[0], core * axes[1]), core * depth, angle))
+
+
+def _capsule_distance(x, y, start: tuple[float, float], direction: tuple[float, float], length: float):
+    """(distance to the segment start + t*length*direction, t in [0, 1]) for every point."""
+    px, py = x - start[0], y - start[1]
+    t = np.clip((px * direction[0] + py * direction[1]) / length, 0.0, 1.0)
+    return np.hypot(px - t * length * direction[0], py - t * length * direction[1]), t
+
+
 def _shaft_centre(y: np.ndarray | float, anat: FemurAnatomy, view: str) -> np.ndarray | float:
-    """x of the shaft axis at height y; the bow points to -x (anterior in LAT)."""
+    """x of the shaft axis at height y: slanted medially in AP (valgus), bowed anteriorly (-x) in LAT."""
+    t = np.clip((y - _SHAFT_TOP) / (anat.knee_y - _SHAFT_TOP), 0.0, 1.0)
     bow = anat.bow if view == "LAT" else anat.bow / 3.0
-    return _SHAFT_X - bow * (1.0 - np.square((y - 0.3) / 0.8))
+    slant = anat.valgus if view == "AP" else 0.0
+    return _SHAFT_X + slant * (y - _SHAFT_TOP) - 4.0 * bow * t * (1.0 - t)
+
+
+def _shaft_radii(y: np.ndarray, anat: FemurAnatomy, view: str):
+    """(outer radius, inner radius, canal attenuation, proximal flare weight) of the shaft at height y."""
+    r0 = anat.shaft_radius
+    prox = _sigmoid((-0.1 - y) / 0.04)  # proximal metaphysis: wider, thinner cortex, trabecular canal
+    dist = _sigmoid((y - (anat.knee_y - 0.21)) / 0.045)  # distal metaphysis flaring to the condyles
+    outer = r0 * (1.0 + 0.45 * prox + (1.65 if view == "AP" else 1.05) * dist)
+    inner = outer - anat.cortex_fraction * r0 * (1.0 - 0.65 * prox) * (1.0 - 0.8 * dist)
+    canal_mu = _MU_MARROW + (_MU_TRABECULAR - _MU_MARROW) * np.maximum(prox, dist)
+    return outer, inner, canal_mu, prox
 
 
 @dataclasses.dataclass(frozen=True)
@@ -194,16 +250,17 @@ class _Proximal:
 def _proximal(anat: FemurAnatomy, view: str) -> _Proximal:
     r0 = anat.shaft_radius
     x_top = float(_shaft_centre(-0.2, anat, view))
+    x_lt = float(_shaft_centre(-0.1, anat, view))
     if view == "AP":
         angle, length = math.radians(anat.neck_shaft_angle_deg), 2.6 * r0
         base = (x_top + 0.15 * r0, -0.20)
         gt_centre, gt_axes = (x_top - 0.55 * r0, -0.24), (0.85 * r0, 1.3 * r0)
-        lt_centre, lt_axes = (float(_shaft_centre(-0.1, anat, view)) + 1.1 * r0, -0.10), (0.45 * r0, 0.55 * r0)
+        lt_centre, lt_axes = (x_lt + 1.1 * r0, -0.10), (0.45 * r0, 0.55 * r0)
     else:  # lateral: neck foreshortened, head over the trochanter, lesser trochanter posterior
         angle, length = math.radians(168.0), 2.2 * r0
         base = (x_top + 0.1 * r0, -0.21)
         gt_centre, gt_axes = (x_top + 0.2 * r0, -0.25), (1.0 * r0, 1.2 * r0)
-        lt_centre, lt_axes = (float(_shaft_centre(-0.1, anat, view)) + 1.05 * r0, -0.09), (0.35 * r0, 0.5 * r0)
+        lt_centre, lt_axes = (x_lt + 1.05 * r0, -0.09), (0.35 * r0, 0.5 * r0)
     direction = (math.sin(angle), math.cos(angle))  # angle from the downward shaft axis
     head = (base[0] + length * direction[0], base[1] + length * direction[1])
     return _Proximal(base, direction, length, head, anat.head_scale * r0, gt_centre, gt_axes, lt_centre, lt_axes)
@@ -219,39 +276,63 @@ class _Beak:
 
 
 def _bone_attenuation(x: np.ndarray, y: np.ndarray, anat: FemurAnatomy, view: str,
-                      beak: _Beak | None = None) -> np.ndarray:
-    """Attenuation of the intact femur (shaft, neck, head, trochanters, optional beak) at (x, y)."""
-    r0, prox = anat.shaft_radius, _proximal(anat, view)
+                      beak: _Beak | None = None, native_head: bool = True) -> np.ndarray:
+    """Attenuation (relative to soft tissue) of the intact femur and the bones of the knee at (x, y).
+
+    Parts far from the points asked for are skipped (the arrays may be a band of the image)."""
     u = x - _shaft_centre(y, anat, view)
-    proximal_flare = _sigmoid((-0.1 - y) / 0.04)  # metaphysis: wider, thinner cortex, trabecular canal
-    outer = r0 * (1.0 + 0.45 * proximal_flare + 0.25 * _sigmoid((y - 0.5) / 0.06))
-    inner = outer - anat.cortex_fraction * r0 * (1.0 - 0.65 * proximal_flare)
-    canal_mu = _MU_MARROW + (_MU_TRABECULAR - _MU_MARROW) * proximal_flare
+    outer, inner, canal_mu, _ = _shaft_radii(y, anat, view)
     outer_path, inner_path = _chord(outer, u), _chord(inner, u)
-    bone = (_MU_CORTEX * (outer_path - inner_path) + canal_mu * inner_path) * _soft_step(y + 0.23, 0.03)
-
-    # Neck: a capsule narrowing towards the head; thin cortical shell around trabecular bone.
-    px, py = x - prox.neck_base[0], y - prox.neck_base[1]
-    t = np.clip((px * prox.neck_dir[0] + py * prox.neck_dir[1]) / prox.neck_length, 0.0, 1.0)
-    d = np.hypot(px - t * prox.neck_length * prox.neck_dir[0], py - t * prox.neck_length * prox.neck_dir[1])
-    neck_r = r0 * (1.3 - 0.55 * t)
-    bone = np.maximum(bone, _shell(_chord(neck_r, d), _chord(0.8 * neck_r, d)))
-    head_d = np.hypot(x - prox.head_centre[0], y - prox.head_centre[1])
-    bone = np.maximum(bone, _shell(_chord(prox.head_radius, head_d), _chord(0.88 * prox.head_radius, head_d)))
-    for centre, axes in ((prox.gt_centre, prox.gt_axes), (prox.lt_centre, prox.lt_axes)):
-        depth = 1.1 * min(axes)
-        full = _ellipsoid_path(x, y, centre, axes, depth)
-        core = _ellipsoid_path(x, y, centre, (0.85 * axes[0], 0.85 * axes[1]), 0.85 * depth)
-        bone = np.maximum(bone, _shell(full, core))
-
+    bone = (_MU_CORTEX * (outer_path - inner_path) + canal_mu * inner_path) \
+        * (_soft_step(y + 0.23, 0.03) * _soft_step(anat.knee_y - 0.075 - y, 0.04))
     if beak is not None:
         bone = bone + _beak_attenuation(u, y, outer, inner, beak)
+    if float(y.min()) < 0.05:
+        bone = np.maximum(bone, _proximal_attenuation(x, y, anat, view, native_head))
+    if float(y.max()) > anat.knee_y - 0.3:
+        bone = bone + _knee_attenuation(x, y, anat, view)
     return bone * anat.bone_density
 
 
-def _shell(full_path: np.ndarray, core_path: np.ndarray) -> np.ndarray:
-    """Trabecular body with a cortical shell, from the paths through the whole and the core."""
-    return _MU_TRABECULAR * core_path + _MU_CORTEX * (full_path - core_path)
+def _proximal_attenuation(x, y, anat: FemurAnatomy, view: str, native_head: bool) -> np.ndarray:
+    """Neck (a capsule narrowing towards the head), head and trochanters, each a shelled solid."""
+    r0, prox = anat.shaft_radius, _proximal(anat, view)
+    bone = np.zeros_like(x)
+    if native_head:
+        d, t = _capsule_distance(x, y, prox.neck_base, prox.neck_dir, prox.neck_length)
+        neck_r = r0 * (1.3 - 0.55 * t)
+        bone = _shell(_chord(neck_r, d), _chord(0.8 * neck_r, d))
+        head_d = np.hypot(x - prox.head_centre[0], y - prox.head_centre[1])
+        bone = np.maximum(bone, _shell(_chord(prox.head_radius, head_d), _chord(0.88 * prox.head_radius, head_d)))
+    for centre, axes in ((prox.gt_centre, prox.gt_axes), (prox.lt_centre, prox.lt_axes)):
+        bone = np.maximum(bone, _shelled_ellipsoid(x, y, centre, axes, 1.1 * min(axes), core=0.85))
+    return bone
+
+
+def _knee_attenuation(x, y, anat: FemurAnatomy, view: str) -> np.ndarray:
+    """Femoral condyles, patella, tibia and fibula (they move with the distal femur)."""
+    r0, ky = anat.shaft_radius, anat.knee_y
+    cx = float(_shaft_centre(ky, anat, view))
+    top = ky + 0.02  # tibial plateau, 5 mm below the condyles (joint space)
+    if view == "AP":
+        bone = np.maximum(_shelled_ellipsoid(x, y, (cx + 1.2 * r0, ky - 0.07), (1.55 * r0, 1.3 * r0), 1.5 * r0, core=0.93),
+                          _shelled_ellipsoid(x, y, (cx - 1.2 * r0, ky - 0.073), (1.5 * r0, 1.25 * r0), 1.45 * r0, core=0.93))
+        bone = bone + _shelled_ellipsoid(x, y, (cx + 0.1 * r0, ky - 0.11), (1.3 * r0, 1.55 * r0), 0.9 * r0)
+        tx, plateau, fib_x = cx + 0.1 * r0, 1.75, cx - 2.2 * r0
+    else:
+        bone = _shelled_ellipsoid(x, y, (cx + 0.55 * r0, ky - 0.085), (1.85 * r0, 1.7 * r0), 1.9 * r0, core=0.93)
+        bone = bone + _shelled_ellipsoid(x, y, (cx - 2.75 * r0, ky - 0.11), (0.7 * r0, 1.6 * r0), 1.5 * r0, 0.2)
+        tx, plateau, fib_x = cx + 0.35 * r0, 1.3, cx + 1.3 * r0
+    # Tibia: a shaft (radius 0.85 r0) flaring to the plateau, thin cortex and trabecular metaphysis.
+    flare = _sigmoid(((top + 0.1) - y) / 0.035)
+    outer = r0 * (0.85 + plateau * flare)
+    inner = outer - 0.3 * r0 * (1.0 - 0.8 * flare)
+    u = x - tx
+    tibia = (_MU_CORTEX * (_chord(outer, u) - _chord(inner, u)) + _MU_TRABECULAR * flare * _chord(inner, u)) \
+        * _soft_step(y - top - 0.002 * np.square(u / r0), 0.008)
+    fibula = _chord(0.28 * r0, x - fib_x) * _MU_CORTEX * 0.6 * _soft_step(y - (top + 0.08), 0.01) \
+        + _shelled_ellipsoid(x, y, (fib_x, top + 0.075), (0.55 * r0, 0.7 * r0), 0.55 * r0)
+    return bone + tibia + fibula
 
 
 def _beak_attenuation(u: np.ndarray, y: np.ndarray, outer: np.ndarray, inner: np.ndarray,
@@ -268,6 +349,8 @@ def _beak_attenuation(u: np.ndarray, y: np.ndarray, outer: np.ndarray, inner: np
 
 def _pelvis_attenuation(x: np.ndarray, y: np.ndarray, anat: FemurAnatomy, view: str) -> np.ndarray:
     """Acetabular roof, ilium and ischiopubic ring around the head (faint overlap in LAT)."""
+    if float(y.min()) > 0.0:
+        return np.zeros_like(x)
     prox = _proximal(anat, view)
     hx, hy = prox.head_centre
     rh = prox.head_radius
@@ -284,9 +367,12 @@ def _pelvis_attenuation(x: np.ndarray, y: np.ndarray, anat: FemurAnatomy, view: 
 
 
 def _soft_tissue_attenuation(x: np.ndarray, y: np.ndarray, anat: FemurAnatomy, view: str) -> np.ndarray:
-    """Thigh silhouette: elliptic cylinder (fat) with a denser muscle core, widening to the hip."""
-    centre = _SHAFT_X + anat.thigh_offset * (1.0 if view == "AP" else -0.5)
-    radius = anat.thigh_radius * (1.0 + 0.3 * _sigmoid((-0.2 - y) / 0.08))
+    """Leg silhouette: an elliptic cylinder (fat) with a denser muscle core, widest at the hip and
+    narrowing over the knee to the calf; it follows half the shaft's slant."""
+    slant = anat.valgus if view == "AP" else 0.0
+    centre = _SHAFT_X + anat.thigh_offset * (1.0 if view == "AP" else -0.5) + 0.5 * slant * (y - _SHAFT_TOP)
+    radius = anat.thigh_radius * (1.0 + 0.3 * _sigmoid((-0.2 - y) / 0.08)) \
+        * (1.0 - 0.32 * _sigmoid((y - (anat.knee_y - 0.35)) / 0.12))
     dx = x - centre
     return _MU_SOFT * (0.7 * _chord(radius, dx) + 0.4 * _chord(0.75 * radius, dx))
 
@@ -316,15 +402,20 @@ def _fracture_y(position: float) -> float:
 
 
 def _line_distance(x: np.ndarray, y: np.ndarray, anat: FemurAnatomy, view: str, y0: float, slope: float,
-                   wobble: float = 0.0, spike_start: float | None = None, spike_slope: float = 0.0) -> np.ndarray:
-    """Signed distance (approx.) from the fracture line y = y0 + slope*u [+ wobble, + medial spike]; > 0 distal."""
-    # Beyond the shaft the line runs on transversely, so it never cuts the neck or head.
-    u = np.clip(x - _shaft_centre(y, anat, view), -1.5 * anat.shaft_radius, 1.5 * anat.shaft_radius)
+                   wobble: float = 0.0, spike_start: float | None = None, spike_slope: float = 0.0,
+                   rough: tuple[float, float, float] = (0.0, 0.0, 0.0)) -> np.ndarray:
+    """Signed distance (approx.) from the fracture line y = y0 + slope*u [+ wobble, + medial spike,
+    + jagged roughness]; > 0 distal."""
+    # Beyond the shaft the line runs on transversely, so it never cuts the neck, head or knee.
+    r0 = anat.shaft_radius
+    u = np.clip(x - _shaft_centre(y, anat, view), -1.5 * r0, 1.5 * r0)
     offset = slope * u
     if wobble:  # spiral fractures project as an S-shaped steep line
-        offset = offset + wobble * np.sin(np.pi * u / anat.shaft_radius)
+        offset = offset + wobble * np.sin(np.pi * u / r0)
     if spike_start is not None:  # AFF medial spike: the line turns oblique near the medial cortex
         offset = offset + spike_slope * np.maximum(u - spike_start, 0.0)
+    if rough[0]:  # interdigitating fracture surfaces
+        offset = offset + rough[0] * (np.sin(9.0 * u / r0 + rough[1]) + 0.6 * np.sin(23.0 * u / r0 + rough[2]))
     return (y - y0 - offset) / math.sqrt(1.0 + slope * slope)
 
 
@@ -341,27 +432,35 @@ def _signed(rng: np.random.Generator, low: float, high: float) -> float:
     return float(rng.uniform(low, high) * rng.choice((-1.0, 1.0)))
 
 
-def _plan_fracture(anat: FemurAnatomy, view: str, fracture_type: str, position: float, edge: float) -> _FracturePlan:
+def _plan_fracture(anat: FemurAnatomy, view: str, fracture_type: str, position: float, edge: float,
+                   fixed: bool = False) -> _FracturePlan:
     """Fracture geometry for one view. Shapes come from the patient's fracture seed; both views are
-    always drawn (in a fixed order) so AP and LAT of one patient show the same fracture."""
+    always drawn (in a fixed order) so AP and LAT of one patient show the same fracture. A `fixed`
+    fracture (an implant holds it) keeps a sixth of its displacement."""
     rng = np.random.default_rng(anat.fracture_seed)
     r0, y0 = anat.shaft_radius, _fracture_y(position)
     draws = [_draw_fracture_params(rng, fracture_type, r0) for _ in VIEWS]
     p = draws[VIEWS.index(view)]
+    keep = 1.0 / 6.0 if fixed else 1.0
     pivot = (float(_shaft_centre(y0, anat, view)), y0)
-    disp = dict(shift=p.get("shift", (0.0, 0.0)), angle=p.get("angle", 0.0), pivot=pivot)
+
+    def moved(shift, angle):
+        return dict(shift=(keep * shift[0], keep * shift[1]), angle=keep * angle, pivot=pivot)
+
+    disp = moved(p.get("shift", (0.0, 0.0)), p.get("angle", 0.0))
+    rough = p["rough"]
 
     if fracture_type in ("oblique", "spiral"):
         def dist(x, y):
-            return _line_distance(x, y, anat, view, y0, p["slope"], wobble=p.get("wobble", 0.0))
+            return _line_distance(x, y, anat, view, y0, p["slope"], wobble=p.get("wobble", 0.0), rough=rough)
         return _FracturePlan(_split_fragments(dist, p["gap"], edge, **disp))
 
     if fracture_type == "comminuted":
         def dist_a(x, y):
-            return _line_distance(x, y, anat, view, y0 - p["half_zone"], p["slope_a"])
+            return _line_distance(x, y, anat, view, y0 - p["half_zone"], p["slope_a"], rough=rough)
 
         def dist_b(x, y):
-            return _line_distance(x, y, anat, view, y0 + p["half_zone"], p["slope_b"])
+            return _line_distance(x, y, anat, view, y0 + p["half_zone"], p["slope_b"], rough=(rough[0], rough[2], rough[1]))
 
         def dist_c(x, y):  # longitudinal split of the middle zone into a lateral and a medial piece
             return (x - _shaft_centre(y, anat, view)) - p["split_u"] - p["split_slope"] * (y - y0)
@@ -375,9 +474,9 @@ def _plan_fracture(anat: FemurAnatomy, view: str, fracture_type: str, position: 
             _Fragment(lambda x, y: _soft_step(-dist_a(x, y) - g, edge)),
             _Fragment(lambda x, y: _soft_step(dist_b(x, y) - g, edge), **disp),
             _Fragment(lambda x, y: middle(x, y) * _soft_step(-dist_c(x, y) - g, edge),
-                      p["lateral_shift"], p["lateral_angle"], pivot),
+                      **moved(p["lateral_shift"], p["lateral_angle"])),
             _Fragment(lambda x, y: middle(x, y) * _soft_step(dist_c(x, y) - g, edge),
-                      p["medial_shift"], p["medial_angle"], pivot),
+                      **moved(p["medial_shift"], p["medial_angle"])),
         )
         chips = tuple((pivot[0] + cx, y0 + cy, ax, ay, a) for cx, cy, ax, ay, a in p["chips"])
         return _FracturePlan(fragments, chips)
@@ -387,14 +486,13 @@ def _plan_fracture(anat: FemurAnatomy, view: str, fracture_type: str, position: 
         if p["complete"]:
             def dist(x, y):
                 return _line_distance(x, y, anat, view, y0, p["slope"], spike_start=p["spike_start"],
-                                      spike_slope=p["spike_slope"])
-            # AFFs are shown undisplaced: the sign is the line and the beak, not fragment position.
-            return _FracturePlan(_split_fragments(dist, p["gap"], edge, (0.0, 0.0), 0.0, pivot), beak=beak)
-        tip = -r0 + p["extent"] * 2.0 * r0  # incomplete: the crack stops part way across
+                                      spike_slope=p["spike_slope"], rough=(0.3 * rough[0], *rough[1:]))
+            return _FracturePlan(_split_fragments(dist, p["gap"], edge, **disp), beak=beak)
+        tip = -r0 + p["extent"] * 2.0 * r0  # incomplete: the crack runs in from the lateral cortex, then stops
 
         def intact_except_crack(x, y):
             u = x - _shaft_centre(y, anat, view)
-            half_width = p["gap"] / 2 * np.clip((tip - u) / (0.4 * r0), 0.0, 1.0)
+            half_width = p["gap"] / 2 * np.clip((tip - u) / (0.5 * r0), 0.0, 1.0)
             dist = _line_distance(x, y, anat, view, y0, p["slope"])
             return 1.0 - _soft_step(half_width - np.abs(dist), edge)
         return _FracturePlan((_Fragment(intact_except_crack),), beak=beak)
@@ -403,111 +501,235 @@ def _plan_fracture(anat: FemurAnatomy, view: str, fracture_type: str, position: 
 
 
 def _draw_fracture_params(rng: np.random.Generator, fracture_type: str, r0: float) -> dict:
-    """Random shape parameters of one fracture type (one view), in canonical units."""
+    """Random shape parameters of one fracture type (one view), in canonical units (r0 = shaft radius).
+
+    NFF: wide, jagged, displaced (shift up to ~1.3 shaft radii, shortening that overlaps the fragments,
+    angulation up to 12 degrees). AFF: 0.4-1.2 mm (incomplete) or 0.7-1.7 mm (complete) lines, nearly
+    undisplaced, with a lateral beak."""
     deg = math.radians
+    rough = (rng.uniform(0.04, 0.12) * r0, rng.uniform(0, 2 * math.pi), rng.uniform(0, 2 * math.pi))
     if fracture_type == "oblique":
-        return dict(slope=math.tan(_signed(rng, deg(30), deg(55))), gap=rng.uniform(0.008, 0.016),
-                    shift=(_signed(rng, 0.3, 1.0) * r0, rng.uniform(-0.35, 0.2) * r0),
-                    angle=_signed(rng, 0.0, deg(10)))
+        return dict(slope=math.tan(_signed(rng, deg(30), deg(60))), gap=rng.uniform(0.004, 0.01),
+                    shift=(_signed(rng, 0.4, 1.3) * r0, rng.uniform(-1.2, 0.1) * r0),
+                    angle=_signed(rng, 0.0, deg(12)), rough=rough)
     if fracture_type == "spiral":
-        return dict(slope=math.tan(_signed(rng, deg(50), deg(66))), wobble=rng.uniform(0.25, 0.45) * r0,
-                    gap=rng.uniform(0.008, 0.016),
-                    shift=(_signed(rng, 0.25, 0.8) * r0, rng.uniform(-0.4, 0.1) * r0),
-                    angle=_signed(rng, 0.0, deg(8)))
+        return dict(slope=math.tan(_signed(rng, deg(50), deg(68))), wobble=rng.uniform(0.25, 0.45) * r0,
+                    gap=rng.uniform(0.004, 0.01),
+                    shift=(_signed(rng, 0.3, 1.1) * r0, rng.uniform(-1.2, 0.1) * r0),
+                    angle=_signed(rng, 0.0, deg(10)), rough=rough)
     if fracture_type == "comminuted":
-        slope_a = _signed(rng, 0.15, 0.7)
-        slope_b = slope_a + rng.uniform(-0.5, 0.5)
-        chips = tuple((rng.uniform(-1.6, 1.6) * r0, rng.uniform(-1.2, 1.2) * r0, rng.uniform(0.15, 0.35) * r0,
-                       rng.uniform(0.1, 0.22) * r0, rng.uniform(0, math.pi)) for _ in range(rng.integers(2, 5)))
-        return dict(slope_a=slope_a, slope_b=slope_b, gap=rng.uniform(0.008, 0.016),
-                    half_zone=(0.55 * abs(slope_a - slope_b) + rng.uniform(0.35, 0.7)) * r0,
-                    split_u=rng.uniform(-0.3, 0.3) * r0, split_slope=rng.uniform(-0.3, 0.3),
-                    shift=(_signed(rng, 0.2, 0.8) * r0, rng.uniform(-0.3, 0.1) * r0),
-                    angle=_signed(rng, 0.0, deg(10)),
-                    lateral_shift=(-rng.uniform(0.25, 0.7) * r0, rng.uniform(-0.2, 0.2) * r0),
-                    lateral_angle=_signed(rng, deg(5), deg(20)),
-                    medial_shift=(rng.uniform(0.25, 0.7) * r0, rng.uniform(-0.2, 0.2) * r0),
-                    medial_angle=_signed(rng, deg(5), deg(20)), chips=chips)
+        slope_a = _signed(rng, 0.15, 0.8)
+        slope_b = slope_a + rng.uniform(-0.6, 0.6)
+        chips = tuple((rng.uniform(-1.7, 1.7) * r0, rng.uniform(-1.3, 1.3) * r0, rng.uniform(0.1, 0.3) * r0,
+                       rng.uniform(0.06, 0.16) * r0, rng.uniform(0, math.pi)) for _ in range(rng.integers(3, 8)))
+        return dict(slope_a=slope_a, slope_b=slope_b, gap=rng.uniform(0.004, 0.01),
+                    half_zone=(0.55 * abs(slope_a - slope_b) + rng.uniform(0.4, 0.8)) * r0,
+                    split_u=rng.uniform(-0.3, 0.3) * r0, split_slope=rng.uniform(-0.4, 0.4),
+                    shift=(_signed(rng, 0.3, 1.1) * r0, rng.uniform(-1.0, 0.1) * r0),
+                    angle=_signed(rng, 0.0, deg(12)),
+                    lateral_shift=(-rng.uniform(0.25, 0.8) * r0, rng.uniform(-0.3, 0.3) * r0),
+                    lateral_angle=_signed(rng, deg(5), deg(25)),
+                    medial_shift=(rng.uniform(0.25, 0.8) * r0, rng.uniform(-0.3, 0.3) * r0),
+                    medial_angle=_signed(rng, deg(5), deg(25)), chips=chips, rough=rough)
     if fracture_type == "transverse":
-        return dict(slope=math.tan(_signed(rng, 0.0, deg(8))), gap=rng.uniform(0.012, 0.02),
-                    complete=bool(rng.random() < 0.5), extent=rng.uniform(0.4, 0.8),
-                    spike_start=(rng.uniform(0.1, 0.5) * r0 if rng.random() < 0.6 else None),
-                    spike_slope=_signed(rng, 1.2, 2.0),
-                    beak_height=rng.uniform(0.35, 0.6) * r0, beak_sigma=rng.uniform(0.6, 1.0) * r0,
-                    beak_offset=rng.uniform(-0.15, 0.15) * r0)
+        complete = bool(rng.random() < 0.5)
+        return dict(slope=math.tan(_signed(rng, 0.0, deg(20) if complete else deg(6))),
+                    gap=rng.uniform(0.003, 0.007) if complete else rng.uniform(0.0017, 0.005),
+                    complete=complete, extent=rng.uniform(0.15, 0.55),
+                    spike_start=(rng.uniform(0.1, 0.5) * r0 if rng.random() < 0.7 else None),
+                    spike_slope=_signed(rng, 1.2, 2.2),
+                    shift=(_signed(rng, 0.0, 0.25) * r0, rng.uniform(-0.1, 0.05) * r0),
+                    angle=_signed(rng, 0.0, deg(2.5)),
+                    beak_height=rng.uniform(0.3, 0.55) * r0, beak_sigma=rng.uniform(0.6, 1.0) * r0,
+                    beak_offset=rng.uniform(-0.15, 0.15) * r0, rough=rough)
     raise ValueError(f"No fracture parameters for fracture_type {fracture_type!r}.")
 
 
 def _fractured_bone(x: np.ndarray, y: np.ndarray, anat: FemurAnatomy, view: str,
-                    plan: _FracturePlan | None) -> np.ndarray:
-    """Bone attenuation with each fragment moved rigidly (sampled at its undisplaced coordinates)."""
+                    plan: _FracturePlan | None, native_head: bool = True) -> np.ndarray:
+    """Bone attenuation with each fragment moved rigidly (sampled at its undisplaced coordinates).
+
+    A fragment's bone is evaluated only on the image rows where its membership is non-zero."""
     if plan is None:
-        return _bone_attenuation(x, y, anat, view)
+        return _bone_attenuation(x, y, anat, view, native_head=native_head)
     total = np.zeros_like(x)
     for frag in plan.fragments:
         c, s = math.cos(frag.angle), math.sin(frag.angle)
         px, py = x - frag.pivot[0] - frag.shift[0], y - frag.pivot[1] - frag.shift[1]
         sx, sy = c * px + s * py + frag.pivot[0], -s * px + c * py + frag.pivot[1]  # inverse rotation
-        total += _bone_attenuation(sx, sy, anat, view, plan.beak) * frag.inside(sx, sy)
+        inside = frag.inside(sx, sy)
+        rows = np.flatnonzero(inside.max(axis=1) > 0)
+        if rows.size == 0:
+            continue
+        band = slice(int(rows[0]), int(rows[-1]) + 1)
+        total[band] += _bone_attenuation(sx[band], sy[band], anat, view, plan.beak, native_head) * inside[band]
     for cx, cy, ax, ay, angle in plan.chips:
-        total += 0.8 * _MU_CORTEX * anat.bone_density * _ellipsoid_path(x, y, (cx, cy), (ax, ay), min(ax, ay), angle)
+        total += _MU_CORTEX * anat.bone_density * _ellipsoid_path(x, y, (cx, cy), (ax, ay), 1.5 * max(ax, ay), angle)
     return total
 
 
 # ======================================================================================
-# Image formation
+# Implants (metal, in the canonical frame of the undisplaced femur)
+# ======================================================================================
+
+
+def _metal_rod(x, y, anat: FemurAnatomy, view: str, top: float, end: float, radius, bore: float = 0.0):
+    """A rod (tube if `bore` > 0) along the shaft axis between heights `top` and `end`."""
+    u = x - _shaft_centre(y, anat, view)
+    path = _chord(radius, u) - (_chord(bore * radius, u) if bore else 0.0)
+    return path * _soft_step(y - top, 0.004) * _soft_step(end - y, 0.004)
+
+
+def _transverse_screw(x, y, anat: FemurAnatomy, view: str, ys: float, radius: float, u_from: float, u_to: float):
+    """A screw across the shaft at height ys (mediolateral): a bar in AP, an end-on disc in LAT."""
+    u = x - _shaft_centre(y, anat, view)
+    if view == "AP":
+        return _chord(radius, y - ys) * _soft_step(u - u_from, 0.003) * _soft_step(u_to - u, 0.003)
+    return (u_to - u_from) * _soft_step(radius - np.hypot(u, y - ys), 0.003)
+
+
+def _implant_attenuation(x: np.ndarray, y: np.ndarray, anat: FemurAnatomy, view: str, kind: str) -> np.ndarray:
+    """Metal path length x mu_metal of the implant `kind`; its shape comes from the patient's seed."""
+    if kind == "none":
+        return np.zeros_like(x)
+    rng = np.random.default_rng([anat.fracture_seed, 1])
+    r0, prox = anat.shaft_radius, _proximal(anat, view)
+    metal = np.zeros_like(x)
+    if kind == "nail":
+        end = float(rng.uniform(0.4, anat.knee_y - 0.15))
+        radius = float(rng.uniform(0.38, 0.5)) * r0
+        metal += _metal_rod(x, y, anat, view, -0.27, end, radius, bore=0.45)
+        if rng.random() < 0.6:  # cephalomedullary: a lag screw up the neck into the head
+            start = (float(_shaft_centre(-0.17, anat, view)), -0.17)
+            hx, hy = prox.head_centre[0] - 0.25 * prox.head_radius * prox.neck_dir[0], prox.head_centre[1]
+            length = math.hypot(hx - start[0], hy - start[1])
+            d, _ = _capsule_distance(x, y, start, ((hx - start[0]) / length, (hy - start[1]) / length), length)
+            metal += _chord(0.3 * r0, d)
+        else:
+            metal += _transverse_screw(x, y, anat, view, -0.12, 0.16 * r0, -1.4 * r0, 1.4 * r0)
+        for k in range(2):  # distal locking screws
+            metal += _transverse_screw(x, y, anat, view, end - 0.025 - 0.04 * k, 0.16 * r0, -1.6 * r0, 1.6 * r0)
+    elif kind == "plate":
+        length = float(rng.uniform(0.35, 0.8))
+        centre = float(rng.uniform(0.0, anat.knee_y - 0.25 - length / 2))
+        top, end = centre - length / 2, centre + length / 2
+        u = x - _shaft_centre(y, anat, view)
+        outer = _shaft_radii(y, anat, view)[0]
+        along = _soft_step(y - top, 0.004) * _soft_step(end - y, 0.004)
+        thick, width = 0.022, 0.065  # 5 mm x 16 mm
+        if view == "AP":  # edge-on along the lateral cortex
+            metal += width * _soft_step(-u - outer, 0.003) * _soft_step(outer + thick + u, 0.003) * along
+        else:  # face-on over the shaft
+            metal += thick * _soft_step(width / 2 - np.abs(u), 0.003) * along
+        holes = int(rng.integers(4, 9))
+        for k in range(holes):
+            if rng.random() < 0.8:
+                ys = top + (k + 0.5) * length / holes
+                metal += _transverse_screw(x, y, anat, view, ys, 0.15 * r0, -1.15 * r0 - thick, 1.25 * r0)
+    elif kind == "hip":
+        end = float(rng.uniform(0.1, 0.3))
+        t = np.clip((y + 0.2) / (end + 0.2), 0.0, 1.0)
+        metal += _metal_rod(x, y, anat, view, -0.21, end, r0 * (0.8 - 0.45 * t))
+        neck_len = prox.neck_length * 1.05
+        d, _ = _capsule_distance(x, y, prox.neck_base, prox.neck_dir, neck_len)
+        metal += _chord(0.4 * r0, d)
+        ball = np.hypot(x - prox.head_centre[0], y - prox.head_centre[1])
+        metal += _chord(0.82 * prox.head_radius, ball)
+        if view == "AP":  # acetabular cup: a hemispherical shell open downwards and medially
+            rc = 1.08 * prox.head_radius
+            shell = _chord(rc, ball) - _chord(0.88 * rc, ball)
+            metal += 0.5 * shell * _soft_step(prox.head_centre[1] + 0.2 * rc - y, 0.004)
+    else:
+        raise ValueError(f"implant {kind!r} is not one of {IMPLANTS}.")
+    return _MU_METAL * metal
+
+
+# ======================================================================================
+# Image formation: framing, detector, processing
 # ======================================================================================
 
 
 @dataclasses.dataclass(frozen=True)
-class _Exposure:
-    """Per-image pose and acquisition/processing parameters (class independent)."""
+class _Acquisition:
+    """Per-image framing, pose, acquisition and processing parameters (class independent)."""
 
+    framing: str
+    framing_level: float  # in [0, 1]: where, within its framing's range, the window sits
+    field: float  # window size, canonical units (1/magnification)
+    shift_x: float
     rotation: float
-    centre: tuple[float, float]
-    magnification: float
-    contrast: float
-    gamma: float
-    blur_px: float
-    unsharp_amount: float
-    unsharp_sigma: float  # fraction of the image size
+    blur_px: float  # focal spot + detector blur at 256 px
+    photons: float  # unattenuated quanta per pixel at 256 px
+    scatter: float  # scatter-to-primary ratio behind the grid (or without it)
+    grid: int  # -1 none, 0 vertical lines, 1 horizontal lines
+    grid_freq: float  # cycles per pixel
+    grid_amp: float
+    grid_phase: float
     heel: float
-    noise: float
+    collimation: tuple[float, float, float, float]  # left, right, top, bottom (image fractions, centred)
+    collimation_angle: float
+    shutter: bool  # processing blacks out the collimated border
+    lut_centre: float
+    lut_width: float
     black: float
     white: float
+    sharpen: float
+    sharpen_px: float
     texture_amount: float
-    marker_corner: int
+    marker_edge: int  # 0 top, 1 bottom, 2 left, 3 right (of the collimated field)
+    marker_along: float
+    marker_inset: float
     marker_scale: float
-    marker_level: float
 
     @classmethod
-    def sample(cls, rng: np.random.Generator) -> _Exposure:
+    def sample(cls, rng: np.random.Generator) -> _Acquisition:
+        """Draws every image-level parameter in a fixed order (the stream never depends on the class)."""
+        framing = FRAMINGS[int(np.searchsorted(np.cumsum(_FRAMING_P), rng.random(), side="right"))]
+        level, field_u = float(rng.random()), float(rng.random())
+        field = {"proximal": 1.2 + 0.3 * field_u, "mid": 1.0 + 0.4 * field_u, "distal": 0.95 + 0.4 * field_u}[framing]
+        grid = int(rng.integers(-1, 2))
+        collimated = rng.random() < 0.7
+        sides = (-rng.uniform(0.26, 0.47), rng.uniform(0.26, 0.47), -rng.uniform(0.4, 0.5), rng.uniform(0.4, 0.5))
+        if not collimated:
+            sides = (-1.0, 1.0, -1.0, 1.0)
+        elif rng.random() < 0.6:  # top/bottom leaves open
+            sides = (sides[0], sides[1], -1.0, 1.0)
         return cls(
-            rotation=math.radians(rng.uniform(-12.0, 12.0)),
-            centre=(float(rng.uniform(-0.05, 0.05)), float(rng.uniform(-0.04, 0.04))),
-            magnification=float(rng.uniform(0.85, 1.15)),
-            contrast=float(rng.uniform(0.5, 0.9)),
-            gamma=float(rng.uniform(1.2, 1.8)),
-            blur_px=float(rng.uniform(0.4, 0.9)),
-            unsharp_amount=float(rng.uniform(0.0, 0.5)),
-            unsharp_sigma=float(rng.uniform(0.02, 0.04)),
-            heel=float(rng.uniform(-0.08, 0.08)),
-            noise=float(rng.uniform(0.004, 0.015)),
-            black=float(rng.uniform(0.0, 2500.0)),
-            white=float(rng.uniform(56000.0, 65535.0)),
+            framing=framing, framing_level=level, field=field,
+            shift_x=float(rng.uniform(-0.05, 0.05)),
+            rotation=math.radians(rng.uniform(-10.0, 10.0)),
+            blur_px=float(rng.uniform(0.5, 1.0)),
+            photons=float(np.exp(rng.uniform(math.log(400.0), math.log(5000.0)))),
+            scatter=float(rng.uniform(0.03, 0.12) if grid >= 0 else rng.uniform(0.15, 0.4)),
+            grid=grid, grid_freq=float(rng.uniform(0.3, 0.48)), grid_amp=float(rng.uniform(0.01, 0.05)),
+            grid_phase=float(rng.uniform(0.0, 2 * math.pi)),
+            heel=float(rng.uniform(-0.15, 0.15)),
+            collimation=tuple(float(s) for s in sides),
+            collimation_angle=math.radians(rng.uniform(-3.0, 3.0)),
+            shutter=bool(rng.random() < 0.3),
+            lut_centre=float(rng.uniform(0.75, 1.05)),
+            lut_width=float(rng.uniform(0.32, 0.48)),
+            black=float(rng.uniform(0.0, 0.04)),
+            white=float(rng.uniform(0.9, 0.97)),
+            sharpen=float(rng.uniform(0.0, 0.8)),
+            sharpen_px=float(rng.uniform(1.0, 2.5)),
             texture_amount=float(rng.uniform(0.04, 0.1)),
-            marker_corner=int(rng.integers(4)),
-            marker_scale=float(rng.uniform(0.8, 1.2)),
-            marker_level=float(rng.uniform(0.85, 1.0)),
+            marker_edge=int(rng.integers(4)),
+            marker_along=float(rng.uniform(0.08, 0.92)),
+            marker_inset=float(rng.uniform(0.02, 0.1)),
+            marker_scale=float(rng.uniform(0.8, 1.3)),
         )
 
-
-def _canonical_grid(size: int, exp: _Exposure) -> tuple[np.ndarray, np.ndarray]:
-    """Canonical (x, y) of every pixel centre, after undoing pose and magnification."""
-    coords = (np.arange(size, dtype=np.float32) + 0.5) / size - 0.5
-    gx, gy = np.meshgrid(coords - exp.centre[0], coords - exp.centre[1])
-    c, s = math.cos(exp.rotation), math.sin(exp.rotation)
-    return (c * gx + s * gy) / exp.magnification, (-s * gx + c * gy) / exp.magnification
+    def window_centre(self, anat: FemurAnatomy, view: str) -> tuple[float, float]:
+        """Canonical centre of the image for this patient: the framing's range, and the shaft under it."""
+        half = self.field / 2
+        if self.framing == "proximal":  # top edge 0.1-0.2 above the head
+            cy = -0.55 + 0.13 * self.framing_level + half
+        elif self.framing == "mid":
+            cy = 0.35 + 0.35 * self.framing_level
+        else:  # bottom edge below the knee joint
+            cy = anat.knee_y + 0.12 + 0.22 * self.framing_level - half
+        return float(_shaft_centre(cy, anat, view)) + 0.03 + self.shift_x, cy
 
 
 def _smooth_noise(rng: np.random.Generator, size: int, cells: int) -> np.ndarray:
@@ -516,55 +738,119 @@ def _smooth_noise(rng: np.random.Generator, size: int, cells: int) -> np.ndarray
     return cv2.resize(coarse, (size, size), interpolation=cv2.INTER_CUBIC)
 
 
-def _draw_marker(image: np.ndarray, letter: str, exp: _Exposure) -> np.ndarray:
-    """Burns in the lead side marker (bright letter) in one corner."""
-    size = image.shape[0]
-    mask = np.zeros_like(image, dtype=np.uint8)
-    scale = size / 256.0 * 1.3 * exp.marker_scale
+def _image_axes(size: int) -> np.ndarray:
+    return (np.arange(size, dtype=np.float32) + 0.5) / size - 0.5
+
+
+def _collimator(size: int, acq: _Acquisition) -> np.ndarray:
+    """Primary-beam transmission of the collimator blades (1 inside the field, 0 behind the blades)."""
+    g = _image_axes(size)
+    gx, gy = np.meshgrid(g, g)
+    c, s = math.cos(acq.collimation_angle), math.sin(acq.collimation_angle)
+    rx, ry = c * gx + s * gy, -s * gx + c * gy
+    left, right, top, bottom = acq.collimation
+    pen = 2.0 / size  # penumbra about two pixels
+    return (_soft_step(rx - left, pen) * _soft_step(right - rx, pen) * _soft_step(ry - top, pen)
+            * _soft_step(bottom - ry, pen)).astype(np.float32)
+
+
+def _marker_mask(size: int, letter: str, acq: _Acquisition) -> tuple[np.ndarray, tuple[float, float]]:
+    """The lead side marker (a letter) inside the collimated field, and its centre (fractions)."""
+    mask = np.zeros((size, size), dtype=np.uint8)
+    scale = size / 256.0 * 0.9 * acq.marker_scale
     thickness = max(1, round(size / 256.0 * 3))
     (w, h), _ = cv2.getTextSize(letter, cv2.FONT_HERSHEY_SIMPLEX, scale, thickness)
-    margin = max(2, size // 24)
-    x = margin if exp.marker_corner % 2 == 0 else size - margin - w
-    y = margin + h if exp.marker_corner < 2 else size - margin
-    cv2.putText(mask, letter, (x, y), cv2.FONT_HERSHEY_SIMPLEX, scale, 255, thickness, cv2.LINE_AA)
-    alpha = mask.astype(np.float32) / 255.0
-    return image * (1.0 - alpha) + exp.marker_level * alpha
+    left, right, top, bottom = (min(max(s + 0.5, 0.0), 1.0) * size for s in acq.collimation)
+    inset = acq.marker_inset * size + 2
+    lo_x, hi_x = left + inset, max(left + inset, right - inset - w)
+    lo_y, hi_y = top + inset + h, max(top + inset + h, bottom - inset)
+    if acq.marker_edge < 2:  # along the top or bottom edge
+        px = lo_x + acq.marker_along * (hi_x - lo_x)
+        py = lo_y if acq.marker_edge == 0 else hi_y
+    else:  # along the left or right edge
+        px = lo_x if acq.marker_edge == 2 else hi_x
+        py = lo_y + acq.marker_along * (hi_y - lo_y)
+    cv2.putText(mask, letter, (int(round(px)), int(round(py))), cv2.FONT_HERSHEY_SIMPLEX, scale, 255, thickness,
+                cv2.LINE_AA)
+    return mask.astype(np.float32) / 255.0, ((px + w / 2) / size, (py - h / 2) / size)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Rendered:
+    pixels: np.ndarray
+    spacing_mm: float
+    framing: str
+    marker_xy: tuple[float, float]
+    layers: dict[str, np.ndarray] | None = None  # line integrals in image orientation (tests)
 
 
 def _render(rng: np.random.Generator, *, label_name: str, fracture_type: str, size: int, view: str,
-            laterality: str, fracture_position: float, anatomy: FemurAnatomy | None) -> tuple[np.ndarray, float]:
-    """render_femur plus the pixel spacing (mm) implied by the drawn magnification."""
-    _check_render_args(label_name, fracture_type, size, view, laterality, fracture_position)
+            laterality: str, fracture_position: float, anatomy: FemurAnatomy | None, framing: str | None = None,
+            implant: str = "none", layers: bool = False) -> _Rendered:
+    """render_femur plus the pixel spacing, framing and marker place (and, if asked, the layers)."""
+    _check_render_args(label_name, fracture_type, size, view, laterality, fracture_position, framing, implant)
     anat = anatomy if anatomy is not None else FemurAnatomy.sample(rng)
     # All image-level randomness is drawn here, before and independently of the class.
-    exp = _Exposure.sample(rng)
+    acq = _Acquisition.sample(rng)
+    if framing is not None:
+        acq = dataclasses.replace(acq, framing=framing)
     texture = _smooth_noise(rng, size, 24) + 0.5 * _smooth_noise(rng, size, max(8, size // 4))
     noise = rng.standard_normal((size, size), dtype=np.float32)
 
-    x, y = _canonical_grid(size, exp)
-    edge = 1.0 / (size * exp.magnification)  # one pixel in canonical units
-    plan = None if fracture_type == "none" else _plan_fracture(anat, view, fracture_type, fracture_position, edge)
-    trabecular = 0.3 + _sigmoid((-0.05 - y) / 0.05)  # texture mostly in the proximal (trabecular) femur
-    bone = _fractured_bone(x, y, anat, view, plan) * (1.0 + exp.texture_amount * trabecular * texture)
-    atten = bone + _pelvis_attenuation(x, y, anat, view) + _soft_tissue_attenuation(x, y, anat, view)
-    atten = cv2.GaussianBlur(atten, (0, 0), exp.blur_px * size / 256.0)
+    # ---- the leg: line integrals on the canonical grid of this window
+    cx, cy = acq.window_centre(anat, view)
+    g = _image_axes(size)
+    gx, gy = np.meshgrid(g, g)
+    c, s = math.cos(acq.rotation), math.sin(acq.rotation)
+    x = (cx + acq.field * (c * gx + s * gy)).astype(np.float32)
+    y = (cy + acq.field * (-s * gx + c * gy)).astype(np.float32)
+    edge = acq.field / size  # one pixel in canonical units
+    plan = None if fracture_type == "none" else _plan_fracture(anat, view, fracture_type, fracture_position, edge,
+                                                               fixed=implant != "none")
+    trabecular = 0.3 + _sigmoid((-0.05 - y) / 0.05) + _sigmoid((y - anat.knee_y + 0.3) / 0.05)
+    bone = _fractured_bone(x, y, anat, view, plan, native_head=implant != "hip") \
+        * (1.0 + acq.texture_amount * trabecular * texture) + _pelvis_attenuation(x, y, anat, view)
+    soft = _soft_tissue_attenuation(x, y, anat, view)
+    metal = _implant_attenuation(x, y, anat, view, implant)
 
-    # Film-like response normalised so that a thick cortex (attenuation ~_WHITE_ATTENUATION) is white.
-    response = (1.0 - np.exp(-exp.contrast * atten)) / (1.0 - math.exp(-exp.contrast * _WHITE_ATTENUATION))
-    img = np.power(np.clip(response, 0.0, 1.0), exp.gamma)
-    if exp.unsharp_amount > 0:
-        img = img + exp.unsharp_amount * (img - cv2.GaussianBlur(img, (0, 0), exp.unsharp_sigma * size))
-    rows = (np.arange(size, dtype=np.float32) / size - 0.5)[:, None]
-    img = img * (1.0 + exp.heel * rows) + exp.noise * (0.5 + np.clip(img, 0.0, 1.0)) * noise
-    if laterality == "L":
-        img = img[:, ::-1]
-    img = _draw_marker(np.clip(img, 0.0, 1.0), laterality, exp)
-    pixels = np.round(exp.black + (exp.white - exp.black) * img).astype(np.uint16)
-    return pixels, _FIELD_MM / (size * exp.magnification)
+    # ---- detector: primary through collimator, heel effect, grid; focal-spot blur; scatter; quanta
+    primary = np.exp(-(soft + bone + metal))
+    primary = cv2.GaussianBlur(primary, (0, 0), acq.blur_px * size / 256.0)
+    if laterality == "L":  # a left femur is the mirror image; what follows belongs to the detector
+        primary = np.ascontiguousarray(primary[:, ::-1])
+    marker, marker_xy = _marker_mask(size, laterality, acq)
+    beam = _collimator(size, acq) * (1.0 + acq.heel * g[:, None]) * np.exp(-_MARKER_ATTENUATION * marker)
+    if acq.grid >= 0:
+        phase = 2 * math.pi * acq.grid_freq * np.arange(size, dtype=np.float32) + acq.grid_phase
+        lines = 1.0 - acq.grid_amp * (0.5 + 0.5 * np.cos(phase))
+        beam = beam * (lines[None, :] if acq.grid == 0 else lines[:, None])
+    primary = primary * beam
+    small = cv2.resize(primary, (32, 32), interpolation=cv2.INTER_AREA)
+    scatter = cv2.resize(cv2.GaussianBlur(small, (0, 0), 4.0), (size, size), interpolation=cv2.INTER_LINEAR)
+    signal = primary + acq.scatter * scatter + 0.002
+    quanta = acq.photons * (256.0 / size) ** 2
+    signal = signal + np.sqrt(signal / quanta) * noise
+
+    # ---- processing: log, unsharp masking, sigmoid LUT (bone bright), shutter
+    log = -np.log(np.maximum(signal, 1e-3))
+    if acq.sharpen > 0:
+        log = log + acq.sharpen * (log - cv2.GaussianBlur(log, (0, 0), acq.sharpen_px * size / 256.0))
+    floor = float(_sigmoid(np.float32(-acq.lut_centre / acq.lut_width)))
+    img = (_sigmoid((log - acq.lut_centre) / acq.lut_width) - floor) / (1.0 - floor)
+    img = acq.black + (acq.white - acq.black) * np.clip(img, 0.0, 1.0)
+    if acq.shutter:
+        img = img * _collimator(size, acq)
+    pixels = np.round(65535.0 * np.clip(img, 0.0, 1.0)).astype(np.uint16)
+    out_layers = None
+    if layers:
+        flip = (lambda a: np.ascontiguousarray(a[:, ::-1])) if laterality == "L" else (lambda a: a)
+        out_layers = {"soft": flip(soft), "bone": flip(bone), "metal": flip(metal), "collimator": _collimator(size, acq),
+                      "marker": marker}
+    return _Rendered(pixels, _FIELD_MM * acq.field / size, acq.framing, marker_xy, out_layers)
 
 
 def _check_render_args(label_name: str, fracture_type: str, size: int, view: str, laterality: str,
-                       fracture_position: float) -> None:
+                       fracture_position: float, framing: str | None = None, implant: str = "none") -> None:
     if label_name not in FRACTURE_TYPES:
         raise ValueError(f"label_name {label_name!r} is not one of {LABEL_NAMES}.")
     if fracture_type not in FRACTURE_TYPES[label_name]:
@@ -579,20 +865,26 @@ def _check_render_args(label_name: str, fracture_type: str, size: int, view: str
     if not 0.0 <= fracture_position <= 1.0:
         raise ValueError(f"fracture_position {fracture_position} must lie in [0, 1] "
                          "(0 = sub-trochanteric, 1 = mid-shaft).")
+    if framing is not None and framing not in FRAMINGS:
+        raise ValueError(f"framing {framing!r} is not one of {FRAMINGS} (or None to draw one).")
+    if implant not in IMPLANTS:
+        raise ValueError(f"implant {implant!r} is not one of {IMPLANTS}.")
 
 
 def render_femur(rng: np.random.Generator, *, label_name: str, fracture_type: str, size: int, view: str,
-                 laterality: str, fracture_position: float, anatomy: FemurAnatomy | None = None) -> np.ndarray:
+                 laterality: str, fracture_position: float, anatomy: FemurAnatomy | None = None,
+                 framing: str | None = None, implant: str = "none") -> np.ndarray:
     """Renders one femur radiograph: uint16 (size, size), bone bright, most of the 16-bit range used.
 
     `fracture_position` in [0, 1] runs from sub-trochanteric (0) to mid-shaft (1). `anatomy`
     fixes the patient (and its fracture shape) across images; if None it is drawn from `rng`.
+    `framing` (one of FRAMINGS) fixes the window, else it is drawn; `implant` is one of IMPLANTS.
     For a fixed `rng` state and anatomy, images of different classes differ only where the
-    fracture changes the bone: pose, exposure and noise are drawn independently of the class.
+    fracture changes the bone: framing, pose, exposure and noise are drawn independently of the class.
     """
-    pixels, _ = _render(rng, label_name=label_name, fracture_type=fracture_type, size=size, view=view,
-                        laterality=laterality, fracture_position=fracture_position, anatomy=anatomy)
-    return pixels
+    return _render(rng, label_name=label_name, fracture_type=fracture_type, size=size, view=view,
+                   laterality=laterality, fracture_position=fracture_position, anatomy=anatomy, framing=framing,
+                   implant=implant).pixels
 
 
 # ======================================================================================
@@ -619,6 +911,7 @@ class _PatientPlan:
     anatomy: FemurAnatomy
     images: tuple[tuple[str, int], ...]  # (view, study index) per image
     studies: tuple[tuple[str, str], ...]  # (accession number, modality) per study
+    followup_implant: str = "none"  # implant seen in the follow-up study (drawn whatever the class)
 
 
 def _label_for(index: int, seed: int, class_fractions: Sequence[float]) -> int:
@@ -640,6 +933,8 @@ def _plan_patient(index: int, seed: int, class_fractions: Sequence[float]) -> _P
                     for _ in range(2 if n_followup else 1))
     birth = f"{rng.integers(1925, 1970)}{rng.integers(1, 13):02d}{rng.integers(1, 29):02d}"
     name = f"{rng.choice(_LAST_NAMES)}^{rng.choice(_FIRST_NAMES)}"
+    has_implant, implant_u = rng.random() < _IMPLANT_P, rng.random()
+    implant = IMPLANTS[1 + int(implant_u * (len(IMPLANTS) - 1))] if has_implant and n_followup else "none"
     return _PatientPlan(
         patient_id=f"SYN{seed:03d}{index:06d}",
         patient_name=name,
@@ -651,6 +946,7 @@ def _plan_patient(index: int, seed: int, class_fractions: Sequence[float]) -> _P
         anatomy=FemurAnatomy.sample(rng),
         images=tuple(views),
         studies=studies,
+        followup_implant=implant,
     )
 
 
@@ -673,18 +969,29 @@ def iter_synthetic_images(num_patients: int, *, seed: int = 0, image_size: int =
     Deterministic for (num_patients, seed, image_size); patient i's images don't depend on
     num_patients, so a larger dataset extends a smaller one.
     """
+    return _iter_images(num_patients, seed=seed, image_size=image_size, class_fractions=class_fractions)
+
+
+def _iter_images(num_patients: int, *, seed: int, image_size: int, class_fractions: Sequence[float],
+                 fractures: bool = True) -> Iterator[SyntheticImage]:
+    """iter_synthetic_images; with `fractures=False` every image is drawn as its patient's *normal twin*
+    (same anatomy, framing, implant, exposure, noise and marker; no fracture, labels kept) — what the
+    class-independence test reads to show that nothing outside the fracture carries the class."""
     _check_fractions(class_fractions)
     for i in range(num_patients):
         plan = _plan_patient(i, seed, class_fractions)
         label_name = LABEL_NAMES[plan.label]
         study_uids = [_uid("study", seed, i, k) for k in range(len(plan.studies))]
         for j, (view, study) in enumerate(plan.images):
-            pixels, spacing = _render(
-                np.random.default_rng([seed, i, j, 1]), label_name=label_name, fracture_type=plan.fracture_type,
-                size=image_size, view=view, laterality=plan.laterality, fracture_position=plan.fracture_position,
-                anatomy=plan.anatomy)
+            implant = plan.followup_implant if study == 1 else "none"
+            out = _render(
+                np.random.default_rng([seed, i, j, 1]), label_name=label_name if fractures else "normal",
+                fracture_type=plan.fracture_type if fractures else "none", size=image_size, view=view,
+                laterality=plan.laterality, fracture_position=plan.fracture_position, anatomy=plan.anatomy,
+                implant=implant)
+            spacing = out.spacing_mm
             yield SyntheticImage(
-                pixels=pixels,
+                pixels=out.pixels,
                 patient_id=plan.patient_id,
                 patient_name=plan.patient_name,
                 birth_date=plan.birth_date,
@@ -700,6 +1007,9 @@ def iter_synthetic_images(num_patients: int, *, seed: int = 0, image_size: int =
                 label=plan.label,
                 label_name=label_name,
                 fracture_type=plan.fracture_type,
+                framing=out.framing,
+                implant=implant,
+                marker_xy=(round(out.marker_xy[0], 4), round(out.marker_xy[1], 4)),
             )
 
 
@@ -956,6 +1266,47 @@ def write_dicom_files(out_dir: str | os.PathLike, *, num_patients: int = 10, see
 
 
 # ======================================================================================
+# Contact sheet
+# ======================================================================================
+
+
+def contact_sheet(path: str | os.PathLike, *, seed: int = 0, image_size: int = 256, tile: int = 128,
+                  columns: int = 6) -> pathlib.Path:
+    """Writes an 8-bit PNG: one row per class x view, the first `columns` images of that kind in
+    patient order (no picking), each `tile` px, captioned with fracture type, framing and implant."""
+    rows = [(name, view) for name in LABEL_NAMES for view in VIEWS]
+    found: dict[tuple[str, str], list[SyntheticImage]] = {r: [] for r in rows}
+    for img in iter_synthetic_images(400, seed=seed, image_size=image_size):
+        cell = found[(img.label_name, img.view)]
+        if len(cell) < columns:
+            cell.append(img)
+        if all(len(v) == columns for v in found.values()):
+            break
+    label_w = 54
+    sheet = np.full((len(rows) * tile, label_w + columns * tile), 255, np.uint8)
+    for r, key in enumerate(rows):
+        cv2.putText(sheet, key[0].upper(), (4, r * tile + tile // 2 - 4), cv2.FONT_HERSHEY_SIMPLEX, 0.45, 0, 1,
+                    cv2.LINE_AA)
+        cv2.putText(sheet, key[1], (4, r * tile + tile // 2 + 14), cv2.FONT_HERSHEY_SIMPLEX, 0.45, 0, 1, cv2.LINE_AA)
+        for k, img in enumerate(found[key]):
+            small = cv2.resize(img.pixels.astype(np.float32) / 257.0, (tile, tile), interpolation=cv2.INTER_AREA)
+            cell = np.clip(np.round(small), 0, 255).astype(np.uint8)
+            caption = " ".join(t for t in (img.fracture_type if img.fracture_type != "none" else "",
+                                           img.framing[:4], img.implant if img.implant != "none" else "") if t)
+            cv2.putText(cell, caption, (3, tile - 5), cv2.FONT_HERSHEY_SIMPLEX, 0.3, 0, 2, cv2.LINE_AA)
+            cv2.putText(cell, caption, (3, tile - 5), cv2.FONT_HERSHEY_SIMPLEX, 0.3, 255, 1, cv2.LINE_AA)
+            x0 = label_w + k * tile
+            sheet[r * tile:(r + 1) * tile, x0:x0 + tile] = cell
+    ok, png = cv2.imencode(".png", sheet, [cv2.IMWRITE_PNG_COMPRESSION, 9])
+    if not ok:
+        raise RuntimeError("PNG encoding of the contact sheet failed.")
+    out = pathlib.Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    io.write_bytes(out, png.tobytes())
+    return out
+
+
+# ======================================================================================
 # CLI
 # ======================================================================================
 
@@ -963,12 +1314,18 @@ def write_dicom_files(out_dir: str | os.PathLike, *, num_patients: int = 10, see
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--out", required=True, help="output directory")
+    parser.add_argument("--out", help="output directory")
+    parser.add_argument("--contact_sheet", metavar="PNG", help="write the class x view contact sheet PNG instead")
     parser.add_argument("--num_patients", type=int, default=300)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--image_size", type=int, default=256)
     parser.add_argument("--dicom", action="store_true", help="write a DICOM tree (+ labels.csv) instead of records")
     args = parser.parse_args(argv)
+    if args.contact_sheet:
+        print(f"Wrote {contact_sheet(args.contact_sheet, seed=args.seed, image_size=args.image_size)}")
+        return
+    if not args.out:
+        parser.error("--out is required (or --contact_sheet PNG)")
     if args.dicom:
         paths = write_dicom_files(args.out, num_patients=args.num_patients, seed=args.seed,
                                   image_size=args.image_size, progress=True)
