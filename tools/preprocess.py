@@ -25,6 +25,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from afm_jax.errors import ConfigError  # noqa: E402
 from afm_jax.data import anonymize, conversion, conversion_inputs, conversion_merge, preprocessing  # noqa: E402
+from afm_jax.data import decode_isolation  # noqa: E402
 
 
 def _usable_cores() -> int:
@@ -62,6 +63,12 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--locate", help="comma-separated file_ids from a manifest: print their paths and exit")
     p.add_argument("--list_variants", action="store_true", help="print the built-in variants and exit")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--max_pixels", type=int, default=None,
+                   help="skip files decoding to more pixels than this (too_many_pixels; 0: no limit; "
+                        f"default {preprocessing.DEFAULT_MAX_PIXELS})")
+    p.add_argument("--file_timeout", type=float, default=600.0, help="seconds one file may take (then failed)")
+    p.add_argument("--file_memory_mb", type=int, default=0,
+                   help="address-space cap of the per-file decoding process (0: none of its own)")
     return p.parse_args(argv)
 
 
@@ -79,7 +86,7 @@ def _parse_value(text: str):
 
 
 # Variant parameters that do not change the stored pixels: overriding them keeps the variant's name.
-_NAME_NEUTRAL_PARAMS = frozenset({"name", "description", "png_compression"})
+_NAME_NEUTRAL_PARAMS = frozenset({"name", "description", "png_compression", "max_pixels"})
 
 
 def _variant(args: argparse.Namespace) -> preprocessing.Variant:
@@ -91,6 +98,8 @@ def _variant(args: argparse.Namespace) -> preprocessing.Variant:
             raise ConfigError(f"--set {item!r} must look like KEY=VALUE.")
         key, value = item.split("=", 1)
         overrides[key.strip()] = _parse_value(value.strip())
+    if getattr(args, "max_pixels", None) is not None:
+        overrides["max_pixels"] = args.max_pixels
     try:
         variant = preprocessing.get_variant(args.variant, overrides)
         base = preprocessing.get_variant(args.variant)
@@ -154,7 +163,12 @@ def run(argv: Sequence[str] | None = None) -> int:
     print(f"{len(files)} input files, {plan.num_chunks} chunks of {plan.chunk_size}; variant {variant.name} "
           f"v{variant.version}; work dir {work}", file=sys.stderr)
     if not args.merge:
-        conversion.run_shard(plan, salt, shard=shard or (0, 1), workers=args.workers, progress=not args.quiet)
+        try:
+            isolation = decode_isolation.IsolationOptions(timeout_s=args.file_timeout, max_memory_mb=args.file_memory_mb)
+        except ValueError as e:
+            raise ConfigError(f"--file_timeout / --file_memory_mb: {e}") from None
+        conversion.run_shard(plan, salt, shard=shard or (0, 1), workers=args.workers, progress=not args.quiet,
+                             isolation=isolation)
         if shard is not None:
             left = len(conversion.pending_chunks(plan, (0, 1)))
             print(f"shard {shard[0]}/{shard[1]} done; {left} chunks of other shards still to convert. When all "

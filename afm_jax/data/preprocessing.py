@@ -43,7 +43,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from afm_jax.data.dicom import DEFAULT_MAX_PIXELS, DicomOptions, SkippedFile, is_blank
+from afm_jax.data.dicom import DEFAULT_MAX_PIXELS, DicomOptions, SkippedFile, is_blank  # noqa: F401  (re-exported)
 
 NORMALIZATIONS = ("window", "percentile", "minmax", "equalize", "clahe")
 
