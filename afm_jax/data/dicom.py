@@ -131,7 +131,7 @@ def read_dicom(path: str | os.PathLike, salt: bytes, options: DicomOptions = Dic
     pixel_hash = digest.hexdigest()[:32]
 
     transform, voi_used = grey_transform(ds, options, stored)
-    if options.voi == "window" and is_blank(transform(stored[0]), padding_mask(ds, stored[0])):
+    if options.voi == "window" and not voi_used.startswith("minmax") and is_blank(transform(stored[0]), padding_mask(ds, stored[0])):
         transform, used = _unblank(ds, options, stored, voi_used)
         notes.append(f"{voi_used} leaves the image blank; used {used}")
         voi_used = used
@@ -180,13 +180,11 @@ def _sop_class_name(ds: Any) -> str:
 
 
 def _inject_fault_for_tests(path: str | os.PathLike) -> None:
-    """Test hook (fault injection): with AFM_JAX_TEST_DECODER_FAULT=<mode>:<text>, a file whose path
-    contains <text> makes this process abort (`abort`), hang (`hang`) or allocate without end
-    (`oom`) — how a decoder crash on a hostile file looks from outside. Unset in normal use."""
-    spec = os.environ.get("AFM_JAX_TEST_DECODER_FAULT", "")
-    mode, _, text = spec.partition(":")
-    if not spec or not text or text not in os.fspath(path):
-        return
+    """Test hook (fault injection): with AFM_JAX_TEST_DECODER_FAULT=<mode>:<text>[,<mode>:<text>...], a
+    file whose path contains <text> makes this process abort (`abort`), hang (`hang`) or allocate
+    without end (`oom`) — how a decoder crash on a hostile file looks from outside. Unset in normal use."""
+    specs = [part.partition(":") for part in os.environ.get("AFM_JAX_TEST_DECODER_FAULT", "").split(",")]
+    mode = next((m for m, _, text in specs if text and text in os.fspath(path)), "")
     if mode == "abort":
         os.abort()
     if mode == "hang":
