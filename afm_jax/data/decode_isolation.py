@@ -15,16 +15,23 @@ the main process with `--workers 0`) keeps one long-lived child and sends it one
 
 The caller turns these errors into the file's `failed:<reason>` row. Only the function and its
 arguments cross the pipe (pickled; the salt travels in memory, never on disk), so the child needs
-nothing but the module of the function. Costs: one idle process per converting process, about a
-millisecond of pickling per file; the child starts once (about a second) and is reused.
+nothing but the module of the function. The child is a fresh interpreter (`python -m
+afm_jax.data.decode_isolation <fd> <max_memory_mb>`, talking over a socket pair), not a
+multiprocessing child, so it never re-imports the caller's `__main__` (scripts need no `__main__`
+guard for `workers=0`). Costs: one idle process per converting process, about a millisecond of
+pickling per file; the child starts once (about a second) and is reused.
 """
 
 from __future__ import annotations
 
 import atexit
 import dataclasses
-import multiprocessing
+import os
 import signal
+import socket
+import subprocess
+import sys
+from multiprocessing.connection import Connection
 from collections.abc import Callable
 from typing import Any
 
@@ -82,18 +89,19 @@ class IsolatedWorker:
         self._conn: Any = None
 
     def _start(self) -> None:
-        context = multiprocessing.get_context("spawn")
-        parent, child = context.Pipe()
-        self._process = context.Process(target=_serve, args=(child, self.options.max_memory_mb), daemon=True,
-                                        name="afm-jax-decoder")
-        self._process.start()
+        parent, child = socket.socketpair()
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))  # the caller's imports
+        self._process = subprocess.Popen(
+            [sys.executable, "-m", "afm_jax.data.decode_isolation", str(child.fileno()), str(self.options.max_memory_mb)],
+            pass_fds=(child.fileno(),), env=env, stdin=subprocess.DEVNULL)
         child.close()
-        self._conn = parent
+        self._conn = Connection(parent.detach())
 
     def call(self, fn: Callable[..., Any], *args: Any) -> Any:
         """fn(*args) in the child. Re-raises the child's exception; DecoderCrashError if the child died,
         DecodeTimeoutError after `timeout_s` (the child is then killed and restarted next time)."""
-        if self._process is None or not self._process.is_alive():
+        if self._process is None or self._process.poll() is not None:
+            self.close()
             self._start()
         try:
             self._conn.send((fn, args))
@@ -103,8 +111,10 @@ class IsolatedWorker:
                                          "the decoding process was stopped")
             status, value = self._conn.recv()
         except (EOFError, BrokenPipeError, ConnectionResetError, OSError):
-            self._process.join(5)
-            code = self._process.exitcode
+            try:
+                code = self._process.wait(5)
+            except subprocess.TimeoutExpired:
+                code = None
             self.close()
             raise DecoderCrashError(_death(code)) from None
         if status == "error":
@@ -113,9 +123,12 @@ class IsolatedWorker:
 
     def close(self) -> None:
         if self._process is not None:
-            if self._process.is_alive():
+            if self._process.poll() is None:
                 self._process.kill()
-            self._process.join(5)
+            try:
+                self._process.wait(5)
+            except subprocess.TimeoutExpired:
+                pass
         if self._conn is not None:
             self._conn.close()
         self._process = self._conn = None
@@ -145,3 +158,7 @@ def shared_worker(options: IsolationOptions) -> IsolatedWorker:
 def _close_all() -> None:
     for worker in _SHARED.values():
         worker.close()
+
+
+if __name__ == "__main__":  # the child: python -m afm_jax.data.decode_isolation <fd> <max_memory_mb>
+    _serve(Connection(int(sys.argv[1])), int(sys.argv[2]))
