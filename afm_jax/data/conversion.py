@@ -184,7 +184,6 @@ def _convert_file_isolated(f: InputFile, variant: Variant, task: ChunkTask) -> t
 
 def convert_file(f: InputFile, variant: Variant, salt: bytes, label_ids: dict[str, int]) -> tuple[dict, list[bytes]]:
     """One input file -> (manifest row, PNG bytes of its images). Never raises for a bad file."""
-    import cv2  # pylint: disable=g-import-not-at-top
 
     from afm_jax.data import dicom, preprocessing  # pylint: disable=g-import-not-at-top
 
@@ -201,10 +200,7 @@ def convert_file(f: InputFile, variant: Variant, salt: bytes, label_ids: dict[st
             meta = frame.meta
             processed = preprocessing.apply_variant(frame.image, variant, padding=frame.padding,
                                                     laterality=meta["laterality"])
-            ok, buf = cv2.imencode(".png", processed.image, [cv2.IMWRITE_PNG_COMPRESSION, variant.png_compression])
-            if not ok:
-                raise ValueError("PNG encoding failed")
-            pngs.append(buf.tobytes())
+            pngs.append(preprocessing.encode_png(processed.image, variant.png_compression))
             spacing = [float(s) / processed.scale for s in meta["pixel_spacing_mm"]]
             images.append({
                 "image_id": meta["image_id"], "patient_id": meta["patient_id"], "study_id": meta["study_id"],

@@ -131,10 +131,11 @@ def read_dicom(path: str | os.PathLike, salt: bytes, options: DicomOptions = Dic
     pixel_hash = digest.hexdigest()[:32]
 
     transform, voi_used = grey_transform(ds, options, stored)
-    if options.voi == "window" and not voi_used.startswith("minmax") and is_blank(transform(stored[0]), padding_mask(ds, stored[0])):
+    first = transform(stored[0])  # kept: the LUT pass is the costliest step for uncompressed files
+    if options.voi == "window" and not voi_used.startswith("minmax") and is_blank(first, padding_mask(ds, stored[0])):
         transform, used = _unblank(ds, options, stored, voi_used)
         notes.append(f"{voi_used} leaves the image blank; used {used}")
-        voi_used = used
+        voi_used, first = used, transform(stored[0])
     if photometric == "MONOCHROME2" and str(ds.get("PresentationLUTShape", "")).strip().upper() == "INVERSE":
         notes.append("Presentation LUT Shape INVERSE on MONOCHROME2 not applied (bone bright kept)")
     meta = _metadata(ds, salt)
@@ -146,7 +147,7 @@ def read_dicom(path: str | os.PathLike, salt: bytes, options: DicomOptions = Dic
         frame_meta = dict(meta, frame=k)
         if k > 0:
             frame_meta["image_id"] = anonymize.hash_id(f"{meta['_sop_uid']}/f{k}", salt)
-        out.append(DicomImage(transform(frame), padding_mask(ds, frame), frame_meta))
+        out.append(DicomImage(first if k == 0 else transform(frame), padding_mask(ds, frame), frame_meta))
     for image in out:
         image.meta.pop("_sop_uid", None)
     return out

@@ -72,7 +72,7 @@ class Variant:
     voi: str = "window"  # DicomOptions.voi: read with the file's VOI window, or "none"
     window_index: int = 0
     frames: str = "first"  # DicomOptions.frames: "first", "all", "skip"
-    png_compression: int = 1  # zlib level for the stored PNGs (1: fast; 0 stored; 9 smallest)
+    png_compression: int = 1  # zlib level for the stored PNGs (1: fastest, Huffman only; 0 stored; 9 smallest)
     max_pixels: int = DEFAULT_MAX_PIXELS  # DicomOptions.max_pixels: larger files are skipped (too_many_pixels)
 
     def __post_init__(self) -> None:
@@ -318,6 +318,20 @@ def apply_variant(image: np.ndarray, variant: Variant, *, padding: np.ndarray | 
         out[:image.shape[0], :image.shape[1]] = image[:variant.image_size, :variant.image_size]
         image = out
     return Processed(quantize(image, variant.bit_depth), crop, scale, flipped)
+
+
+def encode_png(image: np.ndarray, level: int) -> bytes:
+    """A (uint16) image as PNG bytes at zlib `level`. Level 1 uses zlib's Huffman-only strategy: on
+    noisy 16-bit radiographs LZ77 matching finds little, and Huffman-only is ~2.5x faster than level 1's
+    default strategy at the same size (measured: 512x427 noisy 16-bit, 16.5 vs 42.6 ms, 396 vs 398 kB).
+    Lossless either way: the decoded pixels are identical."""
+    params = [cv2.IMWRITE_PNG_COMPRESSION, int(level)]
+    if level == 1:
+        params += [cv2.IMWRITE_PNG_STRATEGY, cv2.IMWRITE_PNG_STRATEGY_HUFFMAN_ONLY]
+    ok, buf = cv2.imencode(".png", np.ascontiguousarray(image), params)
+    if not ok:
+        raise ValueError("PNG encoding failed")
+    return buf.tobytes()
 
 
 def variant_dir_name(base: str, variant: Variant) -> str:
