@@ -56,6 +56,18 @@ class DecodeError(ValueError):
     that file's `failed:<reason>` manifest row and goes on with the next file."""
 
 
+class TruncatedFileError(DecodeError):
+    """The file ends before its pixel data does (or before the Pixel Data element)."""
+
+
+class DecoderCrashError(DecodeError):
+    """The child process decoding one file died (abort, segfault, killed for memory)."""
+
+
+class DecodeTimeoutError(DecodeError):
+    """Decoding one file took longer than the per-file time limit; its child process was stopped."""
+
+
 T = TypeVar("T")
 
 

@@ -119,10 +119,13 @@ def test_rescale_then_linear_window_by_hand(tmp_path):
     ds1 = _dataset(stored, photometric="MONOCHROME1", RescaleSlope=2, RescaleIntercept=-100, WindowCenter=500,
                    WindowWidth=200, PresentationLUTShape="INVERSE")
     np.testing.assert_allclose(_read(ds1, tmp_path)[0].image, 1 - np.asarray(expected), atol=1e-6)
-    # INVERSE alone (MONOCHROME2) inverts too.
+    # INVERSE alone (MONOCHROME2) asks a viewer for bone dark; the bone-bright contract keeps the image
+    # as MONOCHROME2 (issue 14, item 6: it used to invert) and records a note.
     ds2 = _dataset(stored, RescaleSlope=2, RescaleIntercept=-100, WindowCenter=500, WindowWidth=200,
                    PresentationLUTShape="INVERSE")
-    np.testing.assert_allclose(_read(ds2, tmp_path)[0].image, 1 - np.asarray(expected), atol=1e-6)
+    read2 = _read(ds2, tmp_path)[0]
+    np.testing.assert_allclose(read2.image, expected, atol=1e-6)
+    assert "INVERSE" in read2.meta["notes"]
 
 
 def test_window_functions_and_choice_of_window_by_hand(tmp_path):

@@ -32,7 +32,7 @@ import ml_collections
 from absl import flags
 
 from afm_jax import cli
-from afm_jax.data import anonymize, preprocessing, records
+from afm_jax.data import anonymize, decode_isolation, preprocessing, records
 from afm_jax.data.conversion import chunks as conversion
 from afm_jax.data.conversion import inputs as conversion_inputs
 from afm_jax.data.conversion import merge as conversion_merge
@@ -71,6 +71,8 @@ def define_flags(fv: flags.FlagValues) -> None:
     flags.DEFINE_string("locate", None, "Comma-separated file_ids from a manifest: print their paths and exit.", **d)
     flags.DEFINE_bool("list_variants", False, "Print the built-in variants and exit.", **d)
     flags.DEFINE_bool("quiet", False, "No progress bars.", **d)
+    flags.DEFINE_float("file_timeout", 600.0, "Seconds one file may take to convert (then it is failed:DecodeTimeoutError).", **d)
+    flags.DEFINE_integer("file_memory_mb", 0, "Address-space cap of the per-file decoding process (0: none of its own).", **d)
 
 
 def _base_variant(name_or_path: str) -> preprocessing.Variant:
@@ -91,7 +93,7 @@ TOOL = cli.Tool(__doc__, define_flags, default_config=default_config,
                 config_keys_in="afm_jax/data/preprocessing.py (class Variant)")
 
 # Variant parameters that do not change the stored pixels: overriding them keeps the variant's name.
-_NAME_NEUTRAL_PARAMS = frozenset({"name", "description", "png_compression"})
+_NAME_NEUTRAL_PARAMS = frozenset({"name", "description", "png_compression", "max_pixels"})
 
 
 def _variant(fv: flags.FlagValues) -> preprocessing.Variant:
@@ -186,7 +188,12 @@ def work(fv: flags.FlagValues, args: list[str]) -> int:
     print(f"{len(files)} input files, {plan.num_chunks} chunks of {plan.chunk_size}; variant {variant.name} "
           f"v{variant.version}; work dir {work_dir}", file=sys.stderr)
     if not fv.merge:
-        conversion.run_shard(plan, salt, shard=shard or (0, 1), workers=fv.workers, progress=not fv.quiet)
+        try:
+            isolation = decode_isolation.IsolationOptions(timeout_s=fv.file_timeout, max_memory_mb=fv.file_memory_mb)
+        except ValueError as e:
+            raise ConfigError(f"--file_timeout / --file_memory_mb: {e}") from None
+        conversion.run_shard(plan, salt, shard=shard or (0, 1), workers=fv.workers, progress=not fv.quiet,
+                             isolation=isolation)
         if shard is not None:
             left = len(conversion.pending_chunks(plan, (0, 1)))
             print(f"shard {shard[0]}/{shard[1]} done; {left} chunks of other shards still to convert. When all "

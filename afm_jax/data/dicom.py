@@ -13,11 +13,17 @@ Why a module of its own: the order of the grey-scale pipeline decides the pixels
   Sequence, else the image's own min-max; ``"none"`` maps the full range the Modality LUT can
   produce for the stored bit depth linearly to [0, 1] (nothing is clipped; a later normalisation
   step of the preprocessing variant decides contrast).
-* **Inversion**: MONOCHROME1 (minimum = white) and Presentation LUT Shape INVERSE both ask for the
-  displayed image to be inverted; in the DX IOD they appear together (MONOCHROME1 requires INVERSE),
-  so either one inverts once — never twice.
+* **Inversion**: only MONOCHROME1 (minimum = white) is inverted, once. Presentation LUT Shape
+  INVERSE appears with MONOCHROME1 in the DX IOD (where it asks for that same single inversion); on
+  MONOCHROME2 it asks a viewer to show bone dark, which the bone-bright contract overrides (the file
+  is read as MONOCHROME2 and a note is recorded).
 * **Pixel padding**: Pixel Padding Value (and Range Limit) are matched on the *stored* values, before
-  any LUT; the returned mask marks them so that crops and intensity statistics can ignore them.
+  any LUT; the returned mask marks them so that crops and intensity statistics can ignore them. A
+  value written with the other signedness than the pixels (US on signed pixels, SS on unsigned) is
+  reinterpreted in the pixels' bit width.
+* **Blank after windowing**: a window that maps (nearly) every pixel to one value — e.g. a window
+  lying entirely below the stored values — is not used: the other windows of the file are tried,
+  then the image's min-max; `voi_used` and the `notes` say so.
 
 How it stays fast on 500,000 large radiographs: for integer pixel data of up to 16 bits the whole
 chain (modality, VOI, inversion) is evaluated once on every possible stored value — a 65,536-entry
@@ -27,7 +33,9 @@ passes.
 
 Files that are not images (SR, RT, presentation states, DICOMDIR, anything without Pixel Data),
 colour images and undecodable transfer syntaxes raise `SkippedFile` with a short reason code; the
-converter records the reason in its manifest. Identifiers are hashed with the user's salt
+converter records the reason in its manifest. Before decoding, `dicom_checks` repairs what can be
+repaired (missing transfer syntax, unusable LUT items; each with a note in `meta["notes"]`) and
+checks the header against the pixel data and the pixel budget `DicomOptions.max_pixels`. Identifiers are hashed with the user's salt
 (`anonymize.hash_id`); names, dates, accession numbers and institutions are never read out.
 """
 
@@ -41,8 +49,9 @@ from typing import Any, Literal
 
 import numpy as np
 
-from afm_jax.errors import DecodeError
-from afm_jax.data import anonymize
+from afm_jax.errors import DecodeError, TruncatedFileError
+from afm_jax.data import anonymize, dicom_checks
+from afm_jax.data.dicom_checks import DEFAULT_MAX_PIXELS, SkippedFile
 
 VoiMode = Literal["window", "none"]
 FrameMode = Literal["first", "all", "skip"]
@@ -55,15 +64,6 @@ _NON_IMAGE_SOP_WORDS = ("Structured Report", "SR Storage", "Presentation State",
                         "RT Structure", "RT Beams", "RT Treatment")
 
 
-class SkippedFile(Exception):
-    """The file is deliberately not converted; `reason` is a short code for the manifest
-    (e.g. ``not_dicom``, ``no_pixel_data``, ``non_image:Basic Text SR Storage``)."""
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
-
-
 @dataclasses.dataclass(frozen=True)
 class DicomOptions:
     """How to read a DICOM file. Part of a preprocessing variant (recorded in the dataset info)."""
@@ -71,6 +71,7 @@ class DicomOptions:
     voi: VoiMode = "window"
     window_index: int = 0  # which Window Center/Width pair (or VOI LUT item) when there are several
     frames: FrameMode = "first"  # multi-frame files: first frame, every frame, or skip the file
+    max_pixels: int = DEFAULT_MAX_PIXELS  # pixels decoded per file (Rows x Columns [x frames]); 0: no limit
 
     def __post_init__(self) -> None:
         if self.voi not in VOI_MODES:
@@ -79,6 +80,8 @@ class DicomOptions:
             raise ValueError(f"frames must be one of {FRAME_MODES}, got {self.frames!r}.")
         if int(self.window_index) < 0:
             raise ValueError(f"window_index must be >= 0, got {self.window_index!r}.")
+        if int(self.max_pixels) < 0:
+            raise ValueError(f"max_pixels must be >= 0 (0: no limit), got {self.max_pixels!r}.")
 
 
 @dataclasses.dataclass
@@ -99,12 +102,16 @@ def read_dicom(path: str | os.PathLike, salt: bytes, options: DicomOptions = Dic
     modality, manufacturer, pixel_spacing_mm ((row, column) mm or (nan, nan)), spacing_source,
     orig_shape, photometric, bits_stored, transfer_syntax, sop_class, voi_used, frame, num_frames,
     pixel_hash (SHA-256 of the decoded stored pixels — every frame, or the first with
-    `frames="first"` — for exact-duplicate detection).
+    `frames="first"` — for exact-duplicate detection), notes (what was repaired or overridden, "; "-
+    separated; "" when nothing).
 
     Raises SkippedFile for files that are deliberately not converted; any other exception means the
     file is broken (truncated, corrupt) and is the caller's to report.
     """
+    dicom_checks.check_input_path(path)
+    _inject_fault_for_tests(path)
     ds = _read_dataset(path)
+    notes = dicom_checks.repair(ds)
     _check_is_image(ds)
     photometric = str(ds.get("PhotometricInterpretation", "")).strip().upper()
     if photometric not in ("MONOCHROME1", "MONOCHROME2"):
@@ -113,6 +120,7 @@ def read_dicom(path: str | os.PathLike, salt: bytes, options: DicomOptions = Dic
     if num_frames > 1 and options.frames == "skip":
         raise SkippedFile(f"multi_frame:{num_frames}")
     index = 0 if (num_frames > 1 and options.frames == "first") else None
+    dicom_checks.check_before_decode(ds, all_frames=index is None, max_pixels=int(options.max_pixels))
     stored = _decode(ds, index)
     if stored.ndim == 2:
         stored = stored[None]
@@ -123,15 +131,23 @@ def read_dicom(path: str | os.PathLike, salt: bytes, options: DicomOptions = Dic
     pixel_hash = digest.hexdigest()[:32]
 
     transform, voi_used = grey_transform(ds, options, stored)
+    first = transform(stored[0])  # kept: the LUT pass is the costliest step for uncompressed files
+    if options.voi == "window" and not voi_used.startswith("minmax") and is_blank(first, padding_mask(ds, stored[0])):
+        transform, used = _unblank(ds, options, stored, voi_used)
+        notes.append(f"{voi_used} leaves the image blank; used {used}")
+        voi_used, first = used, transform(stored[0])
+    if photometric == "MONOCHROME2" and str(ds.get("PresentationLUTShape", "")).strip().upper() == "INVERSE":
+        notes.append("Presentation LUT Shape INVERSE on MONOCHROME2 not applied (bone bright kept)")
     meta = _metadata(ds, salt)
     meta.update(photometric=photometric, bits_stored=int(ds.get("BitsStored", 0) or 0), voi_used=voi_used,
+                notes="; ".join(notes),
                 num_frames=num_frames, pixel_hash=pixel_hash, orig_shape=(int(stored.shape[1]), int(stored.shape[2])))
     out = []
     for k, frame in enumerate(stored):
         frame_meta = dict(meta, frame=k)
         if k > 0:
             frame_meta["image_id"] = anonymize.hash_id(f"{meta['_sop_uid']}/f{k}", salt)
-        out.append(DicomImage(transform(frame), padding_mask(ds, frame), frame_meta))
+        out.append(DicomImage(first if k == 0 else transform(frame), padding_mask(ds, frame), frame_meta))
     for image in out:
         image.meta.pop("_sop_uid", None)
     return out
@@ -164,6 +180,23 @@ def _sop_class_name(ds: Any) -> str:
     return str(getattr(uid, "name", uid))
 
 
+def _inject_fault_for_tests(path: str | os.PathLike) -> None:
+    """Test hook (fault injection): with AFM_JAX_TEST_DECODER_FAULT=<mode>:<text>[,<mode>:<text>...], a
+    file whose path contains <text> makes this process abort (`abort`), hang (`hang`) or allocate
+    without end (`oom`) — how a decoder crash on a hostile file looks from outside. Unset in normal use."""
+    specs = [part.partition(":") for part in os.environ.get("AFM_JAX_TEST_DECODER_FAULT", "").split(",")]
+    mode = next((m for m, _, text in specs if text and text in os.fspath(path)), "")
+    if mode == "abort":
+        os.abort()
+    if mode == "hang":
+        import time  # pylint: disable=g-import-not-at-top
+        time.sleep(3600)
+    if mode == "oom":
+        hog = []
+        while True:
+            hog.append(np.ones(1 << 27, np.uint8))  # 128 MiB at a time, touched
+
+
 def _check_is_image(ds: Any) -> None:
     media = str(getattr(getattr(ds, "file_meta", None), "MediaStorageSOPClassUID", "") or "")
     if media == "1.2.840.10008.1.3.10" or "DirectoryRecordSequence" in ds:
@@ -174,6 +207,9 @@ def _check_is_image(ds: Any) -> None:
     if "PixelData" not in ds:
         if "FloatPixelData" in ds or "DoubleFloatPixelData" in ds:
             raise SkippedFile("float_pixel_data")
+        if "Rows" in ds and "Columns" in ds:  # the Image Pixel module without its Pixel Data: cut short
+            raise TruncatedFileError("the file ends before its Pixel Data element (Rows and Columns are given): "
+                                     "truncated file")
         raise SkippedFile(f"no_pixel_data:{name or 'unknown SOP class'}")
 
 
@@ -193,31 +229,48 @@ def _decode(ds: Any, index: int | None) -> np.ndarray:
         return pixel_array(ds, index=index)
     except NotImplementedError as e:
         raise SkippedFile(f"unsupported_syntax:{transfer_syntax_name(ds)}") from e
+    except (SkippedFile, DecodeError, MemoryError):
+        raise
     except RuntimeError as e:
         text = str(e)
         if "missing dependencies" in text or "no pixel data decoders" in text.lower():
             raise SkippedFile(f"unsupported_syntax:{transfer_syntax_name(ds)}") from e
         if "raised by all available plugins" in text:  # a decodable syntax, broken data
-            first = text.split("\n")[1].strip() if "\n" in text else text
-            raise DecodeError(f"no decoder could read the pixel data ({transfer_syntax_name(ds)}); "
-                              f"first error: {first}") from e
-        raise
+            lines = [_plugin_error(line) for line in text.split("\n")[1:] if line.strip()]
+            raise DecodeError(f"no decoder could read the pixel data ({_what(ds)}): " + "; ".join(lines)) from e
+        raise DecodeError(f"decoding failed ({_what(ds)}): {type(e).__name__}: {text}") from e
+    except Exception as e:  # pylint: disable=broad-except  (a decoder's own bug or odd data: say which)
+        raise DecodeError(f"decoding failed ({_what(ds)}): {type(e).__name__}: {e}") from e
+
+
+def _what(ds: Any) -> str:
+    return (f"{transfer_syntax_name(ds) or 'no transfer syntax'}, {ds.get('Rows')}x{ds.get('Columns')}, "
+            f"{ds.get('BitsStored')} bits stored")
+
+
+def _plugin_error(line: str) -> str:
+    """One line of pydicom's 'raised by all available plugins' error, made readable."""
+    plugin, _, message = line.strip().partition(":")
+    message = message.strip()
+    if "'NoneType' object has no attribute" in message:
+        message = "the library returned no image (corrupt data, or a size it cannot allocate)"
+    return f"{plugin} failed: {message or 'no message (corrupt data, or a size it cannot allocate)'}"
 
 
 # ─── Grey-scale transform ────────────────────────────────────────────────────────────────────────
 
-def grey_transform(ds: Any, options: DicomOptions, stored: np.ndarray):
+def grey_transform(ds: Any, options: DicomOptions, stored: np.ndarray, *, minmax: bool = False):
     """(function stored frame -> float32 [0, 1] bone bright, description of the VOI step used).
 
     Integer data of up to 16 bits goes through one table over every possible stored value; other
-    data (32-bit, float) through the same steps applied to the array."""
-    invert = (str(ds.get("PhotometricInterpretation", "")).strip().upper() == "MONOCHROME1"
-              or str(ds.get("PresentationLUTShape", "")).strip().upper() == "INVERSE")
+    data (32-bit, float) through the same steps applied to the array. `minmax`: use the image's own
+    min-max instead of the file's VOI (the fallback for a window that blanks the image)."""
+    invert = str(ds.get("PhotometricInterpretation", "")).strip().upper() == "MONOCHROME1"
     dtype = stored.dtype
     if dtype.kind in "ui" and dtype.itemsize <= 2:
         unsigned = np.dtype(f"u{dtype.itemsize}")
         domain = np.arange(1 << (8 * dtype.itemsize), dtype=np.int64).astype(unsigned).view(dtype)
-        table, voi_used = _chain(ds, options, domain, stored, _stored_range(ds, dtype))
+        table, voi_used = _chain(ds, options, domain, stored, _stored_range(ds, dtype), minmax)
         table = (1.0 - table if invert else table).astype(np.float32)
 
         def transform(frame: np.ndarray) -> np.ndarray:
@@ -226,10 +279,39 @@ def grey_transform(ds: Any, options: DicomOptions, stored: np.ndarray):
         return transform, voi_used
 
     def direct(frame: np.ndarray) -> np.ndarray:
-        values, _ = _chain(ds, options, frame, frame, (float(np.min(frame)), float(np.max(frame))))
+        values, _ = _chain(ds, options, frame, frame, (float(np.min(frame)), float(np.max(frame))), minmax)
         return (1.0 - values if invert else values).astype(np.float32)
 
-    return direct, _chain(ds, options, stored[:1, :1, :1].reshape(-1), stored, (0.0, 1.0))[1]
+    return direct, _chain(ds, options, stored[:1, :1, :1].reshape(-1), stored, (0.0, 1.0), minmax)[1]
+
+
+def is_blank(frame: np.ndarray, padding: np.ndarray | None = None, *, spread: float = 1 / 1024) -> bool:
+    """True if the non-padding pixels of a [0, 1] frame are (nearly) one value: the 0.5th and 99.5th
+    percentiles (of at most ~65k evenly sampled pixels) lie closer than `spread`."""
+    step = max(1, int(math.ceil(math.sqrt(frame.size / 65536))))
+    values = frame[::step, ::step]
+    if padding is not None:
+        values = values[~padding[::step, ::step]]
+    if values.size == 0:
+        return False  # all padding: the padding check, not this one, decides
+    lo, hi = np.percentile(values, (0.5, 99.5))
+    return bool(hi - lo < spread)
+
+
+def _unblank(ds: Any, options: DicomOptions, stored: np.ndarray, used: str):
+    """(transform, description) for a file whose VOI step `used` blanks the image: another window of
+    the file that does not, else the image's min-max."""
+    centres = ds.get("WindowCenter")
+    count = len(centres) if hasattr(centres, "__len__") and not isinstance(centres, (str, bytes)) else 0
+    mask = padding_mask(ds, stored[0])
+    for k in range(count):
+        if k == options.window_index:
+            continue
+        transform, voi_used = grey_transform(ds, dataclasses.replace(options, window_index=k), stored)
+        if voi_used.startswith("window") and not is_blank(transform(stored[0]), mask):
+            return transform, voi_used
+    transform, _ = grey_transform(ds, options, stored, minmax=True)
+    return transform, "minmax (the file's window blanks the image)"
 
 
 def _stored_range(ds: Any, dtype: np.dtype) -> tuple[float, float]:
@@ -242,7 +324,7 @@ def _stored_range(ds: Any, dtype: np.dtype) -> tuple[float, float]:
 
 
 def _chain(ds: Any, options: DicomOptions, values: np.ndarray, image: np.ndarray,
-           stored_range: tuple[float, float]) -> tuple[np.ndarray, str]:
+           stored_range: tuple[float, float], minmax: bool = False) -> tuple[np.ndarray, str]:
     """Modality LUT then VOI on `values`; returns float64 in [0, 1] and the VOI step's description.
 
     `image` (the stored pixels) is only used for the min-max fallback, `stored_range` for `voi="none"`.
@@ -250,6 +332,9 @@ def _chain(ds: Any, options: DicomOptions, values: np.ndarray, image: np.ndarray
     from pydicom.pixels import apply_modality_lut  # pylint: disable=g-import-not-at-top  (pydicom: slow to import)
 
     modality = np.asarray(apply_modality_lut(values, ds), dtype=np.float64)
+    if minmax:
+        lo, hi = _modality_min_max(ds, image)
+        return _linear(modality, lo, hi), "minmax"
     if options.voi == "window":
         windowed = _apply_window(modality, ds, options.window_index)
         if windowed is not None:
@@ -369,9 +454,13 @@ def padding_mask(ds: Any, stored: np.ndarray) -> np.ndarray | None:
     if value is None or isinstance(value, (bytes, bytearray)):
         return None
     limit = ds.get("PixelPaddingRangeLimit")
-    lo, hi = (value, value) if limit is None or isinstance(limit, (bytes, bytearray)) else sorted((value, limit))
-    if stored.dtype.kind == "u" and int(lo) < 0:  # written with the wrong VR: reinterpret as unsigned
-        lo = hi = int(lo) & ((1 << (8 * stored.dtype.itemsize)) - 1)
+    ends = [int(value)] if limit is None or isinstance(limit, (bytes, bytearray)) else [int(value), int(limit)]
+    bits = 8 * stored.dtype.itemsize
+    if stored.dtype.kind == "u":  # written with the wrong VR (SS on unsigned pixels): reinterpret as unsigned
+        ends = [e & ((1 << bits) - 1) if e < 0 else e for e in ends]
+    elif stored.dtype.kind == "i":  # US on signed pixels: the same bits read as two's complement
+        ends = [e - (1 << bits) if e >= (1 << (bits - 1)) else e for e in ends]
+    lo, hi = min(ends), max(ends)
     mask = (stored >= lo) & (stored <= hi)
     return mask if mask.any() else None
 

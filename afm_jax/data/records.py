@@ -34,6 +34,8 @@ import os
 import pathlib
 import re
 import shutil
+import socket
+import time
 import uuid
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -150,7 +152,8 @@ def write_dataset(examples: Iterable[dict], out_dir: str | os.PathLike, *, name:
         raise FileExistsError(f"A dataset already exists at {final_dir}. Delete it, choose another "
                               "--out directory or name, or pass overwrite=True.")
     final_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp_dir = final_dir.parent / f".incomplete-{SCHEMA_VERSION}-{uuid.uuid4().hex[:8]}"
+    remove_stale_temporaries(final_dir.parent)
+    tmp_dir = final_dir.parent / f".incomplete-{SCHEMA_VERSION}-{_owner_tag()}-{uuid.uuid4().hex[:8]}"
     tmp_dir.mkdir()
     try:
         stats = _write_shards(examples, tmp_dir, name, fractions, num_examples_hint, max_shard_bytes,
@@ -179,7 +182,7 @@ class _WriteStats:
         self.digests: list[bytes] = []
         self.split_infos: list[Any] = []
 
-    def add(self, split: str, record: dict, serialized: bytes) -> None:
+    def add(self, split: str, record: dict) -> None:
         label = int(record["label"])
         self.counts[split] += 1
         self.patients[split].add(record["patient_id"])
@@ -190,14 +193,38 @@ class _WriteStats:
                 self.label_name_conflicts += 1
         for key in ("image_id", "patient_id", "label"):
             self.index[split][key].append(record[key] if key != "label" else label)
-        self.digests.append(hashlib.sha256(serialized).digest())
+        self.digests.append(record_digest(record))
 
     def content_fingerprint(self) -> str:
-        """SHA-256 over the sorted record digests: the same records give the same value in any order."""
+        """SHA-256 over the sorted record digests: the same records give the same value in any order,
+        in any process (the digests are of canonical field bytes, not of the serialised protobuf,
+        whose map order varies between processes)."""
         h = hashlib.sha256()
         for d in sorted(self.digests):
             h.update(d)
         return h.hexdigest()
+
+
+def record_digest(record: Mapping[str, Any]) -> bytes:
+    """SHA-256 of a normalised record's fields in sorted key order: key, type, length, bytes (strings
+    UTF-8, arrays as little-endian with their dtype and shape, NaNs canonical, ints as int64)."""
+    h = hashlib.sha256()
+    for key in sorted(record):
+        value = record[key]
+        if isinstance(value, (bytes, bytearray)):
+            kind, data = b"b", bytes(value)
+        elif isinstance(value, str):
+            kind, data = b"s", value.encode("utf-8")
+        elif isinstance(value, (int, np.integer)):
+            kind, data = b"i", np.int64(value).astype("<i8").tobytes()
+        else:
+            array = np.asarray(value)
+            if array.dtype.kind == "f":
+                array = np.where(np.isnan(array), np.nan, array).astype(array.dtype)
+            kind = f"a{array.dtype.newbyteorder('<').str}{array.shape}".encode()
+            data = np.ascontiguousarray(array, array.dtype.newbyteorder("<")).tobytes()
+        h.update(key.encode() + b"\0" + kind + b"\0" + str(len(data)).encode() + b"\0" + data)
+    return h.digest()
 
 
 def _write_shards(examples: Iterable[dict], tmp_dir: pathlib.Path, name: str, fractions: dict[str, float],
@@ -224,7 +251,7 @@ def _write_shards(examples: Iterable[dict], tmp_dir: pathlib.Path, name: str, fr
                     raise ValueError(f"assign_split returned {split!r}, not one of the splits {sorted(fractions)}.")
             serialized = feats.serialize_example(record)
             writers.write(split, serialized)
-            stats.add(split, record, serialized)
+            stats.add(split, record)
     finally:
         writers.close()
     if not stats.counts:
@@ -404,6 +431,51 @@ def _write_metadata(directory: pathlib.Path, name: str, fractions: dict[str, flo
     (directory / INDEX_DIR).mkdir()
     for split, columns in stats.index.items():
         (directory / INDEX_DIR / f"{split}.json").write_text(json.dumps(columns))
+
+
+def _owner_tag() -> str:
+    return f"{socket.gethostname().replace('-', '_')}-{os.getpid()}"
+
+
+def remove_stale_temporaries(parent: pathlib.Path, max_age_s: float = 6 * 3600) -> list[pathlib.Path]:
+    """Removes the `.incomplete-*` / `.replaced-*` folders a killed writer left in `parent`: those of
+    a dead process on this host, and those of other hosts (or without an owner) untouched for
+    `max_age_s`. Returns what was removed."""
+    removed = []
+    host = socket.gethostname().replace("-", "_")
+    for path in parent.glob(".incomplete-*") if parent.is_dir() else []:
+        parts = path.name.split("-")  # .incomplete, <schema version>, <host>, <pid>, <random>
+        stale = False
+        if len(parts) == 5 and parts[2] == host and parts[3].isdigit():
+            stale = not _pid_alive(int(parts[3]))
+        else:
+            try:
+                stale = time.time() - path.stat().st_mtime > max_age_s
+            except OSError:
+                continue
+        if stale:
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    for path in parent.glob(".replaced-*") if parent.is_dir() else []:
+        try:
+            if time.time() - path.stat().st_mtime > 60:
+                shutil.rmtree(path, ignore_errors=True)
+                removed.append(path)
+        except OSError:
+            continue
+    if removed:
+        log.warning("Removed %d temporary folder(s) left by an interrupted write in %s.", len(removed), parent)
+    return removed
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _move_into_place(tmp_dir: pathlib.Path, final_dir: pathlib.Path) -> None:

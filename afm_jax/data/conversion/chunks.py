@@ -11,6 +11,10 @@ chunk is complete). Hence:
 
 * **parallel on one machine**: chunks go to a pool of worker processes (spawned; `workers=0` runs
   them in this process);
+* **one file cannot stop the run**: each file is converted in a child process of the converting
+  process (`decode_isolation`), so a decoder abort, crash, hang or memory blow-up becomes that
+  file's `failed:DecoderCrashError: ...` / `failed:DecodeTimeoutError: ...` row (also with
+  `workers=0`);
 * **parallel over SLURM array tasks**: `--shard i/n` converts chunks c with c mod n == i; any set of
   shard runs that together cover every chunk can be merged, since chunk contents do not depend on n;
 * **resumable**: a rerun skips complete chunks and rewrites the rest; a killed run leaves at most
@@ -38,15 +42,14 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import cv2
 from tqdm import tqdm
 
 from afm_jax import io
-from afm_jax.data import anonymize, dicom, preprocessing
+from afm_jax.data import anonymize, decode_isolation, dicom, preprocessing
 from afm_jax.data.conversion import inputs as conversion_inputs
 from afm_jax.data.conversion.inputs import InputFile
+from afm_jax.errors import ConfigError, DecodeTimeoutError, DecoderCrashError
 from afm_jax.data.preprocessing import Variant
-from afm_jax.errors import ConfigError
 
 PLAN_FILE = "plan.json"
 CHUNK_DIR = "chunks"
@@ -128,6 +131,7 @@ class ChunkTask:
     salt: bytes
     record_path: str
     rows_path: str
+    isolation: decode_isolation.IsolationOptions = decode_isolation.IsolationOptions()
 
 
 def convert_chunk(task: ChunkTask) -> Counter:
@@ -143,7 +147,7 @@ def convert_chunk(task: ChunkTask) -> Counter:
         writer = ArrayRecordWriter(os.fspath(record_tmp), "group_size:1,uncompressed")
         try:
             for f in task.files:
-                row, pngs = convert_file(f, variant, task.salt, task.label_ids)
+                row, pngs = _convert_file_isolated(f, variant, task)
                 for png in pngs:
                     writer.write(png)
                 rows.append(row)
@@ -152,6 +156,20 @@ def convert_chunk(task: ChunkTask) -> Counter:
             writer.close()
     io.write_text(task.rows_path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
     return counts
+
+
+def _convert_file_isolated(f: InputFile, variant: Variant, task: ChunkTask) -> tuple[dict, list[bytes]]:
+    """`convert_file` in this process's decoding child; its death or time-out fails only this file."""
+    if not task.isolation.enabled:
+        return convert_file(f, variant, task.salt, task.label_ids)
+    start = time.perf_counter()
+    try:
+        return decode_isolation.shared_worker(task.isolation).call(convert_file, f, variant, task.salt, task.label_ids)
+    except (DecoderCrashError, DecodeTimeoutError) as e:
+        row = {"file_index": f.index, "file_id": f.file_id(task.salt), "label_name": f.label_name,
+               "label": task.label_ids.get(f.label_name, -1) if f.label_name else -1,
+               "status": f"failed:{type(e).__name__}: {e}", "seconds": round(time.perf_counter() - start, 4)}
+        return row, []
 
 
 def convert_file(f: InputFile, variant: Variant, salt: bytes, label_ids: dict[str, int]) -> tuple[dict, list[bytes]]:
@@ -163,18 +181,13 @@ def convert_file(f: InputFile, variant: Variant, salt: bytes, label_ids: dict[st
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            if not os.path.isfile(f.path):
-                raise dicom.SkippedFile("missing_file")
             frames = dicom.read_dicom(f.path, salt, variant.dicom_options)
         images = []
         for frame in frames:
             meta = frame.meta
             processed = preprocessing.apply_variant(frame.image, variant, padding=frame.padding,
                                                     laterality=meta["laterality"])
-            ok, buf = cv2.imencode(".png", processed.image, [cv2.IMWRITE_PNG_COMPRESSION, variant.png_compression])
-            if not ok:
-                raise ValueError("PNG encoding failed")
-            pngs.append(buf.tobytes())
+            pngs.append(preprocessing.encode_png(processed.image, variant.png_compression))
             spacing = [float(s) / processed.scale for s in meta["pixel_spacing_mm"]]
             images.append({
                 "image_id": meta["image_id"], "patient_id": meta["patient_id"], "study_id": meta["study_id"],
@@ -186,7 +199,7 @@ def convert_file(f: InputFile, variant: Variant, salt: bytes, label_ids: dict[st
         row.update(status="converted", images=images, pixel_hash=first["pixel_hash"],
                    **{k: first[k] for k in ("manufacturer", "sop_class", "transfer_syntax", "photometric",
                                             "bits_stored", "voi_used", "num_frames", "orig_shape",
-                                            "patient_id_source", "spacing_source")})
+                                            "patient_id_source", "spacing_source", "notes")})
     except dicom.SkippedFile as e:
         row["status"] = f"skipped:{e.reason}"
         pngs = []
@@ -224,11 +237,13 @@ def _remove_stale_temporaries(plan: Plan, chunks: Sequence[int]) -> None:
 
 
 def run_shard(plan: Plan, salt: bytes, *, shard: tuple[int, int] = (0, 1), workers: int = 0, progress: bool = True,
-              on_chunk_done: Callable[[int], None] | None = None) -> Counter:
+              on_chunk_done: Callable[[int], None] | None = None,
+              isolation: decode_isolation.IsolationOptions = decode_isolation.IsolationOptions()) -> Counter:
     """Converts the pending chunks of `shard`; returns status counts of the files converted now.
 
     `workers` > 0 uses that many spawned processes; 0 converts in this process. `on_chunk_done(chunk)`
-    is called after each chunk is complete (tests use it to interrupt a run)."""
+    is called after each chunk is complete (tests use it to interrupt a run); `isolation`: per-file
+    child process, time and memory limits (see `decode_isolation`)."""
     todo = pending_chunks(plan, shard)
     _remove_stale_temporaries(plan, todo)
     shard_chunks = conversion_inputs.chunks_of_shard(plan.num_chunks, shard)
@@ -236,7 +251,8 @@ def run_shard(plan: Plan, salt: bytes, *, shard: tuple[int, int] = (0, 1), worke
     done_files = total - sum(len(plan.chunk_files(c)) for c in todo)
     variant = plan.variant.to_dict()
     tasks = [ChunkTask(c, tuple(plan.chunk_files(c)), variant, plan.label_ids, salt,
-                       str(plan.chunk_path(c, "array_record")), str(plan.chunk_path(c, "jsonl"))) for c in todo]
+                       str(plan.chunk_path(c, "array_record")), str(plan.chunk_path(c, "jsonl")), isolation)
+             for c in todo]
     counts: Counter = Counter()
     bar = tqdm(total=total, initial=done_files, unit="file", desc=f"converting shard {shard[0]}/{shard[1]}",
                disable=not progress, smoothing=0.05, dynamic_ncols=True)

@@ -4,8 +4,9 @@ Why a fixed order matters: the list is cut into fixed-size chunks (the unit of w
 `--shard i/n`), so every process — a worker, a SLURM array task, a rerun after a kill — must see the
 same list. Files are listed per input in sorted relative-path order; inputs keep the order given.
 
-* A folder is walked recursively; every regular file is an input (extension or not; non-DICOM files
-  are reported by the converter, not silently dropped).
+* A folder is walked recursively; every entry that is not a folder is an input (extension or not;
+  non-DICOM files, dangling symbolic links, FIFOs and links to folders are reported by the converter,
+  not silently dropped).
 * A CSV file (`*.csv`) lists files in a `path` column (relative to the CSV's folder or absolute),
   with an optional `label` or `label_name` column.
 * `labels_csv` (same columns) attaches labels to files found in folders.
@@ -60,13 +61,14 @@ def _read_label_csv(csv_path: pathlib.Path) -> list[tuple[str, str]]:
 
 
 def _walk(root: pathlib.Path) -> list[str]:
+    """Every entry below `root` except folders: files, symbolic links (dangling ones too), FIFOs, ...,
+    and symbolic links to folders (not followed: cycles) — so that each gets its manifest row."""
     found = []
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames.sort()
-        for name in sorted(filenames):
-            full = os.path.join(dirpath, name)
-            if os.path.isfile(full):
-                found.append(os.path.relpath(full, root).replace(os.sep, "/"))
+        linked = [d for d in dirnames if os.path.islink(os.path.join(dirpath, d))]
+        for name in sorted(filenames + linked):
+            found.append(os.path.relpath(os.path.join(dirpath, name), root).replace(os.sep, "/"))
     return sorted(found)
 
 

@@ -45,7 +45,7 @@ MANIFEST_FILE = "manifest.csv"
 MANIFEST_COLUMNS = ("file_index", "file_id", "status", "output", "duplicate_of", "patient_id", "study_id",
                     "series_id", "image_id", "label", "label_name", "modality", "body_part", "view", "laterality",
                     "manufacturer", "sop_class", "transfer_syntax", "photometric", "bits_stored", "voi_used",
-                    "orig_rows", "orig_cols", "num_frames", "num_images", "pixel_hash")
+                    "orig_rows", "orig_cols", "num_frames", "num_images", "pixel_hash", "notes")
 
 
 def check_complete(plan: Plan) -> None:
