@@ -36,6 +36,7 @@ from collections.abc import Callable
 from typing import Any
 
 from afm_jax.errors import DecodeTimeoutError, DecoderCrashError
+import resource
 
 _SIGNAL_HINTS = {signal.SIGABRT: "the decoder aborted (e.g. std::bad_alloc for a size it cannot allocate)",
                  signal.SIGSEGV: "the decoder crashed (segmentation fault)",
@@ -61,7 +62,6 @@ class IsolationOptions:
 def _serve(conn: Any, max_memory_mb: int) -> None:
     """The child's loop: (function, args) in, ("ok", result) or ("error", exception) out; EOF ends it."""
     if max_memory_mb:
-        import resource  # pylint: disable=g-import-not-at-top  (POSIX only; only with a cap)
 
         limit = int(max_memory_mb) << 20
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))

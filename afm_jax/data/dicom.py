@@ -52,6 +52,12 @@ import numpy as np
 from afm_jax.errors import DecodeError, TruncatedFileError
 from afm_jax.data import anonymize, dicom_checks
 from afm_jax.data.dicom_checks import DEFAULT_MAX_PIXELS, SkippedFile
+import pydicom
+from pydicom.errors import InvalidDicomError
+import time
+from pydicom.pixels import pixel_array
+from pydicom.pixels import apply_modality_lut
+from pydicom.pixels import apply_voi
 
 VoiMode = Literal["window", "none"]
 FrameMode = Literal["first", "all", "skip"]
@@ -156,8 +162,6 @@ def read_dicom(path: str | os.PathLike, salt: bytes, options: DicomOptions = Dic
 # ─── Reading and classifying ─────────────────────────────────────────────────────────────────────
 
 def _read_dataset(path: str | os.PathLike) -> Any:
-    import pydicom  # pylint: disable=g-import-not-at-top  (pydicom: slow to import)
-    from pydicom.errors import InvalidDicomError  # pylint: disable=g-import-not-at-top
 
     try:
         return pydicom.dcmread(path)
@@ -189,7 +193,6 @@ def _inject_fault_for_tests(path: str | os.PathLike) -> None:
     if mode == "abort":
         os.abort()
     if mode == "hang":
-        import time  # pylint: disable=g-import-not-at-top
         time.sleep(3600)
     if mode == "oom":
         hog = []
@@ -221,7 +224,6 @@ def transfer_syntax_name(ds: Any) -> str:
 
 def _decode(ds: Any, index: int | None) -> np.ndarray:
     """Stored pixel values (no LUT applied), all frames or frame `index`."""
-    from pydicom.pixels import pixel_array  # pylint: disable=g-import-not-at-top  (pydicom: slow to import)
 
     try:
         if index is None:
@@ -329,7 +331,6 @@ def _chain(ds: Any, options: DicomOptions, values: np.ndarray, image: np.ndarray
 
     `image` (the stored pixels) is only used for the min-max fallback, `stored_range` for `voi="none"`.
     """
-    from pydicom.pixels import apply_modality_lut  # pylint: disable=g-import-not-at-top  (pydicom: slow to import)
 
     modality = np.asarray(apply_modality_lut(values, ds), dtype=np.float64)
     if minmax:
@@ -356,7 +357,6 @@ def _linear(x: np.ndarray, lo: float, hi: float) -> np.ndarray:
 
 def _modality_range(ds: Any, stored_range: tuple[float, float]) -> tuple[float, float]:
     """Min and max of the Modality LUT's output over the stored range."""
-    from pydicom.pixels import apply_modality_lut  # pylint: disable=g-import-not-at-top  (pydicom: slow to import)
 
     ends = np.asarray(stored_range, dtype=np.float64)
     if "ModalityLUTSequence" in ds:
@@ -370,7 +370,6 @@ def _modality_range(ds: Any, stored_range: tuple[float, float]) -> tuple[float, 
 
 def _modality_min_max(ds: Any, image: np.ndarray) -> tuple[float, float]:
     """Min and max of the Modality LUT's output over the image's own (non-padding) stored values."""
-    from pydicom.pixels import apply_modality_lut  # pylint: disable=g-import-not-at-top  (pydicom: slow to import)
 
     mask = padding_mask(ds, image)
     values = image[~mask] if mask is not None and (~mask).any() else image
@@ -435,7 +434,6 @@ def window(x: np.ndarray, centre: float, width: float, function: str = "LINEAR")
 
 def _apply_voi_lut_sequence(x: np.ndarray, values: np.ndarray, ds: Any, index: int) -> tuple[np.ndarray, str] | None:
     """VOI LUT Sequence item `index` (pydicom's implementation), output scaled by the LUT's bit depth."""
-    from pydicom.pixels import apply_voi  # pylint: disable=g-import-not-at-top  (pydicom: slow to import)
 
     sequence = ds.get("VOILUTSequence")
     if not sequence:
