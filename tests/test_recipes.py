@@ -162,7 +162,9 @@ DEVIATIONS = {
                   "multicrop.num_local": 2, "dino.out_dim": 256, "dino.hidden_dim": 128, "dino.bottleneck_dim": 64,
                   "dino.teacher_temp": 0.02,
                   "dino.warmup_teacher_temp": 0.02, "dino.norm_last_layer": False,
-                  "dino.freeze_last_layer_epochs": 0.0, "model.drop_path_rate": 0.0},
+                  "dino.freeze_last_layer_epochs": 0.0, "model.drop_path_rate": 0.0,
+                  "model.init": "mae", "model.pos_embed_interpolation": "timm", "optim.weight_decay_rule": "no_tokens",
+                  "multicrop.global_scale": (0.32, 1.0), "multicrop.local_scale": (0.05, 0.32)},
     "dino_resnet50_radimagenet": {"num_epochs": 100.0, "batch_size": 1024},   # D: 800 epochs, batch 4080
     "finetune_aff": {"model.variant": "Ti/16", "model.depth": 6, "image_size": 128},
     "linprobe_mura": {"model.variant": "B/16"},
