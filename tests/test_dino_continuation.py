@@ -16,7 +16,8 @@ import jax
 import numpy as np
 import pytest
 
-from afm_jax.train import assembly, sharding, state as state_lib
+from afm_jax.train import assembly, sharding
+from afm_jax.train import state as state_lib
 from afm_jax.train.defaults import default_config
 from afm_jax.train.tasks import get_task
 
@@ -29,7 +30,9 @@ TRAIN, LOCAL = 42, 28                                              # 3x3 and 2x2
 
 def _hub_state_dict(seed=0):
     g = torch.Generator().manual_seed(seed)
-    r = lambda *shape, s=0.2: torch.randn(*shape, generator=g) * s
+
+    def r(*shape, s=0.2):
+        return torch.randn(*shape, generator=g) * s
     sd = {"cls_token": r(1, 1, D), "pos_embed": r(1, 1 + SRC_GRID ** 2, D), "register_tokens": r(1, REG, D),
           "mask_token": r(1, D), "patch_embed.proj.weight": r(D, 3, PATCH, PATCH, s=0.05),
           "patch_embed.proj.bias": r(D), "norm.weight": 1 + r(D), "norm.bias": r(D)}

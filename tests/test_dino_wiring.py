@@ -12,11 +12,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from dino_helpers import setup_dino_task
 from flax import nnx
 
-from afm_jax.train import dino_schedules, state as state_lib, step as step_lib
+from afm_jax.train import dino_schedules
+from afm_jax.train import state as state_lib
+from afm_jax.train import step as step_lib
 from afm_jax.train.defaults import default_config
-from dino_helpers import flat_state, setup_dino_task
 
 
 def _config(path, **dino):

@@ -3,7 +3,6 @@ trunc_normal_ / default inits), the uniform drop-path schedule, and DINO's posit
 interpolation against torch's F.interpolate."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
@@ -58,8 +57,9 @@ def test_dinov2_init_puts_class_and_register_tokens_at_std_1e_6():
 def test_uniform_drop_path_uses_the_rate_on_every_block():
     """DINOv2 `drop_path_uniform: true` (ssl_default_config.yaml L76): dpr = [rate] * depth; otherwise
     DINO/timm's torch.linspace(0, rate, depth)."""
-    rates = lambda **kw: [b.drop_path_rate for b in VisionTransformer("mu/8", img_size=16, depth=4, rngs=nnx.Rngs(0),
-                                                                      drop_path_rate=0.4, **kw).blocks]
+    def rates(**kw):
+        vit = VisionTransformer("mu/8", img_size=16, depth=4, drop_path_rate=0.4, rngs=nnx.Rngs(0), **kw)
+        return [b.drop_path_rate for b in vit.blocks]
     assert rates(drop_path_uniform=True) == pytest.approx([0.4] * 4)
     assert rates() == pytest.approx(torch.linspace(0, 0.4, 4).tolist())
 

@@ -151,10 +151,9 @@ def scale_by_adam_from(b1: float, b2: float, eps: float, start: Any) -> optax.Gr
                     jnp.where(active, v_new, v))
 
         out = jax.tree.map(one, updates, state.mu, state.nu, start)
-        is_triple = lambda x: isinstance(x, tuple) and len(x) == 3
-        u = jax.tree.map(lambda x: x[0], out, is_leaf=is_triple)
-        mu = jax.tree.map(lambda x: x[1], out, is_leaf=is_triple)
-        nu = jax.tree.map(lambda x: x[2], out, is_leaf=is_triple)
+        def pick(i):
+            return jax.tree.map(lambda x: x[i], out, is_leaf=lambda x: isinstance(x, tuple) and len(x) == 3)
+        u, mu, nu = pick(0), pick(1), pick(2)
         return u, DelayedAdamState(count, mu, nu)
 
     return optax.GradientTransformation(init_fn, update_fn)
