@@ -9,7 +9,8 @@ Expected: as dino_vits16.py; ViT-B needs the tighter clipping below to stay stab
 Differences from dino_vits16.py, all from the released arguments: 400 epochs, lr 7.5e-4 × batch/256,
 min lr 2e-6, 10 local crops, global crops 0.25–1 and local 0.05–0.25 of the area, per-tensor
 gradient clipping at 0.3, last layer frozen for 3 epochs, teacher temperature warm-up over 50 epochs.
-Radiograph deviations as in dino_vits16.py.
+Radiograph deviations as in dino_vits16.py; the rest of the recipe (init, weight-decay set, freeze,
+position-embedding interpolation) as there.
 """
 
 from afm_jax.train.defaults import default_config

@@ -73,8 +73,10 @@ def test_view_chains_follow_dino():
     globals_, local = multicrop.multicrop_chains(config.multicrop, 224)
     ops = lambda chain: {name: params for name, params in chain}
     g1, g2, loc = ops(globals_[0]), ops(globals_[1]), ops(local)
-    assert g1["random_resized_crop"]["size"] == 224 and g1["random_resized_crop"]["scale"] == (0.32, 1.0)
-    assert loc["random_resized_crop"]["size"] == 96 and loc["random_resized_crop"]["scale"] == (0.05, 0.32)
+    # DINO main_dino.py L107 / L114: --global_crops_scale (0.4, 1.), --local_crops_scale (0.05, 0.4)
+    # ((0.32, 1) / (0.05, 0.32) are DINOv2's, configs/dinov2_vitl14.py; tests/test_recipes.py).
+    assert g1["random_resized_crop"]["size"] == 224 and g1["random_resized_crop"]["scale"] == (0.4, 1.0)
+    assert loc["random_resized_crop"]["size"] == 96 and loc["random_resized_crop"]["scale"] == (0.05, 0.4)
     assert (g1["gaussian_blur"]["p"], g2["gaussian_blur"]["p"], loc["gaussian_blur"]["p"]) == (1.0, 0.1, 0.5)
     assert "solarize" not in g1 and g2["solarize"]["p"] == 0.2 and "solarize" not in loc
     assert g1["intensity_jitter"]["p"] == 0.8

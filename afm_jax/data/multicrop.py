@@ -1,7 +1,7 @@
 """DINO multi-crop augmentation for radiographs, as grain transforms, and its training iterator.
 
-What: each training image becomes `num_global` large crops (DINO: 2 × 224 px, area 0.32–1) and
-`num_local` small crops (DINO: 8 × 96 px, area 0.05–0.32), plus — for DINOv2's iBOT loss — one
+What: each training image becomes `num_global` large crops (DINO: 2 × 224 px, area 0.4–1; DINOv2
+0.32–1) and `num_local` small crops (DINO: 8 × 96 px, area 0.05–0.4; DINOv2 0.05–0.32), plus — for DINOv2's iBOT loss — one
 block mask per global crop. A batch holds one array per crop size, so the train step runs each
 size as one batched forward pass (no Python loop over images or crops):
 
@@ -45,10 +45,10 @@ def default_multicrop_config() -> ml_collections.ConfigDict:
     """`config.multicrop`: DINO's crop recipe; the global crop size is `config.image_size`."""
     return ml_collections.ConfigDict(dict(
         num_global=2,
-        global_scale=(0.32, 1.0),
+        global_scale=(0.4, 1.0),    # DINO main_dino.py (DINOv2: 0.32, 1)
         num_local=8,
         local_size=96,
-        local_scale=(0.05, 0.32),
+        local_scale=(0.05, 0.4),    # DINO main_dino.py (DINOv2: 0.05, 0.32)
         ratio=(3 / 4, 4 / 3),
         flip=True,
         jitter_p=0.8,               # DINO's RandomApply(ColorJitter, p=0.8)

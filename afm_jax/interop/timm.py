@@ -14,8 +14,9 @@ Why the adaptations are what they are (each one is exact or follows timm, and is
 * **RGB -> one channel.** The patch kernel's RGB planes are summed (timm's ``adapt_input_conv`` for
   ``in_chans=1``): a grey image then sees the filter an RGB-replicated copy of it would see. One
   channel -> three divides by three (timm's rule for other channel counts is not needed here).
-* **Position embeddings** are resampled bicubically with antialias to our grid (timm's
-  ``resample_abs_pos_embed``); prefix slots are folded into the class/register tokens when the
+* **Position embeddings** are resampled to our grid in the encoder's ``pos_embed_interpolation``
+  mode: bicubic with antialias (timm's ``resample_abs_pos_embed``), or DINO/DINOv2's plain bicubic
+  with the +0.1 offset (``"dino"``, for continuing from DINO/DINOv2 weights); prefix slots are folded into the class/register tokens when the
   target has ``no_embed_class`` (exact: what timm does for DINOv2 with registers) and zero slots are
   added in the opposite case (also exact).
 * **LayerScale** (DINOv2) loaded into a model without it is folded into ``attn.proj`` / ``mlp.fc2``
@@ -35,7 +36,7 @@ from flax import nnx
 
 from afm_jax.errors import InteropError
 from afm_jax.interop.vit_layouts import USUAL_NUM_HEADS, describe_vit_state_dict, normalize_vit_state_dict
-from afm_jax.models.pos_embed import resample_abs_pos_embed
+from afm_jax.models.pos_embed import resample_abs_pos_embed, resample_pos_embed_dino
 from afm_jax.models.vit import VisionTransformer
 
 
@@ -159,10 +160,18 @@ def _adapt_pos_embed(
         pe = np.concatenate([np.zeros((1, target_slots, pe.shape[2]), pe.dtype), pe], axis=1)
         adapted.append("pos_embed: zero slots added for the prefix tokens (source had no_embed_class)")
     if tuple(grid) != tuple(encoder.grid_size):
-        pe = np.asarray(resample_abs_pos_embed(jnp.asarray(pe), encoder.grid_size, old_size=grid,
-                                               num_prefix_tokens=target_slots))
+        # The encoder's own interpolation mode: "dino" resamples as DINO/DINOv2 do at run time.
+        if getattr(encoder, "pos_embed_interpolation", "timm") == "dino":
+            prefix, table = pe[:, :target_slots], pe[:, target_slots:]
+            table = np.asarray(resample_pos_embed_dino(jnp.asarray(table), encoder.grid_size, grid))
+            pe = np.concatenate([prefix, table], axis=1)
+            how = "plain bicubic with DINO's +0.1 offset"
+        else:
+            pe = np.asarray(resample_abs_pos_embed(jnp.asarray(pe), encoder.grid_size, old_size=grid,
+                                                   num_prefix_tokens=target_slots))
+            how = "bicubic, antialias, as timm"
         adapted.append(f"pos_embed: grid resampled {grid[0]}x{grid[1]} -> "
-                       f"{encoder.grid_size[0]}x{encoder.grid_size[1]} (bicubic, antialias, as timm)")
+                       f"{encoder.grid_size[0]}x{encoder.grid_size[1]} ({how})")
     sd["pos_embed"] = pe
 
 

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from afm_jax.models.resnet import ResNet
-from afm_jax.models.vit import VisionTransformer
+from afm_jax.models.vit import VisionTransformer, trunc_normal
 
 __all__ = ["DINOHead", "DINOModel", "FrozenWeight", "dino_loss", "teacher_softmax", "update_center",
            "sinkhorn_knopp", "koleo_loss", "ibot_patch_loss", "entropy"]
@@ -44,9 +44,9 @@ class FrozenWeight(nnx.Variable):
 
 
 def _trunc_normal() -> nnx.Initializer:
-    # timm's trunc_normal_(std=.02) draws in [-2, 2] absolute; jax's truncated_normal truncates at 2 std,
-    # which at std 0.02 is the same as the reference for all practical purposes.
-    return nnx.initializers.truncated_normal(stddev=0.02)
+    # DINO/DINOv2 `DINOHead._init_weights`: trunc_normal_(std=.02), cut at +-2 absolute, so its real std is
+    # 0.02 (jax's truncated_normal(0.02) cuts at 2 std and has a real std of 0.0176; see vit.trunc_normal).
+    return trunc_normal(0.02)
 
 
 class WeightNormLinear(nnx.Module):
@@ -110,7 +110,8 @@ class DINOModel(nnx.Module):
     def __init__(self, encoder: VisionTransformer | ResNet, *, out_dim: int, hidden_dim: int = 2048,
                  bottleneck_dim: int = 256, nlayers: int = 3, norm_last_layer: bool = True,
                  ibot: bool = False, ibot_separate_head: bool = False, ibot_out_dim: int | None = None,
-                 dtype: Any = jnp.float32, param_dtype: Any = jnp.float32, rngs: nnx.Rngs):
+                 ibot_hidden_dim: int | None = None, ibot_bottleneck_dim: int | None = None,
+                 ibot_nlayers: int | None = None, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32, rngs: nnx.Rngs):
         self.is_resnet = isinstance(encoder, ResNet)
         if self.is_resnet and ibot:
             raise ValueError("iBOT needs patch tokens; a ResNet backbone has none (set dino.ibot.enabled=False).")
@@ -121,7 +122,10 @@ class DINOModel(nnx.Module):
                   norm_last_layer=norm_last_layer, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.dino_head = DINOHead(encoder.embed_dim, out_dim, **kw)
         self.ibot = bool(ibot)
-        self.ibot_head = (DINOHead(encoder.embed_dim, ibot_out_dim or out_dim, **kw)
+        # A separate iBOT head has its own sizes (DINOv2 `ibot.head_*`; None = the DINO head's).
+        ibot_kw = dict(kw, hidden_dim=ibot_hidden_dim or hidden_dim, bottleneck_dim=ibot_bottleneck_dim or bottleneck_dim,
+                       nlayers=ibot_nlayers or nlayers)
+        self.ibot_head = (DINOHead(encoder.embed_dim, ibot_out_dim or out_dim, **ibot_kw)
                           if ibot and ibot_separate_head else None)
         # DINOv2 initialises the mask token to zeros.
         self.mask_token = nnx.Param(jnp.zeros((1, 1, encoder.embed_dim), param_dtype)) if ibot else None

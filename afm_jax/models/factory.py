@@ -16,7 +16,8 @@ from afm_jax import errors
 from afm_jax import configuration
 from afm_jax.models.mae import MAE
 from afm_jax.models.resnet import RESNET_LAYERS, ResNet
-from afm_jax.models.vit import REMAT_POLICIES, VisionTransformer, parse_variant
+from afm_jax.models.pos_embed import INTERPOLATIONS
+from afm_jax.models.vit import INIT_SCHEMES, REMAT_POLICIES, VisionTransformer, parse_variant
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 ARCHS = ("vit", "resnet50")
@@ -30,6 +31,12 @@ def default_model_config(variant: str = "B/16") -> ml_collections.ConfigDict:
         pos_embed="sincos", drop_path_rate=0.0, dtype="float32", param_dtype="float32",
         remat="none",               # activation rematerialisation per block: none | full | dots | dots_no_batch
         layer_scale_init=placeholder(float),  # LayerScale init (DINOv2: 1e-5); None = no LayerScale
+        init="mae",                 # parameter init: mae (xavier) | dino (trunc-normal 0.02) | dinov2 (+ tokens 1e-6)
+        drop_path_uniform=False,    # True: drop_path_rate on every block (DINOv2); False: linear 0 -> rate (timm, DINO)
+        pos_embed_interpolation="timm",   # resampling to other grids: timm (antialiased bicubic) | dino (+0.1 offset)
+        # Image size the stored position table is built for (None = image_size). Set it to a source's size
+        # (518 for DINOv2 hub weights) to keep that table and resample it per input, as the source model does.
+        pos_embed_size=placeholder(int),
         # Optional changes to the variant's size (None = the variant's own), e.g. a shallower demo model.
         width=placeholder(int), depth=placeholder(int), num_heads=placeholder(int), mlp_dim=placeholder(int),
         resnet_layers=RESNET_LAYERS["resnet50"],   # arch resnet50: bottleneck blocks per stage (tests: (1, 1, 1, 1))
@@ -63,6 +70,12 @@ def validate_model_config(config: ml_collections.ConfigDict, prefix: str = "mode
     configuration.require_choice(config, f"{prefix}.dtype", tuple(DTYPES))
     configuration.require_choice(config, f"{prefix}.param_dtype", tuple(DTYPES))
     configuration.require_choice(config, f"{prefix}.remat", tuple(REMAT_POLICIES))
+    if "init" in model:
+        configuration.require_choice(config, f"{prefix}.init", INIT_SCHEMES)
+    if "pos_embed_interpolation" in model:
+        configuration.require_choice(config, f"{prefix}.pos_embed_interpolation", INTERPOLATIONS)
+    if "drop_path_uniform" in model:
+        configuration.require(config, f"{prefix}.drop_path_uniform", lambda v: isinstance(v, bool), "True or False")
     configuration.require(config, f"{prefix}.in_chans", lambda v: v in (1, 3), "1 (radiographs) or 3")
     configuration.require(config, f"{prefix}.num_reg_tokens", lambda v: int(v) >= 0, "a count >= 0")
     configuration.require(config, f"{prefix}.drop_path_rate", lambda v: 0.0 <= v < 1.0, "a rate in [0, 1)")
@@ -74,6 +87,9 @@ def validate_model_config(config: ml_collections.ConfigDict, prefix: str = "mode
     patch = size["patch_size"]
     configuration.require(config, "image_size", lambda v: v % patch == 0,
                           f"a multiple of the patch size {patch} of model `{model.variant}`")
+    if "pos_embed_size" in model:
+        configuration.require(config, f"{prefix}.pos_embed_size", lambda v: v is None or (int(v) > 0 and int(v) % patch == 0),
+                              f"None (= image_size) or a positive multiple of the patch size {patch}")
 
 
 # ViT-only options a ResNet cannot honour: refused rather than silently ignored. (class_token,
@@ -83,6 +99,8 @@ _VIT_ONLY_REFUSED = {
     "drop_path_rate": (lambda v: float(v) == 0.0, "0.0 with model.arch=resnet50 (no drop-path in a ResNet)"),
     "remat": (lambda v: v == "none", '"none" with model.arch=resnet50 (per-block remat is ViT-only)'),
     "layer_scale_init": (lambda v: v is None, "None with model.arch=resnet50 (LayerScale is ViT-only)"),
+    "drop_path_uniform": (lambda v: not v, "False with model.arch=resnet50 (no drop-path in a ResNet)"),
+    "pos_embed_size": (lambda v: v is None, "None with model.arch=resnet50 (a ResNet has no position embedding)"),
 }
 
 
@@ -95,7 +113,8 @@ def validate_resnet_config(config: ml_collections.ConfigDict, prefix: str = "mod
                           lambda v: len(tuple(v)) == 4 and all(int(n) >= 1 for n in v),
                           "4 positive block counts, e.g. (3, 4, 6, 3) for ResNet-50")
     for key, (ok, expected) in _VIT_ONLY_REFUSED.items():
-        configuration.require(config, f"{prefix}.{key}", ok, expected)
+        if key in config[prefix]:
+            configuration.require(config, f"{prefix}.{key}", ok, expected)
     for key in SIZE_OVERRIDES:
         configuration.require(config, f"{prefix}.{key}", lambda v: v is None,
                               "None with model.arch=resnet50 (ViT size override)")
@@ -129,10 +148,13 @@ def build_encoder(model: ml_collections.ConfigDict, image_size: int, rngs: nnx.R
         raise errors.ConfigError(
             f"Config key `model.arch` = {model.arch!r}: this task builds a ViT; a ResNet backbone is available "
             "for task dino (configs/dino_resnet50_radimagenet.py). Use --config.model.arch=vit.")
+    table_size = model.get("pos_embed_size") or image_size
     return VisionTransformer(
-        model.variant, img_size=image_size, in_chans=model.in_chans, class_token=model.class_token,
+        model.variant, img_size=table_size, in_chans=model.in_chans, class_token=model.class_token,
         num_reg_tokens=model.num_reg_tokens, no_embed_class=model.no_embed_class, pos_embed=model.pos_embed,
-        drop_path_rate=model.drop_path_rate, dtype=DTYPES[model.dtype], param_dtype=DTYPES[model.param_dtype],
+        drop_path_rate=model.drop_path_rate, drop_path_uniform=bool(model.get("drop_path_uniform", False)),
+        init=model.get("init", "mae"), pos_embed_interpolation=model.get("pos_embed_interpolation", "timm"),
+        dtype=DTYPES[model.dtype], param_dtype=DTYPES[model.param_dtype],
         remat=model.get("remat", "none"), layer_scale_init=model.get("layer_scale_init"), rngs=rngs,
         **size_overrides(model))
 

@@ -29,7 +29,15 @@ __all__ = [
     "get_1d_sincos_pos_embed_from_grid",
     "get_2d_sincos_pos_embed",
     "resample_abs_pos_embed",
+    "resample_pos_embed_dino",
+    "INTERPOLATIONS",
 ]
+
+# How a position-embedding grid is resampled to another grid (config `model.pos_embed_interpolation`):
+# "timm": antialiased bicubic to the exact target size (timm's `resample_abs_pos_embed`);
+# "dino": plain bicubic (torch's kernel, A = -0.75) with the scale factor (target + 0.1) / source, as
+#         DINO's and DINOv2's `interpolate_pos_encoding` (`interpolate_offset=0.1`, `interpolate_antialias=False`).
+INTERPOLATIONS = ("timm", "dino")
 
 
 def _as_hw(size: int | Sequence[int]) -> tuple[int, int]:
@@ -132,3 +140,47 @@ def resample_abs_pos_embed(
     grid = jax.image.resize(grid, (1, new_h, new_w, dim), method=method, antialias=antialias)
     grid = grid.reshape(1, new_h * new_w, dim).astype(posemb.dtype)
     return jnp.concatenate([prefix, grid], axis=1) if num_prefix_tokens else grid
+
+
+def _torch_cubic_weights(in_size: int, out_size: int, scale: float) -> np.ndarray:
+    """(out, in) matrix of torch's non-antialiased bicubic (``align_corners=False``, A = -0.75) when
+    ``F.interpolate`` is given ``scale_factor=scale``: the source of output pixel i is
+    (i + 0.5) / scale - 0.5, the four taps around it are clamped to the border."""
+    a = -0.75
+
+    def near(x):   # |x| <= 1
+        return ((a + 2) * x - (a + 3)) * x * x + 1
+
+    def far(x):    # 1 < |x| < 2
+        return ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
+
+    weights = np.zeros((out_size, in_size), np.float64)
+    for i in range(out_size):
+        src = (i + 0.5) / scale - 0.5
+        x0 = int(np.floor(src))
+        t = src - x0
+        for offset, w in zip((-1, 0, 1, 2), (far(t + 1), near(t), near(1 - t), far(2 - t))):
+            weights[i, min(max(x0 + offset, 0), in_size - 1)] += w
+    return weights
+
+
+def resample_pos_embed_dino(grid: jax.Array, new_size: Sequence[int], old_size: Sequence[int], *,
+                            offset: float = 0.1) -> jax.Array:
+    """DINO/DINOv2's ``interpolate_pos_encoding`` on the grid part ``(1, old_h*old_w, D)``.
+
+    Plain (not antialiased) bicubic with torch's cubic kernel, and the scale factor
+    ``(new + offset) / old`` per axis — the output size is ``floor(old · scale)`` = ``new``, but the
+    sample positions follow the slightly larger scale, which is what makes DINO's offset matter.
+    Unchanged when the grids agree (the reference returns the stored table then). Computed as two
+    small matmuls (the weights are numpy constants of the static shapes), in float32.
+    """
+    new_h, new_w = _as_hw(new_size)
+    old_h, old_w = _as_hw(old_size)
+    if (old_h, old_w) == (new_h, new_w):
+        return grid
+    wh = _torch_cubic_weights(old_h, new_h, (new_h + offset) / old_h)
+    ww = _torch_cubic_weights(old_w, new_w, (new_w + offset) / old_w)
+    x = grid.astype(jnp.float32).reshape(old_h, old_w, grid.shape[-1])
+    x = jnp.einsum("ih,hwd->iwd", jnp.asarray(wh, jnp.float32), x)
+    x = jnp.einsum("jw,iwd->ijd", jnp.asarray(ww, jnp.float32), x)
+    return x.reshape(1, new_h * new_w, grid.shape[-1]).astype(grid.dtype)

@@ -43,7 +43,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from afm_jax.models.pos_embed import get_2d_sincos_pos_embed, resample_abs_pos_embed
+from afm_jax.models.pos_embed import (
+    INTERPOLATIONS,
+    get_2d_sincos_pos_embed,
+    resample_abs_pos_embed,
+    resample_pos_embed_dino,
+)
 
 __all__ = [
     "VIT_SIZES",
@@ -58,7 +63,17 @@ __all__ = [
     "patchify",
     "unpatchify",
     "drop_path",
+    "INIT_SCHEMES",
+    "trunc_normal",
 ]
+
+# Parameter initialisation (config `model.init`), each the scheme of the paper named:
+# "mae":    xavier-uniform Linear kernels and patch embedding (as a matrix), tokens N(0, 0.02) (MAE).
+# "dino":   Linear kernels trunc-normal with a real std of 0.02, the patch-embedding conv at torch's
+#           default U(+-1/sqrt(fan_in)), class token trunc-normal 0.02 (DINO `vision_transformer.py`).
+# "dinov2": as "dino", but class and register tokens N(0, 1e-6) (DINOv2 `DinoVisionTransformer.init_weights`).
+# Biases start at zero and a learned position embedding trunc-normal 0.02 in all of them.
+INIT_SCHEMES = ("mae", "dino", "dinov2")
 
 # width, depth, num_heads, mlp_dim — as big_vision / timm (mlp ratio 4). "mu" is big_vision's tiny
 # debugging size.
@@ -161,8 +176,27 @@ def drop_path(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
     return jnp.where(mask, x / keep, jnp.zeros_like(x))
 
 
+def trunc_normal(std: float = 0.02, lower: float = -2.0, upper: float = 2.0) -> nnx.Initializer:
+    """timm's ``trunc_normal_(std=std)``: N(0, std^2) cut at *absolute* bounds -2, 2, so at std 0.02 the
+    cut is 100 std away and the real std is ``std``. (``jax.nn.initializers.truncated_normal(std)``
+    cuts at 2 std instead: real std 0.88 x ``std``.) At 100 std a clip and a redraw are the same."""
+    def init(key, shape, dtype=jnp.float32):
+        return jnp.clip(jax.random.normal(key, shape, jnp.float32) * std, lower, upper).astype(dtype)
+    return init
+
+
+def _torch_default_uniform(fan_in: int) -> nnx.Initializer:
+    """torch's default Linear/Conv init, kaiming_uniform(a=sqrt(5)) = U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+    bound = 1.0 / fan_in**0.5
+    return lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound, bound)
+
+
 def _xavier_uniform() -> nnx.Initializer:
     return nnx.initializers.xavier_uniform()
+
+
+def _linear_init(init: str) -> nnx.Initializer:
+    return _xavier_uniform() if init == "mae" else trunc_normal(0.02)
 
 
 def _zeros() -> nnx.Initializer:
@@ -187,7 +221,8 @@ def _layer_norm(dim: int, dtype: Any, param_dtype: Any, rngs: nnx.Rngs) -> nnx.L
 class PatchEmbed(nnx.Module):
     """Non-overlapping ``p x p`` patches -> ``D`` channels (timm ``patch_embed.proj``).
 
-    Init as MAE: xavier-uniform on the kernel viewed as ``(p*p*C, D)``, zero bias.
+    Init (``init``): MAE's xavier-uniform on the kernel viewed as ``(p*p*C, D)`` with zero bias, or
+    (``"dino"``/``"dinov2"``) torch's default conv init, which DINO and DINOv2 keep.
     """
 
     def __init__(
@@ -198,9 +233,16 @@ class PatchEmbed(nnx.Module):
         *,
         dtype: Any = jnp.float32,
         param_dtype: Any = jnp.float32,
+        init: str = "mae",
         rngs: nnx.Rngs,
     ):
         self.patch_size = patch_size
+        fan_in = patch_size * patch_size * in_chans
+        if init == "mae":   # MAE: xavier on the kernel viewed as a (p*p*C, D) matrix, zero bias
+            kernel_init = nnx.initializers.variance_scaling(1.0, "fan_avg", "uniform", in_axis=(0, 1, 2), out_axis=-1)
+            bias_init = _zeros()
+        else:               # DINO/DINOv2 leave the conv at torch's default init
+            kernel_init = bias_init = _torch_default_uniform(fan_in)
         self.proj = nnx.Conv(
             in_chans,
             embed_dim,
@@ -209,10 +251,8 @@ class PatchEmbed(nnx.Module):
             padding="VALID",
             dtype=dtype,
             param_dtype=param_dtype,
-            kernel_init=nnx.initializers.variance_scaling(
-                1.0, "fan_avg", "uniform", in_axis=(0, 1, 2), out_axis=-1
-            ),
-            bias_init=_zeros(),
+            kernel_init=kernel_init,
+            bias_init=bias_init,
             rngs=rngs,
         )
 
@@ -239,6 +279,7 @@ class Attention(nnx.Module):
         dtype: Any = jnp.float32,
         param_dtype: Any = jnp.float32,
         implementation: str | None = None,
+        init: str = "mae",
         rngs: nnx.Rngs,
     ):
         if dim % num_heads:
@@ -249,7 +290,7 @@ class Attention(nnx.Module):
         kw = dict(
             dtype=dtype,
             param_dtype=param_dtype,
-            kernel_init=_xavier_uniform(),
+            kernel_init=_linear_init(init),
             bias_init=_zeros(),
             rngs=rngs,
         )
@@ -287,12 +328,13 @@ class Mlp(nnx.Module):
         *,
         dtype: Any = jnp.float32,
         param_dtype: Any = jnp.float32,
+        init: str = "mae",
         rngs: nnx.Rngs,
     ):
         kw = dict(
             dtype=dtype,
             param_dtype=param_dtype,
-            kernel_init=_xavier_uniform(),
+            kernel_init=_linear_init(init),
             bias_init=_zeros(),
             rngs=rngs,
         )
@@ -330,6 +372,7 @@ class Block(nnx.Module):
         dtype: Any = jnp.float32,
         param_dtype: Any = jnp.float32,
         attn_implementation: str | None = None,
+        init: str = "mae",
         rngs: nnx.Rngs,
     ):
         self.drop_path_rate = float(drop_path_rate)
@@ -340,6 +383,7 @@ class Block(nnx.Module):
             dtype=dtype,
             param_dtype=param_dtype,
             implementation=attn_implementation,
+            init=init,
             rngs=rngs,
         )
         self.ls1 = (
@@ -348,7 +392,7 @@ class Block(nnx.Module):
             else None
         )
         self.norm2 = _layer_norm(dim, dtype, param_dtype, rngs)
-        self.mlp = Mlp(dim, mlp_dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.mlp = Mlp(dim, mlp_dim, dtype=dtype, param_dtype=param_dtype, init=init, rngs=rngs)
         self.ls2 = (
             LayerScale(dim, layer_scale_init, param_dtype=param_dtype)
             if layer_scale_init is not None
@@ -425,7 +469,12 @@ class VisionTransformer(nnx.Module):
       no_embed_class: prefix tokens get no position embedding (timm's flag; DINOv2-reg, DeiT-3).
         Otherwise ``pos_embed`` has a slot per prefix token (zeros for sin-cos), as in timm/MAE.
       pos_embed: ``"sincos"`` (fixed, :class:`FixedPosEmbed`) or ``"learned"`` (``nnx.Param``).
-      drop_path_rate: stochastic depth at the last block; linear from 0 over depth.
+      drop_path_rate: stochastic depth at the last block; linear from 0 over depth (timm, DINO), or
+        on every block with ``drop_path_uniform`` (DINOv2's ``drop_path_uniform: true``).
+      init: parameter initialisation, one of :data:`INIT_SCHEMES` ("mae", "dino", "dinov2").
+      pos_embed_interpolation: how the stored grid is resampled to another input grid, one of
+        ``pos_embed.INTERPOLATIONS``: "timm" (antialiased bicubic) or "dino" (DINO/DINOv2: plain
+        bicubic with the +0.1 scale offset).
       layer_scale_init: LayerScale init value (e.g. 1e-5 for DINOv2); None = no LayerScale.
       dtype / param_dtype: compute / storage dtypes.
       input_mean / input_std: per-channel normalisation of [0, 1] images, applied first.
@@ -449,7 +498,10 @@ class VisionTransformer(nnx.Module):
         no_embed_class: bool = False,
         pos_embed: str = "sincos",
         drop_path_rate: float = 0.0,
+        drop_path_uniform: bool = False,
         layer_scale_init: float | None = None,
+        init: str = "mae",
+        pos_embed_interpolation: str = "timm",
         dtype: Any = jnp.float32,
         param_dtype: Any = jnp.float32,
         input_mean: float | Sequence[float] | None = None,
@@ -473,6 +525,12 @@ class VisionTransformer(nnx.Module):
         self.remat = remat
         if pos_embed not in ("sincos", "learned"):
             raise ValueError(f"pos_embed must be 'sincos' or 'learned', got {pos_embed!r}.")
+        if init not in INIT_SCHEMES:
+            raise ValueError(f"init must be one of {INIT_SCHEMES}, got {init!r}.")
+        if pos_embed_interpolation not in INTERPOLATIONS:
+            raise ValueError(f"pos_embed_interpolation must be one of {INTERPOLATIONS}, got {pos_embed_interpolation!r}.")
+        self.init_scheme = init
+        self.pos_embed_interpolation = pos_embed_interpolation
 
         self.variant = variant
         self.embed_dim = d = cfg["width"]
@@ -503,9 +561,10 @@ class VisionTransformer(nnx.Module):
         )
 
         self.patch_embed = PatchEmbed(
-            p, in_chans, d, dtype=dtype, param_dtype=param_dtype, rngs=rngs
+            p, in_chans, d, dtype=dtype, param_dtype=param_dtype, init=init, rngs=rngs
         )
-        token_init = nnx.initializers.normal(stddev=0.02)
+        token_init = {"mae": nnx.initializers.normal(stddev=0.02), "dino": trunc_normal(0.02),
+                      "dinov2": nnx.initializers.normal(stddev=1e-6)}[init]
         self.cls_token = (
             nnx.Param(token_init(rngs.params(), (1, 1, d), param_dtype)) if class_token else None
         )
@@ -519,12 +578,14 @@ class VisionTransformer(nnx.Module):
             table = get_2d_sincos_pos_embed(d, self.grid_size, num_pos_prefix)
             self.pos_embed = FixedPosEmbed(jnp.asarray(table[None], dtype=param_dtype))
         else:
-            init = nnx.initializers.truncated_normal(stddev=0.02)
             self.pos_embed = nnx.Param(
-                init(rngs.params(), (1, num_pos_prefix + self.num_patches, d), param_dtype)
+                trunc_normal(0.02)(rngs.params(), (1, num_pos_prefix + self.num_patches, d), param_dtype)
             )
 
-        rates = np.linspace(0.0, drop_path_rate, self.depth) if self.depth else []
+        if drop_path_uniform:
+            rates = [drop_path_rate] * self.depth
+        else:
+            rates = np.linspace(0.0, drop_path_rate, self.depth) if self.depth else []
         self.blocks = nnx.List(
             [
                 Block(
@@ -536,6 +597,7 @@ class VisionTransformer(nnx.Module):
                     dtype=dtype,
                     param_dtype=param_dtype,
                     attn_implementation=attn_implementation,
+                    init=init,
                     rngs=rngs,
                 )
                 for rate in rates
@@ -562,12 +624,14 @@ class VisionTransformer(nnx.Module):
     def patch_pos_embed(self, grid_hw: Sequence[int]) -> jax.Array:
         """Position embedding of the patch tokens for a ``grid_hw`` grid, ``(1, gh*gw, D)`` fp32.
 
-        Resampled bicubically (timm ``resample_abs_pos_embed``) when ``grid_hw`` differs from the
-        stored :attr:`grid_size`.
+        Resampled when ``grid_hw`` differs from the stored :attr:`grid_size`: bicubically with
+        antialias (timm ``resample_abs_pos_embed``), or DINO's way (``pos_embed_interpolation="dino"``).
         """
         table = self._pos_embed_table()
         if not self.no_embed_class:
             table = table[:, self.num_prefix_tokens :]
+        if self.pos_embed_interpolation == "dino":
+            return resample_pos_embed_dino(table, tuple(grid_hw), self.grid_size)
         return resample_abs_pos_embed(
             table, tuple(grid_hw), old_size=self.grid_size, num_prefix_tokens=0
         )

@@ -2,8 +2,9 @@
 
 What: teacher momentum (cosine 0.996 -> 1), teacher temperature (linear warm-up 0.04 -> 0.07, then
 constant), weight decay (cosine 0.04 -> 0.4), the EMA update, and two optax transformations DINO
-needs beyond AdamW: freezing the last head layer for the first epoch and per-tensor gradient
-clipping (DINO v1's `clip_gradients`).
+needs beyond AdamW: freezing the last head layer for the first epoch (with an Adam whose frozen
+leaves start fresh at the unfreeze, `scale_by_adam_from`), per-tensor gradient clipping (DINO v1's
+`clip_gradients`) and per-module clipping (DINOv2).
 
 Why per step: DINO indexes its numpy schedules by iteration (`cosine_scheduler(base, final, epochs,
 niter_per_ep)`), except the teacher temperature, which it indexes by epoch; DINOv2 indexes all of
@@ -13,7 +14,7 @@ epoch-sized stairs) so that a resumed run, which only knows its step, gets the s
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -64,9 +65,8 @@ def ema_update(teacher: Any, student: Any, momentum: jax.Array | float) -> Any:
 def freeze_for_steps(mask: Any, num_steps: int) -> optax.GradientTransformation:
     """Zeroes the updates of leaves where `mask` is True during the first `num_steps` updates.
 
-    Put it first (gradients: no Adam moments build up) *and* last (updates: no weight decay moves
-    them) to match DINO's `cancel_gradients_last_layer`, which leaves the last layer untouched for
-    the first epoch(s)."""
+    `make_dino_optimizer` puts it last (no update, hence no weight decay, during the freeze: the
+    last layer's lr is 0) and, with LARS in "fresh_adam" mode, before the momentum as well."""
     def init_fn(params):
         del params
         return {"count": jnp.zeros([], jnp.int32)}
@@ -94,3 +94,66 @@ def clip_per_tensor(max_norm: float) -> optax.GradientTransformation:
         return jax.tree.map(clip, updates), state
 
     return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
+
+
+def clip_per_module(max_norm: float, module_of: Any) -> optax.GradientTransformation:
+    """DINOv2's clipping: each student module (backbone, DINO head, iBOT head) clipped by its own global
+    norm, `for v in model.student.values(): v.clip_grad_norm_(clip)` (torch's formula:
+    g · max_norm / (norm + 1e-6) where that factor is < 1). `module_of` is a pytree like the
+    gradients holding each leaf's module name (static strings)."""
+    def update_fn(updates, state, params=None):
+        del params
+        leaves, treedef = jax.tree.flatten(updates)
+        names = jax.tree.leaves(module_of)
+        sq: dict[str, jax.Array] = {}
+        for g, name in zip(leaves, names, strict=True):
+            sq[name] = sq.get(name, 0.0) + jnp.sum(jnp.square(g.astype(jnp.float32)))
+        coef = {name: jnp.minimum(max_norm / (jnp.sqrt(s) + 1e-6), 1.0) for name, s in sq.items()}
+        clipped = [g * coef[name].astype(g.dtype) for g, name in zip(leaves, names)]
+        return jax.tree.unflatten(treedef, clipped), state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
+
+
+class DelayedAdamState(NamedTuple):
+    count: jax.Array
+    mu: Any
+    nu: Any
+
+
+def scale_by_adam_from(b1: float, b2: float, eps: float, start: Any) -> optax.GradientTransformation:
+    """Adam whose leaves may start late: a leaf with `start` = s > 0 ignores its gradients for the first
+    s updates (zero update, moments untouched) and then runs as a fresh Adam, its bias correction
+    counting from its own first step. That is PyTorch's AdamW for DINO's frozen last layer (its
+    gradients are set to None for the first epoch, so AdamW skips it and creates its state at the
+    unfreeze). Leaves with start 0 are exactly `optax.scale_by_adam`. `start` is a pytree like the
+    params of static ints."""
+    def init_fn(params):
+        zeros = jax.tree.map(jnp.zeros_like, params)
+        return DelayedAdamState(jnp.zeros([], jnp.int32), zeros, jax.tree.map(jnp.zeros_like, params))
+
+    def update_fn(updates, state, params=None):
+        del params
+        step = state.count                                   # updates made so far
+        count = optax.safe_increment(step)
+
+        def one(g, m, v, s):
+            m_new = b1 * m + (1 - b1) * g
+            v_new = b2 * v + (1 - b2) * jnp.square(g)
+            if s == 0:
+                t = count.astype(jnp.float32)
+                u = (m_new / (1 - b1 ** t)) / (jnp.sqrt(v_new / (1 - b2 ** t)) + eps)
+                return u, m_new, v_new
+            active = step >= s
+            t = jnp.maximum(count - s, 1).astype(jnp.float32)
+            u = (m_new / (1 - b1 ** t)) / (jnp.sqrt(v_new / (1 - b2 ** t)) + eps)
+            return (jnp.where(active, u, jnp.zeros_like(u)), jnp.where(active, m_new, m),
+                    jnp.where(active, v_new, v))
+
+        out = jax.tree.map(one, updates, state.mu, state.nu, start)
+        def pick(i):
+            return jax.tree.map(lambda x: x[i], out, is_leaf=lambda x: isinstance(x, tuple) and len(x) == 3)
+        u, mu, nu = pick(0), pick(1), pick(2)
+        return u, DelayedAdamState(count, mu, nu)
+
+    return optax.GradientTransformation(init_fn, update_fn)

@@ -23,7 +23,7 @@ from jax.experimental import multihost_utils
 from afm_jax import errors
 from afm_jax.errors import TrainingDivergedError
 from afm_jax import configuration
-from afm_jax.train import assembly as assembly_lib, checkpoint, sharding, state as state_lib, throughput
+from afm_jax.train import assembly as assembly_lib, checkpoint, optim, sharding, state as state_lib, throughput
 from afm_jax.train.tasks.base import Task
 from afm_jax.train.metrics_writer import MetricsWriter
 from afm_jax.version import code_version
@@ -93,6 +93,8 @@ def validate_common(config: ml_collections.ConfigDict) -> None:
     configuration.require(config, "image_size", lambda v: int(v) > 0, "a positive image size in pixels")
     configuration.require(config, "optim.base_lr", lambda v: float(v) > 0, "a positive learning rate")
     configuration.require(config, "optim.weight_decay", lambda v: float(v) >= 0, "a non-negative weight decay")
+    if "weight_decay_rule" in config.optim:
+        configuration.require_choice(config, "optim.weight_decay_rule", optim.WEIGHT_DECAY_RULES)
     configuration.require(config, "log_every", lambda v: int(v) > 0, "a positive step interval")
     configuration.require(config, "checkpoint_every", lambda v: int(v) > 0, "a positive step interval")
     configuration.require(config, "accum_steps", lambda v: int(v) >= 1, "a micro-batch count >= 1")

@@ -64,8 +64,10 @@ class DINOTask(Task):
         config.image_every = 0
         config.model.pos_embed = "learned"
         config.model.drop_path_rate = 0.1
+        config.model.init = "dino"                        # trunc-normal 0.02 (DINO vision_transformer.py)
+        config.model.pos_embed_interpolation = "dino"     # plain bicubic + 0.1 offset (interpolate_pos_encoding)
         config.optim.update(base_lr=5e-4, min_lr=1e-6, warmup_epochs=10.0, b1=0.9, b2=0.999,
-                            weight_decay=0.04, grad_clip_norm=3.0)
+                            weight_decay=0.04, grad_clip_norm=3.0, weight_decay_rule="rank")
 
     def validate(self, config: ml_collections.ConfigDict) -> None:
         validate_dino_config(config, self._granularity(config))
@@ -99,7 +101,8 @@ class DINOTask(Task):
         return dino_lib.DINOModel(
             encoder, out_dim=d.out_dim, hidden_dim=d.hidden_dim, bottleneck_dim=d.bottleneck_dim,
             nlayers=d.nlayers, norm_last_layer=d.norm_last_layer, ibot=d.ibot.enabled,
-            ibot_separate_head=d.ibot.separate_head, ibot_out_dim=d.ibot.out_dim,
+            ibot_separate_head=d.ibot.separate_head, ibot_out_dim=d.ibot.out_dim, ibot_hidden_dim=d.ibot.hidden_dim,
+            ibot_bottleneck_dim=d.ibot.bottleneck_dim, ibot_nlayers=d.ibot.nlayers,
             dtype=factory.DTYPES[config.model.dtype], param_dtype=factory.DTYPES[config.model.param_dtype], rngs=rngs)
 
     def init_extra(self, model: dino_lib.DINOModel) -> dict:

@@ -13,6 +13,7 @@ from afm_jax import configuration
 from afm_jax.data import multicrop
 from afm_jax.data.records import STRING_KEYS
 from afm_jax.models import factory
+from afm_jax.train import optim
 
 CENTERINGS = ("center", "sinkhorn_knopp")
 
@@ -30,7 +31,8 @@ def default_dino_config() -> ml_collections.ConfigDict:
         sinkhorn_iterations=3,
         weight_decay_end=0.4,                 # cosine from optim.weight_decay (0.04) to this
         freeze_last_layer_epochs=1.0,
-        clip_per_tensor=True,                 # DINO v1 clips each tensor at optim.grad_clip_norm; False = global norm
+        clip_mode="per_tensor",               # per_tensor (DINO v1) | per_module (DINOv2: backbone, heads) | global
+        freeze_last_layer_mode="fresh_adam",  # fresh_adam (DINO v1: no grads, Adam state new at unfreeze) | lr_zero (DINOv2)
         dino_loss_weight=1.0,
         koleo_weight=0.0,                     # DINOv2: 0.1
         layer_decay=1.0,                      # DINOv2: 0.9 (1 = off)
@@ -39,7 +41,9 @@ def default_dino_config() -> ml_collections.ConfigDict:
         lars_momentum=0.9, lars_trust_coefficient=0.001,
         ibot=ml_collections.ConfigDict(dict(
             enabled=False, loss_weight=1.0, mask_probability=0.5, mask_ratio=(0.1, 0.5),
-            separate_head=False, out_dim=placeholder(int))),   # None = dino.out_dim
+            separate_head=False, out_dim=placeholder(int),     # None = dino.out_dim
+            # sizes of a separate iBOT head (None = the DINO head's; DINOv2 keeps 2048 / 256 / 3 for it)
+            hidden_dim=placeholder(int), bottleneck_dim=placeholder(int), nlayers=placeholder(int))),
         knn=ml_collections.ConfigDict(dict(
             train_split="train", eval_split="validation", max_train=2000, max_eval=1000,
             label_key="label",                # or a record string field such as "view" or "body_part"
@@ -65,6 +69,10 @@ def validate_dino_config(config: ml_collections.ConfigDict, granularity: int) ->
     for key in ("momentum_teacher", "final_momentum_teacher", "center_momentum"):
         req(config, f"dino.{key}", lambda v: 0 <= float(v) <= 1, "a momentum in [0, 1]")
     configuration.require_choice(config, "dino.centering", CENTERINGS)
+    configuration.require_choice(config, "dino.clip_mode", optim.CLIP_MODES)
+    configuration.require_choice(config, "dino.freeze_last_layer_mode", optim.FREEZE_MODES)
+    for key in ("hidden_dim", "bottleneck_dim", "nlayers"):
+        req(config, f"dino.ibot.{key}", lambda v: v is None or int(v) >= 1, "None (= the DINO head's) or a positive int")
     req(config, "dino.sinkhorn_iterations", lambda v: int(v) >= 1, "at least 1 iteration")
     req(config, "dino.weight_decay_end", lambda v: float(v) >= 0, "a non-negative weight decay")
     req(config, "dino.freeze_last_layer_epochs", lambda v: float(v) >= 0, "epochs >= 0")

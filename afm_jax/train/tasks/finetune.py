@@ -82,7 +82,9 @@ class FinetuneTask(Task):
         config.finetune = default_finetune_config()
         # MAE fine-tuning (He et al. 2021, Table 9): AdamW(0.9, 0.999), wd 0.05, base lr 5e-4 (B),
         # 5 warmup epochs, drop-path 0.1, 100 epochs; evaluation drives early stopping.
-        config.optim.update(base_lr=5e-4, b2=0.999, weight_decay=0.05, warmup_epochs=5.0)
+        # No decay on tokens/pos embeds: MAE `main_finetune.py` exempts timm's `no_weight_decay()` set.
+        config.optim.update(base_lr=5e-4, b2=0.999, weight_decay=0.05, warmup_epochs=5.0,
+                            weight_decay_rule="no_tokens")
         config.model.drop_path_rate = 0.1
         config.num_epochs = 100.0
         config.batch_size = 1024
