@@ -34,14 +34,15 @@ from sklearn.metrics import roc_auc_score
 from flax import nnx
 
 from afm_jax import configuration, io
+from afm_jax.version import code_version
 from afm_jax.errors import ConfigError
 from afm_jax.data import pipeline, records, synthetic
 from afm_jax.data.selection import write_selection
 from afm_jax.evaluation import aggregation, sampling, statistics
-from afm_jax.evaluation.backbones import Backbone, BackboneSpec, load_backbone
+from afm_jax.evaluation.backbones import Backbone, BackboneSpec, describe_backbone, load_backbone
 from afm_jax.evaluation.features import extract_features
 from afm_jax.evaluation.knn import knn_predict
-from afm_jax.evaluation.linear import fit_linear_probe
+from afm_jax.evaluation.linear import DEFAULT_C_GRID, fit_linear_probe
 from afm_jax.evaluation.metrics import binary_metrics
 from afm_jax.train import run as train_run
 from afm_jax.train.checkpoint import read_meta, resolve_step_dir
@@ -161,6 +162,41 @@ def dataset_fingerprint(data_path: str) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def dataset_provenance(data_path: str) -> dict[str, Any]:
+    """What identifies the evaluated dataset: path, fingerprints, preprocessing (variant and parameters)
+    and the tool version that wrote it, from its dataset info."""
+    info = records.read_info(data_path)
+    prep = info.get("preprocessing") or {}
+    variant = prep.get("variant") or prep.get("name") if isinstance(prep, dict) else None
+    if isinstance(variant, dict):
+        variant = variant.get("name")
+    return {"path": info.get("path"), "name": info.get("name"), "version": info.get("version"),
+            "fingerprint": dataset_fingerprint(data_path), "content_fingerprint": info.get("content_fingerprint"),
+            "source_fingerprint": info.get("source_fingerprint"), "preprocessing_variant": variant,
+            "preprocessing": prep, "dataset_tool_version": info.get("tool_version")}
+
+
+def provenance(spec: BackboneSpec, data_path: str, *, protocol: str = "", params: dict | None = None) -> dict[str, Any]:
+    """The provenance block of every result and feature cache: the backbone as really evaluated
+    (architecture and step read from its checkpoint), the dataset, the protocol parameters and the
+    code version of this evaluation."""
+    return {"backbone": describe_backbone(spec), "dataset": dataset_provenance(data_path), "protocol": protocol,
+            "protocol_params": dict(params or {}), "code_version": code_version()}
+
+
+def protocol_params(protocol: str, options: dict | None, info: dict | None = None) -> dict[str, Any]:
+    """The parameters a run of `protocol` used: the options given, the protocol's defaults otherwise,
+    and what it chose on validation (the probe's C)."""
+    info = info or {}
+    out = dict(options or {})
+    if protocol == "knn":
+        out.setdefault("k", info.get("k", 20))
+        out.setdefault("temperature", info.get("temperature", 0.07))
+    elif protocol == "linear":
+        out.update(C_grid=list(DEFAULT_C_GRID), C=info.get("C"))
+    return out
+
+
 class FeatureCache:
     """Frozen features on disk: `<root>/<backbone key>/<dataset key>/<split>.npz`.
 
@@ -183,7 +219,8 @@ class FeatureCache:
         feats = extract_split(backbone(), data_path, split, batch_size=batch_size)
         path.parent.mkdir(parents=True, exist_ok=True)
         io.write_with(path, lambda tmp: np.savez(tmp, **feats))
-        io.write_json(path.parent.parent / "spec.json", spec.to_json())
+        io.write_json(path.parent.parent / "spec.json", {**describe_backbone(spec), "code_version": code_version()})
+        io.write_json(path.parent / "dataset.json", dataset_provenance(data_path))
         return feats
 
 
@@ -228,11 +265,23 @@ def linear_protocol(train: dict, val: dict, test: dict, *, seed: int = 0) -> tup
             info)
 
 
-def probe_weights(train: dict, val: dict, *, seed: int = 0) -> np.ndarray:
-    """The linear probe's direction in raw feature space (coef / scale): for class-activation maps."""
+@dataclasses.dataclass
+class ProbeDirection:
+    """The linear probe in raw feature space: logit(f) = weights · (f − mean) + intercept, where
+    `mean` is the training features' mean and weights = coef / scale (the probe's standardisation)."""
+
+    weights: np.ndarray
+    mean: np.ndarray
+    intercept: float
+
+
+def probe_direction(train: dict, val: dict, *, seed: int = 0) -> ProbeDirection:
+    """The fitted linear probe of `train` (C chosen on `val`) as a `ProbeDirection`, for class-activation maps."""
     probe = fit_linear_probe(train["features"], train["y"], val["features"], val["y"], seed=seed)
     scaler, clf = probe.classifier[0], probe.classifier[-1]
-    return (clf.coef_[0] / scaler.scale_).astype(np.float32)
+    sign = 1.0 if list(clf.classes_).index(1) == 1 else -1.0     # decision_function is for classes_[1]
+    return ProbeDirection(weights=(sign * clf.coef_[0] / scaler.scale_).astype(np.float32),
+                          mean=np.asarray(scaler.mean_, np.float32), intercept=float(sign * clf.intercept_[0]))
 
 
 def linear_probe_encoder(encoder: nnx.Module, data_cfg, task: TaskSpec, *, image_size: int, pool: str = "avg",

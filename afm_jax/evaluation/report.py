@@ -206,11 +206,18 @@ def _resize_map(m: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     return cv2.resize(m, (shape[1], shape[0]), interpolation=cv2.INTER_CUBIC).clip(0, 1)
 
 
-def cam_maps(spatial: np.ndarray, weights: np.ndarray) -> np.ndarray:
-    """Class-activation maps ReLU(Σ_k w_k A_k) of (B, h, w, D) features, each scaled to [0, 1]."""
-    cam = np.maximum(np.einsum("bhwd,d->bhw", spatial, weights), 0.0)
+def cam_maps(spatial: np.ndarray, weights: np.ndarray, mean: np.ndarray | float = 0.0) -> np.ndarray:
+    """Class-activation maps ReLU(Σ_k w_k (A_k − μ_k)) of (B, h, w, D) features, each scaled to [0, 1].
+
+    With `mean` the probe's training-feature mean and `weights` its coef / scale, the mean over
+    locations of the un-rectified map plus the probe's intercept is the probe's logit for an
+    average-pooled backbone: each location's share of the evidence. Without centring, the constant
+    w · μ dominates and the map shows feature magnitude, not evidence.
+    """
+    centred = np.asarray(spatial, np.float64) - np.asarray(mean, np.float64)
+    cam = np.maximum(np.einsum("bhwd,d->bhw", centred, np.asarray(weights, np.float64)), 0.0)
     peak = cam.reshape(len(cam), -1).max(axis=1)[:, None, None]
-    return cam / np.maximum(peak, 1e-12)
+    return (cam / np.maximum(peak, 1e-12)).astype(np.float32)
 
 
 # ─── The report ──────────────────────────────────────────────────────────────────────────────────

@@ -42,7 +42,8 @@ from afm_jax.errors import ConfigError
 from afm_jax.evaluation.backbones import BackboneSpec, load_backbone
 from afm_jax.models.classifier import binary_targets
 from afm_jax.train import run as train_run
-from afm_jax.evaluation.protocols import (PROTOCOLS, FeatureCache, Prediction, TaskSpec, binary_subset, probe_weights,
+from afm_jax.evaluation.protocols import (PROTOCOLS, FeatureCache, Prediction, TaskSpec, binary_subset, probe_direction,
+                                          protocol_params, provenance,
                                           run_protocol, score_predictions)
 
 
@@ -213,7 +214,10 @@ def execute_run(study: Study, run: Run, layout: Layout) -> dict:
     val.save(layout.prediction(run, "validation"))
     test.save(layout.prediction(run, "test"))
     record = {"run_id": run.run_id, **dataclasses.asdict(run), **scored, "info": info,
-              "backbone_spec": spec.to_json(), "seconds": time.perf_counter() - start}
+              "backbone_spec": spec.to_json(),
+              "provenance": provenance(spec, data_path, protocol=run.protocol,
+                                       params=protocol_params(run.protocol, study.options.get(run.protocol), info)),
+              "seconds": time.perf_counter() - start}
     layout.results.mkdir(parents=True, exist_ok=True)
     io.write_json(path, record, default=float)
     auroc = scored["metrics"]["auroc"]
@@ -258,14 +262,12 @@ def _overlays(study: Study, layout: Layout, records: list[dict]) -> dict[tuple[s
             if spatial is not None:
                 train, val = (binary_subset(cache.get(spec, data_path, s, lambda: backbone), task)
                               for s in (task.train_split, task.val_split))
-                maps["CAM of the linear probe (= Grad-CAM)"] = _cam(spatial, probe_weights(train, val))
+                direction = probe_direction(train, val)
+                maps["CAM of the linear probe (= Grad-CAM), centred on the training mean"] = report_lib.cam_maps(
+                    spatial, direction.weights, direction.mean)
             if maps:
                 out[(task_name, name)] = {"images": images, "captions": captions, "maps": maps}
     return out
-
-
-def _cam(spatial: np.ndarray, weights: np.ndarray) -> np.ndarray:
-    return report_lib.cam_maps(spatial, weights)
 
 
 def write_study_report(study: Study, layout: Layout, *, overlays: bool = True) -> pathlib.Path:
