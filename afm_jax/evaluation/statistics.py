@@ -155,6 +155,29 @@ def bootstrap_all(y_true, y_score, groups, *, n_boot: int = 1000, seed: int = 0,
     return {k: _summary(point[k], replicates[:, i], alpha) for i, k in enumerate(keys)}
 
 
+def bootstrap_metrics(metric_fn: Callable[[np.ndarray, np.ndarray], dict[str, float]], y_true, y_score, groups, *,
+                      n_boot: int = 1000, seed: int = 0, alpha: float = 0.05,
+                      progress: bool = False) -> dict[str, dict[str, float]]:
+    """`bootstrap_all` for any dict-valued metric (multi-class, ordinal, regression): every key of
+    `metric_fn(y, s)` with its (1 − alpha) percentile interval over the same patient replicates.
+    `y_score` may be (N,) or (N, C). Replicates where the function raises ValueError count as invalid."""
+    _check_alpha(alpha, n_boot)
+    y, g, (s,) = _inputs(y_true, groups, y_score)
+    point = metric_fn(y, s)
+    keys = list(point)
+    resampler = _PatientResampler(g, seed)
+    replicates = np.full((int(n_boot), len(keys)), np.nan)
+    for b in tqdm(range(int(n_boot)), desc="bootstrap", unit="rep", disable=not progress, leave=False):
+        idx = resampler.draw()
+        try:
+            m = metric_fn(y[idx], s[idx])
+        except ValueError:
+            continue
+        replicates[b] = [m.get(k, math.nan) for k in keys]
+    replicates[~np.isfinite(replicates)] = np.nan
+    return {k: _summary(point[k], replicates[:, i], alpha) for i, k in enumerate(keys)}
+
+
 def paired_bootstrap(y_true, score_a, score_b, groups, metric: str | MetricFn = "auroc", *, n_boot: int = 1000,
                      seed: int = 0, alpha: float = 0.05, progress: bool = False) -> dict[str, float]:
     """Difference metric(a) − metric(b) on the same examples, with a paired bootstrap over `groups`.
