@@ -206,7 +206,7 @@ def test_comparison_difference_is_backbone_minus_reference_with_its_sign(tmp_pat
     assert (comps[0]["low"], comps[0]["high"]) == pytest.approx((low, high), abs=1e-12)
     report_lib.write_report(tmp_path, results, preds, {"t": task}, reference="reference_model", n_boot=n_boot)
     md = (tmp_path / "index.md").read_text()
-    assert f"| better_model | reference_model | {expected:+.3f} [{low:+.3f}, {high:+.3f}] |" in md
+    assert f"| better_model | reference_model | auroc | {expected:+.3f} [{low:+.3f}, {high:+.3f}] |" in md
 
 
 # ─── kNN is DINO's weighted vote ─────────────────────────────────────────────────────────────────

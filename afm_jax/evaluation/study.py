@@ -236,6 +236,8 @@ def _overlays(study: Study, layout: Layout, records: list[dict]) -> dict[tuple[s
     names = [b for b in study.backbones if any(r["backbone"] == b for r in records)]
     for task_name in sorted({r["task"] for r in records}):
         task = study.tasks[task_name]
+        if task.kind != "binary":   # attention / CAM overlays of a binary probe only
+            continue
         data_path = task.data_path(layout.root)
         for name in names:
             spec = resolve_backbone(study.backbones[name], layout)
