@@ -552,6 +552,53 @@ def run_protocol(spec: BackboneSpec, task: TaskSpec, protocol: str, *, seed: int
 
 # ─── Metrics with confidence intervals ───────────────────────────────────────────────────────────
 
+def check_task_data(task: TaskSpec, data_path: str, *, min_test_units_per_class: int = 2) -> list[str]:
+    """Problems that would stop or void `task` on `data_path`, found from the records alone (no image is
+    decoded, nothing is trained): missing splits; units whose images disagree on the label (e.g. a
+    patient's left and right knee graded differently with unit="patient": use unit="side"); classes
+    missing from a split; too few test units. Returns plain sentences, [] when the task can run."""
+    problems: list[str] = []
+    info = records.read_info(data_path)
+    where = f"task {task.name!r} ({data_path})"
+    for split in (task.train_split, task.val_split, task.test_split):
+        if split not in info.get("splits", {}):
+            problems.append(f"{where}: the dataset has no split {split!r} (it has {sorted(info.get('splits', {}))}).")
+    if problems:
+        return problems
+    for split in (task.train_split, task.val_split, task.test_split):
+        index = records.split_index(data_path, split)
+        ids = np.asarray(index["image_id"]).astype(str)
+        cols = record_columns(data_path, split, ids, task.target if task.kind == "regression" else "")
+        y = task.targets(np.asarray(index["label"]), cols.get("value"))
+        keep = np.isfinite(y) if task.kind == "regression" else y >= 0
+        if not keep.any():
+            problems.append(f"{where}: split {split!r} has no image of the task ({describe_classes(task)}).")
+            continue
+        pred = Prediction(y_true=y[keep], y_score=np.zeros(int(keep.sum())),
+                          patient_id=np.asarray(index["patient_id"]).astype(str)[keep], study_id=cols["study_id"][keep],
+                          image_id=ids[keep], fields={k: v[keep] for k, v in cols.items() if k not in ("study_id", "value")})
+        try:
+            units, unit_y, _, _ = unit_level(pred, task)
+        except ValueError as e:     # labels that differ within a unit
+            problems.append(f"{where}, split {split!r}, unit {task.unit!r}: {e} Choose the unit the label belongs to "
+                            "(e.g. unit='side' for one grade per knee) - the bootstrap still resamples patients.")
+            continue
+        if task.kind == "regression":
+            if len(units) < 2:
+                problems.append(f"{where}: split {split!r} has {len(units)} {task.unit} with a target; need >= 2.")
+            continue
+        counts = np.bincount(unit_y.astype(np.int64), minlength=task.num_classes)
+        missing = [task.names[k] for k in range(task.num_classes) if counts[k] == 0]
+        if split == task.test_split:
+            few = [f"{task.names[k]} ({counts[k]})" for k in range(task.num_classes) if counts[k] < min_test_units_per_class]
+            if few:
+                problems.append(f"{where}: the test split has fewer than {min_test_units_per_class} {task.unit} units of "
+                                f"class(es) {', '.join(few)}; no metric of that class can be estimated.")
+        elif missing:
+            problems.append(f"{where}: split {split!r} has no {task.unit} of class(es) {', '.join(missing)}.")
+    return problems
+
+
 def describe_classes(task: TaskSpec) -> str:
     if task.kind == "binary":
         return f"positive labels {task.positive_labels}, negative labels {task.negative_labels}"

@@ -43,7 +43,7 @@ from afm_jax.evaluation.backbones import BackboneSpec, load_backbone
 from afm_jax.models.classifier import binary_targets
 from afm_jax.train import run as train_run
 from afm_jax.evaluation.protocols import (PROTOCOLS, FeatureCache, Prediction, TaskSpec, binary_subset, probe_direction,
-                                          protocol_params, provenance,
+                                          check_task_data, protocol_params, provenance,
                                           run_protocol, score_predictions)
 
 
@@ -120,6 +120,22 @@ class Study:
             if p.data_task and p.data_task not in self.tasks:
                 raise ConfigError(f"Study {self.name!r}: pretraining {name!r} names data_task {p.data_task!r}, not "
                                   f"one of {sorted(self.tasks)}.")
+
+
+def check_study_data(study: Study, layout: "Layout") -> None:
+    """Validates every task's data (labels per unit, classes in each split, enough test units) before
+    any pretraining or feature extraction; all problems of all tasks in one ConfigError."""
+    problems = []
+    for name in sorted({r.task for r in study.all_runs()}):
+        task = study.tasks[name]
+        problems += check_task_data(task, task.data_path(layout.root))
+        if task.kind != "binary" and any(r.protocol == "finetune" for r in study.all_runs() if r.task == name):
+            problems.append(f"task {name!r} is {task.kind}: the finetune protocol supports binary tasks only so far; "
+                            "use knn or linear for it.")
+    if problems:
+        raise ConfigError(f"Study {study.name!r} cannot run as configured ({len(problems)} problem"
+                          f"{'s' if len(problems) > 1 else ''}; nothing was trained or extracted):\n- "
+                          + "\n- ".join(problems))
 
 
 def load_study(path: str | os.PathLike) -> Study:
@@ -220,8 +236,9 @@ def execute_run(study: Study, run: Run, layout: Layout) -> dict:
               "seconds": time.perf_counter() - start}
     layout.results.mkdir(parents=True, exist_ok=True)
     io.write_json(path, record, default=float)
-    auroc = scored["metrics"]["auroc"]
-    print(f"[study] {run.run_id}: AUROC {auroc['point']:.3f} [{auroc['low']:.3f}, {auroc['high']:.3f}] "
+    key = scored.get("primary_metric", "auroc")
+    m = scored["metrics"][key]
+    print(f"[study] {run.run_id}: {key} {m['point']:.3f} [{m['low']:.3f}, {m['high']:.3f}] "
           f"({time.perf_counter() - start:.0f} s)", flush=True)
     return record
 
@@ -297,6 +314,8 @@ def run_study(study: Study, out_dir: str | os.PathLike, *, report: bool = True) 
     runs = study.all_runs()
     missing = [r for r in runs if not layout.result(r).is_file()]
     print(f"[study] {study.name}: {len(runs)} runs, {len(missing)} to compute, output in {layout.root}", flush=True)
+    if missing:
+        check_study_data(study, layout)
     for run in tqdm(missing, desc="runs", unit="run", disable=not missing):
         execute_run(study, run, layout)
     return write_study_report(study, layout) if report else None
