@@ -80,6 +80,9 @@ class TaskSpec:
     unit: where metrics are computed: "image", "patient", "study", "side" (patient × laterality) or any
     record field (patient × that field). cluster: what the bootstrap resamples ("patient" by default).
     aggregate: "mean" or "max" of image probabilities (or predictions) per unit.
+    fixed_thresholds (binary): thresholds fixed in advance (MURA: 0.5) at which kappa, sensitivity,
+    specificity and accuracy are also reported — beside the validation-chosen (Youden) one, labelled;
+    group_by: a record field (e.g. "body_part") to report those per group as well as overall.
     """
 
     name: str
@@ -98,6 +101,8 @@ class TaskSpec:
     target: str = "target"
     target_unit: str = ""
     cluster: str = "patient"
+    fixed_thresholds: tuple[float, ...] = ()
+    group_by: str = ""
 
     def __post_init__(self) -> None:
         self.positive_labels = tuple(int(x) for x in self.positive_labels)
@@ -129,6 +134,9 @@ class TaskSpec:
                               f"record field ({', '.join(records.STRING_KEYS)}).")
         if self.cluster not in CLUSTERS:
             raise ConfigError(f"Task {self.name!r}: cluster {self.cluster!r} is invalid; expected one of {CLUSTERS}.")
+        self.fixed_thresholds = tuple(float(t) for t in self.fixed_thresholds)
+        if self.group_by and self.group_by not in RECORD_FIELDS:
+            raise ConfigError(f"Task {self.name!r}: group_by {self.group_by!r} must be one of {RECORD_FIELDS}.")
         if self.aggregate not in ("mean", "max"):
             raise ConfigError(f"Task {self.name!r}: aggregate {self.aggregate!r} is invalid; use 'mean' or 'max'.")
         if not self.data and not self.synthetic:
@@ -635,6 +643,43 @@ def primary_metric_fn(task: TaskSpec) -> Callable[[np.ndarray, np.ndarray], floa
     return lambda y, s: fn(y, s)[key]
 
 
+OPERATING_POINT_METRICS = ("kappa", "sensitivity", "specificity", "accuracy")
+
+
+def unit_field(pred: Prediction, task: TaskSpec, field: str) -> np.ndarray:
+    """The value of a record field for each unit of `unit_level` (its first image's)."""
+    units = pred.units(task.unit)
+    values = pred.field(field)
+    first = {}
+    for u, v in zip(units.tolist(), values.tolist()):
+        first.setdefault(u, v)
+    ids = units if task.unit == "image" else np.unique(units)
+    return np.asarray([first[u] for u in ids.tolist()], dtype=str)
+
+
+def operating_points(test: Prediction, task: TaskSpec, points: list[tuple[str, float | None]], *,
+                     n_boot: int = 1000, seed: int = 0) -> list[dict[str, Any]]:
+    """Kappa, sensitivity, specificity and accuracy at each (label, threshold) — a unit is called positive
+    when its aggregated probability is >= the threshold — overall and per `task.group_by` value
+    (MURA: per body part), each with a patient-bootstrap 95% CI."""
+    ids, y, s, groups = unit_level(test, task)
+    by = unit_field(test, task, task.group_by) if task.group_by else None
+    out = []
+    for label, t in points:
+        def fn(yy, ss, t=t):
+            m = binary_metrics(yy, ss, threshold=t)
+            return {k: m[k] for k in OPERATING_POINT_METRICS}
+        entry = {"label": label, "threshold": t, "overall": statistics.bootstrap_metrics(
+            fn, y, s, groups, n_boot=n_boot, seed=seed), "n": int(len(ids)), "by_group": {}}
+        if by is not None:
+            for value in sorted(set(by.tolist())):
+                keep = by == value
+                entry["by_group"][value] = {"n": int(keep.sum()), **statistics.bootstrap_metrics(
+                    fn, y[keep], s[keep], groups[keep], n_boot=n_boot, seed=seed)}
+        out.append(entry)
+    return out
+
+
 def score_predictions(val: Prediction, test: Prediction, task: TaskSpec, *, n_boot: int = 1000,
                       seed: int = 0) -> dict[str, Any]:
     """Test metrics at the task's unit with 95% bootstrap CIs over the task's clusters (patients). Binary:
@@ -653,7 +698,12 @@ def score_predictions(val: Prediction, test: Prediction, task: TaskSpec, *, n_bo
         threshold = None
     ids, y, s, groups = unit_level(test, task)
     metrics = statistics.bootstrap_all(y, s, groups, n_boot=n_boot, seed=seed, threshold=threshold)
-    return {"metrics": metrics, "kind": "binary", "primary_metric": "auroc", "class_names": list(task.names),
+    extra = {}
+    if task.fixed_thresholds or task.group_by:
+        points = [(f"fixed {t:g}", t) for t in task.fixed_thresholds]
+        points.append(("validation Youden" if threshold is not None else "test Youden", threshold))
+        extra["operating_points"] = operating_points(test, task, points, n_boot=n_boot, seed=seed)
+    return {**extra, "metrics": metrics, "kind": "binary", "primary_metric": "auroc", "class_names": list(task.names),
             "unit": task.unit, "cluster": task.cluster, "num_units": int(len(ids)),
             "num_clusters": int(len(np.unique(groups))), "num_patients": int(len(np.unique(test.patient_id))),
             "threshold_from": "validation" if threshold is not None else "test (Youden; validation had one class)"}

@@ -309,6 +309,24 @@ def cam_maps(spatial: np.ndarray, weights: np.ndarray, mean: np.ndarray | float 
 
 # ─── The report ──────────────────────────────────────────────────────────────────────────────────
 
+def operating_point_rows(results: list[dict]) -> tuple[list[str], list[list[str]]]:
+    """The fixed-threshold table (MURA: study-level kappa at 0.5 per body part and overall, and at the
+    validation threshold, labelled as such)."""
+    header = ["task", "protocol", "fraction", "seed", "backbone", "threshold", "group", "n", "kappa", "sensitivity",
+              "specificity", "accuracy"]
+    rows = []
+    for r in sorted(results, key=lambda r: (*group_key(r), r.get("order", 0))):
+        for op in r.get("operating_points", []):
+            t = op["threshold"]
+            label = op["label"] + ("" if t is None or op["label"].startswith("fixed") else f" ({t:.3g})")
+            groups = [("all", {"n": op["n"], **op["overall"]})] + sorted(op["by_group"].items())
+            for name, m in groups:
+                rows.append([r["task"], r["protocol"], f"{float(r['fraction']):g}", str(r["seed"]), r["backbone"],
+                             label, name, str(m["n"])] + [_fmt(m.get(k)) for k in
+                                                          ("kappa", "sensitivity", "specificity", "accuracy")])
+    return header, rows
+
+
 def _primary(r: dict) -> tuple[str, dict]:
     key = r.get("primary_metric") or PRIMARY_METRIC[kind_of(r)]
     return key, r["metrics"].get(key, {})
@@ -498,6 +516,9 @@ def write_report(out_dir: str | os.PathLike, results: list[dict], predictions: d
     md += [f"![{cap}]({name})\n" for cap, name in summary]
     for k, header, rows in tables:
         md += [f"## Results: {k} tasks", "", _markdown_table(header, rows), ""]
+    o_header, o_rows = operating_point_rows(results)
+    if o_rows:
+        md += ["## Operating points (unit called positive when P >= threshold)", "", _markdown_table(o_header, o_rows), ""]
     md += [f"## Paired comparisons with `{reference}` (per seed)", "",
            _markdown_table(c_header, c_rows) if c_rows else "(no pairs on identical test units)", "",
            "## Figures", ""] + [f"### {cap}\n\n![{cap}]({name})\n" for cap, name in figures]
@@ -515,6 +536,8 @@ def write_report(out_dir: str | os.PathLike, results: list[dict], predictions: d
     page += [f"<img src='{html.escape(name)}' alt='{html.escape(cap)}'>" for cap, name in summary]
     for k, header, rows in tables:
         page += [f"<h2>Results: {html.escape(k)} tasks</h2>", _html_table(header, rows)]
+    if o_rows:
+        page += ["<h2>Operating points (unit called positive when P &gt;= threshold)</h2>", _html_table(o_header, o_rows)]
     page += [f"<h2>Paired comparisons with {html.escape(reference)} (per seed)</h2>",
              _html_table(c_header, c_rows) if c_rows else "<p>(no pairs on identical test units)</p>", "<h2>Figures</h2>"]
     page += [f"<h3>{html.escape(cap)}</h3><img src='{html.escape(name)}' alt='{html.escape(cap)}'>" for cap, name in figures]
