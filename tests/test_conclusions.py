@@ -333,3 +333,56 @@ def test_extract_features_are_the_encoders_pooled_features_in_dataset_order(synt
     n = int(batch["mask"].sum())
     tokens = np.asarray(encoder(jax.numpy.asarray(batch["image"][:n])))
     np.testing.assert_allclose(got["features"][:n], tokens[:, 0], rtol=1e-4, atol=1e-5)      # the class token
+
+
+# ─── The summary page ────────────────────────────────────────────────────────────────────────────
+
+def test_summary_pools_seeds_warns_and_writes_hashed_predictions(tmp_path):
+    """Two seeds × two backbones: the pooled difference is the mean of the per-seed AUROC differences,
+    its interval the 2.5/97.5 percentiles of both seeds' paired bootstrap replicates together
+    (independently recomputed); small test sets are flagged; predictions.csv has one row per unit."""
+    task = pr.TaskSpec("t", data="unused", positive_labels=(1,), negative_labels=(0,), unit="image")
+    results, preds, expected_diffs, reps = [], {}, [], []
+    n_boot = 200
+    for seed in (0, 1):
+        rng = np.random.default_rng(10 + seed)
+        y, _, pid = _clustered_scores(seed=20 + seed, patients=30)
+        good = np.clip(0.5 + 0.3 * (y - 0.5) + rng.normal(0, 0.2, y.size), 0, 1)
+        weak = np.clip(0.5 + 0.05 * (y - 0.5) + rng.normal(0, 0.2, y.size), 0, 1)
+        val = _prediction(*_clustered_scores(seed=30 + seed), prefix="v")
+        for name, order, score in (("ref", 0, weak), ("new", 1, good)):
+            run_id = f"{name}{seed}"
+            preds[run_id] = (val, _prediction(y, score, pid))
+            r = _result(run_id, name, order, pr.score_predictions(*preds[run_id], task, n_boot=20))
+            r["seed"] = seed
+            results.append(r)
+        expected_diffs.append(roc_auc_score(y, good) - roc_auc_score(y, weak))
+        reps.append(reference_patient_bootstrap(y, good, pid, n_boot=n_boot, seed=0, score_b=weak))
+    comps = report_lib.comparisons(results, preds, {"t": task}, "ref", n_boot=n_boot, seed=0)
+    pooled = report_lib.pooled_comparisons(comps)
+    assert len(pooled) == 1 and pooled[0]["num_seeds"] == 2
+    assert pooled[0]["diff"] == pytest.approx(np.mean(expected_diffs), abs=1e-12)
+    low, high = np.nanpercentile(np.concatenate(reps), [2.5, 97.5])
+    assert (pooled[0]["low"], pooled[0]["high"]) == pytest.approx((low, high), abs=1e-12)
+
+    report_lib.write_report(tmp_path, results, preds, {"t": task}, reference="ref", n_boot=n_boot)
+    md = (tmp_path / "index.md").read_text()
+    assert md.index("## Summary") < md.index("pooled over seeds") < md.index("## Results: binary tasks")
+    assert f"{np.mean(expected_diffs):+.3f} [{low:+.3f}, {high:+.3f}]" in md
+    assert "only 30 test patients (< 50)" in md
+    assert (tmp_path / "forest.png").is_file()
+    rows = (tmp_path / "predictions.csv").read_text().splitlines()
+    assert rows[0].startswith("run_id,") and len(rows) == 1 + 4 * 60
+    assert {r.split(",")[8] for r in rows[1:]} == {f"p{i:03d}" for i in range(30)}   # the cluster ids given
+
+
+def test_low_shot_curve_points_are_the_mean_and_range_over_seeds():
+    results = []
+    for seed, (quarter, full) in enumerate(((0.6, 0.8), (0.7, 0.9))):
+        for fraction, value, patients in ((0.25, quarter, 10 + seed), (1.0, full, 40)):
+            results.append({"task": "t", "protocol": "knn", "backbone": "b", "fraction": fraction, "seed": seed,
+                            "kind": "binary", "metrics": {"auroc": {"point": value, "low": 0, "high": 1}},
+                            "info": {"num_train_patients": patients}})
+    curves = report_lib.low_shot_curves(results)
+    points = sorted(curves[("t", "knn")]["b"])
+    assert points[0] == pytest.approx((10.5, 0.65, 0.6, 0.7)) and points[1] == pytest.approx((40, 0.85, 0.8, 0.9))

@@ -266,13 +266,13 @@ def plot_low_shot(curves: dict[str, list[tuple[float, float, float, float]]], ti
 def plot_overlays(images: np.ndarray, maps: dict[str, np.ndarray], captions: list[str], title: str,
                   path: pathlib.Path) -> None:
     """Rows: the image, then each map (resized to the image) over it; columns: the images."""
-    n = len(images)
+    n = len(images)       # a list of (H, W, 1) images, each at its own (stored) resolution, or one array
     rows = 1 + len(maps)
     fig, axes = plt.subplots(rows, n, figsize=(1.9 * n, 1.9 * rows + 0.3), dpi=110, squeeze=False)
     for j in range(n):
         img = images[j, ..., 0]
         axes[0, j].imshow(img, cmap="gray", vmin=0, vmax=1)
-        axes[0, j].set_title(captions[j], fontsize=7)
+        axes[0, j].set_title(captions[j], fontsize=5)
         for i, (name, m) in enumerate(maps.items(), start=1):
             up = _resize_map(m[j], img.shape)
             axes[i, j].imshow(img, cmap="gray", vmin=0, vmax=1)
