@@ -476,7 +476,7 @@ def finetune_config(spec: BackboneSpec, task: TaskSpec, data_path: str, *, seed:
     config.data.num_workers = 0
     config.data.train_split, config.data.eval_split = task.train_split, task.val_split
     config.finetune.update(positive_labels=task.positive_labels, negative_labels=task.negative_labels,
-                           pool=spec.pool, test_split=task.test_split)
+                           pool=spec.pool, test_split=task.test_split, kind=task.kind, classes=task.classes)
     config.checkpoint_every = 10 ** 9
     configuration.apply_overrides(config, options or {}, "Fine-tuning options")
     return config
@@ -485,19 +485,19 @@ def finetune_config(spec: BackboneSpec, task: TaskSpec, data_path: str, *, seed:
 def finetune_protocol(spec: BackboneSpec, task: TaskSpec, data_path: str, workdir: str, *, seed: int,
                       fraction: float, options: dict[str, Any] | None = None) -> tuple[Prediction, Prediction, dict]:
     """Fine-tunes in `workdir` (resumable) and returns the best-on-validation model's predictions."""
-    if task.kind != "binary":
-        raise ConfigError(f"Task {task.name!r} is {task.kind}: the finetune protocol fine-tunes binary tasks only so "
-                          "far; evaluate it with the knn or linear protocol.")
+    if task.kind == "regression":
+        raise ConfigError(f"Task {task.name!r} is a regression: the finetune protocol fine-tunes classification tasks "
+                          "only so far; evaluate it with the knn or linear protocol.")
     config = finetune_config(spec, task, data_path, seed=seed, options=options)
     os.makedirs(workdir, exist_ok=True)
     if fraction < 1.0:
         index = records.split_index(data_path, task.train_split)
-        y = binary_targets(np.asarray(index["label"]), task.positive_labels, task.negative_labels)
+        y = task.targets(np.asarray(index["label"]))
         keep = y >= 0
         ids = np.asarray(index["image_id"])[keep]
         train = {"patient_id": np.asarray(index["patient_id"])[keep].astype(str), "y": y[keep]}
         selection = os.path.join(workdir, "low_shot_selection.json")
-        mask = low_shot_mask(train, fraction, seed)
+        mask = low_shot_mask(train, fraction, seed, task.kind)
         write_selection(selection, ids[mask].tolist())
         config.data.selection = selection   # batches cycle over the chosen images (epochs wrap)
     result = train_run.run(config, workdir)
@@ -510,7 +510,8 @@ def finetune_protocol(spec: BackboneSpec, task: TaskSpec, data_path: str, workdi
                                 patient_id=z["patient_id"].astype(str), study_id=study,
                                 image_id=z["image_id"].astype(str), fields=cols))
     best = result.predictions["best"]
-    return preds[0], preds[1], {"best_step": best["step"], "validation_auroc": best["val_auroc"],
+    selection = {"binary": "auroc", "multiclass": "macro_auroc", "ordinal": "qwk"}[task.kind]
+    return preds[0], preds[1], {"best_step": best["step"], f"validation_{selection}": best["val_auroc"],
                                 "steps_run": int(result.step)}
 
 

@@ -130,9 +130,9 @@ def check_study_data(study: Study, layout: "Layout") -> None:
     for name in sorted({r.task for r in study.all_runs()}):
         task = study.tasks[name]
         problems += check_task_data(task, task.data_path(layout.root))
-        if task.kind != "binary" and any(r.protocol == "finetune" for r in study.all_runs() if r.task == name):
-            problems.append(f"task {name!r} is {task.kind}: the finetune protocol supports binary tasks only so far; "
-                            "use knn or linear for it.")
+        if task.kind == "regression" and any(r.protocol == "finetune" for r in study.all_runs() if r.task == name):
+            problems.append(f"task {name!r} is a regression: the finetune protocol supports classification tasks only "
+                            "so far; use knn or linear for it.")
     if problems:
         raise ConfigError(f"Study {study.name!r} cannot run as configured ({len(problems)} problem"
                           f"{'s' if len(problems) > 1 else ''}; nothing was trained or extracted):\n- "
