@@ -195,3 +195,14 @@ def test_bone_age_regression_reports_mae_in_months_with_a_ci(bone_age_csv_datase
     assert m["r2"]["point"] == pytest.approx(skm.r2_score(test.y_true, test.y_score), abs=1e-9)
     assert m["mae"]["low"] <= m["mae"]["point"] <= m["mae"]["high"] and "alpha" in info
     assert not np.any(np.isnan(test.y_true))                                 # the image without age is left out
+
+
+def test_fracture_types_study_file_has_every_task_kind():
+    import pathlib
+    study = study_lib.load_study(pathlib.Path(__file__).resolve().parents[1] / "configs" / "studies" / "fracture_types.py")
+    kinds = {t.kind for t in study.tasks.values()}
+    assert kinds == {"binary", "multiclass", "regression"}
+    assert study.tasks["fracture_type"].classes == ((0,), (1,), (2,))
+    assert study.tasks["field_of_view"].target in pr.DERIVED_TARGETS
+    runs = study.all_runs()
+    assert {r.fraction for r in runs} == {0.25, 1.0} and {r.seed for r in runs if r.fraction < 1} == {0, 1}

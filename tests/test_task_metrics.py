@@ -100,3 +100,14 @@ def test_aggregate_float_targets_and_their_conflicts():
     np.testing.assert_allclose(y, [1.5, 3.0]) and np.testing.assert_allclose(s, [1.5, 5.0])
     with pytest.raises(ValueError, match="different labels"):
         aggregation.aggregate(["a", "a"], np.array([1.0, 2.0]), [0.0, 0.0])
+
+
+def test_macro_f1_counts_a_class_that_is_predicted_but_never_true():
+    rng = np.random.default_rng(7)
+    y = rng.integers(0, 3, 80)                       # classes 0..2 in truth
+    p = rng.random((80, 4))                          # class 3 is predicted too
+    pred = p.argmax(1)
+    assert 3 in pred and 3 not in y
+    m = metrics.multiclass_metrics(y, p)
+    assert m["macro_f1"] == pytest.approx(skm.f1_score(y, pred, average="macro"), abs=1e-12)
+    assert m["balanced_accuracy"] == pytest.approx(skm.balanced_accuracy_score(y, pred), abs=1e-12)
