@@ -74,7 +74,7 @@ class TaskSpec:
     kind: "binary", "multiclass", "ordinal" (ordered classes, e.g. KL grades) or "regression".
     positive_labels / negative_labels (binary): label ints of each class; other images are left out.
     classes (multiclass, ordinal): label ints of each class in class order, e.g. ((0,), (1,), (2,));
-    class_names: their names (reports, confusion matrices). Images with other labels are left out.
+    class_names: their names (reports, confusion matrices; binary: (negative, positive), e.g. ("NFF", "AFF")). Images with other labels are left out.
     target (regression): the record field `target` (float; NaN = none) or a name in DERIVED_TARGETS.
     target_unit: the target's unit in reports (e.g. "months").
     unit: where metrics are computed: "image", "patient", "study", "side" (patient × laterality) or any
@@ -115,6 +115,9 @@ class TaskSpec:
                                       or set(self.positive_labels) & set(self.negative_labels)):
             raise ConfigError(f"Task {self.name!r}: positive_labels {self.positive_labels} and negative_labels "
                               f"{self.negative_labels} must be non-empty and disjoint.")
+        if self.kind == "binary" and self.class_names and len(self.class_names) != 2:
+            raise ConfigError(f"Task {self.name!r}: a binary task's class_names are (negative, positive), got "
+                              f"{self.class_names}.")
         if self.kind in ("multiclass", "ordinal"):
             flat = [x for c in self.classes for x in c]
             if len(self.classes) < 2 or len(flat) != len(set(flat)):
@@ -151,7 +154,7 @@ class TaskSpec:
     def names(self) -> tuple[str, ...]:
         """Class names in class order (binary: negative, positive)."""
         if self.kind == "binary":
-            return ("negative", "positive")
+            return self.class_names if len(self.class_names) == 2 else ("negative", "positive")
         return self.class_names or tuple("+".join(str(x) for x in c) for c in self.classes)
 
     def targets(self, labels: np.ndarray, values: np.ndarray | None = None) -> np.ndarray:

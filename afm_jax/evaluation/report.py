@@ -270,7 +270,7 @@ def plot_overlays(images: np.ndarray, maps: dict[str, np.ndarray], captions: lis
     rows = 1 + len(maps)
     fig, axes = plt.subplots(rows, n, figsize=(1.9 * n, 1.9 * rows + 0.3), dpi=110, squeeze=False)
     for j in range(n):
-        img = images[j, ..., 0]
+        img = np.asarray(images[j], np.float32)[..., 0]
         axes[0, j].imshow(img, cmap="gray", vmin=0, vmax=1)
         axes[0, j].set_title(captions[j], fontsize=5)
         for i, (name, m) in enumerate(maps.items(), start=1):
@@ -278,7 +278,7 @@ def plot_overlays(images: np.ndarray, maps: dict[str, np.ndarray], captions: lis
             axes[i, j].imshow(img, cmap="gray", vmin=0, vmax=1)
             axes[i, j].imshow(up, cmap="jet", alpha=0.45, vmin=0, vmax=1)
             if j == 0:
-                axes[i, j].set_ylabel(name, fontsize=7)
+                axes[i, j].set_ylabel(name, fontsize=6)
     for ax in axes.ravel():
         ax.set_xticks([])
         ax.set_yticks([])

@@ -315,14 +315,13 @@ def _overlays(study: Study, layout: Layout, records_: list[dict]) -> dict[tuple[
             maps = {}
             attention = backbone.attention_maps(images)
             if attention is not None:
-                maps["attention of the class token, last block" + (" (the probe pools patch tokens)"
-                                                                   if spec.pool == "avg" else "")] = attention
+                maps["CLS attention, last block" + ("\n(probe pools patches)" if spec.pool == "avg" else "")] = attention
             spatial = backbone.spatial_features(images)
             if spatial is not None:
                 train, val = (binary_subset(cache.get(spec, data_path, s, lambda: backbone), task)
                               for s in (task.train_split, task.val_split))
                 direction = probe_direction(train, val)
-                maps["CAM of the linear probe (= Grad-CAM), centred on the training mean"] = report_lib.cam_maps(
+                maps["probe CAM (= Grad-CAM)\ncentred on train mean"] = report_lib.cam_maps(
                     spatial, direction.weights, direction.mean)
             if maps:
                 out[(task_name, name)] = {"images": display, "captions": captions, "maps": maps}

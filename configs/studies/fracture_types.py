@@ -37,7 +37,7 @@ SYNTHETIC = dict(num_patients=300, image_size=128, seed=0)
 def get_study() -> Study:
     tasks = {
         "aff_vs_nff": TaskSpec("aff_vs_nff", synthetic=SYNTHETIC, positive_labels=(2,), negative_labels=(1,),
-                               unit="patient"),
+                               class_names=("NFF", "AFF"), unit="patient"),
         "fracture_type": TaskSpec("fracture_type", synthetic=SYNTHETIC, kind="multiclass",
                                   classes=((0,), (1,), (2,)), class_names=("normal", "NFF", "AFF"), unit="patient"),
         "field_of_view": TaskSpec("field_of_view", synthetic=SYNTHETIC, kind="regression", target="field_of_view_mm",
