@@ -162,20 +162,22 @@ def bone_age_csv_dataset(tmp_path_factory):
         age = float(rng.integers(24, 216))
         img = (np.clip(rng.uniform(0.05, 0.1, (32, 32)) + age / 300.0, 0, 1) * 255).astype(np.uint8)
         cv2.imwrite(str(root / f"h{i}.png"), img)
-        rows.append((f"h{i}.png", f"child{i}", "" if i == 3 else f"{age:g}"))
+        rows.append((f"h{i}.png", f"child{i}", "" if i == 3 else f"{age:g}", "LR"[i % 2]))
     with open(root / "hands.csv", "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["path", "patient", "bone_age_months"])
+        w.writerow(["path", "patient", "bone_age_months", "laterality"])
         w.writerows(rows)
     return os.fspath(folder_dataset.build_folder_dataset(root / "hands.csv", root / "out", name="hands",
                                                           salt=b"test salt", target_column="bone_age_months"))
 
 
 def test_csv_target_column_becomes_the_records_float_target(bone_age_csv_dataset):
-    values = []
+    values, sides = [], []
     for split in SPLITS:
         source = records.open_split(bone_age_csv_dataset, split)
         values += [source[i]["target"] for i in range(len(source))]
+        sides += [source[i]["laterality"] for i in range(len(source))]
+    assert sorted(set(sides)) == ["L", "R"]                                  # a CSV laterality column is kept
     assert len(values) == 40 and sum(np.isnan(values)) == 1                  # the empty cell is NaN
     finite = np.asarray(values)[np.isfinite(values)]
     assert finite.min() >= 24 and finite.max() < 216 and np.all(finite == np.round(finite))
