@@ -18,7 +18,7 @@ from afm_jax import io
 from afm_jax.configuration import bad_override_message
 from afm_jax.data.synthetic import LABEL_NAMES
 from afm_jax.errors import exit_on_user_error
-from afm_jax.evaluation import monitors, protocols
+from afm_jax.evaluation import low_label, monitors, protocols
 from afm_jax.models import factory
 from afm_jax.train import distributed
 from afm_jax.train import run as train_run
@@ -37,23 +37,33 @@ NFF_LABEL, AFF_LABEL = LABEL_NAMES.index("nff"), LABEL_NAMES.index("aff")   # th
 
 
 def run(config, workdir: str) -> None:
-    """Trains the task of `config` in `workdir`, then (if `config.probe.enabled`) the AFF-vs-NFF linear
-    probe of the trained encoder against the same architecture at random initialisation."""
+    """Trains the task of `config` in `workdir`, then (if `config.probe.enabled`) probes AFF vs NFF on
+    the trained encoder's frozen features against the same architecture at random initialisation,
+    with `probe.fractions` of the training patients labelled (evaluation/low_label.py)."""
     result = train_run.run(config, workdir, monitor=monitors.monitor_for(config))
     if not (config.get("probe") and config.probe.enabled and result.finished and jax.process_index() == 0):
         return
     task = get_task(config.task)
     random_init = factory.build_backbone(config.model, config.image_size, nnx.Rngs(config.seed))
+    p = config.probe
     aff_vs_nff = protocols.TaskSpec(name="aff_vs_nff", data=config.data.path, positive_labels=(AFF_LABEL,),
-                                    negative_labels=(NFF_LABEL,), unit="image")
-    scores = {name: protocols.linear_probe_encoder(encoder, config.data, aff_vs_nff,
-                                                   image_size=config.probe.image_size or config.image_size,
-                                                   pool=config.probe.pool, batch_size=config.probe.batch_size,
-                                                   seed=config.seed)
-              for name, encoder in ((config.task, task.encoder_of(result.model())), ("random_init", random_init))}
-    io.write_json(os.path.join(workdir, "linear_probe.json"), scores)
-    print(f"AUROC (AFF vs NFF, linear probe): {config.task}={scores[config.task]['auroc']:.4f} "
-          f"random_init={scores['random_init']['auroc']:.4f}", flush=True)
+                                    negative_labels=(NFF_LABEL,), unit=p.unit)
+    encoders = {config.task: task.encoder_of(result.model()), "random_init": random_init}
+    results = low_label.low_label_comparison(encoders, config.data, aff_vs_nff,
+                                             image_size=p.image_size or config.image_size,
+                                             fractions=tuple(p.fractions), seeds=tuple(p.seeds), pool=p.pool,
+                                             batch_size=p.batch_size, n_boot=p.n_boot, bootstrap_seed=config.seed)
+    io.write_json(os.path.join(workdir, "linear_probe.json"), results)
+    names = list(encoders)
+    for fraction in sorted(p.fractions, reverse=True):
+        row = results[f"{fraction:g}"]
+        diff = row["difference"][f"{names[0]}-{names[1]}"]
+        print(f"  {fraction:.0%} labels: {names[0]} - {names[1]} = {diff['point']:+.3f} "
+              f"[{diff['low']:+.3f} to {diff['high']:+.3f}] over {row['num_test_units']} test {p.unit}s, "
+              f"{len(p.seeds)} probe seeds", flush=True)
+    for fraction in sorted(p.fractions, reverse=True):   # the smallest fraction (the headline) prints last
+        print(f"AUROC (AFF vs NFF, linear probe, {fraction:.0%} labels): "
+              f"{low_label.headline(results, fraction, names)}", flush=True)
 
 
 def parse_flags(argv: list[str]) -> list[str]:

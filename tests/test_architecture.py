@@ -60,13 +60,29 @@ def _function_local_imports(path: pathlib.Path) -> list[tuple[int, str]]:
     return found
 
 
+def _block_is_commented(lines: list[str], index: int) -> bool:
+    """True when the run of import lines around `lines[index]` carries a comment (on one of its lines,
+    or on the line just above the run): the reason for importing lazily."""
+    def is_import(i: int) -> bool:
+        text = lines[i].strip()
+        return text.startswith(("import ", "from ")) or (text and not text.startswith("#") and
+                                                          lines[i].startswith(" " * 12) and i > 0 and is_import(i - 1))
+    start = index
+    while start > 0 and is_import(start - 1):
+        start -= 1
+    end = index
+    while end + 1 < len(lines) and is_import(end + 1):
+        end += 1
+    return any("#" in lines[i] for i in range(start, end + 1)) or (start > 0 and lines[start - 1].strip().startswith("#"))
+
+
 def test_function_local_imports_are_only_optional_heavy_dependencies():
     offenders = []
     for path in sorted(PACKAGE.rglob("*.py")):
         lines = path.read_text().splitlines()
         for lineno, module in _function_local_imports(path):
             allowed = any(module == m or module.startswith(m + ".") for m in LAZY_ALLOWED)
-            commented = "#" in lines[lineno - 1] or lines[lineno - 2].strip().startswith("#")
+            commented = _block_is_commented(lines, lineno - 1)
             if not (allowed and commented):
                 offenders.append(f"{path.relative_to(REPO)}:{lineno} imports {module}")
     assert not offenders, "function-local imports (hoist them, or comment an optional dependency):\n" + "\n".join(offenders)

@@ -30,7 +30,6 @@ import pathlib
 from typing import Any, Callable
 
 import numpy as np
-from sklearn.metrics import roc_auc_score
 from flax import nnx
 
 from afm_jax import configuration, io
@@ -440,18 +439,6 @@ def probe_direction(train: dict, val: dict, *, seed: int = 0) -> ProbeDirection:
     sign = 1.0 if list(clf.classes_).index(1) == 1 else -1.0     # decision_function is for classes_[1]
     return ProbeDirection(weights=(sign * clf.coef_[0] / scaler.scale_).astype(np.float32),
                           mean=np.asarray(scaler.mean_, np.float32), intercept=float(sign * clf.intercept_[0]))
-
-
-def linear_probe_encoder(encoder: nnx.Module, data_cfg, task: TaskSpec, *, image_size: int, pool: str = "avg",
-                         batch_size: int = 64, seed: int = 0) -> dict[str, float]:
-    """The linear protocol on an in-memory encoder's frozen features (e.g. right after pretraining):
-    image-level test AUROC of `task`, with the probe's strength C chosen on validation."""
-    train, val, test = (task_subset(encoder_split(encoder, data_cfg, split, image_size=image_size, pool=pool,
-                                                    batch_size=batch_size), task)
-                        for split in (task.train_split, task.val_split, task.test_split))
-    _, test_pred, info = linear_protocol(train, val, test, seed=seed)
-    return {"auroc": float(roc_auc_score(test_pred.y_true, test_pred.y_score)), "C": info["C"],
-            "validation_auroc": info["validation_auroc"], "num_test_images": int(len(test_pred.y_true))}
 
 
 # ─── Fine-tuning through the trainer ─────────────────────────────────────────────────────────────

@@ -40,7 +40,10 @@ def default_config(task: str = "mae", variant: str = "B/16") -> ml_collections.C
     config.image_every = 1000         # MAE reconstruction panels (0 = never)
     config.num_panel_images = 4
     config.eval_every = 0             # the task's periodic evaluation (e.g. DINO's kNN monitor); 0 = never
-    # After pretraining: AFF-vs-NFF linear probe on frozen features (image_size 0 = the training size).
-    config.probe = ml_collections.ConfigDict(dict(enabled=False, pool="avg", batch_size=64, image_size=0))
+    # After pretraining: AFF-vs-NFF linear probes on frozen features with a fraction of the training
+    # patients labelled (image_size 0 = the training size); patient-level AUROC with a bootstrap CI.
+    config.probe = ml_collections.ConfigDict(dict(enabled=False, pool="avg", batch_size=64, image_size=0,
+                                                  fractions=(0.1, 1.0), seeds=(0, 1, 2), n_boot=1000,
+                                                  unit="patient"))
     get_task_class(task).extend_config(config)   # the method's own section, e.g. config.mae
     return config

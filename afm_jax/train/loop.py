@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 
 from afm_jax import errors
 from afm_jax.errors import TrainingDivergedError
@@ -47,14 +48,21 @@ Monitor = Callable[[Task, nnx.Module, Any, int], dict]
 
 
 class _StopRequest:
-    """Turns SIGTERM/SIGINT into a flag the loop checks after each step (save, then exit cleanly)."""
+    """Turns SIGTERM/SIGINT into a flag the loop checks after each step (save, then exit cleanly).
 
-    def __init__(self):
+    In a multi-process job SIGTERM is left to JAX's preemption notifier (installed by
+    `jax.distributed.initialize`): it also catches a SIGTERM that comes during start-up, and
+    `reached_preemption_sync_point` makes every process stop at the same step, which a per-process
+    flag cannot (one process would save while another runs the next step's collectives: a hang).
+    """
+
+    def __init__(self, signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT)):
         self.requested: str | None = None
+        self._signals = signals
         self._previous: dict[int, Any] = {}
 
     def __enter__(self):
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in self._signals:
             try:
                 self._previous[sig] = signal.signal(sig, self._handle)
             except ValueError:  # not the main thread (e.g. some test runners): no handler
@@ -168,7 +176,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, task: Task, *,
     interval_start, interval_steps, pending = time.perf_counter(), 0, []
     finished = step >= total_steps
     last_loss: float | None = None
-    with _StopRequest() as stop:
+    multi_process = jax.process_count() > 1
+    with _StopRequest((signal.SIGINT,) if multi_process else (signal.SIGTERM, signal.SIGINT)) as stop:
         while step < total_steps:
             local = next(data_iter)
             batch = sharding.global_batch(mesh, {k: local[k] for k in task.batch_keys})
@@ -223,7 +232,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, task: Task, *,
                         print(f"eval @ {step}: " + "  ".join(f"{k}={float(v):.4f}" for k, v in results.items()),
                               flush=True)
 
-            stopping = stop.requested is not None or (stop_at_step is not None and step >= stop_at_step)
+            preempted = multi_process and multihost_utils.reached_preemption_sync_point(step)
+            stopping = stop.requested is not None or preempted or (stop_at_step is not None and step >= stop_at_step)
             if step % config.checkpoint_every == 0 or step == total_steps or stopping or early_stop:
                 ckpt.save(step, state, data_iter, {**meta, "step": step})
             if early_stop:
@@ -233,7 +243,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, task: Task, *,
                 break
             if stopping:
                 if is_main:
-                    why = stop.requested or f"stop_at_step={stop_at_step}"
+                    why = stop.requested or ("SIGTERM, all processes" if preempted else f"stop_at_step={stop_at_step}")
                     print(f"Stopping at step {step} ({why}); checkpoint saved, rerun the same command to resume.",
                           flush=True)
                 break
