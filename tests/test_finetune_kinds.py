@@ -3,7 +3,6 @@ numpy re-implementations, and a short multi-class fine-tune through the study pr
 
 import os
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest

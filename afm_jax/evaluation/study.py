@@ -41,7 +41,6 @@ from afm_jax.evaluation import monitors
 from afm_jax.evaluation import report as report_lib
 from afm_jax.errors import ConfigError
 from afm_jax.evaluation.backbones import BackboneSpec, load_backbone
-from afm_jax.models.classifier import binary_targets
 from afm_jax.train import run as train_run
 from afm_jax.evaluation.protocols import (PROTOCOLS, FeatureCache, Prediction, TaskSpec, binary_subset, probe_direction,
                                           check_task_data, protocol_params, provenance,
