@@ -107,7 +107,9 @@ def work(fv: flags.FlagValues, args: list[str]) -> int:
     val.save(out / "predictions_validation.npz")
     test.save(out / "predictions_test.npz")
     result = {"backbone": spec.to_json(), "protocol": fv.protocol, "fraction": fv.fraction, "seed": fv.seed,
-              **scored, "info": info}
+              **scored, "info": info,
+              "provenance": protocols.provenance(spec, data_path, protocol=fv.protocol,
+                                                 params=protocols.protocol_params(fv.protocol, options, info))}
     (out / "result.json").write_text(json.dumps(result, indent=2, default=float))
     for name in ("auroc", "auprc", "accuracy", "sensitivity", "specificity", "f1", "mcc", "kappa"):
         m = scored["metrics"][name]

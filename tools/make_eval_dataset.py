@@ -57,6 +57,9 @@ def define_flags(fv: flags.FlagValues) -> None:
                       **d)
     flags.DEFINE_string("body_part", "", "folder: body part for images that do not state one, e.g. KNEE.", **d)
     flags.DEFINE_bool("strict", False, "folder: stop at the first unreadable file.", **d)
+    flags.DEFINE_string("target_column", "", "folder (CSV): a numeric column written as each record's float "
+                        "`target` for regression tasks, e.g. bone_age_months (a column named `target` is read "
+                        "without this flag).", **d)
 
 
 TOOL = cli.Tool(__doc__, define_flags, positional="mura|folder", required=("input", "out"))
@@ -95,7 +98,7 @@ def work(fv: flags.FlagValues, args: list[str]) -> int:
             fv.input, fv.out, name=name, label_names=names, split_fractions=fractions,
             image_size=fv.image_size, salt=_salt(fv.salt_file, allow_demo=False), patient_from=fv.patient_from,
             body_part=fv.body_part, overwrite=fv.overwrite, strict=fv.strict, workers=fv.workers,
-            png_compression=fv.png_compression)
+            png_compression=fv.png_compression, target_column=fv.target_column)
     info = records.read_info(directory)
     print(f"splits (images): {info['splits']}")
     print(f"splits (patients): {info.get('split_patients')}")

@@ -76,6 +76,7 @@ def work(fv: flags.FlagValues, args: list[str]) -> int:
     if fv.slurm:
         if slurm.gpus < 0:
             raise ConfigError(f"--config.slurm.gpus must be >= 0, got {slurm.gpus}.")
+        study_lib.check_study_data(study, layout)      # before any job is queued: one message for all tasks
         submit = study_lib.write_slurm(study, out, study_file, partition=slurm.partition, account=slurm.account,
                                        gpus=slurm.gpus, time_limit=slurm.time)
         print(f"wrote {submit.parent}/*.sbatch; review, then: bash {submit}")
@@ -86,14 +87,19 @@ def work(fv: flags.FlagValues, args: list[str]) -> int:
     elif fv.run_index is not None:
         run = _pick(study.all_runs(), fv.run_index, "run_index", "runs")
         record = study_lib.execute_run(study, run, layout)
-        summary.update(run=run.run_id, auroc=record["metrics"]["auroc"]["point"])
+        key = record.get("primary_metric", "auroc")
+        summary.update(run=run.run_id, metric=key, value=record["metrics"][key]["point"])
     elif fv.report_only:
         summary["report"] = str(study_lib.write_study_report(study, layout))
     else:
         index = study_lib.run_study(study, out, report=not fv.no_report)
         summary["report"] = str(index) if index else None
         results = [json.loads(p.read_text()) for p in sorted(layout.results.glob("*.json"))]
-        summary["auroc"] = {r["run_id"]: round(r["metrics"]["auroc"]["point"], 4) for r in results}
+        summary["auroc"] = {r["run_id"]: round(r["metrics"]["auroc"]["point"], 4) for r in results
+                            if "auroc" in r["metrics"]}
+        summary["primary"] = {r["run_id"]: [r.get("primary_metric", "auroc"),
+                                            round(r["metrics"][r.get("primary_metric", "auroc")]["point"], 4)]
+                              for r in results}
     if summary.get("report"):
         print(f"report: {summary['report']}")
     print(json.dumps(summary))

@@ -70,6 +70,8 @@ class LabelledFile:
     study: str = ""
     split: str = ""
     body_part: str = ""
+    target: str = ""  # numeric target cell of a CSV ("" = none), e.g. bone age in months
+    laterality: str = ""
     in_label_folder: bool = False  # listed from ROOT/<label>/... (relpath starts with the label folder)
 
 
@@ -123,11 +125,16 @@ _CSV_COLUMNS = {"path": ("path", "file", "filename", "image", "image_path"),
                 "patient": ("patient", "patient_id"),
                 "study": ("study", "study_id"),
                 "split": ("split",),
-                "body_part": ("body_part",)}
+                "body_part": ("body_part",),
+                "laterality": ("laterality", "side"),
+                "target": ("target",)}
 
 
-def list_csv(csv_path: str | os.PathLike) -> list[LabelledFile]:
-    """Images listed in a CSV `path,label[,patient]` (header optional; see the module docstring)."""
+def list_csv(csv_path: str | os.PathLike, target_column: str = "") -> list[LabelledFile]:
+    """Images listed in a CSV `path,label[,patient]` (header optional; see the module docstring).
+
+    `target_column` names a numeric column (e.g. `bone_age_months`) written as each record's float
+    `target` (regression tasks); a column named `target` is used without it. Empty cells are NaN."""
     csv_path = pathlib.Path(csv_path).expanduser()
     if not csv_path.is_file():
         raise DatasetNotFoundError(f"CSV file {csv_path} does not exist.")
@@ -137,11 +144,17 @@ def list_csv(csv_path: str | os.PathLike) -> list[LabelledFile]:
         raise ConfigError(f"CSV {csv_path} is empty; it needs rows path,label[,patient].")
     header = [c.strip().lower() for c in rows[0]]
     columns: dict[str, int] = {}
+    target_column = target_column.strip().lower()
+    if target_column and target_column not in header:
+        raise ConfigError(f"CSV {csv_path} has no column {target_column!r} (the target column); its header is "
+                          f"{header}.")
     if any(h in _CSV_COLUMNS["path"] for h in header):
+        if target_column:
+            columns["target"] = header.index(target_column)
         for key, names in _CSV_COLUMNS.items():
             columns.update({key: header.index(n) for n in names if n in header and key not in columns})
         rows = rows[1:]
-        unknown = [h for h in header if not any(h in names for names in _CSV_COLUMNS.values())]
+        unknown = [h for h in header if not any(h in names for names in _CSV_COLUMNS.values()) and h != target_column]
         if unknown:
             log.warning("CSV %s: ignoring columns %s.", csv_path.name, unknown)
     else:
@@ -162,8 +175,15 @@ def list_csv(csv_path: str | os.PathLike) -> list[LabelledFile]:
             raise ConfigError(f"CSV {csv_path} line {line}: empty path.")
         p = pathlib.Path(rel).expanduser()
         p = p if p.is_absolute() else csv_path.parent / p
+        target = cell("target")
+        if target:
+            try:
+                float(target)
+            except ValueError:
+                raise ConfigError(f"CSV {csv_path} line {line}: target {target!r} is not a number.") from None
         out.append(LabelledFile(path=p, relpath=rel, label_name=cell("label"), patient=cell("patient"),
-                                study=cell("study"), split=cell("split"), body_part=cell("body_part").upper()))
+                                study=cell("study"), split=cell("split"), body_part=cell("body_part").upper(),
+                                target=target, laterality=cell("laterality").upper()))
     missing = [f for f in out if not f.path.is_file()]
     if missing:
         raise DatasetNotFoundError(f"{len(missing)} of {len(out)} files listed in {csv_path} do not exist (first: "
@@ -171,11 +191,13 @@ def list_csv(csv_path: str | os.PathLike) -> list[LabelledFile]:
     return out
 
 
-def list_labelled_files(source: str | os.PathLike) -> list[LabelledFile]:
+def list_labelled_files(source: str | os.PathLike, target_column: str = "") -> list[LabelledFile]:
     """`list_csv` for a `.csv` file, else `list_folder`."""
     p = pathlib.Path(source).expanduser()
     if p.suffix.lower() == ".csv":
-        return list_csv(p)
+        return list_csv(p, target_column)
+    if target_column:
+        raise ConfigError(f"A target column ({target_column!r}) needs a CSV source, not the folder {p}.")
     return list_folder(p)
 
 
@@ -344,6 +366,8 @@ class PlannedImage:
     label_name: str
     body_part: str
     split: str
+    target: float = float("nan")
+    laterality: str = ""
 
 
 def _load(item: PlannedImage, salt: bytes, image_size: int,
@@ -400,12 +424,13 @@ def iter_examples(items: Sequence[PlannedImage], salt: bytes, *, image_size: int
                     "image_id": item.image_id,
                     "body_part": item.body_part or meta.get("body_part", ""),
                     "view": meta.get("view", ""),
-                    "laterality": meta.get("laterality", ""),
+                    "laterality": item.laterality or meta.get("laterality", ""),
                     "modality": meta.get("modality", ""),
                     "pixel_spacing_mm": meta.get("pixel_spacing_mm"),
                     "orig_shape": meta["orig_shape"],
                     "label": item.label,
                     "label_name": item.label_name if item.label >= 0 else "",
+                    "target": item.target,
                 }
 
 
@@ -413,7 +438,7 @@ def build_folder_dataset(source: str | os.PathLike, out_dir: str | os.PathLike, 
                          label_names: Sequence[str] | None = None, split_fractions: Mapping[str, float] | None = None,
                          image_size: int = 0, salt: bytes | None = None, patient_from: PatientFrom = "auto",
                          body_part: str = "", overwrite: bool = False, strict: bool = False, workers: int = 2,
-                         png_compression: int | None = None) -> pathlib.Path:
+                         png_compression: int | None = None, target_column: str = "") -> pathlib.Path:
     """Writes the images of a labelled folder or CSV as a dataset; returns its version directory.
 
     Args:
@@ -427,9 +452,11 @@ def build_folder_dataset(source: str | os.PathLike, out_dir: str | os.PathLike, 
       body_part: body part written for images that do not state one (e.g. "KNEE").
       strict: stop at the first unreadable file (naming it) instead of skipping and counting it.
       workers: decoding threads.
+      target_column: a CSV's numeric column written as the records' float `target` (e.g.
+        "bone_age_months"; a column named `target` is read without it).
     """
     salt = salt if salt is not None else anonymize.load_salt()
-    files = list_labelled_files(source)
+    files = list_labelled_files(source, target_column)
     ids = label_ids(files, label_names)
     raw_patients, patient_sources = patient_keys(files, patient_from)
     if patient_sources.get("file") == len(files) and len(files) > 1:
@@ -447,7 +474,8 @@ def build_folder_dataset(source: str | os.PathLike, out_dir: str | os.PathLike, 
             path=f.path, relpath=f.relpath, patient_id=pid,
             study_id=anonymize.hash_id(f"study:{study_raw}", salt) if study_raw else "",
             image_id=anonymize.hash_id(f"{name}:{f.relpath}", salt), label=label,
-            label_name=names.get(label, ""), body_part=f.body_part or body_part.upper(), split=splits[pid]))
+            label_name=names.get(label, ""), body_part=f.body_part or body_part.upper(), split=splits[pid],
+            target=float(f.target) if f.target else float("nan"), laterality=f.laterality))
     split_of_item = {it.image_id: it.split for it in items}
     fractions = splits_lib.fractions_from_counts(Counter(splits.values()))
     empty = sorted(set(split_fractions or splits_lib.DEFAULT_SPLIT_FRACTIONS) - set(fractions))
@@ -463,6 +491,7 @@ def build_folder_dataset(source: str | os.PathLike, out_dir: str | os.PathLike, 
         "source_fingerprint": _listing_fingerprint(items),
         "patient_id_sources": dict(patient_sources),
         "label_ids": ids,
+        "target_column": target_column or ("target" if any(f.target for f in files) else ""),
     }
     directory = records.write_dataset(
         iter_examples(items, salt, image_size=image_size, workers=workers, strict=strict, failures=failures,

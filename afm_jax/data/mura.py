@@ -142,7 +142,8 @@ def _body_parts(body_parts: Sequence[str] | None) -> set[str]:
 def carve_validation(images: Sequence[dict], fraction: float) -> set[str]:
     """MURA patient numbers of train patients moved to `validation`: in each (body part, label) stratum,
     patients ordered by a hash of their public number, every patient whose position (k + ½)/n falls
-    below `fraction`. Deterministic, salt-free, stratified."""
+    below `fraction`, and at least one patient of every stratum of >= 2 patients (unstratified when no
+    stratum has 2), so a small subset always has a validation set. Deterministic, salt-free, stratified."""
     if not 0.0 <= fraction < 1.0:
         raise ConfigError(f"validation_fraction must lie in [0, 1), got {fraction}.")
     per_patient: dict[str, Counter] = defaultdict(Counter)
@@ -152,7 +153,25 @@ def carve_validation(images: Sequence[dict], fraction: float) -> set[str]:
     stratum_of = {patient: splits.majority(counts) for patient, counts in per_patient.items()}
     split_of = splits.assign_stratified(stratum_of, [("validation", fraction), ("train", 1.0 - fraction)],
                                         order_key=_validation_order_key)
-    return {patient for patient, split in split_of.items() if split == "validation"}
+    chosen = {patient for patient, split in split_of.items() if split == "validation"}
+    if fraction <= 0.0:
+        return chosen
+    # A small subset must still get a validation set: every stratum of >= 2 patients gives at least one
+    # (its first in the hash order; the rest stay in train), and if no stratum has 2 patients, the
+    # carve-out is made over all patients unstratified (at least one, when there are >= 2).
+    strata: dict = defaultdict(list)
+    for patient, stratum in stratum_of.items():
+        strata[stratum].append(patient)
+    for members in strata.values():
+        if len(members) >= 2 and not chosen & set(members):
+            chosen.add(min(members, key=_validation_order_key))
+    if not chosen and len(stratum_of) >= 2:
+        everyone = splits.assign_stratified({p: 0 for p in stratum_of},
+                                            [("validation", fraction), ("train", 1.0 - fraction)],
+                                            order_key=_validation_order_key)
+        chosen = {p for p, split in everyone.items() if split == "validation"} or {
+            min(stratum_of, key=_validation_order_key)}
+    return chosen
 
 
 def _validation_order_key(patient: str) -> bytes:

@@ -57,7 +57,7 @@ INDEX_DIR = "index"
 
 STRING_KEYS = ("patient_id", "study_id", "series_id", "image_id", "body_part", "view", "laterality",
                "modality", "label_name", "fracture_type")
-SCHEMA_KEYS = ("image", *STRING_KEYS, "pixel_spacing_mm", "orig_shape", "label")
+SCHEMA_KEYS = ("image", *STRING_KEYS, "pixel_spacing_mm", "orig_shape", "label", "target")
 REQUIRED_KEYS = ("image", "patient_id", "image_id")
 _NAME_RE = re.compile(r"^[a-z][a-z0-9_]*$")
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -96,6 +96,7 @@ def features():
         "pixel_spacing_mm": tfds.features.Tensor(shape=(2,), dtype=np.float32),
         "orig_shape": tfds.features.Tensor(shape=(2,), dtype=np.int32),
         "label": tfds.features.Scalar(dtype=np.int64),
+        "target": tfds.features.Scalar(dtype=np.float32),
     })
 
 
@@ -105,6 +106,7 @@ FEATURES_SUMMARY: dict[str, dict[str, Any]] = {
     "pixel_spacing_mm": {"dtype": "float32", "shape": [2]},
     "orig_shape": {"dtype": "int32", "shape": [2]},
     "label": {"dtype": "int64", "shape": [], "note": "-1 = no label"},
+    "target": {"dtype": "float32", "shape": [], "note": "continuous target (e.g. bone age in months); NaN = none"},
 }
 
 
@@ -342,6 +344,8 @@ def normalize_example(example: Mapping[str, Any], *, png_compression: int | None
     record["orig_shape"] = _pair("orig_shape", shape if orig is None else orig, np.int32)
     label = example.get("label")
     record["label"] = -1 if label is None else int(label)
+    target = example.get("target")
+    record["target"] = np.float32(np.nan if target is None else float(target))
     return record
 
 
@@ -657,6 +661,8 @@ def parse_record(raw: bytes) -> dict[str, Any]:
             out[key] = values[0].decode("utf-8") if values else ""
         elif key == "label":
             out[key] = int(values[0])
+        elif key == "target":
+            out[key] = float(values[0]) if len(values) else float("nan")
         else:  # a feature this reader does not know (newer schema): keep it as an array
             out[key] = np.asarray(values)
     return out

@@ -44,11 +44,17 @@ def aggregate(ids, y_true, y_score, how: Literal["mean", "max"] = "mean", *,
     unique, inverse = np.unique(ids_arr, return_inverse=True)
     inverse = inverse.ravel()
     k = unique.size
-    label_max = np.full(k, np.iinfo(np.int64).min)
-    label_min = np.full(k, np.iinfo(np.int64).max)
-    np.maximum.at(label_max, inverse, y.astype(np.int64))
-    np.minimum.at(label_min, inverse, y.astype(np.int64))
-    conflicted = label_max != label_min
+    if np.issubdtype(y.dtype, np.floating):   # regression targets: one value per unit too
+        label_max, label_min = np.full(k, -np.inf), np.full(k, np.inf)
+        np.maximum.at(label_max, inverse, y.astype(np.float64))
+        np.minimum.at(label_min, inverse, y.astype(np.float64))
+        conflicted = ~np.isclose(label_max, label_min, rtol=1e-6, atol=1e-9)
+    else:
+        label_max = np.full(k, np.iinfo(np.int64).min)
+        label_min = np.full(k, np.iinfo(np.int64).max)
+        np.maximum.at(label_max, inverse, y.astype(np.int64))
+        np.minimum.at(label_min, inverse, y.astype(np.int64))
+        conflicted = label_max != label_min
     if conflicted.any() and on_conflict == "error":
         raise ValueError(f"{int(conflicted.sum())} of {k} ids have images with different labels "
                          f"(e.g. {unique[conflicted][:3].tolist()}); fix the labels, or pass on_conflict='max' "

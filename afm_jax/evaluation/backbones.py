@@ -317,6 +317,36 @@ def load_backbone(spec: BackboneSpec, name: str = "") -> Backbone:
     raise ConfigError(f"Backbone kind {spec.kind!r} is unknown: expected one of {', '.join(KINDS)}.")
 
 
+def describe_backbone(spec: BackboneSpec) -> dict[str, Any]:
+    """`spec.to_json()` with the architecture that is really evaluated, for results and caches.
+
+    A `checkpoint` (or a `random_init` of a run) carries its own model config, so the spec's
+    `variant` / `model` fields (defaults, unused for these kinds) are replaced by the run's, read from
+    the checkpoint's meta, and `architecture` gives the resolved ViT size (width, depth, heads,
+    mlp_dim, patch size), `step` the checkpoint step (the weights read; for random_init the run whose
+    initialisation is reproduced) and `checkpoint_code_version` the code that wrote it.
+    """
+    d = spec.to_json()
+    model_cfg = None
+    if spec.kind == "checkpoint" or (spec.kind == "random_init" and spec.path):
+        step_dir, step = resolve_step_dir(spec.path)
+        meta = read_meta(step_dir)
+        model_cfg = ml_collections.ConfigDict(dict(meta["config"]["model"]))
+        d.update(variant=model_cfg.get("variant"), model=factory.size_overrides(model_cfg), step=int(step),
+                 checkpoint_code_version=meta.get("code_version"))
+    elif spec.kind in ("timm_vit", "random_init"):
+        model_cfg = factory.default_model_config(spec.variant)
+        model_cfg.update(dict(spec.model))
+    if model_cfg is not None and model_cfg.get("arch", "vit") == "vit":
+        d["architecture"] = {"arch": "vit", **factory.vit_dims(model_cfg),
+                             "class_token": bool(model_cfg.get("class_token", True))}
+    elif model_cfg is not None:
+        d["architecture"] = {"arch": str(model_cfg.get("arch"))}
+    else:
+        d["architecture"] = {"arch": spec.arch or spec.kind}
+    return d
+
+
 def parse_backbone_arg(text: str) -> BackboneSpec:
     """`kind:path[,key=value...]` from a command line, e.g. `checkpoint:runs/mae,image_size=128` or
     `torch_timm:rin.pth,arch=resnet50` or `random_init:,variant=S/16`."""

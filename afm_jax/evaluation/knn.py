@@ -53,3 +53,24 @@ def knn_accuracy(train_features: np.ndarray, train_labels: np.ndarray, test_feat
     probs = knn_predict(train_features, train_labels, test_features, num_classes=num_classes, k=k,
                         temperature=temperature)
     return float(np.mean(probs.argmax(axis=1) == np.asarray(test_labels)))
+
+
+def knn_regress(train_features: np.ndarray, train_targets: np.ndarray, test_features: np.ndarray, *,
+                k: int = 20, temperature: float = 0.07, chunk_size: int = 1024) -> np.ndarray:
+    """(n_test,) weighted mean of the k most cosine-similar training targets, weights exp(sim / T):
+    DINO's vote with the class one-hot replaced by the neighbour's value (e.g. bone age)."""
+    train = _l2_normalise(train_features)
+    test = _l2_normalise(test_features)
+    targets = np.asarray(train_targets, np.float64)
+    if train.shape[0] != targets.shape[0] or targets.size == 0:
+        raise ValueError(f"{train.shape[0]} training features but {targets.shape[0]} targets (need >= 1).")
+    if k < 1 or temperature <= 0:
+        raise ValueError(f"k must be >= 1 and temperature > 0, got k={k}, temperature={temperature}.")
+    k = min(k, train.shape[0])
+    out = np.zeros(test.shape[0], np.float64)
+    for start in range(0, test.shape[0], chunk_size):
+        sims = test[start:start + chunk_size] @ train.T
+        top = np.argpartition(-sims, k - 1, axis=1)[:, :k]
+        weights = np.exp(np.take_along_axis(sims, top, axis=1).astype(np.float64) / temperature - 1.0 / temperature)
+        out[start:start + chunk_size] = (weights * targets[top]).sum(1) / weights.sum(1)
+    return out

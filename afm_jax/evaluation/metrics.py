@@ -1,4 +1,4 @@
-"""Binary classification metrics on scores: ROC/PR areas, operating-point metrics, calibration.
+"""Metrics of binary, multi-class, ordinal and regression tasks; binary classification metrics on scores: ROC/PR areas, operating-point metrics, calibration.
 
 Why our own implementation rather than calling sklearn per metric: the bootstrap evaluates every
 metric on 1,000 resamples, so `binary_metrics` computes them all from one sort of the scores (the
@@ -273,5 +273,65 @@ def multiclass_metrics(y_true, y_prob) -> dict[str, float]:
         if math.isfinite(out[f"auroc_class_{k}"]):
             aurocs.append(out[f"auroc_class_{k}"])
     out["macro_auroc"] = float(np.mean(aurocs)) if aurocs else math.nan
+    with np.errstate(invalid="ignore", divide="ignore"):
+        true_negatives = n - support - called + diag
+        specificity = true_negatives / (n - support)
+    for k in range(num_classes):
+        out[f"sensitivity_class_{k}"] = float(recall[k])
+        out[f"specificity_class_{k}"] = float(specificity[k])
     out["n"] = float(n)
     return out
+
+
+def quadratic_weighted_kappa(y_true, y_pred, num_classes: int | None = None) -> float:
+    """Cohen's kappa with quadratic weights w_ij = (i − j)² / (K − 1)² over grades 0..K−1:
+    κ = 1 − Σ w O / Σ w E, O the confusion matrix, E the outer product of its margins / n (the
+    Kellgren–Lawrence grading standard; sklearn's `cohen_kappa_score(weights="quadratic",
+    labels=range(K))`: with every grade present this is its default too). NaN when Σ w E = 0 (a single grade everywhere)."""
+    t, p = np.asarray(y_true, np.int64), np.asarray(y_pred, np.int64)
+    k = int(num_classes or (max(t.max(), p.max()) + 1))
+    observed = confusion(t, p, labels=range(k)).astype(np.float64)
+    expected = np.outer(observed.sum(1), observed.sum(0)) / observed.sum()
+    i, j = np.indices((k, k))
+    weights = (i - j) ** 2
+    denom = float(np.sum(weights * expected))
+    return 1.0 - float(np.sum(weights * observed)) / denom if denom > 0 else math.nan
+
+
+def ordinal_metrics(y_true, y_prob) -> dict[str, float]:
+    """`multiclass_metrics` of ordered classes (grades 0..C−1) plus qwk (quadratic-weighted kappa of the
+    argmax grade), mae_grades (mean |predicted − true| grade), within_1 (fraction within ±1 grade) and
+    mae_expected_grade (|Σ_k k·p_k − true|: the expected-grade reading of the probabilities)."""
+    out = multiclass_metrics(y_true, y_prob)
+    y = np.asarray(y_true, np.int64)
+    p = np.asarray(y_prob, np.float64)
+    pred = np.argmax(p, axis=1)
+    err = np.abs(pred - y)
+    out["qwk"] = quadratic_weighted_kappa(y, pred, num_classes=p.shape[1])   # weights on the grade values
+    out["mae_grades"] = float(err.mean())
+    out["within_1"] = float(np.mean(err <= 1))
+    probs = p / np.maximum(p.sum(1, keepdims=True), 1e-12)
+    out["mae_expected_grade"] = float(np.mean(np.abs(probs @ np.arange(p.shape[1]) - y)))
+    return out
+
+
+def regression_metrics(y_true, y_pred) -> dict[str, float]:
+    """Continuous targets (e.g. bone age in months): mae, rmse, r2 (1 − SS_res / SS_tot, NaN for a
+    constant truth), pearson (r, NaN when either side is constant), bias (mean of prediction − truth,
+    the Bland–Altman mean difference), loa_low / loa_high (bias ± 1.96 SD of the differences: the
+    Bland–Altman limits of agreement), n."""
+    y = np.asarray(y_true, np.float64)
+    p = np.asarray(y_pred, np.float64)
+    if y.ndim != 1 or y.shape != p.shape or y.size == 0:
+        raise ValueError(f"y_true and y_pred must be 1-D of the same non-zero length; got {y.shape} and {p.shape}.")
+    if not (np.all(np.isfinite(y)) and np.all(np.isfinite(p))):
+        raise ValueError("Regression targets and predictions must be finite (drop examples without a target).")
+    diff = p - y
+    ss_tot = float(np.sum((y - y.mean()) ** 2))
+    sd_y, sd_p = float(np.std(y)), float(np.std(p))
+    pearson = float(np.mean((y - y.mean()) * (p - p.mean())) / (sd_y * sd_p)) if sd_y > 0 and sd_p > 0 else math.nan
+    sd_diff = float(np.std(diff, ddof=1)) if y.size > 1 else math.nan
+    bias = float(diff.mean())
+    return {"mae": float(np.mean(np.abs(diff))), "rmse": float(np.sqrt(np.mean(diff ** 2))),
+            "r2": 1.0 - float(np.sum(diff ** 2)) / ss_tot if ss_tot > 0 else math.nan, "pearson": pearson,
+            "bias": bias, "loa_low": bias - 1.96 * sd_diff, "loa_high": bias + 1.96 * sd_diff, "n": float(y.size)}

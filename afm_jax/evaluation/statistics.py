@@ -155,12 +155,37 @@ def bootstrap_all(y_true, y_score, groups, *, n_boot: int = 1000, seed: int = 0,
     return {k: _summary(point[k], replicates[:, i], alpha) for i, k in enumerate(keys)}
 
 
+def bootstrap_metrics(metric_fn: Callable[[np.ndarray, np.ndarray], dict[str, float]], y_true, y_score, groups, *,
+                      n_boot: int = 1000, seed: int = 0, alpha: float = 0.05,
+                      progress: bool = False) -> dict[str, dict[str, float]]:
+    """`bootstrap_all` for any dict-valued metric (multi-class, ordinal, regression): every key of
+    `metric_fn(y, s)` with its (1 − alpha) percentile interval over the same patient replicates.
+    `y_score` may be (N,) or (N, C). Replicates where the function raises ValueError count as invalid."""
+    _check_alpha(alpha, n_boot)
+    y, g, (s,) = _inputs(y_true, groups, y_score)
+    point = metric_fn(y, s)
+    keys = list(point)
+    resampler = _PatientResampler(g, seed)
+    replicates = np.full((int(n_boot), len(keys)), np.nan)
+    for b in tqdm(range(int(n_boot)), desc="bootstrap", unit="rep", disable=not progress, leave=False):
+        idx = resampler.draw()
+        try:
+            m = metric_fn(y[idx], s[idx])
+        except ValueError:
+            continue
+        replicates[b] = [m.get(k, math.nan) for k in keys]
+    replicates[~np.isfinite(replicates)] = np.nan
+    return {k: _summary(point[k], replicates[:, i], alpha) for i, k in enumerate(keys)}
+
+
 def paired_bootstrap(y_true, score_a, score_b, groups, metric: str | MetricFn = "auroc", *, n_boot: int = 1000,
-                     seed: int = 0, alpha: float = 0.05, progress: bool = False) -> dict[str, float]:
+                     seed: int = 0, alpha: float = 0.05, progress: bool = False,
+                     return_replicates: bool = False) -> dict[str, float]:
     """Difference metric(a) − metric(b) on the same examples, with a paired bootstrap over `groups`.
 
     Returns metric_a, metric_b, diff, low, high (percentile interval of the difference), se,
-    p_value (two-sided, H0: no difference), n_boot (valid replicates), n_invalid.
+    p_value (two-sided, H0: no difference), n_boot (valid replicates), n_invalid; with
+    `return_replicates` also `replicates` (the B differences, NaN where undefined), for pooling seeds.
     """
     _check_alpha(alpha, n_boot)
     y, g, (a, b_scores) = _inputs(y_true, groups, score_a, score_b)
@@ -182,7 +207,21 @@ def paired_bootstrap(y_true, score_a, score_b, groups, metric: str | MetricFn = 
     else:
         p_value = math.nan
     diff = out.pop("point")
-    return {"metric_a": metric_a, "metric_b": metric_b, "diff": diff, **out, "p_value": p_value}
+    extra = {"replicates": diffs} if return_replicates else {}
+    return {"metric_a": metric_a, "metric_b": metric_b, "diff": diff, **out, "p_value": p_value, **extra}
+
+
+def pooled_difference(diffs: list[float], replicates: list[np.ndarray], *, alpha: float = 0.05) -> dict[str, float]:
+    """Paired differences of several seeds pooled: the mean of the per-seed differences, with the
+    (1 − alpha) percentile interval of all seeds' bootstrap replicates together (seeds × bootstrap:
+    the spread between seeds and the test-set uncertainty), and a two-sided p-value as `paired_bootstrap`'s."""
+    pooled = np.concatenate([np.asarray(r, np.float64) for r in replicates]) if replicates else np.zeros(0)
+    valid = pooled[np.isfinite(pooled)]
+    low, high = _percentile_interval(valid, alpha) if valid.size else (math.nan, math.nan)
+    far_side = min(int(np.sum(valid <= 0)), int(np.sum(valid >= 0))) if valid.size else 0
+    return {"diff": float(np.mean(diffs)) if diffs else math.nan, "low": low, "high": high,
+            "p_value": min(1.0, 2.0 * (1 + far_side) / (valid.size + 1)) if valid.size else math.nan,
+            "num_seeds": len(diffs), "n_boot": int(valid.size)}
 
 
 # ─── DeLong ──────────────────────────────────────────────────────────────────────────────────────

@@ -31,18 +31,19 @@ import sys
 import time
 from typing import Any
 
+import cv2
 import numpy as np
 from tqdm import tqdm
 
 from afm_jax import configuration, io
-from afm_jax.data import pipeline
+from afm_jax.data import pipeline, records
 from afm_jax.evaluation import monitors
 from afm_jax.evaluation import report as report_lib
 from afm_jax.errors import ConfigError
 from afm_jax.evaluation.backbones import BackboneSpec, load_backbone
-from afm_jax.models.classifier import binary_targets
 from afm_jax.train import run as train_run
-from afm_jax.evaluation.protocols import (PROTOCOLS, FeatureCache, Prediction, TaskSpec, binary_subset, probe_weights,
+from afm_jax.evaluation.protocols import (PROTOCOLS, FeatureCache, Prediction, TaskSpec, binary_subset, probe_direction,
+                                          check_task_data, protocol_params, provenance,
                                           run_protocol, score_predictions)
 
 
@@ -119,6 +120,22 @@ class Study:
             if p.data_task and p.data_task not in self.tasks:
                 raise ConfigError(f"Study {self.name!r}: pretraining {name!r} names data_task {p.data_task!r}, not "
                                   f"one of {sorted(self.tasks)}.")
+
+
+def check_study_data(study: Study, layout: "Layout") -> None:
+    """Validates every task's data (labels per unit, classes in each split, enough test units) before
+    any pretraining or feature extraction; all problems of all tasks in one ConfigError."""
+    problems = []
+    for name in sorted({r.task for r in study.all_runs()}):
+        task = study.tasks[name]
+        problems += check_task_data(task, task.data_path(layout.root))
+        if task.kind == "regression" and any(r.protocol == "finetune" for r in study.all_runs() if r.task == name):
+            problems.append(f"task {name!r} is a regression: the finetune protocol supports classification tasks only "
+                            "so far; use knn or linear for it.")
+    if problems:
+        raise ConfigError(f"Study {study.name!r} cannot run as configured ({len(problems)} problem"
+                          f"{'s' if len(problems) > 1 else ''}; nothing was trained or extracted):\n- "
+                          + "\n- ".join(problems))
 
 
 def load_study(path: str | os.PathLike) -> Study:
@@ -213,77 +230,119 @@ def execute_run(study: Study, run: Run, layout: Layout) -> dict:
     val.save(layout.prediction(run, "validation"))
     test.save(layout.prediction(run, "test"))
     record = {"run_id": run.run_id, **dataclasses.asdict(run), **scored, "info": info,
-              "backbone_spec": spec.to_json(), "seconds": time.perf_counter() - start}
+              "backbone_spec": spec.to_json(),
+              "provenance": provenance(spec, data_path, protocol=run.protocol,
+                                       params=protocol_params(run.protocol, study.options.get(run.protocol), info)),
+              "seconds": time.perf_counter() - start}
     layout.results.mkdir(parents=True, exist_ok=True)
     io.write_json(path, record, default=float)
-    auroc = scored["metrics"]["auroc"]
-    print(f"[study] {run.run_id}: AUROC {auroc['point']:.3f} [{auroc['low']:.3f}, {auroc['high']:.3f}] "
+    key = scored.get("primary_metric", "auroc")
+    m = scored["metrics"][key]
+    print(f"[study] {run.run_id}: {key} {m['point']:.3f} [{m['low']:.3f}, {m['high']:.3f}] "
           f"({time.perf_counter() - start:.0f} s)", flush=True)
     return record
 
 
-def _overlays(study: Study, layout: Layout, records: list[dict]) -> dict[tuple[str, str], dict]:
-    """Attention and CAM maps of each backbone on the first few positive and negative test images."""
+def pick_overlay_cases(pred: Prediction, n: int) -> list[tuple[str, int]]:
+    """(image index, case) of up to `n` test images: the most confident true positives, false positives
+    and false negatives (and true negatives if those run out), at P = 0.5, taken in turn."""
+    y, s = np.asarray(pred.y_true), np.asarray(pred.y_score)
+    called = s >= 0.5
+    cases = {"true positive": np.flatnonzero((y == 1) & called)[np.argsort(-s[(y == 1) & called])],
+             "false positive": np.flatnonzero((y == 0) & called)[np.argsort(-s[(y == 0) & called])],
+             "false negative": np.flatnonzero((y == 1) & ~called)[np.argsort(s[(y == 1) & ~called])],
+             "true negative": np.flatnonzero((y == 0) & ~called)[np.argsort(s[(y == 0) & ~called])]}
+    out, rank = [], 0
+    main = ("true positive", "false positive", "false negative")
+    while len(out) < n and any(rank < len(cases[c]) for c in main):
+        out += [(c, int(cases[c][rank])) for c in main if rank < len(cases[c])]
+        rank += 1
+    out = out[:n]
+    out += [("true negative", int(i)) for i in cases["true negative"][:n - len(out)]]
+    return out
+
+
+def _stored_image(data_path: str, split: str, image_id: str) -> np.ndarray:
+    """The image at its stored resolution, float32 [0, 1] (H, W)."""
+    source = records.open_split(data_path, split)
+    for i in range(len(source)):
+        ex = source[i]
+        if ex["image_id"] == image_id:
+            return cv2.imdecode(np.frombuffer(ex["image"], np.uint8), cv2.IMREAD_UNCHANGED).astype(np.float32) / 65535.0
+    raise KeyError(image_id)
+
+
+def _overlays(study: Study, layout: Layout, records_: list[dict]) -> dict[tuple[str, str], dict]:
+    """Attention and CAM maps of each backbone on its linear probe's most confident true positives, false
+    positives and false negatives (binary tasks), shown over the images at their stored resolution."""
     n = int(study.overlay_images)
     if n <= 0:
         return {}
     out = {}
     cache = FeatureCache(layout.features)
-    names = [b for b in study.backbones if any(r["backbone"] == b for r in records)]
-    for task_name in sorted({r["task"] for r in records}):
+    names = [b for b in study.backbones if any(r["backbone"] == b for r in records_)]
+    for task_name in sorted({r["task"] for r in records_}):
         task = study.tasks[task_name]
+        if task.kind != "binary":   # attention / CAM overlays of a binary probe only
+            continue
         data_path = task.data_path(layout.root)
         for name in names:
+            runs = [r for r in records_ if r["task"] == task_name and r["backbone"] == name]
+            run = min(runs, key=lambda r: (r["protocol"] != "linear", -float(r["fraction"]), int(r["seed"])))
+            pred = Prediction.load(layout.predictions / f"{run['run_id']}.test.npz")
+            picks = pick_overlay_cases(pred, n)
+            if not picks:
+                continue
             spec = resolve_backbone(study.backbones[name], layout)
             backbone = load_backbone(spec, name)
+            wanted = {pred.image_id[i]: k for k, (_, i) in enumerate(picks)}
+            model_images = [None] * len(picks)
             batches = pipeline.build_eval_iterator({"path": data_path, "num_workers": 0}, split=task.test_split,
                                                    batch_size=64, image_size=spec.image_size, process_index=0,
                                                    process_count=1)
-            picked = {0: [], 1: []}
             for batch in batches:
-                y = binary_targets(np.asarray(batch["label"]), task.positive_labels, task.negative_labels)
-                for img, t, ok in zip(batch["image"], y, batch["mask"]):
-                    if ok and t >= 0 and len(picked[int(t)]) < (n + 1) // 2:
-                        picked[int(t)].append(img)
-                if all(len(v) >= (n + 1) // 2 for v in picked.values()):
+                for img, image_id, ok in zip(batch["image"], batch["image_id"], batch["mask"]):
+                    if ok and str(image_id) in wanted:
+                        model_images[wanted[str(image_id)]] = img
+                if all(m is not None for m in model_images):
                     break
             batches.close()
-            images = np.stack(picked[1] + picked[0])[:n]
-            captions = (["positive"] * len(picked[1]) + ["negative"] * len(picked[0]))[:n]
+            images = np.stack(model_images)
+            display = [_stored_image(data_path, task.test_split, pred.image_id[i])[..., None] for _, i in picks]
+            captions = [f"{case}\n{task.names[int(pred.y_true[i])]}, P({task.names[1]}) = {pred.y_score[i]:.2f}\n"
+                        f"patient {pred.patient_id[i][:8]} ({run['protocol']})" for case, i in picks]
             maps = {}
             attention = backbone.attention_maps(images)
             if attention is not None:
-                maps["attention (CLS, last block)"] = attention
+                maps["CLS attention, last block" + ("\n(probe pools patches)" if spec.pool == "avg" else "")] = attention
             spatial = backbone.spatial_features(images)
             if spatial is not None:
                 train, val = (binary_subset(cache.get(spec, data_path, s, lambda: backbone), task)
                               for s in (task.train_split, task.val_split))
-                maps["CAM of the linear probe (= Grad-CAM)"] = _cam(spatial, probe_weights(train, val))
+                direction = probe_direction(train, val)
+                maps["probe CAM (= Grad-CAM)\ncentred on train mean"] = report_lib.cam_maps(
+                    spatial, direction.weights, direction.mean)
             if maps:
-                out[(task_name, name)] = {"images": images, "captions": captions, "maps": maps}
+                out[(task_name, name)] = {"images": display, "captions": captions, "maps": maps}
     return out
-
-
-def _cam(spatial: np.ndarray, weights: np.ndarray) -> np.ndarray:
-    return report_lib.cam_maps(spatial, weights)
 
 
 def write_study_report(study: Study, layout: Layout, *, overlays: bool = True) -> pathlib.Path:
     """Rebuilds `<out>/report/` from every result that exists."""
     order = {name: i for i, name in enumerate(study.backbones)}
-    records, predictions = [], {}
+    results, predictions = [], {}
     for run in study.all_runs():
         if not layout.result(run).is_file():
             continue
         rec = json.loads(layout.result(run).read_text())
         rec["order"] = order[run.backbone]
-        records.append(rec)
+        results.append(rec)
         predictions[run.run_id] = (Prediction.load(layout.prediction(run, "validation")),
                                    Prediction.load(layout.prediction(run, "test")))
-    if not records:
+    if not results:
         raise ConfigError(f"No results in {layout.results} yet: run the study before asking for its report.")
-    maps = _overlays(study, layout, records) if overlays else {}
-    return report_lib.write_report(layout.report, records, predictions, study.tasks, reference=study.reference,
+    maps = _overlays(study, layout, results) if overlays else {}
+    return report_lib.write_report(layout.report, results, predictions, study.tasks, reference=study.reference,
                                overlays=maps, title=f"Study {study.name}", n_boot=study.n_boot)
 
 
@@ -293,6 +352,8 @@ def run_study(study: Study, out_dir: str | os.PathLike, *, report: bool = True) 
     runs = study.all_runs()
     missing = [r for r in runs if not layout.result(r).is_file()]
     print(f"[study] {study.name}: {len(runs)} runs, {len(missing)} to compute, output in {layout.root}", flush=True)
+    if missing:
+        check_study_data(study, layout)
     for run in tqdm(missing, desc="runs", unit="run", disable=not missing):
         execute_run(study, run, layout)
     return write_study_report(study, layout) if report else None

@@ -83,3 +83,38 @@ def binary_targets(labels: jax.Array | np.ndarray, positive: Sequence[int], nega
     pos = xp.isin(labels, xp.asarray(list(positive)))
     neg = xp.isin(labels, xp.asarray(list(negative)))
     return xp.where(pos, 1, xp.where(neg, 0, -1)).astype(xp.int32)
+
+
+def class_targets(labels: jax.Array | np.ndarray, classes: Sequence[Sequence[int]]):
+    """Dataset label ints -> class index k when the label is in classes[k], else -1 (ignored)."""
+    xp = jnp if isinstance(labels, jax.Array) else np
+    out = xp.full(labels.shape, -1, xp.int32)
+    for k, group in enumerate(classes):
+        out = xp.where(xp.isin(labels, xp.asarray(list(group))), k, out)
+    return out.astype(xp.int32)
+
+
+def cumulative_probabilities(logits: jax.Array) -> jax.Array:
+    """Ordinal (cumulative-link, CORAL/CORN-style) head: K − 1 logits of P(grade > k), k = 0..K−2, ->
+    (B, K) grade probabilities p_0 = 1 − P(>0), p_k = P(>k−1) − P(>k), p_{K−1} = P(>K−2). The
+    exceedance probabilities are made non-increasing (running minimum) so no probability is negative."""
+    exceed = jax.nn.sigmoid(logits.astype(jnp.float32))
+    exceed = jax.lax.cummin(exceed, axis=exceed.ndim - 1)
+    ones = jnp.ones(exceed.shape[:-1] + (1,), exceed.dtype)
+    zeros = jnp.zeros_like(ones)
+    upper = jnp.concatenate([ones, exceed], axis=-1)
+    lower = jnp.concatenate([exceed, zeros], axis=-1)
+    return upper - lower
+
+
+def cumulative_loss(logits: jax.Array, targets: jax.Array, weights: jax.Array,
+                    valid: jax.Array | None = None) -> jax.Array:
+    """Σ_i w_{y_i} Σ_k BCE(logit_ik, [y_i > k]) / Σ_i w_{y_i}: the ordinal head's loss (targets < 0 ignored)."""
+    valid = (targets >= 0) if valid is None else valid & (targets >= 0)
+    safe = jnp.where(valid, targets, 0)
+    k = jnp.arange(logits.shape[-1])
+    above = (safe[:, None] > k[None, :]).astype(jnp.float32)
+    x = logits.astype(jnp.float32)
+    bce = jnp.maximum(x, 0) - x * above + jnp.log1p(jnp.exp(-jnp.abs(x)))
+    w = jnp.asarray(weights, jnp.float32)[safe] * valid
+    return (w * bce.sum(-1)).sum() / jnp.maximum(w.sum(), 1e-12)

@@ -2,7 +2,11 @@
 
 What: a `Classifier` (our ViT + linear head, afm_jax.models.classifier) trained on a binary task
 given by label ints (`finetune.positive_labels` vs `finetune.negative_labels`, e.g. AFF=2 vs NFF=1;
-images with other labels are left out of training through a selection file in the workdir). The
+images with other labels are left out of training through a selection file in the workdir), or
+with `finetune.kind` = "multiclass" / "ordinal" on `finetune.classes` (softmax cross-entropy with
+balanced class weights; for ordinal grades optionally the cumulative head, `finetune.ordinal_head`
+= "cumulative": K − 1 logits of P(grade > k) with a summed binary cross-entropy; early stopping on
+validation macro AUROC / quadratic-weighted kappa). The
 trainer brings checkpointing, resume, logging and SIGTERM handling; this task adds
 
 - start weights from `config.init_from` (our workdir, a timm/DINO/DINOv2 file or an export);
@@ -35,7 +39,7 @@ import ml_collections
 import numpy as np
 import optax
 from flax import nnx
-from sklearn.metrics import roc_auc_score
+from sklearn.metrics import cohen_kappa_score, roc_auc_score
 
 from afm_jax import errors
 from afm_jax import configuration
@@ -66,6 +70,9 @@ def default_finetune_config() -> ml_collections.ConfigDict:
         eval_batch_size=64,
         eval_image_size=0,           # 0 = config.image_size
         test_split="test",
+        kind="binary",               # binary | multiclass | ordinal (regression needs targets in the batches: not yet)
+        classes=(),                  # multiclass/ordinal: label ints of each class in order, e.g. ((0,), (1,), (2,))
+        ordinal_head="softmax",      # ordinal: "softmax" (cross-entropy) or "cumulative" (K−1 logits of P(grade > k))
     ))
 
 
@@ -105,6 +112,12 @@ class FinetuneTask(Task):
         configuration.require(config, "finetune.patience", lambda v: int(v) >= 0, "an evaluation count >= 0")
         configuration.require(config, "eval_every", lambda v: int(v) > 0,
                               "a positive step interval (fine-tuning evaluates on validation to pick the model)")
+        configuration.require_choice(config, "finetune.kind", ("binary", "multiclass", "ordinal"))
+        configuration.require_choice(config, "finetune.ordinal_head", ("softmax", "cumulative"))
+        if f.kind != "binary":
+            flat = [int(x) for c in f.classes for x in c]
+            configuration.require(config, "finetune.classes", lambda v: len(v) >= 2 and len(flat) == len(set(flat)),
+                                  ">= 2 disjoint tuples of label ints, e.g. ((0,), (1,), (2,))")
         if f.pool == "cls" and not config.model.class_token:
             raise errors.ConfigError("Config key `finetune.pool` = 'cls' needs model.class_token=True; "
                                             "use --config.finetune.pool=avg.")
@@ -113,13 +126,30 @@ class FinetuneTask(Task):
         """(image ids, binary targets with -1 for left-out labels, mask of the examples trained on)."""
         f = config.finetune
         self.positive, self.negative = tuple(int(x) for x in f.positive_labels), tuple(int(x) for x in f.negative_labels)
+        self.kind = str(f.get("kind", "binary"))
+        self.classes = tuple(tuple(int(x) for x in c) for c in f.get("classes", ()))
+        self.num_classes = 2 if self.kind == "binary" else len(self.classes)
         index = records.split_index(config.data.path, config.data.train_split)
         ids = np.asarray(index["image_id"])
-        targets = ft.binary_targets(np.asarray(index["label"]), self.positive, self.negative)
+        targets = self.targets(np.asarray(index["label"]))
         keep = targets >= 0
         if config.data.get("selection"):
             keep &= np.isin(ids, np.asarray(selection.read_selection(config.data.selection)))
         return ids, targets, keep
+
+    def targets(self, labels):
+        """Label ints -> class index (binary: 0 negative, 1 positive), −1 for labels outside the task."""
+        if self.kind == "binary":
+            return ft.binary_targets(labels, self.positive, self.negative)
+        return ft.class_targets(labels, self.classes)
+
+    @property
+    def cumulative(self) -> bool:
+        return self.kind == "ordinal" and str(self.config.finetune.get("ordinal_head", "softmax")) == "cumulative"
+
+    def probabilities(self, logits):
+        """Class probabilities of the head's logits (softmax, or the ordinal cumulative head's)."""
+        return ft.cumulative_probabilities(logits) if self.cumulative else jax.nn.softmax(logits, axis=-1)
 
     def num_train_examples(self, config: ml_collections.ConfigDict) -> int:
         return int(self._training_examples(config)[2].sum())
@@ -129,13 +159,18 @@ class FinetuneTask(Task):
         super().setup(config, workdir=workdir, total_steps=total_steps, steps_per_epoch=steps_per_epoch)
         f = config.finetune
         ids, targets, keep = self._training_examples(config)
-        if len(np.unique(targets[keep])) < 2:
+        if self.kind != "binary":
+            missing = sorted(set(range(self.num_classes)) - set(np.unique(targets[keep]).tolist()))
+            if missing:
+                raise errors.ConfigError(f"The training split `{config.data.train_split}` of {config.data.path} has no "
+                                         f"examples of class(es) {missing} of finetune.classes {self.classes}.")
+        elif len(np.unique(targets[keep])) < 2:
             raise errors.ConfigError(
                 f"The training split `{config.data.train_split}` of {config.data.path} has no examples of "
                 f"{'positive' if not (targets[keep] == 1).any() else 'negative'} labels "
                 f"{self.positive if not (targets[keep] == 1).any() else self.negative}: check "
                 "finetune.positive_labels / finetune.negative_labels against the dataset's labels.")
-        self.class_weights = ft.class_weights(targets[keep], 2, f.class_weighting)
+        self.class_weights = ft.class_weights(targets[keep], self.num_classes, f.class_weighting)
         os.makedirs(workdir, exist_ok=True)
         self.selection_path = os.path.join(workdir, SELECTION_FILE)
         if jax.process_index() == 0 or not os.path.exists(self.selection_path):
@@ -150,7 +185,11 @@ class FinetuneTask(Task):
     # ─── Model, optimiser, input ─────────────────────────────────────────────────────────────
     def build_model(self, config: ml_collections.ConfigDict, rngs: nnx.Rngs) -> ft.Classifier:
         encoder = factory.build_encoder(config.model, config.image_size, rngs)
-        return ft.Classifier(encoder, 2, pool=config.finetune.pool, head_init_std=config.finetune.head_init_std,
+        kind = str(config.finetune.get("kind", "binary"))
+        outputs = 2 if kind == "binary" else len(config.finetune.classes)
+        if kind == "ordinal" and str(config.finetune.get("ordinal_head", "softmax")) == "cumulative":
+            outputs -= 1
+        return ft.Classifier(encoder, outputs, pool=config.finetune.pool, head_init_std=config.finetune.head_init_std,
                              freeze_encoder=self.freeze_encoder, rngs=rngs)
 
     def make_optimizer(self, config: ml_collections.ConfigDict, schedule: optax.Schedule,
@@ -177,28 +216,40 @@ class FinetuneTask(Task):
 
     def example_batch(self, config: ml_collections.ConfigDict, batch_size: int, seed: int) -> dict[str, np.ndarray]:
         batch = super().example_batch(config, batch_size, seed)
-        labels = np.asarray((list(config.finetune.negative_labels) + list(config.finetune.positive_labels)) * batch_size)
+        if str(config.finetune.get("kind", "binary")) == "binary":
+            pool = list(config.finetune.negative_labels) + list(config.finetune.positive_labels)
+        else:
+            pool = [int(c[0]) for c in config.finetune.classes]
+        labels = np.asarray(pool * batch_size)
         return {**batch, "label": labels[:batch_size].astype(np.int32)}
 
     # ─── Loss ────────────────────────────────────────────────────────────────────────────────
     def loss(self, model: ft.Classifier, batch: dict, key: jax.Array, extra: Any = None,
              step: jax.Array = None) -> tuple[jax.Array, tuple[dict, dict]]:
-        targets = ft.binary_targets(batch["label"], self.positive, self.negative)
+        targets = self.targets(batch["label"])
         logits = model(batch["image"], rngs=key)
-        loss = ft.weighted_cross_entropy(logits, targets, jnp.asarray(self.class_weights),
-                                         label_smoothing=float(self.config.finetune.label_smoothing))
+        if self.cumulative:
+            loss = ft.cumulative_loss(logits, targets, jnp.asarray(self.class_weights))
+        else:
+            loss = ft.weighted_cross_entropy(logits, targets, jnp.asarray(self.class_weights),
+                                             label_smoothing=float(self.config.finetune.label_smoothing))
         valid = targets >= 0
-        correct = (logits.argmax(-1) == targets) & valid
+        correct = (self.probabilities(logits).argmax(-1) == targets) & valid
         accuracy = correct.sum() / jnp.maximum(valid.sum(), 1)
         return loss, ({"train_accuracy": accuracy}, {})
 
     # ─── Evaluation: validation AUROC, best-model test predictions, early stopping ───────────
     def predict_split(self, model: ft.Classifier, split: str) -> dict[str, np.ndarray]:
-        """P(positive) for the positive/negative images of `split`, with labels and ids."""
+        """P(positive) for the positive/negative images of `split` (other kinds: (N, C) class
+        probabilities of the task's images), with labels and ids."""
         if self._score_fn is None:
+            binary = self.kind == "binary"
+            probabilities = self.probabilities
+
             @nnx.jit
             def score(m, images):
-                return jax.nn.softmax(m(images), axis=-1)[:, 1]
+                p = probabilities(m(images))
+                return p[:, 1] if binary else p
             self._score_fn = score
         f = self.config.finetune
         out = pipeline.map_split(lambda images: self._score_fn(model, images), self.config.data, split=split,
@@ -206,7 +257,7 @@ class FinetuneTask(Task):
                                  image_size=int(f.eval_image_size or self.config.image_size),
                                  progress=jax.process_index() == 0, desc=f"eval[{split}]")
         out["y_score"] = out.pop("output")
-        targets = ft.binary_targets(out["label"], self.positive, self.negative)
+        targets = np.asarray(self.targets(np.asarray(out["label"])))
         keep = targets >= 0
         out = {k: v[keep] for k, v in out.items()}
         out["y_true"] = targets[keep]
@@ -229,7 +280,7 @@ class FinetuneTask(Task):
             raise errors.ConfigError(
                 f"The validation split `{self.config.data.eval_split}` needs positive and negative images for "
                 "early stopping on AUROC; set --config.data.eval_split to a split that has both.")
-        auroc = float(roc_auc_score(val["y_true"], val["y_score"]))
+        auroc = float(self.selection_metric(val["y_true"], val["y_score"]))
         improved = auroc > float(self.best["val_auroc"])
         if improved:
             self.best = {"step": int(step), "val_auroc": auroc, "evals_since_best": 0}
@@ -246,6 +297,21 @@ class FinetuneTask(Task):
         patience = int(self.config.finetune.patience)
         stop = patience > 0 and self.best["evals_since_best"] >= patience
         return {"val_auroc": auroc, "best_val_auroc": float(self.best["val_auroc"]), "should_stop": stop}
+
+    @property
+    def selection_metric_name(self) -> str:
+        return {"binary": "auroc", "multiclass": "macro_auroc", "ordinal": "qwk"}[self.kind]
+
+    def selection_metric(self, y: np.ndarray, s: np.ndarray) -> float:
+        """What early stopping maximises on validation: AUROC (binary), macro one-vs-rest AUROC
+        (multiclass), quadratic-weighted kappa of the argmax grade (ordinal). The `val_auroc` keys of
+        the bookkeeping hold this metric for every kind."""
+        if self.kind == "binary":
+            return roc_auc_score(y, s)
+        if self.kind == "multiclass":
+            present = [k for k in range(s.shape[1]) if 0 < np.sum(y == k) < y.size]
+            return float(np.mean([roc_auc_score(y == k, s[:, k]) for k in present]))
+        return float(cohen_kappa_score(y, s.argmax(1), weights="quadratic", labels=np.arange(s.shape[1])))
 
 
 def _is_encoder(path: tuple) -> bool:
