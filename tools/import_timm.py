@@ -30,6 +30,7 @@ difference above ``--tolerance`` fail the command. An existing output in OUT_DIR
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 from collections.abc import Sequence
@@ -41,8 +42,10 @@ from flax import nnx
 from afm_jax import cli
 from afm_jax.errors import InteropError
 from afm_jax.train.init_from import normalisation_mismatch, read_vit_source
-from afm_jax.interop.timm import load_timm_state_dict
-from afm_jax.interop.timm_export import PARITY_TOLERANCE, create_timm_vit, forward_parity, usage_snippet, write_export
+from afm_jax.interop.timm import load_timm_state_dict, source_pos_layout
+from afm_jax.interop.timm_export import (PARITY_TOLERANCE, clear_failed_marks, create_timm_vit, forward_parity,
+                                         mark_failed_export, parity_failure, require_finite_state_dict,
+                                         require_tolerance, usage_snippet, write_export)
 from afm_jax.interop.vit_layouts import _from_hf_dinov2, _strip_prefix, describe_vit_state_dict, normalize_vit_state_dict
 from afm_jax.models.vit import VIT_SIZES, VisionTransformer
 
@@ -87,12 +90,26 @@ def _check_out(fv: flags.FlagValues) -> None:
                            "give another folder.")
 
 
+def _no_embed_class(normalized: dict, arch: dict[str, Any], known: bool | None, grid: Any) -> bool:
+    """Whether the source's prefix tokens have no position slots: what the layout or config.json says,
+    else what the position table's rows tell (timm's DINOv2 ports store only the grid, e.g. 37 x 37)."""
+    if known is not None:
+        return bool(known)
+    num_prefix = int(arch["class_token"]) + arch["reg_tokens"]
+    if "pos_embed" not in normalized or not num_prefix:
+        return False
+    slots, _ = source_pos_layout(arch["pos_rows"], num_prefix, grid, None)
+    return slots == 0
+
+
 def import_weights(fv: flags.FlagValues, args: list[str]) -> int:
+    require_tolerance(fv.tolerance)
     cli.require_positive(fv.image_size, "image_size", allow_zero=False)
     cli.require_positive(fv.num_heads, "num_heads", allow_zero=False)
     _check_out(fv)
     source_sd, kwargs, info = read_vit_source(fv.input)
     normalized, layout = normalize_vit_state_dict(source_sd)
+    require_finite_state_dict(normalized, f"The weights in {fv.input}")
     arch = describe_vit_state_dict(normalized)
     heads = fv.num_heads or kwargs.get("source_num_heads") or arch["num_heads"]
     kwargs["source_num_heads"] = heads
@@ -101,7 +118,9 @@ def import_weights(fv: flags.FlagValues, args: list[str]) -> int:
         raise InteropError(f"--image_size {fv.image_size} is not a multiple of the source's patch size "
                            f"{arch['patch_size']}; use e.g. "
                            f"{fv.image_size // arch['patch_size'] * arch['patch_size']}.")
-    no_embed_class = bool(kwargs.get("source_no_embed_class", layout["no_embed_class"]) or False)
+    no_embed_class = _no_embed_class(normalized, arch, kwargs.get("source_no_embed_class", layout["no_embed_class"]),
+                                     kwargs.get("source_grid"))
+    kwargs["source_no_embed_class"] = no_embed_class
     encoder = VisionTransformer(
         variant, img_size=fv.image_size, in_chans=int(fv.in_chans), class_token=arch["class_token"],
         num_reg_tokens=arch["reg_tokens"], no_embed_class=no_embed_class, pos_embed="learned",
@@ -123,14 +142,20 @@ def import_weights(fv: flags.FlagValues, args: list[str]) -> int:
             reference = timm_reference(source_sd, ref_args)
             s = fv.image_size
             parity = {f"{s}x{s}": forward_parity(encoder, reference)}
+            other = max(arch["patch_size"], (3 * s // 2) // arch["patch_size"] * arch["patch_size"])
+            parity[f"{other}x{other}"] = forward_parity(encoder, reference, size=(other, other), seed=1)
         except ImportError as e:
             if fv.check:
                 raise InteropError(f"--check needs torch and timm ({e}); pip install -e '.[torch]'.") from e
             print(f"parity check skipped: {e}", file=sys.stderr)
 
+    why = parity_failure(parity, fv.tolerance) if parity else None
     afm_info = dict(source=os.path.basename(os.path.normpath(fv.input)), source_layout=report["layout"],
                     adapted=report["adapted"], dropped=report["dropped"], warnings=report["warnings"],
-                    parity_max_abs_diff=parity)
+                    parity_max_abs_diff={k: (v if math.isfinite(v) else None) for k, v in parity.items()},
+                    parity_passed=None if not parity else why is None)
+    if os.path.isdir(fv.out):
+        clear_failed_marks(fv.out)
     config_json = write_export(fv.out, encoder, afm_info=afm_info)
     overrides_cli = [f"--config.model.variant={variant}", f"--config.image_size={fv.image_size}",
                      f"--config.model.in_chans={int(fv.in_chans)}",
@@ -151,6 +176,7 @@ def import_weights(fv: flags.FlagValues, args: list[str]) -> int:
         usage_snippet("OUT_DIR", config_json), "```", ""])
     write_export(fv.out, encoder, afm_info=afm_info, readme=readme)
     worst = max(parity.values()) if parity else None
+    worst = None if worst is None or not math.isfinite(worst) else worst
     for size, diff in parity.items():
         print(f"parity {size}: max |timm - afm_jax| = {diff:.3e}")
     for line in report["adapted"]:
@@ -158,8 +184,12 @@ def import_weights(fv: flags.FlagValues, args: list[str]) -> int:
     for line in report["warnings"]:
         print(f"warning: {line}")
     print("train from it with:\n  " + " ".join(overrides_cli))
-    if fv.check and (worst is None or worst > fv.tolerance):
-        raise InteropError(f"Parity check failed: max abs difference {worst} > tolerance {fv.tolerance}.")
+    if fv.check and why is not None:
+        mark_failed_export(fv.out, why)
+        raise InteropError(f"Parity check failed: {why}. The output in {fv.out} is marked failed (weights "
+                           "moved to model.safetensors.FAILED_CHECK, see CHECK_FAILED.txt).")
+    if why is not None:
+        print(f"warning: parity {why}", file=sys.stderr)
     summary = dict(tool="import_timm", out_dir=os.path.abspath(fv.out), layout=report["layout"],
                    variant=variant, overrides=overrides, num_heads=heads, adapted=report["adapted"],
                    max_abs_diff=worst, tolerance=fv.tolerance, config_overrides=overrides_cli)

@@ -105,7 +105,7 @@ def _square_side(n: int) -> int | None:
     return side if side * side == n and n > 0 else None
 
 
-def _source_pos_layout(
+def source_pos_layout(
     rows: int, num_prefix: int, source_grid: Sequence[int] | None, no_embed_class: bool | None
 ) -> tuple[int, tuple[int, int]]:
     """(prefix slots, grid) of a source position table with ``rows`` rows."""
@@ -146,7 +146,7 @@ def _adapt_pos_embed(
 ) -> None:
     num_prefix = int("cls_token" in sd) + (sd["reg_token"].shape[1] if "reg_token" in sd else 0)
     pe = sd["pos_embed"]
-    slots, grid = _source_pos_layout(pe.shape[1], num_prefix, source_grid, no_embed_class)
+    slots, grid = source_pos_layout(pe.shape[1], num_prefix, source_grid, no_embed_class)
     target_slots = 0 if encoder.no_embed_class else encoder.num_prefix_tokens
     if slots and not target_slots:  # fold the slots into the tokens: exact
         if "cls_token" in sd:
@@ -239,7 +239,7 @@ def load_timm_state_dict(
             sd["reg_token"] = np.asarray(encoder.reg_token[...], np.float32)  # keep the init
             left_at_init.append("reg_token")
             pe = sd["pos_embed"]
-            slots, grid = _source_pos_layout(pe.shape[1], int(arch["class_token"]), source_grid,
+            slots, grid = source_pos_layout(pe.shape[1], int(arch["class_token"]), source_grid,
                                              source_no_embed_class)
             if slots:  # the new registers get zero position slots after the class token's
                 zeros = np.zeros((1, encoder.num_reg_tokens, pe.shape[2]), np.float32)
