@@ -29,6 +29,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import re
+
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
@@ -86,12 +88,30 @@ def flat_to_timm_state_dict(flat: Mapping[str, np.ndarray]) -> dict[str, np.ndar
     }
 
 
+def to_eva_state_dict(sd: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Our RoPE encoder's timm-like state dict -> timm's ``Eva`` (``vit_*_dinov3``) keys: LayerScale
+    ``blocks.i.ls1.gamma`` -> ``blocks.i.gamma_1`` (``ls2`` -> ``gamma_2``), the fused qkv bias -> ``q_bias``
+    and ``v_bias``. The k part of the bias is dropped: it adds ``q . b_k`` to every logit of a query
+    alike, which the softmax cancels (exact; timm keeps it a fixed zero)."""
+    out: dict[str, np.ndarray] = {}
+    for k, v in sd.items():
+        m = re.fullmatch(r"(blocks\.\d+)\.ls([12])\.gamma", k)
+        if m:
+            out[f"{m.group(1)}.gamma_{m.group(2)}"] = v
+        elif k.endswith(".attn.qkv.bias"):
+            q, _, vb = np.split(np.asarray(v), 3)
+            out[k[: -len("qkv.bias")] + "q_bias"], out[k[: -len("qkv.bias")] + "v_bias"] = q, vb
+        else:
+            out[k] = v
+    return out
+
+
 def encoder_state_dict(encoder: VisionTransformer) -> dict[str, np.ndarray]:
-    """The timm ``VisionTransformer`` state dict of ``encoder`` (fp32 numpy), ``pos_embed`` included
-    even when it is a fixed sin-cos table (timm stores it as a learned parameter)."""
-    return flat_to_timm_state_dict(
-        {k: np.asarray(v[...]) for k, v in encoder_flat_state(encoder).items()}
-    )
+    """The timm state dict of ``encoder`` (fp32 numpy): timm ``VisionTransformer`` keys, ``pos_embed``
+    included even when it is a fixed sin-cos table (timm stores it as a learned parameter); timm
+    ``Eva`` (``vit_*_dinov3``) keys for a RoPE encoder (:func:`to_eva_state_dict`)."""
+    sd = flat_to_timm_state_dict({k: np.asarray(v[...]) for k, v in encoder_flat_state(encoder).items()})
+    return to_eva_state_dict(sd) if encoder.pos_embed_type == "rope" else sd
 
 
 
@@ -231,6 +251,26 @@ def load_timm_state_dict(
         raise InteropError(f"Key 'patch_embed.proj.weight' has patch size {arch['patch_size']}, the model "
                            f"{p}: use a '/{arch['patch_size']}' variant (e.g. --config.model.variant=B/"
                            f"{arch['patch_size']}).")
+    rope = encoder.pos_embed_type == "rope"
+    if arch["rope"] != rope:
+        raise InteropError(
+            "The source has rotary position embeddings (no 'pos_embed'; DINOv3): set "
+            "--config.model.pos_embed=rope." if arch["rope"] else
+            "The source has an absolute position table ('pos_embed'), the model RoPE: set "
+            "--config.model.pos_embed=learned (or sincos).")
+    qkv_bias = encoder.blocks[0].attn.qkv.use_bias if len(encoder.blocks) else arch["qkv_bias"]
+    if arch["qkv_bias"] and not qkv_bias:
+        biases = [sd[k] for k in sd if k.endswith(".attn.qkv.bias")]
+        if any(np.any(b != 0) for b in biases):
+            raise InteropError("The source has non-zero qkv biases ('blocks.0.attn.qkv.bias'), the model none: "
+                               "set --config.model.qkv_bias=True.")
+        for k in [k for k in sd if k.endswith(".attn.qkv.bias")]:
+            del sd[k]
+        adapted.append("attn.qkv.bias: all zero in the source, dropped (the model has no qkv bias; exact)")
+    elif qkv_bias and not arch["qkv_bias"]:
+        for i in range(arch["depth"]):
+            sd[f"blocks.{i}.attn.qkv.bias"] = np.zeros((3 * arch["embed_dim"],), np.float32)
+        adapted.append("attn.qkv.bias: zeros (the source has no qkv bias; exact)")
     if arch["class_token"] != encoder.has_class_token:
         raise InteropError(f"The source {'has' if arch['class_token'] else 'has no'} class token "
                            f"('cls_token'); set --config.model.class_token={arch['class_token']}.")
