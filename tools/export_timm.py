@@ -143,12 +143,12 @@ def _usage(config_json: dict) -> str:
     return usage_snippet("OUT_DIR", config_json)
 
 
-def _measure(encoder: Any, out_dir: str, model_args: dict, check: bool) -> dict[str, Any]:
+def _measure(encoder: Any, out_dir: str, model_args: dict, check: bool, architecture: str) -> dict[str, Any]:
     """Parity of the written file (read back from disk), or {} when torch/timm are missing and not --check."""
     sd = read_weights_file(os.path.join(out_dir, "model.safetensors"))
     require_finite_state_dict(sd, f"{out_dir}/model.safetensors")
     try:
-        return _json_safe(export_parity(encoder, sd, model_args))
+        return _json_safe(export_parity(encoder, sd, model_args, architecture))
     except ImportError as e:
         if check:
             raise InteropError(f"--check needs torch and timm ({e}); pip install -e '.[torch]'.") from e
@@ -171,7 +171,7 @@ def verify(fv: flags.FlagValues) -> int:
     a = cfg["model_args"]
     load_timm_state_dict(encoder, sd, source_grid=encoder.grid_size, source_no_embed_class=encoder.no_embed_class,
                          source_num_heads=int(a["num_heads"]))
-    parity = _measure(encoder, out_dir, a, check=True)
+    parity = _measure(encoder, out_dir, a, check=True, architecture=cfg.get("architecture"))
     worst = max((v for v in parity["fp32"].values() if v is not None), default=None)
     summary = dict(tool="export_timm", verify=os.path.abspath(out_dir), architecture=cfg.get("architecture"),
                    parity=parity, max_abs_diff=worst, tolerance=fv.tolerance,
@@ -212,7 +212,8 @@ def export(fv: flags.FlagValues, args: list[str]) -> int:
     if os.path.isdir(out_dir):
         clear_failed_marks(out_dir)
     config_json = write_export(out_dir, ck.encoder, afm_info=afm_info, global_pool=global_pool)
-    parity = {} if fv.no_parity else _measure(ck.encoder, out_dir, config_json["model_args"], fv.check)
+    parity = {} if fv.no_parity else _measure(ck.encoder, out_dir, config_json["model_args"], fv.check,
+                                              config_json["architecture"])
     why = _failure(parity, fv.tolerance) if parity else None
     config_json["afm_jax"]["parity_max_abs_diff"] = parity
     config_json["afm_jax"]["parity_passed"] = None if not parity else why is None

@@ -43,9 +43,10 @@ from afm_jax import cli
 from afm_jax.errors import InteropError
 from afm_jax.train.init_from import normalisation_mismatch, read_vit_source
 from afm_jax.interop.timm import load_timm_state_dict, source_pos_layout
-from afm_jax.interop.timm_export import (PARITY_TOLERANCE, clear_failed_marks, create_timm_vit, forward_parity,
-                                         mark_failed_export, parity_failure, require_finite_state_dict,
-                                         require_tolerance, usage_snippet, write_export)
+from afm_jax.interop.timm_export import (DINOV3_NORM_EPS, PARITY_TOLERANCE, clear_failed_marks, create_timm_vit,
+                                         forward_parity, mark_failed_export, parity_failure,
+                                         require_finite_state_dict, require_tolerance, timm_architecture,
+                                         timm_model_args, usage_snippet, write_export)
 from afm_jax.interop.vit_layouts import _from_hf_dinov2, _strip_prefix, describe_vit_state_dict, normalize_vit_state_dict
 from afm_jax.models.vit import VIT_SIZES, VisionTransformer
 
@@ -62,17 +63,22 @@ def _variant(arch: dict[str, Any], num_heads: int) -> tuple[str, dict[str, int]]
     return f"B/{p}", size
 
 
-def timm_reference(source_sd: dict, model_args: dict[str, Any]):
-    """timm's own adaptation of ``source_sd`` to ``model_args`` (independent of our mapping)."""
+def timm_reference(source_sd: dict, model_args: dict[str, Any], architecture: str | None = None):
+    """timm's own adaptation of ``source_sd`` to ``model_args`` (independent of our mapping): its
+    ``checkpoint_filter_fn`` (vision_transformer's, or eva's for DINOv3, which reads the original hub
+    layout itself) and ``adapt_input_conv``."""
     import torch  # optional dependencies (pip install -e '.[torch]'); ImportError skips the parity check
+    from timm.models import eva  # optional dependency
     from timm.models._manipulate import adapt_input_conv
     from timm.models.vision_transformer import checkpoint_filter_fn
 
     sd, _, _ = _strip_prefix(dict(source_sd))
     if "embeddings.patch_embeddings.projection.weight" in sd:  # timm cannot read HF keys itself
         sd = _from_hf_dinov2(sd)
-    model = create_timm_vit(model_args)
-    sd = checkpoint_filter_fn({k: torch.from_numpy(v.copy()) for k, v in sd.items()}, model)
+    model = create_timm_vit(model_args, architecture=architecture)
+    dinov3 = bool(architecture and "dinov3" in architecture)
+    sd = (eva.checkpoint_filter_fn if dinov3 else checkpoint_filter_fn)(
+        {k: torch.from_numpy(v.copy()) for k, v in sd.items()}, model)
     sd["patch_embed.proj.weight"] = adapt_input_conv(model_args["in_chans"], sd["patch_embed.proj.weight"])
     wanted = model.state_dict().keys()
     model.load_state_dict({k: v for k, v in sd.items() if k in wanted}, strict=True)
@@ -121,10 +127,13 @@ def import_weights(fv: flags.FlagValues, args: list[str]) -> int:
     no_embed_class = _no_embed_class(normalized, arch, kwargs.get("source_no_embed_class", layout["no_embed_class"]),
                                      kwargs.get("source_grid"))
     kwargs["source_no_embed_class"] = no_embed_class
+    rope = arch["rope"]  # DINOv3: RoPE, LayerScale kept, qkv bias as the source, LayerNorm eps 1e-5
+    rope_kw = dict(pos_embed="rope", layer_scale_init=1e-5 if arch["layer_scale"] else None,
+                   qkv_bias=arch["qkv_bias"], norm_eps=DINOV3_NORM_EPS) if rope else dict(pos_embed="learned")
     encoder = VisionTransformer(
         variant, img_size=fv.image_size, in_chans=int(fv.in_chans), class_token=arch["class_token"],
-        num_reg_tokens=arch["reg_tokens"], no_embed_class=no_embed_class, pos_embed="learned",
-        rngs=nnx.Rngs(0), **overrides)
+        num_reg_tokens=arch["reg_tokens"], no_embed_class=no_embed_class and not rope,
+        rngs=nnx.Rngs(0), **rope_kw, **overrides)
     report = load_timm_state_dict(encoder, source_sd, **kwargs)
     if "source_mean" in info and (note := normalisation_mismatch(info["source_mean"], info["source_std"], encoder)):
         report["warnings"].append(note)
@@ -139,7 +148,11 @@ def import_weights(fv: flags.FlagValues, args: list[str]) -> int:
                 no_embed_class=no_embed_class, init_values=1e-5 if arch["layer_scale"] else None,
                 global_pool="token" if arch["class_token"] else "avg", fc_norm=False, num_classes=0,
                 dynamic_img_size=True)
-            reference = timm_reference(source_sd, ref_args)
+            architecture = None
+            if rope:
+                architecture = timm_architecture(encoder)
+                ref_args = {k: v for k, v in timm_model_args(encoder).items()}
+            reference = timm_reference(source_sd, ref_args, architecture)
             s = fv.image_size
             parity = {f"{s}x{s}": forward_parity(encoder, reference)}
             other = max(arch["patch_size"], (3 * s // 2) // arch["patch_size"] * arch["patch_size"])
@@ -161,8 +174,14 @@ def import_weights(fv: flags.FlagValues, args: list[str]) -> int:
                      f"--config.model.in_chans={int(fv.in_chans)}",
                      f"--config.model.class_token={arch['class_token']}",
                      f"--config.model.num_reg_tokens={arch['reg_tokens']}",
-                     f"--config.model.no_embed_class={no_embed_class}",
-                     "--config.model.pos_embed=learned"]
+                     f"--config.model.no_embed_class={no_embed_class and not rope}"]
+    if rope:
+        overrides_cli += ["--config.model.pos_embed=rope", f"--config.model.norm_eps={DINOV3_NORM_EPS}",
+                          f"--config.model.qkv_bias={arch['qkv_bias']}"]
+        if arch["layer_scale"]:
+            overrides_cli.append("--config.model.layer_scale_init=1e-05")
+    else:
+        overrides_cli.append("--config.model.pos_embed=learned")
     overrides_cli += [f"--config.model.{k}={v}" for k, v in overrides.items()]
     overrides_cli.append(f"--config.init_from={os.path.abspath(fv.out)}")
     readme = "\n".join([

@@ -47,6 +47,9 @@ def timm_architecture(encoder: VisionTransformer) -> str:
     only picks timm's entry point (see :func:`architecture_matches`)."""
     dims = (encoder.embed_dim, len(encoder.blocks), encoder.num_heads, encoder.mlp_dim)
     p = encoder.patch_size
+    if encoder.pos_embed_type == "rope":  # DINOv3: timm's Eva entry points (all patch 16)
+        size = next((n for n, known in _TIMM_SIZES.items() if known == dims and n in ("small", "base", "large")), None)
+        return f"vit_{size or 'base'}_patch16_dinov3{'_qkvb' if encoder.qkv_bias else ''}"
     for size, known in _TIMM_SIZES.items():
         if known != dims:
             continue
@@ -60,6 +63,8 @@ def timm_architecture(encoder: VisionTransformer) -> str:
 def architecture_matches(encoder: VisionTransformer) -> bool:
     """Whether :func:`timm_architecture` names the encoder's own size (False: the generic name)."""
     dims = (encoder.embed_dim, len(encoder.blocks), encoder.num_heads, encoder.mlp_dim)
+    if encoder.pos_embed_type == "rope":
+        return encoder.patch_size == 16 and dims in (_TIMM_SIZES["small"], _TIMM_SIZES["base"], _TIMM_SIZES["large"])
     return timm_architecture(encoder) != GENERIC_ARCHITECTURE or (dims == _TIMM_SIZES["base"]
                                                                    and encoder.patch_size == 16)
 
@@ -73,6 +78,8 @@ def timm_model_args(encoder: VisionTransformer, *, global_pool: str | None = Non
     """
     h, w = encoder.img_size
     pool = global_pool or ("token" if encoder.has_class_token else "avg")
+    if encoder.pos_embed_type == "rope":
+        return _eva_model_args(encoder, pool)
     return dict(
         img_size=h if h == w else [h, w],
         patch_size=encoder.patch_size,
@@ -100,6 +107,29 @@ def timm_model_args(encoder: VisionTransformer, *, global_pool: str | None = Non
 EVAL_PREPROCESSING = dict(interpolation="bilinear", crop_pct=1.0, crop_mode="squash")
 
 
+# The norm epsilon timm's vit_*_dinov3 entry points fix (eva.py: norm_layer=partial(LayerNorm, eps=1e-5)).
+DINOV3_NORM_EPS = 1e-5
+
+
+def _eva_model_args(encoder: VisionTransformer, pool: str) -> dict[str, Any]:
+    """``timm.create_model("vit_*_patch16_dinov3*", **args)`` kwargs for a RoPE encoder. The entry point
+    fixes what our encoder shares with DINOv3 (rope_type 'dinov3', rotate-half, no absolute table,
+    LayerNorm eps 1e-5); the sizes and options are passed explicitly."""
+    if abs(encoder.norm_eps - DINOV3_NORM_EPS) > 1e-12:
+        raise InteropError(f"A RoPE encoder exports as timm's vit_*_dinov3, whose LayerNorm eps is {DINOV3_NORM_EPS}; "
+                           f"this one has {encoder.norm_eps}. Train with --config.model.norm_eps={DINOV3_NORM_EPS}.")
+    if encoder.patch_size != 16 or encoder.no_embed_class:
+        pass  # patch_size is passed explicitly; no_embed_class has no meaning without a position table
+    h, w = encoder.img_size
+    return dict(
+        img_size=h if h == w else [h, w], patch_size=encoder.patch_size, embed_dim=encoder.embed_dim,
+        depth=len(encoder.blocks), num_heads=encoder.num_heads, mlp_ratio=encoder.mlp_dim / encoder.embed_dim,
+        in_chans=encoder.in_chans, class_token=encoder.has_class_token, num_reg_tokens=encoder.num_reg_tokens,
+        qkv_bias=encoder.qkv_bias, init_values=1e-5 if _has_layer_scale(encoder) else None,
+        rope_temperature=encoder.rope_temperature, global_pool=pool, use_fc_norm=False, num_classes=0,
+        dynamic_img_size=True)
+
+
 def timm_pretrained_cfg(encoder: VisionTransformer) -> dict[str, Any]:
     """timm ``pretrained_cfg`` entries: input size, the resize of our evaluation (:data:`EVAL_PREPROCESSING`)
     and the normalisation the encoder applies."""
@@ -121,14 +151,21 @@ def timm_pretrained_cfg(encoder: VisionTransformer) -> dict[str, Any]:
 # ----------------------------------------------------------------------------------------------
 
 
-def create_timm_vit(model_args: Mapping[str, Any], state_dict: Mapping[str, np.ndarray] | None = None):
-    """A timm ``VisionTransformer`` (eval mode, random init unless ``state_dict``, loaded strictly)."""
+def create_timm_vit(model_args: Mapping[str, Any], state_dict: Mapping[str, np.ndarray] | None = None,
+                    architecture: str | None = None):
+    """A timm ``VisionTransformer`` (or, for a ``*dinov3*`` architecture, timm's ``Eva`` built by that
+    entry point), eval mode, random init unless ``state_dict``, loaded strictly."""
+    import timm  # optional extra [torch]
     import torch  # optional extra [torch]
     from timm.models.vision_transformer import VisionTransformer as TimmViT  # optional extra [torch]
 
     args = dict(model_args)
     img = args.pop("img_size")
-    model = TimmViT(img_size=tuple(img) if isinstance(img, (list, tuple)) else img, **args).eval()
+    img = tuple(img) if isinstance(img, (list, tuple)) else img
+    if architecture and "dinov3" in architecture:
+        model = timm.create_model(architecture, pretrained=False, img_size=img, **args).eval()
+    else:
+        model = TimmViT(img_size=img, **args).eval()
     if state_dict is not None:
         try:
             model.load_state_dict({k: torch.from_numpy(np.array(v, np.float32)) for k, v in state_dict.items()},
@@ -209,11 +246,11 @@ def forward_parity(
 
 
 def export_parity(encoder: VisionTransformer, state_dict: Mapping[str, np.ndarray],
-                  model_args: Mapping[str, Any]) -> dict[str, Any]:
+                  model_args: Mapping[str, Any], architecture: str | None = None) -> dict[str, Any]:
     """Loads ``state_dict`` strictly into a fresh timm model and compares ``forward_features`` with an
     fp32 copy of ``encoder`` at :func:`check_sizes`; returns ``{"fp32": {size: diff}, "compute_dtype":
     name, "compute": {size: diff}}`` (``compute`` only for a non-fp32 encoder: information, not checked)."""
-    model = create_timm_vit(model_args, state_dict)
+    model = create_timm_vit(model_args, state_dict, architecture or timm_architecture(encoder))
     fp32 = with_compute_dtype(encoder, jnp.float32)
     sizes = check_sizes(encoder)
     out: dict[str, Any] = {"fp32": {f"{h}x{w}": forward_parity(fp32, model, size=(h, w), seed=i)
@@ -247,7 +284,8 @@ def export_config(encoder: VisionTransformer, afm_info: Mapping[str, Any] | None
         global_pool=args["global_pool"],
         model_args=args,
         pretrained_cfg=timm_pretrained_cfg(encoder),
-        afm_jax={"variant": str(encoder.variant), "pos_embed": encoder.pos_embed_type,
+        afm_jax={"variant": str(encoder.variant), "pos_embed": encoder.pos_embed_type, "norm_eps": encoder.norm_eps,
+                 "qkv_bias": encoder.qkv_bias,
                  **dict(afm_info or {})},
     )
 
@@ -329,10 +367,15 @@ def encoder_from_export_config(cfg: Mapping[str, Any]) -> VisionTransformer:
         kw = dict(width=d, depth=int(a["depth"]), num_heads=int(a["num_heads"]),
                   mlp_dim=int(round(float(a.get("mlp_ratio", 4.0)) * d)))
         pc = cfg.get("pretrained_cfg", {})
+        rope = "dinov3" in str(cfg.get("architecture", ""))
+        if rope:
+            kw.update(rope_temperature=float(a.get("rope_temperature", 100.0)), qkv_bias=bool(a.get("qkv_bias", True)),
+                      norm_eps=DINOV3_NORM_EPS)
         return nnx.eval_shape(lambda: VisionTransformer(
             f"B/{int(a['patch_size'])}", img_size=tuple(int(v) for v in img), in_chans=int(a.get("in_chans", 3)),
-            class_token=bool(a.get("class_token", True)), num_reg_tokens=int(a.get("reg_tokens", 0) or 0),
-            no_embed_class=bool(a.get("no_embed_class", False)), pos_embed="learned",
+            class_token=bool(a.get("class_token", True)),
+            num_reg_tokens=int(a.get("num_reg_tokens" if rope else "reg_tokens", 0) or 0),
+            no_embed_class=bool(a.get("no_embed_class", False)), pos_embed="rope" if rope else "learned",
             layer_scale_init=1.0 if a.get("init_values") else None,
             input_mean=pc.get("mean"), input_std=pc.get("std"), rngs=nnx.Rngs(0), **kw))
     except (KeyError, TypeError, ValueError) as e:
