@@ -53,7 +53,6 @@ def test_hf_dinov2_model_folder_matches_transformers(tmp_path, capsys):
     with torch.no_grad():
         ref = model(pixel_values=torch.from_numpy(xn.transpose(0, 3, 1, 2).copy())).last_hidden_state.numpy()
     diff = np.abs(mine - ref).max()
-    print(f"RAD-DINO layout vs transformers.Dinov2Model: {diff:.2e}")
     assert diff < 1e-4, diff
 
     spec = importlib.util.spec_from_file_location("import_timm", ROOT / "tools" / "import_timm.py")
@@ -64,3 +63,4 @@ def test_hf_dinov2_model_folder_matches_transformers(tmp_path, capsys):
     assert rc == 0, err
     summary = json.loads(out.strip().splitlines()[-1])
     assert summary["layout"] == "huggingface-dinov2" and summary["num_heads"] == 3 and summary["max_abs_diff"] < 1e-4
+    print(f"RAD-DINO layout vs transformers.Dinov2Model: {diff:.2e}; import tool parity {summary['max_abs_diff']:.2e}")

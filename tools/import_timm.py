@@ -16,7 +16,9 @@ registers, LayerScale); the head count is not stored in weights files, so it com
 
 The RGB patch kernel is summed into one channel (as timm's ``in_chans=1``), the position embedding is
 resampled to ``--image_size``, DINOv2's LayerScale is folded into the projections (our configs have no
-LayerScale); OUT_DIR gets model.safetensors + config.json + README.md in the export format, so
+LayerScale); DINOv3 (timm's ``vit_*_dinov3`` or the original hub ``.pth``) keeps its RoPE, LayerScale,
+storage tokens and qkv bias (the printed overrides say so), and timm's ``eva.checkpoint_filter_fn`` builds
+the parity reference; OUT_DIR gets model.safetensors + config.json + README.md in the export format, so
 training starts from it with ``--config.init_from=OUT_DIR`` (the command is printed) and timm loads
 it as well.
 

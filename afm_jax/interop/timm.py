@@ -20,6 +20,8 @@ Why the adaptations are what they are (each one is exact or follows timm, and is
   added in the opposite case (also exact).
 * **LayerScale** (DINOv2) loaded into a model without it is folded into ``attn.proj`` / ``mlp.fc2``
   (exact: ``gamma * (W x + b)``); a source without it loaded into a model with it gets ``gamma = 1``.
+* **DINOv3** (RoPE, no position table) maps to timm's ``Eva`` keys (``gamma_1``, ``q_bias``/``v_bias``,
+  :func:`to_eva_state_dict`); a zero qkv bias is dropped or added as needed (exact).
 * Anything else that does not fit (width, depth, patch size, class token, SwiGLU MLPs) is refused
   with an error naming the key and what to change.
 """

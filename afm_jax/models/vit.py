@@ -21,6 +21,10 @@ Why it looks like this:
   it out of the optimised parameters; ``pos_embed="learned"`` makes it an ``nnx.Param``. When the
   input grid differs from the stored one the grid part is resampled on the fly (timm's
   ``dynamic_img_size``), so a model trained at 224 px can be evaluated at 448 px.
+* **2-D RoPE (DINOv3).** ``pos_embed="rope"`` drops the absolute table and rotates q/k of the patch
+  tokens in every block (:func:`rope_sincos`, :func:`apply_rope`; timm's ``RotaryEmbeddingDinoV3``,
+  pinned by ``tests/test_dinov3.py`` against timm's ``vit_*_patch16_dinov3``); with ``qkv_bias``,
+  ``norm_eps=1e-5``, 4 register ("storage") tokens and LayerScale it is DINOv3's ViT.
 * **Mixed precision.** ``param_dtype`` (fp32) for storage, ``dtype`` (e.g. bf16) for matmuls. The
   residual stream stays fp32 (as under torch autocast); LayerNorm statistics and the attention
   softmax are computed in fp32; outputs are fp32.
