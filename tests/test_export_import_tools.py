@@ -55,9 +55,9 @@ def mae_run(tmp_path_factory, synthetic_dataset):
 
 
 def test_checkpoint_encoder_and_init_from_workdir_equal_the_trained_encoder(mae_run):
+    from afm_jax.models.vit import VisionTransformer
     from afm_jax.train.checkpoint import read_encoder_checkpoint
     from afm_jax.train.init_from import initialize_encoder
-    from afm_jax.models.vit import VisionTransformer
 
     mae_workdir, trained_encoder = mae_run
     ck = read_encoder_checkpoint(mae_workdir)
@@ -124,8 +124,8 @@ def test_export_tool_user_errors(mae_run, tmp_path, capsys):
 def test_import_tool_converts_dinov2_and_init_from_its_output(tmp_path, capsys):
     from timm.models.vision_transformer import VisionTransformer as TimmViT
 
-    from afm_jax.train.init_from import initialize_encoder
     from afm_jax.models.vit import VisionTransformer
+    from afm_jax.train.init_from import initialize_encoder
 
     torch.manual_seed(0)
     tm = TimmViT(img_size=70, patch_size=14, embed_dim=48, depth=2, num_heads=3, reg_tokens=4,

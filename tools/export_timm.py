@@ -38,12 +38,22 @@ from absl import flags
 from afm_jax import cli
 from afm_jax.data import records
 from afm_jax.errors import InteropError
-from afm_jax.train.checkpoint import read_encoder_checkpoint
 from afm_jax.interop.timm import load_timm_state_dict
-from afm_jax.interop.timm_export import (PARITY_TOLERANCE, clear_failed_marks, encoder_from_export_config,
-                                         export_parity, mark_failed_export, parity_failure, read_export_config,
-                                         require_finite_state_dict, require_tolerance, usage_snippet, write_export)
+from afm_jax.interop.timm_export import (
+    PARITY_TOLERANCE,
+    clear_failed_marks,
+    encoder_from_export_config,
+    export_parity,
+    mark_failed_export,
+    parity_failure,
+    read_export_config,
+    require_finite_state_dict,
+    require_tolerance,
+    usage_snippet,
+    write_export,
+)
 from afm_jax.interop.weights_file import read_weights_file
+from afm_jax.train.checkpoint import read_encoder_checkpoint
 
 
 def _redacted_config(config: Any) -> dict:

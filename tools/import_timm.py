@@ -43,14 +43,30 @@ from flax import nnx
 
 from afm_jax import cli
 from afm_jax.errors import InteropError
-from afm_jax.train.init_from import normalisation_mismatch, read_vit_source
 from afm_jax.interop.timm import load_timm_state_dict, source_pos_layout
-from afm_jax.interop.timm_export import (DINOV3_NORM_EPS, PARITY_TOLERANCE, clear_failed_marks, create_timm_vit,
-                                         forward_parity, mark_failed_export, parity_failure,
-                                         require_finite_state_dict, require_tolerance, timm_architecture,
-                                         timm_model_args, usage_snippet, write_export)
-from afm_jax.interop.vit_layouts import _from_hf_dinov2, _strip_prefix, describe_vit_state_dict, normalize_vit_state_dict
+from afm_jax.interop.timm_export import (
+    DINOV3_NORM_EPS,
+    PARITY_TOLERANCE,
+    clear_failed_marks,
+    create_timm_vit,
+    forward_parity,
+    mark_failed_export,
+    parity_failure,
+    require_finite_state_dict,
+    require_tolerance,
+    timm_architecture,
+    timm_model_args,
+    usage_snippet,
+    write_export,
+)
+from afm_jax.interop.vit_layouts import (
+    _from_hf_dinov2,
+    _strip_prefix,
+    describe_vit_state_dict,
+    normalize_vit_state_dict,
+)
 from afm_jax.models.vit import VIT_SIZES, VisionTransformer
+from afm_jax.train.init_from import normalisation_mismatch, read_vit_source
 
 
 def _variant(arch: dict[str, Any], num_heads: int) -> tuple[str, dict[str, int]]:

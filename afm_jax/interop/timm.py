@@ -28,10 +28,9 @@ Why the adaptations are what they are (each one is exact or follows timm, and is
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
-
-import re
 
 import jax.numpy as jnp
 import numpy as np
@@ -41,7 +40,6 @@ from afm_jax.errors import InteropError
 from afm_jax.interop.vit_layouts import USUAL_NUM_HEADS, describe_vit_state_dict, normalize_vit_state_dict
 from afm_jax.models.pos_embed import resample_abs_pos_embed
 from afm_jax.models.vit import VisionTransformer
-
 
 # ----------------------------------------------------------------------------------------------
 # Leaf mapping (ours <-> timm).

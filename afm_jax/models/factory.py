@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 import ml_collections
-from ml_collections.config_dict import placeholder
 from flax import nnx
+from ml_collections.config_dict import placeholder
 
-from afm_jax import errors
-from afm_jax import configuration
+from afm_jax import configuration, errors
 from afm_jax.models.mae import MAE
 from afm_jax.models.resnet import RESNET_LAYERS, ResNet
 from afm_jax.models.vit import REMAT_POLICIES, VisionTransformer, parse_variant

@@ -32,16 +32,15 @@ import pathlib
 from typing import Any
 
 import numpy as np
-
 from flax import nnx
 
+from afm_jax.errors import InteropError
 from afm_jax.interop import timm as timm_interop
 from afm_jax.interop.torchvision_resnet import flax_key, load_torchvision_resnet
 from afm_jax.interop.weights_file import read_weights_file
-from afm_jax.train.checkpoint import is_checkpoint_path, read_encoder_checkpoint
-from afm_jax.errors import InteropError
 from afm_jax.models.resnet import ResNet
 from afm_jax.models.vit import VisionTransformer
+from afm_jax.train.checkpoint import is_checkpoint_path, read_encoder_checkpoint
 
 __all__ = ["initialize_encoder", "initialize_resnet", "read_vit_source", "normalisation_mismatch"]
 
