@@ -4,6 +4,7 @@ reading / init_from a checkpoint the trainer wrote."""
 
 import importlib.util
 import json
+import os
 import pathlib
 import subprocess
 import sys
@@ -54,9 +55,9 @@ def mae_run(tmp_path_factory, synthetic_dataset):
 
 
 def test_checkpoint_encoder_and_init_from_workdir_equal_the_trained_encoder(mae_run):
+    from afm_jax.models.vit import VisionTransformer
     from afm_jax.train.checkpoint import read_encoder_checkpoint
     from afm_jax.train.init_from import initialize_encoder
-    from afm_jax.models.vit import VisionTransformer
 
     mae_workdir, trained_encoder = mae_run
     ck = read_encoder_checkpoint(mae_workdir)
@@ -123,8 +124,8 @@ def test_export_tool_user_errors(mae_run, tmp_path, capsys):
 def test_import_tool_converts_dinov2_and_init_from_its_output(tmp_path, capsys):
     from timm.models.vision_transformer import VisionTransformer as TimmViT
 
-    from afm_jax.train.init_from import initialize_encoder
     from afm_jax.models.vit import VisionTransformer
+    from afm_jax.train.init_from import initialize_encoder
 
     torch.manual_seed(0)
     tm = TimmViT(img_size=70, patch_size=14, embed_dim=48, depth=2, num_heads=3, reg_tokens=4,
@@ -182,3 +183,21 @@ def test_tools_run_as_scripts():
         done = subprocess.run([sys.executable, str(ROOT / "tools" / f"{tool}.py"), "--help"],
                               capture_output=True, text=True, timeout=120)
         assert done.returncode == 0 and "--check" in done.stdout, done.stderr
+
+
+def test_export_check_passes_on_a_bf16_run_of_configs_mae_vits(synthetic_dataset, tmp_path, capsys):
+    """Issue 16's "done means": a (tiny, 2-step, 32 px) bf16 run of configs/mae_vits.py exports with --check."""
+    workdir = tmp_path / "mae_vits"
+    cmd = [sys.executable, "-m", "afm_jax.main", "--config", str(ROOT / "configs" / "mae_vits.py"),
+           "--workdir", str(workdir), f"--config.data.path={synthetic_dataset}", "--config.data.num_workers=0",
+           "--config.image_size=32", "--config.batch_size=8", "--config.total_steps=2", "--config.log_every=1",
+           "--config.image_every=0"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=ROOT,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert done.returncode == 0, done.stderr[-3000:]
+    rc, stdout, err = run_tool("export_timm", ["--workdir", workdir, "--out", tmp_path / "export", "--check"], capsys)
+    assert rc == 0, err
+    summary = json.loads(stdout.strip().splitlines()[-1])
+    assert summary["compute_dtype"] == "bfloat16" and summary["architecture"] == "vit_small_patch16_224"
+    assert summary["max_abs_diff"] < 1e-4
+    print(f"mae_vits bf16: fp32 parity {summary['parity']}, bf16 compute {summary['compute_parity']}")

@@ -21,12 +21,15 @@ Why the adaptations are what they are (each one is exact or follows timm, and is
   added in the opposite case (also exact).
 * **LayerScale** (DINOv2) loaded into a model without it is folded into ``attn.proj`` / ``mlp.fc2``
   (exact: ``gamma * (W x + b)``); a source without it loaded into a model with it gets ``gamma = 1``.
+* **DINOv3** (RoPE, no position table) maps to timm's ``Eva`` keys (``gamma_1``, ``q_bias``/``v_bias``,
+  :func:`to_eva_state_dict`); a zero qkv bias is dropped or added as needed (exact).
 * Anything else that does not fit (width, depth, patch size, class token, SwiGLU MLPs) is refused
   with an error naming the key and what to change.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -38,7 +41,6 @@ from afm_jax.errors import InteropError
 from afm_jax.interop.vit_layouts import USUAL_NUM_HEADS, describe_vit_state_dict, normalize_vit_state_dict
 from afm_jax.models.pos_embed import resample_abs_pos_embed, resample_pos_embed_dino
 from afm_jax.models.vit import VisionTransformer
-
 
 # ----------------------------------------------------------------------------------------------
 # Leaf mapping (ours <-> timm).
@@ -87,12 +89,30 @@ def flat_to_timm_state_dict(flat: Mapping[str, np.ndarray]) -> dict[str, np.ndar
     }
 
 
+def to_eva_state_dict(sd: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Our RoPE encoder's timm-like state dict -> timm's ``Eva`` (``vit_*_dinov3``) keys: LayerScale
+    ``blocks.i.ls1.gamma`` -> ``blocks.i.gamma_1`` (``ls2`` -> ``gamma_2``), the fused qkv bias -> ``q_bias``
+    and ``v_bias``. The k part of the bias is dropped: it adds ``q . b_k`` to every logit of a query
+    alike, which the softmax cancels (exact; timm keeps it a fixed zero)."""
+    out: dict[str, np.ndarray] = {}
+    for k, v in sd.items():
+        m = re.fullmatch(r"(blocks\.\d+)\.ls([12])\.gamma", k)
+        if m:
+            out[f"{m.group(1)}.gamma_{m.group(2)}"] = v
+        elif k.endswith(".attn.qkv.bias"):
+            q, _, vb = np.split(np.asarray(v), 3)
+            out[k[: -len("qkv.bias")] + "q_bias"], out[k[: -len("qkv.bias")] + "v_bias"] = q, vb
+        else:
+            out[k] = v
+    return out
+
+
 def encoder_state_dict(encoder: VisionTransformer) -> dict[str, np.ndarray]:
-    """The timm ``VisionTransformer`` state dict of ``encoder`` (fp32 numpy), ``pos_embed`` included
-    even when it is a fixed sin-cos table (timm stores it as a learned parameter)."""
-    return flat_to_timm_state_dict(
-        {k: np.asarray(v[...]) for k, v in encoder_flat_state(encoder).items()}
-    )
+    """The timm state dict of ``encoder`` (fp32 numpy): timm ``VisionTransformer`` keys, ``pos_embed``
+    included even when it is a fixed sin-cos table (timm stores it as a learned parameter); timm
+    ``Eva`` (``vit_*_dinov3``) keys for a RoPE encoder (:func:`to_eva_state_dict`)."""
+    sd = flat_to_timm_state_dict({k: np.asarray(v[...]) for k, v in encoder_flat_state(encoder).items()})
+    return to_eva_state_dict(sd) if encoder.pos_embed_type == "rope" else sd
 
 
 
@@ -106,7 +126,7 @@ def _square_side(n: int) -> int | None:
     return side if side * side == n and n > 0 else None
 
 
-def _source_pos_layout(
+def source_pos_layout(
     rows: int, num_prefix: int, source_grid: Sequence[int] | None, no_embed_class: bool | None
 ) -> tuple[int, tuple[int, int]]:
     """(prefix slots, grid) of a source position table with ``rows`` rows."""
@@ -147,7 +167,7 @@ def _adapt_pos_embed(
 ) -> None:
     num_prefix = int("cls_token" in sd) + (sd["reg_token"].shape[1] if "reg_token" in sd else 0)
     pe = sd["pos_embed"]
-    slots, grid = _source_pos_layout(pe.shape[1], num_prefix, source_grid, no_embed_class)
+    slots, grid = source_pos_layout(pe.shape[1], num_prefix, source_grid, no_embed_class)
     target_slots = 0 if encoder.no_embed_class else encoder.num_prefix_tokens
     if slots and not target_slots:  # fold the slots into the tokens: exact
         if "cls_token" in sd:
@@ -240,6 +260,26 @@ def load_timm_state_dict(
         raise InteropError(f"Key 'patch_embed.proj.weight' has patch size {arch['patch_size']}, the model "
                            f"{p}: use a '/{arch['patch_size']}' variant (e.g. --config.model.variant=B/"
                            f"{arch['patch_size']}).")
+    rope = encoder.pos_embed_type == "rope"
+    if arch["rope"] != rope:
+        raise InteropError(
+            "The source has rotary position embeddings (no 'pos_embed'; DINOv3): set "
+            "--config.model.pos_embed=rope." if arch["rope"] else
+            "The source has an absolute position table ('pos_embed'), the model RoPE: set "
+            "--config.model.pos_embed=learned (or sincos).")
+    qkv_bias = encoder.blocks[0].attn.qkv.use_bias if len(encoder.blocks) else arch["qkv_bias"]
+    if arch["qkv_bias"] and not qkv_bias:
+        biases = [sd[k] for k in sd if k.endswith(".attn.qkv.bias")]
+        if any(np.any(b != 0) for b in biases):
+            raise InteropError("The source has non-zero qkv biases ('blocks.0.attn.qkv.bias'), the model none: "
+                               "set --config.model.qkv_bias=True.")
+        for k in [k for k in sd if k.endswith(".attn.qkv.bias")]:
+            del sd[k]
+        adapted.append("attn.qkv.bias: all zero in the source, dropped (the model has no qkv bias; exact)")
+    elif qkv_bias and not arch["qkv_bias"]:
+        for i in range(arch["depth"]):
+            sd[f"blocks.{i}.attn.qkv.bias"] = np.zeros((3 * arch["embed_dim"],), np.float32)
+        adapted.append("attn.qkv.bias: zeros (the source has no qkv bias; exact)")
     if arch["class_token"] != encoder.has_class_token:
         raise InteropError(f"The source {'has' if arch['class_token'] else 'has no'} class token "
                            f"('cls_token'); set --config.model.class_token={arch['class_token']}.")
@@ -248,7 +288,7 @@ def load_timm_state_dict(
             sd["reg_token"] = np.asarray(encoder.reg_token[...], np.float32)  # keep the init
             left_at_init.append("reg_token")
             pe = sd["pos_embed"]
-            slots, grid = _source_pos_layout(pe.shape[1], int(arch["class_token"]), source_grid,
+            slots, grid = source_pos_layout(pe.shape[1], int(arch["class_token"]), source_grid,
                                              source_no_embed_class)
             if slots:  # the new registers get zero position slots after the class token's
                 zeros = np.zeros((1, encoder.num_reg_tokens, pe.shape[2]), np.float32)

@@ -102,10 +102,51 @@ def _from_hf_dinov2(sd: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return out
 
 
+def _from_dinov3(sd: dict[str, np.ndarray], dropped: list[str], prefix: str) -> tuple[dict[str, np.ndarray], str]:
+    """DINOv3 layouts -> our timm-like RoPE layout (``blocks.i.ls1.gamma``, fused ``attn.qkv.bias``, no
+    ``pos_embed``). timm's Eva port: ``gamma_1/2``, ``attn.q_bias``/``attn.v_bias`` (the k bias is a
+    fixed zero). The original hub layout (facebookresearch/dinov3): ``storage_tokens``, ``mask_token``,
+    ``rope_embed.periods`` (recomputed: fp32, as timm), ``attn.qkv.bias`` times ``attn.qkv.bias_mask``
+    (the mask zeroes the k bias, as the original forward does)."""
+    hub = "storage_tokens" in sd or any(k.endswith("qkv.bias_mask") for k in sd) or "rope_embed.periods" in sd
+    if "cls_norm.weight" in sd:
+        raise InteropError("This DINOv3 checkpoint has untied class/patch norms ('cls_norm', the 7B model); "
+                           "our ViT has one final norm. Use ViT-S/B/L DINOv3 weights.")
+    out: dict[str, np.ndarray] = {}
+    qv: dict[str, dict[str, np.ndarray]] = {}
+    for k, v in sd.items():
+        if k in ("mask_token", "rope_embed.periods") or k.startswith(("local_cls_norm.", "rope.")):
+            dropped.append(prefix + k)
+            continue
+        if k.endswith(".qkv.bias_mask"):
+            continue
+        if k.endswith(".qkv.bias") and k + "_mask" in sd:
+            out[k] = v * sd[k + "_mask"]
+            dropped.append(prefix + k + "_mask")
+            continue
+        m = re.fullmatch(r"(blocks\.\d+\.attn)\.(q|k|v)_bias", k)
+        if m:
+            qv.setdefault(m.group(1), {})[m.group(2)] = v
+            continue
+        k = re.sub(r"^(blocks\.\d+)\.gamma_([12])$", r"\1.ls\2.gamma", k)
+        out["reg_token" if k == "storage_tokens" else k] = v
+    for attn, parts in qv.items():
+        if "q" not in parts or "v" not in parts:
+            raise InteropError(f"{attn}: q_bias without v_bias (or the reverse); not a timm DINOv3 state dict.")
+        out[f"{attn}.qkv.bias"] = np.concatenate([parts["q"], parts.get("k", np.zeros_like(parts["q"])), parts["v"]])
+    return out, "dinov3" if hub else "timm-dinov3"
+
+
+def is_dinov3_layout(sd: Mapping[str, Any]) -> bool:
+    """Whether a (prefix-stripped) state dict is a DINOv3 one (timm's Eva port or the original hub layout)."""
+    return ("storage_tokens" in sd or "rope_embed.periods" in sd or "blocks.0.gamma_1" in sd
+            or "blocks.0.attn.q_bias" in sd or any(k.endswith("qkv.bias_mask") for k in sd))
+
+
 def normalize_vit_state_dict(sd: Mapping[str, Any]) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """Any supported ViT state dict -> timm's ``VisionTransformer`` layout (fp32 numpy).
 
-    Supported: timm (ImageNet, augreg, DINOv2 timm ports), DINO (backbone or full teacher/student
+    Supported: timm (ImageNet, augreg, DINOv2 timm ports, DINOv3 Eva ports), DINOv3 hub checkpoints, DINO (backbone or full teacher/student
     dicts, ``module.``/``backbone.`` prefixes), DINOv2 reference checkpoints (``register_tokens``,
     ``mask_token``, chunked ``blocks.c.i``), Hugging Face ``Dinov2Model`` (RAD-DINO), MAE
     pretraining checkpoints (decoder dropped) and our own exports.
@@ -122,6 +163,8 @@ def normalize_vit_state_dict(sd: Mapping[str, Any]) -> tuple[dict[str, np.ndarra
     if "embeddings.patch_embeddings.projection.weight" in sd:
         sd = _from_hf_dinov2(sd)
         layout = "huggingface-dinov2"
+    elif is_dinov3_layout(sd):
+        sd, layout = _from_dinov3(sd, dropped, prefix)
     if any(re.match(r"blocks\.\d+\.\d+\.", k) for k in sd):  # DINOv2 block chunks
         sd = {re.sub(r"^blocks\.\d+\.(\d+)\.", r"blocks.\1.", k): v for k, v in sd.items()}
     if any(re.match(r"blocks\.\d+\.mlp\.w(12|3)\.", k) for k in sd):
@@ -153,7 +196,7 @@ def describe_vit_state_dict(sd: Mapping[str, np.ndarray]) -> dict[str, Any]:
     """The architecture a timm-layout ViT state dict implies (what shapes can tell).
 
     Returns ``embed_dim``, ``in_chans``, ``patch_size``, ``depth``, ``mlp_dim``, ``class_token``,
-    ``reg_tokens``, ``layer_scale``, ``pos_rows`` and ``num_heads`` (a guess from the width: the
+    ``reg_tokens``, ``layer_scale``, ``pos_rows``, ``rope``, ``qkv_bias`` and ``num_heads`` (a guess from the width: the
     head count is not stored in a state dict).
     """
     if "patch_embed.proj.weight" not in sd:
@@ -170,6 +213,8 @@ def describe_vit_state_dict(sd: Mapping[str, np.ndarray]) -> dict[str, Any]:
         reg_tokens=int(sd["reg_token"].shape[1]) if "reg_token" in sd else 0,
         layer_scale="blocks.0.ls1.gamma" in sd,
         pos_rows=int(sd["pos_embed"].shape[1]) if "pos_embed" in sd else 0,
+        rope="pos_embed" not in sd,  # no absolute table: positions are rotary (DINOv3)
+        qkv_bias="blocks.0.attn.qkv.bias" in sd or depth == 0,
         num_heads=USUAL_NUM_HEADS.get(int(d), max(int(d) // 64, 1)),
     )
 

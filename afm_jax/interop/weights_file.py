@@ -40,6 +40,16 @@ def _to_numpy(value: Any) -> np.ndarray:
     return np.asarray(value, dtype=np.float32)
 
 
+def _unreadable(p: pathlib.Path, error: BaseException, reader: str) -> str:
+    """One sentence saying why ``p`` could not be read: the first line of the reader's error, shortened."""
+    first = next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__)
+    if len(first) > 200:
+        first = first[:200] + " ..."
+    size = p.stat().st_size if p.exists() else 0
+    return (f"{p} ({size} bytes) cannot be read with {reader}: {type(error).__name__}: {first.rstrip('.')}. "
+            "It is truncated, corrupt, or not a weights file of this kind.")
+
+
 def read_weights_file(path: str | os.PathLike) -> dict[str, np.ndarray]:
     """A weights file as ``{key: float32 array}``; safetensors without torch, torch files safely.
 
@@ -47,8 +57,14 @@ def read_weights_file(path: str | os.PathLike) -> dict[str, np.ndarray]:
     ``args`` entry of DINO's training checkpoints) is the one extra class it may build.
     """
     p = pathlib.Path(path)
+    if p.suffix in (".safetensors", *TORCH_SUFFIXES) and not p.is_file():
+        raise InteropError(f"{p} is not a readable file ({'a folder' if p.is_dir() else 'it does not exist'}): "
+                           "give the weights file itself.")
     if p.suffix == ".safetensors":
-        raw: Any = safetensors_numpy.load_file(str(p))
+        try:
+            raw: Any = safetensors_numpy.load_file(str(p))
+        except Exception as e:  # SafetensorError (truncated, not safetensors), OSError, bad dtypes
+            raise InteropError(_unreadable(p, e, "safetensors") + " Re-download or re-export the file.") from None
     elif p.suffix in TORCH_SUFFIXES:
         try:
             import torch  # optional extra: only .pth/.pt files need it
@@ -58,9 +74,9 @@ def read_weights_file(path: str | os.PathLike) -> dict[str, np.ndarray]:
         with torch.serialization.safe_globals([argparse.Namespace]):
             try:
                 raw = torch.load(str(p), map_location="cpu", weights_only=True)
-            except Exception as e:  # pickle with objects weights_only refuses
-                raise InteropError(f"{p} cannot be read safely with torch.load(weights_only=True): {e}. "
-                                   "Save its state_dict alone (or as .safetensors) and retry.") from e
+            except Exception as e:  # garbage, truncated zip, or a pickle with objects weights_only refuses
+                raise InteropError(_unreadable(p, e, "torch.load(weights_only=True)") + " If the file is "
+                                   "complete, save its state_dict alone (or as .safetensors) and retry.") from None
     else:
         raise InteropError(f"Unsupported weights file {p.name}: use .safetensors or "
                            f"{'/'.join(TORCH_SUFFIXES)}.")

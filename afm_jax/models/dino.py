@@ -156,7 +156,7 @@ class DINOModel(nnx.Module):
             x = jnp.where(masks[..., None], self.mask_token[...].astype(jnp.float32), x)
         x = x + enc.patch_pos_embed((gh, gw))
         x = jnp.concatenate([enc.prefix_tokens(b), x], axis=1)
-        x = enc.encode_tokens(x, rngs=rngs)
+        x = enc.encode_tokens(x, rngs=rngs, grid_hw=(gh, gw))
         return x[:, 0], x[:, enc.num_prefix_tokens:]
 
 

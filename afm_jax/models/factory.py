@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 import ml_collections
-from ml_collections.config_dict import placeholder
 from flax import nnx
+from ml_collections.config_dict import placeholder
 
-from afm_jax import errors
-from afm_jax import configuration
+from afm_jax import configuration, errors
 from afm_jax.models.mae import MAE
 from afm_jax.models.resnet import RESNET_LAYERS, ResNet
 from afm_jax.models.pos_embed import INTERPOLATIONS
@@ -28,7 +27,11 @@ def default_model_config(variant: str = "B/16") -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(dict(
         arch="vit",                 # vit | resnet50 (see the module docstring)
         variant=variant, in_chans=1, class_token=True, num_reg_tokens=0, no_embed_class=False,
-        pos_embed="sincos", drop_path_rate=0.0, dtype="float32", param_dtype="float32",
+        pos_embed="sincos",         # sincos | learned | rope (2-D rotary in attention, DINOv3; no table)
+        rope_temperature=100.0,     # pos_embed=rope: period base (DINOv3: 100)
+        qkv_bias=True,              # bias on attn.qkv (timm vit_*_dinov3: False; its _qkvb variants: True)
+        norm_eps=1e-6,              # LayerNorm epsilon (timm ViT / DINOv2: 1e-6; DINOv3: 1e-5)
+        drop_path_rate=0.0, dtype="float32", param_dtype="float32",
         remat="none",               # activation rematerialisation per block: none | full | dots | dots_no_batch
         layer_scale_init=placeholder(float),  # LayerScale init (DINOv2: 1e-5); None = no LayerScale
         init="mae",                 # parameter init: mae (xavier) | dino (trunc-normal 0.02) | dinov2 (+ tokens 1e-6)
@@ -66,7 +69,8 @@ def validate_model_config(config: ml_collections.ConfigDict, prefix: str = "mode
         return
     configuration.require(config, f"{prefix}.variant", lambda v: parse_variant(v) is not None,
                           'a ViT variant such as "S/16", "B/16", "L/16" or "H/14"')
-    configuration.require_choice(config, f"{prefix}.pos_embed", ("sincos", "learned"))
+    configuration.require_choice(config, f"{prefix}.pos_embed", ("sincos", "learned", "rope"))
+    configuration.require(config, f"{prefix}.norm_eps", lambda v: v is None or 0 < float(v) < 1e-2, "a small epsilon > 0")
     configuration.require_choice(config, f"{prefix}.dtype", tuple(DTYPES))
     configuration.require_choice(config, f"{prefix}.param_dtype", tuple(DTYPES))
     configuration.require_choice(config, f"{prefix}.remat", tuple(REMAT_POLICIES))
@@ -155,7 +159,9 @@ def build_encoder(model: ml_collections.ConfigDict, image_size: int, rngs: nnx.R
         drop_path_rate=model.drop_path_rate, drop_path_uniform=bool(model.get("drop_path_uniform", False)),
         init=model.get("init", "mae"), pos_embed_interpolation=model.get("pos_embed_interpolation", "timm"),
         dtype=DTYPES[model.dtype], param_dtype=DTYPES[model.param_dtype],
-        remat=model.get("remat", "none"), layer_scale_init=model.get("layer_scale_init"), rngs=rngs,
+        remat=model.get("remat", "none"), layer_scale_init=model.get("layer_scale_init"),
+        rope_temperature=float(model.get("rope_temperature", 100.0)), qkv_bias=bool(model.get("qkv_bias", True)),
+        norm_eps=float(model.get("norm_eps", 1e-6)), rngs=rngs,
         **size_overrides(model))
 
 

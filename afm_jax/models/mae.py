@@ -223,8 +223,9 @@ class MAE(nnx.Module):
         x = enc.embed_patches(images)
         grid = (images.shape[1] // enc.patch_size, images.shape[2] // enc.patch_size)
         x, mask, ids_restore = random_masking(x, ratio, key)
+        ids_keep = jnp.argsort(ids_restore, axis=1)[:, : x.shape[1]]  # grid positions of the kept patches (RoPE)
         x = jnp.concatenate([enc.prefix_tokens(x.shape[0]), x], axis=1)
-        return enc.encode_tokens(x, rngs=rngs), mask, ids_restore, grid
+        return enc.encode_tokens(x, rngs=rngs, grid_hw=grid, patch_ids=ids_keep), mask, ids_restore, grid
 
     def _decoder_pos_embed(self, grid: Sequence[int]) -> jax.Array:
         if tuple(grid) == tuple(self.encoder.grid_size):

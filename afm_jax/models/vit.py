@@ -21,6 +21,10 @@ Why it looks like this:
   it out of the optimised parameters; ``pos_embed="learned"`` makes it an ``nnx.Param``. When the
   input grid differs from the stored one the grid part is resampled on the fly (timm's
   ``dynamic_img_size``), so a model trained at 224 px can be evaluated at 448 px.
+* **2-D RoPE (DINOv3).** ``pos_embed="rope"`` drops the absolute table and rotates q/k of the patch
+  tokens in every block (:func:`rope_sincos`, :func:`apply_rope`; timm's ``RotaryEmbeddingDinoV3``,
+  pinned by ``tests/test_dinov3.py`` against timm's ``vit_*_patch16_dinov3``); with ``qkv_bias``,
+  ``norm_eps=1e-5``, 4 register ("storage") tokens and LayerScale it is DINOv3's ViT.
 * **Mixed precision.** ``param_dtype`` (fp32) for storage, ``dtype`` (e.g. bf16) for matmuls. The
   residual stream stays fp32 (as under torch autocast); LayerNorm statistics and the attention
   softmax are computed in fp32; outputs are fp32.
@@ -203,14 +207,14 @@ def _zeros() -> nnx.Initializer:
     return nnx.initializers.zeros_init()
 
 
-def _layer_norm(dim: int, dtype: Any, param_dtype: Any, rngs: nnx.Rngs) -> nnx.LayerNorm:
+def _layer_norm(dim: int, dtype: Any, param_dtype: Any, rngs: nnx.Rngs, eps: float = 1e-6) -> nnx.LayerNorm:
     # use_fast_variance=True (var = E[x^2] - mean^2): the two-pass form E[(x-mean)^2] makes XLA:CPU
     # rebuild the residual-stream gradient chain inside every block's backward, so step time grew
     # quadratically with depth (measured ~1.9x slower for ViT-S/16, bench/README.md). In fp32 the
     # difference to torch's two-pass LayerNorm stays far below the 1e-4 timm parity tolerance.
     return nnx.LayerNorm(
         dim,
-        epsilon=1e-6,
+        epsilon=eps,
         dtype=dtype,
         param_dtype=param_dtype,
         use_fast_variance=True,
@@ -268,6 +272,43 @@ class PatchEmbed(nnx.Module):
         return self.proj(images)
 
 
+# ----------------------------------------------------------------------------------------------
+# 2-D rotary position embedding (DINOv3; timm RotaryEmbeddingDinoV3, rotate-half layout).
+# ----------------------------------------------------------------------------------------------
+
+
+def rope_sincos(grid_hw: Sequence[int], head_dim: int, temperature: float = 100.0) -> tuple[jax.Array, jax.Array]:
+    """``(sin, cos)``, each ``(gh*gw, head_dim)`` float32, of DINOv3's 2-D RoPE over a patch grid.
+
+    Patch centres are normalised per axis to [-1, 1] (``(i + 0.5) / n * 2 - 1``, row-major, y then x);
+    ``head_dim // 4`` periods ``temperature ** (2 k / (head_dim / 2))``; angles ``2 pi coord / period``
+    for y then x, repeated twice (the rotate-half layout). As timm's ``RotaryEmbeddingDinoV3`` and
+    DINOv3's ``RopePositionEmbedding`` (eval mode: no coordinate augmentation).
+    """
+    if head_dim % 4:
+        raise ValueError(f"RoPE needs a head dimension divisible by 4, got {head_dim}.")
+    n = head_dim // 4
+    periods = jnp.float32(temperature) ** (2.0 * jnp.arange(n, dtype=jnp.float32) / (head_dim // 2))
+    gh, gw = int(grid_hw[0]), int(grid_hw[1])
+    ys = (jnp.arange(gh, dtype=jnp.float32) + 0.5) / gh * 2.0 - 1.0
+    xs = (jnp.arange(gw, dtype=jnp.float32) + 0.5) / gw * 2.0 - 1.0
+    coords = jnp.stack(jnp.meshgrid(ys, xs, indexing="ij"), axis=-1).reshape(-1, 2)  # (N, 2)
+    angles = (2.0 * jnp.pi * coords[:, :, None] / periods).reshape(-1, 2 * n)  # (N, head_dim / 2)
+    angles = jnp.concatenate([angles, angles], axis=-1)
+    return jnp.sin(angles), jnp.cos(angles)
+
+
+def apply_rope(x: jax.Array, sin: jax.Array, cos: jax.Array) -> jax.Array:
+    """Rotates ``x`` ``(B, N, heads, head_dim)`` by ``sin``/``cos`` ``(N or (B, N), head_dim)``, in fp32,
+    returned in ``x``'s dtype: ``x cos + rotate_half(x) sin`` with ``rotate_half([a, b]) = [-b, a]``."""
+    xf = x.astype(jnp.float32)
+    if sin.ndim == 2:
+        sin, cos = sin[None], cos[None]
+    a, b = jnp.split(xf, 2, axis=-1)
+    rotated = jnp.concatenate([-b, a], axis=-1)
+    return (xf * cos[:, :, None, :] + rotated * sin[:, :, None, :]).astype(x.dtype)
+
+
 class Attention(nnx.Module):
     """Multi-head self-attention with a fused ``qkv`` projection (timm ``Attention``)."""
 
@@ -280,6 +321,7 @@ class Attention(nnx.Module):
         param_dtype: Any = jnp.float32,
         implementation: str | None = None,
         init: str = "mae",
+        qkv_bias: bool = True,
         rngs: nnx.Rngs,
     ):
         if dim % num_heads:
@@ -294,25 +336,30 @@ class Attention(nnx.Module):
             bias_init=_zeros(),
             rngs=rngs,
         )
-        self.qkv = nnx.Linear(dim, 3 * dim, **kw)
+        self.qkv = nnx.Linear(dim, 3 * dim, use_bias=qkv_bias, **kw)
         self.proj = nnx.Linear(dim, dim, **kw)
 
-    def _qkv(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    def _qkv(self, x: jax.Array, rope: tuple | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """q, k, v ``(B, N, heads, head_dim)``; ``rope = (sin, cos)`` per token (``(N or (B, N),
+        head_dim)``; prefix tokens get sin 0, cos 1: no rotation) rotates q and k."""
         b, n, _ = x.shape
         qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim)  # timm's order
-        return qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # each (B, N, heads, head_dim)
+        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        return q, k, v
 
-    def attention_weights(self, x: jax.Array) -> jax.Array:
+    def attention_weights(self, x: jax.Array, rope: tuple | None = None) -> jax.Array:
         """Softmax attention probabilities ``(B, heads, N, N)``, float32."""
-        q, k, _ = self._qkv(x)
+        q, k, _ = self._qkv(x, rope)
         logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * (
             self.head_dim**-0.5
         )
         return jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, rope: tuple | None = None) -> jax.Array:
         b, n, d = x.shape
-        q, k, v = self._qkv(x)
+        q, k, v = self._qkv(x, rope)
         # Softmax in fp32 inside (xla path); implementation="cudnn" gives fused attention on GPUs.
         o = jax.nn.dot_product_attention(q, k, v, implementation=self.implementation)
         return self.proj(o.reshape(b, n, d))
@@ -373,10 +420,12 @@ class Block(nnx.Module):
         param_dtype: Any = jnp.float32,
         attn_implementation: str | None = None,
         init: str = "mae",
+        qkv_bias: bool = True,
+        norm_eps: float = 1e-6,
         rngs: nnx.Rngs,
     ):
         self.drop_path_rate = float(drop_path_rate)
-        self.norm1 = _layer_norm(dim, dtype, param_dtype, rngs)
+        self.norm1 = _layer_norm(dim, dtype, param_dtype, rngs, norm_eps)
         self.attn = Attention(
             dim,
             num_heads,
@@ -384,6 +433,7 @@ class Block(nnx.Module):
             param_dtype=param_dtype,
             implementation=attn_implementation,
             init=init,
+            qkv_bias=qkv_bias,
             rngs=rngs,
         )
         self.ls1 = (
@@ -391,7 +441,7 @@ class Block(nnx.Module):
             if layer_scale_init is not None
             else None
         )
-        self.norm2 = _layer_norm(dim, dtype, param_dtype, rngs)
+        self.norm2 = _layer_norm(dim, dtype, param_dtype, rngs, norm_eps)
         self.mlp = Mlp(dim, mlp_dim, dtype=dtype, param_dtype=param_dtype, init=init, rngs=rngs)
         self.ls2 = (
             LayerScale(dim, layer_scale_init, param_dtype=param_dtype)
@@ -399,12 +449,13 @@ class Block(nnx.Module):
             else None
         )
 
-    def __call__(self, x: jax.Array, *, key: jax.Array | None = None) -> jax.Array:
-        """``key`` enables drop-path (training); without it the block is deterministic."""
+    def __call__(self, x: jax.Array, *, key: jax.Array | None = None, rope: tuple | None = None) -> jax.Array:
+        """``key`` enables drop-path (training); without it the block is deterministic. ``rope``:
+        ``(sin, cos)`` per token for a RoPE encoder (see :meth:`Attention._qkv`)."""
         k1 = k2 = None
         if key is not None and self.drop_path_rate > 0.0:
             k1, k2 = jax.random.split(key)
-        y = self.attn(self.norm1(x))
+        y = self.attn(self.norm1(x), rope)
         if self.ls1 is not None:
             y = self.ls1(y)
         x = x + drop_path(y, self.drop_path_rate, k1).astype(x.dtype)
@@ -453,8 +504,8 @@ REMAT_POLICIES = {
 }
 
 
-def _block_call(block: "Block", x: jax.Array, key: jax.Array | None) -> jax.Array:
-    return block(x, key=key)
+def _block_call(block: "Block", x: jax.Array, key: jax.Array | None, rope: tuple | None = None) -> jax.Array:
+    return block(x, key=key, rope=rope)
 
 
 class VisionTransformer(nnx.Module):
@@ -468,7 +519,12 @@ class VisionTransformer(nnx.Module):
       num_reg_tokens: number of register tokens (Darcet et al.), after the class token.
       no_embed_class: prefix tokens get no position embedding (timm's flag; DINOv2-reg, DeiT-3).
         Otherwise ``pos_embed`` has a slot per prefix token (zeros for sin-cos), as in timm/MAE.
-      pos_embed: ``"sincos"`` (fixed, :class:`FixedPosEmbed`) or ``"learned"`` (``nnx.Param``).
+      pos_embed: ``"sincos"`` (fixed, :class:`FixedPosEmbed`), ``"learned"`` (``nnx.Param``) or
+        ``"rope"``: no absolute table, 2-D rotary embedding of q/k in every block (DINOv3,
+        :func:`rope_sincos`); prefix tokens are not rotated.
+      rope_temperature: RoPE period base (DINOv3: 100).
+      qkv_bias: bias on the fused qkv projection (timm's ``vit_*_dinov3`` has none, ``_qkvb`` has one).
+      norm_eps: LayerNorm epsilon (timm ViT / DINOv2: 1e-6; DINOv3: 1e-5).
       drop_path_rate: stochastic depth at the last block; linear from 0 over depth (timm, DINO), or
         on every block with ``drop_path_uniform`` (DINOv2's ``drop_path_uniform: true``).
       init: parameter initialisation, one of :data:`INIT_SCHEMES` ("mae", "dino", "dinov2").
@@ -508,6 +564,9 @@ class VisionTransformer(nnx.Module):
         input_std: float | Sequence[float] | None = None,
         attn_implementation: str | None = None,
         remat: str = "none",
+        rope_temperature: float = 100.0,
+        qkv_bias: bool = True,
+        norm_eps: float = 1e-6,
         rngs: nnx.Rngs,
         **overrides: int,
     ):
@@ -523,8 +582,11 @@ class VisionTransformer(nnx.Module):
         if remat not in REMAT_POLICIES:
             raise ValueError(f"remat must be one of {sorted(REMAT_POLICIES)}, got {remat!r}.")
         self.remat = remat
-        if pos_embed not in ("sincos", "learned"):
-            raise ValueError(f"pos_embed must be 'sincos' or 'learned', got {pos_embed!r}.")
+        if pos_embed not in ("sincos", "learned", "rope"):
+            raise ValueError(f"pos_embed must be 'sincos', 'learned' or 'rope', got {pos_embed!r}.")
+        self.rope_temperature = float(rope_temperature)
+        self.qkv_bias = bool(qkv_bias)
+        self.norm_eps = float(norm_eps)
         if init not in INIT_SCHEMES:
             raise ValueError(f"init must be one of {INIT_SCHEMES}, got {init!r}.")
         if pos_embed_interpolation not in INTERPOLATIONS:
@@ -574,7 +636,12 @@ class VisionTransformer(nnx.Module):
             else None
         )
         num_pos_prefix = 0 if no_embed_class else self.num_prefix_tokens
-        if pos_embed == "sincos":
+        if pos_embed == "rope":
+            self.pos_embed = None
+            if (cfg["width"] // cfg["num_heads"]) % 4:
+                raise ValueError(f"pos_embed='rope' needs width / num_heads divisible by 4, got "
+                                 f"{cfg['width']} / {cfg['num_heads']}.")
+        elif pos_embed == "sincos":
             table = get_2d_sincos_pos_embed(d, self.grid_size, num_pos_prefix)
             self.pos_embed = FixedPosEmbed(jnp.asarray(table[None], dtype=param_dtype))
         else:
@@ -598,12 +665,14 @@ class VisionTransformer(nnx.Module):
                     param_dtype=param_dtype,
                     attn_implementation=attn_implementation,
                     init=init,
+                    qkv_bias=qkv_bias,
+                    norm_eps=norm_eps,
                     rngs=rngs,
                 )
                 for rate in rates
             ]
         )
-        self.norm = _layer_norm(d, dtype, param_dtype, rngs)
+        self.norm = _layer_norm(d, dtype, param_dtype, rngs, norm_eps)
 
     # -- pieces (MAE and DINO assemble these) ----------------------------------------------------
 
@@ -626,7 +695,10 @@ class VisionTransformer(nnx.Module):
 
         Resampled when ``grid_hw`` differs from the stored :attr:`grid_size`: bicubically with
         antialias (timm ``resample_abs_pos_embed``), or DINO's way (``pos_embed_interpolation="dino"``).
+        Zeros for ``pos_embed="rope"`` (positions enter in the attention).
         """
+        if self.pos_embed is None:
+            return jnp.zeros((1, int(grid_hw[0]) * int(grid_hw[1]), self.embed_dim), jnp.float32)
         table = self._pos_embed_table()
         if not self.no_embed_class:
             table = table[:, self.num_prefix_tokens :]
@@ -658,24 +730,53 @@ class VisionTransformer(nnx.Module):
         if not parts:
             return jnp.zeros((batch_size, 0, d), jnp.float32)
         prefix = jnp.concatenate(parts, axis=1)
-        if not self.no_embed_class:
+        if not self.no_embed_class and self.pos_embed is not None:
             prefix = prefix + self._pos_embed_table()[:, : self.num_prefix_tokens]
         return jnp.broadcast_to(prefix, (batch_size, self.num_prefix_tokens, d))
 
+    def rope(self, num_tokens: int, grid_hw: Sequence[int] | None = None,
+             patch_ids: jax.Array | None = None) -> tuple[jax.Array, jax.Array] | None:
+        """Per-token RoPE ``(sin, cos)`` for ``num_tokens`` tokens (prefix first), or None without RoPE.
+
+        ``grid_hw``: the patch grid (default: the stored one, or the square one the count implies).
+        ``patch_ids`` ``(B, L)``: the grid positions of the ``L`` patch tokens present (MAE keeps a subset).
+        """
+        if self.pos_embed_type != "rope":
+            return None
+        p = self.num_prefix_tokens
+        if grid_hw is None:
+            n = num_tokens - p if patch_ids is None else self.num_patches
+            side = int(round(np.sqrt(n)))
+            grid_hw = self.grid_size if n == self.num_patches else (side, side)
+            if grid_hw[0] * grid_hw[1] != n:
+                raise ValueError(f"{n} patch tokens are not a square grid: pass grid_hw to encode_tokens.")
+        sin, cos = rope_sincos(grid_hw, self.embed_dim // self.num_heads, self.rope_temperature)
+        if patch_ids is not None:
+            sin, cos = sin[patch_ids], cos[patch_ids]  # (B, L, head_dim)
+            lead = (patch_ids.shape[0], p)
+        else:
+            lead = (p,)
+        sin = jnp.concatenate([jnp.zeros(lead + sin.shape[-1:], jnp.float32), sin], axis=-2)
+        cos = jnp.concatenate([jnp.ones(lead + cos.shape[-1:], jnp.float32), cos], axis=-2)
+        return sin, cos
+
     def encode_tokens(
-        self, tokens: jax.Array, *, rngs: nnx.Rngs | jax.Array | None = None
+        self, tokens: jax.Array, *, rngs: nnx.Rngs | jax.Array | None = None,
+        grid_hw: Sequence[int] | None = None, patch_ids: jax.Array | None = None,
     ) -> jax.Array:
         """Transformer blocks + final norm on ``(B, T, D)`` tokens -> ``(B, T, D)`` float32.
 
         ``rngs`` (an ``nnx.Rngs`` with a ``dropout`` or default stream, or a raw PRNG key) turns
-        on drop-path; without it the pass is deterministic.
+        on drop-path; without it the pass is deterministic. ``grid_hw`` / ``patch_ids`` place the
+        patch tokens for RoPE (see :meth:`rope`); absolute position embeddings ignore them.
         """
         x = tokens.astype(jnp.float32)
+        rope = self.rope(x.shape[1], grid_hw, patch_ids)
         keys = _dropout_keys(rngs, len(self.blocks))
         apply = _block_call if self.remat == "none" else nnx.remat(
             _block_call, policy=REMAT_POLICIES[self.remat], prevent_cse=True)
         for block, key in zip(self.blocks, keys, strict=True):
-            x = apply(block, x, key)
+            x = apply(block, x, key, rope)
         return self.norm(x).astype(jnp.float32)
 
     def tokens(self, images: jax.Array) -> jax.Array:
@@ -687,7 +788,8 @@ class VisionTransformer(nnx.Module):
 
     def __call__(self, images: jax.Array, *, rngs: nnx.Rngs | jax.Array | None = None) -> jax.Array:
         """``(B, H, W, C)`` images in [0, 1] -> ``(B, P + N, D)`` normalised tokens (float32)."""
-        return self.encode_tokens(self.tokens(images), rngs=rngs)
+        grid = (images.shape[1] // self.patch_size, images.shape[2] // self.patch_size)
+        return self.encode_tokens(self.tokens(images), rngs=rngs, grid_hw=grid)
 
     def pooled_features(self, images: jax.Array, *, pool: str = "cls") -> jax.Array:
         """``(B, D)`` features for probes: the class token (``"cls"``) or the mean of the
@@ -706,7 +808,8 @@ class VisionTransformer(nnx.Module):
         if not len(self.blocks):
             raise ValueError("attention_maps needs at least one block.")
         x = self.tokens(images)
+        rope = self.rope(x.shape[1], (images.shape[1] // self.patch_size, images.shape[2] // self.patch_size))
         for block in self.blocks[:-1]:
-            x = block(x)
+            x = block(x, rope=rope)
         last = self.blocks[-1]
-        return last.attn.attention_weights(last.norm1(x))
+        return last.attn.attention_weights(last.norm1(x), rope)

@@ -32,18 +32,29 @@ import pathlib
 from typing import Any
 
 import numpy as np
-
 from flax import nnx
 
+from afm_jax.errors import InteropError
 from afm_jax.interop import timm as timm_interop
 from afm_jax.interop.torchvision_resnet import flax_key, load_torchvision_resnet
 from afm_jax.interop.weights_file import read_weights_file
-from afm_jax.train.checkpoint import is_checkpoint_path, read_encoder_checkpoint
-from afm_jax.errors import InteropError
 from afm_jax.models.resnet import ResNet
 from afm_jax.models.vit import VisionTransformer
+from afm_jax.train.checkpoint import is_checkpoint_path, read_encoder_checkpoint
 
 __all__ = ["initialize_encoder", "initialize_resnet", "read_vit_source", "normalisation_mismatch"]
+
+def _read_json(path: pathlib.Path) -> dict[str, Any]:
+    """A JSON object file, or an InteropError in one sentence."""
+    try:
+        obj = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise InteropError(f"{path} is not readable JSON ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+                           "restore the folder's config.json or pass the weights file itself.") from None
+    if not isinstance(obj, dict):
+        raise InteropError(f"{path} holds a JSON {type(obj).__name__}, not an object; not an export's config.json.")
+    return obj
+
 
 def read_vit_source(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict[str, Any], dict[str, Any]]:
     """(state dict, :func:`load_timm_state_dict` kwargs, description) of a weights file or of an
@@ -53,7 +64,7 @@ def read_vit_source(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dic
         raise InteropError(f"{folder} does not exist: give a .safetensors/.pth file or an export folder.")
     if not folder.is_dir():
         return read_weights_file(folder), {}, {"file": str(folder)}
-    cfg = json.loads((folder / "config.json").read_text()) if (folder / "config.json").is_file() else {}
+    cfg = _read_json(folder / "config.json") if (folder / "config.json").is_file() else {}
     files = [folder / n for n in ("model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin")]
     weights = next((f for f in files if f.is_file()), None)
     if weights is None:
@@ -79,7 +90,7 @@ def read_vit_source(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dic
         kwargs["source_grid"] = (g, g)
         pre = folder / "preprocessor_config.json"
         if pre.is_file():
-            pp = json.loads(pre.read_text())
+            pp = _read_json(pre)
             if "image_mean" in pp and "image_std" in pp:
                 info["source_mean"], info["source_std"] = list(pp["image_mean"]), list(pp["image_std"])
     return read_weights_file(weights), kwargs, info
