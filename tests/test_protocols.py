@@ -252,25 +252,33 @@ E2E = dict(patients=200, size=128, patch=16, steps=400)
 
 
 @pytest.mark.slow
-def test_mae_pretrained_backbone_beats_random_init_with_knn_and_linear_probe(pretrained_and_data):
-    """Normal vs fractured femur, image level, 64 test images, fixed seeds (data 0, pretraining 0).
+def test_checkpoint_backbone_carries_its_trained_weights_into_knn_and_linear_probe(pretrained_and_data):
+    """Normal vs fractured femur, image level. The protocols' features of a checkpoint backbone are the
+    trained encoder's (restored independently here with the checkpoint reader and run through
+    `features.extract_features`), not its random initialisation's; both protocols score them.
 
-    Measured here: kNN 0.555 vs 0.393, linear 0.713 vs 0.519. Caution, measured on the same
-    config: the gap depends on the seeds (pretraining seed 1: +0.05 / +0.03; data seed 1:
-    −0.10 / −0.005; 600 patients and 600 steps: −0.03 / +0.04). At this budget the synthetic
-    fracture signal is weak for any tiny ViT, so this pins the pipeline (a checkpoint backbone really
-    carries its trained weights into kNN and the probe) rather than proving MAE's value.
+    Whether MAE *beats* random init at this tiny budget is not pinned: on the radiograph-like synthetic
+    femurs a 2-block ViT after 400 steps is at chance for the thin fracture signs (measured: kNN 0.50
+    vs 0.46, linear 0.40 vs 0.42); the demo and the studies measure that comparison with CIs.
     """
+    from afm_jax.evaluation.features import extract_features
+    from afm_jax.train.checkpoint import read_encoder_checkpoint
+
     workdir, data, root = pretrained_and_data
     task = pr.TaskSpec("fracture", data=data, positive_labels=(1, 2), negative_labels=(0,), unit="image")
     cache = pr.FeatureCache(root / "features")
     from sklearn.metrics import roc_auc_score
-    auroc = {}
+    auroc, feats = {}, {}
     for name, kind in (("mae", "checkpoint"), ("random_init", "random_init")):
         spec = bb.BackboneSpec(kind, path=workdir, image_size=E2E["size"])
+        feats[name] = cache.get(spec, data, "test", lambda: bb.load_backbone(spec, name))["features"]
         for protocol in ("knn", "linear"):
             _, test, _ = pr.run_protocol(spec, task, protocol, cache=cache, data_path=data, name=name)
             auroc[name, protocol] = roc_auc_score(test.y_true, test.y_score)
-    print(auroc)
-    for protocol in ("knn", "linear"):
-        assert auroc["mae", protocol] > auroc["random_init", protocol] + 0.05, auroc
+    trained = read_encoder_checkpoint(workdir).encoder
+    independent = extract_features(trained, {"path": data, "num_workers": 0}, split="test", image_size=E2E["size"],
+                                   pool="avg", progress=False)["features"]
+    np.testing.assert_allclose(feats["mae"], independent, atol=1e-4)
+    assert np.abs(feats["mae"] - feats["random_init"]).max() > 1e-2
+    assert all(0.0 <= v <= 1.0 for v in auroc.values()), auroc
+    assert auroc["mae", "knn"] != auroc["random_init", "knn"], auroc
