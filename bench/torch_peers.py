@@ -33,6 +33,7 @@ import os
 import time
 from typing import Callable
 
+import jax
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -302,7 +303,7 @@ class TorchPeerStep:
 
     name = "torch"
 
-    def __init__(self, timer, threads: int | None, seed: int):
+    def __init__(self, config, timer, threads: int | None, seed: int):
         torch.manual_seed(seed)
         torch.set_num_threads(threads or os.cpu_count() or 1)
         self.threads = torch.get_num_threads()
@@ -310,15 +311,33 @@ class TorchPeerStep:
         self.timer = timer
         self.last_loss = float("nan")
         self.step: Callable[[], torch.Tensor]
+        # On a GPU box (jax on GPU and CUDA torch) the peer runs on the GPU too, under autocast when
+        # the config computes in bf16/fp16 (as our step); on a CPU in fp32.
+        self.device = torch.device("cuda" if _jax_platform() == "gpu" and torch.cuda.is_available() else "cpu")
+        dtype = config.model.dtype
+        self.autocast_dtype = None if dtype == "float32" else getattr(torch, dtype)
+
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None)
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
 
     def run(self, n: int, record: bool = True) -> None:
         for _ in range(n):
+            self._sync()
             c0, t0 = time.process_time(), time.perf_counter()
             loss = self.step()
+            self._sync()
             dt, dc = time.perf_counter() - t0, time.process_time() - c0
             if record:
                 self.timer.add(dt, dc)
         self.last_loss = float(loss)
+
+
+def _jax_platform() -> str:
+    return jax.devices()[0].platform   # where our step runs
 
 
 def _dims(config) -> dict:
@@ -332,23 +351,24 @@ class TorchMAEStep(TorchPeerStep):
     name = "torch_mae"
 
     def __init__(self, config, timer, *, threads: int | None = None, seed: int = 0):
-        super().__init__(timer, threads, seed)
+        super().__init__(config, timer, threads, seed)
         m, o = config.mae, config.optim
         encoder = timm_vit(_dims(config), config.image_size, in_chans=config.model.in_chans,
                            drop_path_rate=config.model.drop_path_rate,
                            fixed_sincos=config.model.pos_embed == "sincos")
         self.model = TorchMAE(encoder, mask_ratio=m.mask_ratio, decoder_dim=m.decoder_dim,
                               decoder_depth=m.decoder_depth, decoder_heads=m.decoder_heads,
-                              norm_pix_loss=m.norm_pix_loss).train()
+                              norm_pix_loss=m.norm_pix_loss).to(self.device).train()
         self.opt = torch.optim.AdamW(weight_decay_groups(self.model), lr=1e-4, betas=(o.b1, o.b2), eps=o.eps,
                                      weight_decay=o.weight_decay)
         rng = np.random.default_rng(seed)
         b, s, c = config.batch_size, config.image_size, config.model.in_chans
-        self.x = torch.from_numpy(rng.random((b, c, s, s), dtype=np.float32))
+        self.x = torch.from_numpy(rng.random((b, c, s, s), dtype=np.float32)).to(self.device)
 
     def step(self) -> torch.Tensor:
         self.opt.zero_grad(set_to_none=True)
-        loss, _, _ = self.model(self.x)
+        with self.autocast():
+            loss, _, _ = self.model(self.x)
         loss.backward()
         self.opt.step()
         return loss.detach()
@@ -361,14 +381,14 @@ class TorchDINOStep(TorchPeerStep):
     name = "torch_dino"
 
     def __init__(self, config, timer, *, threads: int | None = None, seed: int = 0):
-        super().__init__(timer, threads, seed)
+        super().__init__(config, timer, threads, seed)
         d, mc, o = config.dino, config.multicrop, config.optim
         self.model = TorchDINO(
             _dims(config), image_size=config.image_size, local_size=mc.local_size, num_global=mc.num_global,
             num_local=mc.num_local, out_dim=d.out_dim, hidden_dim=d.hidden_dim, bottleneck_dim=d.bottleneck_dim,
             nlayers=d.nlayers, norm_last_layer=d.norm_last_layer, drop_path_rate=config.model.drop_path_rate,
             student_temp=d.student_temp, center_momentum=d.center_momentum, in_chans=config.model.in_chans,
-            fixed_sincos=config.model.pos_embed == "sincos").train()
+            fixed_sincos=config.model.pos_embed == "sincos").to(self.device).train()
         self.opt = torch.optim.AdamW(weight_decay_groups(self.model.student), lr=1e-4, betas=(o.b1, o.b2),
                                      eps=o.eps, weight_decay=o.weight_decay)
         self.clip = float(o.grad_clip_norm or 0.0)
@@ -377,10 +397,11 @@ class TorchDINOStep(TorchPeerStep):
         rng = np.random.default_rng(seed)
         b, c = config.batch_size, config.model.in_chans
         sizes = [config.image_size] * mc.num_global + [mc.local_size] * mc.num_local
-        self.crops = [torch.from_numpy(rng.random((b, c, s, s), dtype=np.float32)) for s in sizes]
+        self.crops = [torch.from_numpy(rng.random((b, c, s, s), dtype=np.float32)).to(self.device) for s in sizes]
 
     def step(self) -> torch.Tensor:
-        loss = self.model(self.crops, self.teacher_temp)
+        with self.autocast():
+            loss = self.model(self.crops, self.teacher_temp)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         if self.clip:
