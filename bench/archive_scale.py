@@ -6,7 +6,7 @@ Command:  python bench/archive_scale.py [--sizes 10000,50000,500000] [--dim 256]
 The real archive is ~500,000 images from ~17,000 patients (~30 images per patient). For each N this
 times, on synthetic data of that shape:
 
-* ``merge_rows``: the row pass of `afm_jax.data.conversion.merge` — rows as `read_rows` returns them
+* ``merge_rows`` (timed under tracemalloc, which slows allocation: an upper bound): the row pass of `afm_jax.data.conversion.merge` — rows as `read_rows` returns them
   (JSON-sized dicts), `mark_duplicates` (1 % planted SOP-UID and pixel duplicates), the patient
   splits (`assign_patient_splits`, stratified), `summarize` and `write_manifest`; peak Python heap
   from `tracemalloc` (the rows included: the merge holds them all) and the manifest's size.
@@ -21,7 +21,9 @@ times, on synthetic data of that shape:
 
 A stage whose time predicted from the smaller sizes (power-law fit) exceeds ``--budget_s`` is not
 run at that size: its figure is extrapolated and marked so (``"extrapolated": true``). Each
-stage's growth exponent k (time ∝ N^k) is fitted over the measured sizes. The last line of stdout is
+stage's growth exponent k (time ∝ N^k) is fitted over the measured sizes, from wall time
+(``exponent_k``) and from the process's CPU time (``exponent_k_cpu``, all threads: steadier when
+other jobs share the machine). The last line of stdout is
 one JSON object; progress goes to stderr. Absolute times move with the machine's load; the
 exponents much less.
 """
@@ -108,7 +110,7 @@ def stage_merge_rows(n: int, rng: np.random.Generator, tmp: str) -> dict:
     t = time.perf_counter()
     rows = synthetic_rows(n, rng)
     build_s = time.perf_counter() - t
-    t = time.perf_counter()
+    t, c = time.perf_counter(), time.process_time()
     rows.sort(key=lambda r: r["file_index"])
     merge.mark_duplicates(rows)
     patient_labels: dict[str, Counter] = defaultdict(Counter)
@@ -126,10 +128,10 @@ def stage_merge_rows(n: int, rng: np.random.Generator, tmp: str) -> dict:
             position[split] += 1
     path = os.path.join(tmp, f"manifest_{n}.csv")
     merge.write_manifest(rows, pathlib.Path(path))
-    seconds = time.perf_counter() - t
+    seconds, cpu_s = time.perf_counter() - t, time.process_time() - c
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
-    out = {"seconds": seconds, "rows_build_s": round(build_s, 3), "peak_mb": round(peak / 2**20, 1),
+    out = {"seconds": seconds, "cpu_s": cpu_s, "rows_build_s": round(build_s, 3), "peak_mb": round(peak / 2**20, 1),
            "manifest_mb": round(os.path.getsize(path) / 2**20, 1), "patients": len(split_of),
            "skipped": sum(v for k, v in summary.items() if k.startswith("skipped"))}
     os.remove(path)
@@ -209,7 +211,7 @@ def main(argv: list[str] | None = None) -> dict:
                 if (guess is not None and guess > args.budget_s) or (stage == "records" and n > args.records_max):
                     log(f"{stage} at N={n}: predicted {guess if guess is None else round(guess)} s > budget: extrapolated")
                     continue
-                t = time.perf_counter()
+                t, c = time.perf_counter(), time.process_time()
                 if stage == "merge_rows":
                     out = stage_merge_rows(n, rng, tmp)
                 elif stage == "exact_pairs":
@@ -235,6 +237,7 @@ def main(argv: list[str] | None = None) -> dict:
                     raise SystemExit(f"unknown stage {stage!r}")
                 out.setdefault("seconds", time.perf_counter() - t)
                 out["seconds"] = round(out["seconds"], 3)
+                out["cpu_s"] = round(out.get("cpu_s", time.process_time() - c), 3)   # all threads of this process
                 measured[stage][n] = out
                 log(f"{stage} at N={n}: {out}")
     result: dict = {"bench": "archive_scale", "sizes": sizes, "dim": args.dim, "cpu_count": os.cpu_count(),
@@ -243,8 +246,10 @@ def main(argv: list[str] | None = None) -> dict:
         done = sorted(measured[stage])
         secs = [measured[stage][m]["seconds"] for m in done]
         k = fit_exponent(done, secs)
+        k_cpu = fit_exponent(done, [measured[stage][m]["cpu_s"] for m in done])
         entry = {"measured": {str(m): measured[stage][m] for m in done},
-                 "exponent_k": None if k is None else round(k, 3)}
+                 "exponent_k": None if k is None else round(k, 3),
+                 "exponent_k_cpu": None if k_cpu is None else round(k_cpu, 3)}
         for n in sizes:
             if n not in measured[stage] and k is not None:
                 entry[f"seconds_at_{n}"] = round(predict(done, secs, n), 1)
