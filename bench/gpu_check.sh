@@ -7,7 +7,8 @@
 #
 # Runs bench/train_step.py for MAE ViT-L/16 (bf16, batch 256, with the supervised JAX-vs-timm
 # comparison) and DINO ViT-B/16 (bf16, batch 128, 2×224 + 8×96 crops) and prints their JSON lines;
-# they are also collected in $OUT/gpu_check.jsonl (or /tmp). Aim (issue 4): MAE ViT-L/16 mfu >= 0.5
+# they are also collected in $OUT/gpu_check.jsonl (or /tmp). Where CUDA torch + timm import, both runs
+# add --compare-torch (vs_torch against the PyTorch peers of bench/torch_peers.py, same batch, bf16 autocast). Aim (issue 4): MAE ViT-L/16 mfu >= 0.5
 # (`mfu_vs_peak` against the H100's bf16 dense peak from afm_jax/train/throughput.py).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -31,8 +32,11 @@ run() {  # one benchmark, bounded in time; its last line (JSON) is kept
   [[ $rc -eq 0 ]] || echo "{\"bench\": \"train_step\", \"args\": \"$*\", \"error\": \"exit $rc\"}" | tee -a "$results"
 }
 
-run 170 --config configs/mae_vitl.py --dtype bfloat16 --batch 256 --compare-timm
+# The PyTorch peers (bench/torch_peers.py, vs_torch) only where CUDA torch and timm import.
+torch_peer=()
+if python3 -c "import torch, timm; assert torch.cuda.is_available()" 2>/dev/null; then torch_peer=(--compare-torch); fi
+run 170 --config configs/mae_vitl.py --dtype bfloat16 --batch 256 --compare-timm "${torch_peer[@]}"
 if [[ -f configs/dino_vitb16.py ]]; then
-  run 110 --config configs/dino_vitb16.py --dtype bfloat16 --batch 128
+  run 110 --config configs/dino_vitb16.py --dtype bfloat16 --batch 128 "${torch_peer[@]}"
 fi
 echo "results: $results"

@@ -16,7 +16,10 @@ people's jobs, so the bench also reports CPU seconds per image (this process and
 load. `load_avg_1min` says how busy the machine was.
 
 Usage:  python bench/input_pipeline.py [--path DATASET_DIR] [--num_workers 2] [--image_size 224]
-                                       [--batch 64] [--seconds 20]
+                                       [--batch 64] [--seconds 20] [--png_compression 0-9]
+`png_bytes_per_img` gives the size cost of a compression level (the preprocessing variant option
+`png_compression` of afm_jax/data/preprocessing.py sets it for real datasets); `profile_cpu_ms`
+splits the pipeline's CPU per image into record read+parse, decode and the rest.
 Without --path it writes a temporary dataset of 512x512 16-bit PNGs (smooth random images with
 noise, roughly radiograph-like compressibility) and deletes it afterwards. Goal: ratio >= 0.9.
 """
@@ -79,6 +82,15 @@ def decode_ceiling(pngs: list[bytes], threads: int, seconds: float) -> tuple[flo
         return done / (time.perf_counter() - start), (process_tree_cpu_seconds() - cpu) / done
 
 
+def read_cpu_ms(source, n: int) -> float:
+    """CPU ms per image of reading + parsing one record (ArrayRecord random access, no decode), one thread."""
+    idx = np.random.default_rng(0).integers(0, len(source), n)
+    c0 = time.process_time()
+    for i in idx:
+        source[int(i)]
+    return 1e3 * (time.process_time() - c0) / n
+
+
 def pipeline_rate(path: str, num_workers: int, image_size: int, batch: int, seconds: float) -> tuple[float, float]:
     """(images per second, CPU seconds per image) out of the training iterator, after start-up."""
     cfg = pipeline.default_data_config()
@@ -117,6 +129,7 @@ def main() -> None:
         source = records.open_split(path, args.split)
         png_compression = records.read_info(path).get("png_compression")
         pngs = [source[i]["image"] for i in range(min(len(source), 2048))]
+        read_ms = read_cpu_ms(source, min(2000, 4 * len(source)))
         # The machine may be shared: bracket the pipeline run by two half-length decode runs so that a
         # drift in background load affects the ceiling and the pipeline alike.
         threads = max(1, args.num_workers)
@@ -128,6 +141,11 @@ def main() -> None:
                       "decode_img_per_s": round(decode, 1), "ratio": round(rate / decode, 3),
                       "num_workers": args.num_workers, "image_size": args.image_size, "records": len(source),
                       "png_compression": png_compression,
+                      "png_bytes_per_img": round(float(np.mean([len(p) for p in pngs]))),
+                      # where the pipeline's CPU goes (ms per image): record read+parse, PNG decode, and the
+                      # rest (crop/resize, flip, jitter, batching, worker hand-over)
+                      "profile_cpu_ms": {"read_parse": round(read_ms, 3), "decode": round(1e3 * cpu_decode, 2),
+                                         "augment_batch_ipc": round(1e3 * cpu_pipeline - 1e3 * cpu_decode - read_ms, 2)},
                       "cpu_ms_per_img_pipeline": round(1e3 * cpu_pipeline, 2),
                       "cpu_ms_per_img_decode": round(1e3 * cpu_decode, 2),
                       "cpu_ratio": round(cpu_decode / cpu_pipeline, 3), "load_avg_1min": os.getloadavg()[0]}))

@@ -1,8 +1,9 @@
 #!/usr/bin/env python
 """Train-step throughput and MFU of the MAE trainer's own step, optionally against timm/PyTorch.
 
-Command:  python bench/train_step.py --config configs/mae_vits.py [--batch N] [--image_size P]
-              [--steps K] [--rounds R] [--dtype float32|bfloat16] [--compare-timm] [--single-thread]
+Command:  python bench/train_step.py --config configs/mae_vits.py [--config configs/dino_vits16.py ...]
+              [--batch N] [--image_size P] [--steps K] [--rounds R] [--dtype float32|bfloat16]
+              [--compare-timm] [--compare-torch] [--single-thread]
 
 What it measures (synthetic in-memory batches, no dataset):
 
@@ -18,6 +19,11 @@ What it measures (synthetic in-memory batches, no dataset):
   (``vit_*_patch*_224``, ``torch.optim.AdamW``, ``torch.set_num_threads(os.cpu_count())``).
   ``vs_timm`` = JAX img/s / timm img/s (> 1: JAX is faster). ``timm_vit_mfu`` uses the FLOPs XLA
   counts for the same model (the two models do the same maths).
+* ``--compare-torch``: each ``--config``'s method step (MAE, DINO) against its PyTorch peer in
+  ``bench/torch_peers.py`` (the reference code's structure on timm's ViT: same sizes, batch, crops,
+  precision, one input channel, threads). ``vs_torch`` = our img/s / the peer's (> 1: we are faster),
+  for the first config; ``vs_torch_<task>`` and ``methods.<task>`` for every config. Several
+  ``--config`` flags time several methods in one run (the first one gives the top-level figures).
 
 Timing: each model is timed in ``--rounds`` interleaved rounds (MAE, JAX ViT, timm ViT, MAE, ...),
 so background load on a shared machine hits all of them alike; every figure is the *best* (minimum)
@@ -82,7 +88,9 @@ def load_config(path: str):
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True, help="config file, e.g. configs/mae_vits.py")
+    parser.add_argument("--config", required=True, action="append",
+                        help="config file, e.g. configs/mae_vits.py; repeat it to time several methods in one "
+                             "run (the first gives the top-level figures)")
     parser.add_argument("--batch", type=int, default=None,
                         help="per-step batch (default: 8 on CPU, 256 on accelerators)")
     parser.add_argument("--image_size", type=int, default=None, help="default: the config's image_size")
@@ -100,6 +108,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps after compilation")
     parser.add_argument("--compare-timm", "--compare_timm", dest="compare_timm", action="store_true",
                         help="also time a supervised ViT step in JAX and in timm/PyTorch")
+    parser.add_argument("--compare-torch", "--compare_torch", dest="compare_torch", action="store_true",
+                        help="also time each config's method step (MAE, DINO) in its PyTorch peer "
+                             "(bench/torch_peers.py)")
     parser.add_argument("--num_classes", type=int, default=1000, help="head size of the supervised ViT")
     parser.add_argument("--single-thread", "--single_thread", dest="single_thread", action="store_true",
                         help="CPU: one thread for XLA and torch (per-core efficiency; robust on a "
@@ -254,6 +265,15 @@ class TorchStep:
         self.last_loss = float(loss.detach())
 
 
+def load_torch_peers():
+    """bench/torch_peers.py as a module (it imports torch and timm: an optional extra)."""
+    file = Path(__file__).with_name("torch_peers.py")
+    spec = importlib.util.spec_from_file_location("_bench_torch_peers", file)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 # ------------------------------------------------------------------------------------------------
 # Steps (the MAE one is the trainer's; the supervised one shares its machinery).
 # ------------------------------------------------------------------------------------------------
@@ -334,6 +354,32 @@ def _round(x, digits: int = 4):
     return float(f"{x:.{digits}g}")
 
 
+def method_figures(method: dict, ceiling: float) -> dict:
+    """The figures of one --config's step (and its torch peer's, if timed) for the JSON."""
+    c, step, peer = method["config"], method["jax"], method["torch"]
+    b = c.batch_size
+    achieved = step.flops / step.timer.best if step.flops else None
+    out = {"config": method["path"], "batch": b, "img_per_s": _round(b / step.timer.best),
+           "img_per_s_median": _round(b / step.timer.median), "step_flops": step.flops,
+           "mfu": _round(_ratio(achieved, ceiling)), "compile_s": _round(step.compile_s, 3),
+           "cores_used": _round(step.timer.cores_used, 3), "cpu_s_per_step": _round(step.timer.cpu_median),
+           "loss": _round(step.last_loss), "steps_timed": len(step.timer.times)}
+    if peer is not None:
+        pt = peer.timer
+        out.update({
+            "torch_img_per_s": _round(b / pt.best), "torch_img_per_s_median": _round(b / pt.median),
+            # XLA's FLOPs of our step: the peer does the same maths
+            "torch_mfu": _round(_ratio(step.flops / pt.best if step.flops else None, ceiling)),
+            "vs_torch": _round(_ratio(b / step.timer.best, b / pt.best)),
+            "vs_torch_median": _round(_ratio(b / step.timer.median, b / pt.median)),
+            "vs_torch_cpu": _round(_ratio(pt.cpu_median, step.timer.cpu_median)),
+            "torch_cores_used": _round(pt.cores_used, 3), "torch_cpu_s_per_step": _round(pt.cpu_median),
+            "torch_loss": _round(peer.last_loss), "torch_peer": peer.name})
+    elif method["torch_error"]:
+        out["torch_error"] = method["torch_error"]
+    return out
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     if args.single_thread:  # read when the backend starts, i.e. at the first jax.devices() below
@@ -341,8 +387,12 @@ def main(argv: list[str] | None = None) -> dict:
     from afm_jax.train import throughput
 
     device = jax.devices()[0]
-    config = load_config(args.config)
-    apply_overrides(config, args, device.platform)
+    configs = []
+    for path in args.config:
+        c = load_config(path)
+        apply_overrides(c, args, device.platform)
+        configs.append(c)
+    config = configs[0]
     dtype_name = config.model.dtype
     b = config.batch_size
     log(f"device {device.platform}:{device.device_kind} ({jax.device_count()} device(s), "
@@ -360,10 +410,32 @@ def main(argv: list[str] | None = None) -> dict:
     log(f"matmul ceiling ({args.ceiling_size}², {dtype_name}): {ceilings[0] / 1e9:.1f} GFLOP/s")
 
     runners: list = []
-    log(f"compiling the {config.task} train step over {jax.device_count()} device(s), mesh {dict(config.mesh)} ...")
-    mae = build_method_step(config)
-    log(f"  compiled in {mae.compile_s:.1f} s; XLA counts {(mae.flops or 0) / 1e9:.1f} GFLOP/step")
-    runners.append(mae)
+    methods: list[dict] = []   # one per --config: {"config", "path", "jax", "torch", "torch_error"}
+    peers, peers_error = None, None
+    if args.compare_torch:
+        try:
+            peers = load_torch_peers()
+        except ImportError as e:   # torch/timm are an optional extra
+            peers_error = f"torch/timm unavailable: {e}"
+            log(peers_error)
+    for path, c in zip(args.config, configs):
+        log(f"compiling the {c.task} train step ({path}) over {jax.device_count()} device(s), mesh {dict(c.mesh)} ...")
+        step = build_method_step(c)
+        step.timer.name = c.task
+        log(f"  compiled in {step.compile_s:.1f} s; XLA counts {(step.flops or 0) / 1e9:.1f} GFLOP/step")
+        runners.append(step)
+        method = {"config": c, "path": path, "jax": step, "torch": None, "torch_error": peers_error}
+        if peers is not None:
+            try:
+                peer = peers.peer_for(c, StepTimer(f"torch_{c.task}"), threads=1 if args.single_thread else None)
+                log(f"torch peer {peer.name} with {peer.threads} torch threads")
+                runners.append(peer)
+                method["torch"] = peer
+            except ValueError as e:   # no peer for this task
+                method["torch_error"] = str(e)
+                log(str(e))
+        methods.append(method)
+    mae = methods[0]["jax"]
 
     jax_vit = timm_vit = None
     timm_error = None
@@ -405,7 +477,7 @@ def main(argv: list[str] | None = None) -> dict:
     achieved = mae.flops / step_time if mae.flops else None
     result = {
         "bench": "train_step",
-        "config": args.config,
+        "config": args.config[0],
         "task": config.task,
         "variant": config.model.variant,
         "batch": b,
@@ -466,6 +538,22 @@ def main(argv: list[str] | None = None) -> dict:
             })
         else:
             result["timm_error"] = timm_error
+    if len(methods) > 1 or args.compare_torch:
+        result["methods"] = {}
+        for method in methods:
+            name = method["config"].task
+            key = name if name not in result["methods"] else f"{name}_{len(result['methods'])}"
+            figures = method_figures(method, ceiling)
+            result["methods"][key] = figures
+            if args.compare_torch:
+                result[f"vs_torch_{key}"] = figures.get("vs_torch")
+        if args.compare_torch:
+            first = result["methods"][next(iter(result["methods"]))]
+            result.update(vs_torch=first.get("vs_torch"), vs_torch_median=first.get("vs_torch_median"),
+                          torch_img_per_s=first.get("torch_img_per_s"))
+            peer = next((m["torch"] for m in methods if m["torch"] is not None), None)
+            if peer is not None:
+                result.update(torch_threads=peer.threads, torch_version=peer.torch.__version__)
     result.update({
         "jax_version": jax.__version__,
         "python": platform.python_version(),

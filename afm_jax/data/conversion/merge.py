@@ -24,7 +24,6 @@ The manifest (`manifest.csv`, beside the shards) has one row per input file: `st
 from __future__ import annotations
 
 import csv
-from io import StringIO
 import logging
 import pathlib
 from collections import Counter, defaultdict
@@ -195,24 +194,28 @@ def format_summary(summary: Mapping[str, int]) -> str:
 
 
 def write_manifest(rows: list[dict], path: pathlib.Path) -> None:
-    """One CSV row per input file (no paths, no raw identifiers)."""
-    buffer = StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=MANIFEST_COLUMNS, extrasaction="ignore", lineterminator="\n")
-    writer.writeheader()
-    for row in rows:
-        images = row.get("images") or [{}]
-        first = images[0]
-        orig = row.get("orig_shape") or ["", ""]
-        writer.writerow({
-            **{k: row.get(k, "") for k in MANIFEST_COLUMNS},
-            **{k: ";".join(dict.fromkeys(str(im.get(k, "")) for im in images))
-               for k in ("patient_id", "study_id", "series_id", "body_part", "view", "laterality", "modality")},
-            "image_id": ";".join(str(im.get("image_id", "")) for im in images),
-            "orig_rows": orig[0], "orig_cols": orig[1], "num_images": len(row.get("images") or []),
-            "label": row.get("label", -1), "output": row.get("output", ""),
-            "duplicate_of": row.get("duplicate_of", ""),
-        } | ({} if first else {"patient_id": "", "image_id": ""}))
-    io.write_text(path, buffer.getvalue())
+    """One CSV row per input file (no paths, no raw identifiers), streamed into an atomic temporary
+    (not built in memory first: ~150 MB of text at 500k files)."""
+    io.write_with(path, lambda tmp: _write_manifest_rows(rows, tmp))
+
+
+def _write_manifest_rows(rows: list[dict], path: pathlib.Path) -> None:
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=MANIFEST_COLUMNS, extrasaction="ignore", lineterminator="\n")
+        writer.writeheader()
+        for row in rows:
+            images = row.get("images") or [{}]
+            first = images[0]
+            orig = row.get("orig_shape") or ["", ""]
+            writer.writerow({
+                **{k: row.get(k, "") for k in MANIFEST_COLUMNS},
+                **{k: ";".join(dict.fromkeys(str(im.get(k, "")) for im in images))
+                   for k in ("patient_id", "study_id", "series_id", "body_part", "view", "laterality", "modality")},
+                "image_id": ";".join(str(im.get("image_id", "")) for im in images),
+                "orig_rows": orig[0], "orig_cols": orig[1], "num_images": len(row.get("images") or []),
+                "label": row.get("label", -1), "output": row.get("output", ""),
+                "duplicate_of": row.get("duplicate_of", ""),
+            } | ({} if first else {"patient_id": "", "image_id": ""}))
 
 
 def read_manifest(path: str | pathlib.Path) -> list[dict[str, str]]:
