@@ -21,6 +21,7 @@ import os
 import pathlib
 import shutil
 import sys
+import threading
 import time
 from typing import Any, Callable
 
@@ -151,6 +152,27 @@ def quarantine(step_dir: pathlib.Path, kind: str) -> pathlib.Path:
     return target
 
 
+class _QuietOrbax(logging.Filter):
+    """While a Checkpointer is open, drops the tracebacks orbax's background threads log when a save fails:
+    the same error is raised to the trainer, which reports it once as a CheckpointError."""
+
+    active = False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (self.active and record.levelno >= logging.ERROR and "orbax" in record.pathname)
+
+
+_quiet_orbax = _QuietOrbax()
+logging.getLogger("absl").addFilter(_quiet_orbax)
+
+
+def _join_orbax_threads(timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    for thread in threading.enumerate():
+        if thread is not threading.current_thread() and type(thread).__module__.startswith("orbax"):
+            thread.join(max(0.0, deadline - time.monotonic()))
+
+
 class Checkpointer:
     """Saves and restores (train state, iterator state, metadata) by step; keeps the newest N.
 
@@ -174,6 +196,7 @@ class Checkpointer:
                                                enable_async_checkpointing=async_save, async_options=async_options,
                                                cleanup_tmp_directories=True)
         self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
+        _quiet_orbax.active = True
 
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
@@ -315,9 +338,13 @@ class Checkpointer:
             self._manager.close()
         except Exception as e:  # noqa: BLE001
             error = error or self._failed or self._save_error(e)
+        if error is not None or self._failed is not None:
+            _join_orbax_threads(timeout_s=60.0)   # a failed save can leave writers of the other items running
         if jax.process_index() == 0:
             for tmp in pathlib.Path(self.directory).glob(f"*{_TMP_MARK}*"):
                 shutil.rmtree(tmp, ignore_errors=True)
+        if error is None and self._failed is None:
+            _quiet_orbax.active = False
         if error is None and self._pending is not None:
             self._last_good = self._pending
         if error is not None and error is not self._failed:
