@@ -35,6 +35,15 @@ class TrainingDivergedError(UserError, FloatingPointError):
     """The loss became NaN/inf: a config problem (learning rate, clipping) the user must change."""
 
 
+class CheckpointError(UserError, RuntimeError):
+    """No checkpoint of a workdir can be restored, or saving one failed (e.g. a full disk); the
+    message names the step, the reason and what is still intact."""
+
+
+class LockedError(UserError, RuntimeError):
+    """A folder is in use by another run (its lock file names the holder: host, pid, start time)."""
+
+
 class InteropError(ConfigError):
     """Weights that do not fit the model the config describes, or a file that is not a ViT state dict."""
 

@@ -13,6 +13,8 @@ import contextlib
 import json
 import os
 import pathlib
+import socket
+import time
 import uuid
 from typing import Any, Callable, Iterator
 
@@ -80,3 +82,98 @@ def write_with(path: str | os.PathLike, writer: Callable[[pathlib.Path], None]) 
 def read_json(path: str | os.PathLike) -> Any:
     """Parses the JSON file at `path`."""
     return json.loads(pathlib.Path(path).read_text(encoding="utf-8"))
+
+
+# ─── Exclusive folder locks ──────────────────────────────────────────────────────────────────────
+
+LOCK_FILE = ".afm_jax.lock"
+_held: dict[str, int] = {}   # lock file -> nesting depth, for locks this process holds
+
+
+def _process_start_ticks(pid: int) -> str | None:
+    """The start time of `pid` in clock ticks since boot (Linux), to tell a reused pid from the holder."""
+    try:
+        stat = pathlib.Path(f"/proc/{pid}/stat").read_text()
+        return stat.rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _holder_alive(holder: dict) -> bool:
+    pid = int(holder.get("pid", -1))
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:   # alive, another user's
+        return True
+    ticks = holder.get("pid_start")
+    return ticks is None or _process_start_ticks(pid) in (None, ticks)
+
+
+def _describe(holder: dict) -> str:
+    return (f"host {holder.get('host', '?')}, pid {holder.get('pid', '?')}, started {holder.get('started', '?')}"
+            + (f" ({holder['what']})" if holder.get("what") else ""))
+
+
+@contextlib.contextmanager
+def exclusive_lock(directory: str | os.PathLike, what: str, error: Callable[[str], Exception]) -> Iterator[pathlib.Path]:
+    """Holds `<directory>/.afm_jax.lock` (created with O_EXCL; it records host, pid and start time)
+    while the block runs, so a second run on the same folder is refused with a message naming the
+    holder (`error(message)` is raised). A lock left by a dead process on this host is taken over.
+    Re-entrant within one process. The folder is created if needed."""
+    directory = pathlib.Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    lock = directory / LOCK_FILE
+    key = os.fspath(lock.resolve())
+    if key in _held:
+        _held[key] += 1
+        try:
+            yield lock
+        finally:
+            _held[key] -= 1
+        return
+    me = {"host": socket.gethostname(), "pid": os.getpid(), "pid_start": _process_start_ticks(os.getpid()),
+          "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "what": what}
+    for _attempt in range(3):
+        try:
+            fd = os.open(lock, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            try:
+                holder = json.loads(lock.read_text() or "{}")
+            except (OSError, ValueError):
+                holder = {}
+            if not holder:  # being written right now, or garbage: look again shortly
+                time.sleep(0.2)
+                try:
+                    holder = json.loads(lock.read_text() or "{}")
+                except (OSError, ValueError):
+                    holder = {}
+            if holder.get("host") == me["host"] and not _holder_alive(holder):
+                stale = lock.with_name(f"{LOCK_FILE}.stale-{os.getpid()}")
+                try:
+                    os.replace(lock, stale)   # one taker wins; the others see the new lock
+                    stale.unlink()
+                except FileNotFoundError:
+                    pass
+                continue
+            raise error(f"{directory} is in use by another run ({_describe(holder)}); its lock is {lock}. Wait for "
+                        "it to finish or use another folder. If that process is gone (e.g. it ran on another "
+                        f"host that crashed), delete {lock} and rerun.") from None
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(me))
+        break
+    else:
+        raise error(f"Could not take the lock {lock}: it keeps changing hands; is another run starting there?")
+    _held[key] = 1
+    try:
+        yield lock
+    finally:
+        _held.pop(key, None)
+        try:
+            if json.loads(lock.read_text()).get("pid") == os.getpid():
+                lock.unlink()
+        except (OSError, ValueError):
+            pass

@@ -16,7 +16,8 @@ from absl import flags
 from afm_jax import cli, configuration
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-TOOLS = ("preprocess", "curate", "make_eval_dataset", "export_timm", "import_timm", "evaluate", "study")
+TOOLS = ("preprocess", "curate", "make_eval_dataset", "export_timm", "import_timm", "evaluate", "study",
+         "verify_checkpoints")
 
 
 def load_tool(name):

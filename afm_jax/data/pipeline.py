@@ -20,8 +20,11 @@ Both spread decoding over `data.num_workers` processes (`mp_prefetch`, spawned; 
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import math
+import os
+import signal
 import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
@@ -82,9 +85,30 @@ def _derive_seed(*parts: int) -> int:
     return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0])
 
 
+def _die_with_parent() -> None:
+    """Asks Linux to SIGKILL this process when its parent dies (PR_SET_PDEATHSIG), so a trainer killed
+    with SIGKILL leaves no decoding workers behind; with them gone, multiprocessing's resource tracker
+    sees its pipe close, frees their shared memory in /dev/shm and exits too. A no-op elsewhere."""
+    if not sys.platform.startswith("linux"):
+        return
+    parent = os.getppid()
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:   # the parent died before the request took effect
+        os._exit(1)
+
+
+_PR_SET_PDEATHSIG = 1
+
+
 def _init_worker(worker_index: int, worker_count: int) -> None:
-    """Runs in each worker process: one OpenCV thread per worker, the workers are the parallelism."""
+    """Runs in each worker process: dies with the trainer; one OpenCV thread per worker, the workers
+    are the parallelism."""
     del worker_index, worker_count
+    _die_with_parent()
     cv2.setNumThreads(1)
 
 

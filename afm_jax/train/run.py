@@ -23,5 +23,6 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, monitor: Monitor | N
         stop_at_step: int | None = None) -> TrainResult:
     """Trains `config.task` per `config` in `workdir` (see the module docstring)."""
     task = get_task(config.task)
-    synthetic.prepare_dataset(config, workdir)
-    return loop.train(config, workdir, task, monitor=monitor, stop_at_step=stop_at_step)
+    with loop.workdir_lock(workdir):   # also covers building the synthetic dataset into the workdir
+        synthetic.prepare_dataset(config, workdir)
+        return loop.train(config, workdir, task, monitor=monitor, stop_at_step=stop_at_step)
