@@ -48,7 +48,11 @@ def read_weights_file(path: str | os.PathLike) -> dict[str, np.ndarray]:
     """
     p = pathlib.Path(path)
     if p.suffix == ".safetensors":
-        raw: Any = safetensors_numpy.load_file(str(p))
+        try:
+            raw: Any = safetensors_numpy.load_file(str(p))
+        except Exception as e:  # safetensors' own error type (a header it cannot parse, a truncated file)
+            raise InteropError(f"{p} is not a readable safetensors file ({type(e).__name__}: {e}): check the path, "
+                               "or re-download / re-export it.") from None
     elif p.suffix in TORCH_SUFFIXES:
         try:
             import torch  # optional extra: only .pth/.pt files need it
