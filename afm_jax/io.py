@@ -119,14 +119,17 @@ def _describe(holder: dict) -> str:
 
 
 @contextlib.contextmanager
-def exclusive_lock(directory: str | os.PathLike, what: str, error: Callable[[str], Exception]) -> Iterator[pathlib.Path]:
-    """Holds `<directory>/.afm_jax.lock` (created with O_EXCL; it records host, pid and start time)
-    while the block runs, so a second run on the same folder is refused with a message naming the
-    holder (`error(message)` is raised). A lock left by a dead process on this host is taken over.
-    Re-entrant within one process. The folder is created if needed."""
+def exclusive_lock(directory: str | os.PathLike, what: str, error: Callable[[str], Exception], *,
+                   name: str = LOCK_FILE, subject: str | os.PathLike | None = None) -> Iterator[pathlib.Path]:
+    """Holds `<directory>/<name>` (default `.afm_jax.lock`; created with O_EXCL, it records host, pid and
+    start time) while the block runs, so a second run on the same folder is refused with a message naming
+    the holder (`error(message)` is raised; `subject` is the folder named in it, default `directory`).
+    A lock left by a dead process on this host is taken over. Re-entrant within one process. The folder
+    is created if needed."""
     directory = pathlib.Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    lock = directory / LOCK_FILE
+    lock = directory / name
+    subject = subject if subject is not None else directory
     key = os.fspath(lock.resolve())
     if key in _held:
         _held[key] += 1
@@ -152,14 +155,14 @@ def exclusive_lock(directory: str | os.PathLike, what: str, error: Callable[[str
                 except (OSError, ValueError):
                     holder = {}
             if holder.get("host") == me["host"] and not _holder_alive(holder):
-                stale = lock.with_name(f"{LOCK_FILE}.stale-{os.getpid()}")
+                stale = lock.with_name(f"{name}.stale-{os.getpid()}")
                 try:
                     os.replace(lock, stale)   # one taker wins; the others see the new lock
                     stale.unlink()
                 except FileNotFoundError:
                     pass
                 continue
-            raise error(f"{directory} is in use by another run ({_describe(holder)}); its lock is {lock}. Wait for "
+            raise error(f"{subject} is in use by another run ({_describe(holder)}); its lock is {lock}. Wait for "
                         "it to finish or use another folder. If that process is gone (e.g. it ran on another "
                         f"host that crashed), delete {lock} and rerun.") from None
         with os.fdopen(fd, "w") as f:

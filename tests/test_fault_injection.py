@@ -461,3 +461,74 @@ def test_kill_9_with_workers_leaves_no_orphans_and_second_trainer_is_refused(tmp
                            text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stdout + rerun.stderr
     assert "Resumed from" in rerun.stdout
+
+
+def _tool(name):
+    sys.path.insert(0, str(REPO / "tools"))
+    try:
+        return __import__(name)
+    finally:
+        sys.path.pop(0)
+
+
+def test_preprocess_refuses_an_output_dataset_in_use(tmp_path, monkeypatch, capsys):
+    import socket
+
+    import pydicom.data
+    preprocess = _tool("preprocess")
+    archive = tmp_path / "archive"
+    archive.mkdir()
+    for src in [f for f in pydicom.data.get_testdata_files("CT_small.dcm")][:1]:
+        shutil.copy(src, archive / "a.dcm")
+    monkeypatch.setenv("AFM_SALT", "lock test salt")
+    out = tmp_path / "out"
+    args = ["--input", str(archive), "--out", str(out), "--workers", "0", "--quiet", "--config.image_size=24",
+            "--config.name=tiny", "--name", "femur"]
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        out.mkdir()
+        (out / ".femur_tiny_v1.lock").write_text(json.dumps({"host": socket.gethostname(), "pid": holder.pid,
+                                                             "started": "earlier", "what": "tools/preprocess.py"}))
+        assert preprocess.main(args) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error:") and f"pid {holder.pid}" in err and "femur_tiny_v1 is in use" in err
+        assert not (out / ".work").exists()
+        assert preprocess.main(args + ["--shard", "0/2"]) == 0     # a shard holds only its own shard's lock
+    finally:
+        holder.kill()
+        holder.wait()
+    capsys.readouterr()
+    assert preprocess.main(args) == 0                              # the holder is gone: its lock is stale
+    assert (out / "femur_tiny_v1" / "1.0.0" / "dataset_info.json").is_file()
+    assert not list(out.glob(".*.lock"))
+
+
+# ─── Bad inputs that printed a traceback ──────────────────────────────────────────────────────────
+
+@pytest.mark.parametrize("content,message", [(None, "does not exist"), ("def get_config(:\n", "syntax error at line 1")])
+def test_main_with_a_missing_or_broken_config_file(tmp_path, content, message):
+    config = tmp_path / "config.py"
+    if content is not None:
+        config.write_text(content)
+    done = subprocess.run([sys.executable, "-m", "afm_jax.main", "--config", str(config), "--workdir",
+                           str(tmp_path / "w")], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and done.stderr.startswith("error:") and message in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_text_file_named_safetensors_is_a_message(synthetic_dataset, tmp_path, capsys):
+    fake = tmp_path / "weights.safetensors"
+    fake.write_text("hello, not weights")
+    config = _config(synthetic_dataset)
+    config.init_from = os.fspath(fake)
+    with pytest.raises(errors.InteropError, match="not a readable safetensors file"):
+        train_run.run(config, os.fspath(tmp_path / "run"))
+    assert _tool("import_timm").main(["--input", str(fake), "--out", str(tmp_path / "imp")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and "not a readable safetensors file" in err
+
+
+def test_evaluate_random_init_with_unknown_variant_is_a_message(capsys):
+    assert _tool("evaluate").main(["--backbone", "random_init:,variant=Z/99", "--synthetic", "12"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and "Unknown ViT size 'Z'" in err and "Traceback" not in err
