@@ -124,8 +124,8 @@ def exclusive_lock(directory: str | os.PathLike, what: str, error: Callable[[str
     """Holds `<directory>/<name>` (default `.afm_jax.lock`; created with O_EXCL, it records host, pid and
     start time) while the block runs, so a second run on the same folder is refused with a message naming
     the holder (`error(message)` is raised; `subject` is the folder named in it, default `directory`).
-    A lock left by a dead process on this host is taken over. Re-entrant within one process. The folder
-    is created if needed."""
+    A lock left by a dead process on this host, or by an earlier run of the same SLURM job (a requeue on
+    another node), is taken over. Re-entrant within one process. The folder is created if needed."""
     directory = pathlib.Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     lock = directory / name
@@ -139,7 +139,8 @@ def exclusive_lock(directory: str | os.PathLike, what: str, error: Callable[[str
             _held[key] -= 1
         return
     me = {"host": socket.gethostname(), "pid": os.getpid(), "pid_start": _process_start_ticks(os.getpid()),
-          "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "what": what}
+          "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "what": what,
+          "slurm_job": os.environ.get("SLURM_JOB_ID") or None}
     for _attempt in range(3):
         try:
             fd = os.open(lock, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
@@ -154,7 +155,9 @@ def exclusive_lock(directory: str | os.PathLike, what: str, error: Callable[[str
                     holder = json.loads(lock.read_text() or "{}")
                 except (OSError, ValueError):
                     holder = {}
-            if holder.get("host") == me["host"] and not _holder_alive(holder):
+            requeued = bool(me["slurm_job"]) and holder.get("slurm_job") == me["slurm_job"]  # SLURM requeues
+            # a job only after its previous run ended: a lock of the same job id on another node is stale
+            if (holder.get("host") == me["host"] and not _holder_alive(holder)) or requeued:
                 stale = lock.with_name(f"{name}.stale-{os.getpid()}")
                 try:
                     os.replace(lock, stale)   # one taker wins; the others see the new lock

@@ -1,7 +1,7 @@
 """Fault injection: damaged checkpoints, a full disk during a save, divergence, wrong resumes, two trainers
 on one workdir, kill -9 with grain workers, and bad inputs that must be messages, not tracebacks."""
 
-import errno
+import importlib.util
 import json
 import os
 import pathlib
@@ -17,12 +17,20 @@ import numpy as np
 import pytest
 
 from afm_jax import errors, io
-from afm_jax.train import assembly, checkpoint, loop, resume, run as train_run, sharding
+from afm_jax.train import assembly, checkpoint, resume, sharding
+from afm_jax.train import run as train_run
 from afm_jax.train.defaults import default_config
 from afm_jax.train.tasks import get_task
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO)}
+
+
+def _tool(name):
+    spec = importlib.util.spec_from_file_location(f"tool_{name}", REPO / "tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def _config(dataset) -> "ml_collections.ConfigDict":  # noqa: F821
@@ -186,17 +194,14 @@ def test_trainer_resumes_past_flipped_bytes(trained, tmp_path, compilation_cache
 
 
 def test_verify_tool_reports_damage(trained, tmp_path, capsys):
-    sys.path.insert(0, str(REPO / "tools"))
-    try:
-        import verify_checkpoints
-    finally:
-        sys.path.pop(0)
+    verify_checkpoints = _tool("verify_checkpoints")
     workdir = _copy(trained, tmp_path)
     assert verify_checkpoints.main(["--workdir", str(workdir)]) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["verified"] == [1, 2]
     _truncate(_largest_state_file(workdir / "checkpoints" / "2"), 0.5)
-    assert verify_checkpoints.main(["--workdir", str(workdir)]) == 1
+    assert verify_checkpoints.main(["--workdir", str(workdir), "--out", str(tmp_path / "report")]) == 1
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert io.read_json(tmp_path / "report" / "verification.json") == report
     assert list(report["damaged"]) == ["2"] and "bytes" in report["damaged"]["2"]
     assert (workdir / "checkpoints" / "2").exists()          # verifying alone moves nothing
     assert verify_checkpoints.main(["--workdir", str(workdir), "--move_damaged"]) == 1
@@ -351,7 +356,7 @@ def _dead_pid() -> int:
     return p.pid
 
 
-def test_lock_refuses_a_live_holder_and_takes_over_a_dead_one(tmp_path):
+def test_lock_refuses_a_live_holder_and_takes_over_a_dead_one(tmp_path, monkeypatch):
     import socket
     lock = tmp_path / io.LOCK_FILE
     holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
@@ -367,10 +372,13 @@ def test_lock_refuses_a_live_holder_and_takes_over_a_dead_one(tmp_path):
     with io.exclusive_lock(tmp_path, "test", errors.LockedError):
         assert json.loads(lock.read_text())["pid"] == os.getpid()
     assert not lock.exists()
-    lock.write_text(json.dumps({"host": "another-node", "pid": 1, "started": "then"}))
+    lock.write_text(json.dumps({"host": "another-node", "pid": 1, "started": "then", "slurm_job": "77"}))
     with pytest.raises(errors.LockedError, match="host another-node"):
         with io.exclusive_lock(tmp_path, "test", errors.LockedError):
             pass
+    monkeypatch.setenv("SLURM_JOB_ID", "77")   # the same job, requeued onto another node: its old lock is stale
+    with io.exclusive_lock(tmp_path, "test", errors.LockedError):
+        assert json.loads(lock.read_text())["slurm_job"] == "77"
 
 
 def test_second_trainer_on_a_locked_workdir_is_refused(synthetic_dataset, tmp_path):
@@ -461,14 +469,6 @@ def test_kill_9_with_workers_leaves_no_orphans_and_second_trainer_is_refused(tmp
                            text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stdout + rerun.stderr
     assert "Resumed from" in rerun.stdout
-
-
-def _tool(name):
-    sys.path.insert(0, str(REPO / "tools"))
-    try:
-        return __import__(name)
-    finally:
-        sys.path.pop(0)
 
 
 def test_preprocess_refuses_an_output_dataset_in_use(tmp_path, monkeypatch, capsys):

@@ -24,9 +24,11 @@ from flax import nnx
 
 from afm_jax import configuration, errors, io
 from afm_jax.errors import TrainingDivergedError
-from afm_jax.train import assembly as assembly_lib, checkpoint, resume, sharding, state as state_lib, throughput
-from afm_jax.train.tasks.base import Task
+from afm_jax.train import assembly as assembly_lib
+from afm_jax.train import checkpoint, resume, sharding, throughput
+from afm_jax.train import state as state_lib
 from afm_jax.train.metrics_writer import MetricsWriter
+from afm_jax.train.tasks.base import Task
 from afm_jax.version import code_version
 
 
