@@ -532,3 +532,24 @@ def test_evaluate_random_init_with_unknown_variant_is_a_message(capsys):
     assert _tool("evaluate").main(["--backbone", "random_init:,variant=Z/99", "--synthetic", "12"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error:") and "Unknown ViT size 'Z'" in err and "Traceback" not in err
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small tmpfs needs root")
+def test_real_full_disk_on_a_small_tmpfs(trained, tmp_path):
+    """The workdir on a tmpfs that holds one checkpoint, not two: a message, the first step intact."""
+    size = sum(p.stat().st_size for p in (trained["workdir"] / "checkpoints" / "1").rglob("*") if p.is_file())
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={int(size * 1.6) + 256 * 1024}", "tmpfs", str(mnt)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        config = trained["config"].copy_and_resolve_references()
+        config.total_steps = 6
+        with pytest.raises((errors.CheckpointError, errors.OutOfSpaceError), match="intact"):
+            train_run.run(config, os.fspath(mnt))
+        assert not list((mnt / "checkpoints").glob("*orbax-checkpoint-tmp*"))
+        verdicts = checkpoint.verify_workdir(mnt)
+        assert verdicts and all(v.ok and v.verified for v in verdicts), verdicts
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True)

@@ -306,6 +306,12 @@ def _train(config: ml_collections.ConfigDict, workdir: str, task: Task, *, stop_
         if jax.process_count() > 1 and last_loss is not None:  # one line per process: they must agree
             print(f"[process {jax.process_index()}/{jax.process_count()}] step {step} loss {last_loss:.6f}", flush=True)
         return TrainResult(state=state, graphdef=graphdef, step=step, finished=finished, predictions=task.predictions())
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT) or isinstance(e, errors.UserError):
+            raise
+        raise errors.OutOfSpaceError(f"The disk is full writing {e.filename or workdir} ({e.strerror}). The newest "
+                                     f"complete checkpoint in {workdir}/checkpoints is intact: free space and rerun the "
+                                     "same command to resume.") from None
     finally:
         for close in reversed(closers):
             try:
