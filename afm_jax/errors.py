@@ -40,6 +40,10 @@ class CheckpointError(UserError, RuntimeError):
     message names the step, the reason and what is still intact."""
 
 
+class OutOfSpaceError(UserError, OSError):
+    """The disk (or quota) is full while a run writes its logs or outputs; the message says where."""
+
+
 class LockedError(UserError, RuntimeError):
     """A folder is in use by another run (its lock file names the holder: host, pid, start time)."""
 

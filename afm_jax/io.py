@@ -119,14 +119,17 @@ def _describe(holder: dict) -> str:
 
 
 @contextlib.contextmanager
-def exclusive_lock(directory: str | os.PathLike, what: str, error: Callable[[str], Exception]) -> Iterator[pathlib.Path]:
-    """Holds `<directory>/.afm_jax.lock` (created with O_EXCL; it records host, pid and start time)
-    while the block runs, so a second run on the same folder is refused with a message naming the
-    holder (`error(message)` is raised). A lock left by a dead process on this host is taken over.
-    Re-entrant within one process. The folder is created if needed."""
+def exclusive_lock(directory: str | os.PathLike, what: str, error: Callable[[str], Exception], *,
+                   name: str = LOCK_FILE, subject: str | os.PathLike | None = None) -> Iterator[pathlib.Path]:
+    """Holds `<directory>/<name>` (default `.afm_jax.lock`; created with O_EXCL, it records host, pid and
+    start time) while the block runs, so a second run on the same folder is refused with a message naming
+    the holder (`error(message)` is raised; `subject` is the folder named in it, default `directory`).
+    A lock left by a dead process on this host, or by an earlier run of the same SLURM job (a requeue on
+    another node), is taken over. Re-entrant within one process. The folder is created if needed."""
     directory = pathlib.Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    lock = directory / LOCK_FILE
+    lock = directory / name
+    subject = subject if subject is not None else directory
     key = os.fspath(lock.resolve())
     if key in _held:
         _held[key] += 1
@@ -136,7 +139,8 @@ def exclusive_lock(directory: str | os.PathLike, what: str, error: Callable[[str
             _held[key] -= 1
         return
     me = {"host": socket.gethostname(), "pid": os.getpid(), "pid_start": _process_start_ticks(os.getpid()),
-          "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "what": what}
+          "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "what": what,
+          "slurm_job": os.environ.get("SLURM_JOB_ID") or None}
     for _attempt in range(3):
         try:
             fd = os.open(lock, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
@@ -151,15 +155,17 @@ def exclusive_lock(directory: str | os.PathLike, what: str, error: Callable[[str
                     holder = json.loads(lock.read_text() or "{}")
                 except (OSError, ValueError):
                     holder = {}
-            if holder.get("host") == me["host"] and not _holder_alive(holder):
-                stale = lock.with_name(f"{LOCK_FILE}.stale-{os.getpid()}")
+            requeued = bool(me["slurm_job"]) and holder.get("slurm_job") == me["slurm_job"]  # SLURM requeues
+            # a job only after its previous run ended: a lock of the same job id on another node is stale
+            if (holder.get("host") == me["host"] and not _holder_alive(holder)) or requeued:
+                stale = lock.with_name(f"{name}.stale-{os.getpid()}")
                 try:
                     os.replace(lock, stale)   # one taker wins; the others see the new lock
                     stale.unlink()
                 except FileNotFoundError:
                     pass
                 continue
-            raise error(f"{directory} is in use by another run ({_describe(holder)}); its lock is {lock}. Wait for "
+            raise error(f"{subject} is in use by another run ({_describe(holder)}); its lock is {lock}. Wait for "
                         "it to finish or use another folder. If that process is gone (e.g. it ran on another "
                         f"host that crashed), delete {lock} and rerun.") from None
         with os.fdopen(fd, "w") as f:

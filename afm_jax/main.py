@@ -7,6 +7,7 @@ Dispatches on `config.task`, resumes from `--workdir` automatically, and turns u
 from __future__ import annotations
 
 import os
+import pathlib
 import sys
 
 import jax
@@ -15,9 +16,10 @@ from flax import nnx
 from ml_collections import config_flags
 
 from afm_jax import io
+from afm_jax.cli import peek_flag
 from afm_jax.configuration import bad_override_message
 from afm_jax.data.synthetic import LABEL_NAMES
-from afm_jax.errors import exit_on_user_error
+from afm_jax.errors import ConfigError, exit_on_user_error, user_error_message
 from afm_jax.evaluation import low_label, monitors, protocols
 from afm_jax.models import factory
 from afm_jax.train import distributed
@@ -66,8 +68,42 @@ def run(config, workdir: str) -> None:
               f"{low_label.headline(results, fraction, names)}", flush=True)
 
 
+def _check_config_file(argv: list[str]) -> None:
+    """A missing config file or one that does not compile is a message, not absl's traceback."""
+    path = peek_flag(argv[1:], "config")
+    if not path:
+        return
+    file = pathlib.Path(path.split(":", 1)[0])   # config_flags allows `file.py:arg`
+    if not file.is_file():
+        raise ConfigError(f"Config file {file} does not exist: give --config a file such as configs/demo.py.")
+    try:
+        compile(file.read_bytes(), os.fspath(file), "exec")
+    except SyntaxError as e:
+        raise ConfigError(f"Config file {file} has a syntax error at line {e.lineno}: {e.msg}. Fix the file.") from None
+    except ValueError as e:   # null bytes: not a Python file
+        raise ConfigError(f"Config file {file} is not a Python file ({e}).") from None
+
+
+def load_config():
+    """The --config value; a get_config() that fails is reported with its error, as a ConfigError."""
+    try:
+        return _CONFIG.value
+    except Exception as e:  # noqa: BLE001 - whatever the user's get_config() raised
+        causes, inner = [], e
+        while inner is not None:
+            causes.append(f"{type(inner).__name__}: {inner}")
+            inner = inner.__cause__ or inner.__context__
+        raise ConfigError(f"Config file {peek_flag(sys.argv[1:], 'config')} could not be loaded: "
+                          + "; ".join(dict.fromkeys(causes[::-1])) + ".") from None
+
+
 def parse_flags(argv: list[str]) -> list[str]:
     """absl's parsing, plus a clear message for an override of a config key that does not exist."""
+    try:
+        _check_config_file(argv)
+    except ConfigError as e:
+        print(user_error_message(e), file=sys.stderr)
+        sys.exit(2)
     try:
         return flags.FLAGS(argv)
     except flags.Error as e:
@@ -85,7 +121,7 @@ def main(argv: list[str]) -> None:
     logging.set_verbosity(logging.WARNING)  # keep library INFO chatter (e.g. backend probing) off the console
     exit_on_user_error(distributed.initialize, coordinator=_COORDINATOR.value, num_processes=_NUM_PROCESSES.value,
                        process_id=_PROCESS_ID.value)
-    exit_on_user_error(run, _CONFIG.value, _WORKDIR.value)
+    exit_on_user_error(lambda: run(load_config(), _WORKDIR.value))
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Fault injection: damaged checkpoints, a full disk during a save, divergence, wrong resumes, two trainers
 on one workdir, kill -9 with grain workers, and bad inputs that must be messages, not tracebacks."""
 
-import errno
+import importlib.util
 import json
 import os
 import pathlib
@@ -17,12 +17,20 @@ import numpy as np
 import pytest
 
 from afm_jax import errors, io
-from afm_jax.train import assembly, checkpoint, loop, resume, run as train_run, sharding
+from afm_jax.train import assembly, checkpoint, resume, sharding
+from afm_jax.train import run as train_run
 from afm_jax.train.defaults import default_config
 from afm_jax.train.tasks import get_task
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO)}
+
+
+def _tool(name):
+    spec = importlib.util.spec_from_file_location(f"tool_{name}", REPO / "tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def _config(dataset) -> "ml_collections.ConfigDict":  # noqa: F821
@@ -186,17 +194,14 @@ def test_trainer_resumes_past_flipped_bytes(trained, tmp_path, compilation_cache
 
 
 def test_verify_tool_reports_damage(trained, tmp_path, capsys):
-    sys.path.insert(0, str(REPO / "tools"))
-    try:
-        import verify_checkpoints
-    finally:
-        sys.path.pop(0)
+    verify_checkpoints = _tool("verify_checkpoints")
     workdir = _copy(trained, tmp_path)
     assert verify_checkpoints.main(["--workdir", str(workdir)]) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["verified"] == [1, 2]
     _truncate(_largest_state_file(workdir / "checkpoints" / "2"), 0.5)
-    assert verify_checkpoints.main(["--workdir", str(workdir)]) == 1
+    assert verify_checkpoints.main(["--workdir", str(workdir), "--out", str(tmp_path / "report")]) == 1
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert io.read_json(tmp_path / "report" / "verification.json") == report
     assert list(report["damaged"]) == ["2"] and "bytes" in report["damaged"]["2"]
     assert (workdir / "checkpoints" / "2").exists()          # verifying alone moves nothing
     assert verify_checkpoints.main(["--workdir", str(workdir), "--move_damaged"]) == 1
@@ -351,7 +356,7 @@ def _dead_pid() -> int:
     return p.pid
 
 
-def test_lock_refuses_a_live_holder_and_takes_over_a_dead_one(tmp_path):
+def test_lock_refuses_a_live_holder_and_takes_over_a_dead_one(tmp_path, monkeypatch):
     import socket
     lock = tmp_path / io.LOCK_FILE
     holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
@@ -367,10 +372,13 @@ def test_lock_refuses_a_live_holder_and_takes_over_a_dead_one(tmp_path):
     with io.exclusive_lock(tmp_path, "test", errors.LockedError):
         assert json.loads(lock.read_text())["pid"] == os.getpid()
     assert not lock.exists()
-    lock.write_text(json.dumps({"host": "another-node", "pid": 1, "started": "then"}))
+    lock.write_text(json.dumps({"host": "another-node", "pid": 1, "started": "then", "slurm_job": "77"}))
     with pytest.raises(errors.LockedError, match="host another-node"):
         with io.exclusive_lock(tmp_path, "test", errors.LockedError):
             pass
+    monkeypatch.setenv("SLURM_JOB_ID", "77")   # the same job, requeued onto another node: its old lock is stale
+    with io.exclusive_lock(tmp_path, "test", errors.LockedError):
+        assert json.loads(lock.read_text())["slurm_job"] == "77"
 
 
 def test_second_trainer_on_a_locked_workdir_is_refused(synthetic_dataset, tmp_path):
@@ -461,3 +469,87 @@ def test_kill_9_with_workers_leaves_no_orphans_and_second_trainer_is_refused(tmp
                            text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stdout + rerun.stderr
     assert "Resumed from" in rerun.stdout
+
+
+def test_preprocess_refuses_an_output_dataset_in_use(tmp_path, monkeypatch, capsys):
+    import socket
+
+    import pydicom.data
+    preprocess = _tool("preprocess")
+    archive = tmp_path / "archive"
+    archive.mkdir()
+    for src in [f for f in pydicom.data.get_testdata_files("CT_small.dcm")][:1]:
+        shutil.copy(src, archive / "a.dcm")
+    monkeypatch.setenv("AFM_SALT", "lock test salt")
+    out = tmp_path / "out"
+    args = ["--input", str(archive), "--out", str(out), "--workers", "0", "--quiet", "--config.image_size=24",
+            "--config.name=tiny", "--name", "femur"]
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        out.mkdir()
+        (out / ".femur_tiny_v1.lock").write_text(json.dumps({"host": socket.gethostname(), "pid": holder.pid,
+                                                             "started": "earlier", "what": "tools/preprocess.py"}))
+        assert preprocess.main(args) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error:") and f"pid {holder.pid}" in err and "femur_tiny_v1 is in use" in err
+        assert not (out / ".work").exists()
+        assert preprocess.main(args + ["--shard", "0/2"]) == 0     # a shard holds only its own shard's lock
+    finally:
+        holder.kill()
+        holder.wait()
+    capsys.readouterr()
+    assert preprocess.main(args) == 0                              # the holder is gone: its lock is stale
+    assert (out / "femur_tiny_v1" / "1.0.0" / "dataset_info.json").is_file()
+    assert not list(out.glob(".*.lock"))
+
+
+# ─── Bad inputs that printed a traceback ──────────────────────────────────────────────────────────
+
+@pytest.mark.parametrize("content,message", [(None, "does not exist"), ("def get_config(:\n", "syntax error at line 1")])
+def test_main_with_a_missing_or_broken_config_file(tmp_path, content, message):
+    config = tmp_path / "config.py"
+    if content is not None:
+        config.write_text(content)
+    done = subprocess.run([sys.executable, "-m", "afm_jax.main", "--config", str(config), "--workdir",
+                           str(tmp_path / "w")], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and done.stderr.startswith("error:") and message in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_text_file_named_safetensors_is_a_message(synthetic_dataset, tmp_path, capsys):
+    fake = tmp_path / "weights.safetensors"
+    fake.write_text("hello, not weights")
+    config = _config(synthetic_dataset)
+    config.init_from = os.fspath(fake)
+    with pytest.raises(errors.InteropError, match="not a readable safetensors file"):
+        train_run.run(config, os.fspath(tmp_path / "run"))
+    assert _tool("import_timm").main(["--input", str(fake), "--out", str(tmp_path / "imp")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and "not a readable safetensors file" in err
+
+
+def test_evaluate_random_init_with_unknown_variant_is_a_message(capsys):
+    assert _tool("evaluate").main(["--backbone", "random_init:,variant=Z/99", "--synthetic", "12"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and "Unknown ViT size 'Z'" in err and "Traceback" not in err
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small tmpfs needs root")
+def test_real_full_disk_on_a_small_tmpfs(trained, tmp_path):
+    """The workdir on a tmpfs that holds one checkpoint, not two: a message, the first step intact."""
+    size = sum(p.stat().st_size for p in (trained["workdir"] / "checkpoints" / "1").rglob("*") if p.is_file())
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={int(size * 1.6) + 256 * 1024}", "tmpfs", str(mnt)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        config = trained["config"].copy_and_resolve_references()
+        config.total_steps = 6
+        with pytest.raises((errors.CheckpointError, errors.OutOfSpaceError), match="intact"):
+            train_run.run(config, os.fspath(mnt))
+        assert not list((mnt / "checkpoints").glob("*orbax-checkpoint-tmp*"))
+        verdicts = checkpoint.verify_workdir(mnt)
+        assert verdicts and all(v.ok and v.verified for v in verdicts), verdicts
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True)

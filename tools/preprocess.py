@@ -31,12 +31,12 @@ from collections.abc import Sequence
 import ml_collections
 from absl import flags
 
-from afm_jax import cli
+from afm_jax import cli, io
 from afm_jax.data import anonymize, decode_isolation, preprocessing, records
 from afm_jax.data.conversion import chunks as conversion
 from afm_jax.data.conversion import inputs as conversion_inputs
 from afm_jax.data.conversion import merge as conversion_merge
-from afm_jax.errors import ConfigError
+from afm_jax.errors import ConfigError, LockedError
 
 
 def _usable_cores() -> int:
@@ -147,6 +147,33 @@ def _shard(text: str | None) -> tuple[int, int] | None:
     return conversion_inputs.parse_shard(text)
 
 
+def _convert_and_merge(fv, files, variant, work_dir, salt, shard, out, name, fractions):
+    """Converts (this shard's chunks, or all) and merges; None when only a shard was converted."""
+    if fv.restart and work_dir.exists():
+        shutil.rmtree(work_dir)
+    label_names = [s.strip() for s in fv.label_names.split(",")] if fv.label_names else None
+    plan = conversion.make_plan(files, variant, work_dir, salt, chunk_size=fv.chunk_size, label_names=label_names)
+    print(f"{len(files)} input files, {plan.num_chunks} chunks of {plan.chunk_size}; variant {variant.name} "
+          f"v{variant.version}; work dir {work_dir}", file=sys.stderr)
+    if not fv.merge:
+        try:
+            isolation = decode_isolation.IsolationOptions(timeout_s=fv.file_timeout, max_memory_mb=fv.file_memory_mb)
+        except ValueError as e:
+            raise ConfigError(f"--file_timeout / --file_memory_mb: {e}") from None
+        conversion.run_shard(plan, salt, shard=shard or (0, 1), workers=fv.workers, progress=not fv.quiet,
+                             isolation=isolation)
+        if shard is not None:
+            left = len(conversion.pending_chunks(plan, (0, 1)))
+            print(f"shard {shard[0]}/{shard[1]} done; {left} chunks of other shards still to convert. When all "
+                  "shards are done, run the same command with --merge instead of --shard.", file=sys.stderr)
+            return None
+    directory, summary = conversion_merge.merge(plan, out, name, split_fractions=fractions,
+                                                split_mode=fv.split_mode, overwrite=fv.overwrite or fv.merge)
+    if not fv.keep_work:
+        shutil.rmtree(work_dir, ignore_errors=True)
+    return directory, summary
+
+
 def work(fv: flags.FlagValues, args: list[str]) -> int:
     if fv.list_variants:
         for name, v in preprocessing.VARIANTS.items():
@@ -181,33 +208,20 @@ def work(fv: flags.FlagValues, args: list[str]) -> int:
     final = out / name / records.SCHEMA_VERSION
     if final.exists() and not fv.overwrite and not fv.merge:
         raise ConfigError(f"A dataset already exists at {final}; pass --overwrite to replace it, or another --name.")
-    if fv.restart and work_dir.exists():
-        shutil.rmtree(work_dir)
-    label_names = [s.strip() for s in fv.label_names.split(",")] if fv.label_names else None
-    plan = conversion.make_plan(files, variant, work_dir, salt, chunk_size=fv.chunk_size, label_names=label_names)
-    print(f"{len(files)} input files, {plan.num_chunks} chunks of {plan.chunk_size}; variant {variant.name} "
-          f"v{variant.version}; work dir {work_dir}", file=sys.stderr)
-    if not fv.merge:
+    # One run per output dataset (<out>/.<name>.lock; a SLURM array's shards each hold their own shard's
+    # lock instead); the lock sits in --out, so --restart and the final clean-up do not remove it.
+    lock_name = f".{name}" + (f".shard-{shard[0]}-of-{shard[1]}" if shard else "") + ".lock"
+    with io.exclusive_lock(out, "tools/preprocess.py" + (f" --shard {fv.shard}" if shard else ""),
+                           LockedError, name=lock_name, subject=out / name):
+        result = _convert_and_merge(fv, files, variant, work_dir, salt, shard, out, name, fractions)
+    if result is None:
+        return 0
+    directory, summary = result
+    if not fv.keep_work and not fv.work_dir:
         try:
-            isolation = decode_isolation.IsolationOptions(timeout_s=fv.file_timeout, max_memory_mb=fv.file_memory_mb)
-        except ValueError as e:
-            raise ConfigError(f"--file_timeout / --file_memory_mb: {e}") from None
-        conversion.run_shard(plan, salt, shard=shard or (0, 1), workers=fv.workers, progress=not fv.quiet,
-                             isolation=isolation)
-        if shard is not None:
-            left = len(conversion.pending_chunks(plan, (0, 1)))
-            print(f"shard {shard[0]}/{shard[1]} done; {left} chunks of other shards still to convert. When all "
-                  "shards are done, run the same command with --merge instead of --shard.", file=sys.stderr)
-            return 0
-    directory, summary = conversion_merge.merge(plan, out, name, split_fractions=fractions,
-                                                split_mode=fv.split_mode, overwrite=fv.overwrite or fv.merge)
-    if not fv.keep_work:
-        shutil.rmtree(work_dir, ignore_errors=True)
-        if not fv.work_dir:
-            try:
-                work_dir.parent.rmdir()  # <out>/.work, once empty
-            except OSError:
-                pass
+            work_dir.parent.rmdir()  # <out>/.work, once empty
+        except OSError:
+            pass
     print("summary (files per status):\n" + conversion_merge.format_summary(summary))
     print(f"manifest: {directory / conversion_merge.MANIFEST_FILE}")
     print(f"dataset: {directory}\ntrain with: --config.data.path={directory}")

@@ -1,9 +1,10 @@
 """Verify a run's checkpoints without training: every step folder against its integrity record.
 
-Usage: python tools/verify_checkpoints.py --workdir RUN [--move_damaged]
+Usage: python tools/verify_checkpoints.py --workdir RUN [--move_damaged] [--out REPORT_DIR]
 
 Example:
     python tools/verify_checkpoints.py --workdir runs/mae_vitb16
+    python tools/verify_checkpoints.py --workdir runs/mae_vitb16 --out reports/   # also writes verification.json
 
 Each step in RUN/checkpoints is checked against the sha256 and size of every file recorded when it was
 saved (checkpoints/<step>/integrity.json), and its metadata and data-iterator JSON must parse. One line
@@ -29,12 +30,16 @@ def define_flags(fv: flags.FlagValues) -> None:
     flags.DEFINE_string("workdir", None, "A run's folder (as given to afm_jax.main) or its checkpoints/ folder.",
                         flag_values=fv)
     flags.DEFINE_bool("move_damaged", False, "Move damaged steps to checkpoints_damaged/.", flag_values=fv)
+    flags.DEFINE_string("out", None, "Folder to write the JSON report into (verification.json); default: none.",
+                        flag_values=fv)
 
 
 TOOL = cli.Tool(__doc__, define_flags, required=("workdir",))
 
 
 def verify(fv: flags.FlagValues, _args: list[str]) -> int:
+    if fv.out is not None:
+        cli.check_output_dir(fv.out)
     verdicts = checkpoint.verify_workdir(fv.workdir)
     if not verdicts:
         print(f"No checkpoint in {fv.workdir}.")
@@ -51,10 +56,14 @@ def verify(fv: flags.FlagValues, _args: list[str]) -> int:
             for v in damaged:
                 moved.append(str(checkpoint.quarantine(root / checkpoint.CHECKPOINTS_DIR / str(v.step), v.kind)))
                 print(f"moved step {v.step} to {moved[-1]}")
-    print(json.dumps({"workdir": str(fv.workdir), "steps": [v.step for v in verdicts],
-                      "verified": [v.step for v in verdicts if v.ok and v.verified],
-                      "unverifiable": [v.step for v in verdicts if v.ok and not v.verified],
-                      "damaged": {str(v.step): v.damage for v in damaged}, "moved": moved}))
+    report = {"workdir": str(fv.workdir), "steps": [v.step for v in verdicts],
+              "verified": [v.step for v in verdicts if v.ok and v.verified],
+              "unverifiable": [v.step for v in verdicts if v.ok and not v.verified],
+              "damaged": {str(v.step): v.damage for v in damaged}, "moved": moved}
+    if fv.out is not None:
+        pathlib.Path(fv.out).mkdir(parents=True, exist_ok=True)
+        io.write_json(pathlib.Path(fv.out) / "verification.json", report)
+    print(json.dumps(report))
     return 1 if damaged else 0
 
 

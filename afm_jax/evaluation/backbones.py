@@ -287,6 +287,10 @@ def _vit_from_spec(spec: BackboneSpec, model_cfg=None, image_size: int | None = 
         model_cfg = factory.default_model_config(spec.variant)
         model_cfg.in_chans = spec.in_chans
         model_cfg.update(dict(spec.model))
+    try:
+        factory.parse_variant(model_cfg.variant)
+    except ValueError as e:   # e.g. `random_init:,variant=Z/99`
+        raise ConfigError(f"Backbone {spec.kind}: {e} Give it as variant=<size>/<patch> in --backbone.") from None
     return factory.build_encoder(model_cfg, image_size or spec.image_size, nnx.Rngs(spec.seed))
 
 

@@ -88,11 +88,12 @@ class Verdict:
         return self.damage is None
 
 
-def verify_step(step_dir: pathlib.Path) -> Verdict:
+def verify_step(step_dir: pathlib.Path, *, hash_files: bool = True) -> Verdict:
     """Checks a step folder against its integrity record, and that its JSON items parse.
 
     Without a record (a run killed between orbax's commit and the record, or older code) the files
-    cannot be verified; the step counts as good here and the restore itself is the test."""
+    cannot be verified; the step counts as good here and the restore itself is the test.
+    `hash_files=False` checks presence and sizes only (the other processes of a job: process 0 hashes)."""
     step = int(step_dir.name) if step_dir.name.isdigit() else -1
     record_file = step_dir / INTEGRITY_FILE
     verified = False
@@ -109,7 +110,7 @@ def verify_step(step_dir: pathlib.Path) -> Verdict:
             size = path.stat().st_size
             if size != int(want["bytes"]):
                 return Verdict(step, f"{rel} has {size} bytes, {want['bytes']} were written", "truncated")
-            if _sha256(path) != want["sha256"]:
+            if hash_files and _sha256(path) != want["sha256"]:
                 return Verdict(step, f"{rel} does not match its recorded sha256 (bit rot or overwritten)",
                                "checksum-mismatch")
         verified = True
@@ -265,7 +266,7 @@ class Checkpointer:
         tried. When every checkpoint is damaged: CheckpointError."""
         moved: list[str] = []
         for step_dir in reversed(step_dirs(self.directory)):
-            verdict = verify_step(step_dir)
+            verdict = self._agree(verify_step(step_dir, hash_files=jax.process_index() == 0))
             if verdict.ok:
                 meta = read_meta(step_dir)
                 if check is not None:
@@ -291,6 +292,17 @@ class Checkpointer:
                 "same command starts over from step 0; to keep what was trained, repair or copy back a step folder "
                 f"from {pathlib.Path(self.directory).parent / DAMAGED_DIR} first.")
         return None
+
+    @staticmethod
+    def _agree(verdict: Verdict) -> Verdict:
+        """Every process of a job follows process 0's verdict (it hashed the files), so all restore or
+        skip the same step."""
+        if jax.process_count() == 1:
+            return verdict
+        ok = bool(multihost_utils.broadcast_one_to_all(np.int32(verdict.ok)))
+        if ok == verdict.ok:
+            return verdict
+        return Verdict(verdict.step, None) if ok else Verdict(verdict.step, "damaged (found by process 0)", "damaged")
 
     def _move_aside(self, step_dir: pathlib.Path, verdict: Verdict) -> str:
         target = pathlib.Path(step_dir.parent.parent / DAMAGED_DIR / f"{step_dir.name}-{verdict.kind}")

@@ -25,9 +25,11 @@ from jax.experimental import multihost_utils
 
 from afm_jax import configuration, errors, io
 from afm_jax.errors import TrainingDivergedError
-from afm_jax.train import assembly as assembly_lib, checkpoint, optim, resume, sharding, state as state_lib, throughput
-from afm_jax.train.tasks.base import Task
+from afm_jax.train import assembly as assembly_lib
+from afm_jax.train import checkpoint, optim, resume, sharding, throughput
+from afm_jax.train import state as state_lib
 from afm_jax.train.metrics_writer import MetricsWriter
+from afm_jax.train.tasks.base import Task
 from afm_jax.version import code_version
 
 
@@ -317,6 +319,12 @@ def _train(config: ml_collections.ConfigDict, workdir: str, task: Task, *, stop_
         if jax.process_count() > 1 and last_loss is not None:  # one line per process: they must agree
             print(f"[process {jax.process_index()}/{jax.process_count()}] step {step} loss {last_loss:.6f}", flush=True)
         return TrainResult(state=state, graphdef=graphdef, step=step, finished=finished, predictions=task.predictions())
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT) or isinstance(e, errors.UserError):
+            raise
+        raise errors.OutOfSpaceError(f"The disk is full writing {e.filename or workdir} ({e.strerror}). The newest "
+                                     f"complete checkpoint in {workdir}/checkpoints is intact: free space and rerun the "
+                                     "same command to resume.") from None
     finally:
         for close in reversed(closers):
             try:
