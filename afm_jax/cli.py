@@ -55,8 +55,8 @@ class Tool:
     doc: str
     define_flags: Callable[[flags.FlagValues], None]
     default_config: Callable[[Sequence[str]], ml_collections.ConfigDict] | None = None
-    config_keys_in: str = ""        # where the valid --config keys are documented (named in errors)
-    positional: str = ""            # usage of positional arguments, e.g. "STUDY_FILE"; "" = none allowed
+    config_keys_in: str = ""  # where the valid --config keys are documented (named in errors)
+    positional: str = ""  # usage of positional arguments, e.g. "STUDY_FILE"; "" = none allowed
     required: tuple[str, ...] = ()  # flags that must be given
 
 
@@ -131,18 +131,22 @@ def _define(tool: Tool, argv: Sequence[str]) -> flags.FlagValues:
     overrides = config_overrides(argv)
     if tool.default_config is None:
         if overrides:
-            raise UsageError(f"--{CONFIG}.{overrides[0]}: this tool has no --{CONFIG} settings; "
-                             "its flags are listed by --help.")
+            raise UsageError(
+                f"--{CONFIG}.{overrides[0]}: this tool has no --{CONFIG} settings; its flags are listed by --help."
+            )
         return fv
     config = tool.default_config(argv)
     for key in overrides:
         bad = _unknown_key(config, key)
         if bad is not None:
-            raise ConfigError(f"--{CONFIG}.{key}: `{bad}` is not a setting of this tool. The valid keys and their "
-                              f"defaults are listed by --help (and in {tool.config_keys_in}).")
+            raise ConfigError(
+                f"--{CONFIG}.{key}: `{bad}` is not a setting of this tool. The valid keys and their "
+                f"defaults are listed by --help (and in {tool.config_keys_in})."
+            )
     try:
-        config_flags.DEFINE_config_dict(CONFIG, config, "The tool's settings.", flag_values=fv,
-                                        sys_argv=["tool", *argv])
+        config_flags.DEFINE_config_dict(
+            CONFIG, config, "The tool's settings.", flag_values=fv, sys_argv=["tool", *argv]
+        )
     except (AttributeError, KeyError, ValueError, TypeError) as e:  # ml_collections rejects an override
         raise ConfigError(configuration.bad_override_message(argv, e, tool.config_keys_in)) from None
     return fv
@@ -166,8 +170,9 @@ def parse(tool: Tool, argv: Sequence[str]) -> tuple[flags.FlagValues, list[str]]
     return fv, rest
 
 
-def run(tool: Tool, work: Callable[[flags.FlagValues, list[str]], int | None],
-        argv: Sequence[str] | None = None) -> int:
+def run(
+    tool: Tool, work: Callable[[flags.FlagValues, list[str]], int | None], argv: Sequence[str] | None = None
+) -> int:
     """Parses `argv` (default: sys.argv[1:]) and runs `work(flag_values, positional_args)`; returns the
     exit status: 0 (or what `work` returns), 2 with `error: ...` on stderr for a user mistake."""
     argv = list(sys.argv[1:] if argv is None else [os.fspath(a) for a in argv])
@@ -218,16 +223,20 @@ def refuse_overwrite(path: str | os.PathLike, marker: str, overwrite: bool, flag
     """Refuses to write into a folder that already holds `marker` (an earlier output) unless `--overwrite`."""
     check_output_dir(path, flag)
     if not overwrite and os.path.exists(os.path.join(path, marker)):
-        raise UsageError(f"--{flag} {os.fspath(path)} already holds {marker}: pass --overwrite to replace it, "
-                         "or give another folder.")
+        raise UsageError(
+            f"--{flag} {os.fspath(path)} already holds {marker}: pass --overwrite to replace it, "
+            "or give another folder."
+        )
 
 
 def define_parity_flags(fv: flags.FlagValues, tolerance: float) -> None:
     """The timm parity-check flags both interop tools take (--check, --tolerance, --no_parity)."""
-    flags.DEFINE_bool("check", False, "Fail if the timm parity check fails (or torch/timm are missing).",
-                      flag_values=fv)
-    flags.DEFINE_float("tolerance", tolerance, "Max abs difference of forward_features accepted by --check.",
-                       flag_values=fv)
+    flags.DEFINE_bool(
+        "check", False, "Fail if the timm parity check fails (or torch/timm are missing).", flag_values=fv
+    )
+    flags.DEFINE_float(
+        "tolerance", tolerance, "Max abs difference of forward_features accepted by --check.", flag_values=fv
+    )
     flags.DEFINE_bool("no_parity", False, "Skip the timm parity check.", flag_values=fv)
 
 

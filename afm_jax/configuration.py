@@ -13,6 +13,7 @@ import pathlib
 from typing import Any, Callable, Iterable
 
 import ml_collections
+
 from afm_jax.errors import ConfigError
 
 
@@ -28,8 +29,10 @@ def require(config: ml_collections.ConfigDict, key: str, check: Callable[[Any], 
     except (TypeError, ValueError):
         ok = False
     if not ok:
-        raise ConfigError(f"Config key `{key}` = {node!r} is invalid: expected {expected}. "
-                          f"Fix it in the config file or override with --config.{key}=...")
+        raise ConfigError(
+            f"Config key `{key}` = {node!r} is invalid: expected {expected}. "
+            f"Fix it in the config file or override with --config.{key}=..."
+        )
     return node
 
 
@@ -84,5 +87,4 @@ def bad_override_message(argv: Iterable[str], error: Exception, keys_are_in: str
     missing = str(inner).strip("\"'")
     failed = [o for o in overrides if o in detail] or [o for o in overrides if missing in o.split(".")[1:]]
     named = failed[-1] if failed else (overrides[0] if len(overrides) == 1 else "a --config override")
-    return (f"unknown key or bad value in {named} ({detail}). "
-            f"The valid keys and their defaults are in {keys_are_in}.")
+    return f"unknown key or bad value in {named} ({detail}). The valid keys and their defaults are in {keys_are_in}."

@@ -57,8 +57,14 @@ def write_text(path: str | os.PathLike, text: str) -> None:
     write_bytes(path, text.encode("utf-8"))
 
 
-def write_json(path: str | os.PathLike, obj: Any, *, indent: int | None = 2, sort_keys: bool = False,
-               default: Callable[[Any], Any] | None = None) -> None:
+def write_json(
+    path: str | os.PathLike,
+    obj: Any,
+    *,
+    indent: int | None = 2,
+    sort_keys: bool = False,
+    default: Callable[[Any], Any] | None = None,
+) -> None:
     """Writes `obj` as JSON to `path` atomically."""
     write_text(path, json.dumps(obj, indent=indent, sort_keys=sort_keys, default=default) + "\n")
 
@@ -87,7 +93,7 @@ def read_json(path: str | os.PathLike) -> Any:
 # ─── Exclusive folder locks ──────────────────────────────────────────────────────────────────────
 
 LOCK_FILE = ".afm_jax.lock"
-_held: dict[str, int] = {}   # lock file -> nesting depth, for locks this process holds
+_held: dict[str, int] = {}  # lock file -> nesting depth, for locks this process holds
 
 
 def _process_start_ticks(pid: int) -> str | None:
@@ -107,20 +113,27 @@ def _holder_alive(holder: dict) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:   # alive, another user's
+    except PermissionError:  # alive, another user's
         return True
     ticks = holder.get("pid_start")
     return ticks is None or _process_start_ticks(pid) in (None, ticks)
 
 
 def _describe(holder: dict) -> str:
-    return (f"host {holder.get('host', '?')}, pid {holder.get('pid', '?')}, started {holder.get('started', '?')}"
-            + (f" ({holder['what']})" if holder.get("what") else ""))
+    return f"host {holder.get('host', '?')}, pid {holder.get('pid', '?')}, started {holder.get('started', '?')}" + (
+        f" ({holder['what']})" if holder.get("what") else ""
+    )
 
 
 @contextlib.contextmanager
-def exclusive_lock(directory: str | os.PathLike, what: str, error: Callable[[str], Exception], *,
-                   name: str = LOCK_FILE, subject: str | os.PathLike | None = None) -> Iterator[pathlib.Path]:
+def exclusive_lock(
+    directory: str | os.PathLike,
+    what: str,
+    error: Callable[[str], Exception],
+    *,
+    name: str = LOCK_FILE,
+    subject: str | os.PathLike | None = None,
+) -> Iterator[pathlib.Path]:
     """Holds `<directory>/<name>` (default `.afm_jax.lock`; created with O_EXCL, it records host, pid and
     start time) while the block runs, so a second run on the same folder is refused with a message naming
     the holder (`error(message)` is raised; `subject` is the folder named in it, default `directory`).
@@ -138,9 +151,14 @@ def exclusive_lock(directory: str | os.PathLike, what: str, error: Callable[[str
         finally:
             _held[key] -= 1
         return
-    me = {"host": socket.gethostname(), "pid": os.getpid(), "pid_start": _process_start_ticks(os.getpid()),
-          "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "what": what,
-          "slurm_job": os.environ.get("SLURM_JOB_ID") or None}
+    me = {
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "pid_start": _process_start_ticks(os.getpid()),
+        "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "what": what,
+        "slurm_job": os.environ.get("SLURM_JOB_ID") or None,
+    }
     for _attempt in range(3):
         try:
             fd = os.open(lock, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
@@ -160,14 +178,16 @@ def exclusive_lock(directory: str | os.PathLike, what: str, error: Callable[[str
             if (holder.get("host") == me["host"] and not _holder_alive(holder)) or requeued:
                 stale = lock.with_name(f"{name}.stale-{os.getpid()}")
                 try:
-                    os.replace(lock, stale)   # one taker wins; the others see the new lock
+                    os.replace(lock, stale)  # one taker wins; the others see the new lock
                     stale.unlink()
                 except FileNotFoundError:
                     pass
                 continue
-            raise error(f"{subject} is in use by another run ({_describe(holder)}); its lock is {lock}. Wait for "
-                        "it to finish or use another folder. If that process is gone (e.g. it ran on another "
-                        f"host that crashed), delete {lock} and rerun.") from None
+            raise error(
+                f"{subject} is in use by another run ({_describe(holder)}); its lock is {lock}. Wait for "
+                "it to finish or use another folder. If that process is gone (e.g. it ran on another "
+                f"host that crashed), delete {lock} and rerun."
+            ) from None
         with os.fdopen(fd, "w") as f:
             f.write(json.dumps(me))
         break

@@ -35,7 +35,7 @@ _COORDINATOR = flags.DEFINE_string("coordinator", None, "host:port of process 0 
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the job (jax.distributed).")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index in [0, num_processes).")
 
-NFF_LABEL, AFF_LABEL = LABEL_NAMES.index("nff"), LABEL_NAMES.index("aff")   # the demo probe: AFF positive
+NFF_LABEL, AFF_LABEL = LABEL_NAMES.index("nff"), LABEL_NAMES.index("aff")  # the demo probe: AFF positive
 
 
 def run(config, workdir: str) -> None:
@@ -48,24 +48,42 @@ def run(config, workdir: str) -> None:
     task = get_task(config.task)
     random_init = factory.build_backbone(config.model, config.image_size, nnx.Rngs(config.seed))
     p = config.probe
-    aff_vs_nff = protocols.TaskSpec(name="aff_vs_nff", data=config.data.path, positive_labels=(AFF_LABEL,),
-                                    negative_labels=(NFF_LABEL,), unit=p.unit)
+    aff_vs_nff = protocols.TaskSpec(
+        name="aff_vs_nff",
+        data=config.data.path,
+        positive_labels=(AFF_LABEL,),
+        negative_labels=(NFF_LABEL,),
+        unit=p.unit,
+    )
     encoders = {config.task: task.encoder_of(result.model()), "random_init": random_init}
-    results = low_label.low_label_comparison(encoders, config.data, aff_vs_nff,
-                                             image_size=p.image_size or config.image_size,
-                                             fractions=tuple(p.fractions), seeds=tuple(p.seeds), pool=p.pool,
-                                             batch_size=p.batch_size, n_boot=p.n_boot, bootstrap_seed=config.seed)
+    results = low_label.low_label_comparison(
+        encoders,
+        config.data,
+        aff_vs_nff,
+        image_size=p.image_size or config.image_size,
+        fractions=tuple(p.fractions),
+        seeds=tuple(p.seeds),
+        pool=p.pool,
+        batch_size=p.batch_size,
+        n_boot=p.n_boot,
+        bootstrap_seed=config.seed,
+    )
     io.write_json(os.path.join(workdir, "linear_probe.json"), results)
     names = list(encoders)
     for fraction in sorted(p.fractions, reverse=True):
         row = results[f"{fraction:g}"]
         diff = row["difference"][f"{names[0]}-{names[1]}"]
-        print(f"  {fraction:.0%} labels: {names[0]} - {names[1]} = {diff['point']:+.3f} "
-              f"[{diff['low']:+.3f} to {diff['high']:+.3f}] over {row['num_test_units']} test {p.unit}s, "
-              f"{len(p.seeds)} probe seeds", flush=True)
-    for fraction in sorted(p.fractions, reverse=True):   # the smallest fraction (the headline) prints last
-        print(f"AUROC (AFF vs NFF, linear probe, {fraction:.0%} labels): "
-              f"{low_label.headline(results, fraction, names)}", flush=True)
+        print(
+            f"  {fraction:.0%} labels: {names[0]} - {names[1]} = {diff['point']:+.3f} "
+            f"[{diff['low']:+.3f} to {diff['high']:+.3f}] over {row['num_test_units']} test {p.unit}s, "
+            f"{len(p.seeds)} probe seeds",
+            flush=True,
+        )
+    for fraction in sorted(p.fractions, reverse=True):  # the smallest fraction (the headline) prints last
+        print(
+            f"AUROC (AFF vs NFF, linear probe, {fraction:.0%} labels): {low_label.headline(results, fraction, names)}",
+            flush=True,
+        )
 
 
 def _check_config_file(argv: list[str]) -> None:
@@ -73,14 +91,14 @@ def _check_config_file(argv: list[str]) -> None:
     path = peek_flag(argv[1:], "config")
     if not path:
         return
-    file = pathlib.Path(path.split(":", 1)[0])   # config_flags allows `file.py:arg`
+    file = pathlib.Path(path.split(":", 1)[0])  # config_flags allows `file.py:arg`
     if not file.is_file():
         raise ConfigError(f"Config file {file} does not exist: give --config a file such as configs/demo.py.")
     try:
         compile(file.read_bytes(), os.fspath(file), "exec")
     except SyntaxError as e:
         raise ConfigError(f"Config file {file} has a syntax error at line {e.lineno}: {e.msg}. Fix the file.") from None
-    except ValueError as e:   # null bytes: not a Python file
+    except ValueError as e:  # null bytes: not a Python file
         raise ConfigError(f"Config file {file} is not a Python file ({e}).") from None
 
 
@@ -93,8 +111,11 @@ def load_config():
         while inner is not None:
             causes.append(f"{type(inner).__name__}: {inner}")
             inner = inner.__cause__ or inner.__context__
-        raise ConfigError(f"Config file {peek_flag(sys.argv[1:], 'config')} could not be loaded: "
-                          + "; ".join(dict.fromkeys(causes[::-1])) + ".") from None
+        raise ConfigError(
+            f"Config file {peek_flag(sys.argv[1:], 'config')} could not be loaded: "
+            + "; ".join(dict.fromkeys(causes[::-1]))
+            + "."
+        ) from None
 
 
 def parse_flags(argv: list[str]) -> list[str]:
@@ -110,8 +131,9 @@ def parse_flags(argv: list[str]) -> list[str]:
         print(f"error: {e}\nRun with --helpfull for the flags.", file=sys.stderr)
         sys.exit(2)
     except (AttributeError, KeyError) as e:  # ml_collections: unknown key in a --config.a.b=v override
-        print("error: " + bad_override_message(argv, e, "afm_jax/train/defaults.py (or the config file)"),
-              file=sys.stderr)
+        print(
+            "error: " + bad_override_message(argv, e, "afm_jax/train/defaults.py (or the config file)"), file=sys.stderr
+        )
         sys.exit(2)
 
 
@@ -119,8 +141,12 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}. Config changes go as --config.key=value.")
     logging.set_verbosity(logging.WARNING)  # keep library INFO chatter (e.g. backend probing) off the console
-    exit_on_user_error(distributed.initialize, coordinator=_COORDINATOR.value, num_processes=_NUM_PROCESSES.value,
-                       process_id=_PROCESS_ID.value)
+    exit_on_user_error(
+        distributed.initialize,
+        coordinator=_COORDINATOR.value,
+        num_processes=_NUM_PROCESSES.value,
+        process_id=_PROCESS_ID.value,
+    )
     exit_on_user_error(lambda: run(load_config(), _WORKDIR.value))
 
 

@@ -48,7 +48,7 @@ from afm_jax.data.conversion import merge
 from afm_jax.data.curation import clustering, duplicates
 from afm_jax.data.splits import assign_patient_splits
 
-IMAGES_PER_PATIENT = 30        # 500,000 images / 17,000 patients ≈ 29
+IMAGES_PER_PATIENT = 30  # 500,000 images / 17,000 patients ≈ 29
 
 
 def log(msg: str) -> None:
@@ -75,15 +75,43 @@ def synthetic_rows(n: int, rng: np.random.Generator) -> list[dict]:
     rows = []
     for i in range(n):
         p = f"p{patients[i]:024x}"
-        image = {"image_id": uid[i], "patient_id": p, "study_id": f"s{i // 3:024x}", "series_id": f"r{i // 3:024x}",
-                 "body_part": "FEMUR", "view": "AP", "laterality": "L", "modality": "DX", "frame": 0,
-                 "pixel_spacing_mm": [0.14, 0.14], "shape": [512, 512], "crop": [0, 0, 2000, 2000], "flipped": False}
-        rows.append({"file_index": i, "file_id": f"f{i:024x}", "label_name": "aff" if labels[i] == 1 else "",
-                     "label": int(labels[i]), "status": "converted", "images": [image], "pixel_hash": pixel[i],
-                     "manufacturer": "X", "sop_class": "1.2.840.10008.5.1.4.1.1.1.1", "transfer_syntax": "1.2.840.10008.1.2.1",
-                     "photometric": "MONOCHROME2", "bits_stored": 12, "voi_used": "window", "num_frames": 1,
-                     "orig_shape": [2500, 2000], "patient_id_source": "PatientID", "spacing_source": "PixelSpacing",
-                     "seconds": 0.05})
+        image = {
+            "image_id": uid[i],
+            "patient_id": p,
+            "study_id": f"s{i // 3:024x}",
+            "series_id": f"r{i // 3:024x}",
+            "body_part": "FEMUR",
+            "view": "AP",
+            "laterality": "L",
+            "modality": "DX",
+            "frame": 0,
+            "pixel_spacing_mm": [0.14, 0.14],
+            "shape": [512, 512],
+            "crop": [0, 0, 2000, 2000],
+            "flipped": False,
+        }
+        rows.append(
+            {
+                "file_index": i,
+                "file_id": f"f{i:024x}",
+                "label_name": "aff" if labels[i] == 1 else "",
+                "label": int(labels[i]),
+                "status": "converted",
+                "images": [image],
+                "pixel_hash": pixel[i],
+                "manufacturer": "X",
+                "sop_class": "1.2.840.10008.5.1.4.1.1.1.1",
+                "transfer_syntax": "1.2.840.10008.1.2.1",
+                "photometric": "MONOCHROME2",
+                "bits_stored": 12,
+                "voi_used": "window",
+                "num_frames": 1,
+                "orig_shape": [2500, 2000],
+                "patient_id_source": "PatientID",
+                "spacing_source": "PixelSpacing",
+                "seconds": 0.05,
+            }
+        )
     return rows
 
 
@@ -131,9 +159,15 @@ def stage_merge_rows(n: int, rng: np.random.Generator, tmp: str) -> dict:
     seconds, cpu_s = time.perf_counter() - t, time.process_time() - c
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
-    out = {"seconds": seconds, "cpu_s": cpu_s, "rows_build_s": round(build_s, 3), "peak_mb": round(peak / 2**20, 1),
-           "manifest_mb": round(os.path.getsize(path) / 2**20, 1), "patients": len(split_of),
-           "skipped": sum(v for k, v in summary.items() if k.startswith("skipped"))}
+    out = {
+        "seconds": seconds,
+        "cpu_s": cpu_s,
+        "rows_build_s": round(build_s, 3),
+        "peak_mb": round(peak / 2**20, 1),
+        "manifest_mb": round(os.path.getsize(path) / 2**20, 1),
+        "patients": len(split_of),
+        "skipped": sum(v for k, v in summary.items() if k.startswith("skipped")),
+    }
     os.remove(path)
     return out
 
@@ -147,13 +181,26 @@ def stage_records(n: int, rng: np.random.Generator, tmp: str) -> dict:
 
     def examples():
         for i in range(n):
-            yield {"image": images[i % 64], "patient_id": f"p{i // IMAGES_PER_PATIENT}", "study_id": "s", "series_id": "r",
-                   "image_id": f"i{i}", "body_part": "FEMUR", "view": "AP", "laterality": "L", "modality": "DX",
-                   "pixel_spacing_mm": np.asarray([0.1, 0.1], np.float32), "orig_shape": np.asarray([16, 16], np.int32),
-                   "label": -1, "label_name": ""}
+            yield {
+                "image": images[i % 64],
+                "patient_id": f"p{i // IMAGES_PER_PATIENT}",
+                "study_id": "s",
+                "series_id": "r",
+                "image_id": f"i{i}",
+                "body_part": "FEMUR",
+                "view": "AP",
+                "laterality": "L",
+                "modality": "DX",
+                "pixel_spacing_mm": np.asarray([0.1, 0.1], np.float32),
+                "orig_shape": np.asarray([16, 16], np.int32),
+                "label": -1,
+                "label_name": "",
+            }
+
     t = time.perf_counter()
-    directory = records.write_dataset(examples(), tmp, name=f"scale{n}", split_fractions={"train": 1.0},
-                                      num_examples_hint=n, overwrite=True)
+    directory = records.write_dataset(
+        examples(), tmp, name=f"scale{n}", split_fractions={"train": 1.0}, num_examples_hint=n, overwrite=True
+    )
     write_s = time.perf_counter() - t
     t = time.perf_counter()
     source = records.open_split(directory, "train")
@@ -163,8 +210,13 @@ def stage_records(n: int, rng: np.random.Generator, tmp: str) -> dict:
     for i in idx:
         source[int(i)]
     read_s = time.perf_counter() - t
-    return {"seconds": open_s + read_s, "write_s": round(write_s, 3), "open_s": round(open_s, 4),
-            "random_read_us": round(read_s / len(idx) * 1e6, 1), "records": len(source)}
+    return {
+        "seconds": open_s + read_s,
+        "write_s": round(write_s, 3),
+        "open_s": round(open_s, 4),
+        "random_read_us": round(read_s / len(idx) * 1e6, 1),
+        "records": len(source),
+    }
 
 
 # ------------------------------------------------------------------------------------------------
@@ -192,9 +244,15 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", default="10000,50000,500000")
     parser.add_argument("--dim", type=int, default=256, help="embedding width")
-    parser.add_argument("--budget_s", type=float, default=240.0,
-                        help="a stage predicted to take longer at a size is extrapolated instead of run")
-    parser.add_argument("--stages", default="merge_rows,exact_pairs,hamming_pairs,cosine_flat,cosine_ivf,kmeans,records")
+    parser.add_argument(
+        "--budget_s",
+        type=float,
+        default=240.0,
+        help="a stage predicted to take longer at a size is extrapolated instead of run",
+    )
+    parser.add_argument(
+        "--stages", default="merge_rows,exact_pairs,hamming_pairs,cosine_flat,cosine_ivf,kmeans,records"
+    )
     parser.add_argument("--records_max", type=int, default=50000, help="largest N for the records stage (write cost)")
     args = parser.parse_args(argv)
     sizes = [int(s) for s in args.sizes.split(",")]
@@ -209,7 +267,9 @@ def main(argv: list[str] | None = None) -> dict:
                 done = sorted(measured[stage])
                 guess = predict(done, [measured[stage][m]["seconds"] for m in done], n)
                 if (guess is not None and guess > args.budget_s) or (stage == "records" and n > args.records_max):
-                    log(f"{stage} at N={n}: predicted {guess if guess is None else round(guess)} s > budget: extrapolated")
+                    log(
+                        f"{stage} at N={n}: predicted {guess if guess is None else round(guess)} s > budget: extrapolated"
+                    )
                     continue
                 t, c = time.perf_counter(), time.process_time()
                 if stage == "merge_rows":
@@ -237,19 +297,27 @@ def main(argv: list[str] | None = None) -> dict:
                     raise SystemExit(f"unknown stage {stage!r}")
                 out.setdefault("seconds", time.perf_counter() - t)
                 out["seconds"] = round(out["seconds"], 3)
-                out["cpu_s"] = round(out.get("cpu_s", time.process_time() - c), 3)   # all threads of this process
+                out["cpu_s"] = round(out.get("cpu_s", time.process_time() - c), 3)  # all threads of this process
                 measured[stage][n] = out
                 log(f"{stage} at N={n}: {out}")
-    result: dict = {"bench": "archive_scale", "sizes": sizes, "dim": args.dim, "cpu_count": os.cpu_count(),
-                    "load_avg_1min": round(os.getloadavg()[0], 2), "stages": {}}
+    result: dict = {
+        "bench": "archive_scale",
+        "sizes": sizes,
+        "dim": args.dim,
+        "cpu_count": os.cpu_count(),
+        "load_avg_1min": round(os.getloadavg()[0], 2),
+        "stages": {},
+    }
     for stage in stages:
         done = sorted(measured[stage])
         secs = [measured[stage][m]["seconds"] for m in done]
         k = fit_exponent(done, secs)
         k_cpu = fit_exponent(done, [measured[stage][m]["cpu_s"] for m in done])
-        entry = {"measured": {str(m): measured[stage][m] for m in done},
-                 "exponent_k": None if k is None else round(k, 3),
-                 "exponent_k_cpu": None if k_cpu is None else round(k_cpu, 3)}
+        entry = {
+            "measured": {str(m): measured[stage][m] for m in done},
+            "exponent_k": None if k is None else round(k, 3),
+            "exponent_k_cpu": None if k_cpu is None else round(k_cpu, 3),
+        }
         for n in sizes:
             if n not in measured[stage] and k is not None:
                 entry[f"seconds_at_{n}"] = round(predict(done, secs, n), 1)

@@ -68,8 +68,12 @@ def scale_stages(rows: int, seed: int = 0) -> dict[str, float]:
     t = time.perf_counter()
     levels, _ = clustering.hierarchical_kmeans(vectors, (256, 32), niter=10)
     clustering.take(clustering.balanced_order(levels), rows // 2)
-    return {"scale_rows": rows, "scale_dedup_s": round(dedup_s, 3), "scale_cluster_s": round(time.perf_counter() - t, 3),
-            "scale_pairs_found": int(len(hp) + len(cp))}
+    return {
+        "scale_rows": rows,
+        "scale_dedup_s": round(dedup_s, 3),
+        "scale_cluster_s": round(time.perf_counter() - t, 3),
+        "scale_pairs_found": int(len(hp) + len(cp)),
+    }
 
 
 def main() -> None:
@@ -80,12 +84,15 @@ def main() -> None:
     parser.add_argument("--scale", type=int, default=20000, help="rows for the column-stage timing (0 = skip)")
     args = parser.parse_args()
 
-    from afm_jax.data.curation import config as config_lib, curate as run, synthetic_defects
+    from afm_jax.data.curation import config as config_lib
+    from afm_jax.data.curation import curate as run
+    from afm_jax.data.curation import synthetic_defects
 
     with tempfile.TemporaryDirectory() as tmp:
         print("building the synthetic set with injected defects ...", file=sys.stderr)
-        ds = synthetic_defects.build_defective_dataset(tmp, num_patients=args.num_patients,
-                                                       image_size=args.image_size, per_kind=2)
+        ds = synthetic_defects.build_defective_dataset(
+            tmp, num_patients=args.num_patients, image_size=args.image_size, per_kind=2
+        )
         cfg = config_lib.default_config()
         cfg.metadata.allow = synthetic_defects.FEMUR_ONLY
         cfg.threads = args.threads
@@ -96,11 +103,21 @@ def main() -> None:
     s = result.summary
     decode = (decode_before + decode_after) / 2  # around the curation run, so drifting load hits both
     scan_rate = s["images"] / s["timings_s"]["scan_s"]
-    out = {"bench": "curate", "images": s["images"], "img_per_s": s["images_per_s"],
-           "scan_img_per_s": round(scan_rate, 2), "decode_img_per_s": round(decode, 2),
-           "scan_vs_decode": round(scan_rate / decode, 3), "vs_decode": round(s["images_per_s"] / decode, 3),
-           "stage_s": s["timings_s"], "removed_by_reason": s["removed_by_reason"], "selected": s["selected"],
-           "threads": args.threads, "image_size": args.image_size, "load_avg_1min": os.getloadavg()[0]}
+    out = {
+        "bench": "curate",
+        "images": s["images"],
+        "img_per_s": s["images_per_s"],
+        "scan_img_per_s": round(scan_rate, 2),
+        "decode_img_per_s": round(decode, 2),
+        "scan_vs_decode": round(scan_rate / decode, 3),
+        "vs_decode": round(s["images_per_s"] / decode, 3),
+        "stage_s": s["timings_s"],
+        "removed_by_reason": s["removed_by_reason"],
+        "selected": s["selected"],
+        "threads": args.threads,
+        "image_size": args.image_size,
+        "load_avg_1min": os.getloadavg()[0],
+    }
     if args.scale:
         print(f"timing dedup + clustering on {args.scale} random rows ...", file=sys.stderr)
         out.update(scale_stages(args.scale))

@@ -116,16 +116,27 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--seconds", type=float, default=20.0, help="measuring time of each of the two runs")
     parser.add_argument("--records", type=int, default=512, help="size of the temporary dataset")
-    parser.add_argument("--png_compression", type=int, default=None,
-                        help="zlib level of the temporary dataset's PNGs (default: OpenCV's; 0 = stored)")
+    parser.add_argument(
+        "--png_compression",
+        type=int,
+        default=None,
+        help="zlib level of the temporary dataset's PNGs (default: OpenCV's; 0 = stored)",
+    )
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
         path = args.path
         if path is None:
-            path = str(records.write_dataset(synthetic_examples(args.records), tmp, name="bench",
-                                             split_fractions={args.split: 1.0}, num_examples_hint=args.records,
-                                             png_compression=args.png_compression))
+            path = str(
+                records.write_dataset(
+                    synthetic_examples(args.records),
+                    tmp,
+                    name="bench",
+                    split_fractions={args.split: 1.0},
+                    num_examples_hint=args.records,
+                    png_compression=args.png_compression,
+                )
+            )
         source = records.open_split(path, args.split)
         png_compression = records.read_info(path).get("png_compression")
         pngs = [source[i]["image"] for i in range(min(len(source), 2048))]
@@ -137,18 +148,32 @@ def main() -> None:
         rate, cpu_pipeline = pipeline_rate(path, args.num_workers, args.image_size, args.batch, args.seconds)
         after, cpu_after = decode_ceiling(pngs, threads, args.seconds / 2)
         decode, cpu_decode = (before + after) / 2, (cpu_before + cpu_after) / 2
-    print(json.dumps({"bench": "input_pipeline", "pipeline_img_per_s": round(rate, 1),
-                      "decode_img_per_s": round(decode, 1), "ratio": round(rate / decode, 3),
-                      "num_workers": args.num_workers, "image_size": args.image_size, "records": len(source),
-                      "png_compression": png_compression,
-                      "png_bytes_per_img": round(float(np.mean([len(p) for p in pngs]))),
-                      # where the pipeline's CPU goes (ms per image): record read+parse, PNG decode, and the
-                      # rest (crop/resize, flip, jitter, batching, worker hand-over)
-                      "profile_cpu_ms": {"read_parse": round(read_ms, 3), "decode": round(1e3 * cpu_decode, 2),
-                                         "augment_batch_ipc": round(1e3 * cpu_pipeline - 1e3 * cpu_decode - read_ms, 2)},
-                      "cpu_ms_per_img_pipeline": round(1e3 * cpu_pipeline, 2),
-                      "cpu_ms_per_img_decode": round(1e3 * cpu_decode, 2),
-                      "cpu_ratio": round(cpu_decode / cpu_pipeline, 3), "load_avg_1min": os.getloadavg()[0]}))
+    print(
+        json.dumps(
+            {
+                "bench": "input_pipeline",
+                "pipeline_img_per_s": round(rate, 1),
+                "decode_img_per_s": round(decode, 1),
+                "ratio": round(rate / decode, 3),
+                "num_workers": args.num_workers,
+                "image_size": args.image_size,
+                "records": len(source),
+                "png_compression": png_compression,
+                "png_bytes_per_img": round(float(np.mean([len(p) for p in pngs]))),
+                # where the pipeline's CPU goes (ms per image): record read+parse, PNG decode, and the
+                # rest (crop/resize, flip, jitter, batching, worker hand-over)
+                "profile_cpu_ms": {
+                    "read_parse": round(read_ms, 3),
+                    "decode": round(1e3 * cpu_decode, 2),
+                    "augment_batch_ipc": round(1e3 * cpu_pipeline - 1e3 * cpu_decode - read_ms, 2),
+                },
+                "cpu_ms_per_img_pipeline": round(1e3 * cpu_pipeline, 2),
+                "cpu_ms_per_img_decode": round(1e3 * cpu_decode, 2),
+                "cpu_ratio": round(cpu_decode / cpu_pipeline, 3),
+                "load_avg_1min": os.getloadavg()[0],
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -38,7 +38,6 @@ import sys
 import tempfile
 import time
 
-
 from afm_jax.data import preprocessing
 from afm_jax.data.conversion import chunks as conversion
 from afm_jax.data.conversion import inputs as conversion_inputs
@@ -103,7 +102,7 @@ def _warm(pool: concurrent.futures.ProcessPoolExecutor, processes: int, path: st
 def _warm_one(path: str) -> None:
     time.sleep(0.3)
     decode_chunk([path])
-    from afm_jax.data import dicom, preprocessing as _  # noqa: F401  pylint: disable=unused-import
+    from afm_jax.data import dicom  # noqa: F401  pylint: disable=unused-import
 
 
 def time_decode(pool, plan: conversion.Plan) -> float:
@@ -120,9 +119,21 @@ def time_conversion(pool, plan: conversion.Plan, out: pathlib.Path, name: str) -
         path.unlink()
     start = time.perf_counter()
     variant = plan.variant.to_dict()
-    tasks = [pool.submit(conversion.convert_chunk, conversion.ChunkTask(
-        c, tuple(plan.chunk_files(c)), variant, plan.label_ids, SALT, str(plan.chunk_path(c, "array_record")),
-        str(plan.chunk_path(c, "jsonl")))) for c in range(plan.num_chunks)]
+    tasks = [
+        pool.submit(
+            conversion.convert_chunk,
+            conversion.ChunkTask(
+                c,
+                tuple(plan.chunk_files(c)),
+                variant,
+                plan.label_ids,
+                SALT,
+                str(plan.chunk_path(c, "array_record")),
+                str(plan.chunk_path(c, "jsonl")),
+            ),
+        )
+        for c in range(plan.num_chunks)
+    ]
     for t in tasks:
         t.result()
     merge_start = time.perf_counter()
@@ -166,21 +177,39 @@ def main() -> None:
                 pairs = [(decode[2 * i] + decode[2 * i + 1]) / 2 for i in range(args.repeats)]
                 best = min(convert)
                 results[processes] = {"decode_s": min(pairs), "convert_s": best[0], "merge_s": best[1]}
-            print(f"{processes} process(es): decode {len(files) / results[processes]['decode_s']:.2f} files/s, "
-                  f"conversion {len(files) / results[processes]['convert_s']:.2f} files/s", file=sys.stderr)
+            print(
+                f"{processes} process(es): decode {len(files) / results[processes]['decode_s']:.2f} files/s, "
+                f"conversion {len(files) / results[processes]['convert_s']:.2f} files/s",
+                file=sys.stderr,
+            )
     p = args.processes
     files_per_s = len(files) / results[p]["convert_s"]
     decode_per_s = len(files) / results[p]["decode_s"]
     one = len(files) / results[1]["convert_s"]
-    print(json.dumps({
-        "bench": "preprocess", "files_per_s": round(files_per_s, 3), "decode_files_per_s": round(decode_per_s, 3),
-        "ratio": round(files_per_s / decode_per_s, 3), "files_per_s_1proc": round(one, 3),
-        "decode_files_per_s_1proc": round(len(files) / results[1]["decode_s"], 3),
-        "scaling": round(files_per_s / one, 3), "merge_s": round(results[p]["merge_s"], 3),
-        "ratio_without_merge": round(results[p]["decode_s"] / (results[p]["convert_s"] - results[p]["merge_s"]), 3),
-        "processes": p, "files": len(files),
-        "image_size": None if args.path else args.image_size, "syntax": None if args.path else args.syntax,
-        "variant": variant.name, "cpu_count": os.cpu_count(), "load_avg_1min": round(os.getloadavg()[0], 2)}))
+    print(
+        json.dumps(
+            {
+                "bench": "preprocess",
+                "files_per_s": round(files_per_s, 3),
+                "decode_files_per_s": round(decode_per_s, 3),
+                "ratio": round(files_per_s / decode_per_s, 3),
+                "files_per_s_1proc": round(one, 3),
+                "decode_files_per_s_1proc": round(len(files) / results[1]["decode_s"], 3),
+                "scaling": round(files_per_s / one, 3),
+                "merge_s": round(results[p]["merge_s"], 3),
+                "ratio_without_merge": round(
+                    results[p]["decode_s"] / (results[p]["convert_s"] - results[p]["merge_s"]), 3
+                ),
+                "processes": p,
+                "files": len(files),
+                "image_size": None if args.path else args.image_size,
+                "syntax": None if args.path else args.syntax,
+                "variant": variant.name,
+                "cpu_count": os.cpu_count(),
+                "load_avg_1min": round(os.getloadavg()[0], 2),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

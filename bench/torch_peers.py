@@ -42,7 +42,7 @@ from torch import nn
 
 from afm_jax.models import factory
 
-NORM_PIX_EPS = 1e-6      # models_mae.py forward_loss: (target - mean) / (var + 1.e-6) ** .5
+NORM_PIX_EPS = 1e-6  # models_mae.py forward_loss: (target - mean) / (var + 1.e-6) ** .5
 
 
 # ------------------------------------------------------------------------------------------------
@@ -52,10 +52,12 @@ NORM_PIX_EPS = 1e-6      # models_mae.py forward_loss: (target - mean) / (var + 
 
 def sincos_pos_embed(dim: int, grid: int, cls_token: bool) -> np.ndarray:
     """MAE's `get_2d_sincos_pos_embed` (util/pos_embed.py): (grid², dim) [+ a zero class row first]."""
+
     def one_d(d: int, pos: np.ndarray) -> np.ndarray:
         omega = 1.0 / 10000 ** (np.arange(d // 2, dtype=np.float64) / (d / 2.0))
         out = np.einsum("m,d->md", pos.reshape(-1), omega)
         return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+
     gw, gh = np.meshgrid(np.arange(grid, dtype=np.float32), np.arange(grid, dtype=np.float32))
     emb = np.concatenate([one_d(dim // 2, gw), one_d(dim // 2, gh)], axis=1)
     if cls_token:
@@ -63,15 +65,30 @@ def sincos_pos_embed(dim: int, grid: int, cls_token: bool) -> np.ndarray:
     return emb.astype(np.float32)
 
 
-def timm_vit(dims: dict, image_size: int, *, in_chans: int = 1, drop_path_rate: float = 0.0,
-             dynamic_img_size: bool = False, fixed_sincos: bool = False) -> VisionTransformer:
+def timm_vit(
+    dims: dict,
+    image_size: int,
+    *,
+    in_chans: int = 1,
+    drop_path_rate: float = 0.0,
+    dynamic_img_size: bool = False,
+    fixed_sincos: bool = False,
+) -> VisionTransformer:
     """timm's `VisionTransformer` of our variant's size (`afm_jax.models.factory.vit_dims`), no head."""
     vit = VisionTransformer(
-        img_size=image_size, patch_size=dims["patch_size"], in_chans=in_chans, num_classes=0,
-        embed_dim=dims["width"], depth=dims["depth"], num_heads=dims["num_heads"],
-        mlp_ratio=dims["mlp_dim"] / dims["width"], qkv_bias=True, drop_path_rate=drop_path_rate,
-        dynamic_img_size=dynamic_img_size)
-    if fixed_sincos:   # the MAE reference: a frozen sin-cos table with a zero class slot
+        img_size=image_size,
+        patch_size=dims["patch_size"],
+        in_chans=in_chans,
+        num_classes=0,
+        embed_dim=dims["width"],
+        depth=dims["depth"],
+        num_heads=dims["num_heads"],
+        mlp_ratio=dims["mlp_dim"] / dims["width"],
+        qkv_bias=True,
+        drop_path_rate=drop_path_rate,
+        dynamic_img_size=dynamic_img_size,
+    )
+    if fixed_sincos:  # the MAE reference: a frozen sin-cos table with a zero class slot
         grid = image_size // dims["patch_size"]
         vit.pos_embed.data.copy_(torch.from_numpy(sincos_pos_embed(dims["width"], grid, True))[None])
         vit.pos_embed.requires_grad_(False)
@@ -92,9 +109,17 @@ class InputNorm(nn.Module):
 class TorchMAE(nn.Module):
     """MAE with the reference's structure around a timm ViT encoder (names = our parameter paths)."""
 
-    def __init__(self, encoder: VisionTransformer, *, mask_ratio: float = 0.75, decoder_dim: int = 512,
-                 decoder_depth: int = 8, decoder_heads: int = 16, norm_pix_loss: bool = True,
-                 input_norm: InputNorm | None = None):
+    def __init__(
+        self,
+        encoder: VisionTransformer,
+        *,
+        mask_ratio: float = 0.75,
+        decoder_dim: int = 512,
+        decoder_depth: int = 8,
+        decoder_heads: int = 16,
+        norm_pix_loss: bool = True,
+        input_norm: InputNorm | None = None,
+    ):
         super().__init__()
         self.encoder = encoder
         self.input_norm = input_norm or InputNorm()
@@ -105,10 +130,12 @@ class TorchMAE(nn.Module):
         self.decoder_embed = nn.Linear(d, decoder_dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_dim))
         nn.init.normal_(self.mask_token, std=0.02)
-        self.register_buffer("decoder_pos_embed",
-                             torch.from_numpy(sincos_pos_embed(decoder_dim, grid, True))[None], persistent=True)
-        self.decoder_blocks = nn.ModuleList([Block(decoder_dim, decoder_heads, 4.0, qkv_bias=True)
-                                             for _ in range(decoder_depth)])
+        self.register_buffer(
+            "decoder_pos_embed", torch.from_numpy(sincos_pos_embed(decoder_dim, grid, True))[None], persistent=True
+        )
+        self.decoder_blocks = nn.ModuleList(
+            [Block(decoder_dim, decoder_heads, 4.0, qkv_bias=True) for _ in range(decoder_depth)]
+        )
         self.decoder_norm = nn.LayerNorm(decoder_dim, eps=1e-6)
         self.decoder_pred = nn.Linear(decoder_dim, p * p * self.in_chans)
         for m in [self.decoder_embed, self.decoder_pred]:
@@ -152,7 +179,7 @@ class TorchMAE(nn.Module):
 
         if self.norm_pix_loss:
             mean = target.mean(dim=-1, keepdim=True)
-            var = target.var(dim=-1, keepdim=True)           # unbiased, as the reference
+            var = target.var(dim=-1, keepdim=True)  # unbiased, as the reference
             target = (target - mean) / (var + NORM_PIX_EPS) ** 0.5
         loss = ((pred - target) ** 2).mean(dim=-1)
         loss = (loss * mask).sum() / mask.sum()
@@ -162,8 +189,16 @@ class TorchMAE(nn.Module):
 class DINOHead(nn.Module):
     """DINO's head (vision_transformer.py `DINOHead`): MLP -> bottleneck -> L2 norm -> weight-norm layer."""
 
-    def __init__(self, in_dim: int, out_dim: int, *, hidden_dim: int = 2048, bottleneck_dim: int = 256,
-                 nlayers: int = 3, norm_last_layer: bool = True):
+    def __init__(
+        self,
+        in_dim: int,
+        out_dim: int,
+        *,
+        hidden_dim: int = 2048,
+        bottleneck_dim: int = 256,
+        nlayers: int = 3,
+        norm_last_layer: bool = True,
+    ):
         super().__init__()
         dims = [in_dim] + [hidden_dim] * (nlayers - 1) + [bottleneck_dim]
         layers: list[nn.Module] = []
@@ -215,8 +250,7 @@ class DINOLoss(nn.Module):
         self.ncrops, self.student_temp, self.center_momentum = ncrops, student_temp, center_momentum
         self.register_buffer("center", torch.zeros(1, out_dim))
 
-    def forward(self, student_output: torch.Tensor, teacher_output: torch.Tensor,
-                teacher_temp: float) -> torch.Tensor:
+    def forward(self, student_output: torch.Tensor, teacher_output: torch.Tensor, teacher_temp: float) -> torch.Tensor:
         student_out = (student_output / self.student_temp).chunk(self.ncrops)
         teacher_out = F.softmax((teacher_output - self.center) / teacher_temp, dim=-1).detach().chunk(2)
         total, n_terms = 0.0, 0
@@ -260,28 +294,47 @@ def clip_gradients_per_tensor(model: nn.Module, clip: float) -> None:
 class TorchDINO(nn.Module):
     """Student + teacher + loss of one DINO step (`main_dino.py` `train_one_epoch`, one process)."""
 
-    def __init__(self, dims: dict, *, image_size: int, local_size: int, num_global: int, num_local: int,
-                 out_dim: int, hidden_dim: int, bottleneck_dim: int, nlayers: int, norm_last_layer: bool,
-                 drop_path_rate: float, student_temp: float, center_momentum: float, in_chans: int = 1,
-                 fixed_sincos: bool = False):
+    def __init__(
+        self,
+        dims: dict,
+        *,
+        image_size: int,
+        local_size: int,
+        num_global: int,
+        num_local: int,
+        out_dim: int,
+        hidden_dim: int,
+        bottleneck_dim: int,
+        nlayers: int,
+        norm_last_layer: bool,
+        drop_path_rate: float,
+        student_temp: float,
+        center_momentum: float,
+        in_chans: int = 1,
+        fixed_sincos: bool = False,
+    ):
         super().__init__()
-        head = dict(hidden_dim=hidden_dim, bottleneck_dim=bottleneck_dim, nlayers=nlayers,
-                    norm_last_layer=norm_last_layer)
+        head = dict(
+            hidden_dim=hidden_dim, bottleneck_dim=bottleneck_dim, nlayers=nlayers, norm_last_layer=norm_last_layer
+        )
         vit = dict(in_chans=in_chans, dynamic_img_size=True, fixed_sincos=fixed_sincos)
-        self.student = MultiCropWrapper(timm_vit(dims, image_size, drop_path_rate=drop_path_rate, **vit),
-                                        DINOHead(dims["width"], out_dim, **head))
-        self.teacher = MultiCropWrapper(timm_vit(dims, image_size, drop_path_rate=0.0, **vit),
-                                        DINOHead(dims["width"], out_dim, **head))
-        self.teacher.load_state_dict(self.student.state_dict())   # the reference starts the teacher as a copy
+        self.student = MultiCropWrapper(
+            timm_vit(dims, image_size, drop_path_rate=drop_path_rate, **vit), DINOHead(dims["width"], out_dim, **head)
+        )
+        self.teacher = MultiCropWrapper(
+            timm_vit(dims, image_size, drop_path_rate=0.0, **vit), DINOHead(dims["width"], out_dim, **head)
+        )
+        self.teacher.load_state_dict(self.student.state_dict())  # the reference starts the teacher as a copy
         for p in self.teacher.parameters():
             p.requires_grad_(False)
         self.num_global = num_global
-        self.loss = DINOLoss(out_dim, num_global + num_local, student_temp=student_temp,
-                             center_momentum=center_momentum)
+        self.loss = DINOLoss(
+            out_dim, num_global + num_local, student_temp=student_temp, center_momentum=center_momentum
+        )
         self.image_size, self.local_size, self.num_local = image_size, local_size, num_local
 
     def forward(self, crops: list[torch.Tensor], teacher_temp: float) -> torch.Tensor:
-        teacher_output = self.teacher(crops[:self.num_global])      # only the global views through the teacher
+        teacher_output = self.teacher(crops[: self.num_global])  # only the global views through the teacher
         student_output = self.student(crops)
         return self.loss(student_output, teacher_output, teacher_temp)
 
@@ -337,11 +390,11 @@ class TorchPeerStep:
 
 
 def _jax_platform() -> str:
-    return jax.devices()[0].platform   # where our step runs
+    return jax.devices()[0].platform  # where our step runs
 
 
 def _dims(config) -> dict:
-    return factory.vit_dims(config.model)   # the variant's real size, as our step builds it
+    return factory.vit_dims(config.model)  # the variant's real size, as our step builds it
 
 
 class TorchMAEStep(TorchPeerStep):
@@ -353,14 +406,28 @@ class TorchMAEStep(TorchPeerStep):
     def __init__(self, config, timer, *, threads: int | None = None, seed: int = 0):
         super().__init__(config, timer, threads, seed)
         m, o = config.mae, config.optim
-        encoder = timm_vit(_dims(config), config.image_size, in_chans=config.model.in_chans,
-                           drop_path_rate=config.model.drop_path_rate,
-                           fixed_sincos=config.model.pos_embed == "sincos")
-        self.model = TorchMAE(encoder, mask_ratio=m.mask_ratio, decoder_dim=m.decoder_dim,
-                              decoder_depth=m.decoder_depth, decoder_heads=m.decoder_heads,
-                              norm_pix_loss=m.norm_pix_loss).to(self.device).train()
-        self.opt = torch.optim.AdamW(weight_decay_groups(self.model), lr=1e-4, betas=(o.b1, o.b2), eps=o.eps,
-                                     weight_decay=o.weight_decay)
+        encoder = timm_vit(
+            _dims(config),
+            config.image_size,
+            in_chans=config.model.in_chans,
+            drop_path_rate=config.model.drop_path_rate,
+            fixed_sincos=config.model.pos_embed == "sincos",
+        )
+        self.model = (
+            TorchMAE(
+                encoder,
+                mask_ratio=m.mask_ratio,
+                decoder_dim=m.decoder_dim,
+                decoder_depth=m.decoder_depth,
+                decoder_heads=m.decoder_heads,
+                norm_pix_loss=m.norm_pix_loss,
+            )
+            .to(self.device)
+            .train()
+        )
+        self.opt = torch.optim.AdamW(
+            weight_decay_groups(self.model), lr=1e-4, betas=(o.b1, o.b2), eps=o.eps, weight_decay=o.weight_decay
+        )
         rng = np.random.default_rng(seed)
         b, s, c = config.batch_size, config.image_size, config.model.in_chans
         self.x = torch.from_numpy(rng.random((b, c, s, s), dtype=np.float32)).to(self.device)
@@ -383,14 +450,30 @@ class TorchDINOStep(TorchPeerStep):
     def __init__(self, config, timer, *, threads: int | None = None, seed: int = 0):
         super().__init__(config, timer, threads, seed)
         d, mc, o = config.dino, config.multicrop, config.optim
-        self.model = TorchDINO(
-            _dims(config), image_size=config.image_size, local_size=mc.local_size, num_global=mc.num_global,
-            num_local=mc.num_local, out_dim=d.out_dim, hidden_dim=d.hidden_dim, bottleneck_dim=d.bottleneck_dim,
-            nlayers=d.nlayers, norm_last_layer=d.norm_last_layer, drop_path_rate=config.model.drop_path_rate,
-            student_temp=d.student_temp, center_momentum=d.center_momentum, in_chans=config.model.in_chans,
-            fixed_sincos=config.model.pos_embed == "sincos").to(self.device).train()
-        self.opt = torch.optim.AdamW(weight_decay_groups(self.model.student), lr=1e-4, betas=(o.b1, o.b2),
-                                     eps=o.eps, weight_decay=o.weight_decay)
+        self.model = (
+            TorchDINO(
+                _dims(config),
+                image_size=config.image_size,
+                local_size=mc.local_size,
+                num_global=mc.num_global,
+                num_local=mc.num_local,
+                out_dim=d.out_dim,
+                hidden_dim=d.hidden_dim,
+                bottleneck_dim=d.bottleneck_dim,
+                nlayers=d.nlayers,
+                norm_last_layer=d.norm_last_layer,
+                drop_path_rate=config.model.drop_path_rate,
+                student_temp=d.student_temp,
+                center_momentum=d.center_momentum,
+                in_chans=config.model.in_chans,
+                fixed_sincos=config.model.pos_embed == "sincos",
+            )
+            .to(self.device)
+            .train()
+        )
+        self.opt = torch.optim.AdamW(
+            weight_decay_groups(self.model.student), lr=1e-4, betas=(o.b1, o.b2), eps=o.eps, weight_decay=o.weight_decay
+        )
         self.clip = float(o.grad_clip_norm or 0.0)
         self.teacher_temp = float(d.warmup_teacher_temp)
         self.momentum = float(d.momentum_teacher)
@@ -419,4 +502,3 @@ def peer_for(config, timer, *, threads: int | None = None, seed: int = 0) -> Tor
     if config.task not in PEERS:
         raise ValueError(f"No torch peer for task {config.task!r} (have: {sorted(PEERS)})")
     return PEERS[config.task](config, timer, threads=threads, seed=seed)
-

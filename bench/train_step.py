@@ -48,11 +48,9 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-
-
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 
@@ -60,8 +58,12 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float
 
 # timm model names of our variants (timm has these sizes with 224-px defaults; img_size is passed).
 TIMM_NAMES = {
-    "Ti": "vit_tiny_patch{p}_224", "S": "vit_small_patch{p}_224", "M": "vit_medium_patch{p}_224",
-    "B": "vit_base_patch{p}_224", "L": "vit_large_patch{p}_224", "H": "vit_huge_patch{p}_224",
+    "Ti": "vit_tiny_patch{p}_224",
+    "S": "vit_small_patch{p}_224",
+    "M": "vit_medium_patch{p}_224",
+    "B": "vit_base_patch{p}_224",
+    "L": "vit_large_patch{p}_224",
+    "H": "vit_huge_patch{p}_224",
 }
 
 
@@ -86,35 +88,62 @@ def load_config(path: str):
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True, action="append",
-                        help="config file, e.g. configs/mae_vits.py; repeat it to time several methods in one "
-                             "run (the first gives the top-level figures)")
-    parser.add_argument("--batch", type=int, default=None,
-                        help="per-step batch (default: 8 on CPU, 256 on accelerators)")
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--config",
+        required=True,
+        action="append",
+        help="config file, e.g. configs/mae_vits.py; repeat it to time several methods in one "
+        "run (the first gives the top-level figures)",
+    )
+    parser.add_argument(
+        "--batch", type=int, default=None, help="per-step batch (default: 8 on CPU, 256 on accelerators)"
+    )
     parser.add_argument("--image_size", type=int, default=None, help="default: the config's image_size")
-    parser.add_argument("--dtype", choices=tuple(DTYPES), default=None,
-                        help="compute dtype (default: the config's model.dtype on accelerators, "
-                             "float32 on CPU where bf16 matmuls are slow)")
-    parser.add_argument("--mesh", default=None,
-                        help="DATA,FSDP mesh sizes (-1 = the rest), e.g. -1,1 (data parallel) or 1,-1 (FSDP); "
-                             "fake CPU devices: XLA_FLAGS=--xla_force_host_platform_device_count=8")
+    parser.add_argument(
+        "--dtype",
+        choices=tuple(DTYPES),
+        default=None,
+        help="compute dtype (default: the config's model.dtype on accelerators, "
+        "float32 on CPU where bf16 matmuls are slow)",
+    )
+    parser.add_argument(
+        "--mesh",
+        default=None,
+        help="DATA,FSDP mesh sizes (-1 = the rest), e.g. -1,1 (data parallel) or 1,-1 (FSDP); "
+        "fake CPU devices: XLA_FLAGS=--xla_force_host_platform_device_count=8",
+    )
     parser.add_argument("--remat", default=None, help="model.remat policy (none|full|dots|dots_no_batch)")
     parser.add_argument("--accum_steps", type=int, default=None, help="gradient accumulation micro-batches")
     parser.add_argument("--steps", type=int, default=12, help="timed steps per model (after warm-up)")
-    parser.add_argument("--rounds", type=int, default=3,
-                        help="the timed steps are split into this many interleaved rounds")
+    parser.add_argument(
+        "--rounds", type=int, default=3, help="the timed steps are split into this many interleaved rounds"
+    )
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps after compilation")
-    parser.add_argument("--compare-timm", "--compare_timm", dest="compare_timm", action="store_true",
-                        help="also time a supervised ViT step in JAX and in timm/PyTorch")
-    parser.add_argument("--compare-torch", "--compare_torch", dest="compare_torch", action="store_true",
-                        help="also time each config's method step (MAE, DINO) in its PyTorch peer "
-                             "(bench/torch_peers.py)")
+    parser.add_argument(
+        "--compare-timm",
+        "--compare_timm",
+        dest="compare_timm",
+        action="store_true",
+        help="also time a supervised ViT step in JAX and in timm/PyTorch",
+    )
+    parser.add_argument(
+        "--compare-torch",
+        "--compare_torch",
+        dest="compare_torch",
+        action="store_true",
+        help="also time each config's method step (MAE, DINO) in its PyTorch peer (bench/torch_peers.py)",
+    )
     parser.add_argument("--num_classes", type=int, default=1000, help="head size of the supervised ViT")
-    parser.add_argument("--single-thread", "--single_thread", dest="single_thread", action="store_true",
-                        help="CPU: one thread for XLA and torch (per-core efficiency; robust on a "
-                             "machine shared with other jobs)")
+    parser.add_argument(
+        "--single-thread",
+        "--single_thread",
+        dest="single_thread",
+        action="store_true",
+        help="CPU: one thread for XLA and torch (per-core efficiency; robust on a machine shared with other jobs)",
+    )
     parser.add_argument("--ceiling_size", type=int, default=4096, help="matmul size of the FLOP/s ceiling")
     args = parser.parse_args(argv)
     if args.steps < 1 or args.rounds < 1 or args.warmup < 0:
@@ -138,6 +167,7 @@ def apply_overrides(config, args: argparse.Namespace, platform_name: str) -> Non
     # The task's own checks (variant, image size divisible by the patch, dtype names, ...).
     from afm_jax.errors import ConfigError
     from afm_jax.train.tasks import get_task
+
     try:
         task = get_task(config.task)
         if hasattr(task, "validate"):
@@ -157,7 +187,7 @@ class StepTimer:
     def __init__(self, name: str):
         self.name = name
         self.times: list[float] = []
-        self.cpu_times: list[float] = []   # process CPU seconds (all threads) of the same steps
+        self.cpu_times: list[float] = []  # process CPU seconds (all threads) of the same steps
 
     def add(self, wall: float, cpu: float) -> None:
         self.times.append(wall)
@@ -192,6 +222,7 @@ class JaxStep:
         self.compiled = jitted.lower(state, batch).compile()
         self.compile_s = time.perf_counter() - t0
         from afm_jax.train import throughput
+
         self.flops = throughput.compiled_flops(self.compiled, num_devices=num_devices)  # whole step, all devices
         self.state, self.batch = state, batch
         self.timer = StepTimer(name)
@@ -214,6 +245,7 @@ class TorchStep:
     def __init__(self, config, num_classes: int, seed: int = 0, threads: int | None = None):
         import timm
         import torch
+
         from afm_jax.models.vit import parse_variant
 
         self.torch = torch
@@ -227,12 +259,18 @@ class TorchStep:
         self.model_name = TIMM_NAMES[size].format(p=patch)
         use_cuda = jax.devices()[0].platform == "gpu" and torch.cuda.is_available()
         self.device = torch.device("cuda" if use_cuda else "cpu")
-        self.model = timm.create_model(self.model_name, pretrained=False, num_classes=num_classes,
-                                       in_chans=config.model.in_chans, img_size=config.image_size)
+        self.model = timm.create_model(
+            self.model_name,
+            pretrained=False,
+            num_classes=num_classes,
+            in_chans=config.model.in_chans,
+            img_size=config.image_size,
+        )
         self.model.to(self.device).train()
         o = config.optim
-        self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-4, betas=(o.b1, o.b2), eps=o.eps,
-                                     weight_decay=o.weight_decay)
+        self.opt = torch.optim.AdamW(
+            self.model.parameters(), lr=1e-4, betas=(o.b1, o.b2), eps=o.eps, weight_decay=o.weight_decay
+        )
         self.loss_fn = torch.nn.CrossEntropyLoss()
         rng = np.random.default_rng(seed)
         b, s, c = config.batch_size, config.image_size, config.model.in_chans
@@ -253,8 +291,7 @@ class TorchStep:
             self._sync()
             c0, t0 = time.process_time(), time.perf_counter()
             self.opt.zero_grad(set_to_none=True)
-            with torch.autocast(self.device.type, dtype=self.autocast_dtype,
-                                enabled=self.autocast_dtype is not None):
+            with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
                 loss = self.loss_fn(self.model(self.x), self.y)
             loss.backward()
             self.opt.step()
@@ -281,6 +318,7 @@ def load_torch_peers():
 
 def _optimizer(config, total_steps: int = 1000, warmup_steps: int = 100):
     from afm_jax.train import optim
+
     schedule = optim.learning_rate_schedule(config.optim, config.batch_size, total_steps, warmup_steps)
     return optim.make_optimizer(config.optim, schedule), schedule
 
@@ -310,9 +348,15 @@ class SupervisedViT(nnx.Module):
 
     def __init__(self, config, num_classes: int, rngs: nnx.Rngs):
         from afm_jax.models import factory
+
         self.encoder = factory.build_encoder(config.model, config.image_size, rngs)
-        self.head = nnx.Linear(self.encoder.embed_dim, num_classes, dtype=DTYPES[config.model.dtype],
-                               param_dtype=DTYPES[config.model.param_dtype], rngs=rngs)
+        self.head = nnx.Linear(
+            self.encoder.embed_dim,
+            num_classes,
+            dtype=DTYPES[config.model.dtype],
+            param_dtype=DTYPES[config.model.param_dtype],
+            rngs=rngs,
+        )
 
     def __call__(self, images: jax.Array) -> jax.Array:
         return self.head(self.encoder.pooled_features(images, pool="cls")).astype(jnp.float32)
@@ -326,7 +370,8 @@ def supervised_loss(model: SupervisedViT, batch: dict, key: jax.Array, extra=Non
 
 
 def build_jax_vit_step(config, num_classes: int) -> JaxStep:
-    from afm_jax.train import state as state_lib, step as step_lib
+    from afm_jax.train import state as state_lib
+    from afm_jax.train import step as step_lib
 
     tx, schedule = _optimizer(config)
     model = SupervisedViT(config, num_classes, nnx.Rngs(config.seed))
@@ -359,22 +404,36 @@ def method_figures(method: dict, ceiling: float) -> dict:
     c, step, peer = method["config"], method["jax"], method["torch"]
     b = c.batch_size
     achieved = step.flops / step.timer.best if step.flops else None
-    out = {"config": method["path"], "batch": b, "img_per_s": _round(b / step.timer.best),
-           "img_per_s_median": _round(b / step.timer.median), "step_flops": step.flops,
-           "mfu": _round(_ratio(achieved, ceiling)), "compile_s": _round(step.compile_s, 3),
-           "cores_used": _round(step.timer.cores_used, 3), "cpu_s_per_step": _round(step.timer.cpu_median),
-           "loss": _round(step.last_loss), "steps_timed": len(step.timer.times)}
+    out = {
+        "config": method["path"],
+        "batch": b,
+        "img_per_s": _round(b / step.timer.best),
+        "img_per_s_median": _round(b / step.timer.median),
+        "step_flops": step.flops,
+        "mfu": _round(_ratio(achieved, ceiling)),
+        "compile_s": _round(step.compile_s, 3),
+        "cores_used": _round(step.timer.cores_used, 3),
+        "cpu_s_per_step": _round(step.timer.cpu_median),
+        "loss": _round(step.last_loss),
+        "steps_timed": len(step.timer.times),
+    }
     if peer is not None:
         pt = peer.timer
-        out.update({
-            "torch_img_per_s": _round(b / pt.best), "torch_img_per_s_median": _round(b / pt.median),
-            # XLA's FLOPs of our step: the peer does the same maths
-            "torch_mfu": _round(_ratio(step.flops / pt.best if step.flops else None, ceiling)),
-            "vs_torch": _round(_ratio(b / step.timer.best, b / pt.best)),
-            "vs_torch_median": _round(_ratio(b / step.timer.median, b / pt.median)),
-            "vs_torch_cpu": _round(_ratio(pt.cpu_median, step.timer.cpu_median)),
-            "torch_cores_used": _round(pt.cores_used, 3), "torch_cpu_s_per_step": _round(pt.cpu_median),
-            "torch_loss": _round(peer.last_loss), "torch_peer": peer.name})
+        out.update(
+            {
+                "torch_img_per_s": _round(b / pt.best),
+                "torch_img_per_s_median": _round(b / pt.median),
+                # XLA's FLOPs of our step: the peer does the same maths
+                "torch_mfu": _round(_ratio(step.flops / pt.best if step.flops else None, ceiling)),
+                "vs_torch": _round(_ratio(b / step.timer.best, b / pt.best)),
+                "vs_torch_median": _round(_ratio(b / step.timer.median, b / pt.median)),
+                "vs_torch_cpu": _round(_ratio(pt.cpu_median, step.timer.cpu_median)),
+                "torch_cores_used": _round(pt.cores_used, 3),
+                "torch_cpu_s_per_step": _round(pt.cpu_median),
+                "torch_loss": _round(peer.last_loss),
+                "torch_peer": peer.name,
+            }
+        )
     elif method["torch_error"]:
         out["torch_error"] = method["torch_error"]
     return out
@@ -395,9 +454,11 @@ def main(argv: list[str] | None = None) -> dict:
     config = configs[0]
     dtype_name = config.model.dtype
     b = config.batch_size
-    log(f"device {device.platform}:{device.device_kind} ({jax.device_count()} device(s), "
+    log(
+        f"device {device.platform}:{device.device_kind} ({jax.device_count()} device(s), "
         f"{os.cpu_count()} CPUs); {config.task} {config.model.variant}, batch {b}, "
-        f"{config.image_size} px, {dtype_name}")
+        f"{config.image_size} px, {dtype_name}"
+    )
 
     # Ceiling: a large matmul, measured at the start and after every round; the best counts (as
     # for the steps, so background load on a shared machine biases neither side of the ratio).
@@ -410,12 +471,12 @@ def main(argv: list[str] | None = None) -> dict:
     log(f"matmul ceiling ({args.ceiling_size}², {dtype_name}): {ceilings[0] / 1e9:.1f} GFLOP/s")
 
     runners: list = []
-    methods: list[dict] = []   # one per --config: {"config", "path", "jax", "torch", "torch_error"}
+    methods: list[dict] = []  # one per --config: {"config", "path", "jax", "torch", "torch_error"}
     peers, peers_error = None, None
     if args.compare_torch:
         try:
             peers = load_torch_peers()
-        except ImportError as e:   # torch/timm are an optional extra
+        except ImportError as e:  # torch/timm are an optional extra
             peers_error = f"torch/timm unavailable: {e}"
             log(peers_error)
     for path, c in zip(args.config, configs):
@@ -431,7 +492,7 @@ def main(argv: list[str] | None = None) -> dict:
                 log(f"torch peer {peer.name} with {peer.threads} torch threads")
                 runners.append(peer)
                 method["torch"] = peer
-            except ValueError as e:   # no peer for this task
+            except ValueError as e:  # no peer for this task
                 method["torch_error"] = str(e)
                 log(str(e))
         methods.append(method)
@@ -466,9 +527,11 @@ def main(argv: list[str] | None = None) -> dict:
                 continue
             r.run(n)
             remaining[id(r)] -= n
-            log(f"round {k + 1}/{args.rounds} {r.timer.name}: best {b / r.timer.best:.2f} img/s, "
+            log(
+                f"round {k + 1}/{args.rounds} {r.timer.name}: best {b / r.timer.best:.2f} img/s, "
                 f"median {b / r.timer.median:.2f} img/s over {len(r.timer.times)} steps, "
-                f"{r.timer.cores_used:.2f} cores busy")
+                f"{r.timer.cores_used:.2f} cores busy"
+            )
         ceilings.append(measure_ceiling())
         log(f"round {k + 1}/{args.rounds} matmul ceiling: {ceilings[-1] / 1e9:.1f} GFLOP/s")
     ceiling = max(ceilings)
@@ -512,30 +575,35 @@ def main(argv: list[str] | None = None) -> dict:
     if args.compare_timm:
         jt = jax_vit.timer.best
         jax_achieved = jax_vit.flops / jt if jax_vit.flops else None
-        result.update({
-            "jax_vit_img_per_s": _round(b / jt),
-            "jax_vit_img_per_s_median": _round(b / jax_vit.timer.median),
-            "jax_vit_step_flops": jax_vit.flops,
-            "jax_vit_mfu": _round(_ratio(jax_achieved, ceiling)),
-            "jax_vit_cores_used": _round(jax_vit.timer.cores_used, 3),
-            "jax_vit_cpu_s_per_step": _round(jax_vit.timer.cpu_median),
-            "timm_vit_img_per_s": None, "vs_timm": None,
-        })
+        result.update(
+            {
+                "jax_vit_img_per_s": _round(b / jt),
+                "jax_vit_img_per_s_median": _round(b / jax_vit.timer.median),
+                "jax_vit_step_flops": jax_vit.flops,
+                "jax_vit_mfu": _round(_ratio(jax_achieved, ceiling)),
+                "jax_vit_cores_used": _round(jax_vit.timer.cores_used, 3),
+                "jax_vit_cpu_s_per_step": _round(jax_vit.timer.cpu_median),
+                "timm_vit_img_per_s": None,
+                "vs_timm": None,
+            }
+        )
         if timm_vit is not None:
             tt = timm_vit.timer.best
             timm_achieved = jax_vit.flops / tt if jax_vit.flops else None
-            result.update({
-                "timm_vit_img_per_s": _round(b / tt),
-                "timm_vit_img_per_s_median": _round(b / timm_vit.timer.median),
-                "timm_vit_mfu": _round(_ratio(timm_achieved, ceiling)),
-                "vs_timm": _round(_ratio(b / jt, b / tt)),
-                "vs_timm_median": _round(_ratio(b / jax_vit.timer.median, b / timm_vit.timer.median)),
-                "timm_vit_cores_used": _round(timm_vit.timer.cores_used, 3),
-                "timm_vit_cpu_s_per_step": _round(timm_vit.timer.cpu_median),
-                "timm_model": timm_vit.model_name,
-                "torch_threads": timm_vit.threads,
-                "torch_version": timm_vit.torch.__version__,
-            })
+            result.update(
+                {
+                    "timm_vit_img_per_s": _round(b / tt),
+                    "timm_vit_img_per_s_median": _round(b / timm_vit.timer.median),
+                    "timm_vit_mfu": _round(_ratio(timm_achieved, ceiling)),
+                    "vs_timm": _round(_ratio(b / jt, b / tt)),
+                    "vs_timm_median": _round(_ratio(b / jax_vit.timer.median, b / timm_vit.timer.median)),
+                    "timm_vit_cores_used": _round(timm_vit.timer.cores_used, 3),
+                    "timm_vit_cpu_s_per_step": _round(timm_vit.timer.cpu_median),
+                    "timm_model": timm_vit.model_name,
+                    "torch_threads": timm_vit.threads,
+                    "torch_version": timm_vit.torch.__version__,
+                }
+            )
         else:
             result["timm_error"] = timm_error
     if len(methods) > 1 or args.compare_torch:
@@ -549,16 +617,21 @@ def main(argv: list[str] | None = None) -> dict:
                 result[f"vs_torch_{key}"] = figures.get("vs_torch")
         if args.compare_torch:
             first = result["methods"][next(iter(result["methods"]))]
-            result.update(vs_torch=first.get("vs_torch"), vs_torch_median=first.get("vs_torch_median"),
-                          torch_img_per_s=first.get("torch_img_per_s"))
+            result.update(
+                vs_torch=first.get("vs_torch"),
+                vs_torch_median=first.get("vs_torch_median"),
+                torch_img_per_s=first.get("torch_img_per_s"),
+            )
             peer = next((m["torch"] for m in methods if m["torch"] is not None), None)
             if peer is not None:
                 result.update(torch_threads=peer.threads, torch_version=peer.torch.__version__)
-    result.update({
-        "jax_version": jax.__version__,
-        "python": platform.python_version(),
-        "xla_flags": os.environ.get("XLA_FLAGS", ""),
-    })
+    result.update(
+        {
+            "jax_version": jax.__version__,
+            "python": platform.python_version(),
+            "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        }
+    )
     print(json.dumps(result), flush=True)
     return result
 

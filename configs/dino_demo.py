@@ -44,8 +44,15 @@ def get_config(arg=None):
     config.total_steps = 200
     config.optim.update(base_lr=0.02, warmup_epochs=1.0)
     config.multicrop.update(num_local=2, local_size=16, global_scale=(0.32, 1.0), local_scale=(0.05, 0.32))
-    config.dino.update(out_dim=256, hidden_dim=128, bottleneck_dim=64, norm_last_layer=False,
-                       warmup_teacher_temp=0.02, teacher_temp=0.02, freeze_last_layer_epochs=0.0)
+    config.dino.update(
+        out_dim=256,
+        hidden_dim=128,
+        bottleneck_dim=64,
+        norm_last_layer=False,
+        warmup_teacher_temp=0.02,
+        teacher_temp=0.02,
+        freeze_last_layer_epochs=0.0,
+    )
     config.dino.knn.update(label_key="view", max_train=1000, max_eval=1000, batch_size=100)
     config.log_every = 10
     config.checkpoint_every = 100

@@ -32,17 +32,23 @@ from afm_jax.train.defaults import default_config
 
 def get_config(arg=None):
     config = default_config("dino", "S/16")
-    config.model.update(arch="resnet50", dtype="bfloat16", drop_path_rate=0.0, class_token=False,
-                        pos_embed="sincos")          # the last two are ViT keys, not read for a ResNet
+    config.model.update(
+        arch="resnet50", dtype="bfloat16", drop_path_rate=0.0, class_token=False, pos_embed="sincos"
+    )  # the last two are ViT keys, not read for a ResNet
     config.batch_size = 1024
     config.num_epochs = 100.0
     config.image_size = 224
     config.optim.update(base_lr=0.3, min_lr=0.0048, warmup_epochs=10.0, weight_decay=1e-6, grad_clip_norm=0.0)
     config.multicrop.update(num_local=6, local_size=96, global_scale=(0.14, 1.0), local_scale=(0.05, 0.14))
-    config.dino.update(optimizer="lars", out_dim=60000, weight_decay_end=1e-6, warmup_teacher_temp_epochs=50.0,
-                       freeze_last_layer_epochs=1.0)
+    config.dino.update(
+        optimizer="lars",
+        out_dim=60000,
+        weight_decay_end=1e-6,
+        warmup_teacher_temp_epochs=50.0,
+        freeze_last_layer_epochs=1.0,
+    )
     config.dino.knn.pool = "avg"
-    config.init_from = ""                            # set: the RadImageNet ResNet-50 weights file
+    config.init_from = ""  # set: the RadImageNet ResNet-50 weights file
     config.log_every = 50
     config.checkpoint_every = 1000
     config.eval_every = 2000

@@ -34,6 +34,6 @@ def get_config(arg=None):
     config.num_epochs = 100.0
     config.log_every = 50
     config.checkpoint_every = 1000
-    config.eval_every = 2000            # kNN monitor on the labelled validation split
+    config.eval_every = 2000  # kNN monitor on the labelled validation split
     config.data.path = ""
     return config

@@ -36,8 +36,16 @@ from afm_jax.train.defaults import default_config
 
 def get_config(arg=None):
     config = default_config("dino", "L/14")
-    config.model.update(dtype="bfloat16", drop_path_rate=0.4, drop_path_uniform=True, num_reg_tokens=4,
-                        remat="full", layer_scale_init=1e-5, init="dinov2", pos_embed_interpolation="dino")
+    config.model.update(
+        dtype="bfloat16",
+        drop_path_rate=0.4,
+        drop_path_uniform=True,
+        num_reg_tokens=4,
+        remat="full",
+        layer_scale_init=1e-5,
+        init="dinov2",
+        pos_embed_interpolation="dino",
+    )
     config.batch_size = 1024
     config.accum_steps = 4
     config.num_epochs = 100.0
@@ -45,11 +53,29 @@ def get_config(arg=None):
     config.optim.weight_decay_rule = "dinov2"
     config.multicrop.update(local_size=98, global_scale=(0.32, 1.0), local_scale=(0.05, 0.32))
     config.dino.update(
-        out_dim=131072, bottleneck_dim=384, norm_last_layer=False, momentum_teacher=0.994, weight_decay_end=0.2,
-        centering="sinkhorn_knopp", koleo_weight=0.1, clip_mode="per_module", freeze_last_layer_mode="lr_zero",
-        layer_decay=1.0, patch_embed_lr_mult=0.2)
-    config.dino.ibot.update(enabled=True, separate_head=True, out_dim=131072, hidden_dim=2048, bottleneck_dim=256,
-                            nlayers=3, mask_probability=0.5, mask_ratio=(0.1, 0.5), loss_weight=1.0)
+        out_dim=131072,
+        bottleneck_dim=384,
+        norm_last_layer=False,
+        momentum_teacher=0.994,
+        weight_decay_end=0.2,
+        centering="sinkhorn_knopp",
+        koleo_weight=0.1,
+        clip_mode="per_module",
+        freeze_last_layer_mode="lr_zero",
+        layer_decay=1.0,
+        patch_embed_lr_mult=0.2,
+    )
+    config.dino.ibot.update(
+        enabled=True,
+        separate_head=True,
+        out_dim=131072,
+        hidden_dim=2048,
+        bottleneck_dim=256,
+        nlayers=3,
+        mask_probability=0.5,
+        mask_ratio=(0.1, 0.5),
+        loss_weight=1.0,
+    )
     config.log_every = 50
     config.checkpoint_every = 1000
     config.eval_every = 2000

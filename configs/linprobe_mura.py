@@ -20,8 +20,8 @@ from afm_jax.train.defaults import default_config
 
 def get_config(arg=None):
     config = default_config("linprobe", "B/16")
-    config.data.path = ""               # set --config.data.path=.../mura/1.0.0
-    config.init_from = ""               # set --config.init_from=<workdir | timm file | export folder>
+    config.data.path = ""  # set --config.data.path=.../mura/1.0.0
+    config.init_from = ""  # set --config.init_from=<workdir | timm file | export folder>
     config.image_size = 224
     config.batch_size = 1024
     config.num_epochs = 90.0

@@ -18,5 +18,5 @@ from afm_jax.train.defaults import default_config
 def get_config(arg=None):
     config = default_config("mae", "L/16")
     config.model.dtype = "bfloat16"
-    config.data.path = ""             # required: a dataset made by tools/preprocess.py or afm_jax.data.synthetic
+    config.data.path = ""  # required: a dataset made by tools/preprocess.py or afm_jax.data.synthetic
     return config

@@ -11,6 +11,7 @@ import pytest  # noqa: E402
 def synthetic_dataset(tmp_path_factory):
     """~24 patients of 64×64 synthetic femurs, written in the record format (train/validation/test)."""
     from afm_jax.data import synthetic
+
     root = tmp_path_factory.mktemp("synthetic")
     return synthetic.build_synthetic_dataset(root, num_patients=24, seed=0, image_size=64)
 
@@ -19,6 +20,7 @@ def synthetic_dataset(tmp_path_factory):
 def tiny_mae_config(synthetic_dataset):
     """A MAE config small enough to train a few steps in seconds on a CPU."""
     from afm_jax.train.defaults import default_config
+
     config = default_config("mae", "mu/8")
     config.data.path = os.fspath(synthetic_dataset)
     config.data.num_workers = 0
@@ -42,8 +44,11 @@ def compilation_cache(tmp_path):
     import jax
     from jax.experimental.compilation_cache import compilation_cache as cc
 
-    names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
-             "jax_persistent_cache_min_entry_size_bytes")
+    names = (
+        "jax_compilation_cache_dir",
+        "jax_persistent_cache_min_compile_time_secs",
+        "jax_persistent_cache_min_entry_size_bytes",
+    )
     saved = {n: jax.config.values[n] for n in names}
     jax.config.update("jax_compilation_cache_dir", str(tmp_path / "xla_cache"))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)

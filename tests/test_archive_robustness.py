@@ -23,16 +23,17 @@ from pydicom.encaps import encapsulate, generate_fragments
 from pydicom.pixels import apply_modality_lut, apply_voi_lut
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from afm_jax.errors import DecodeError, DecoderCrashError, DecodeTimeoutError, TruncatedFileError
 from afm_jax.data import decode_isolation, dicom, preprocessing, records
+from afm_jax.errors import DecodeError, DecoderCrashError, DecodeTimeoutError, TruncatedFileError
 
 SALT = b"robustness test salt"
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TOOL = ROOT / "tools" / "preprocess.py"
 
 
-def _dataset(stored, *, photometric="MONOCHROME2", bits=16, signed=False, sop_class="1.2.840.10008.5.1.4.1.1.1.1",
-             **elements):
+def _dataset(
+    stored, *, photometric="MONOCHROME2", bits=16, signed=False, sop_class="1.2.840.10008.5.1.4.1.1.1.1", **elements
+):
     ds = Dataset()
     ds.file_meta = FileMetaDataset()
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
@@ -67,6 +68,7 @@ def _oversized_j2k(path, *, rows_in_header):
 
 # ─── 1. One file can stop the whole run ──────────────────────────────────────────────────────────
 
+
 def test_isolated_worker_survives_abort_timeout_and_memory_blowup():
     worker = decode_isolation.IsolatedWorker(decode_isolation.IsolationOptions(timeout_s=3, max_memory_mb=1024))
     try:
@@ -99,6 +101,7 @@ def test_pre_decode_checks_dimensions_budget_and_j2k_header(tmp_path):
 
 # ─── 2. Decodable images lost as failures, unreadable reasons ────────────────────────────────────
 
+
 def test_empty_modality_and_voi_lut_items_fall_back_with_a_note(tmp_path):
     stored = np.array([[100, 200], [300, 400]], np.uint16)
     ds = _dataset(stored, RescaleSlope=2, RescaleIntercept=-50, WindowCenter=450, WindowWidth=500)
@@ -130,8 +133,10 @@ def test_decoder_failure_reason_is_readable(tmp_path, monkeypatch):
     path = _save(_dataset(np.zeros((4, 4), np.uint16)), tmp_path / "x.dcm")
 
     def failing(self):
-        raise RuntimeError("Unable to decode as exceptions were raised by all available plugins:\n"
-                           "  gdcm: 'NoneType' object has no attribute 'encode'\n  pylibjpeg: ")
+        raise RuntimeError(
+            "Unable to decode as exceptions were raised by all available plugins:\n"
+            "  gdcm: 'NoneType' object has no attribute 'encode'\n  pylibjpeg: "
+        )
 
     monkeypatch.setattr(pydicom.dataset.Dataset, "pixel_array", property(failing))
     with pytest.raises(DecodeError) as info:
@@ -143,12 +148,15 @@ def test_decoder_failure_reason_is_readable(tmp_path, monkeypatch):
 
 # ─── 3. A blank image stored as training data ────────────────────────────────────────────────────
 
+
 def test_window_below_the_stored_values_falls_back_and_constant_images_are_skipped(tmp_path):
     rng = np.random.default_rng(0)
     stored = rng.integers(32744, 65536, size=(64, 64)).astype(np.uint16)  # the file: c=2725, w=5310
     ds = _dataset(stored, WindowCenter=2725, WindowWidth=5310)
     frame = dicom.read_dicom(_save(ds, tmp_path / "x.dcm"), SALT)[0]
-    np.testing.assert_allclose(frame.image, (stored - float(stored.min())) / (float(stored.max()) - stored.min()), atol=1e-6)
+    np.testing.assert_allclose(
+        frame.image, (stored - float(stored.min())) / (float(stored.max()) - stored.min()), atol=1e-6
+    )
     assert frame.meta["voi_used"].startswith("minmax") and "leaves the image blank" in frame.meta["notes"]
     out = preprocessing.apply_variant(frame.image, preprocessing.VARIANTS["std512"])
     assert out.image.max() - out.image.min() > 60000
@@ -177,8 +185,14 @@ def test_content_fingerprint_is_equal_across_processes_and_runs(tmp_path):
     prints = []
     for k, seed in enumerate(("1", "2", "3")):
         env = dict(os.environ, PYTHONHASHSEED=seed, PYTHONPATH=str(ROOT))
-        done = subprocess.run([sys.executable, "-c", _FINGERPRINT_SCRIPT, str(tmp_path / f"run{k}")], env=env,
-                              capture_output=True, text=True, timeout=300, check=True)
+        done = subprocess.run(
+            [sys.executable, "-c", _FINGERPRINT_SCRIPT, str(tmp_path / f"run{k}")],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=True,
+        )
         prints.append(done.stdout.strip().splitlines()[-1])
     assert len(set(prints)) == 1, prints
     assert len(prints[0]) == 64
@@ -186,10 +200,19 @@ def test_content_fingerprint_is_equal_across_processes_and_runs(tmp_path):
 
 # ─── 5. Misfiled reasons; stale temporaries ──────────────────────────────────────────────────────
 
+
 def test_docs_list_every_skip_reason():
     text = (ROOT / "docs" / "preprocess.md").read_text()
-    for reason in ("float_pixel_data", "blank_after_windowing", "too_many_pixels", "not_a_regular_file",
-                   "TruncatedFileError", "DecoderCrashError", "DecodeTimeoutError", "notes"):
+    for reason in (
+        "float_pixel_data",
+        "blank_after_windowing",
+        "too_many_pixels",
+        "not_a_regular_file",
+        "TruncatedFileError",
+        "DecoderCrashError",
+        "DecodeTimeoutError",
+        "notes",
+    ):
         assert reason in text, reason
 
 
@@ -212,12 +235,14 @@ def test_a_killed_write_leaves_no_temporary_folder_after_the_next_run(tmp_path):
     assert done.returncode == 9
     parent = tmp_path / "killed"
     assert list(parent.glob(".incomplete-*"))  # what the kill leaves
-    records.write_dataset([{"image": np.ones((8, 8), np.uint16), "patient_id": "p", "image_id": "i"}], tmp_path,
-                          name="killed")
+    records.write_dataset(
+        [{"image": np.ones((8, 8), np.uint16), "patient_id": "p", "image_id": "i"}], tmp_path, name="killed"
+    )
     assert not list(parent.glob(".incomplete-*")) and (parent / records.SCHEMA_VERSION).is_dir()
 
 
 # ─── 6. Display semantics ────────────────────────────────────────────────────────────────────────
+
 
 def test_presentation_lut_inverse_on_monochrome2_keeps_bone_bright(tmp_path):
     src = get_testdata_file("MR_small.dcm")  # MONOCHROME2
@@ -255,6 +280,7 @@ def test_field_crop_threshold_is_relative_to_the_image_range():
 
 # ─── The whole archive through the tool, under a memory limit ────────────────────────────────────
 
+
 @pytest.fixture(scope="module")
 def hostile_archive(tmp_path_factory):
     root = tmp_path_factory.mktemp("hostile")
@@ -267,12 +293,19 @@ def hostile_archive(tmp_path_factory):
     shutil.copy(get_testdata_file("MR_small.dcm"), good / "crashme_abort.dcm")
     shutil.copy(get_testdata_file("CT_small.dcm"), good / "crashme_hang.dcm")
     _save(_dataset(np.full((32, 32), 700, np.uint16)), root / "flat.dcm")
-    _save(_dataset(rng.integers(32744, 65536, (40, 40)).astype(np.uint16), WindowCenter=2725, WindowWidth=5310,
-                   PatientID="saturated"), root / "saturated.dcm")
+    _save(
+        _dataset(
+            rng.integers(32744, 65536, (40, 40)).astype(np.uint16),
+            WindowCenter=2725,
+            WindowWidth=5310,
+            PatientID="saturated",
+        ),
+        root / "saturated.dcm",
+    )
     _oversized_j2k(root / "huge_j2k.dcm", rows_in_header=60000)
     _oversized_j2k(root / "forged_j2k.dcm", rows_in_header=512)
     data = pathlib.Path(get_testdata_file("693_J2KI.dcm")).read_bytes()
-    (root / "truncated_j2k.dcm").write_bytes(data[:data.find(b"\xe0\x7f\x10\x00") + 6])
+    (root / "truncated_j2k.dcm").write_bytes(data[: data.find(b"\xe0\x7f\x10\x00") + 6])
     lut = _dataset(rng.integers(0, 4096, (30, 30)).astype(np.uint16), bits=12, PatientID="lut")
     lut.ModalityLUTSequence = [Dataset()]
     _save(lut, root / "empty_lut.dcm")
@@ -282,17 +315,42 @@ def hostile_archive(tmp_path_factory):
 
 
 def _tool(archive, out, *extra, workers, memory_gb=None):
-    env = dict(os.environ, PYTHONPATH=str(ROOT), AFM_SALT="robustness salt",
-               AFM_JAX_TEST_DECODER_FAULT="abort:crashme_abort,hang:crashme_hang")
+    env = dict(
+        os.environ,
+        PYTHONPATH=str(ROOT),
+        AFM_SALT="robustness salt",
+        AFM_JAX_TEST_DECODER_FAULT="abort:crashme_abort,hang:crashme_hang",
+    )
 
     def limit():
         if memory_gb:
             resource.setrlimit(resource.RLIMIT_AS, (memory_gb << 30, memory_gb << 30))
 
-    return subprocess.run([sys.executable, str(TOOL), "--input", str(archive), "--out", str(out), "--quiet",
-                           "--workers", str(workers), "--chunk_size", "4", "--file_timeout", "20",
-                           "--config.image_size=32", "--config.name=small", *extra], env=env, capture_output=True, text=True,
-                          timeout=600, preexec_fn=limit)
+    return subprocess.run(
+        [
+            sys.executable,
+            str(TOOL),
+            "--input",
+            str(archive),
+            "--out",
+            str(out),
+            "--quiet",
+            "--workers",
+            str(workers),
+            "--chunk_size",
+            "4",
+            "--file_timeout",
+            "20",
+            "--config.image_size=32",
+            "--config.name=small",
+            *extra,
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        preexec_fn=limit,
+    )
 
 
 @pytest.mark.parametrize("workers", [0, 2])
@@ -315,12 +373,16 @@ def test_hostile_archive_converts_with_one_row_per_input_under_a_memory_limit(ho
     assert any("Modality LUT Sequence ignored" in r["notes"] for r in rows)
     assert any("leaves the image blank" in r["notes"] for r in rows)
     import cv2
+
     info = records.read_info(directory)
     for split, n in info["splits"].items():
         source = records.open_split(directory, split)
         for i in range(n):
-            png = cv2.imdecode(np.frombuffer(source[i]["image"], np.uint8), cv2.IMREAD_UNCHANGED) \
-                if isinstance(source[i]["image"], bytes) else np.asarray(source[i]["image"])
+            png = (
+                cv2.imdecode(np.frombuffer(source[i]["image"], np.uint8), cv2.IMREAD_UNCHANGED)
+                if isinstance(source[i]["image"], bytes)
+                else np.asarray(source[i]["image"])
+            )
             assert int(png.max()) - int(png.min()) > 1000  # no blank training image
 
 

@@ -27,6 +27,7 @@ peers = _peers()
 
 def _tiny_mae_config():
     from afm_jax.train.defaults import default_config
+
     config = default_config("mae", "mu/8")
     config.image_size = 32
     config.mae.update(decoder_dim=32, decoder_depth=2, decoder_heads=2)
@@ -43,15 +44,21 @@ def test_torch_mae_loss_equals_ours_with_copied_weights():
 
     config = _tiny_mae_config()
     ours = get_task("mae").build_model(config, nnx.Rngs(3))
-    flat = {".".join(map(str, p)): np.asarray(v[...]) for p, v in nnx.to_flat_state(nnx.state(ours))
-            if p[0] != "encoder"}
+    flat = {
+        ".".join(map(str, p)): np.asarray(v[...]) for p, v in nnx.to_flat_state(nnx.state(ours)) if p[0] != "encoder"
+    }
     state = {f"encoder.{k}": v for k, v in encoder_state_dict(ours.encoder).items()}
     state.update(flat_to_timm_state_dict(flat))
 
     m = config.mae
-    theirs = peers.TorchMAE(peers.timm_vit(factory.vit_dims(config.model), 32, fixed_sincos=True),
-                            mask_ratio=m.mask_ratio, decoder_dim=m.decoder_dim, decoder_depth=m.decoder_depth,
-                            decoder_heads=m.decoder_heads, norm_pix_loss=True)
+    theirs = peers.TorchMAE(
+        peers.timm_vit(factory.vit_dims(config.model), 32, fixed_sincos=True),
+        mask_ratio=m.mask_ratio,
+        decoder_dim=m.decoder_dim,
+        decoder_depth=m.decoder_depth,
+        decoder_heads=m.decoder_heads,
+        norm_pix_loss=True,
+    )
     # The peer's own fixed tables (used in the benchmark) are the same sin-cos tables as ours.
     np.testing.assert_allclose(theirs.decoder_pos_embed.numpy(), state["decoder_pos_embed"], atol=1e-6)
     np.testing.assert_allclose(theirs.encoder.pos_embed.detach().numpy(), state["encoder.pos_embed"], atol=1e-6)
@@ -60,7 +67,7 @@ def test_torch_mae_loss_equals_ours_with_copied_weights():
     images = np.random.default_rng(0).random((3, 32, 32, 1), dtype=np.float32)
     key = jax.random.key(7)
     out = ours(jax.numpy.asarray(images), key=key)
-    noise = np.asarray(jax.random.uniform(key, (3, 16)))        # our random_masking's noise
+    noise = np.asarray(jax.random.uniform(key, (3, 16)))  # our random_masking's noise
     with torch.no_grad():
         loss, pred, mask = theirs(torch.from_numpy(images.transpose(0, 3, 1, 2)), noise=torch.from_numpy(noise))
     np.testing.assert_array_equal(mask.numpy(), np.asarray(out["mask"]))
@@ -70,14 +77,17 @@ def test_torch_mae_loss_equals_ours_with_copied_weights():
 
 def _numpy_dino_loss(student, teacher, center, ncrops, student_temp, teacher_temp, momentum):
     """DINOLoss.forward + update_center of facebookresearch/dino main_dino.py, in numpy."""
+
     def log_softmax(x):
         x = x - x.max(-1, keepdims=True)
         return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
     s = np.split(student / student_temp, ncrops)
     t = np.exp(log_softmax((teacher - center) / teacher_temp))
     t = np.split(t, 2)
-    terms = [np.mean(np.sum(-q * log_softmax(s[v]), axis=-1)) for iq, q in enumerate(t)
-             for v in range(ncrops) if v != iq]
+    terms = [
+        np.mean(np.sum(-q * log_softmax(s[v]), axis=-1)) for iq, q in enumerate(t) for v in range(ncrops) if v != iq
+    ]
     new_center = center * momentum + teacher.mean(0, keepdims=True) * (1 - momentum)
     return np.mean(terms), new_center
 
@@ -98,6 +108,7 @@ def test_torch_dino_loss_and_centre_equal_numpy_port():
 
 def test_multicrop_wrapper_one_backbone_pass_per_resolution_and_weight_norm_head():
     from afm_jax.models.vit import parse_variant
+
     vit = peers.timm_vit(parse_variant("mu/8"), 32, dynamic_img_size=True)
     head = peers.DINOHead(32, 40, hidden_dim=16, bottleneck_dim=8, nlayers=3)
     wrapper = peers.MultiCropWrapper(vit, head).eval()

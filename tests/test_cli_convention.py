@@ -16,8 +16,16 @@ from absl import flags
 from afm_jax import cli, configuration
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-TOOLS = ("preprocess", "curate", "make_eval_dataset", "export_timm", "import_timm", "evaluate", "study",
-         "verify_checkpoints")
+TOOLS = (
+    "preprocess",
+    "curate",
+    "make_eval_dataset",
+    "export_timm",
+    "import_timm",
+    "evaluate",
+    "study",
+    "verify_checkpoints",
+)
 
 
 def load_tool(name):
@@ -33,9 +41,11 @@ def test_every_tool_is_covered():
 
 def test_help_as_a_script_shows_an_example_and_exits_0():
     """Run as scripts (under absl.app.run), concurrently to keep the imports' wall time down."""
+
     def run(name):
-        return name, subprocess.run([sys.executable, str(ROOT / "tools" / f"{name}.py"), "--help"],
-                                    capture_output=True, text=True, timeout=300)
+        return name, subprocess.run(
+            [sys.executable, str(ROOT / "tools" / f"{name}.py"), "--help"], capture_output=True, text=True, timeout=300
+        )
 
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
         for name, done in pool.map(run, TOOLS):
@@ -63,9 +73,19 @@ def test_short_help_and_a_bogus_setting(name, capsys):
 
 
 def test_bogus_setting_exits_2_when_run_as_a_script():
-    done = subprocess.run([sys.executable, str(ROOT / "tools" / "study.py"), "configs/studies/demo.py",
-                           "--config.slurm.nonexistent=1", "--config.slurm.gpus=2"],
-                          capture_output=True, text=True, timeout=300, cwd=ROOT)
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "tools" / "study.py"),
+            "configs/studies/demo.py",
+            "--config.slurm.nonexistent=1",
+            "--config.slurm.gpus=2",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+    )
     assert done.returncode == 2 and done.stderr.startswith("error: ") and "Traceback" not in done.stderr
     assert "slurm.nonexistent" in done.stderr and "gpus" not in done.stderr  # the bad key only
 
@@ -81,6 +101,7 @@ def test_no_sys_path_edits_or_platform_forcing(folder):
 
 # ─── afm_jax/cli.py itself, on a toy tool ─────────────────────────────────────────────────────────
 
+
 def _toy(positional=""):
     def define(fv):
         flags.DEFINE_string("out", None, "Output folder.", flag_values=fv)
@@ -89,14 +110,26 @@ def _toy(positional=""):
     def config(argv):
         return ml_collections.ConfigDict(dict(size=8, opt=dict(lr=0.1, name="adam")))
 
-    return cli.Tool("Toy tool.\n\nExample:\n    python toy.py --out o\n", define, default_config=config,
-                    config_keys_in="toy.py", positional=positional, required=("out",))
+    return cli.Tool(
+        "Toy tool.\n\nExample:\n    python toy.py --out o\n",
+        define,
+        default_config=config,
+        config_keys_in="toy.py",
+        positional=positional,
+        required=("out",),
+    )
 
 
 def test_parse_applies_overrides_and_names_the_bad_one():
     fv, rest = cli.parse(_toy(), ["--out", "o", "--config.size=16", "--config.opt.lr=0.5", "--workers=3"])
-    assert (fv.out, fv.workers, fv.config.size, fv.config.opt.lr, fv.config.opt.name, rest) == ("o", 3, 16, 0.5,
-                                                                                              "adam", [])
+    assert (fv.out, fv.workers, fv.config.size, fv.config.opt.lr, fv.config.opt.name, rest) == (
+        "o",
+        3,
+        16,
+        0.5,
+        "adam",
+        [],
+    )
     with pytest.raises(configuration.ConfigError) as e:
         cli.parse(_toy(), ["--out", "o", "--config.size=16", "--config.opt.zz=1"])
     assert "opt.zz" in str(e.value) and "config.size" not in str(e.value)

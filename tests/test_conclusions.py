@@ -25,8 +25,8 @@ from afm_jax.evaluation import protocols as pr
 from afm_jax.evaluation import report as report_lib
 from afm_jax.evaluation import statistics
 
-
 # ─── Independent references ──────────────────────────────────────────────────────────────────────
+
 
 def reference_patient_bootstrap(y, s, patients, *, n_boot, seed, score_b=None):
     """The patient (cluster) bootstrap written from its definition, with sklearn's AUROC.
@@ -57,9 +57,13 @@ def reference_patient_bootstrap(y, s, patients, *, n_boot, seed, score_b=None):
 
 def _prediction(y, s, patients, prefix=""):
     n = len(y)
-    return pr.Prediction(y_true=np.asarray(y, np.int64), y_score=np.asarray(s, np.float64),
-                         patient_id=np.asarray(patients).astype(str), study_id=np.asarray(patients).astype(str),
-                         image_id=np.asarray([f"{prefix}img{i}" for i in range(n)]))
+    return pr.Prediction(
+        y_true=np.asarray(y, np.int64),
+        y_score=np.asarray(s, np.float64),
+        patient_id=np.asarray(patients).astype(str),
+        study_id=np.asarray(patients).astype(str),
+        image_id=np.asarray([f"{prefix}img{i}" for i in range(n)]),
+    )
 
 
 def _clustered_scores(seed=0, patients=40, signal=1.0):
@@ -74,9 +78,11 @@ def _clustered_scores(seed=0, patients=40, signal=1.0):
 
 # ─── Scores are P(positive) ──────────────────────────────────────────────────────────────────────
 
+
 @pytest.fixture
 def tiny_ft_config(synthetic_dataset):
     from afm_jax.train.defaults import default_config
+
     config = default_config("finetune", "mu/8")
     config.data.path = os.fspath(synthetic_dataset)
     config.data.num_workers = 0
@@ -86,7 +92,7 @@ def tiny_ft_config(synthetic_dataset):
     config.eval_every = 2
     config.log_every = 2
     config.checkpoint_every = 100
-    config.finetune.head_init_std = 1.0           # logits that differ between images
+    config.finetune.head_init_std = 1.0  # logits that differ between images
     return config
 
 
@@ -94,14 +100,16 @@ def test_finetune_scores_are_softmax_of_the_positive_logit(tiny_ft_config, tmp_p
     """predict_split's y_score == softmax(model(x))[:, 1] (column 1 = positive labels), y_true == 1 exactly
     for positive-label images, recomputed from the eval images with numpy."""
     from afm_jax.train.tasks import get_task
+
     task = get_task("finetune")
     task.setup(tiny_ft_config, workdir=str(tmp_path), total_steps=4, steps_per_epoch=2)
     model = task.build_model(tiny_ft_config, nnx.Rngs(3))
     got = task.predict_split(model, "test")
 
     images, labels, ids = [], [], []
-    batches = pipeline.build_eval_iterator(tiny_ft_config.data, split="test", batch_size=16, image_size=32,
-                                           process_index=0, process_count=1)
+    batches = pipeline.build_eval_iterator(
+        tiny_ft_config.data, split="test", batch_size=16, image_size=32, process_index=0, process_count=1
+    )
     for batch in batches:
         keep = batch["mask"] & np.isin(batch["label"], (1, 2))
         images.append(batch["image"][keep])
@@ -113,9 +121,9 @@ def test_finetune_scores_are_softmax_of_the_positive_logit(tiny_ft_config, tmp_p
     p = np.exp(logits - logits.max(1, keepdims=True))
     p /= p.sum(1, keepdims=True)
     np.testing.assert_array_equal(got["image_id"], np.concatenate(ids))
-    np.testing.assert_array_equal(got["y_true"], (np.concatenate(labels) == 2).astype(int))   # AFF (2) is positive
+    np.testing.assert_array_equal(got["y_true"], (np.concatenate(labels) == 2).astype(int))  # AFF (2) is positive
     np.testing.assert_allclose(got["y_score"], p[:, 1], rtol=1e-5, atol=1e-6)
-    assert np.ptp(p[:, 1]) > 1e-3                       # the check is not vacuous (scores vary)
+    assert np.ptp(p[:, 1]) > 1e-3  # the check is not vacuous (scores vary)
     assert not np.allclose(got["y_score"], p[:, 0], atol=1e-3)
 
 
@@ -125,8 +133,13 @@ def test_linear_protocol_scores_are_sklearns_probability_of_the_positive_class()
     def split(n, tag):
         y = rng.integers(0, 2, n)
         x = rng.normal(size=(n, 6)) + 1.5 * y[:, None] * np.array([1, -1, 0, 0, 0.5, 0])
-        return {"features": x.astype(np.float32), "y": y, "patient_id": np.array([f"{tag}{i}" for i in range(n)]),
-                "study_id": np.array([f"{tag}{i}" for i in range(n)]), "image_id": np.array([f"{tag}i{i}" for i in range(n)])}
+        return {
+            "features": x.astype(np.float32),
+            "y": y,
+            "patient_id": np.array([f"{tag}{i}" for i in range(n)]),
+            "study_id": np.array([f"{tag}{i}" for i in range(n)]),
+            "image_id": np.array([f"{tag}i{i}" for i in range(n)]),
+        }
 
     train, val, test = split(80, "a"), split(40, "b"), split(50, "c")
     _, got, info = pr.linear_protocol(train, val, test, seed=0)
@@ -134,14 +147,23 @@ def test_linear_protocol_scores_are_sklearns_probability_of_the_positive_class()
     ref.fit(train["features"], train["y"])
     positive = list(ref.classes_).index(1)
     np.testing.assert_allclose(got.y_score, ref.predict_proba(test["features"])[:, positive], rtol=1e-6, atol=1e-9)
-    assert roc_auc_score(test["y"], got.y_score) > 0.85       # separable: the probe really separates
+    assert roc_auc_score(test["y"], got.y_score) > 0.85  # separable: the probe really separates
 
 
 # ─── The report's intervals and comparisons ──────────────────────────────────────────────────────
 
+
 def _result(run_id, backbone, order, scored, task="t"):
-    return {"run_id": run_id, "task": task, "backbone": backbone, "protocol": "linear", "fraction": 1.0, "seed": 0,
-            "order": order, **scored}
+    return {
+        "run_id": run_id,
+        "task": task,
+        "backbone": backbone,
+        "protocol": "linear",
+        "fraction": 1.0,
+        "seed": 0,
+        "order": order,
+        **scored,
+    }
 
 
 def test_report_interval_is_the_95_percent_patient_bootstrap(tmp_path):
@@ -158,7 +180,7 @@ def test_report_interval_is_the_95_percent_patient_bootstrap(tmp_path):
     auroc = scored["metrics"]["auroc"]
     assert auroc["point"] == pytest.approx(roc_auc_score(y, s), abs=1e-12)
     assert auroc["low"] == pytest.approx(low, abs=1e-12) and auroc["high"] == pytest.approx(high, abs=1e-12)
-    assert high - low > 0.05                                   # a real interval, not a degenerate one
+    assert high - low > 0.05  # a real interval, not a degenerate one
     # The report shows exactly that interval, and says it is a 95% one.
     report_lib.write_report(tmp_path, [_result("r", "a", 0, scored)], {"r": (val, test)}, {"t": task}, n_boot=50)
     md = (tmp_path / "index.md").read_text()
@@ -188,8 +210,10 @@ def test_comparison_difference_is_backbone_minus_reference_with_its_sign(tmp_pat
     weak = np.clip(0.5 + 0.05 * (y - 0.5) + rng.normal(0, 0.15, y.size), 0, 1)
     val = _prediction(*_clustered_scores(seed=5), prefix="v")
     preds = {"ref": (val, _prediction(y, weak, pid)), "new": (val, _prediction(y, good, pid))}
-    results = [_result("ref", "reference_model", 0, pr.score_predictions(*preds["ref"], task, n_boot=20)),
-               _result("new", "better_model", 1, pr.score_predictions(*preds["new"], task, n_boot=20))]
+    results = [
+        _result("ref", "reference_model", 0, pr.score_predictions(*preds["ref"], task, n_boot=20)),
+        _result("new", "better_model", 1, pr.score_predictions(*preds["new"], task, n_boot=20)),
+    ]
     n_boot = 300
     comps = report_lib.comparisons(results, preds, {"t": task}, "reference_model", n_boot=n_boot, seed=0)
     assert len(comps) == 1 and comps[0]["backbone"] == "better_model"
@@ -211,6 +235,7 @@ def test_comparison_difference_is_backbone_minus_reference_with_its_sign(tmp_pat
 
 # ─── kNN is DINO's weighted vote ─────────────────────────────────────────────────────────────────
 
+
 def test_knn_protocol_equals_sklearn_with_dinos_weights():
     """DINO (eval_knn.py, knn_classifier): top-k cosine similarities, weights exp(sim / T), class votes
     summed and normalised. sklearn with metric='cosine' gives distance d = 1 − sim, so
@@ -220,14 +245,20 @@ def test_knn_protocol_equals_sklearn_with_dinos_weights():
     def split(n, tag):
         y = rng.integers(0, 2, n)
         x = rng.normal(size=(n, 8)) + 0.8 * y[:, None]
-        return {"features": x.astype(np.float32), "y": y, "patient_id": np.array([f"{tag}{i}" for i in range(n)]),
-                "study_id": np.array([f"{tag}{i}" for i in range(n)]), "image_id": np.array([f"{tag}i{i}" for i in range(n)])}
+        return {
+            "features": x.astype(np.float32),
+            "y": y,
+            "patient_id": np.array([f"{tag}{i}" for i in range(n)]),
+            "study_id": np.array([f"{tag}{i}" for i in range(n)]),
+            "image_id": np.array([f"{tag}i{i}" for i in range(n)]),
+        }
 
     train, val, test = split(90, "a"), split(20, "b"), split(35, "c")
     for k, t in ((20, 0.07), (7, 0.5)):
         got_val, got_test, info = pr.knn_protocol(train, val, test, k=k, temperature=t)
-        ref = KNeighborsClassifier(n_neighbors=k, metric="cosine", algorithm="brute",
-                                   weights=lambda d, t=t: np.exp((1.0 - d) / t)).fit(train["features"], train["y"])
+        ref = KNeighborsClassifier(
+            n_neighbors=k, metric="cosine", algorithm="brute", weights=lambda d, t=t: np.exp((1.0 - d) / t)
+        ).fit(train["features"], train["y"])
         positive = list(ref.classes_).index(1)
         np.testing.assert_allclose(got_test.y_score, ref.predict_proba(test["features"])[:, positive], atol=1e-6)
         np.testing.assert_allclose(got_val.y_score, ref.predict_proba(val["features"])[:, positive], atol=1e-6)
@@ -235,6 +266,7 @@ def test_knn_protocol_equals_sklearn_with_dinos_weights():
 
 
 # ─── CAM ─────────────────────────────────────────────────────────────────────────────────────────
+
 
 def test_cam_is_centred_on_the_training_mean_and_sums_to_the_probe_logit():
     """For an average-pooled backbone, mean over locations of Σ_k w_k (A_k − μ_k) + b is the probe's
@@ -247,8 +279,11 @@ def test_cam_is_centred_on_the_training_mean_and_sums_to_the_probe_logit():
     def split(n, tag):
         y = rng.integers(0, 2, n)
         spatial = rng.normal(size=(n, h, w, d)) + 4.0 + 1.0 * y[:, None, None, None] * np.array([1, 0, -1, 0, 0])
-        return spatial, {"features": spatial.mean(axis=(1, 2)).astype(np.float32), "y": y,
-                         "patient_id": np.array([f"{tag}{i}" for i in range(n)])}
+        return spatial, {
+            "features": spatial.mean(axis=(1, 2)).astype(np.float32),
+            "y": y,
+            "patient_id": np.array([f"{tag}{i}" for i in range(n)]),
+        }
 
     (_, train), (_, val), (spatial, test) = split(80, "a"), split(30, "b"), split(6, "c")
     direction = pr.probe_direction(train, val)
@@ -267,17 +302,19 @@ def test_cam_is_centred_on_the_training_mean_and_sums_to_the_probe_logit():
 
 # ─── Provenance ──────────────────────────────────────────────────────────────────────────────────
 
+
 def test_provenance_names_the_checkpoints_real_architecture_and_step(tiny_mae_config, tmp_path):
     """A 2-block mu/8 run with width 48 is recorded as such (not the spec's default B/16), with its step,
     the dataset's fingerprints and preprocessing, the protocol's parameters and the code version."""
     from afm_jax.train import loop
     from afm_jax.train.tasks import get_task
     from afm_jax.version import code_version
+
     tiny_mae_config.model.update(depth=2, width=48, num_heads=2)
     tiny_mae_config.total_steps = 3
     loop.train(tiny_mae_config, str(tmp_path / "run"), get_task("mae"))
     spec = bb.BackboneSpec("checkpoint", path=str(tmp_path / "run"), image_size=32)
-    assert spec.variant == "B/16"                                                  # the unused default
+    assert spec.variant == "B/16"  # the unused default
     data = tiny_mae_config.data.path
     prov = pr.provenance(spec, data, protocol="knn", params={"k": 5})
     arch = prov["backbone"]["architecture"]
@@ -286,6 +323,7 @@ def test_provenance_names_the_checkpoints_real_architecture_and_step(tiny_mae_co
     assert prov["protocol"] == "knn" and prov["protocol_params"] == {"k": 5}
     assert prov["code_version"] == code_version()
     from afm_jax.data import records
+
     info = records.read_info(data)
     assert prov["dataset"]["content_fingerprint"] == info["content_fingerprint"]
     assert prov["dataset"]["fingerprint"] == pr.dataset_fingerprint(data)
@@ -300,10 +338,17 @@ def test_provenance_names_the_checkpoints_real_architecture_and_step(tiny_mae_co
 
 def test_study_results_carry_provenance(synthetic_dataset, tmp_path):
     from afm_jax.evaluation import study as study_lib
+
     spec = bb.BackboneSpec("random_init", variant="mu/8", image_size=32, model={"depth": 2})
-    study = study_lib.Study(name="p", tasks={"aff": pr.TaskSpec("aff", data=os.fspath(synthetic_dataset), unit="image")},
-                            backbones={"r": spec}, protocols=("knn",), n_boot=20, overlay_images=0,
-                            options={"knn": {"k": 5}})
+    study = study_lib.Study(
+        name="p",
+        tasks={"aff": pr.TaskSpec("aff", data=os.fspath(synthetic_dataset), unit="image")},
+        backbones={"r": spec},
+        protocols=("knn",),
+        n_boot=20,
+        overlay_images=0,
+        options={"knn": {"k": 5}},
+    )
     study_lib.run_study(study, tmp_path, report=False)
     record = json.loads(next((tmp_path / "results").glob("*.json")).read_text())
     prov = record["provenance"]
@@ -314,10 +359,12 @@ def test_study_results_carry_provenance(synthetic_dataset, tmp_path):
 
 # ─── Feature extraction ──────────────────────────────────────────────────────────────────────────
 
+
 def test_extract_features_are_the_encoders_pooled_features_in_dataset_order(synthetic_dataset):
     from afm_jax.data import records
     from afm_jax.evaluation.features import extract_features
     from afm_jax.models import factory
+
     cfg = factory.default_model_config("mu/8")
     cfg.depth = 1
     encoder = factory.build_encoder(cfg, 32, nnx.Rngs(0))
@@ -326,16 +373,18 @@ def test_extract_features_are_the_encoders_pooled_features_in_dataset_order(synt
     index = records.split_index(synthetic_dataset, "validation")
     np.testing.assert_array_equal(got["image_id"], index["image_id"])
     np.testing.assert_array_equal(got["label"], index["label"])
-    batches = pipeline.build_eval_iterator(data, split="validation", batch_size=64, image_size=32,
-                                           process_index=0, process_count=1)
+    batches = pipeline.build_eval_iterator(
+        data, split="validation", batch_size=64, image_size=32, process_index=0, process_count=1
+    )
     batch = next(iter(batches))
     batches.close()
     n = int(batch["mask"].sum())
     tokens = np.asarray(encoder(jax.numpy.asarray(batch["image"][:n])))
-    np.testing.assert_allclose(got["features"][:n], tokens[:, 0], rtol=1e-4, atol=1e-5)      # the class token
+    np.testing.assert_allclose(got["features"][:n], tokens[:, 0], rtol=1e-4, atol=1e-5)  # the class token
 
 
 # ─── The summary page ────────────────────────────────────────────────────────────────────────────
+
 
 def test_summary_pools_seeds_warns_and_writes_hashed_predictions(tmp_path):
     """Two seeds × two backbones: the pooled difference is the mean of the per-seed AUROC differences,
@@ -373,16 +422,25 @@ def test_summary_pools_seeds_warns_and_writes_hashed_predictions(tmp_path):
     assert (tmp_path / "forest.png").is_file()
     rows = (tmp_path / "predictions.csv").read_text().splitlines()
     assert rows[0].startswith("run_id,") and len(rows) == 1 + 4 * 60
-    assert {r.split(",")[8] for r in rows[1:]} == {f"p{i:03d}" for i in range(30)}   # the cluster ids given
+    assert {r.split(",")[8] for r in rows[1:]} == {f"p{i:03d}" for i in range(30)}  # the cluster ids given
 
 
 def test_low_shot_curve_points_are_the_mean_and_range_over_seeds():
     results = []
     for seed, (quarter, full) in enumerate(((0.6, 0.8), (0.7, 0.9))):
         for fraction, value, patients in ((0.25, quarter, 10 + seed), (1.0, full, 40)):
-            results.append({"task": "t", "protocol": "knn", "backbone": "b", "fraction": fraction, "seed": seed,
-                            "kind": "binary", "metrics": {"auroc": {"point": value, "low": 0, "high": 1}},
-                            "info": {"num_train_patients": patients}})
+            results.append(
+                {
+                    "task": "t",
+                    "protocol": "knn",
+                    "backbone": "b",
+                    "fraction": fraction,
+                    "seed": seed,
+                    "kind": "binary",
+                    "metrics": {"auroc": {"point": value, "low": 0, "high": 1}},
+                    "info": {"num_train_patients": patients},
+                }
+            )
     curves = report_lib.low_shot_curves(results)
     points = sorted(curves[("t", "knn")]["b"])
     assert points[0] == pytest.approx((10.5, 0.65, 0.6, 0.7)) and points[1] == pytest.approx((40, 0.85, 0.8, 0.9))

@@ -12,13 +12,23 @@ import pytest
 from pydicom.data import get_testdata_file
 
 from afm_jax import errors
-from afm_jax.errors import ConfigError
 from afm_jax.data import preprocessing, records, synthetic
-from afm_jax.data.conversion import chunks as conversion, inputs as conversion_inputs, merge as conversion_merge
+from afm_jax.data.conversion import chunks as conversion
+from afm_jax.data.conversion import inputs as conversion_inputs
+from afm_jax.data.conversion import merge as conversion_merge
+from afm_jax.errors import ConfigError
 
 SALT = b"conversion test salt"
-PYDICOM_FILES = ("MR_small.dcm", "CT_small.dcm", "rtplan.dcm", "MR_truncated.dcm", "README.txt",
-                 "reportsi.dcm", "SC_rgb_rle.dcm", "MR_small_RLE.dcm")  # MR_small_RLE: same image as MR_small
+PYDICOM_FILES = (
+    "MR_small.dcm",
+    "CT_small.dcm",
+    "rtplan.dcm",
+    "MR_truncated.dcm",
+    "README.txt",
+    "reportsi.dcm",
+    "SC_rgb_rle.dcm",
+    "MR_small_RLE.dcm",
+)  # MR_small_RLE: same image as MR_small
 
 
 @pytest.fixture(scope="module")
@@ -34,8 +44,18 @@ def archive(tmp_path_factory):
     return root
 
 
-def _convert(archive, out, *, shards=None, workers=0, variant="std512", chunk_size=5, interrupt_after=None,
-             work=None, split_mode="stratified"):
+def _convert(
+    archive,
+    out,
+    *,
+    shards=None,
+    workers=0,
+    variant="std512",
+    chunk_size=5,
+    interrupt_after=None,
+    work=None,
+    split_mode="stratified",
+):
     files = conversion_inputs.list_inputs([archive], archive / "synth" / "labels.csv")
     v = preprocessing.get_variant(variant, {"image_size": 32})
     plan = conversion.make_plan(files, v, work or (out / ".work"), SALT, chunk_size=chunk_size)
@@ -48,8 +68,9 @@ def _convert(archive, out, *, shards=None, workers=0, variant="std512", chunk_si
                 raise KeyboardInterrupt
 
         conversion.run_shard(plan, SALT, shard=shard, workers=workers, progress=False, on_chunk_done=stop)
-    directory, summary = conversion_merge.merge(plan, out, preprocessing.variant_dir_name("femur", v),
-                                                split_mode=split_mode)
+    directory, summary = conversion_merge.merge(
+        plan, out, preprocessing.variant_dir_name("femur", v), split_mode=split_mode
+    )
     return plan, directory, summary
 
 
@@ -63,8 +84,10 @@ def _comparable(directory):
     info = records.read_info(directory)
     info.pop("created")
     info.pop("path")
-    recs = {s: [{k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in r.items()} for r in rs]
-            for s, rs in _records(directory).items()}
+    recs = {
+        s: [{k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in r.items()} for r in rs]
+        for s, rs in _records(directory).items()
+    }
     index = {p.name: p.read_text() for p in (directory / "index").iterdir()}
     return info, recs, index, (directory / "manifest.csv").read_text()
 
@@ -124,9 +147,18 @@ def test_no_phi_anywhere_in_the_output_tree(archive, tmp_path):
     secrets = set()
     for path in (archive / "synth").rglob("IM*"):
         ds = pydicom.dcmread(path)
-        secrets |= {str(ds.PatientName), str(ds.PatientName).split("^")[0], ds.PatientID, ds.PatientBirthDate,
-                    ds.AccessionNumber, ds.InstitutionName, ds.StudyInstanceUID, ds.SOPInstanceUID,
-                    ds.SeriesInstanceUID, str(ds.ReferringPhysicianName).split("^")[0]}
+        secrets |= {
+            str(ds.PatientName),
+            str(ds.PatientName).split("^")[0],
+            ds.PatientID,
+            ds.PatientBirthDate,
+            ds.AccessionNumber,
+            ds.InstitutionName,
+            ds.StudyInstanceUID,
+            ds.SOPInstanceUID,
+            ds.SeriesInstanceUID,
+            str(ds.ReferringPhysicianName).split("^")[0],
+        }
         secrets.add(str(path.relative_to(archive)))
     secrets.add(SALT.decode())
     secrets = {s for s in secrets if len(s) >= 4}
@@ -202,8 +234,10 @@ def test_no_patient_in_two_splits(reference):
 
 def test_stratified_patient_splits_hit_the_fractions_per_label():
     rng = np.random.default_rng(0)
-    patients = {f"p{i:05d}": Counter({int(rng.choice([0, 1, -1], p=[0.2, 0.3, 0.5])): int(rng.integers(1, 4))})
-                for i in range(3000)}
+    patients = {
+        f"p{i:05d}": Counter({int(rng.choice([0, 1, -1], p=[0.2, 0.3, 0.5])): int(rng.integers(1, 4))})
+        for i in range(3000)
+    }
     fractions = {"train": 0.7, "validation": 0.1, "test": 0.2}
     splits = conversion_merge.assign_patient_splits(patients, fractions)
     for label in (0, 1, -1):
@@ -219,8 +253,11 @@ def test_stratified_patient_splits_hit_the_fractions_per_label():
 def test_inputs_from_csv_and_sharding_are_deterministic(archive, tmp_path):
     csv_path = tmp_path / "list.csv"
     targets = sorted(p for p in (archive / "synth").rglob("IM*"))[:4]
-    csv_path.write_text("path,label\n" + "".join(f"{p},{'AFF' if i % 2 else 'NFF'}\n" for i, p in enumerate(targets))
-                        + "missing/file.dcm,AFF\n")
+    csv_path.write_text(
+        "path,label\n"
+        + "".join(f"{p},{'AFF' if i % 2 else 'NFF'}\n" for i, p in enumerate(targets))
+        + "missing/file.dcm,AFF\n"
+    )
     files = conversion_inputs.list_inputs([csv_path])
     assert [f.label_name for f in files] == ["NFF", "AFF", "NFF", "AFF", "AFF"]
     assert conversion_inputs.label_ids(files) == {"AFF": 0, "NFF": 1}
@@ -235,15 +272,27 @@ def test_inputs_from_csv_and_sharding_are_deterministic(archive, tmp_path):
 
 
 def test_cli_end_to_end_and_user_errors(archive, tmp_path, monkeypatch, capsys):
-    spec = importlib.util.spec_from_file_location("preprocess", pathlib.Path(__file__).resolve().parents[1]
-                                                  / "tools" / "preprocess.py")
+    spec = importlib.util.spec_from_file_location(
+        "preprocess", pathlib.Path(__file__).resolve().parents[1] / "tools" / "preprocess.py"
+    )
     preprocess = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(preprocess)
 
     monkeypatch.delenv("AFM_SALT", raising=False)
     monkeypatch.delenv("AFM_SALT_FILE", raising=False)
-    args = ["--input", str(archive), "--out", str(tmp_path / "out"), "--workers", "0", "--quiet",
-            "--config.image_size=24", "--config.name=tiny", "--chunk_size", "7"]
+    args = [
+        "--input",
+        str(archive),
+        "--out",
+        str(tmp_path / "out"),
+        "--workers",
+        "0",
+        "--quiet",
+        "--config.image_size=24",
+        "--config.name=tiny",
+        "--chunk_size",
+        "7",
+    ]
     code = preprocess.main(args)
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("error:") and "AFM_SALT" in err
@@ -253,11 +302,17 @@ def test_cli_end_to_end_and_user_errors(archive, tmp_path, monkeypatch, capsys):
     (tmp_path / "a_file").write_text("x")
     binary = tmp_path / "labels.csv"
     binary.write_bytes(bytes(range(256)) * 4)
-    for bad, message in ((["--shard", "2/2"], "0 <= i < n"), (["--splits", "train=0.5,test=0.1"], "sum to"),
-                         (["--variant", "no_such"], "std512"), (["--config.name=std512"], "changes the pixels"),
-                         (["--config.image_size=abc"], "config.image_size"), (["--workers", "-1"], ">= 0"),
-                         (["--out", str(tmp_path / "a_file")], "is a file"), (["--labels", str(binary)], "binary"),
-                         (["--config.no_such_key=1"], "no_such_key")):
+    for bad, message in (
+        (["--shard", "2/2"], "0 <= i < n"),
+        (["--splits", "train=0.5,test=0.1"], "sum to"),
+        (["--variant", "no_such"], "std512"),
+        (["--config.name=std512"], "changes the pixels"),
+        (["--config.image_size=abc"], "config.image_size"),
+        (["--workers", "-1"], ">= 0"),
+        (["--out", str(tmp_path / "a_file")], "is a file"),
+        (["--labels", str(binary)], "binary"),
+        (["--config.no_such_key=1"], "no_such_key"),
+    ):
         code = preprocess.main(args + bad)
         err = capsys.readouterr().err
         assert code == 2 and err.startswith("error:") and message in err and "Traceback" not in err, (bad, err)

@@ -14,10 +14,11 @@ import cv2
 import numpy as np
 import pytest
 
+from afm_jax.data import pipeline, records, selection
+from afm_jax.data.curation import config as config_lib
+from afm_jax.data.curation import curate as run
+from afm_jax.data.curation import synthetic_defects
 from afm_jax.errors import ConfigError
-from afm_jax.data import pipeline, records
-from afm_jax.data import selection
-from afm_jax.data.curation import config as config_lib, curate as run, synthetic_defects
 from afm_jax.evaluation import curation_embeddings as embeddings
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -26,8 +27,9 @@ DUPLICATE_KINDS = ("exact_duplicate", "near_duplicate")
 
 @pytest.fixture(scope="module")
 def defective(tmp_path_factory):
-    return synthetic_defects.build_defective_dataset(tmp_path_factory.mktemp("cur"), num_patients=30, image_size=64,
-                                                     per_kind=2)
+    return synthetic_defects.build_defective_dataset(
+        tmp_path_factory.mktemp("cur"), num_patients=30, image_size=64, per_kind=2
+    )
 
 
 def _config(**selection_changes):
@@ -85,8 +87,9 @@ def test_selection_round_trips_into_the_pipeline(defective, curated):
     assert sorted(source[i]["image_id"] for i in range(len(source))) == sorted(ids)  # only selected images are read
     data_cfg = pipeline.default_data_config()
     data_cfg.update(path=str(defective.path), selection=str(path), num_workers=0)
-    _, facts = pipeline.build_train_dataset(data_cfg, global_batch_size=8, seed=0, image_size=32,
-                                            process_index=0, process_count=1)
+    _, facts = pipeline.build_train_dataset(
+        data_cfg, global_batch_size=8, seed=0, image_size=32, process_index=0, process_count=1
+    )
     assert facts["examples"] == 40
     baseline = selection.read_selection(curated.out_dir / run.RANDOM_SELECTION_FILE)
     assert len(baseline) == 40 and set(baseline) <= set(curated.scan.image_id) and set(baseline) != set(ids)
@@ -144,6 +147,7 @@ def test_encoder_embeddings_align_with_image_ids(defective):
     assert vectors.shape == (len(ids), 32) and np.isfinite(vectors).all()
     source = records.open_split(defective.path, "train")
     from afm_jax.data import transforms
+
     i = 5  # recompute one row directly: same resize and pooling as the evaluation features
     image = transforms.apply_chain(transforms.decode_png(source[i]["image"]), transforms.eval_chain(32))
     direct = np.asarray(encoder.pooled_features(image[None], pool="avg"))[0]
@@ -151,15 +155,24 @@ def test_encoder_embeddings_align_with_image_ids(defective):
 
 
 def test_cli_writes_selection_and_report_and_fails_cleanly(defective, tmp_path):
-    cmd = [sys.executable, os.path.join(REPO, "tools", "curate.py"), "--data", str(defective.path), "--out",
-           str(tmp_path / "cli"), f"--config.metadata.allow={synthetic_defects.FEMUR_ONLY}",
-           "--config.selection.target_fraction=0.5", "--config.threads=1"]
+    cmd = [
+        sys.executable,
+        os.path.join(REPO, "tools", "curate.py"),
+        "--data",
+        str(defective.path),
+        "--out",
+        str(tmp_path / "cli"),
+        f"--config.metadata.allow={synthetic_defects.FEMUR_ONLY}",
+        "--config.selection.target_fraction=0.5",
+        "--config.threads=1",
+    ]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "Selected 51 images" in done.stdout
     assert (tmp_path / "cli" / "selection.json").is_file() and (tmp_path / "cli" / "report.md").is_file()
-    bad = subprocess.run(cmd[:3] + [str(tmp_path / "nowhere"), "--out", str(tmp_path / "x")],
-                         capture_output=True, text=True, timeout=240)
+    bad = subprocess.run(
+        cmd[:3] + [str(tmp_path / "nowhere"), "--out", str(tmp_path / "x")], capture_output=True, text=True, timeout=240
+    )
     assert bad.returncode == 2 and bad.stderr.startswith("error: ") and "Traceback" not in bad.stderr
 
 
@@ -183,12 +196,14 @@ def test_embeddings_computed_by_a_backbone_match_a_direct_forward(defective, cur
 
     ids = list(curated.scan.image_id)
     spec = "random_init:,variant=mu/8,image_size=32"
-    vectors = embeddings.load_embeddings(embeddings.BACKBONE_PREFIX + spec, ids, dataset_dir=defective.path,
-                                         splits=("train",))
+    vectors = embeddings.load_embeddings(
+        embeddings.BACKBONE_PREFIX + spec, ids, dataset_dir=defective.path, splits=("train",)
+    )
     assert vectors.shape == (len(ids), 32) and np.isfinite(vectors).all()
     backbone = backbones.load_backbone(backbones.parse_backbone_arg(spec))
     source = records.open_split(defective.path, "train")
     from afm_jax.data import transforms
+
     row = {source[i]["image_id"]: i for i in range(len(source))}
     for k in (0, len(ids) // 2):
         image = transforms.apply_chain(transforms.decode_png(source[row[ids[k]]]["image"]), transforms.eval_chain(32))

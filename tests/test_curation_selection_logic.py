@@ -19,13 +19,15 @@ def _brute_hamming(codes: np.ndarray, max_d: int) -> set[tuple[int, int]]:
 def test_hamming_pairs_match_brute_force_flat_and_multihash(monkeypatch):
     rng = np.random.default_rng(0)
     base = rng.integers(0, 256, (40, 32), dtype=np.uint8)
-    codes = np.concatenate([base, base[:10] ^ (rng.random((10, 32)) < 0.02).astype(np.uint8) * 1,
-                            base[10:15] ^ np.uint8(0b10000001)])
+    codes = np.concatenate(
+        [base, base[:10] ^ (rng.random((10, 32)) < 0.02).astype(np.uint8) * 1, base[10:15] ^ np.uint8(0b10000001)]
+    )
     want = _brute_hamming(codes, 6)
     assert len(want) >= 10
     got = duplicates.hamming_pairs(codes, 6)
     assert set(map(tuple, got.tolist())) == want
     import faiss
+
     # the multi-index hash used above 50k codes gives the same pairs (forced here on small data)
     monkeypatch.setattr(faiss, "IndexBinaryFlat", lambda d: faiss.IndexBinaryMultiHash(d, 7, d // 7))
     assert set(map(tuple, duplicates.hamming_pairs(codes, 6).tolist())) == want

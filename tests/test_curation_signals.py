@@ -8,8 +8,9 @@ import pytest
 import scipy.fft
 import scipy.ndimage
 
+from afm_jax.data.curation import config as config_lib
+from afm_jax.data.curation import duplicates, quality
 from afm_jax.errors import ConfigError
-from afm_jax.data.curation import config as config_lib, duplicates, quality
 
 
 def _image(seed: int = 0, size: int = 96) -> np.ndarray:
@@ -31,8 +32,8 @@ def test_intensity_signals_match_numpy():
 
 def test_metal_fraction_is_a_binary_opening_of_clipped_white():
     x = _image(1)
-    x[20:60, 30:45] = 1.0                     # a plate (solid white)
-    x[70, 10:80] = 1.0                        # a 1-px white line: not metal
+    x[20:60, 30:45] = 1.0  # a plate (solid white)
+    x[70, 10:80] = 1.0  # a 1-px white line: not metal
     s = quality.image_signals(x, work_size=128)
     k = max(3, int(round(96 / 24)) | 1)
     ref = scipy.ndimage.binary_opening(x >= 0.98, structure=np.ones((k, k)))
@@ -66,20 +67,29 @@ def test_field_of_view_of_a_converted_record_uses_the_stored_pixels():
     ok, png = cv2.imencode(".png", np.round(_image() * 65535).astype(np.uint16))
     assert ok
     stored_spacing = 3000 * 0.015 / 96  # a 45 mm close-up: 3000 px of 0.015 mm, stored at 96 px
-    record = {"image": png.tobytes(), "image_id": "i", "patient_id": "p", "label": -1,
-              "pixel_spacing_mm": np.float32([stored_spacing, stored_spacing]), "orig_shape": np.int32([3000, 3000])}
+    record = {
+        "image": png.tobytes(),
+        "image_id": "i",
+        "patient_id": "p",
+        "label": -1,
+        "pixel_spacing_mm": np.float32([stored_spacing, stored_spacing]),
+        "orig_shape": np.int32([3000, 3000]),
+    }
     signals = scan._scan_record(record, 128)["signals"]  # pylint: disable=protected-access
     assert signals["field_mm"] == pytest.approx(96 * stored_spacing, rel=1e-5)  # 45 mm
     assert (signals["height"], signals["width"]) == (3000, 3000)  # the acquisition's size, for representatives
     assert "tiny_fov" in quality.quality_reasons(signals, config_lib.default_config().quality)
 
 
-@pytest.mark.parametrize("change,reason", [
-    (lambda x: np.full_like(x, 0.4), "blank"),
-    (lambda x: 0.7 + 0.3 * x, "underexposed"),
-    (lambda x: 0.2 * x, "overexposed"),
-    (lambda x: 0.4 + 0.1 * x, "low_contrast"),
-])
+@pytest.mark.parametrize(
+    "change,reason",
+    [
+        (lambda x: np.full_like(x, 0.4), "blank"),
+        (lambda x: 0.7 + 0.3 * x, "underexposed"),
+        (lambda x: 0.2 * x, "overexposed"),
+        (lambda x: 0.4 + 0.1 * x, "low_contrast"),
+    ],
+)
 def test_quality_reasons(change, reason):
     cfg = config_lib.default_config()
     good = _image(2) + np.linspace(0, 0.2, 96)[None]
@@ -93,12 +103,17 @@ def test_quality_reasons(change, reason):
 def test_metadata_filter_allow_and_deny_on_any_string_field():
     f = quality.MetadataFilter("body_part=FEMUR,LEG", "image_type=LOCALIZER;series_description=SCOUT")
     assert f.reasons({"body_part": "femur", "view": "AP"}) == []
-    assert f.reasons({"body_part": ""}) == []                     # unknown passes
+    assert f.reasons({"body_part": ""}) == []  # unknown passes
     assert f.reasons({"body_part": "HAND"}) == ["metadata:body_part"]
     assert f.reasons({"body_part": "LEG", "image_type": "ORIGINAL\\PRIMARY\\LOCALIZER"}) == ["metadata:image_type"]
     assert f.reasons({"series_description": "Scout AP"}) == ["metadata:series_description"]
-    record = {"image": b"", "patient_id": "p", "image_id": "i", "body_part": "KNEE",
-              "image_type": np.asarray([b"DERIVED", b"LOCALIZER"])}  # an unknown feature comes back as bytes
+    record = {
+        "image": b"",
+        "patient_id": "p",
+        "image_id": "i",
+        "body_part": "KNEE",
+        "image_type": np.asarray([b"DERIVED", b"LOCALIZER"]),
+    }  # an unknown feature comes back as bytes
     fields = quality.metadata_fields(record)
     assert fields == {"body_part": "KNEE", "image_type": "DERIVED\\LOCALIZER"}
     assert f.reasons(fields) == ["metadata:body_part", "metadata:image_type"]

@@ -22,8 +22,11 @@ def _has_image(path: str) -> bool:
         ds = pydicom.dcmread(path, stop_before_pixels=False)
     except Exception:  # pylint: disable=broad-except
         return False
-    return ("PixelData" in ds and str(ds.get("PhotometricInterpretation", "")).startswith("MONOCHROME")
-            and "DirectoryRecordSequence" not in ds)
+    return (
+        "PixelData" in ds
+        and str(ds.get("PhotometricInterpretation", "")).startswith("MONOCHROME")
+        and "DirectoryRecordSequence" not in ds
+    )
 
 
 def test_every_pydicom_test_file_converts_or_is_reported():
@@ -52,8 +55,16 @@ def test_every_pydicom_test_file_converts_or_is_reported():
 
 
 def test_lossless_encodings_give_identical_pixels():
-    names = ["MR_small.dcm", "MR_small_RLE.dcm", "MR_small_jp2klossless.dcm", "MR_small_jpeg_ls_lossless.dcm",
-             "MR_small_bigendian.dcm", "MR_small_implicit.dcm", "MR_small_expb.dcm", "MR_small_padded.dcm"]
+    names = [
+        "MR_small.dcm",
+        "MR_small_RLE.dcm",
+        "MR_small_jp2klossless.dcm",
+        "MR_small_jpeg_ls_lossless.dcm",
+        "MR_small_bigendian.dcm",
+        "MR_small_implicit.dcm",
+        "MR_small_expb.dcm",
+        "MR_small_padded.dcm",
+    ]
     variant = preprocessing.get_variant("std512")
     outputs, syntaxes = [], set()
     for name in names:
@@ -70,10 +81,12 @@ def test_lossless_encodings_give_identical_pixels():
 @pytest.mark.parametrize("voi", ["window", "none"])
 def test_monochrome1_and_monochrome2_twins_give_the_same_output(tmp_path, bits, rescale, voi):
     img = next(iter(synthetic.iter_synthetic_images(1, image_size=48)))
-    one = synthetic.write_dicom_twin(img, tmp_path / "m1.dcm", photometric="MONOCHROME1", bits_stored=bits,
-                                     rescale=rescale)
-    two = synthetic.write_dicom_twin(img, tmp_path / "m2.dcm", photometric="MONOCHROME2", bits_stored=bits,
-                                     rescale=rescale)
+    one = synthetic.write_dicom_twin(
+        img, tmp_path / "m1.dcm", photometric="MONOCHROME1", bits_stored=bits, rescale=rescale
+    )
+    two = synthetic.write_dicom_twin(
+        img, tmp_path / "m2.dcm", photometric="MONOCHROME2", bits_stored=bits, rescale=rescale
+    )
     raw1, raw2 = pydicom.dcmread(one).pixel_array, pydicom.dcmread(two).pixel_array
     assert not np.array_equal(raw1, raw2)  # the stored pixels really differ (inverted)
     options = dicom.DicomOptions(voi=voi)
@@ -81,8 +94,9 @@ def test_monochrome1_and_monochrome2_twins_give_the_same_output(tmp_path, bits, 
     np.testing.assert_allclose(a.image, b.image, atol=1e-6)
     for name in ("std512", "window512", "clahe512"):
         variant = preprocessing.get_variant(name, {"voi": voi})
-        np.testing.assert_array_equal(preprocessing.apply_variant(a.image, variant).image,
-                                      preprocessing.apply_variant(b.image, variant).image)
+        np.testing.assert_array_equal(
+            preprocessing.apply_variant(a.image, variant).image, preprocessing.apply_variant(b.image, variant).image
+        )
     # Bone bright: the synthetic source is bone bright, so output correlates positively with it.
     assert np.corrcoef(a.image.ravel(), img.pixels.ravel())[0, 1] > 0.9
 
@@ -116,13 +130,21 @@ def test_rescale_then_linear_window_by_hand(tmp_path):
     expected = [[0.0, (500 - 499.5) / 199 + 0.5, 1.0], [(598 - 499.5) / 199 + 0.5, 1.0, 0.0]]
     np.testing.assert_allclose(out, expected, atol=1e-6)
     # MONOCHROME1 with the same values: inverted (and INVERSE beside it does not invert twice).
-    ds1 = _dataset(stored, photometric="MONOCHROME1", RescaleSlope=2, RescaleIntercept=-100, WindowCenter=500,
-                   WindowWidth=200, PresentationLUTShape="INVERSE")
+    ds1 = _dataset(
+        stored,
+        photometric="MONOCHROME1",
+        RescaleSlope=2,
+        RescaleIntercept=-100,
+        WindowCenter=500,
+        WindowWidth=200,
+        PresentationLUTShape="INVERSE",
+    )
     np.testing.assert_allclose(_read(ds1, tmp_path)[0].image, 1 - np.asarray(expected), atol=1e-6)
     # INVERSE alone (MONOCHROME2) asks a viewer for bone dark; the bone-bright contract keeps the image
     # as MONOCHROME2 (issue 14, item 6: it used to invert) and records a note.
-    ds2 = _dataset(stored, RescaleSlope=2, RescaleIntercept=-100, WindowCenter=500, WindowWidth=200,
-                   PresentationLUTShape="INVERSE")
+    ds2 = _dataset(
+        stored, RescaleSlope=2, RescaleIntercept=-100, WindowCenter=500, WindowWidth=200, PresentationLUTShape="INVERSE"
+    )
     read2 = _read(ds2, tmp_path)[0]
     np.testing.assert_allclose(read2.image, expected, atol=1e-6)
     assert "INVERSE" in read2.meta["notes"]
@@ -168,8 +190,9 @@ def test_pixel_padding_is_masked_and_black(tmp_path):
     ds = _dataset(stored, PixelPaddingValue=4095, WindowCenter=1500, WindowWidth=2000)
     image = _read(ds, tmp_path)[0]
     assert image.padding is not None and image.padding[:, :2].all() and not image.padding[:, 2:].any()
-    processed = preprocessing.apply_variant(image.image, preprocessing.get_variant("std512", {"crop_field": False}),
-                                            padding=image.padding)
+    processed = preprocessing.apply_variant(
+        image.image, preprocessing.get_variant("std512", {"crop_field": False}), padding=image.padding
+    )
     assert (processed.image[:, :2] == 0).all()
     assert processed.image[3, 4] == 65535  # percentile stretch over the non-padding pixels only
 
@@ -201,8 +224,15 @@ def test_metadata_is_hashed_and_complete(tmp_path):
     assert meta["pixel_spacing_mm"][0] > 0 and meta["spacing_source"] in ("PixelSpacing", "ImagerPixelSpacing")
     assert meta["orig_shape"] == (32, 32)
     flat = repr(meta)
-    for raw in (str(ds.PatientName), ds.PatientID, ds.PatientBirthDate, ds.AccessionNumber, ds.InstitutionName,
-                ds.SOPInstanceUID, ds.StudyInstanceUID):
+    for raw in (
+        str(ds.PatientName),
+        ds.PatientID,
+        ds.PatientBirthDate,
+        ds.AccessionNumber,
+        ds.InstitutionName,
+        ds.SOPInstanceUID,
+        ds.StudyInstanceUID,
+    ):
         assert raw not in flat
 
 

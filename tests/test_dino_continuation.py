@@ -24,8 +24,8 @@ from afm_jax.train.tasks import get_task
 torch = pytest.importorskip("torch")
 timm_vit = pytest.importorskip("timm.models.vision_transformer")
 
-D, DEPTH, HEADS, PATCH, REG, SRC_GRID = 64, 2, 2, 14, 4, 5        # source table 5x5 (70 px)
-TRAIN, LOCAL = 42, 28                                              # 3x3 and 2x2 patch grids
+D, DEPTH, HEADS, PATCH, REG, SRC_GRID = 64, 2, 2, 14, 4, 5  # source table 5x5 (70 px)
+TRAIN, LOCAL = 42, 28  # 3x3 and 2x2 patch grids
 
 
 def _hub_state_dict(seed=0):
@@ -33,16 +33,37 @@ def _hub_state_dict(seed=0):
 
     def r(*shape, s=0.2):
         return torch.randn(*shape, generator=g) * s
-    sd = {"cls_token": r(1, 1, D), "pos_embed": r(1, 1 + SRC_GRID ** 2, D), "register_tokens": r(1, REG, D),
-          "mask_token": r(1, D), "patch_embed.proj.weight": r(D, 3, PATCH, PATCH, s=0.05),
-          "patch_embed.proj.bias": r(D), "norm.weight": 1 + r(D), "norm.bias": r(D)}
+
+    sd = {
+        "cls_token": r(1, 1, D),
+        "pos_embed": r(1, 1 + SRC_GRID**2, D),
+        "register_tokens": r(1, REG, D),
+        "mask_token": r(1, D),
+        "patch_embed.proj.weight": r(D, 3, PATCH, PATCH, s=0.05),
+        "patch_embed.proj.bias": r(D),
+        "norm.weight": 1 + r(D),
+        "norm.bias": r(D),
+    }
     for i in range(DEPTH):
         b = f"blocks.{i}."
-        sd.update({b + "norm1.weight": 1 + r(D), b + "norm1.bias": r(D), b + "attn.qkv.weight": r(3 * D, D),
-                   b + "attn.qkv.bias": r(3 * D), b + "attn.proj.weight": r(D, D), b + "attn.proj.bias": r(D),
-                   b + "ls1.gamma": 0.5 + r(D), b + "norm2.weight": 1 + r(D), b + "norm2.bias": r(D),
-                   b + "mlp.fc1.weight": r(4 * D, D), b + "mlp.fc1.bias": r(4 * D),
-                   b + "mlp.fc2.weight": r(D, 4 * D), b + "mlp.fc2.bias": r(D), b + "ls2.gamma": 0.5 + r(D)})
+        sd.update(
+            {
+                b + "norm1.weight": 1 + r(D),
+                b + "norm1.bias": r(D),
+                b + "attn.qkv.weight": r(3 * D, D),
+                b + "attn.qkv.bias": r(3 * D),
+                b + "attn.proj.weight": r(D, D),
+                b + "attn.proj.bias": r(D),
+                b + "ls1.gamma": 0.5 + r(D),
+                b + "norm2.weight": 1 + r(D),
+                b + "norm2.bias": r(D),
+                b + "mlp.fc1.weight": r(4 * D, D),
+                b + "mlp.fc1.bias": r(4 * D),
+                b + "mlp.fc2.weight": r(D, 4 * D),
+                b + "mlp.fc2.bias": r(D),
+                b + "ls2.gamma": 0.5 + r(D),
+            }
+        )
     return sd
 
 
@@ -55,8 +76,11 @@ def _interpolate_pos_encoding(pos_embed, h, w):
         return pos_embed
     cls_pos, grid = pos_embed[:, :1], pos_embed[:, 1:]
     grid = torch.nn.functional.interpolate(
-        grid.reshape(1, m, m, D).permute(0, 3, 1, 2), mode="bicubic", antialias=False,
-        scale_factor=((h0 + 0.1) / m, (w0 + 0.1) / m))
+        grid.reshape(1, m, m, D).permute(0, 3, 1, 2),
+        mode="bicubic",
+        antialias=False,
+        scale_factor=((h0 + 0.1) / m, (w0 + 0.1) / m),
+    )
     assert grid.shape[-2:] == (h0, w0)
     return torch.cat([cls_pos, grid.permute(0, 2, 3, 1).reshape(1, -1, D)], dim=1)
 
@@ -64,31 +88,52 @@ def _interpolate_pos_encoding(pos_embed, h, w):
 def _reference_forward_features(sd, images_nchw):
     blocks = []
     for i in range(DEPTH):
-        blk = timm_vit.Block(D, HEADS, mlp_ratio=4.0, qkv_bias=True, init_values=1e-5,
-                             norm_layer=lambda d, **kw: torch.nn.LayerNorm(d, eps=1e-6, **kw))
-        blk.load_state_dict({k[len(f"blocks.{i}."):]: v for k, v in sd.items() if k.startswith(f"blocks.{i}.")})
+        blk = timm_vit.Block(
+            D,
+            HEADS,
+            mlp_ratio=4.0,
+            qkv_bias=True,
+            init_values=1e-5,
+            norm_layer=lambda d, **kw: torch.nn.LayerNorm(d, eps=1e-6, **kw),
+        )
+        blk.load_state_dict({k[len(f"blocks.{i}.") :]: v for k, v in sd.items() if k.startswith(f"blocks.{i}.")})
         blocks.append(blk.eval())
     norm = torch.nn.LayerNorm(D, eps=1e-6)
     norm.load_state_dict({"weight": sd["norm.weight"], "bias": sd["norm.bias"]})
     with torch.no_grad():
         b, _, h, w = images_nchw.shape
-        x = torch.nn.functional.conv2d(images_nchw, sd["patch_embed.proj.weight"], sd["patch_embed.proj.bias"],
-                                       stride=PATCH).flatten(2).transpose(1, 2)
+        x = (
+            torch.nn.functional.conv2d(
+                images_nchw, sd["patch_embed.proj.weight"], sd["patch_embed.proj.bias"], stride=PATCH
+            )
+            .flatten(2)
+            .transpose(1, 2)
+        )
         x = torch.cat([sd["cls_token"].expand(b, -1, -1), x], dim=1)
         x = x + _interpolate_pos_encoding(sd["pos_embed"], h, w)
         x = torch.cat([x[:, :1], sd["register_tokens"].expand(b, -1, -1), x[:, 1:]], dim=1)
         for blk in blocks:
             x = blk(x)
         x = norm(x)
-    return x[:, 0].numpy(), x[:, 1 + REG:].numpy()
+    return x[:, 0].numpy(), x[:, 1 + REG :].numpy()
 
 
 def _config(path, pos_embed_size):
     config = default_config("dino", "mu/14")
     config.data.path = "unused"
-    config.model.update(width=D, depth=DEPTH, num_heads=HEADS, in_chans=3, num_reg_tokens=REG, no_embed_class=True,
-                        layer_scale_init=1e-5, init="dinov2", pos_embed_interpolation="dino",
-                        pos_embed_size=pos_embed_size, drop_path_rate=0.0)
+    config.model.update(
+        width=D,
+        depth=DEPTH,
+        num_heads=HEADS,
+        in_chans=3,
+        num_reg_tokens=REG,
+        no_embed_class=True,
+        layer_scale_init=1e-5,
+        init="dinov2",
+        pos_embed_interpolation="dino",
+        pos_embed_size=pos_embed_size,
+        drop_path_rate=0.0,
+    )
     config.image_size = TRAIN
     config.batch_size = 2
     config.multicrop.update(num_local=2, local_size=LOCAL)
@@ -143,8 +188,12 @@ def test_timm_style_resampling_would_not_match_the_reference(tmp_path):
     student = state_lib.merge_model(parts.graphdef, parts.initial_state())
     enc = student.encoder
     images = np.random.default_rng(0).random((2, LOCAL, LOCAL, 3), dtype=np.float32)
-    nchw = torch.from_numpy(((images - np.asarray(enc.input_mean)) / np.asarray(enc.input_std))
-                            .astype(np.float32).transpose(0, 3, 1, 2).copy())
+    nchw = torch.from_numpy(
+        ((images - np.asarray(enc.input_mean)) / np.asarray(enc.input_std))
+        .astype(np.float32)
+        .transpose(0, 3, 1, 2)
+        .copy()
+    )
     want_cls, _ = _reference_forward_features(sd, nchw)
     cls, _ = jax.device_get(student.backbone(images))
     assert np.abs(cls - want_cls).max() > 1e-3

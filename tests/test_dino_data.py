@@ -38,7 +38,7 @@ def test_multicrop_batches_have_one_array_per_crop_size(synthetic_dataset):
     for key in ("global", "local"):
         assert 0.0 <= batch[key].min() and batch[key].max() <= 1.0
     counts = batch["masks"].sum(-1)
-    assert np.all(counts >= 1) and np.all(counts <= int(16 * 0.4))     # every crop masked, within the ratio
+    assert np.all(counts >= 1) and np.all(counts <= int(16 * 0.4))  # every crop masked, within the ratio
     # The views differ from each other (independent crops), the two globals included.
     assert not np.allclose(batch["global"][:, 0], batch["global"][:, 1])
 
@@ -109,4 +109,4 @@ def test_block_mask_masks_at_most_the_target_in_rectangles(target):
     rng = np.random.default_rng(target)
     mask = multicrop.block_mask((10, 10), target, rng)
     assert mask.shape == (10, 10) and 0 < mask.sum() <= target
-    assert mask.sum() >= 0.5 * target                    # the generator gets close to its target
+    assert mask.sum() >= 0.5 * target  # the generator gets close to its target

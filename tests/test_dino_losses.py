@@ -57,7 +57,9 @@ def test_dino_loss_and_center_match_the_reference(num_global, num_local):
 
     batch_center = jnp.mean(jnp.asarray(teacher, jnp.float32), axis=(0, 1))
     new_center = dino.update_center(jnp.asarray(center, jnp.float32), batch_center, 0.9)
-    np.testing.assert_allclose(np.asarray(new_center), _reference_center(center, list(teacher), 0.9), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(new_center), _reference_center(center, list(teacher), 0.9), rtol=1e-5, atol=1e-6
+    )
 
 
 def _reference_sinkhorn(teacher_output, temp, n_iterations=3):
@@ -80,8 +82,8 @@ def test_sinkhorn_knopp_matches_reference_and_has_the_right_marginals():
     logits = rng.normal(size=(n, k))
     q = np.asarray(dino.sinkhorn_knopp(jnp.asarray(logits, jnp.float32), 0.5, 3))
     np.testing.assert_allclose(q, _reference_sinkhorn(logits.astype(np.float64), 0.5), rtol=1e-4, atol=1e-7)
-    np.testing.assert_allclose(q.sum(axis=1), 1.0, rtol=1e-5)                      # each sample: a distribution
-    np.testing.assert_allclose(q.sum(axis=0), n / k, rtol=0.05)                     # prototypes: equal mass
+    np.testing.assert_allclose(q.sum(axis=1), 1.0, rtol=1e-5)  # each sample: a distribution
+    np.testing.assert_allclose(q.sum(axis=0), n / k, rtol=0.05)  # prototypes: equal mass
     # Far more balanced than a plain softmax of the same logits.
     plain = _softmax(logits / 0.5).sum(axis=0)
     assert np.std(q.sum(axis=0)) < 0.2 * np.std(plain)
@@ -103,7 +105,7 @@ def test_koleo_equals_its_formula():
     got = float(dino.koleo_loss(jnp.asarray(x, jnp.float32)))
     xn = x / np.linalg.norm(x, axis=1, keepdims=True)
     d = np.linalg.norm(xn[:, None] - xn[None], axis=-1) + np.diag([np.inf] * len(x))
-    nearest = d.min(axis=1)                       # Euclidean nearest neighbour on the sphere
+    nearest = d.min(axis=1)  # Euclidean nearest neighbour on the sphere
     want = -np.mean(np.log(nearest + 1e-8))
     np.testing.assert_allclose(got, want, rtol=1e-4)
 
@@ -114,13 +116,13 @@ def test_ibot_loss_counts_only_masked_patches():
     student = rng.normal(size=(b, n, k)).astype(np.float32)
     teacher = _softmax(rng.normal(size=(b, n, k))).astype(np.float32)
     masks = rng.random((b, n)) < 0.4
-    masks[2] = False                              # an image without masks contributes 0
+    masks[2] = False  # an image without masks contributes 0
     got = float(dino.ibot_patch_loss(jnp.asarray(student), jnp.asarray(teacher), jnp.asarray(masks), 0.1))
     ce = -np.sum(teacher * _log_softmax(student / 0.1), axis=-1)
     want = np.mean([ce[i][masks[i]].mean() if masks[i].any() else 0.0 for i in range(b)])
     np.testing.assert_allclose(got, want, rtol=1e-5)
     changed = student.copy()
-    changed[~masks] = rng.normal(size=changed[~masks].shape) * 10   # unmasked patches don't matter
+    changed[~masks] = rng.normal(size=changed[~masks].shape) * 10  # unmasked patches don't matter
     again = float(dino.ibot_patch_loss(jnp.asarray(changed), jnp.asarray(teacher), jnp.asarray(masks), 0.1))
     np.testing.assert_allclose(again, got, rtol=1e-6)
 
@@ -151,10 +153,11 @@ def test_norm_last_layer_keeps_the_gains_out_of_the_trained_params():
     names = lambda m: {"/".join(map(str, p)) for p, _ in nnx.to_flat_state(nnx.state(m, nnx.Param))}
     assert "last_layer/weight_g" not in names(frozen) and "last_layer/weight_g" in names(trained)
     w = np.asarray(frozen.last_layer.kernel())
-    np.testing.assert_allclose(np.linalg.norm(w, axis=0), 1.0, rtol=1e-5)      # unit-norm prototypes
+    np.testing.assert_allclose(np.linalg.norm(w, axis=0), 1.0, rtol=1e-5)  # unit-norm prototypes
 
 
 # ─── Schedules and EMA ───────────────────────────────────────────────────────────────────────────
+
 
 def _reference_cosine(base, final, steps):
     """DINO `cosine_scheduler` without warm-up, as an array over iterations."""

@@ -13,13 +13,15 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from dino_helpers import flat_state, setup_dino_task
 from flax import nnx
 
 from afm_jax.errors import ConfigError
-from afm_jax.train import assembly, loop, sharding, state as state_lib, step as step_lib
+from afm_jax.train import assembly, loop, sharding
+from afm_jax.train import state as state_lib
+from afm_jax.train import step as step_lib
 from afm_jax.train.defaults import default_config
 from afm_jax.train.tasks import get_task
-from dino_helpers import flat_state, setup_dino_task
 
 torch = pytest.importorskip("torch")
 torchvision = pytest.importorskip("torchvision")
@@ -42,13 +44,12 @@ def _resnet_config(path="", **dino):
     return config
 
 
-
-
 def _crops_first(x):
     return jnp.swapaxes(x, 0, 1).reshape(-1, *x.shape[2:])
 
 
 # ─── BatchNorm in train mode vs torch ───────────────────────────────────────────────────────────
+
 
 def test_train_mode_batchnorm_matches_torch_train_mode():
     """Batch statistics in the forward pass and running averages after it, as torch's train mode
@@ -69,8 +70,8 @@ def test_train_mode_batchnorm_matches_torch_train_mode():
     @jax.jit
     def forward(variables, x):
         model = nnx.merge(graphdef, variables, copy=True)
-        eval_features = model.pooled_features(x)            # running averages: unchanged by this
-        train_features = model.forward_features(x)          # batch statistics: updates them
+        eval_features = model.pooled_features(x)  # running averages: unchanged by this
+        train_features = model.forward_features(x)  # batch statistics: updates them
         return eval_features, train_features, nnx.state(model, nnx.BatchStat)
 
     x = np.random.default_rng(0).random((2, 64, 64, 3), dtype=np.float32)
@@ -82,7 +83,7 @@ def test_train_mode_batchnorm_matches_torch_train_mode():
     got_eval, got_train, stats = forward(variables, x)
     assert want_train.std() > 0.05 and np.abs(np.asarray(got_train) - want_train).max() < 1e-4
     assert np.abs(np.asarray(got_eval) - want_eval).max() < 1e-4
-    assert np.abs(want_eval - want_train).max() > 1e-2        # the two modes do differ
+    assert np.abs(want_eval - want_train).max() > 1e-2  # the two modes do differ
     stats = flat_state(stats)
     # stem BN sees 2 × 32 × 32 values per channel; layer4's last BN 2 × 2 × 2
     for name, n in (("bn1", 2 * 32 * 32), ("layer4.0.bn3", 2 * 2 * 2)):
@@ -90,10 +91,11 @@ def test_train_mode_batchnorm_matches_torch_train_mode():
         np.testing.assert_allclose(stats[f"{key}/mean"], t_bn.running_mean.numpy(), rtol=1e-4, atol=1e-5)
         unbiased = (t_bn.running_var.numpy() - 0.9) / 0.1
         np.testing.assert_allclose(stats[f"{key}/var"], 0.9 + 0.1 * unbiased * (n - 1) / n, rtol=1e-4, atol=1e-5)
-        assert np.abs(t_bn.running_mean.numpy()).max() > 1e-3   # the statistics did move
+        assert np.abs(t_bn.running_mean.numpy()).max() > 1e-3  # the statistics did move
 
 
 # ─── The step writes non-Param state back ───────────────────────────────────────────────────────
+
 
 def _state_and_step(config, task, accum_steps):
     """A fresh train state (initialised under jit: eager init compiles every op) and the jitted step."""
@@ -103,10 +105,12 @@ def _state_and_step(config, task, accum_steps):
     def create():
         model = task.build_model(config, nnx.Rngs(0))
         return state_lib.create_train_state(model, tx, 1, task.init_extra(model))[1]
+
     graphdef = nnx.graphdef(abstract)
     state = jax.jit(create)()
-    train_step = step_lib.make_train_step(graphdef, task.loss, tx, optax.constant_schedule(1e-3),
-                                          update_extra=task.update_extra, accum_steps=accum_steps)
+    train_step = step_lib.make_train_step(
+        graphdef, task.loss, tx, optax.constant_schedule(1e-3), update_extra=task.update_extra, accum_steps=accum_steps
+    )
     return graphdef, state, jax.jit(train_step)
 
 
@@ -123,22 +127,25 @@ def test_step_carries_batchnorm_statistics_of_student_and_teacher():
     assert np.isfinite(float(metrics["loss"]))
 
     @jax.jit
-    def forward(variables, images):                      # one train-mode backbone pass -> its BatchNorm state
+    def forward(variables, images):  # one train-mode backbone pass -> its BatchNorm state
         model = nnx.merge(graphdef, variables, copy=True)
         model.backbone(images)
         return nnx.state(model)
 
     student = nnx.state(nnx.merge(graphdef, state.params, state.frozen))
-    teacher = nnx.state(task.teacher_of(nnx.merge(graphdef, state.params, state.frozen),
-                                        state.extra["teacher"], state.extra["teacher_stats"]))
+    teacher = nnx.state(
+        task.teacher_of(
+            nnx.merge(graphdef, state.params, state.frozen), state.extra["teacher"], state.extra["teacher_stats"]
+        )
+    )
     teacher_updates = []
-    for i in range(2):                                   # micro-batch i = examples i, i+2 (step.split_micro_batches)
+    for i in range(2):  # micro-batch i = examples i, i+2 (step.split_micro_batches)
         images = _crops_first(batch["global"][i::2])
         teacher_updates.append(nnx.state(nnx.merge(graphdef, forward(teacher, images)), nnx.BatchStat))
         student = forward(student, images)
     want_student = flat_state(nnx.state(nnx.merge(graphdef, student), nnx.BatchStat))
     got_student = flat_state(nnx.state(nnx.merge(graphdef, new.params, new.frozen), nnx.BatchStat))
-    assert want_student.keys() == got_student.keys() and len(want_student) == 2 * 17   # mean + var of 17 BNs
+    assert want_student.keys() == got_student.keys() and len(want_student) == 2 * 17  # mean + var of 17 BNs
     before = flat_state(nnx.state(nnx.merge(graphdef, state.params, state.frozen), nnx.BatchStat))
     for k in want_student:
         np.testing.assert_allclose(got_student[k], want_student[k], rtol=1e-4, atol=1e-5, err_msg=k)
@@ -168,11 +175,14 @@ def test_step_keeps_fixed_position_embeddings_bit_identical():
     assert after.keys() == before.keys()
     for k in before:
         assert after[k].dtype == before[k].dtype and np.array_equal(after[k], before[k]), k
-    assert not np.array_equal(flat_state(new.params)["encoder/patch_embed/proj/kernel"],
-                              flat_state(state.params)["encoder/patch_embed/proj/kernel"])
+    assert not np.array_equal(
+        flat_state(new.params)["encoder/patch_embed/proj/kernel"],
+        flat_state(state.params)["encoder/patch_embed/proj/kernel"],
+    )
 
 
 # ─── LARS ───────────────────────────────────────────────────────────────────────────────────────
+
 
 def test_lars_matches_dinos_update_rule():
     """DINO utils.LARS: 2-D+ tensors get g + wd·p scaled by eta·||p||/||g + wd·p||; 1-D tensors
@@ -181,8 +191,10 @@ def test_lars_matches_dinos_update_rule():
     config.optim.update(weight_decay=0.1, grad_clip_norm=0.0)
     task = setup_dino_task(config)
     rng = np.random.default_rng(0)
-    params = {"conv": {"kernel": jnp.asarray(rng.normal(size=(3, 3, 2, 4)), jnp.float32)},
-              "bn": {"scale": jnp.asarray(rng.normal(size=(4,)), jnp.float32)}}
+    params = {
+        "conv": {"kernel": jnp.asarray(rng.normal(size=(3, 3, 2, 4)), jnp.float32)},
+        "bn": {"scale": jnp.asarray(rng.normal(size=(4,)), jnp.float32)},
+    }
     lr, eta, wd = 0.5, 0.001, 0.1
     tx = task.make_optimizer(config, optax.constant_schedule(lr), params)
     opt_state = tx.init(params)
@@ -207,12 +219,13 @@ def test_lars_matches_dinos_update_rule():
 
 # ─── init_from a torchvision file ───────────────────────────────────────────────────────────────
 
+
 def test_init_from_torchvision_resnet50_gives_torch_features(tmp_path):
     """A torchvision resnet50 state dict saved with torch.save: the student and the teacher of the
     initial train state give torch's eval-mode features (RGB stem summed to one grey channel)."""
     torch.manual_seed(0)
     ref = torchvision.models.resnet50(weights=None).eval()
-    with torch.no_grad():   # random BN statistics and affine parameters, so no mix-up can hide
+    with torch.no_grad():  # random BN statistics and affine parameters, so no mix-up can hide
         for name, b in ref.named_buffers():
             if name.endswith("running_mean"):
                 b.copy_(torch.randn_like(b) * 0.1)
@@ -234,7 +247,7 @@ def test_init_from_torchvision_resnet50_gives_torch_features(tmp_path):
     assert "fc.weight" in parts.init_report["dropped"] and "53 num_batches_tracked" in parts.init_report["summary"]
 
     x = np.random.default_rng(0).random((2, 64, 64, 1), dtype=np.float32)
-    grey = (x - 0.449) / 0.226        # our grey normalisation, replicated to RGB for torch
+    grey = (x - 0.449) / 0.226  # our grey normalisation, replicated to RGB for torch
     ref.fc = torch.nn.Identity()
     with torch.no_grad():
         want = ref(torch.from_numpy(np.repeat(grey, 3, axis=-1).transpose(0, 3, 1, 2).copy())).numpy()
@@ -250,9 +263,9 @@ def test_init_from_torchvision_resnet50_gives_torch_features(tmp_path):
 
 
 def test_init_from_a_folder_is_refused_for_a_resnet(tmp_path):
-    from afm_jax.train.init_from import initialize_encoder
     from afm_jax.errors import InteropError
     from afm_jax.models.resnet import ResNet
+    from afm_jax.train.init_from import initialize_encoder
 
     encoder = nnx.eval_shape(lambda: ResNet((1, 1, 1, 1), rngs=nnx.Rngs(0)))
     with pytest.raises(InteropError, match="torchvision-layout weights file"):
@@ -261,11 +274,22 @@ def test_init_from_a_folder_is_refused_for_a_resnet(tmp_path):
 
 # ─── Config ─────────────────────────────────────────────────────────────────────────────────────
 
-@pytest.mark.parametrize("key,value", [
-    ("dino.ibot.enabled", True), ("model.num_reg_tokens", 4), ("dino.knn.pool", "cls"),
-    ("model.arch", "resnet18"), ("model.drop_path_rate", 0.1), ("image_size", 48),
-    ("model.resnet_layers", (1, 1, 1)), ("dino.layer_decay", 0.9), ("dino.optimizer", "sgd"),
-    ("multicrop.local_size", 48)])
+
+@pytest.mark.parametrize(
+    "key,value",
+    [
+        ("dino.ibot.enabled", True),
+        ("model.num_reg_tokens", 4),
+        ("dino.knn.pool", "cls"),
+        ("model.arch", "resnet18"),
+        ("model.drop_path_rate", 0.1),
+        ("image_size", 48),
+        ("model.resnet_layers", (1, 1, 1)),
+        ("dino.layer_decay", 0.9),
+        ("dino.optimizer", "sgd"),
+        ("multicrop.local_size", 48),
+    ],
+)
 def test_options_a_resnet_cannot_honour_are_refused_naming_the_key(key, value):
     config = _resnet_config()
     section, _, leaf = key.rpartition(".")
@@ -279,8 +303,10 @@ def test_options_a_resnet_cannot_honour_are_refused_naming_the_key(key, value):
 
 def test_the_radimagenet_config_validates():
     import importlib.util
+
     spec = importlib.util.spec_from_file_location(
-        "cfg", os.path.join(os.path.dirname(__file__), "..", "configs", "dino_resnet50_radimagenet.py"))
+        "cfg", os.path.join(os.path.dirname(__file__), "..", "configs", "dino_resnet50_radimagenet.py")
+    )
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     config = module.get_config()
@@ -289,6 +315,7 @@ def test_the_radimagenet_config_validates():
 
 
 # ─── Checkpoint and resume ──────────────────────────────────────────────────────────────────────
+
 
 @pytest.mark.slow
 def test_resnet_dino_resume_reproduces_the_uninterrupted_run(synthetic_dataset, tmp_path, compilation_cache):
@@ -299,11 +326,15 @@ def test_resnet_dino_resume_reproduces_the_uninterrupted_run(synthetic_dataset, 
     resumed = loop.train(config, str(tmp_path / "b"), get_task("dino"))
     assert resumed.finished and resumed.step == 4
     pick = lambda s: jax.device_get((s.params, s.frozen, s.extra))
-    diffs = jax.tree.leaves(jax.tree.map(lambda x, y: float(np.max(np.abs(x - y))), pick(full.state), pick(resumed.state)))
+    diffs = jax.tree.leaves(
+        jax.tree.map(lambda x, y: float(np.max(np.abs(x - y))), pick(full.state), pick(resumed.state))
+    )
     assert max(diffs) <= 1e-6
     # BatchNorm running averages (student in `frozen`, teacher in `extra`) kept moving after the resume
-    for a, b in ((part.state.frozen, resumed.state.frozen), (part.state.extra["teacher_stats"],
-                                                            resumed.state.extra["teacher_stats"])):
+    for a, b in (
+        (part.state.frozen, resumed.state.frozen),
+        (part.state.extra["teacher_stats"], resumed.state.extra["teacher_stats"]),
+    ):
         fa, fb = flat_state(jax.device_get(a)), flat_state(jax.device_get(b))
         assert np.abs(fa["encoder/bn1/mean"] - fb["encoder/bn1/mean"]).max() > 0
     lines = [json.loads(l) for l in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
@@ -354,11 +385,18 @@ def test_batch_statistics_over_8_devices_are_the_global_batch_statistics():
     (SyncBatchNorm), not each device's share: the same features and running averages as one device."""
     import subprocess
     import sys
+
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
-    done = subprocess.run([sys.executable, "-c", _SHARDED_BN], env=env, capture_output=True, text=True, timeout=300,
-                          cwd=os.path.join(os.path.dirname(__file__), ".."))
+    done = subprocess.run(
+        [sys.executable, "-c", _SHARDED_BN],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=os.path.join(os.path.dirname(__file__), ".."),
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["devices"] == 8
     assert result["features"] < 1e-4 and result["stats"] < 1e-5
-    assert result["local_vs_global"] > 1e-3      # one device's share alone would give other statistics
+    assert result["local_vs_global"] > 1e-3  # one device's share alone would give other statistics

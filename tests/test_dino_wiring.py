@@ -50,7 +50,7 @@ def test_step_loss_uses_the_centre_before_its_update_and_the_centre_keeps_moment
     pairs of different views), and the centre afterwards is 0.9·c + 0.1·mean(t) (`update_center`).
     Fails when the centre is updated before the loss, or when its momentum is dropped."""
     config = _config(synthetic_dataset)
-    task = setup_dino_task(config, total_steps=20, steps_per_epoch=2)     # teacher temp ramps over 10 steps
+    task = setup_dino_task(config, total_steps=20, steps_per_epoch=2)  # teacher temp ramps over 10 steps
     model = task.build_model(config, nnx.Rngs(0))
     _, params, _ = state_lib.split_model(model)
     tx = task.make_optimizer(config, optax.constant_schedule(1e-3), params)
@@ -66,17 +66,22 @@ def test_step_loss_uses_the_centre_before_its_update_and_the_centre_keeps_moment
     # student's forward in the step is this deterministic one).
     g = jnp.swapaxes(batch["global"], 0, 1).reshape(-1, 16, 16, 1)
     loc = jnp.swapaxes(batch["local"], 0, 1).reshape(-1, 8, 8, 1)
-    t = np.asarray(model.dino_head(model.backbone(g)[0])).reshape(2, 4, -1)   # teacher = student at init
-    s = np.concatenate([np.asarray(model.dino_head(model.backbone(g)[0])).reshape(2, 4, -1),
-                        np.asarray(model.dino_head(model.backbone(loc)[0])).reshape(2, 4, -1)])
-    temp = 0.04 + (0.07 - 0.04) * step_no / 10                            # linear warm-up, per step
+    t = np.asarray(model.dino_head(model.backbone(g)[0])).reshape(2, 4, -1)  # teacher = student at init
+    s = np.concatenate(
+        [
+            np.asarray(model.dino_head(model.backbone(g)[0])).reshape(2, 4, -1),
+            np.asarray(model.dino_head(model.backbone(loc)[0])).reshape(2, 4, -1),
+        ]
+    )
+    temp = 0.04 + (0.07 - 0.04) * step_no / 10  # linear warm-up, per step
     q = _softmax((t - np.asarray(center)) / temp)
     logp = _log_softmax(s / 0.1)
     terms = [np.mean(np.sum(-q[i] * logp[v], axis=-1)) for i in range(2) for v in range(4) if v != i]
     want_loss = np.mean(terms)
 
-    train_step = jax.jit(step_lib.make_train_step(graphdef, task.loss, tx, optax.constant_schedule(1e-3),
-                                                  update_extra=task.update_extra))
+    train_step = jax.jit(
+        step_lib.make_train_step(graphdef, task.loss, tx, optax.constant_schedule(1e-3), update_extra=task.update_extra)
+    )
     new_state, metrics = train_step(state, batch)
     np.testing.assert_allclose(float(metrics["loss_dino"]), want_loss, rtol=1e-5)
     want_center = 0.9 * np.asarray(center) + 0.1 * t.mean(axis=(0, 1))
@@ -113,11 +118,14 @@ def test_vit_backbone_puts_the_mask_token_at_the_masked_patches_before_the_posit
     patches = x.reshape(2, 2, 8, 2, 8, 1).transpose(0, 1, 3, 2, 4, 5).reshape(2, 4, 64)
     kernel = np.asarray(enc.patch_embed.proj.kernel[...]).reshape(64, -1)
     emb = patches @ kernel + np.asarray(enc.patch_embed.proj.bias[...])
-    pos = np.asarray(enc.pos_embed[...])[0]                  # learned, with the class-token slot first
+    pos = np.asarray(enc.pos_embed[...])[0]  # learned, with the class-token slot first
     want = np.where(masks[..., None], np.asarray(model.mask_token[...])[0], emb) + pos[1:]
     np.testing.assert_allclose(seen["tokens"][:, 1:], want, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(seen["tokens"][:, 0], np.broadcast_to(np.asarray(enc.cls_token[...])[0, 0] + pos[0],
-                                                                      (2, pos.shape[1])), rtol=1e-6)
+    np.testing.assert_allclose(
+        seen["tokens"][:, 0],
+        np.broadcast_to(np.asarray(enc.cls_token[...])[0, 0] + pos[0], (2, pos.shape[1])),
+        rtol=1e-6,
+    )
 
 
 def test_vit_backbone_without_masked_patches_is_the_plain_encoder(synthetic_dataset):
@@ -138,6 +146,7 @@ def test_vit_backbone_without_masked_patches_is_the_plain_encoder(synthetic_data
 
 # ─── Last-layer freeze against PyTorch's AdamW ───────────────────────────────────────────────────
 
+
 def _torch_adamw_trajectory(init, grads, *, lr, wd, freeze, mode, betas=(0.9, 0.999), eps=1e-8):
     """The reference loops: DINO v1 (`cancel_gradients_last_layer`: p.grad = None while frozen, so
     torch's AdamW skips the parameter) or DINOv2 (the last layer's param group has lr 0 while frozen,
@@ -152,7 +161,9 @@ def _torch_adamw_trajectory(init, grads, *, lr, wd, freeze, mode, betas=(0.9, 0.
             group["weight_decay"] = wd(step)
             group["lr"] = 0.0 if (mode == "lr_zero" and group.get("is_last") and step < freeze) else lr
         other.grad = torch.tensor(g["other"], dtype=torch.float64)
-        last.grad = None if (mode == "fresh_adam" and step < freeze) else torch.tensor(g["last_layer"], dtype=torch.float64)
+        last.grad = (
+            None if (mode == "fresh_adam" and step < freeze) else torch.tensor(g["last_layer"], dtype=torch.float64)
+        )
         opt.step()
         out.append({"last_layer": last.detach().numpy().copy(), "other": other.detach().numpy().copy()})
     return out
@@ -167,26 +178,48 @@ def test_last_layer_freeze_matches_torch_adamw(synthetic_dataset, mode):
     task = setup_dino_task(config, total_steps=7, steps_per_epoch=3)
     assert task.freeze_steps == 3
     rng = np.random.default_rng(0)
-    params = {"dino_head": {"last_layer": {"weight_v": jnp.asarray(rng.standard_normal((4, 5)), jnp.float32)}},
-              "encoder": {"blocks": {"0": {"kernel": jnp.asarray(rng.standard_normal((3, 3)), jnp.float32)}}}}
+    params = {
+        "dino_head": {"last_layer": {"weight_v": jnp.asarray(rng.standard_normal((4, 5)), jnp.float32)}},
+        "encoder": {"blocks": {"0": {"kernel": jnp.asarray(rng.standard_normal((3, 3)), jnp.float32)}}},
+    }
     lr = 0.01
     tx = task.make_optimizer(config, optax.constant_schedule(lr), params)
     wd = dino_schedules.weight_decay_schedule(0.04, 0.4, 7)
     grads = [{"last_layer": rng.standard_normal((4, 5)), "other": rng.standard_normal((3, 3))} for _ in range(7)]
-    ref = _torch_adamw_trajectory({"last_layer": np.asarray(params["dino_head"]["last_layer"]["weight_v"]),
-                                   "other": np.asarray(params["encoder"]["blocks"]["0"]["kernel"])},
-                                  grads, lr=lr, wd=lambda t: float(wd(t)), freeze=3, mode=mode)
+    ref = _torch_adamw_trajectory(
+        {
+            "last_layer": np.asarray(params["dino_head"]["last_layer"]["weight_v"]),
+            "other": np.asarray(params["encoder"]["blocks"]["0"]["kernel"]),
+        },
+        grads,
+        lr=lr,
+        wd=lambda t: float(wd(t)),
+        freeze=3,
+        mode=mode,
+    )
     state = tx.init(params)
     update = jax.jit(tx.update)
     for step, g in enumerate(grads):
-        tree = {"dino_head": {"last_layer": {"weight_v": jnp.asarray(g["last_layer"], jnp.float32)}},
-                "encoder": {"blocks": {"0": {"kernel": jnp.asarray(g["other"], jnp.float32)}}}}
+        tree = {
+            "dino_head": {"last_layer": {"weight_v": jnp.asarray(g["last_layer"], jnp.float32)}},
+            "encoder": {"blocks": {"0": {"kernel": jnp.asarray(g["other"], jnp.float32)}}},
+        }
         updates, state = update(tree, state, params)
         params = optax.apply_updates(params, updates)
-        np.testing.assert_allclose(np.asarray(params["dino_head"]["last_layer"]["weight_v"]), ref[step]["last_layer"],
-                                   rtol=1e-5, atol=1e-6, err_msg=f"last layer, step {step}")
-        np.testing.assert_allclose(np.asarray(params["encoder"]["blocks"]["0"]["kernel"]), ref[step]["other"],
-                                   rtol=1e-5, atol=1e-6, err_msg=f"other, step {step}")
+        np.testing.assert_allclose(
+            np.asarray(params["dino_head"]["last_layer"]["weight_v"]),
+            ref[step]["last_layer"],
+            rtol=1e-5,
+            atol=1e-6,
+            err_msg=f"last layer, step {step}",
+        )
+        np.testing.assert_allclose(
+            np.asarray(params["encoder"]["blocks"]["0"]["kernel"]),
+            ref[step]["other"],
+            rtol=1e-5,
+            atol=1e-6,
+            err_msg=f"other, step {step}",
+        )
 
 
 def test_per_module_clipping_matches_torch_clip_grad_norm_per_student_module():
@@ -194,16 +227,22 @@ def test_per_module_clipping_matches_torch_clip_grad_norm_per_student_module():
     mask token), DINO head and iBOT head each by their own norm."""
     torch = pytest.importorskip("torch")
     rng = np.random.default_rng(0)
-    grads = {"encoder": {"a": rng.standard_normal((3, 4)) * 5, "b": rng.standard_normal(4)},
-             "mask_token": rng.standard_normal((1, 1, 4)) * 5,
-             "dino_head": {"w": rng.standard_normal((4, 4)) * 0.1},
-             "ibot_head": {"w": rng.standard_normal((4, 4)) * 9}}
+    grads = {
+        "encoder": {"a": rng.standard_normal((3, 4)) * 5, "b": rng.standard_normal(4)},
+        "mask_token": rng.standard_normal((1, 1, 4)) * 5,
+        "dino_head": {"w": rng.standard_normal((4, 4)) * 0.1},
+        "ibot_head": {"w": rng.standard_normal((4, 4)) * 9},
+    }
     from afm_jax.train.optim import _module_of
+
     module_of = jax.tree_util.tree_map_with_path(lambda path, _: _module_of(path), grads)
     tx = dino_schedules.clip_per_module(3.0, module_of)
     ours, _ = tx.update(jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), grads), tx.init(grads))
-    groups = {"backbone": [("encoder", "a"), ("encoder", "b"), ("mask_token",)],
-              "dino_head": [("dino_head", "w")], "ibot_head": [("ibot_head", "w")]}
+    groups = {
+        "backbone": [("encoder", "a"), ("encoder", "b"), ("mask_token",)],
+        "dino_head": [("dino_head", "w")],
+        "ibot_head": [("ibot_head", "w")],
+    }
     for keys in groups.values():
         tensors = []
         for k in keys:

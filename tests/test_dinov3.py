@@ -56,8 +56,18 @@ def dinov3(name="vit_small_patch16_dinov3", seed=0, **kw):
 
 def ours_like(tm, img=224, in_chans=3, **kw):
     kw = {**(IMAGENET if in_chans == 3 else {}), "qkv_bias": tm.blocks[0].attn.q_bias is not None, **kw}
-    return VisionTransformer("S/16", img_size=img, depth=len(tm.blocks), in_chans=in_chans, num_reg_tokens=4,
-                             pos_embed="rope", layer_scale_init=1.0, norm_eps=1e-5, rngs=nnx.Rngs(0), **kw)
+    return VisionTransformer(
+        "S/16",
+        img_size=img,
+        depth=len(tm.blocks),
+        in_chans=in_chans,
+        num_reg_tokens=4,
+        pos_embed="rope",
+        layer_scale_init=1.0,
+        norm_eps=1e-5,
+        rngs=nnx.Rngs(0),
+        **kw,
+    )
 
 
 def forward(model, x):
@@ -99,6 +109,7 @@ def to_hub_layout(sd, seed=0):
 
 # -- RoPE maths ---------------------------------------------------------------------------------------
 
+
 def test_rope_sincos_equals_timms_rotary_embedding_dinov3():
     from timm.layers.pos_embed_sincos import RotaryEmbeddingDinoV3
 
@@ -109,6 +120,7 @@ def test_rope_sincos_equals_timms_rotary_embedding_dinov3():
 
 
 # -- timm layout -> ours --------------------------------------------------------------------------------
+
 
 def test_timm_dinov3_small_imports_with_parity_at_two_resolutions():
     tm = dinov3()  # full ViT-S/16: 12 blocks, 6 heads, 4 storage tokens, no qkv bias
@@ -142,6 +154,7 @@ def test_timm_dinov3_qkvb_and_errors():
 
 # -- the original hub layout -> ours --------------------------------------------------------------------
 
+
 def test_dinov3_hub_layout_imports_like_timms_own_converter(tmp_path, capsys):
     tm = dinov3("vit_small_patch16_dinov3_qkvb", depth=2, seed=1)
     hub = to_hub_layout(tm.state_dict())
@@ -166,21 +179,24 @@ def test_dinov3_hub_layout_imports_like_timms_own_converter(tmp_path, capsys):
     assert rc == 0, err
     summary = json.loads(stdout.strip().splitlines()[-1])
     assert summary["layout"] == "dinov3" and summary["max_abs_diff"] < 1e-4
-    assert {"--config.model.pos_embed=rope", "--config.model.norm_eps=1e-05",
-            "--config.model.qkv_bias=True"} <= set(summary["config_overrides"])
+    assert {"--config.model.pos_embed=rope", "--config.model.norm_eps=1e-05", "--config.model.qkv_bias=True"} <= set(
+        summary["config_overrides"]
+    )
     cfg = json.loads((out / "config.json").read_text())  # depth 2: no registered size, the generic entry point
     assert cfg["architecture"] == "vit_base_patch16_dinov3_qkvb" and "no registered" in cfg["architecture_note"]
 
 
 # -- round trip timm -> ours -> timm ---------------------------------------------------------------------
 
+
 def test_round_trip_timm_ours_timm_is_exact_for_dinov3_small(tmp_path, capsys):
     tm = dinov3(seed=2)
     src = tmp_path / "vit_small_patch16_dinov3.safetensors"
     save_file({k: v.numpy().copy() for k, v in tm.state_dict().items()}, str(src))
     out = tmp_path / "ours"
-    rc, stdout, err = run_tool("import_timm", ["--input", src, "--out", out, "--image_size", "224", "--in_chans", "3",
-                                               "--check"], capsys)
+    rc, stdout, err = run_tool(
+        "import_timm", ["--input", src, "--out", out, "--image_size", "224", "--in_chans", "3", "--check"], capsys
+    )
     assert rc == 0, err
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["architecture"] == "vit_small_patch16_dinov3" and cfg["model_args"]["qkv_bias"] is False
@@ -199,6 +215,7 @@ def test_round_trip_timm_ours_timm_is_exact_for_dinov3_small(tmp_path, capsys):
 
 # -- continue DINO / MAE pretraining from DINOv3, export back ---------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def dinov3_file(tmp_path_factory):
     tm = dinov3(depth=2, seed=4)
@@ -208,8 +225,15 @@ def dinov3_file(tmp_path_factory):
 
 
 def _dinov3_model(config):
-    config.model.update(variant="S/16", depth=2, num_reg_tokens=4, pos_embed="rope", norm_eps=1e-5,
-                        qkv_bias=False, layer_scale_init=1e-5)
+    config.model.update(
+        variant="S/16",
+        depth=2,
+        num_reg_tokens=4,
+        pos_embed="rope",
+        norm_eps=1e-5,
+        qkv_bias=False,
+        layer_scale_init=1e-5,
+    )
 
 
 @pytest.mark.parametrize("task", ["dino", "mae"])
@@ -242,8 +266,10 @@ def test_pretraining_continues_from_dinov3_and_exports_back(task, dinov3_file, s
     # the start really was DINOv3: step 0's student equals the file (checked via a fresh load)
     start = ours_like(dinov3(depth=2, seed=4), img=32, in_chans=1)
     initialize_encoder(start, dinov3_file)
-    trained = {k: np.asarray(v[...]) for k, v in ti.encoder_flat_state(
-        read_encoder_checkpoint(workdir, weights="student").encoder).items()}
+    trained = {
+        k: np.asarray(v[...])
+        for k, v in ti.encoder_flat_state(read_encoder_checkpoint(workdir, weights="student").encoder).items()
+    }
     first = {k: np.asarray(v[...]) for k, v in ti.encoder_flat_state(start).items()}
     assert trained.keys() == first.keys()
     moved = max(float(np.abs(trained[k] - first[k]).max()) for k in first)

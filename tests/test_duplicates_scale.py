@@ -24,15 +24,15 @@ def test_ivf_recall_of_exact_pairs_is_at_least_099():
     rng = np.random.default_rng(0)
     x = _planted(8000, 64, 400, rng)
     want = _numpy_pairs(x, 0.99)
-    assert len(want) >= 350          # most planted copies (cosine ~0.9998; chained ones break), none by chance
+    assert len(want) >= 350  # most planted copies (cosine ~0.9998; chained ones break), none by chance
     got = set(map(tuple, duplicates.cosine_pairs(x, 0.99, method="ivf").tolist()))
-    assert got <= want               # no false pair: the distances IVF reports are exact
+    assert got <= want  # no false pair: the distances IVF reports are exact
     assert len(got & want) / len(want) >= 0.99
 
 
 def test_flat_and_auto_below_the_ivf_size_are_exact():
     rng = np.random.default_rng(1)
-    x = _planted(600, 32, 30, rng, noise=0.2)   # noisier copies: some fall under the threshold
+    x = _planted(600, 32, 30, rng, noise=0.2)  # noisier copies: some fall under the threshold
     want = _numpy_pairs(x, 0.95)
     for method in ("flat", "auto"):
         assert set(map(tuple, duplicates.cosine_pairs(x, 0.95, method=method).tolist())) == want

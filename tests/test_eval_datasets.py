@@ -10,9 +10,8 @@ import numpy as np
 import pytest
 
 from afm_jax import errors
-from afm_jax.errors import ConfigError
 from afm_jax.data import anonymize, folder_dataset, mura, records
-from afm_jax.errors import DatasetNotFoundError
+from afm_jax.errors import ConfigError, DatasetNotFoundError
 
 SALT = b"test salt for eval datasets"
 
@@ -116,8 +115,11 @@ def test_mura_splits_labels_and_ids(mura_dataset):
 
 def test_mura_pixels_and_no_raw_ids(mura_dataset):
     _, expected, directory = mura_dataset
-    pixels = sorted((ex["pixels"].shape, ex["pixels"].tobytes()) for s in ("train", "validation", "test")
-                    for ex in _read_all(directory, s))
+    pixels = sorted(
+        (ex["pixels"].shape, ex["pixels"].tobytes())
+        for s in ("train", "validation", "test")
+        for ex in _read_all(directory, s)
+    )
     want = sorted((img.shape, (img.astype(np.uint16) * 257).tobytes()) for img in expected.values())
     assert pixels == want  # every image once, one 16-bit channel, RGB as luminance
     blob = _all_bytes(directory)
@@ -127,8 +129,14 @@ def test_mura_pixels_and_no_raw_ids(mura_dataset):
 
 def test_mura_body_part_filter_and_validation_is_salt_free(tmp_path, mura_dataset):
     root, _, _ = mura_dataset
-    directory = mura.build_mura_dataset(root / "MURA-v1.1", tmp_path, name="mura_wrist", body_parts=["wrist"],
-                                        validation_fraction=0.0, salt=b"another salt")
+    directory = mura.build_mura_dataset(
+        root / "MURA-v1.1",
+        tmp_path,
+        name="mura_wrist",
+        body_parts=["wrist"],
+        validation_fraction=0.0,
+        salt=b"another salt",
+    )
     exs = [ex for s in records.read_info(directory)["splits"] for ex in _read_all(directory, s)]
     assert {ex["body_part"] for ex in exs} == {"WRIST"} and len(exs) == 3 + 1 + 2 + 1
     assert set(records.read_info(directory)["splits"]) == {"train", "test"}
@@ -137,8 +145,10 @@ def test_mura_body_part_filter_and_validation_is_salt_free(tmp_path, mura_datase
 
 
 def test_mura_carve_is_stratified():
-    images = [{"mura_split": "train", "patient": f"patient{i:05d}", "body_part": part, "label": label}
-              for i, (part, label) in enumerate((p, y) for p in ("ELBOW", "WRIST") for y in (0, 1) for _ in range(50))]
+    images = [
+        {"mura_split": "train", "patient": f"patient{i:05d}", "body_part": part, "label": label}
+        for i, (part, label) in enumerate((p, y) for p in ("ELBOW", "WRIST") for y in (0, 1) for _ in range(50))
+    ]
     chosen = mura.carve_validation(images, 0.1)
     for part in ("ELBOW", "WRIST"):
         for label in (0, 1):
@@ -167,8 +177,10 @@ def test_mura_errors_name_the_fix(tmp_path, mura_dataset):
 
 # ─── Folder and CSV datasets ─────────────────────────────────────────────────────────────────────
 
+
 def _dicom_copy(dst: pathlib.Path, name="CT_small.dcm"):
     from pydicom.data import get_testdata_file
+
     shutil.copyfile(get_testdata_file(name), dst)
 
 
@@ -198,9 +210,15 @@ def _make_folder(root: pathlib.Path):
 def test_folder_dataset_images_patients_and_failures(tmp_path):
     root = tmp_path / "knee"
     files = _make_folder(root)
-    directory = folder_dataset.build_folder_dataset(root, tmp_path / "out", name="knee", salt=SALT,
-                                                    label_names=["normal", "abnormal"], body_part="knee",
-                                                    split_fractions={"train": 0.5, "test": 0.5})
+    directory = folder_dataset.build_folder_dataset(
+        root,
+        tmp_path / "out",
+        name="knee",
+        salt=SALT,
+        label_names=["normal", "abnormal"],
+        body_part="knee",
+        split_fractions={"train": 0.5, "test": 0.5},
+    )
     info = records.read_info(directory)
     assert info["label_names"] == {"0": "normal", "1": "abnormal"}
     assert info["skipped_files"] == {"ValueError": 1}
@@ -222,6 +240,7 @@ def test_folder_dataset_images_patients_and_failures(tmp_path):
         want.append((grey.astype(np.uint16) * 257 if grey.dtype == np.uint8 else grey).tobytes())
     assert got == sorted(want)
     from afm_jax.data import dicom
+
     ct = next(ex for ex in exs if ex["modality"] == "CT")
     ref = dicom.read_dicom(root / "normal" / "Scan5" / "ct_no_extension", SALT)[0].image
     np.testing.assert_array_equal(ct["pixels"], np.round(ref * 65535).astype(np.uint16))
@@ -242,8 +261,9 @@ def test_csv_dataset_with_header_splits_and_resize(tmp_path):
         rows.append([f"img/{i}.png", str(i % 2), f"P{i // 2}", "train" if i < 4 else "test"])
     with open(tmp_path / "labels.csv", "w", newline="") as f:
         csv.writer(f).writerows(rows)
-    directory = folder_dataset.build_folder_dataset(tmp_path / "labels.csv", tmp_path / "out", name="wrist",
-                                                    salt=SALT, image_size=50)
+    directory = folder_dataset.build_folder_dataset(
+        tmp_path / "labels.csv", tmp_path / "out", name="wrist", salt=SALT, image_size=50
+    )
     info = records.read_info(directory)
     assert info["splits"] == {"train": 4, "test": 4} and info["split_patients"] == {"test": 2, "train": 2}
     assert info["label_names"] == {"0": "0", "1": "1"}  # integer labels keep their values
@@ -266,15 +286,17 @@ def test_csv_without_header_and_stratified_splits(tmp_path):
     (tmp_path / "list.csv").write_text("\n".join(lines) + "\n")
     listed = folder_dataset.list_csv(tmp_path / "list.csv")
     assert len(listed) == 40 and listed[0].patient == "pt0" and listed[0].label_name == "fracture"
-    directory = folder_dataset.build_folder_dataset(tmp_path / "list.csv", tmp_path / "out", name="frac", salt=SALT,
-                                                    label_names=["normal", "fracture"])
+    directory = folder_dataset.build_folder_dataset(
+        tmp_path / "list.csv", tmp_path / "out", name="frac", salt=SALT, label_names=["normal", "fracture"]
+    )
     info = records.read_info(directory)
     assert info["split_patients"]["train"] == 16 and sum(info["split_patients"].values()) == 20
     for split in info["splits"]:  # stratified: both classes in every split
         assert set(info["label_counts"][split]) == {"0", "1"}, split
     with pytest.raises(ConfigError, match="not in label_names"):
-        folder_dataset.build_folder_dataset(tmp_path / "list.csv", tmp_path / "o", name="x", salt=SALT,
-                                            label_names=["normal"])
+        folder_dataset.build_folder_dataset(
+            tmp_path / "list.csv", tmp_path / "o", name="x", salt=SALT, label_names=["normal"]
+        )
 
 
 def test_to_single_channel():
@@ -290,6 +312,7 @@ def test_to_single_channel():
 def test_colour_dicom_becomes_luminance():
     import pydicom
     from pydicom.data import get_testdata_file
+
     path = get_testdata_file("SC_rgb_small_odd.dcm")  # RGB secondary capture, uncompressed
     rgb = pydicom.dcmread(path).pixel_array
     loaded = folder_dataset.read_image(path, SALT)
@@ -310,6 +333,7 @@ def test_folder_errors(tmp_path):
 
 # ─── CLI ─────────────────────────────────────────────────────────────────────────────────────────
 
+
 def _cli():
     path = pathlib.Path(__file__).resolve().parents[1] / "tools" / "make_eval_dataset.py"
     spec = importlib.util.spec_from_file_location("make_eval_dataset", path)
@@ -322,28 +346,56 @@ def test_cli_mura_and_folder(tmp_path, mura_dataset, capsys, monkeypatch):
     root, expected, _ = mura_dataset
     cli = _cli()
     monkeypatch.setenv("AFM_SALT", "cli salt")
-    assert cli.main(["mura", "--input", str(root), "--out", str(tmp_path / "o"), "--body_parts", "elbow,hand",
-                     "--png_compression", "0"]) == 0
+    assert (
+        cli.main(
+            [
+                "mura",
+                "--input",
+                str(root),
+                "--out",
+                str(tmp_path / "o"),
+                "--body_parts",
+                "elbow,hand",
+                "--png_compression",
+                "0",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "dataset:" in out and "mura/1.0.0" in out
     folder = tmp_path / "f"
     _make_folder(folder)
-    assert cli.main(["folder", "--input", str(folder), "--out", str(tmp_path / "o"), "--name", "knee",
-                     "--label_names", "normal,abnormal"]) == 0
+    assert (
+        cli.main(
+            [
+                "folder",
+                "--input",
+                str(folder),
+                "--out",
+                str(tmp_path / "o"),
+                "--name",
+                "knee",
+                "--label_names",
+                "normal,abnormal",
+            ]
+        )
+        == 0
+    )
     assert "skipped unreadable files" in capsys.readouterr().out
     (tmp_path / "a_file").write_text("x")
-    for argv, message in ((["mura", "--input", str(tmp_path), "--out", str(tmp_path / "o")], "MURA-v1.1"),
-                          (["folder", "--input", str(folder), "--out", str(tmp_path / "o"), "--name", "Bad-Name"],
-                           "lower_snake"),
-                          (["folder", "--input", str(folder), "--out", str(tmp_path / "o"), "--name", "knee"],
-                           "already exists"),
-                          (["folder", "--input", str(folder), "--out", str(tmp_path / "o"), "--name", "k", "--splits",
-                            "train=0.5"], "--splits"),
-                          (["folder", "--input", str(folder), "--out", str(tmp_path / "a_file"), "--name", "k"],
-                           "is a file"),
-                          (["folder", "--input", str(folder), "--out", str(tmp_path / "o"), "--name", "k",
-                            "--workers", "-1"], "workers"),
-                          (["tiff", "--input", str(folder), "--out", str(tmp_path / "o")], "mura` or `folder")):
+    for argv, message in (
+        (["mura", "--input", str(tmp_path), "--out", str(tmp_path / "o")], "MURA-v1.1"),
+        (["folder", "--input", str(folder), "--out", str(tmp_path / "o"), "--name", "Bad-Name"], "lower_snake"),
+        (["folder", "--input", str(folder), "--out", str(tmp_path / "o"), "--name", "knee"], "already exists"),
+        (
+            ["folder", "--input", str(folder), "--out", str(tmp_path / "o"), "--name", "k", "--splits", "train=0.5"],
+            "--splits",
+        ),
+        (["folder", "--input", str(folder), "--out", str(tmp_path / "a_file"), "--name", "k"], "is a file"),
+        (["folder", "--input", str(folder), "--out", str(tmp_path / "o"), "--name", "k", "--workers", "-1"], "workers"),
+        (["tiff", "--input", str(folder), "--out", str(tmp_path / "o")], "mura` or `folder"),
+    ):
         assert cli.main(argv) == 2, argv
         err = capsys.readouterr().err
         assert "error:" in err and message in err.split("error:", 1)[1] and "Traceback" not in err, (argv, err)

@@ -63,16 +63,20 @@ def test_checkpoint_encoder_and_init_from_workdir_equal_the_trained_encoder(mae_
     ck = read_encoder_checkpoint(mae_workdir)
     assert ck.step == 2 and ck.weights == "student"
     got = nnx.to_pure_dict(nnx.state(ck.encoder, nnx.Param))
-    for (path, a), (_, b) in zip(jax.tree_util.tree_flatten_with_path(trained_encoder)[0],
-                                 jax.tree_util.tree_flatten_with_path(got)[0], strict=True):
+    for (path, a), (_, b) in zip(
+        jax.tree_util.tree_flatten_with_path(trained_encoder)[0],
+        jax.tree_util.tree_flatten_with_path(got)[0],
+        strict=True,
+    ):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=str(path))
     # init_from the workdir into an encoder at another resolution (pos-embed resampled on import)
     target = VisionTransformer("mu/8", img_size=48, rngs=nnx.Rngs(5))
     report = initialize_encoder(target, mae_workdir)
     assert report["source"] == "checkpoint" and report["step"] == 2
     assert any("4x4 -> 6x6" in a for a in report["adapted"])
-    np.testing.assert_array_equal(np.asarray(target.blocks[0].mlp.fc1.kernel[...]),
-                                  np.asarray(ck.encoder.blocks[0].mlp.fc1.kernel[...]))
+    np.testing.assert_array_equal(
+        np.asarray(target.blocks[0].mlp.fc1.kernel[...]), np.asarray(ck.encoder.blocks[0].mlp.fc1.kernel[...])
+    )
     x = np.random.default_rng(0).random((2, 48, 48, 1), dtype=np.float32)
     forward = nnx.jit(lambda m, x: m(x))
     np.testing.assert_allclose(np.asarray(forward(target, x)), np.asarray(forward(ck.encoder, x)), atol=1e-5)
@@ -99,8 +103,7 @@ def test_export_tool_writes_a_checked_timm_model_and_card(mae_run, synthetic_dat
     rc, _, err = run_tool("export_timm", ["--workdir", mae_workdir, "--out", out, "--no_parity"], capsys)
     assert rc == 2 and err.startswith("error:") and "--overwrite" in err and "Traceback" not in err
     assert (out / "model.safetensors").stat().st_mtime_ns == before
-    rc, _, err = run_tool("export_timm", ["--workdir", mae_workdir, "--out", out, "--no_parity", "--overwrite"],
-                          capsys)
+    rc, _, err = run_tool("export_timm", ["--workdir", mae_workdir, "--out", out, "--no_parity", "--overwrite"], capsys)
     assert rc == 0, err
     # --step picks a step; a step that does not exist is a user error
     rc, _, err = run_tool("export_timm", ["--workdir", mae_workdir, "--out", tmp_path / "x", "--step", "7"], capsys)
@@ -111,8 +114,9 @@ def test_export_tool_user_errors(mae_run, tmp_path, capsys):
     mae_workdir, _ = mae_run
     rc, _, err = run_tool("export_timm", ["--workdir", tmp_path / "missing", "--out", tmp_path / "out"], capsys)
     assert rc == 2 and err.startswith("error:") and "does not exist" in err
-    rc, _, err = run_tool("export_timm", ["--workdir", mae_workdir, "--out", tmp_path / "out", "--weights", "teacher"],
-                          capsys)
+    rc, _, err = run_tool(
+        "export_timm", ["--workdir", mae_workdir, "--out", tmp_path / "out", "--weights", "teacher"], capsys
+    )
     assert rc == 2 and "no teacher" in err and "--weights student" in err
     (tmp_path / "a_file").write_text("x")
     rc, _, err = run_tool("export_timm", ["--workdir", mae_workdir, "--out", tmp_path / "a_file"], capsys)
@@ -128,8 +132,18 @@ def test_import_tool_converts_dinov2_and_init_from_its_output(tmp_path, capsys):
     from afm_jax.train.init_from import initialize_encoder
 
     torch.manual_seed(0)
-    tm = TimmViT(img_size=70, patch_size=14, embed_dim=48, depth=2, num_heads=3, reg_tokens=4,
-                 no_embed_class=True, init_values=0.3, num_classes=5, in_chans=3).eval()
+    tm = TimmViT(
+        img_size=70,
+        patch_size=14,
+        embed_dim=48,
+        depth=2,
+        num_heads=3,
+        reg_tokens=4,
+        no_embed_class=True,
+        init_values=0.3,
+        num_classes=5,
+        in_chans=3,
+    ).eval()
     with torch.no_grad():
         for p in tm.parameters():
             p.normal_(std=0.1)
@@ -141,9 +155,9 @@ def test_import_tool_converts_dinov2_and_init_from_its_output(tmp_path, capsys):
     torch.save({"teacher": {"backbone." + k: v for k, v in sd.items()}, "epoch": 1}, src)
 
     out = tmp_path / "imported"
-    rc, stdout, err = run_tool("import_timm", ["--input", src, "--out", out, "--image_size", "56", "--num_heads", "3",
-                                               "--check"],
-                               capsys)
+    rc, stdout, err = run_tool(
+        "import_timm", ["--input", src, "--out", out, "--image_size", "56", "--num_heads", "3", "--check"], capsys
+    )
     assert rc == 0, err
     summary = json.loads(stdout.strip().splitlines()[-1])
     assert summary["layout"] == "dinov2-registers" and summary["max_abs_diff"] < 1e-4
@@ -164,36 +178,56 @@ def test_import_tool_converts_dinov2_and_init_from_its_output(tmp_path, capsys):
     assert rc == 2 and "multiple of the source's patch size 14" in err
     # an existing output is replaced only with --overwrite; the source's own folder never
     before = (out / "model.safetensors").stat().st_mtime_ns
-    rc, _, err = run_tool("import_timm", ["--input", src, "--out", out, "--image_size", "56", "--num_heads", "3",
-                                          "--no_parity"], capsys)
+    rc, _, err = run_tool(
+        "import_timm", ["--input", src, "--out", out, "--image_size", "56", "--num_heads", "3", "--no_parity"], capsys
+    )
     assert rc == 2 and "--overwrite" in err and (out / "model.safetensors").stat().st_mtime_ns == before
-    rc, _, err = run_tool("import_timm", ["--input", src, "--out", out, "--image_size", "56", "--num_heads", "3",
-                                          "--no_parity", "--overwrite"], capsys)
+    rc, _, err = run_tool(
+        "import_timm",
+        ["--input", src, "--out", out, "--image_size", "56", "--num_heads", "3", "--no_parity", "--overwrite"],
+        capsys,
+    )
     assert rc == 0, err
-    rc, _, err = run_tool("import_timm", ["--input", out, "--out", out, "--image_size", "56", "--no_parity",
-                                          "--overwrite"], capsys)
+    rc, _, err = run_tool(
+        "import_timm", ["--input", out, "--out", out, "--image_size", "56", "--no_parity", "--overwrite"], capsys
+    )
     assert rc == 2 and "holds the source" in err and (out / "model.safetensors").is_file()
-    rc, _, err = run_tool("import_timm", ["--input", src, "--out", tmp_path, "--image_size", "56", "--no_parity"],
-                          capsys)
+    rc, _, err = run_tool(
+        "import_timm", ["--input", src, "--out", tmp_path, "--image_size", "56", "--no_parity"], capsys
+    )
     assert rc == 2 and "holds the source" in err and src.is_file()
 
 
 def test_tools_run_as_scripts():
     for tool in ("export_timm", "import_timm"):
-        done = subprocess.run([sys.executable, str(ROOT / "tools" / f"{tool}.py"), "--help"],
-                              capture_output=True, text=True, timeout=120)
+        done = subprocess.run(
+            [sys.executable, str(ROOT / "tools" / f"{tool}.py"), "--help"], capture_output=True, text=True, timeout=120
+        )
         assert done.returncode == 0 and "--check" in done.stdout, done.stderr
 
 
 def test_export_check_passes_on_a_bf16_run_of_configs_mae_vits(synthetic_dataset, tmp_path, capsys):
     """Issue 16's "done means": a (tiny, 2-step, 32 px) bf16 run of configs/mae_vits.py exports with --check."""
     workdir = tmp_path / "mae_vits"
-    cmd = [sys.executable, "-m", "afm_jax.main", "--config", str(ROOT / "configs" / "mae_vits.py"),
-           "--workdir", str(workdir), f"--config.data.path={synthetic_dataset}", "--config.data.num_workers=0",
-           "--config.image_size=32", "--config.batch_size=8", "--config.total_steps=2", "--config.log_every=1",
-           "--config.image_every=0"]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=ROOT,
-                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    cmd = [
+        sys.executable,
+        "-m",
+        "afm_jax.main",
+        "--config",
+        str(ROOT / "configs" / "mae_vits.py"),
+        "--workdir",
+        str(workdir),
+        f"--config.data.path={synthetic_dataset}",
+        "--config.data.num_workers=0",
+        "--config.image_size=32",
+        "--config.batch_size=8",
+        "--config.total_steps=2",
+        "--config.log_every=1",
+        "--config.image_every=0",
+    ]
+    done = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=900, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     rc, stdout, err = run_tool("export_timm", ["--workdir", workdir, "--out", tmp_path / "export", "--check"], capsys)
     assert rc == 0, err

@@ -6,7 +6,6 @@ import pytest
 from flax import nnx
 
 from afm_jax import errors
-from afm_jax import configuration
 from afm_jax.models import factory
 from afm_jax.train.defaults import default_config
 
@@ -30,13 +29,18 @@ def test_random_init_baseline_is_exactly_the_mae_starting_encoder():
 def test_size_overrides_change_only_what_they_name():
     encoder = factory.build_encoder(_config(depth=2, width=64, num_heads=4).model, 32, nnx.Rngs(0))
     assert len(encoder.blocks) == 2 and encoder.embed_dim == 64 and encoder.num_heads == 4
-    assert encoder.mlp_dim == 4 * 64       # follows the new width unless mlp_dim is given
+    assert encoder.mlp_dim == 4 * 64  # follows the new width unless mlp_dim is given
 
 
-@pytest.mark.parametrize("model, key", [(dict(num_heads=5), "model.num_heads"),
-                                        (dict(variant="XL/16"), "model.variant"),
-                                        (dict(depth=0), "model.depth"),
-                                        (dict(pos_embed="rope"), "model.pos_embed")])
+@pytest.mark.parametrize(
+    "model, key",
+    [
+        (dict(num_heads=5), "model.num_heads"),
+        (dict(variant="XL/16"), "model.variant"),
+        (dict(depth=0), "model.depth"),
+        (dict(pos_embed="rope"), "model.pos_embed"),
+    ],
+)
 def test_bad_model_values_name_the_key(model, key):
     with pytest.raises(errors.ConfigError, match=key.replace(".", r"\.")):
         factory.validate_model_config(_config(**model))

@@ -62,8 +62,9 @@ def trained(synthetic_dataset, tmp_path_factory):
     task = get_task("mae")
     mesh = sharding.make_mesh(config.mesh)
     parts = assembly.assemble(config, task, mesh, total_steps=2, warmup_steps=0)
-    target = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                          parts.abstract_state, parts.state_shardings)
+    target = jax.tree.map(
+        lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), parts.abstract_state, parts.state_shardings
+    )
     return {"workdir": workdir, "config": config, "state_at_1": state_at_1, "target": target, "task": task}
 
 
@@ -95,6 +96,7 @@ def _no_record(damage):
     def apply(step_dir):
         (step_dir / checkpoint.INTEGRITY_FILE).unlink()
         damage(step_dir)
+
     return apply
 
 
@@ -118,7 +120,8 @@ _DAMAGE = {
     "no_record_array_file_truncated": _no_record(lambda d: _truncate(_largest_state_file(d), 0.5)),
     "no_record_metadata_empty": _no_record(lambda d: (d / "state" / "_METADATA").write_bytes(b"")),
     "no_record_iterator_json_garbage": _no_record(
-        lambda d: (d / "data" / "process_0-of-1.json").write_text("{not json")),
+        lambda d: (d / "data" / "process_0-of-1.json").write_text("{not json")
+    ),
 }
 
 
@@ -126,10 +129,18 @@ def _assert_trees_equal(a, b):
     la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
     assert len(la) == len(lb)
     for x, y in zip(la, lb):
-        np.testing.assert_array_equal(np.asarray(jax.random.key_data(x) if jax.dtypes.issubdtype(
-            getattr(x, "dtype", np.float32), jax.dtypes.prng_key) else x), np.asarray(
-            jax.random.key_data(y) if jax.dtypes.issubdtype(getattr(y, "dtype", np.float32), jax.dtypes.prng_key)
-            else y))
+        np.testing.assert_array_equal(
+            np.asarray(
+                jax.random.key_data(x)
+                if jax.dtypes.issubdtype(getattr(x, "dtype", np.float32), jax.dtypes.prng_key)
+                else x
+            ),
+            np.asarray(
+                jax.random.key_data(y)
+                if jax.dtypes.issubdtype(getattr(y, "dtype", np.float32), jax.dtypes.prng_key)
+                else y
+            ),
+        )
 
 
 @pytest.mark.parametrize("kind", sorted(_DAMAGE))
@@ -144,7 +155,7 @@ def test_damaged_newest_checkpoint_falls_back_to_previous(trained, tmp_path, kin
         ckpt.close()
         it.close()
     assert step == 1 and meta["step"] == 1
-    _assert_trees_equal(state, trained["state_at_1"])            # bit-identical to the trainer's step-1 state
+    _assert_trees_equal(state, trained["state_at_1"])  # bit-identical to the trainer's step-1 state
     assert it.get_state()["next_batch"] == 1
     err = capsys.readouterr().err
     assert "checkpoint of step 2 is damaged" in err
@@ -203,13 +214,14 @@ def test_verify_tool_reports_damage(trained, tmp_path, capsys):
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert io.read_json(tmp_path / "report" / "verification.json") == report
     assert list(report["damaged"]) == ["2"] and "bytes" in report["damaged"]["2"]
-    assert (workdir / "checkpoints" / "2").exists()          # verifying alone moves nothing
+    assert (workdir / "checkpoints" / "2").exists()  # verifying alone moves nothing
     assert verify_checkpoints.main(["--workdir", str(workdir), "--move_damaged"]) == 1
     assert not (workdir / "checkpoints" / "2").exists()
     assert verify_checkpoints.main(["--workdir", str(tmp_path / "nope")]) == 2
 
 
 # ─── Divergence and a full disk ───────────────────────────────────────────────────────────────────
+
 
 def test_divergence_keeps_last_good_checkpoint(synthetic_dataset, tmp_path, monkeypatch, compilation_cache):
     config = _config(synthetic_dataset)
@@ -225,7 +237,7 @@ def test_divergence_keeps_last_good_checkpoint(synthetic_dataset, tmp_path, monk
     with pytest.raises(errors.TrainingDivergedError, match="at step 2"):
         train_run.run(config, os.fspath(tmp_path))
     ckpts = tmp_path / "checkpoints"
-    assert sorted(p.name for p in ckpts.iterdir()) == ["1"]    # complete, and no *.orbax-checkpoint-tmp*
+    assert sorted(p.name for p in ckpts.iterdir()) == ["1"]  # complete, and no *.orbax-checkpoint-tmp*
     assert [(v.step, v.ok, v.verified) for v in checkpoint.verify_workdir(tmp_path)] == [(1, True, True)]
     assert not (tmp_path / io.LOCK_FILE).exists()
 
@@ -251,10 +263,19 @@ app.run(main_mod.main, flags_parser=main_mod.parse_flags)
 def test_full_disk_during_async_save_exits_cleanly(tmp_path):
     """ENOSPC inside orbax's background save: one `error:` paragraph naming the step, exit 2, the previous
     checkpoint intact and verified, no temporary folder, the process gone (timeout only guards a hang)."""
-    args = ["--config", "configs/ci/multiprocess_mae.py", "--workdir", str(tmp_path), "--config.total_steps=4",
-            "--config.checkpoint_every=1", "--config.log_every=1", "--config.data.synthetic.num_patients=12"]
-    done = subprocess.run([sys.executable, "-c", _ENOSPC_SCRIPT, *args], cwd=REPO, env=ENV, capture_output=True,
-                          text=True, timeout=400)
+    args = [
+        "--config",
+        "configs/ci/multiprocess_mae.py",
+        "--workdir",
+        str(tmp_path),
+        "--config.total_steps=4",
+        "--config.checkpoint_every=1",
+        "--config.log_every=1",
+        "--config.data.synthetic.num_patients=12",
+    ]
+    done = subprocess.run(
+        [sys.executable, "-c", _ENOSPC_SCRIPT, *args], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=400
+    )
     assert done.returncode == 2, done.stdout + done.stderr
     assert done.stderr.count("error: Saving the checkpoint of step 2") == 1, done.stderr
     assert "No space left on device" in done.stderr and "Traceback" not in done.stderr, done.stderr
@@ -266,11 +287,12 @@ def test_full_disk_during_async_save_exits_cleanly(tmp_path):
 
 # ─── Resume compatibility ─────────────────────────────────────────────────────────────────────────
 
+
 @pytest.fixture(scope="module")
 def other_dataset(tmp_path_factory):
     from afm_jax.data import synthetic
-    return synthetic.build_synthetic_dataset(tmp_path_factory.mktemp("other"), num_patients=24, seed=1,
-                                             image_size=64)
+
+    return synthetic.build_synthetic_dataset(tmp_path_factory.mktemp("other"), num_patients=24, seed=1, image_size=64)
 
 
 def test_resume_on_another_dataset_is_refused(trained, tmp_path, other_dataset):
@@ -279,7 +301,7 @@ def test_resume_on_another_dataset_is_refused(trained, tmp_path, other_dataset):
     config.total_steps = 4
     with pytest.raises(errors.ConfigError, match=r"Cannot resume.*`dataset_fingerprint`.*new --workdir"):
         train_run.run(config, os.fspath(workdir))
-    assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["1", "2"]   # nothing moved
+    assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["1", "2"]  # nothing moved
 
 
 def test_resume_with_changed_batch_seed_depth_task_lists_each(trained):
@@ -306,9 +328,15 @@ def test_resume_with_safe_changes_proceeds_with_a_note(trained):
 
 # ─── Config values that were accepted although wrong ──────────────────────────────────────────────
 
-@pytest.mark.parametrize("key,value,match", [
-    ("keep_checkpoints", 0, "keep_checkpoints"), ("keep_checkpoints", -1, "keep_checkpoints"),
-    ("data.num_workers", -1, "data.num_workers")])
+
+@pytest.mark.parametrize(
+    "key,value,match",
+    [
+        ("keep_checkpoints", 0, "keep_checkpoints"),
+        ("keep_checkpoints", -1, "keep_checkpoints"),
+        ("data.num_workers", -1, "data.num_workers"),
+    ],
+)
 def test_bad_counts_refused(synthetic_dataset, tmp_path, key, value, match):
     config = _config(synthetic_dataset)
     node, leaf = (config.data, "num_workers") if key.startswith("data.") else (config, key)
@@ -332,9 +360,13 @@ def test_workdir_a_file_or_read_only_is_a_message(synthetic_dataset, tmp_path):
 
     ro = tmp_path / "ro"
     ro.mkdir()
-    if os.geteuid() == 0:   # root writes into any folder: a read-only mount instead, where allowed
-        if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(ro)],
-                          capture_output=True).returncode != 0:
+    if os.geteuid() == 0:  # root writes into any folder: a read-only mount instead, where allowed
+        if (
+            subprocess.run(
+                ["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(ro)], capture_output=True
+            ).returncode
+            != 0
+        ):
             pytest.skip("cannot mount a read-only tmpfs here")
     else:
         ro.chmod(0o500)
@@ -350,6 +382,7 @@ def test_workdir_a_file_or_read_only_is_a_message(synthetic_dataset, tmp_path):
 
 # ─── Locks ────────────────────────────────────────────────────────────────────────────────────────
 
+
 def _dead_pid() -> int:
     p = subprocess.Popen([sys.executable, "-c", "pass"])
     p.wait()
@@ -358,6 +391,7 @@ def _dead_pid() -> int:
 
 def test_lock_refuses_a_live_holder_and_takes_over_a_dead_one(tmp_path, monkeypatch):
     import socket
+
     lock = tmp_path / io.LOCK_FILE
     holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
@@ -376,17 +410,21 @@ def test_lock_refuses_a_live_holder_and_takes_over_a_dead_one(tmp_path, monkeypa
     with pytest.raises(errors.LockedError, match="host another-node"):
         with io.exclusive_lock(tmp_path, "test", errors.LockedError):
             pass
-    monkeypatch.setenv("SLURM_JOB_ID", "77")   # the same job, requeued onto another node: its old lock is stale
+    monkeypatch.setenv("SLURM_JOB_ID", "77")  # the same job, requeued onto another node: its old lock is stale
     with io.exclusive_lock(tmp_path, "test", errors.LockedError):
         assert json.loads(lock.read_text())["slurm_job"] == "77"
 
 
 def test_second_trainer_on_a_locked_workdir_is_refused(synthetic_dataset, tmp_path):
     import socket
+
     holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
-        (tmp_path / io.LOCK_FILE).write_text(json.dumps({"host": socket.gethostname(), "pid": holder.pid,
-                                                         "started": "2026-01-01", "what": "afm_jax trainer"}))
+        (tmp_path / io.LOCK_FILE).write_text(
+            json.dumps(
+                {"host": socket.gethostname(), "pid": holder.pid, "started": "2026-01-01", "what": "afm_jax trainer"}
+            )
+        )
         with pytest.raises(errors.LockedError, match=f"pid {holder.pid}, started 2026-01-01"):
             train_run.run(_config(synthetic_dataset), os.fspath(tmp_path))
     finally:
@@ -396,6 +434,7 @@ def test_second_trainer_on_a_locked_workdir_is_refused(synthetic_dataset, tmp_pa
 
 
 # ─── kill -9 with grain workers; two trainers at once ─────────────────────────────────────────────
+
 
 def _marked_pids(marker: str) -> list[int]:
     pids = []
@@ -426,20 +465,31 @@ def _shm_in_use_by_others() -> set[str]:
 def test_kill_9_with_workers_leaves_no_orphans_and_second_trainer_is_refused(tmp_path):
     marker = f"AFM_FAULT_TEST_{uuid.uuid4().hex}"
     shm_before = set(os.listdir("/dev/shm"))
-    cmd = [sys.executable, "-m", "afm_jax.main", "--config", "configs/ci/multiprocess_mae.py", "--workdir",
-           str(tmp_path), "--config.total_steps=100000", "--config.data.num_workers=2", "--config.log_every=1",
-           "--config.checkpoint_every=2", "--config.data.synthetic.num_patients=12"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "afm_jax.main",
+        "--config",
+        "configs/ci/multiprocess_mae.py",
+        "--workdir",
+        str(tmp_path),
+        "--config.total_steps=100000",
+        "--config.data.num_workers=2",
+        "--config.log_every=1",
+        "--config.checkpoint_every=2",
+        "--config.data.synthetic.num_patients=12",
+    ]
     env = {**ENV, marker: "1"}
     trainer = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         seen = []
-        for line in trainer.stdout:          # wait until training (and so the workers) is under way
+        for line in trainer.stdout:  # wait until training (and so the workers) is under way
             seen.append(line)
             if line.startswith("step 3/"):
                 break
         assert any(line.startswith("step 3/") for line in seen), "".join(seen)
         workers = [p for p in _marked_pids(marker) if p != trainer.pid]
-        assert len(workers) >= 2, workers    # 2 grain workers (+ multiprocessing's resource tracker)
+        assert len(workers) >= 2, workers  # 2 grain workers (+ multiprocessing's resource tracker)
 
         second = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
         assert second.returncode == 2, second.stdout + second.stderr
@@ -452,21 +502,26 @@ def test_kill_9_with_workers_leaves_no_orphans_and_second_trainer_is_refused(tmp
         if trainer.poll() is None:
             trainer.kill()
             trainer.wait()
-    for _ in range(100):                     # the kernel delivers the workers' SIGKILL asynchronously
+    for _ in range(100):  # the kernel delivers the workers' SIGKILL asynchronously
         if not _marked_pids(marker):
             break
         time.sleep(0.2)
     orphans = _marked_pids(marker)
-    for pid in orphans:                      # do not leak them into the machine even when failing
+    for pid in orphans:  # do not leak them into the machine even when failing
         os.kill(pid, signal.SIGKILL)
     assert orphans == []
     leaked = set(os.listdir("/dev/shm")) - shm_before - _shm_in_use_by_others()
     assert leaked == set()
 
     # The lock left by the killed trainer is stale (dead pid on this host): a rerun takes it over.
-    rerun = subprocess.run([*cmd[:-4], "--config.total_steps=4", "--config.data.num_workers=0",
-                            "--config.data.synthetic.num_patients=12"], cwd=REPO, env=ENV, capture_output=True,
-                           text=True, timeout=300)
+    rerun = subprocess.run(
+        [*cmd[:-4], "--config.total_steps=4", "--config.data.num_workers=0", "--config.data.synthetic.num_patients=12"],
+        cwd=REPO,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert rerun.returncode == 0, rerun.stdout + rerun.stderr
     assert "Resumed from" in rerun.stdout
 
@@ -475,6 +530,7 @@ def test_preprocess_refuses_an_output_dataset_in_use(tmp_path, monkeypatch, caps
     import socket
 
     import pydicom.data
+
     preprocess = _tool("preprocess")
     archive = tmp_path / "archive"
     archive.mkdir()
@@ -482,36 +538,59 @@ def test_preprocess_refuses_an_output_dataset_in_use(tmp_path, monkeypatch, caps
         shutil.copy(src, archive / "a.dcm")
     monkeypatch.setenv("AFM_SALT", "lock test salt")
     out = tmp_path / "out"
-    args = ["--input", str(archive), "--out", str(out), "--workers", "0", "--quiet", "--config.image_size=24",
-            "--config.name=tiny", "--name", "femur"]
+    args = [
+        "--input",
+        str(archive),
+        "--out",
+        str(out),
+        "--workers",
+        "0",
+        "--quiet",
+        "--config.image_size=24",
+        "--config.name=tiny",
+        "--name",
+        "femur",
+    ]
     holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
         out.mkdir()
-        (out / ".femur_tiny_v1.lock").write_text(json.dumps({"host": socket.gethostname(), "pid": holder.pid,
-                                                             "started": "earlier", "what": "tools/preprocess.py"}))
+        (out / ".femur_tiny_v1.lock").write_text(
+            json.dumps(
+                {"host": socket.gethostname(), "pid": holder.pid, "started": "earlier", "what": "tools/preprocess.py"}
+            )
+        )
         assert preprocess.main(args) == 2
         err = capsys.readouterr().err
         assert err.startswith("error:") and f"pid {holder.pid}" in err and "femur_tiny_v1 is in use" in err
         assert not (out / ".work").exists()
-        assert preprocess.main(args + ["--shard", "0/2"]) == 0     # a shard holds only its own shard's lock
+        assert preprocess.main(args + ["--shard", "0/2"]) == 0  # a shard holds only its own shard's lock
     finally:
         holder.kill()
         holder.wait()
     capsys.readouterr()
-    assert preprocess.main(args) == 0                              # the holder is gone: its lock is stale
+    assert preprocess.main(args) == 0  # the holder is gone: its lock is stale
     assert (out / "femur_tiny_v1" / "1.0.0" / "dataset_info.json").is_file()
     assert not list(out.glob(".*.lock"))
 
 
 # ─── Bad inputs that printed a traceback ──────────────────────────────────────────────────────────
 
-@pytest.mark.parametrize("content,message", [(None, "does not exist"), ("def get_config(:\n", "syntax error at line 1")])
+
+@pytest.mark.parametrize(
+    "content,message", [(None, "does not exist"), ("def get_config(:\n", "syntax error at line 1")]
+)
 def test_main_with_a_missing_or_broken_config_file(tmp_path, content, message):
     config = tmp_path / "config.py"
     if content is not None:
         config.write_text(content)
-    done = subprocess.run([sys.executable, "-m", "afm_jax.main", "--config", str(config), "--workdir",
-                           str(tmp_path / "w")], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-m", "afm_jax.main", "--config", str(config), "--workdir", str(tmp_path / "w")],
+        cwd=REPO,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 2 and done.stderr.startswith("error:") and message in done.stderr, done.stderr
     assert "Traceback" not in done.stderr
 
@@ -540,8 +619,13 @@ def test_real_full_disk_on_a_small_tmpfs(trained, tmp_path):
     size = sum(p.stat().st_size for p in (trained["workdir"] / "checkpoints" / "1").rglob("*") if p.is_file())
     mnt = tmp_path / "small"
     mnt.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={int(size * 1.6) + 256 * 1024}", "tmpfs", str(mnt)],
-                      capture_output=True).returncode != 0:
+    if (
+        subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={int(size * 1.6) + 256 * 1024}", "tmpfs", str(mnt)],
+            capture_output=True,
+        ).returncode
+        != 0
+    ):
         pytest.skip("cannot mount a tmpfs here")
     try:
         config = trained["config"].copy_and_resolve_references()

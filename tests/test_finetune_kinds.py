@@ -18,7 +18,7 @@ def _sigmoid(x):
 
 def test_cumulative_head_probabilities_and_loss_match_numpy():
     rng = np.random.default_rng(0)
-    logits = rng.normal(size=(9, 4)) * 2            # 5 grades
+    logits = rng.normal(size=(9, 4)) * 2  # 5 grades
     exceed = np.minimum.accumulate(_sigmoid(logits), axis=1)
     expected = np.concatenate([1 - exceed[:, :1], exceed[:, :-1] - exceed[:, 1:], exceed[:, -1:]], axis=1)
     got = np.asarray(ft.cumulative_probabilities(jnp.asarray(logits)))
@@ -44,6 +44,7 @@ def test_class_targets_map_label_groups():
 @pytest.fixture
 def ft_config(synthetic_dataset):
     from afm_jax.train.defaults import default_config
+
     config = default_config("finetune", "mu/8")
     config.data.path = os.fspath(synthetic_dataset)
     config.data.num_workers = 0
@@ -60,8 +61,9 @@ def ft_config(synthetic_dataset):
 
 def _eval_images(config):
     images, labels = [], []
-    batches = pipeline.build_eval_iterator(config.data, split="test", batch_size=16, image_size=32,
-                                           process_index=0, process_count=1)
+    batches = pipeline.build_eval_iterator(
+        config.data, split="test", batch_size=16, image_size=32, process_index=0, process_count=1
+    )
     for batch in batches:
         images.append(batch["image"][batch["mask"]])
         labels.append(batch["label"][batch["mask"]])
@@ -72,6 +74,7 @@ def _eval_images(config):
 @pytest.mark.parametrize("kind,head", [("multiclass", "softmax"), ("ordinal", "cumulative")])
 def test_multiclass_and_ordinal_scores_are_the_heads_probabilities(ft_config, tmp_path, kind, head):
     from afm_jax.train.tasks import get_task
+
     ft_config.finetune.update(kind=kind, ordinal_head=head)
     task = get_task("finetune")
     task.setup(ft_config, workdir=str(tmp_path), total_steps=4, steps_per_epoch=2)
@@ -84,23 +87,37 @@ def test_multiclass_and_ordinal_scores_are_the_heads_probabilities(ft_config, tm
         p = np.exp(logits - logits.max(1, keepdims=True))
         p /= p.sum(1, keepdims=True)
     else:
-        assert logits.shape[1] == 2                                  # K − 1 exceedance logits
+        assert logits.shape[1] == 2  # K − 1 exceedance logits
         e = np.minimum.accumulate(_sigmoid(logits), axis=1)
         p = np.concatenate([1 - e[:, :1], e[:, :-1] - e[:, 1:], e[:, -1:]], axis=1)
-    np.testing.assert_array_equal(got["y_true"], labels)            # class k = label k here
+    np.testing.assert_array_equal(got["y_true"], labels)  # class k = label k here
     np.testing.assert_allclose(got["y_score"], p, rtol=1e-5, atol=1e-6)
 
 
 def test_three_class_finetune_through_the_protocol(synthetic_dataset, tmp_path):
     from afm_jax.evaluation import backbones as bb
     from afm_jax.evaluation import protocols as pr
+
     data = os.fspath(synthetic_dataset)
-    task = pr.TaskSpec("fracture_type", data=data, kind="multiclass", classes=((0,), (1,), (2,)),
-                       class_names=("normal", "NFF", "AFF"), unit="patient")
+    task = pr.TaskSpec(
+        "fracture_type",
+        data=data,
+        kind="multiclass",
+        classes=((0,), (1,), (2,)),
+        class_names=("normal", "NFF", "AFF"),
+        unit="patient",
+    )
     spec = bb.BackboneSpec("random_init", variant="mu/8", image_size=32)
     options = {"total_steps": 4, "batch_size": 8, "eval_every": 2, "log_every": 2, "optim.warmup_epochs": 0.0}
-    val, test, info = pr.run_protocol(spec, task, "finetune", cache=pr.FeatureCache(tmp_path / "c"), data_path=data,
-                                      workdir=os.fspath(tmp_path / "ft"), options=options)
+    val, test, info = pr.run_protocol(
+        spec,
+        task,
+        "finetune",
+        cache=pr.FeatureCache(tmp_path / "c"),
+        data_path=data,
+        workdir=os.fspath(tmp_path / "ft"),
+        options=options,
+    )
     assert test.y_score.shape == (len(test.y_true), 3) and np.allclose(test.y_score.sum(1), 1, atol=1e-5)
     assert "validation_macro_auroc" in info and info["steps_run"] == 4
     scored = pr.score_predictions(val, test, task, n_boot=20)

@@ -14,13 +14,15 @@ from flax import nnx
 
 from afm_jax.errors import ConfigError
 from afm_jax.models import classifier as ft
-from afm_jax.train import loop, state as state_lib
+from afm_jax.train import loop
+from afm_jax.train import state as state_lib
 from afm_jax.train.defaults import default_config
 from afm_jax.train.tasks import get_task
 
 
 def test_balanced_class_weights_equal_sklearn():
     from sklearn.utils.class_weight import compute_class_weight
+
     labels = np.random.default_rng(0).choice(2, size=97, p=[0.8, 0.2])
     ours = ft.class_weights(labels, 2, "balanced")
     np.testing.assert_allclose(ours, compute_class_weight("balanced", classes=np.arange(2), y=labels), rtol=1e-6)
@@ -62,6 +64,7 @@ def tiny_ft_config(synthetic_dataset):
         config.checkpoint_every = 100
         config.optim.update(base_lr=0.05, warmup_epochs=0.0)
         return config
+
     return make
 
 
@@ -82,8 +85,8 @@ def test_layer_decay_scales_updates_per_block(tiny_ft_config):
     patch = float(jnp.abs(flat[("encoder", "patch_embed", "proj", "kernel")][...]).mean())
     # Adam's first step moves every weight by ~lr; layer decay multiplies by 0.5 ** (depth + 1 - layer).
     assert head == pytest.approx(1e-2, rel=1e-3)
-    assert block0 / head == pytest.approx(0.5 ** 3, rel=1e-3)
-    assert patch / head == pytest.approx(0.5 ** 4, rel=1e-3)
+    assert block0 / head == pytest.approx(0.5**3, rel=1e-3)
+    assert patch / head == pytest.approx(0.5**4, rel=1e-3)
 
 
 def test_early_stopping_after_patience_evaluations(tiny_ft_config, tmp_path):
@@ -91,13 +94,18 @@ def test_early_stopping_after_patience_evaluations(tiny_ft_config, tmp_path):
     config.finetune.patience = 2
     task = get_task("finetune")
     task.setup(config, workdir=str(tmp_path), total_steps=10, steps_per_epoch=2)
-    val_scores = iter([[0.1, 0.2, 0.8, 0.9], [0.1, 0.9, 0.2, 0.8], [0.3, 0.9, 0.2, 0.8]])   # AUROC 1, 0.5, 0.5
+    val_scores = iter([[0.1, 0.2, 0.8, 0.9], [0.1, 0.9, 0.2, 0.8], [0.3, 0.9, 0.2, 0.8]])  # AUROC 1, 0.5, 0.5
     y = np.array([0, 0, 1, 1])
 
     def fake_predict(model, split):
         s = np.array([0.2, 0.4, 0.6, 0.8]) if split == "test" else np.array(next(val_scores))
-        return {"y_true": y, "y_score": s, "label": y, "patient_id": np.array(list("abcd")),
-                "image_id": np.array(list("wxyz"))}
+        return {
+            "y_true": y,
+            "y_score": s,
+            "label": y,
+            "patient_id": np.array(list("abcd")),
+            "image_id": np.array(list("wxyz")),
+        }
 
     task.predict_split = fake_predict
     results = [task.evaluate(None, {}, step) for step in (2, 4, 6)]
@@ -118,9 +126,10 @@ def test_finetune_trains_through_the_trainer_and_writes_test_predictions(tiny_ft
     assert result.finished and result.step == 4
     selection = json.loads((tmp_path / "finetune_selection.json").read_text())
     from afm_jax.data import records
+
     index = records.split_index(config.data.path, "train")
     label_of = dict(zip(index["image_id"], index["label"]))
-    assert selection and {label_of[i] for i in selection} <= {1, 2}      # normals are left out
+    assert selection and {label_of[i] for i in selection} <= {1, 2}  # normals are left out
     with np.load(tmp_path / "predictions" / "test.npz") as z:
         test_index = records.split_index(config.data.path, "test")
         n_task = sum(1 for l in test_index["label"] if l in (1, 2))
@@ -134,11 +143,16 @@ def test_linear_probe_task_keeps_the_encoder_frozen(tiny_ft_config, tmp_path):
     config = tiny_ft_config("linprobe")
     task = get_task("linprobe")
     result = loop.train(config, str(tmp_path), task)
-    start = task.build_model(config, nnx.Rngs(config.seed))          # the same init the trainer drew
+    start = task.build_model(config, nnx.Rngs(config.seed))  # the same init the trainer drew
     trained = state_lib.merge_model(result.graphdef, jax.device_get(result.state))
-    before, after = nnx.to_pure_dict(nnx.state(start.encoder, nnx.Param)), nnx.to_pure_dict(nnx.state(trained.encoder, nnx.Param))
-    diffs = jax.tree.leaves(jax.tree.map(lambda a, b: float(np.max(np.abs(np.asarray(a) - np.asarray(b)))), before, after))
-    assert max(diffs) < 1e-7          # (jit vs eager initialisation rounding only)
+    before, after = (
+        nnx.to_pure_dict(nnx.state(start.encoder, nnx.Param)),
+        nnx.to_pure_dict(nnx.state(trained.encoder, nnx.Param)),
+    )
+    diffs = jax.tree.leaves(
+        jax.tree.map(lambda a, b: float(np.max(np.abs(np.asarray(a) - np.asarray(b)))), before, after)
+    )
+    assert max(diffs) < 1e-7  # (jit vs eager initialisation rounding only)
     assert float(np.max(np.abs(np.asarray(trained.head.kernel[...]) - np.asarray(start.head.kernel[...])))) > 1e-4
 
 

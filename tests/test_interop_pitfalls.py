@@ -76,8 +76,14 @@ def write_checkpoint(workdir, *, dtype="float32", poison=False, task="mae", **mo
         k = enc.blocks[0].mlp.fc1.kernel
         k.set_value(k[...].at[0, 0].set(jnp.nan))
     _, params, frozen = nnx.split(enc, nnx.Param, ...)
-    state = {"step": jnp.asarray(3), "params": {"encoder": params}, "frozen": {"encoder": frozen},
-             "opt_state": {}, "rng": jnp.zeros(2, jnp.uint32), "extra": {}}
+    state = {
+        "step": jnp.asarray(3),
+        "params": {"encoder": params},
+        "frozen": {"encoder": frozen},
+        "opt_state": {},
+        "rng": jnp.zeros(2, jnp.uint32),
+        "extra": {},
+    }
     ck = Checkpointer(workdir, async_save=False)
     ck.save(3, state, None, {"config": to_json(config), "code_version": "test", "step": 3})
     ck.close()
@@ -85,6 +91,7 @@ def write_checkpoint(workdir, *, dtype="float32", poison=False, task="mae", **mo
 
 
 # -- 1. bf16 runs: the check compares in fp32 --------------------------------------------------------
+
 
 def test_export_check_passes_on_a_bf16_run_and_reports_the_bf16_difference(tmp_path, capsys):
     run = write_checkpoint(tmp_path / "run", dtype="bfloat16")
@@ -100,6 +107,7 @@ def test_export_check_passes_on_a_bf16_run_and_reports_the_bf16_difference(tmp_p
 
 
 # -- 2. timm's own DINOv2-with-registers files ---------------------------------------------------------
+
 
 def test_timm_vit_small_patch14_reg4_dinov2_state_dict_imports_with_check(tmp_path, capsys):
     tm = timm.create_model("vit_small_patch14_reg4_dinov2", pretrained=False, num_classes=0).eval()
@@ -118,34 +126,51 @@ def test_timm_vit_small_patch14_reg4_dinov2_state_dict_imports_with_check(tmp_pa
     summary = json.loads(stdout.strip().splitlines()[-1])
     assert summary["max_abs_diff"] < 1e-4 and "--config.model.no_embed_class=True" in summary["config_overrides"]
     # and our encoder equals timm's own model at timm's resolution (no resampling involved)
-    ours = VisionTransformer("S/14", img_size=518, in_chans=3, num_reg_tokens=4, no_embed_class=True,
-                             pos_embed="learned", layer_scale_init=1.0, input_mean=(0.485, 0.456, 0.406),
-                             input_std=(0.229, 0.224, 0.225), rngs=nnx.Rngs(0))
+    ours = VisionTransformer(
+        "S/14",
+        img_size=518,
+        in_chans=3,
+        num_reg_tokens=4,
+        no_embed_class=True,
+        pos_embed="learned",
+        layer_scale_init=1.0,
+        input_mean=(0.485, 0.456, 0.406),
+        input_std=(0.229, 0.224, 0.225),
+        rngs=nnx.Rngs(0),
+    )
     initialize_encoder(ours, src)
     x = np.random.default_rng(0).random((1, 126, 140, 3), dtype=np.float32)
     mine = np.asarray(nnx.jit(lambda m, x: m(x))(ours, jnp.asarray(x)))
     xn = (x - np.array(ours.input_mean, np.float32)) / np.array(ours.input_std, np.float32)
-    tm_dyn = timm.create_model("vit_small_patch14_reg4_dinov2", pretrained=False, num_classes=0,
-                               dynamic_img_size=True).eval()
+    tm_dyn = timm.create_model(
+        "vit_small_patch14_reg4_dinov2", pretrained=False, num_classes=0, dynamic_img_size=True
+    ).eval()
     tm_dyn.load_state_dict(tm.state_dict())
     with torch.no_grad():
         ref = tm_dyn.forward_features(torch.from_numpy(xn.transpose(0, 3, 1, 2).copy())).numpy()
-    print(f"reg4 dinov2: import tool parity {summary['max_abs_diff']:.2e} (98 px), "
-          f"vs timm at 126x140 {np.abs(mine - ref).max():.2e}")
+    print(
+        f"reg4 dinov2: import tool parity {summary['max_abs_diff']:.2e} (98 px), "
+        f"vs timm at 126x140 {np.abs(mine - ref).max():.2e}"
+    )
     assert np.abs(mine - ref).max() < 1e-4
 
 
 # -- 3. NaN, tolerances, --verify, failed checks ------------------------------------------------------
 
+
 @pytest.mark.parametrize("tolerance", ["nan", "inf", "0", "-1e-4"])
 def test_tolerance_must_be_finite_and_positive(tolerance, tmp_path, capsys):
     run = write_checkpoint(tmp_path / "run")
-    rc, _, err = run_tool("export_timm", ["--workdir", run, "--out", tmp_path / "o", "--check",
-                                          f"--tolerance={tolerance}"], capsys)
+    rc, _, err = run_tool(
+        "export_timm", ["--workdir", run, "--out", tmp_path / "o", "--check", f"--tolerance={tolerance}"], capsys
+    )
     assert_one_paragraph_error(rc, err)
     assert "finite number > 0" in err and not (tmp_path / "o").exists()
-    rc, _, err = run_tool("import_timm", ["--input", tmp_path / "x.safetensors", "--out", tmp_path / "o2",
-                                          f"--tolerance={tolerance}"], capsys)
+    rc, _, err = run_tool(
+        "import_timm",
+        ["--input", tmp_path / "x.safetensors", "--out", tmp_path / "o2", f"--tolerance={tolerance}"],
+        capsys,
+    )
     assert_one_paragraph_error(rc, err)
     assert "finite number > 0" in err
 
@@ -211,6 +236,7 @@ def test_failed_check_marks_the_export(tmp_path, capsys):
 
 # -- 4. unreadable weights files -----------------------------------------------------------------------
 
+
 def _unreadable_files(tmp_path):
     good = tmp_path / "good.safetensors"
     save_file({"patch_embed.proj.weight": np.ones((8, 1, 4, 4), np.float32)}, str(good))
@@ -254,14 +280,22 @@ def test_unreadable_weights_files_give_one_paragraph_errors(tmp_path, capsys):
 
 # -- 5. preprocessing, model card, architecture name -----------------------------------------------------
 
+
 def _real_size_radiograph():
     """A 1024 x 768 (H x W) 8-bit synthetic femur radiograph as a PIL image: real size, not square."""
     from PIL import Image
 
     from afm_jax.data import synthetic
 
-    pixels = synthetic.render_femur(np.random.default_rng(3), label_name="aff", fracture_type="transverse",
-                                    size=1024, view="AP", laterality="L", fracture_position=0.4)
+    pixels = synthetic.render_femur(
+        np.random.default_rng(3),
+        label_name="aff",
+        fracture_type="transverse",
+        size=1024,
+        view="AP",
+        laterality="L",
+        fracture_position=0.4,
+    )
     img8 = (pixels[:, 128:896].astype(np.float64) / 65535 * 255).round().astype(np.uint8)
     return Image.fromarray(img8, mode="L"), img8
 
@@ -287,9 +321,19 @@ def test_exported_preprocessing_reproduces_our_evaluation_in_timm(pool, tmp_path
     cfg.model.depth = 2
     _, params, frozen = nnx.split(enc, nnx.Param, ...)
     ck = Checkpointer(run, async_save=False)
-    ck.save(1, {"step": jnp.asarray(1), "params": {"encoder": params}, "frozen": {"encoder": frozen},
-                "opt_state": {}, "rng": jnp.zeros(2, jnp.uint32), "extra": {}},
-            None, {"config": to_json(cfg), "code_version": "test", "step": 1})
+    ck.save(
+        1,
+        {
+            "step": jnp.asarray(1),
+            "params": {"encoder": params},
+            "frozen": {"encoder": frozen},
+            "opt_state": {},
+            "rng": jnp.zeros(2, jnp.uint32),
+            "extra": {},
+        },
+        None,
+        {"config": to_json(cfg), "code_version": "test", "step": 1},
+    )
     ck.close()
     out = tmp_path / "out"
     rc, _, err = run_tool("export_timm", ["--workdir", run, "--out", out, "--check"], capsys)
@@ -311,10 +355,13 @@ def test_exported_preprocessing_reproduces_our_evaluation_in_timm(pool, tmp_path
     # what the export said before (bicubic, short side resized then centre-cropped) is measurably not ours
     old = dict(data_cfg, interpolation="bicubic", crop_mode="center")
     with torch.no_grad():
-        old_feats = model.forward_head(model.forward_features(create_transform(**old)(pil)[None]),
-                                       pre_logits=True)[0].numpy()
-    print(f"pool={pool}: cosine ours vs timm transform {cos:.6f}, vs the old bicubic centre crop "
-          f"{_cosine(ours, old_feats):.6f}, max abs diff {np.abs(ours - theirs).max():.3g}")
+        old_feats = model.forward_head(model.forward_features(create_transform(**old)(pil)[None]), pre_logits=True)[
+            0
+        ].numpy()
+    print(
+        f"pool={pool}: cosine ours vs timm transform {cos:.6f}, vs the old bicubic centre crop "
+        f"{_cosine(ours, old_feats):.6f}, max abs diff {np.abs(ours - theirs).max():.3g}"
+    )
     assert _cosine(ours, old_feats) < cos
 
     card = (out / "README.md").read_text()
@@ -327,8 +374,9 @@ def test_exported_preprocessing_reproduces_our_evaluation_in_timm(pool, tmp_path
 
 def test_architecture_name_matches_the_real_size():
     def arch(variant, **kw):
-        return timm_export.timm_architecture(nnx.eval_shape(
-            lambda: VisionTransformer(variant, img_size=224, rngs=nnx.Rngs(0), **kw)))
+        return timm_export.timm_architecture(
+            nnx.eval_shape(lambda: VisionTransformer(variant, img_size=224, rngs=nnx.Rngs(0), **kw))
+        )
 
     assert arch("S/16") == "vit_small_patch16_224"
     assert arch("B/16") == "vit_base_patch16_224"
@@ -347,6 +395,11 @@ def test_architecture_name_matches_the_real_size():
         enc = nnx.eval_shape(lambda: VisionTransformer(variant, img_size=224, rngs=nnx.Rngs(0), **kw))
         with torch.device("meta"):
             tm = timm.create_model(timm_export.timm_architecture(enc), pretrained=False)
-        assert (tm.embed_dim, len(tm.blocks), tm.blocks[0].attn.num_heads, tm.patch_embed.patch_size[0],
-                tm.blocks[0].mlp.fc1.out_features, getattr(tm, "num_reg_tokens", 0)) == (
-            enc.embed_dim, len(enc.blocks), enc.num_heads, enc.patch_size, enc.mlp_dim, enc.num_reg_tokens)
+        assert (
+            tm.embed_dim,
+            len(tm.blocks),
+            tm.blocks[0].attn.num_heads,
+            tm.patch_embed.patch_size[0],
+            tm.blocks[0].mlp.fc1.out_features,
+            getattr(tm, "num_reg_tokens", 0),
+        ) == (enc.embed_dim, len(enc.blocks), enc.num_heads, enc.patch_size, enc.mlp_dim, enc.num_reg_tokens)

@@ -21,9 +21,9 @@ from safetensors.torch import load_file as torch_load_file  # noqa: E402
 from afm_jax import errors  # noqa: E402
 from afm_jax.interop import timm as ti  # noqa: E402
 from afm_jax.interop import timm_export  # noqa: E402
+from afm_jax.models.vit import VisionTransformer  # noqa: E402
 from afm_jax.train.checkpoint import read_encoder_checkpoint  # noqa: E402
 from afm_jax.train.init_from import initialize_encoder  # noqa: E402
-from afm_jax.models.vit import VisionTransformer  # noqa: E402
 
 TOL = 1e-4
 
@@ -40,7 +40,9 @@ def randomise_timm(model, seed: int = 0, scale: float = 0.05):
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            base = 1.0 if name.endswith("norm1.weight") or name.endswith("norm2.weight") or name == "norm.weight" else 0.0
+            base = (
+                1.0 if name.endswith("norm1.weight") or name.endswith("norm2.weight") or name == "norm.weight" else 0.0
+            )
             p.copy_(torch.randn(p.shape, generator=g) * scale + base)
     return model
 
@@ -64,8 +66,15 @@ def images(n, h, w, c=1, seed=0):
 EXPORT_CASES = {
     "S/16": dict(variant="S/16", img_size=224, other=(160, 192)),
     "B/16": dict(variant="B/16", img_size=224, other=(288, 288)),
-    "S/14-reg4": dict(variant="S/14", img_size=224, other=(126, 154), num_reg_tokens=4,
-                      no_embed_class=True, pos_embed="learned", layer_scale_init=1e-5),
+    "S/14-reg4": dict(
+        variant="S/14",
+        img_size=224,
+        other=(126, 154),
+        num_reg_tokens=4,
+        no_embed_class=True,
+        pos_embed="learned",
+        layer_scale_init=1e-5,
+    ),
 }
 
 
@@ -97,9 +106,13 @@ def test_export_folder_loads_with_timm_local_dir_and_overlay(tmp_path):
     ref = ours_forward(ours, x)
     by_dir = timm.create_model(f"local-dir:{tmp_path}", pretrained=True).eval()
     by_overlay = timm.create_model(
-        cfg["architecture"], pretrained=True, pretrained_cfg_overlay=dict(
-            file=str(tmp_path / "model.safetensors"), input_size=tuple(cfg["pretrained_cfg"]["input_size"])),
-        **cfg["model_args"]).eval()
+        cfg["architecture"],
+        pretrained=True,
+        pretrained_cfg_overlay=dict(
+            file=str(tmp_path / "model.safetensors"), input_size=tuple(cfg["pretrained_cfg"]["input_size"])
+        ),
+        **cfg["model_args"],
+    ).eval()
     for tm in (by_dir, by_overlay):
         assert np.abs(timm_forward(tm, x, (0.5,), (0.25,)) - ref).max() < TOL
     data_cfg = timm.data.resolve_data_config({}, model=by_dir)
@@ -109,12 +122,16 @@ def test_export_folder_loads_with_timm_local_dir_and_overlay(tmp_path):
 
 # -- round trip -------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("kw", [
-    dict(),  # sin-cos FixedPosEmbed
-    dict(num_reg_tokens=2, no_embed_class=True, layer_scale_init=0.5, pos_embed="learned"),
-    dict(class_token=False, num_reg_tokens=1, img_size=(32, 48)),
-    dict(in_chans=3),
-])
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(),  # sin-cos FixedPosEmbed
+        dict(num_reg_tokens=2, no_embed_class=True, layer_scale_init=0.5, pos_embed="learned"),
+        dict(class_token=False, num_reg_tokens=1, img_size=(32, 48)),
+        dict(in_chans=3),
+    ],
+)
 def test_round_trip_jax_timm_jax_is_identity_on_parameters(kw):
     kw = dict(kw)
     img = kw.pop("img_size", 32)
@@ -136,10 +153,20 @@ def test_round_trip_jax_timm_jax_is_identity_on_parameters(kw):
 
 # -- import: timm / DINO / DINOv2 / HF -> ours --------------------------------------------------------
 
+
 def timm_vit(img=32, patch=8, dim=48, depth=2, heads=3, in_chans=1, **kw):
     from timm.models.vision_transformer import VisionTransformer as TimmViT
-    m = TimmViT(img_size=img, patch_size=patch, embed_dim=dim, depth=depth, num_heads=heads,
-                in_chans=in_chans, num_classes=kw.pop("num_classes", 0), **kw).eval()
+
+    m = TimmViT(
+        img_size=img,
+        patch_size=patch,
+        embed_dim=dim,
+        depth=depth,
+        num_heads=heads,
+        in_chans=in_chans,
+        num_classes=kw.pop("num_classes", 0),
+        **kw,
+    ).eval()
     return randomise_timm(m, seed=dim + depth)
 
 
@@ -156,11 +183,15 @@ def to_dinov2_layout(sd, seed=0):
 
 def to_hf_dinov2_layout(sd):
     """DINOv2 reference keys -> Hugging Face Dinov2Model keys (RAD-DINO's format)."""
-    out = {"embeddings.cls_token": sd["cls_token"], "embeddings.mask_token": sd["mask_token"],
-           "embeddings.position_embeddings": sd["pos_embed"],
-           "embeddings.patch_embeddings.projection.weight": sd["patch_embed.proj.weight"],
-           "embeddings.patch_embeddings.projection.bias": sd["patch_embed.proj.bias"],
-           "layernorm.weight": sd["norm.weight"], "layernorm.bias": sd["norm.bias"]}
+    out = {
+        "embeddings.cls_token": sd["cls_token"],
+        "embeddings.mask_token": sd["mask_token"],
+        "embeddings.position_embeddings": sd["pos_embed"],
+        "embeddings.patch_embeddings.projection.weight": sd["patch_embed.proj.weight"],
+        "embeddings.patch_embeddings.projection.bias": sd["patch_embed.proj.bias"],
+        "layernorm.weight": sd["norm.weight"],
+        "layernorm.bias": sd["norm.bias"],
+    }
     if "register_tokens" in sd:
         out["embeddings.register_tokens"] = sd["register_tokens"]
     i = 0
@@ -182,8 +213,7 @@ def to_hf_dinov2_layout(sd):
 
 def test_timm_vit_imports_exactly():
     tm = timm_vit(class_token=True, global_pool="token", fc_norm=False)
-    ours = VisionTransformer("mu/8", img_size=32, width=48, depth=2, num_heads=3, pos_embed="learned",
-                             rngs=nnx.Rngs(0))
+    ours = VisionTransformer("mu/8", img_size=32, width=48, depth=2, num_heads=3, pos_embed="learned", rngs=nnx.Rngs(0))
     report = ti.load_timm_state_dict(ours, {k: v.numpy() for k, v in tm.state_dict().items()})
     assert report["layout"] == "timm" and report["adapted"] == []
     x = images(2, 32, 32)
@@ -193,20 +223,38 @@ def test_timm_vit_imports_exactly():
 @pytest.mark.parametrize("layout", ["dinov2", "huggingface"])
 def test_dinov2_with_registers_imports_exactly(layout, tmp_path):
     """DINOv2-reg (reference or HF/RAD-DINO keys, /14, LayerScale) -> our no_embed_class ViT."""
-    tm = timm_vit(img=42, patch=14, dim=48, heads=3, reg_tokens=4, no_embed_class=True,
-                  init_values=0.5, global_pool="token", fc_norm=False, dynamic_img_size=True)
+    tm = timm_vit(
+        img=42,
+        patch=14,
+        dim=48,
+        heads=3,
+        reg_tokens=4,
+        no_embed_class=True,
+        init_values=0.5,
+        global_pool="token",
+        fc_norm=False,
+        dynamic_img_size=True,
+    )
     sd = to_dinov2_layout(tm.state_dict())
     if layout == "huggingface":
         sd = to_hf_dinov2_layout(sd)
     path = tmp_path / "weights.safetensors"
     save_file({k: v.numpy().copy() for k, v in sd.items()}, str(path))
     # LayerScale loaded as is (two resolutions), and folded into the projections (HF: folded only)
-    runs = {"dinov2": [(0.1, [(42, 42), (56, 70)]), (None, [(56, 70)])],
-            "huggingface": [(None, [(42, 42)])]}[layout]
+    runs = {"dinov2": [(0.1, [(42, 42), (56, 70)]), (None, [(56, 70)])], "huggingface": [(None, [(42, 42)])]}[layout]
     for layer_scale, sizes in runs:
-        ours = VisionTransformer("mu/14", img_size=42, width=48, depth=2, num_heads=3, num_reg_tokens=4,
-                                 no_embed_class=True, pos_embed="learned", layer_scale_init=layer_scale,
-                                 rngs=nnx.Rngs(0))
+        ours = VisionTransformer(
+            "mu/14",
+            img_size=42,
+            width=48,
+            depth=2,
+            num_heads=3,
+            num_reg_tokens=4,
+            no_embed_class=True,
+            pos_embed="learned",
+            layer_scale_init=layer_scale,
+            rngs=nnx.Rngs(0),
+        )
         report = initialize_encoder(ours, path)
         assert report["layout"].startswith({"dinov2": "dinov2", "huggingface": "huggingface-dinov2"}[layout])
         assert any("mask_token" in k for k in report["dropped"])
@@ -221,12 +269,13 @@ def test_rgb_to_grey_and_resampling_match_timms_own_adaptation(tmp_path):
     tm3 = timm_vit(img=48, in_chans=3, num_classes=10, global_pool="token", fc_norm=False)
     path = tmp_path / "rgb.safetensors"
     save_file({k: v.numpy().copy() for k, v in tm3.state_dict().items()}, str(path))
-    kwargs = dict(img_size=64, patch_size=8, embed_dim=48, depth=2, num_heads=3, num_classes=0,
-                  global_pool="token", fc_norm=False)
-    ref = timm.create_model("vit_base_patch16_224", pretrained=True, in_chans=1,
-                            pretrained_cfg_overlay=dict(file=str(path)), **kwargs).eval()
-    ours = VisionTransformer("mu/8", img_size=64, width=48, depth=2, num_heads=3, pos_embed="learned",
-                             rngs=nnx.Rngs(0))
+    kwargs = dict(
+        img_size=64, patch_size=8, embed_dim=48, depth=2, num_heads=3, num_classes=0, global_pool="token", fc_norm=False
+    )
+    ref = timm.create_model(
+        "vit_base_patch16_224", pretrained=True, in_chans=1, pretrained_cfg_overlay=dict(file=str(path)), **kwargs
+    ).eval()
+    ours = VisionTransformer("mu/8", img_size=64, width=48, depth=2, num_heads=3, pos_embed="learned", rngs=nnx.Rngs(0))
     report = initialize_encoder(ours, path)
     assert any("summed" in a for a in report["adapted"]) and any("6x6 -> 8x8" in a for a in report["adapted"])
     assert "head.weight" in report["dropped"]
@@ -254,8 +303,7 @@ def test_dino_teacher_pth_with_prefixes_and_args(tmp_path):
 
 def test_registers_added_to_a_source_without_them_are_left_at_init():
     tm = timm_vit(class_token=True, global_pool="token", fc_norm=False)
-    ours = VisionTransformer("mu/8", img_size=32, width=48, depth=2, num_heads=3, num_reg_tokens=2,
-                             rngs=nnx.Rngs(0))
+    ours = VisionTransformer("mu/8", img_size=32, width=48, depth=2, num_heads=3, num_reg_tokens=2, rngs=nnx.Rngs(0))
     init_reg = np.asarray(ours.reg_token[...])
     report = ti.load_timm_state_dict(ours, {k: v.numpy() for k, v in tm.state_dict().items()})
     assert report["left_at_init"] == ["reg_token"]
@@ -264,6 +312,7 @@ def test_registers_added_to_a_source_without_them_are_left_at_init():
 
 
 # -- our own checkpoints ------------------------------------------------------------------------------
+
 
 def test_teacher_is_exported_by_default_student_on_request(tmp_path):
     """A DINO-like checkpoint (extra['teacher'] with the params' tree), written by our Checkpointer."""
@@ -277,9 +326,14 @@ def test_teacher_is_exported_by_default_student_on_request(tmp_path):
     teacher = VisionTransformer("mu/8", img_size=32, rngs=nnx.Rngs(2))
     _, s_params, frozen = nnx.split(student, nnx.Param, ...)
     _, t_params, _ = nnx.split(teacher, nnx.Param, ...)
-    state = {"step": jnp.asarray(3), "params": {"encoder": s_params, "head": {"w": jnp.ones(3)}},
-             "frozen": {"encoder": frozen}, "opt_state": {}, "rng": jnp.zeros(2, jnp.uint32),
-             "extra": {"teacher": {"encoder": t_params, "head": {"w": jnp.ones(3)}}}}
+    state = {
+        "step": jnp.asarray(3),
+        "params": {"encoder": s_params, "head": {"w": jnp.ones(3)}},
+        "frozen": {"encoder": frozen},
+        "opt_state": {},
+        "rng": jnp.zeros(2, jnp.uint32),
+        "extra": {"teacher": {"encoder": t_params, "head": {"w": jnp.ones(3)}}},
+    }
     ckpt = Checkpointer(tmp_path, async_save=False)
     ckpt.save(3, state, None, {"config": to_json(config), "code_version": "test", "step": 3})
     ckpt.close()
@@ -295,6 +349,7 @@ def test_teacher_is_exported_by_default_student_on_request(tmp_path):
 
 # -- errors that tell the user what to do --------------------------------------------------------------
 
+
 def test_mismatches_raise_errors_naming_the_key(tmp_path):
     tm = timm_vit(class_token=True, global_pool="token", fc_norm=False)
     sd = {k: v.numpy() for k, v in tm.state_dict().items()}
@@ -302,8 +357,9 @@ def test_mismatches_raise_errors_naming_the_key(tmp_path):
     def model(**kw):
         base = dict(img_size=32, width=48, depth=2, num_heads=3)
         base.update(kw)
-        return VisionTransformer(kw.pop("variant", "mu/8"), rngs=nnx.Rngs(0),
-                                 **{k: v for k, v in base.items() if k != "variant"})
+        return VisionTransformer(
+            kw.pop("variant", "mu/8"), rngs=nnx.Rngs(0), **{k: v for k, v in base.items() if k != "variant"}
+        )
 
     with pytest.raises(errors.InteropError, match=r"'blocks.0.mlp.fc1.(weight|bias)' has shape"):
         ti.load_timm_state_dict(model(mlp_dim=64), sd)

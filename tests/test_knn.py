@@ -13,8 +13,9 @@ def test_knn_matches_sklearn_with_exp_cosine_weights(k, temperature):
     train, test = rng.normal(size=(60, 8)), rng.normal(size=(25, 8))
     labels = rng.integers(0, 3, 60)
     ours = knn_predict(train, labels, test, num_classes=3, k=k, temperature=temperature, chunk_size=7)
-    ref = KNeighborsClassifier(n_neighbors=k, metric="cosine", algorithm="brute",
-                               weights=lambda d: np.exp((1.0 - d) / temperature)).fit(train, labels)
+    ref = KNeighborsClassifier(
+        n_neighbors=k, metric="cosine", algorithm="brute", weights=lambda d: np.exp((1.0 - d) / temperature)
+    ).fit(train, labels)
     np.testing.assert_allclose(ours, ref.predict_proba(test), atol=1e-6)
 
 

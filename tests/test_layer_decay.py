@@ -24,13 +24,15 @@ def test_scales_and_updates_of_a_vit():
     params = nnx.state(vit, nnx.Param)
     decay, depth = 0.65, 3
     scales = lr_scale_tree(params, num_layers=depth, decay=decay, patch_embed_scale=0.2)
-    flat = {"/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path): s
-            for path, s in jax.tree_util.tree_flatten_with_path(scales)[0]}
+    flat = {
+        "/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path): s
+        for path, s in jax.tree_util.tree_flatten_with_path(scales)[0]
+    }
     by_name = {k.split("/value")[0]: v for k, v in flat.items()}
-    assert np.isclose(by_name["patch_embed/proj/kernel"], decay ** 4 * 0.2)
-    assert np.isclose(by_name["cls_token"], decay ** 4)
-    assert np.isclose(by_name["blocks/0/attn/qkv/kernel"], decay ** 3)
-    assert np.isclose(by_name["blocks/2/mlp/fc1/bias"], decay ** 1)
+    assert np.isclose(by_name["patch_embed/proj/kernel"], decay**4 * 0.2)
+    assert np.isclose(by_name["cls_token"], decay**4)
+    assert np.isclose(by_name["blocks/0/attn/qkv/kernel"], decay**3)
+    assert np.isclose(by_name["blocks/2/mlp/fc1/bias"], decay**1)
     assert np.isclose(by_name["norm/scale"], 1.0)
 
     grads = jax.tree.map(jnp.ones_like, params)

@@ -53,9 +53,7 @@ def ref_patchify_nhwc(x: np.ndarray, p: int) -> np.ndarray:
     out = np.zeros((n, (h // p) * (w // p), p * p * c), x.dtype)
     for i in range(h // p):
         for j in range(w // p):
-            out[:, i * (w // p) + j] = x[:, i * p : (i + 1) * p, j * p : (j + 1) * p, :].reshape(
-                n, -1
-            )
+            out[:, i * (w // p) + j] = x[:, i * p : (i + 1) * p, j * p : (j + 1) * p, :].reshape(n, -1)
     return out
 
 
@@ -124,9 +122,9 @@ def test_mae_loss_matches_numpy_reference(norm_pix):
     # only removed patches count
     pred2 = pred.copy()
     pred2[mask == 0] += 100.0
-    assert float(
-        mae_loss(jnp.asarray(pred2), jnp.asarray(target), jnp.asarray(mask), norm_pix)
-    ) == (pytest.approx(ours, rel=1e-6))
+    assert float(mae_loss(jnp.asarray(pred2), jnp.asarray(target), jnp.asarray(mask), norm_pix)) == (
+        pytest.approx(ours, rel=1e-6)
+    )
 
 
 def test_norm_pix_uses_torch_default_unbiased_var():
@@ -134,9 +132,7 @@ def test_norm_pix_uses_torch_default_unbiased_var():
     target = np.random.RandomState(1).rand(2, 5, 16).astype(np.float32)
     t = torch.from_numpy(target)
     ref = (t - t.mean(dim=-1, keepdim=True)) / (t.var(dim=-1, keepdim=True) + 1.0e-6) ** 0.5
-    np.testing.assert_allclose(
-        np.asarray(normalize_patches(jnp.asarray(target))), ref.numpy(), atol=1e-5
-    )
+    np.testing.assert_allclose(np.asarray(normalize_patches(jnp.asarray(target))), ref.numpy(), atol=1e-5)
     back = denormalize_patches(normalize_patches(jnp.asarray(target)), jnp.asarray(target))
     np.testing.assert_allclose(np.asarray(back), target, atol=1e-5)
 
@@ -157,9 +153,7 @@ def test_mae_forward_shapes_and_loss_matches_reference():
     np.testing.assert_allclose(np.asarray(model.target_patches(x)), target, atol=1e-6)
     # decoder table: fixed sin-cos with a class slot, excluded from the trainable parameters
     assert isinstance(model.decoder_pos_embed, FixedPosEmbed)
-    np.testing.assert_allclose(
-        model.decoder_pos_embed[...][0], get_2d_sincos_pos_embed(32, 4, 1), atol=1e-7
-    )
+    np.testing.assert_allclose(model.decoder_pos_embed[...][0], get_2d_sincos_pos_embed(32, 4, 1), atol=1e-7)
     names = {".".join(map(str, p)) for p, _ in nnx.to_flat_state(nnx.state(model, nnx.Param))}
     assert "decoder_pos_embed" not in names and "encoder.pos_embed" not in names
     assert {
@@ -208,9 +202,7 @@ def test_decoder_places_tokens_at_their_patch_positions():
     for b in range(2):
         for k in range(4):
             full[b, ids_shuffle[b, k]] = emb[b, 3 + k]
-        np.testing.assert_array_equal(
-            np.flatnonzero(np.asarray(mask)[b] == 0), np.sort(ids_shuffle[b, :4])
-        )
+        np.testing.assert_array_equal(np.flatnonzero(np.asarray(mask)[b] == 0), np.sort(ids_shuffle[b, :4]))
     seq = np.concatenate([emb[:, :1], full], axis=1) + np.asarray(model.decoder_pos_embed[...])
     y = jnp.asarray(seq)
     for block in model.decoder_blocks:

@@ -27,12 +27,19 @@ def _load(config_file, *overrides):
 
 def _main(*args, timeout=120):
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    return subprocess.run([sys.executable, "-m", "afm_jax.main", *args], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "afm_jax.main", *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
-@pytest.mark.parametrize("config_file", ["configs/mae_vitl.py", "configs/mae_vitb.py",
-                                         "configs/mae_vits.py", "configs/demo.py"])
+@pytest.mark.parametrize(
+    "config_file", ["configs/mae_vitl.py", "configs/mae_vitb.py", "configs/mae_vits.py", "configs/demo.py"]
+)
 def test_every_config_loads_with_paper_defaults(config_file):
     config = _load(config_file)
     assert config.task == "mae"
@@ -41,8 +48,9 @@ def test_every_config_loads_with_paper_defaults(config_file):
 
 
 def test_overrides_reach_nested_keys():
-    config = _load("configs/mae_vits.py", "--config.mae.mask_ratio=0.6", "--config.model.variant=B/16",
-                   "--config.batch_size=32")
+    config = _load(
+        "configs/mae_vits.py", "--config.mae.mask_ratio=0.6", "--config.model.variant=B/16", "--config.batch_size=32"
+    )
     assert config.mae.mask_ratio == 0.6 and config.model.variant == "B/16" and config.batch_size == 32
 
 
@@ -59,15 +67,19 @@ def test_missing_dataset_gives_a_paragraph_not_a_traceback(tmp_path):
 
 
 def test_missing_dataset_path_that_does_not_exist(tmp_path):
-    result = _main("--config", "configs/mae_vits.py", "--workdir", str(tmp_path / "w"),
-                   f"--config.data.path={tmp_path / 'nowhere'}")
+    result = _main(
+        "--config",
+        "configs/mae_vits.py",
+        "--workdir",
+        str(tmp_path / "w"),
+        f"--config.data.path={tmp_path / 'nowhere'}",
+    )
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert str(tmp_path / "nowhere") in result.stderr
 
 
 def test_bad_value_names_the_key(tmp_path):
-    result = _main("--config", "configs/mae_vits.py", "--workdir", str(tmp_path / "w"),
-                   "--config.mae.mask_ratio=1.5")
+    result = _main("--config", "configs/mae_vits.py", "--workdir", str(tmp_path / "w"), "--config.mae.mask_ratio=1.5")
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "mae.mask_ratio" in result.stderr
 
@@ -79,7 +91,13 @@ def test_unknown_key_on_the_command_line_names_it(tmp_path):
 
 
 def test_batch_larger_than_the_dataset_is_refused_before_any_work(synthetic_dataset, tmp_path):
-    result = _main("--config", "configs/mae_vits.py", "--workdir", str(tmp_path / "w"),
-                   f"--config.data.path={synthetic_dataset}", "--config.batch_size=100000")
+    result = _main(
+        "--config",
+        "configs/mae_vits.py",
+        "--workdir",
+        str(tmp_path / "w"),
+        f"--config.data.path={synthetic_dataset}",
+        "--config.batch_size=100000",
+    )
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "batch_size" in result.stderr and "larger than" in result.stderr

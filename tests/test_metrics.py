@@ -82,8 +82,21 @@ def test_fixed_threshold_and_sensitivity_at_specificity(seed):
 def test_default_keys_are_the_documented_ones():
     y, s = _random_case(0)
     m = metrics.binary_metrics(y, s)
-    for key in ("auroc", "auprc", "accuracy", "sensitivity", "specificity", "f1", "mcc", "kappa",
-                "youden_threshold", "sensitivity_at_spec_0.90", "sensitivity_at_spec_0.95", "prevalence", "n"):
+    for key in (
+        "auroc",
+        "auprc",
+        "accuracy",
+        "sensitivity",
+        "specificity",
+        "f1",
+        "mcc",
+        "kappa",
+        "youden_threshold",
+        "sensitivity_at_spec_0.90",
+        "sensitivity_at_spec_0.95",
+        "prevalence",
+        "n",
+    ):
         assert key in m
     assert all(isinstance(v, float) for v in m.values())
 
@@ -122,15 +135,18 @@ def test_calibration_bins_match_sklearn(n_bins):
     np.testing.assert_allclose(bins["observed_fraction"][nonempty], prob_true)
     np.testing.assert_allclose(bins["mean_predicted"][nonempty], prob_pred)
     assert bins["counts"].sum() == len(y)
-    ece = sum(np.sum(in_bin) / len(y) * abs(y[in_bin].mean() - s[in_bin].mean())
-              for in_bin in (np.digitize(s, bins["bin_edges"][1:-1], right=True) == b for b in range(n_bins))
-              if np.any(in_bin))
+    ece = sum(
+        np.sum(in_bin) / len(y) * abs(y[in_bin].mean() - s[in_bin].mean())
+        for in_bin in (np.digitize(s, bins["bin_edges"][1:-1], right=True) == b for b in range(n_bins))
+        if np.any(in_bin)
+    )
     assert bins["ece"] == pytest.approx(ece)
     with pytest.raises(ValueError, match="probabilities"):
         metrics.calibration_bins([0, 1], [-0.5, 2.0])
 
 
 # ─── aggregation ─────────────────────────────────────────────────────────────────────────────────
+
 
 def test_aggregate_mean_and_max_by_hand():
     rng = np.random.default_rng(0)
@@ -173,6 +189,7 @@ def test_aggregate_label_conflicts():
 
 # ─── low-shot sampling ───────────────────────────────────────────────────────────────────────────
 
+
 def _cohort(seed, num_patients=300):
     rng = np.random.default_rng(seed)
     patients = [f"pat{i:04d}" for i in range(num_patients)]
@@ -212,6 +229,7 @@ def test_low_shot_is_seeded_nested_and_order_free():
 def test_low_shot_subset_of_training_has_no_test_patient():
     ids, y, _ = _cohort(2)
     from afm_jax.data.records import split_of_patient
+
     split = np.array([split_of_patient(p, {"train": 0.8, "test": 0.2}) for p in ids])
     train = split == "train"
     mask = sampling.low_shot_patients(ids[train], y[train], 0.1, seed=0)

@@ -46,24 +46,30 @@ def _make_tree(root):
 def mura_data(tmp_path_factory):
     root = tmp_path_factory.mktemp("mura_raw")
     _make_tree(root)
-    return os.fspath(mura.build_mura_dataset(root, tmp_path_factory.mktemp("mura_out"), validation_fraction=0.1,
-                                             salt=SALT, workers=1))
+    return os.fspath(
+        mura.build_mura_dataset(
+            root, tmp_path_factory.mktemp("mura_out"), validation_fraction=0.1, salt=SALT, workers=1
+        )
+    )
 
 
 def test_small_subset_carve_out_always_has_a_validation_set():
     # strata of 2-5 patients: the (k + 1/2)/n < 0.1 rule alone picks nobody
-    images = [{"mura_split": "train", "patient": f"patient{i:05d}", "body_part": part, "label": label}
-              for i, (part, label) in enumerate([("ELBOW", 0)] * 5 + [("ELBOW", 1)] * 2 + [("WRIST", 0)] * 3
-                                                + [("HAND", 1)])]
+    images = [
+        {"mura_split": "train", "patient": f"patient{i:05d}", "body_part": part, "label": label}
+        for i, (part, label) in enumerate([("ELBOW", 0)] * 5 + [("ELBOW", 1)] * 2 + [("WRIST", 0)] * 3 + [("HAND", 1)])
+    ]
     chosen = mura.carve_validation(images, 0.1)
     for stratum in (("ELBOW", 0), ("ELBOW", 1), ("WRIST", 0)):
         members = {im["patient"] for im in images if (im["body_part"], im["label"]) == stratum}
-        assert 1 <= len(members & chosen) < len(members)        # one to validation, the rest still trains
-    assert "patient00010" not in chosen                         # a stratum of one stays in train
-    singletons = [{"mura_split": "train", "patient": f"patient{i:05d}", "body_part": p, "label": 0}
-                  for i, p in enumerate(("ELBOW", "WRIST", "HAND"))]
-    assert len(mura.carve_validation(singletons, 0.1)) == 1      # unstratified fallback
-    assert mura.carve_validation(images, 0.0) == set()           # asked for none: none
+        assert 1 <= len(members & chosen) < len(members)  # one to validation, the rest still trains
+    assert "patient00010" not in chosen  # a stratum of one stays in train
+    singletons = [
+        {"mura_split": "train", "patient": f"patient{i:05d}", "body_part": p, "label": 0}
+        for i, p in enumerate(("ELBOW", "WRIST", "HAND"))
+    ]
+    assert len(mura.carve_validation(singletons, 0.1)) == 1  # unstratified fallback
+    assert mura.carve_validation(images, 0.0) == set()  # asked for none: none
 
 
 def test_mura_dataset_has_validation_and_official_valid_as_test(mura_data):
@@ -73,19 +79,29 @@ def test_mura_dataset_has_validation_and_official_valid_as_test(mura_data):
 
 
 def test_study_kappa_at_half_per_body_part_matches_sklearn(mura_data, tmp_path):
-    task = pr.TaskSpec("mura", data=mura_data, positive_labels=(1,), negative_labels=(0,), unit="study",
-                       fixed_thresholds=(0.5,), group_by="body_part")
+    task = pr.TaskSpec(
+        "mura",
+        data=mura_data,
+        positive_labels=(1,),
+        negative_labels=(0,),
+        unit="study",
+        fixed_thresholds=(0.5,),
+        group_by="body_part",
+    )
     assert pr.check_task_data(task, mura_data) == []
     spec = bb.BackboneSpec("random_init", variant="mu/8", image_size=32, model={"depth": 1})
-    val, test, _ = pr.run_protocol(spec, task, "knn", cache=pr.FeatureCache(tmp_path / "f"), data_path=mura_data,
-                                   options={"k": 5})
+    val, test, _ = pr.run_protocol(
+        spec, task, "knn", cache=pr.FeatureCache(tmp_path / "f"), data_path=mura_data, options={"k": 5}
+    )
     assert set(test.fields["body_part"]) == {"ELBOW", "WRIST"}  # body part travels with every prediction
     scored = pr.score_predictions(val, test, task, n_boot=200)
 
     # Independently: the records' study ids and body parts, mean image probability per study.
     source = records.open_split(mura_data, "test")
-    meta = {source[i]["image_id"]: (source[i]["study_id"], source[i]["body_part"], source[i]["label"])
-            for i in range(len(source))}
+    meta = {
+        source[i]["image_id"]: (source[i]["study_id"], source[i]["body_part"], source[i]["label"])
+        for i in range(len(source))
+    }
     studies = {}
     for image_id, p in zip(test.image_id.tolist(), test.y_score.tolist()):
         study, part, label = meta[image_id]
@@ -109,8 +125,16 @@ def test_study_kappa_at_half_per_body_part_matches_sklearn(mura_data, tmp_path):
     assert validation["label"] == "validation Youden" and validation["threshold"] == pytest.approx(t)
     assert validation["overall"]["kappa"]["point"] == pytest.approx(cohen_kappa_score(y, prob >= t), abs=1e-12)
 
-    result = {"run_id": "m", "task": "mura", "backbone": "r", "protocol": "knn", "fraction": 1.0, "seed": 0,
-              "order": 0, **scored}
+    result = {
+        "run_id": "m",
+        "task": "mura",
+        "backbone": "r",
+        "protocol": "knn",
+        "fraction": 1.0,
+        "seed": 0,
+        "order": 0,
+        **scored,
+    }
     report_lib.write_report(tmp_path / "report", [result], {"m": (val, test)}, {"mura": task}, n_boot=20)
     md = (tmp_path / "report" / "index.md").read_text()
     assert "| mura | knn | 1 | 0 | r | fixed 0.5 | ELBOW |" in md and "validation Youden" in md

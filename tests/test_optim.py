@@ -4,7 +4,6 @@ import math
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 import pytest
@@ -55,8 +54,9 @@ def test_weight_decay_mask_excludes_biases_norms_tokens_and_pos_embed():
 def test_adamw_decays_only_masked_in_parameters():
     model = _Tiny(nnx.Rngs(0))
     params = nnx.state(model, nnx.Param)
-    tx = optim.make_optimizer(_optim_cfg(weight_decay=0.5, grad_clip_norm=1.0, weight_decay_rule="no_tokens"),
-                              lambda _: 0.1)
+    tx = optim.make_optimizer(
+        _optim_cfg(weight_decay=0.5, grad_clip_norm=1.0, weight_decay_rule="no_tokens"), lambda _: 0.1
+    )
     zero_grads = jax.tree.map(jnp.zeros_like, params)
     updates, _ = tx.update(zero_grads, tx.init(params), params)
     new = nnx.to_pure_dict(optax.apply_updates(params, updates))
@@ -82,18 +82,28 @@ def test_mae_default_rule_decays_tokens_as_the_mae_reference():
     np.testing.assert_array_equal(new["proj"]["bias"], old["proj"]["bias"])
 
 
-@pytest.mark.parametrize("rule,decayed", [
-    # rank >= 2: MAE add_weight_decay / DINO utils.get_params_groups (`.bias` or 1-D exempt)
-    ("rank", {"proj.kernel", "cls_token", "pos_embed"}),
-    # DINOv2 dinov2/utils/param_groups.py L79: exempt `.bias`, "norm" or "gamma" in the name
-    ("dinov2", {"proj.kernel", "cls_token", "pos_embed", "last.weight_g"}),
-    ("no_tokens", {"proj.kernel"}),
-])
+@pytest.mark.parametrize(
+    "rule,decayed",
+    [
+        # rank >= 2: MAE add_weight_decay / DINO utils.get_params_groups (`.bias` or 1-D exempt)
+        ("rank", {"proj.kernel", "cls_token", "pos_embed"}),
+        # DINOv2 dinov2/utils/param_groups.py L79: exempt `.bias`, "norm" or "gamma" in the name
+        ("dinov2", {"proj.kernel", "cls_token", "pos_embed", "last.weight_g"}),
+        ("no_tokens", {"proj.kernel"}),
+    ],
+)
 def test_weight_decay_rules_pick_each_papers_set(rule, decayed):
-    params = {"proj": {"kernel": jnp.ones((4, 4)), "bias": jnp.ones(4)}, "norm1": {"scale": jnp.ones(4)},
-              "cls_token": jnp.ones((1, 1, 4)), "pos_embed": jnp.ones((1, 3, 4)),
-              "ls": {"gamma": jnp.ones(4)}, "last": {"weight_g": jnp.ones(4)}}
+    params = {
+        "proj": {"kernel": jnp.ones((4, 4)), "bias": jnp.ones(4)},
+        "norm1": {"scale": jnp.ones(4)},
+        "cls_token": jnp.ones((1, 1, 4)),
+        "pos_embed": jnp.ones((1, 3, 4)),
+        "ls": {"gamma": jnp.ones(4)},
+        "last": {"weight_g": jnp.ones(4)},
+    }
     mask = optim.weight_decay_mask(params, rule)
-    flat = {".".join(str(getattr(k, "key", k)) for k in path): bool(v)
-            for path, v in jax.tree_util.tree_flatten_with_path(mask)[0]}
+    flat = {
+        ".".join(str(getattr(k, "key", k)) for k in path): bool(v)
+        for path, v in jax.tree_util.tree_flatten_with_path(mask)[0]
+    }
     assert {k for k, v in flat.items() if v} == decayed

@@ -18,9 +18,10 @@ NUM_EXAMPLES = 64
 
 # ─── Transforms ──────────────────────────────────────────────────────────────────────────────────
 
+
 def ramp(h: int = 40, w: int = 60) -> np.ndarray:
     """A float image whose pixels are all different: crops and flips are visible in it."""
-    return (np.arange(h * w, dtype=np.float32).reshape(h, w, 1) / (h * w))
+    return np.arange(h * w, dtype=np.float32).reshape(h, w, 1) / (h * w)
 
 
 def test_decode_png16_reads_8_and_16_bit_to_unit_range():
@@ -106,8 +107,12 @@ def test_eval_resize_is_deterministic_and_preserves_flat_images():
 
 
 def test_train_chain_follows_the_config():
-    assert [name for name, _ in transforms.train_chain(None, 8)] == ["random_resized_crop", "flip_lr", "to_float",
-                                                                      "intensity_jitter"]
+    assert [name for name, _ in transforms.train_chain(None, 8)] == [
+        "random_resized_crop",
+        "flip_lr",
+        "to_float",
+        "intensity_jitter",
+    ]
     off = dict(crop=False, flip=False, brightness=0.0, contrast=0.0, gamma=0.0)
     assert transforms.train_chain(off, 8) == (("resize", {"size": 8}), ("to_float", {}))
     jitter = dict(transforms.train_chain(dict(brightness=0.0), 8))["intensity_jitter"]
@@ -118,9 +123,14 @@ def test_train_chain_follows_the_config():
         transforms.train_chain({"crop_scale": (0.5, 0.2)}, 8)
 
 
-@pytest.mark.parametrize("augment, message", [({"hue": 0.1}, "Unknown augment config keys"),
-                                              ({"brightness": 1.5}, "data.augment.brightness"),
-                                              ({"crop_scale": 0.5}, "data.augment.crop_scale")])
+@pytest.mark.parametrize(
+    "augment, message",
+    [
+        ({"hue": 0.1}, "Unknown augment config keys"),
+        ({"brightness": 1.5}, "data.augment.brightness"),
+        ({"crop_scale": 0.5}, "data.augment.crop_scale"),
+    ],
+)
 def test_bad_augment_configs_are_user_errors(augment, message):
     """The tools show a UserError as one `error:` line, so these config mistakes never end in a traceback."""
     with pytest.raises(errors.UserError, match=message):
@@ -129,14 +139,25 @@ def test_bad_augment_configs_are_user_errors(augment, message):
 
 # ─── Pipelines ───────────────────────────────────────────────────────────────────────────────────
 
+
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory) -> str:
     """64 small images, each with a unique label so that batches say which examples they hold."""
     rng = np.random.default_rng(0)
-    examples = ({"image": rng.integers(0, 65536, (20 + i % 9, 24 + i % 5), dtype=np.uint16),
-                 "patient_id": f"p{i // 2:03d}", "image_id": f"i{i:03d}", "label": i} for i in range(NUM_EXAMPLES))
-    return str(records.write_dataset(examples, tmp_path_factory.mktemp("data"), name="pipe",
-                                     split_fractions={"train": 0.75, "validation": 0.25}))
+    examples = (
+        {
+            "image": rng.integers(0, 65536, (20 + i % 9, 24 + i % 5), dtype=np.uint16),
+            "patient_id": f"p{i // 2:03d}",
+            "image_id": f"i{i:03d}",
+            "label": i,
+        }
+        for i in range(NUM_EXAMPLES)
+    )
+    return str(
+        records.write_dataset(
+            examples, tmp_path_factory.mktemp("data"), name="pipe", split_fractions={"train": 0.75, "validation": 0.25}
+        )
+    )
 
 
 def data_config(path: str, num_workers: int = 0, **changes) -> "pipeline.ml_collections.ConfigDict":
@@ -241,8 +262,14 @@ def test_processes_read_disjoint_slices_redealt_each_epoch(dataset):
     per_host = n_train // 2
     epochs = []  # [host][epoch] -> set of labels
     for process_index in (0, 1):
-        it = pipeline.build_train_iterator(data_config(dataset), global_batch_size=4, seed=0, image_size=IMAGE_SIZE,
-                                           process_index=process_index, process_count=2)
+        it = pipeline.build_train_iterator(
+            data_config(dataset),
+            global_batch_size=4,
+            seed=0,
+            image_size=IMAGE_SIZE,
+            process_index=process_index,
+            process_count=2,
+        )
         batches = take(it, 2 * per_host // 2)
         assert batches[0]["image"].shape[0] == 2  # local batch = global // process_count
         labels = np.concatenate([b["label"] for b in batches])
@@ -254,8 +281,9 @@ def test_processes_read_disjoint_slices_redealt_each_epoch(dataset):
         assert epochs[0][epoch] | epochs[1][epoch] == train_labels
     assert epochs[0][0] != epochs[0][1]
     with pytest.raises(ValueError, match="multiple of the 2 processes"):
-        pipeline.build_train_iterator(data_config(dataset), global_batch_size=5, seed=0, image_size=IMAGE_SIZE,
-                                      process_index=0, process_count=2)
+        pipeline.build_train_iterator(
+            data_config(dataset), global_batch_size=5, seed=0, image_size=IMAGE_SIZE, process_index=0, process_count=2
+        )
 
 
 def test_selection_limits_training_to_selected_images(dataset, tmp_path):
@@ -263,8 +291,9 @@ def test_selection_limits_training_to_selected_images(dataset, tmp_path):
     chosen = index["image_id"][:10]
     selection = tmp_path / "sel.json"
     selection.write_text(json.dumps(chosen))
-    it = pipeline.build_train_iterator(data_config(dataset, selection=str(selection)), global_batch_size=5, seed=0,
-                                       image_size=IMAGE_SIZE)
+    it = pipeline.build_train_iterator(
+        data_config(dataset, selection=str(selection)), global_batch_size=5, seed=0, image_size=IMAGE_SIZE
+    )
     labels = np.concatenate([b["label"] for b in take(it, 4)])
     assert set(labels) == set(index["label"][:10])
 
@@ -289,9 +318,19 @@ def test_eval_covers_each_example_once_in_order_with_mask(dataset):
 
 def test_eval_hosts_assemble_global_batches_in_order(dataset):
     n = len(records.open_split(dataset, "validation"))
-    per_host = [list(pipeline.build_eval_iterator(data_config(dataset), split="validation", batch_size=8,
-                                                  image_size=IMAGE_SIZE, process_index=i, process_count=2))
-                for i in (0, 1)]
+    per_host = [
+        list(
+            pipeline.build_eval_iterator(
+                data_config(dataset),
+                split="validation",
+                batch_size=8,
+                image_size=IMAGE_SIZE,
+                process_index=i,
+                process_count=2,
+            )
+        )
+        for i in (0, 1)
+    ]
     assert len(per_host[0]) == len(per_host[1])
     global_labels = np.concatenate([np.concatenate([a["label"], b["label"]]) for a, b in zip(*per_host)])
     global_mask = np.concatenate([np.concatenate([a["mask"], b["mask"]]) for a, b in zip(*per_host)])
@@ -303,5 +342,11 @@ def test_too_small_a_training_split_for_the_processes_is_a_user_error(dataset, t
     selection = tmp_path / "one.json"
     selection.write_text(json.dumps(records.split_index(dataset, "train")["image_id"][:1]))
     with pytest.raises(errors.UserError, match="too few for 2 processes"):
-        pipeline.build_train_dataset(data_config(dataset, selection=str(selection)), global_batch_size=2, seed=0,
-                                     image_size=IMAGE_SIZE, process_index=0, process_count=2)
+        pipeline.build_train_dataset(
+            data_config(dataset, selection=str(selection)),
+            global_batch_size=2,
+            seed=0,
+            image_size=IMAGE_SIZE,
+            process_index=0,
+            process_count=2,
+        )

@@ -12,8 +12,12 @@ from afm_jax.data.preprocessing import Variant
 
 def _textured(h, w, seed=0):
     rng = np.random.default_rng(seed)
-    return np.clip(cv2.resize(rng.uniform(0.2, 0.8, (8, 8)).astype(np.float32), (w, h)) +
-                   rng.normal(0, 0.05, (h, w)).astype(np.float32), 0, 1)
+    return np.clip(
+        cv2.resize(rng.uniform(0.2, 0.8, (8, 8)).astype(np.float32), (w, h))
+        + rng.normal(0, 0.05, (h, w)).astype(np.float32),
+        0,
+        1,
+    )
 
 
 def test_field_box_removes_collimation_and_blank_margins():
@@ -55,8 +59,9 @@ def test_percentile_and_minmax_normalisation_match_numpy():
     image = _textured(64, 64)
     variant = Variant("t", normalization="percentile", percentiles=(2.0, 98.0))
     lo, hi = np.percentile(image, [2.0, 98.0])
-    np.testing.assert_allclose(preprocessing.normalize(image, variant), np.clip((image - lo) / (hi - lo), 0, 1),
-                               atol=1e-6)
+    np.testing.assert_allclose(
+        preprocessing.normalize(image, variant), np.clip((image - lo) / (hi - lo), 0, 1), atol=1e-6
+    )
     minmax = preprocessing.normalize(image, Variant("t", normalization="minmax"))
     np.testing.assert_allclose(minmax, (image - image.min()) / (image.max() - image.min()), atol=1e-6)
     valid = np.ones_like(image, bool)
@@ -79,8 +84,12 @@ def test_clahe_uses_opencv_on_16_bit():
     image = _textured(64, 64)
     variant = Variant("t", normalization="clahe", clahe_clip=3.0, clahe_tiles=4)
     ours = preprocessing.normalize(image, variant)
-    reference = cv2.createCLAHE(clipLimit=3.0, tileGridSize=(4, 4)).apply(
-        np.round(image * 65535).astype(np.uint16)).astype(np.float32) / 65535
+    reference = (
+        cv2.createCLAHE(clipLimit=3.0, tileGridSize=(4, 4))
+        .apply(np.round(image * 65535).astype(np.uint16))
+        .astype(np.float32)
+        / 65535
+    )
     np.testing.assert_allclose(ours, reference, atol=1e-6)
     assert not np.allclose(ours, image, atol=0.01)
 

@@ -36,12 +36,14 @@ def test_vit_backbone_features_and_maps_come_from_the_encoder():
     spec = bb.BackboneSpec("random_init", variant="mu/8", image_size=32, model={"depth": 2}, seed=3)
     backbone = bb.load_backbone(spec)
     from afm_jax.models import factory
+
     cfg = factory.default_model_config("mu/8")
     cfg.depth = 2
     encoder = factory.build_encoder(cfg, 32, nnx.Rngs(3))
     images = _images()
-    np.testing.assert_allclose(backbone.features(images), np.asarray(encoder.pooled_features(images, pool="avg")),
-                               atol=1e-5)
+    np.testing.assert_allclose(
+        backbone.features(images), np.asarray(encoder.pooled_features(images, pool="avg")), atol=1e-5
+    )
     tokens = np.asarray(encoder(images))[:, 1:]
     np.testing.assert_allclose(backbone.spatial_features(images), tokens.reshape(3, 4, 4, -1), atol=1e-5)
     maps = backbone.attention_maps(images)
@@ -54,8 +56,9 @@ def test_random_init_of_a_run_is_the_encoder_its_training_started_from(tiny_mae_
     from afm_jax.models import factory
     from afm_jax.train import loop
     from afm_jax.train.tasks import get_task
+
     tiny_mae_config.total_steps = 1
-    tiny_mae_config.seed = 5                                      # random_init must take the run's seed
+    tiny_mae_config.seed = 5  # random_init must take the run's seed
     loop.train(tiny_mae_config, str(tmp_path), get_task("mae"))
     start = factory.build_mae(tiny_mae_config, nnx.Rngs(tiny_mae_config.seed)).encoder
     images = _images()
@@ -69,6 +72,7 @@ def test_torch_timm_backbone_equals_timm_itself(tmp_path):
     torch = pytest.importorskip("torch")
     timm = pytest.importorskip("timm")
     from safetensors.torch import save_file
+
     reference = timm.create_model("resnet18", pretrained=False, num_classes=0).eval()
     path = tmp_path / "resnet18.safetensors"
     save_file(reference.state_dict(), str(path))
@@ -80,7 +84,7 @@ def test_torch_timm_backbone_equals_timm_itself(tmp_path):
     np.testing.assert_allclose(backbone.features(images), expected, rtol=1e-4, atol=1e-5)
     spatial = backbone.spatial_features(images)
     assert spatial.shape == (2, 2, 2, 512)
-    np.testing.assert_allclose(spatial.mean(axis=(1, 2)), expected, rtol=1e-4, atol=1e-5)   # GAP of the map
+    np.testing.assert_allclose(spatial.mean(axis=(1, 2)), expected, rtol=1e-4, atol=1e-5)  # GAP of the map
     with pytest.raises(ConfigError, match="does not fit"):
         bb.load_backbone(bb.BackboneSpec("torch_timm", path=str(path), arch="resnet34"))
 
@@ -90,6 +94,7 @@ def test_resnet50_backbone_from_a_torchvision_file_equals_torchvision(tmp_path):
     torchvision = pytest.importorskip("torchvision")
     pytest.importorskip("afm_jax.models.resnet")
     from safetensors.torch import save_file
+
     torch.manual_seed(0)
     reference = torchvision.models.resnet50(weights=None).eval()
     path = tmp_path / "resnet50.safetensors"
@@ -110,6 +115,7 @@ def test_timm_vit_file_imports_into_the_jax_backbone(tmp_path):
     timm = pytest.importorskip("timm")
     pytest.importorskip("afm_jax.train.init_from")
     from safetensors.torch import save_file
+
     model = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, img_size=32, in_chans=1)
     path = tmp_path / "vit.safetensors"
     save_file(model.state_dict(), str(path))
@@ -117,7 +123,7 @@ def test_timm_vit_file_imports_into_the_jax_backbone(tmp_path):
     feats = backbone.features(_images(2))
     assert feats.shape == (2, 192) and np.all(np.isfinite(feats))
     jax_pos = np.asarray(backbone.encoder.pos_embed[...])
-    np.testing.assert_allclose(jax_pos, model.pos_embed.detach().numpy(), atol=1e-6)   # the weights came from the file
+    np.testing.assert_allclose(jax_pos, model.pos_embed.detach().numpy(), atol=1e-6)  # the weights came from the file
 
 
 class _CountingBackbone(bb.Backbone):
@@ -142,10 +148,11 @@ def test_feature_cache_computes_once_and_tracks_weights(synthetic_dataset, tmp_p
     for k in ("features", "label", "patient_id", "image_id", "study_id"):
         np.testing.assert_array_equal(first[k], second[k])
     from afm_jax.data import records
+
     index = records.split_index(synthetic_dataset, "validation")
-    np.testing.assert_array_equal(first["image_id"], index["image_id"])            # dataset order, all images
+    np.testing.assert_array_equal(first["image_id"], index["image_id"])  # dataset order, all images
     old = cache.path(spec, os.fspath(synthetic_dataset), "validation")
-    os.utime(weights, (1, 1))                                                         # "retrained" weights
+    os.utime(weights, (1, 1))  # "retrained" weights
     assert cache.path(spec, os.fspath(synthetic_dataset), "validation") != old
 
 
@@ -157,21 +164,27 @@ def test_low_shot_keeps_whole_patients_and_both_classes():
     for seed in (0, 1):
         mask = pr.low_shot_mask(train, 0.25, seed)
         chosen = set(patients[mask])
-        assert all(mask[patients == p].all() for p in chosen)                       # never a partial patient
+        assert all(mask[patients == p].all() for p in chosen)  # never a partial patient
         assert set(y[mask]) == {0, 1} and len(chosen) < 40
     assert pr.low_shot_mask(train, 1.0, 0).all()
     assert not np.array_equal(pr.low_shot_mask(train, 0.25, 0), pr.low_shot_mask(train, 0.25, 1))
 
 
 def _prediction(ids, patients, y, s):
-    return pr.Prediction(y_true=np.asarray(y), y_score=np.asarray(s, float), patient_id=np.asarray(patients),
-                         study_id=np.asarray(patients), image_id=np.asarray(ids))
+    return pr.Prediction(
+        y_true=np.asarray(y),
+        y_score=np.asarray(s, float),
+        patient_id=np.asarray(patients),
+        study_id=np.asarray(patients),
+        image_id=np.asarray(ids),
+    )
 
 
 def test_patient_level_scores_average_images_and_fix_the_threshold_on_validation():
     task = pr.TaskSpec("t", data="unused", positive_labels=(1,), negative_labels=(0,), unit="patient")
-    test = _prediction(list("abcdef"), ["p1", "p1", "p2", "p3", "p3", "p4"], [1, 1, 0, 1, 1, 0],
-                       [0.9, 0.5, 0.3, 0.2, 0.6, 0.1])
+    test = _prediction(
+        list("abcdef"), ["p1", "p1", "p2", "p3", "p3", "p4"], [1, 1, 0, 1, 1, 0], [0.9, 0.5, 0.3, 0.2, 0.6, 0.1]
+    )
     ids, y, s, groups = pr.unit_level(test, task)
     np.testing.assert_array_equal(ids, ["p1", "p2", "p3", "p4"])
     np.testing.assert_allclose(s, [0.7, 0.3, 0.4, 0.1])
@@ -179,7 +192,7 @@ def test_patient_level_scores_average_images_and_fix_the_threshold_on_validation
     val = _prediction(list("ghij"), ["q1", "q2", "q3", "q4"], [0, 0, 1, 1], [0.1, 0.35, 0.5, 0.8])
     scored = pr.score_predictions(val, test, task, n_boot=50, seed=0)
     m = scored["metrics"]
-    assert m["threshold"]["point"] == pytest.approx(0.5)                             # validation's Youden point
+    assert m["threshold"]["point"] == pytest.approx(0.5)  # validation's Youden point
     assert m["auroc"]["point"] == pytest.approx(1.0) and m["sensitivity"]["point"] == pytest.approx(0.5)
     assert scored["num_units"] == 4 and scored["num_patients"] == 4
 
@@ -190,16 +203,25 @@ def test_knn_and_linear_protocols_on_separable_features():
     def split(n, offset):
         y = np.arange(n) % 2
         x = rng.normal(size=(n, 5)) + 3.0 * y[:, None]
-        return {"features": x.astype(np.float32), "y": y, "patient_id": np.array([f"{offset}{i}" for i in range(n)]),
-                "study_id": np.array([f"{offset}{i}" for i in range(n)]), "image_id": np.array([f"{offset}i{i}" for i in range(n)])}
+        return {
+            "features": x.astype(np.float32),
+            "y": y,
+            "patient_id": np.array([f"{offset}{i}" for i in range(n)]),
+            "study_id": np.array([f"{offset}{i}" for i in range(n)]),
+            "image_id": np.array([f"{offset}i{i}" for i in range(n)]),
+        }
 
     train, val, test = split(60, "a"), split(20, "b"), split(30, "c")
     from afm_jax.evaluation.knn import knn_predict
+
     _, knn_test, info = pr.knn_protocol(train, val, test, k=5, temperature=0.1)
-    np.testing.assert_allclose(knn_test.y_score, knn_predict(train["features"], train["y"], test["features"],
-                                                             num_classes=2, k=5, temperature=0.1)[:, 1])
+    np.testing.assert_allclose(
+        knn_test.y_score,
+        knn_predict(train["features"], train["y"], test["features"], num_classes=2, k=5, temperature=0.1)[:, 1],
+    )
     _, lin_test, info = pr.linear_protocol(train, val, test)
     from sklearn.metrics import roc_auc_score
+
     assert roc_auc_score(test["y"], lin_test.y_score) > 0.95 and info["C"] > 0
 
 
@@ -208,24 +230,35 @@ def test_finetune_protocol_low_shot_trains_on_whole_chosen_patients(synthetic_da
     task = pr.TaskSpec("aff", data=data, positive_labels=(2,), negative_labels=(1,), unit="patient")
     spec = bb.BackboneSpec("random_init", variant="mu/8", image_size=32)
     options = {"total_steps": 4, "batch_size": 8, "eval_every": 2, "log_every": 2, "optim.warmup_epochs": 0.0}
-    val, test, info = pr.run_protocol(spec, task, "finetune", seed=0, fraction=0.5, cache=pr.FeatureCache(tmp_path / "c"),
-                                      data_path=data, workdir=os.fspath(tmp_path / "ft"), options=options)
+    val, test, info = pr.run_protocol(
+        spec,
+        task,
+        "finetune",
+        seed=0,
+        fraction=0.5,
+        cache=pr.FeatureCache(tmp_path / "c"),
+        data_path=data,
+        workdir=os.fspath(tmp_path / "ft"),
+        options=options,
+    )
     from afm_jax.data import records
+
     train_index = records.split_index(data, "train")
     chosen = set(json.loads((tmp_path / "ft" / "low_shot_selection.json").read_text()))
     patient_of = dict(zip(train_index["image_id"], train_index["patient_id"]))
     label_of = dict(zip(train_index["image_id"], train_index["label"]))
     patients = {patient_of[i] for i in chosen}
     task_images = {i for i, p in patient_of.items() if p in patients and label_of[i] in (1, 2)}
-    assert chosen == task_images                                  # every task image of each chosen patient
+    assert chosen == task_images  # every task image of each chosen patient
     assert 0 < len(patients) < len({patient_of[i] for i, l in label_of.items() if l in (1, 2)})
     test_index = records.split_index(data, "test")
-    assert len(test.y_true) == sum(l in (1, 2) for l in test_index["label"])   # the test split is never subsampled
+    assert len(test.y_true) == sum(l in (1, 2) for l in test_index["label"])  # the test split is never subsampled
     assert not set(test.patient_id) & set(train_index["patient_id"])
     assert info["steps_run"] == 4 and info["best_step"] in (2, 4)
 
 
 # ─── End to end ──────────────────────────────────────────────────────────────────────────────────
+
 
 @pytest.fixture(scope="module")
 def pretrained_and_data(tmp_path_factory):
@@ -234,6 +267,7 @@ def pretrained_and_data(tmp_path_factory):
     from afm_jax.train import loop
     from afm_jax.train.defaults import default_config
     from afm_jax.train.tasks import get_task
+
     root = tmp_path_factory.mktemp("e2e")
     data = synthetic.ensure_synthetic_dataset(root / "data", num_patients=E2E["patients"], seed=0, image_size=128)
     config = default_config("mae", f"mu/{E2E['patch']}")
@@ -268,6 +302,7 @@ def test_checkpoint_backbone_carries_its_trained_weights_into_knn_and_linear_pro
     task = pr.TaskSpec("fracture", data=data, positive_labels=(1, 2), negative_labels=(0,), unit="image")
     cache = pr.FeatureCache(root / "features")
     from sklearn.metrics import roc_auc_score
+
     auroc, feats = {}, {}
     for name, kind in (("mae", "checkpoint"), ("random_init", "random_init")):
         spec = bb.BackboneSpec(kind, path=workdir, image_size=E2E["size"])
@@ -276,8 +311,9 @@ def test_checkpoint_backbone_carries_its_trained_weights_into_knn_and_linear_pro
             _, test, _ = pr.run_protocol(spec, task, protocol, cache=cache, data_path=data, name=name)
             auroc[name, protocol] = roc_auc_score(test.y_true, test.y_score)
     trained = read_encoder_checkpoint(workdir).encoder
-    independent = extract_features(trained, {"path": data, "num_workers": 0}, split="test", image_size=E2E["size"],
-                                   pool="avg", progress=False)["features"]
+    independent = extract_features(
+        trained, {"path": data, "num_workers": 0}, split="test", image_size=E2E["size"], pool="avg", progress=False
+    )["features"]
     np.testing.assert_allclose(feats["mae"], independent, atol=1e-4)
     assert np.abs(feats["mae"] - feats["random_init"]).max() > 1e-2
     assert all(0.0 <= v <= 1.0 for v in auroc.values()), auroc

@@ -22,9 +22,17 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def hf_dinov2(tmp_path):
-    config = transformers.Dinov2Config(hidden_size=48, num_hidden_layers=2, num_attention_heads=3,
-                                       intermediate_size=192, image_size=42, patch_size=14, num_channels=3,
-                                       layerscale_value=0.5, layer_norm_eps=1e-6)
+    config = transformers.Dinov2Config(
+        hidden_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=3,
+        intermediate_size=192,
+        image_size=42,
+        patch_size=14,
+        num_channels=3,
+        layerscale_value=0.5,
+        layer_norm_eps=1e-6,
+    )
     model = transformers.Dinov2Model(config).eval()
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():  # every parameter random: a swapped query/key/value cannot hide
@@ -33,17 +41,28 @@ def hf_dinov2(tmp_path):
             p.copy_(torch.randn(p.shape, generator=g) * 0.1 + base)
     folder = tmp_path / "rad-dino"
     model.save_pretrained(folder)
-    (folder / "preprocessor_config.json").write_text(json.dumps(
-        {"image_mean": [0.5307, 0.5307, 0.5307], "image_std": [0.2583, 0.2583, 0.2583]}))
+    (folder / "preprocessor_config.json").write_text(
+        json.dumps({"image_mean": [0.5307, 0.5307, 0.5307], "image_std": [0.2583, 0.2583, 0.2583]})
+    )
     return model, folder
 
 
 def test_hf_dinov2_model_folder_matches_transformers(tmp_path, capsys):
     model, folder = hf_dinov2(tmp_path)
     assert (folder / "model.safetensors").is_file() and json.loads((folder / "config.json").read_text())[
-        "model_type"] == "dinov2"
-    ours = VisionTransformer("mu/14", img_size=42, width=48, depth=2, num_heads=3, in_chans=3, pos_embed="learned",
-                             layer_scale_init=1.0, rngs=nnx.Rngs(0))
+        "model_type"
+    ] == "dinov2"
+    ours = VisionTransformer(
+        "mu/14",
+        img_size=42,
+        width=48,
+        depth=2,
+        num_heads=3,
+        in_chans=3,
+        pos_embed="learned",
+        layer_scale_init=1.0,
+        rngs=nnx.Rngs(0),
+    )
     report = initialize_encoder(ours, folder)
     assert report["layout"] == "huggingface-dinov2" and report["source"] == "export"
     assert any("normalised inputs" in w for w in report["warnings"])  # RAD-DINO's mean/std differ from ours

@@ -25,11 +25,22 @@ def make_examples(n: int = NUM_EXAMPLES, seed: int = 0) -> list[dict]:
     for i in range(n):
         image = rng.integers(0, 65536, (12 + i % 5, 16 + i % 7), dtype=np.uint16)
         image[0, 0], image[0, 1] = 0, 65535
-        ex = {"image": image, "patient_id": f"pat{i // 3:04d}", "study_id": f"st{i // 3}", "series_id": f"se{i}",
-              "image_id": f"img{i:04d}", "body_part": "FEMUR", "view": ["AP", "LAT"][i % 2],
-              "laterality": ["L", "R", ""][i % 3], "modality": "DX", "pixel_spacing_mm": [0.1 + i / 1000, 0.2],
-              "orig_shape": [1000 + i, 2000], "label": [-1, 0, 1][i % 3], "label_name": ["", "NFF", "AFF"][i % 3],
-              "fracture_type": "subtroch" if i % 3 == 2 else ""}
+        ex = {
+            "image": image,
+            "patient_id": f"pat{i // 3:04d}",
+            "study_id": f"st{i // 3}",
+            "series_id": f"se{i}",
+            "image_id": f"img{i:04d}",
+            "body_part": "FEMUR",
+            "view": ["AP", "LAT"][i % 2],
+            "laterality": ["L", "R", ""][i % 3],
+            "modality": "DX",
+            "pixel_spacing_mm": [0.1 + i / 1000, 0.2],
+            "orig_shape": [1000 + i, 2000],
+            "label": [-1, 0, 1][i % 3],
+            "label_name": ["", "NFF", "AFF"][i % 3],
+            "fracture_type": "subtroch" if i % 3 == 2 else "",
+        }
         if i % 8 == 3:
             ex["image"] = cv2.imencode(".png", image)[1].tobytes()  # already-encoded PNG bytes
         if i % 8 == 5:
@@ -61,10 +72,14 @@ def examples() -> list[dict]:
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory, examples):
     out_dir = tmp_path_factory.mktemp("data")
-    path = records.write_dataset(iter(examples), out_dir, name="toy_femur", num_examples_hint=len(examples),
-                                 extra_info={"preprocessing": {"window": "full", "max_side": 512},
-                                             "source_fingerprint": "abc123"},
-                                 max_shard_bytes=4000)  # small shards: exercises rolling over
+    path = records.write_dataset(
+        iter(examples),
+        out_dir,
+        name="toy_femur",
+        num_examples_hint=len(examples),
+        extra_info={"preprocessing": {"window": "full", "max_side": 512}, "source_fingerprint": "abc123"},
+        max_shard_bytes=4000,
+    )  # small shards: exercises rolling over
     return out_dir, path
 
 
@@ -123,7 +138,8 @@ def test_tfds_reads_the_dataset_without_tensorflow(dataset, examples):
 def test_parse_record_agrees_with_tfds_decoding(dataset):
     _, path = dataset
     tfds_source = tfds.builder_from_directory(path).as_data_source(
-        "train", decoders={"image": tfds.decode.SkipDecoding()})
+        "train", decoders={"image": tfds.decode.SkipDecoding()}
+    )
     ours = records.open_split(path, "train")
     for i in range(len(ours)):
         theirs, mine = tfds_source[i], ours[i]
@@ -289,14 +305,17 @@ def test_existing_dataset_is_not_overwritten_by_accident(tmp_path, examples):
     assert again == path and records.read_info(path)["splits"] == {"train": 9}
 
 
-@pytest.mark.parametrize("change, message", [
-    ({"colour": "red"}, "unknown keys"),
-    ({"image_id": None}, "lacks required keys"),
-    ({"image": np.zeros((4, 4), np.float32)}, "dtype float32"),
-    ({"image": np.zeros((4, 4, 3), np.uint16)}, "shape"),
-    ({"image": b"not a png"}, "not a PNG"),
-    ({"view": 3}, "must be a str"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"colour": "red"}, "unknown keys"),
+        ({"image_id": None}, "lacks required keys"),
+        ({"image": np.zeros((4, 4), np.float32)}, "dtype float32"),
+        ({"image": np.zeros((4, 4, 3), np.uint16)}, "shape"),
+        ({"image": b"not a png"}, "not a PNG"),
+        ({"view": 3}, "must be a str"),
+    ],
+)
 def test_bad_examples_are_rejected_with_the_reason(tmp_path, examples, change, message):
     bad = dict(examples[0], **change)
     with pytest.raises(ValueError, match=message):

@@ -13,9 +13,12 @@ torchvision = pytest.importorskip("torchvision")
 from safetensors.torch import save_file  # noqa: E402
 
 from afm_jax.errors import InteropError  # noqa: E402
-from afm_jax.interop.torchvision_resnet import load_torchvision_resnet, resnet_from_file  # noqa: E402
-from afm_jax.models.resnet import ResNet, resnet50
-from afm_jax.interop.torchvision_resnet import resnet50_from_torchvision# noqa: E402
+from afm_jax.interop.torchvision_resnet import (  # noqa: E402
+    load_torchvision_resnet,
+    resnet50_from_torchvision,  # noqa: E402
+    resnet_from_file,
+)
+from afm_jax.models.resnet import ResNet, resnet50  # noqa: E402
 
 TOL = 1e-4
 
@@ -81,8 +84,10 @@ def test_grey_stem_sequential_layout_and_files(torch_resnet50, tmp_path):
     x = np.random.default_rng(1).random((2, 64, 64, 1), dtype=np.float32)
     model, report = resnet_from_file(tmp_path / "radimagenet_resnet50.pth", in_chans=1)
     assert any("summed" in a for a in report["adapted"]) and "fc.weight" not in report["dropped"]
-    outs = [ours_features(model, x),
-            ours_features(resnet50_from_torchvision(str(tmp_path / "imagenet_resnet50.safetensors")), x)]
+    outs = [
+        ours_features(model, x),
+        ours_features(resnet50_from_torchvision(str(tmp_path / "imagenet_resnet50.safetensors")), x),
+    ]
     np.testing.assert_array_equal(outs[0], outs[1])
     xn = (x - model.input_mean[0]) / model.input_std[0]
     ref = torch_features(torch_resnet50, np.repeat(xn, 3, axis=-1))

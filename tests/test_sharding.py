@@ -21,10 +21,16 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def sharded_runs():
     """Two MAE steps under 1 device, data=8, fsdp=8 and data=2×fsdp=4 (8 fake CPU devices)."""
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
-               PYTHONPATH=str(REPO))
-    out = subprocess.run([sys.executable, str(REPO / "tests/scripts/sharded_steps.py")], env=env,
-                         capture_output=True, text=True, timeout=600)
+    env = dict(
+        os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO)
+    )
+    out = subprocess.run(
+        [sys.executable, str(REPO / "tests/scripts/sharded_steps.py")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -53,17 +59,22 @@ def test_a_checkpoint_from_8_devices_restores_on_4(sharded_runs):
 def test_fsdp_spec_picks_the_largest_divisible_dimension():
     assert sharding.fsdp_spec((384, 1536), 8, 0) == P(None, "fsdp")
     assert sharding.fsdp_spec((1536, 384), 8, 0) == P("fsdp", None)
-    assert sharding.fsdp_spec((3, 5), 8, 0) == P()            # nothing divides: replicated
-    assert sharding.fsdp_spec((384, 1536), 8, 10 ** 7) == P()  # too small to be worth sharding
-    assert sharding.fsdp_spec((384, 1536), 1, 0) == P()        # no fsdp axis
+    assert sharding.fsdp_spec((3, 5), 8, 0) == P()  # nothing divides: replicated
+    assert sharding.fsdp_spec((384, 1536), 8, 10**7) == P()  # too small to be worth sharding
+    assert sharding.fsdp_spec((384, 1536), 1, 0) == P()  # no fsdp axis
 
 
 def test_rules_first_match_wins_and_explicit_specs_are_checked():
     mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:1]).reshape(1, 1), sharding.MESH_AXES)
-    tree = {"encoder": {"pos_embed": jax.ShapeDtypeStruct((1, 5, 8), np.float32),
-                        "fc1": {"kernel": jax.ShapeDtypeStruct((8, 32), np.float32)}}}
-    cfg = ml_collections.ConfigDict(dict(rules=(("pos_embed$", "replicated"), ("fc1/kernel$", (None, "fsdp")),
-                                                (".*", "fsdp")), min_fsdp_size=0))
+    tree = {
+        "encoder": {
+            "pos_embed": jax.ShapeDtypeStruct((1, 5, 8), np.float32),
+            "fc1": {"kernel": jax.ShapeDtypeStruct((8, 32), np.float32)},
+        }
+    }
+    cfg = ml_collections.ConfigDict(
+        dict(rules=(("pos_embed$", "replicated"), ("fc1/kernel$", (None, "fsdp")), (".*", "fsdp")), min_fsdp_size=0)
+    )
     specs = sharding.param_shardings(mesh, tree, cfg)
     assert specs["encoder"]["pos_embed"].spec == P()
     assert specs["encoder"]["fc1"]["kernel"].spec == P(None, "fsdp")
@@ -80,21 +91,31 @@ def test_mesh_sizes_are_checked_with_messages():
         sharding.make_mesh(ml_collections.ConfigDict(dict(data=2, fsdp=1)), devices)
 
 
-@pytest.mark.parametrize("env,expected", [
-    ({"CUDA_VISIBLE_DEVICES": "0,1,2,3,4,5,6,7", "SLURM_STEP_TASKS_PER_NODE": "1(x4)"}, list(range(8))),
-    ({"CUDA_VISIBLE_DEVICES": "0,1,2,3,4,5,6,7", "SLURM_STEP_TASKS_PER_NODE": "8(x4)", "SLURM_LOCALID": "5"}, [5]),
-    ({"CUDA_VISIBLE_DEVICES": "3", "SLURM_STEP_TASKS_PER_NODE": "8(x4)", "SLURM_LOCALID": "3"}, [0]),
-    ({"CUDA_VISIBLE_DEVICES": "0,1,2,3,4,5,6,7", "SLURM_STEP_TASKS_PER_NODE": "2", "SLURM_LOCALID": "1"},
-     [4, 5, 6, 7]),
-    ({"SLURM_STEP_TASKS_PER_NODE": "2"}, None),   # no GPUs: CPU job
-])
+@pytest.mark.parametrize(
+    "env,expected",
+    [
+        ({"CUDA_VISIBLE_DEVICES": "0,1,2,3,4,5,6,7", "SLURM_STEP_TASKS_PER_NODE": "1(x4)"}, list(range(8))),
+        ({"CUDA_VISIBLE_DEVICES": "0,1,2,3,4,5,6,7", "SLURM_STEP_TASKS_PER_NODE": "8(x4)", "SLURM_LOCALID": "5"}, [5]),
+        ({"CUDA_VISIBLE_DEVICES": "3", "SLURM_STEP_TASKS_PER_NODE": "8(x4)", "SLURM_LOCALID": "3"}, [0]),
+        (
+            {"CUDA_VISIBLE_DEVICES": "0,1,2,3,4,5,6,7", "SLURM_STEP_TASKS_PER_NODE": "2", "SLURM_LOCALID": "1"},
+            [4, 5, 6, 7],
+        ),
+        ({"SLURM_STEP_TASKS_PER_NODE": "2"}, None),  # no GPUs: CPU job
+    ],
+)
 def test_slurm_gpu_assignment(env, expected):
     assert distributed.slurm_local_device_ids(env) == expected
 
 
 def test_distributed_is_only_joined_inside_a_multi_task_srun_step():
-    srun = {"SLURM_JOB_ID": "7", "SLURM_STEP_NODELIST": "n[1-2]", "SLURM_PROCID": "0", "SLURM_LOCALID": "0",
-            "SLURM_STEP_NUM_TASKS": "2"}
+    srun = {
+        "SLURM_JOB_ID": "7",
+        "SLURM_STEP_NODELIST": "n[1-2]",
+        "SLURM_PROCID": "0",
+        "SLURM_LOCALID": "0",
+        "SLURM_STEP_NUM_TASKS": "2",
+    }
     assert distributed.in_multi_task_slurm_step(srun)
     assert not distributed.in_multi_task_slurm_step({**srun, "SLURM_STEP_NUM_TASKS": "1"})
     assert not distributed.in_multi_task_slurm_step({k: v for k, v in srun.items() if k != "SLURM_STEP_NODELIST"})

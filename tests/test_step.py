@@ -8,7 +8,8 @@ import pytest
 from flax import nnx
 
 from afm_jax.models.vit import VisionTransformer
-from afm_jax.train import state as state_lib, step as step_lib
+from afm_jax.train import state as state_lib
+from afm_jax.train import step as step_lib
 
 
 class _Regressor(nnx.Module):
@@ -21,13 +22,18 @@ class _Regressor(nnx.Module):
 
 def _loss(model, batch, key, extra, step):
     pred = model.head(model.encoder.pooled_features(batch["image"], pool="avg"))[:, 0]
-    return jnp.mean((pred - batch["target"]) ** 2), ({"pred_mean": pred.mean()}, {"target_mean": batch["target"].mean()})
+    return jnp.mean((pred - batch["target"]) ** 2), (
+        {"pred_mean": pred.mean()},
+        {"target_mean": batch["target"].mean()},
+    )
 
 
 def _batch(n=12):
     rng = np.random.default_rng(0)
-    return {"image": jnp.asarray(rng.random((n, 16, 16, 1), dtype=np.float32)),
-            "target": jnp.asarray(rng.normal(size=n).astype(np.float32))}
+    return {
+        "image": jnp.asarray(rng.random((n, 16, 16, 1), dtype=np.float32)),
+        "target": jnp.asarray(rng.normal(size=n).astype(np.float32)),
+    }
 
 
 def _one_step(accum_steps: int, remat: str = "none"):
@@ -39,8 +45,9 @@ def _one_step(accum_steps: int, remat: str = "none"):
         seen.update(outputs)
         return extra
 
-    fn = step_lib.make_train_step(graphdef, _loss, tx, lambda s: 1e-2, update_extra=update_extra,
-                                  accum_steps=accum_steps)
+    fn = step_lib.make_train_step(
+        graphdef, _loss, tx, lambda s: 1e-2, update_extra=update_extra, accum_steps=accum_steps
+    )
     new_state, metrics = jax.jit(fn)(state, _batch())
     return new_state, metrics, seen
 
@@ -76,6 +83,7 @@ def test_remat_gives_the_same_gradients(policy):
 
         def loss_of(p):
             return _loss(nnx.merge(graphdef, p, rest), _batch(), None, None, None)[0]
+
         return jax.jit(jax.grad(loss_of))(params)
 
     for a, b in zip(jax.tree.leaves(grads(policy)), jax.tree.leaves(grads("none"))):

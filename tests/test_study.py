@@ -19,11 +19,18 @@ def _study(data_path, **kw):
     tiny = dict(variant="mu/8", image_size=32, model={"depth": 2})
     return study_lib.Study(
         name="t",
-        tasks={"aff": TaskSpec("aff", data=os.fspath(data_path), positive_labels=(2,), negative_labels=(1,),
-                               unit="image")},
-        backbones={"rand_a": BackboneSpec("random_init", seed=0, **tiny),
-                   "rand_b": BackboneSpec("random_init", seed=1, **tiny)},
-        protocols=("knn", "linear"), n_boot=50, overlay_images=2, **kw)
+        tasks={
+            "aff": TaskSpec("aff", data=os.fspath(data_path), positive_labels=(2,), negative_labels=(1,), unit="image")
+        },
+        backbones={
+            "rand_a": BackboneSpec("random_init", seed=0, **tiny),
+            "rand_b": BackboneSpec("random_init", seed=1, **tiny),
+        },
+        protocols=("knn", "linear"),
+        n_boot=50,
+        overlay_images=2,
+        **kw,
+    )
 
 
 def test_study_with_two_backbones_writes_the_report_and_reuses_results(synthetic_dataset, tmp_path, monkeypatch):
@@ -34,9 +41,12 @@ def test_study_with_two_backbones_writes_the_report_and_reuses_results(synthetic
     md = (report / "index.md").read_text()
     for run in study.all_runs():
         assert (tmp_path / "results" / f"{run.run_id}.json").is_file()
-    for protocol in ("knn", "linear"):                                            # one row per backbone
-        assert f"| aff | {protocol} | 1 | 0 | rand_a | image |" in md and f"| aff | {protocol} | 1 | 0 | rand_b | image |" in md
-    assert "auroc" in md and "[" in md                                            # metrics with CIs
+    for protocol in ("knn", "linear"):  # one row per backbone
+        assert (
+            f"| aff | {protocol} | 1 | 0 | rand_a | image |" in md
+            and f"| aff | {protocol} | 1 | 0 | rand_b | image |" in md
+        )
+    assert "auroc" in md and "[" in md  # metrics with CIs
     assert "Paired comparisons with `rand_a`" in md and "rand_b | rand_a" in md
     rocs = sorted(p.name for p in report.glob("roc_*.png"))
     assert rocs == ["roc_aff_knn_f1_s0.png", "roc_aff_linear_f1_s0.png"]
@@ -45,11 +55,14 @@ def test_study_with_two_backbones_writes_the_report_and_reuses_results(synthetic
     assert "<table>" in index.read_text() and "roc_aff_knn_f1_s0.png" in index.read_text()
     result = json.loads((tmp_path / "results" / f"{study.all_runs()[0].run_id}.json").read_text())
     assert {"auroc", "kappa", "sensitivity_at_spec_0.90"} <= set(result["metrics"])
-    assert result["metrics"]["auroc"]["low"] <= result["metrics"]["auroc"]["point"] <= result["metrics"]["auroc"]["high"]
+    assert (
+        result["metrics"]["auroc"]["low"] <= result["metrics"]["auroc"]["point"] <= result["metrics"]["auroc"]["high"]
+    )
 
     # A rerun computes nothing (every result exists) and rebuilds the report.
     def no_run(*a, **k):
         raise AssertionError("a cached run was recomputed")
+
     monkeypatch.setattr(study_lib, "run_protocol", no_run)
     study_lib.run_study(study, tmp_path, report=False)
     # A new seed is the only run that is missing.
@@ -94,30 +107,60 @@ def test_study_file_mistakes_are_user_errors(tmp_path, synthetic_dataset):
 def test_demo_study_file_loads():
     study = study_lib.load_study(REPO / "configs" / "studies" / "demo.py")
     assert set(study.backbones) == {"mae", "random_init"} and "mae" in study.pretrain
-    assert {r.protocol for r in study.all_runs()} == {"knn", "linear"} and set(study.tasks) == {"aff_vs_nff", "fracture"}
+    assert {r.protocol for r in study.all_runs()} == {"knn", "linear"} and set(study.tasks) == {
+        "aff_vs_nff",
+        "fracture",
+    }
 
 
 def test_tools_print_a_message_not_a_traceback(tmp_path, capsys, synthetic_dataset):
     import importlib.util
+
     def tool(name):
         spec = importlib.util.spec_from_file_location(name, REPO / "tools" / f"{name}.py")
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
         return module
+
     study_file = tmp_path / "s.py"
     study_file.write_text(
         "from afm_jax.evaluation.study import Study\nfrom afm_jax.evaluation.backbones import BackboneSpec\n"
         "from afm_jax.evaluation.protocols import TaskSpec\n"
         f"def get_study():\n    return Study(name='s', tasks={{'a': TaskSpec('a', data={os.fspath(synthetic_dataset)!r})}},"
-        " backbones={'r': BackboneSpec('random_init', variant='mu/8', image_size=32)})\n")
+        " backbones={'r': BackboneSpec('random_init', variant='mu/8', image_size=32)})\n"
+    )
     assert tool("study").main([str(study_file), "--out", str(tmp_path / "o"), "--report_only"]) == 2
     assert "error: No results" in capsys.readouterr().err
-    assert tool("evaluate").main(["--backbone", "checkpoint:/no/such/run", "--data", os.fspath(synthetic_dataset),
-                                  "--out", str(tmp_path / "e")]) == 2
+    assert (
+        tool("evaluate").main(
+            [
+                "--backbone",
+                "checkpoint:/no/such/run",
+                "--data",
+                os.fspath(synthetic_dataset),
+                "--out",
+                str(tmp_path / "e"),
+            ]
+        )
+        == 2
+    )
     assert "error:" in capsys.readouterr().err
-    code = tool("evaluate").main(["--backbone", "random_init:,variant=mu/8,image_size=32", "--data",
-                                  os.fspath(synthetic_dataset), "--protocol", "knn", "--unit", "image",
-                                  "--n_boot", "20", "--out", str(tmp_path / "e2")])
+    code = tool("evaluate").main(
+        [
+            "--backbone",
+            "random_init:,variant=mu/8,image_size=32",
+            "--data",
+            os.fspath(synthetic_dataset),
+            "--protocol",
+            "knn",
+            "--unit",
+            "image",
+            "--n_boot",
+            "20",
+            "--out",
+            str(tmp_path / "e2"),
+        ]
+    )
     last = capsys.readouterr().out.strip().splitlines()[-1]
     assert code == 0 and 0.0 <= json.loads(last)["auroc"] <= 1.0
     assert (tmp_path / "e2" / "result.json").is_file()

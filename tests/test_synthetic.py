@@ -23,8 +23,9 @@ def _render_pair(label_name, fracture_type, position, seed=3, size=128):
     anatomy = synthetic.FemurAnatomy.sample(np.random.default_rng(seed))
     kw = dict(size=size, view="AP", laterality="R", fracture_position=position, anatomy=anatomy, framing="proximal")
     normal = synthetic.render_femur(np.random.default_rng(seed + 100), label_name="normal", fracture_type="none", **kw)
-    fractured = synthetic.render_femur(np.random.default_rng(seed + 100), label_name=label_name,
-                                       fracture_type=fracture_type, **kw)
+    fractured = synthetic.render_femur(
+        np.random.default_rng(seed + 100), label_name=label_name, fracture_type=fracture_type, **kw
+    )
     return normal.astype(np.int64), fractured.astype(np.int64)
 
 
@@ -33,6 +34,7 @@ def _changed_rows(a, b, threshold=0.02 * 65535):
 
 
 # ─── Determinism ─────────────────────────────────────────────────────────────────────────────────
+
 
 def test_same_seed_same_images_and_different_seed_different():
     a, b, c = _images(3, seed=1), _images(3, seed=1), _images(3, seed=2)
@@ -50,12 +52,17 @@ def test_patient_images_do_not_depend_on_num_patients():
     for x, y in zip(small, large):
         assert dataclasses.asdict(x).keys() == dataclasses.asdict(y).keys()
         np.testing.assert_array_equal(x.pixels, y.pixels)
-        assert (x.patient_id, x.study_uid, x.sop_uid, x.label_name) == (y.patient_id, y.study_uid, y.sop_uid,
-                                                                         y.label_name)
+        assert (x.patient_id, x.study_uid, x.sop_uid, x.label_name) == (
+            y.patient_id,
+            y.study_uid,
+            y.sop_uid,
+            y.label_name,
+        )
     assert synthetic.count_synthetic_images(6, seed=5) == len(large)
 
 
 # ─── Pixels ──────────────────────────────────────────────────────────────────────────────────────
+
 
 def test_dtype_shape_and_range():
     for img in _images(4):
@@ -65,12 +72,32 @@ def test_dtype_shape_and_range():
         assert 0.2 < img.pixel_spacing_mm[0] * SIZE / synthetic._FIELD_MM < 2.0
 
 
-def _layered(seed, view, *, size=128, laterality="L", label_name="normal", fracture_type="none", framing=None,
-             implant="none", position=0.5):
+def _layered(
+    seed,
+    view,
+    *,
+    size=128,
+    laterality="L",
+    label_name="normal",
+    fracture_type="none",
+    framing=None,
+    implant="none",
+    position=0.5,
+):
     anatomy = synthetic.FemurAnatomy.sample(np.random.default_rng(seed))
-    return synthetic._render(np.random.default_rng(seed + 50), label_name=label_name, fracture_type=fracture_type,
-                             size=size, view=view, laterality=laterality, fracture_position=position, anatomy=anatomy,
-                             framing=framing, implant=implant, layers=True)
+    return synthetic._render(
+        np.random.default_rng(seed + 50),
+        label_name=label_name,
+        fracture_type=fracture_type,
+        size=size,
+        view=view,
+        laterality=laterality,
+        fracture_position=position,
+        anatomy=anatomy,
+        framing=framing,
+        implant=implant,
+        layers=True,
+    )
 
 
 def _open_field(out):
@@ -80,8 +107,9 @@ def _open_field(out):
 
 # Replaces the old single-row check (brightest pixel of row 0.7 = bone): with collimation, knee framings
 # and a lead marker the brightest pixel of a row is no longer bone, so the tissues are found by their layers.
-@pytest.mark.parametrize("seed,view,framing", [(0, "AP", "proximal"), (1, "LAT", "mid"), (2, "AP", "distal"),
-                                               (3, "LAT", None)])
+@pytest.mark.parametrize(
+    "seed,view,framing", [(0, "AP", "proximal"), (1, "LAT", "mid"), (2, "AP", "distal"), (3, "LAT", None)]
+)
 def test_bone_brighter_than_soft_tissue_brighter_than_air(seed, view, framing):
     out = _layered(seed, view, framing=framing)
     pixels, layers, field = out.pixels.astype(np.int64), out.layers, _open_field(out)
@@ -95,6 +123,7 @@ def test_bone_brighter_than_soft_tissue_brighter_than_air(seed, view, framing):
 
 
 # ─── Physics ─────────────────────────────────────────────────────────────────────────────────────
+
 
 @pytest.mark.parametrize("fracture_type", ["oblique", "spiral", "comminuted", "transverse"])
 def test_fracture_gap_is_as_bright_as_soft_tissue_never_darker(fracture_type):
@@ -115,7 +144,7 @@ def test_fracture_gap_is_as_bright_as_soft_tissue_never_darker(fracture_type):
             continue
         rows = np.unique(np.nonzero(gap)[0])
         band = np.zeros_like(gap)
-        band[rows.min():rows.max() + 1] = True
+        band[rows.min() : rows.max() + 1] = True
         soft = field & band & (normal.layers["bone"] == 0) & (fractured.layers["bone"] == 0)
         depth = np.median(fractured.layers["soft"][gap])
         same_depth = soft & (np.abs(fractured.layers["soft"] - depth) < 0.15 * depth)
@@ -148,17 +177,21 @@ def test_rejects_inconsistent_arguments():
     with pytest.raises(ValueError, match="does not fit label"):
         synthetic.render_femur(np.random.default_rng(0), label_name="aff", fracture_type="oblique", **kw)
     with pytest.raises(ValueError, match="view"):
-        synthetic.render_femur(np.random.default_rng(0), label_name="normal", fracture_type="none",
-                               **{**kw, "view": "PA"})
+        synthetic.render_femur(
+            np.random.default_rng(0), label_name="normal", fracture_type="none", **{**kw, "view": "PA"}
+        )
     with pytest.raises(ValueError, match="framing"):
-        synthetic.render_femur(np.random.default_rng(0), label_name="normal", fracture_type="none",
-                               **{**kw, "framing": "whole"})
+        synthetic.render_femur(
+            np.random.default_rng(0), label_name="normal", fracture_type="none", **{**kw, "framing": "whole"}
+        )
     with pytest.raises(ValueError, match="implant"):
-        synthetic.render_femur(np.random.default_rng(0), label_name="normal", fracture_type="none",
-                               **{**kw, "implant": "cast"})
+        synthetic.render_femur(
+            np.random.default_rng(0), label_name="normal", fracture_type="none", **{**kw, "implant": "cast"}
+        )
 
 
 # ─── Classes and patients ────────────────────────────────────────────────────────────────────────
+
 
 def test_class_balance_and_consistent_patients():
     images = _images(60, size=32)
@@ -206,15 +239,37 @@ def test_nff_leaves_the_femur_above_the_fracture_unchanged(fracture_type):
 
 # ─── Records ─────────────────────────────────────────────────────────────────────────────────────
 
+
 def test_to_record_hashes_identifiers_and_keeps_no_raw_ones():
     salt = b"test salt"
     img = _images(1)[0]
     record = synthetic.to_record(img, salt)
-    assert set(record) == {"image", "patient_id", "study_id", "series_id", "image_id", "body_part", "view",
-                           "laterality", "modality", "pixel_spacing_mm", "orig_shape", "label", "label_name",
-                           "fracture_type"}
-    raw = [img.patient_id, img.patient_name, *img.patient_name.split("^"), img.birth_date, img.accession_number,
-           img.study_uid, img.series_uid, img.sop_uid]
+    assert set(record) == {
+        "image",
+        "patient_id",
+        "study_id",
+        "series_id",
+        "image_id",
+        "body_part",
+        "view",
+        "laterality",
+        "modality",
+        "pixel_spacing_mm",
+        "orig_shape",
+        "label",
+        "label_name",
+        "fracture_type",
+    }
+    raw = [
+        img.patient_id,
+        img.patient_name,
+        *img.patient_name.split("^"),
+        img.birth_date,
+        img.accession_number,
+        img.study_uid,
+        img.series_uid,
+        img.sop_uid,
+    ]
     for key, value in record.items():
         if isinstance(value, str):
             assert not any(r in value for r in raw), (key, value)
@@ -236,6 +291,7 @@ def test_build_synthetic_dataset_writes_all_images(synthetic_dataset):
 
 
 # ─── DICOM ───────────────────────────────────────────────────────────────────────────────────────
+
 
 def test_dicom_files_round_trip(tmp_path):
     paths = synthetic.write_dicom_files(tmp_path, num_patients=8, seed=0, image_size=SIZE)
@@ -279,8 +335,10 @@ def trivial_sample():
     real = list(synthetic._iter_images(TRIVIAL_PATIENTS, **kw))
     twins = list(synthetic._iter_images(TRIVIAL_PATIENTS, fractures=False, **kw))
     assert [t.sop_uid for t in twins] == [r.sop_uid for r in real]
-    assert all(t.label == r.label and t.framing == r.framing and t.marker_xy == r.marker_xy
-               and t.implant == r.implant for t, r in zip(twins, real))
+    assert all(
+        t.label == r.label and t.framing == r.framing and t.marker_xy == r.marker_xy and t.implant == r.implant
+        for t, r in zip(twins, real)
+    )
     return real, twins
 
 

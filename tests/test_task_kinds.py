@@ -42,17 +42,34 @@ def knee_dataset(tmp_path_factory):
         split_of[pid] = SPLITS[0] if i < 25 else SPLITS[1] if i < 35 else SPLITS[2]
         for side, grade in (("L", i % 5), ("R", (i + 1) % 5)):
             for j in range(2 if side == "L" and i % 3 == 0 else 1):
-                examples.append({"image": _knee_image(grade, rng), "patient_id": pid, "image_id": f"{pid}{side}{j}",
-                                 "study_id": f"{pid}s", "laterality": side, "body_part": "KNEE", "label": grade,
-                                 "label_name": f"KL{grade}"})
+                examples.append(
+                    {
+                        "image": _knee_image(grade, rng),
+                        "patient_id": pid,
+                        "image_id": f"{pid}{side}{j}",
+                        "study_id": f"{pid}s",
+                        "laterality": side,
+                        "body_part": "KNEE",
+                        "label": grade,
+                        "label_name": f"KL{grade}",
+                    }
+                )
     root = tmp_path_factory.mktemp("knee")
-    return os.fspath(records.write_dataset(examples, root, name="knee_fake",
-                                           assign_split=lambda r: split_of[r["patient_id"]]))
+    return os.fspath(
+        records.write_dataset(examples, root, name="knee_fake", assign_split=lambda r: split_of[r["patient_id"]])
+    )
 
 
 def _kl_task(data, unit="side", name="kl", **kw):
-    return pr.TaskSpec(name, data=data, kind="ordinal", classes=tuple((g,) for g in range(5)),
-                       class_names=tuple(f"KL{g}" for g in range(5)), unit=unit, **kw)
+    return pr.TaskSpec(
+        name,
+        data=data,
+        kind="ordinal",
+        classes=tuple((g,) for g in range(5)),
+        class_names=tuple(f"KL{g}" for g in range(5)),
+        unit=unit,
+        **kw,
+    )
 
 
 def test_unit_patient_with_different_grades_per_knee_is_reported_not_raised(knee_dataset):
@@ -64,15 +81,24 @@ def test_unit_patient_with_different_grades_per_knee_is_reported_not_raised(knee
 
 def test_study_validates_every_task_before_pretraining(knee_dataset, tmp_path, monkeypatch):
     from afm_jax.train.defaults import default_config  # noqa: F401  (the study would train this)
-    tasks = {"kl_patient": _kl_task(knee_dataset, unit="patient", name="kl_patient"),
-             "missing_class": pr.TaskSpec("missing_class", data=knee_dataset, positive_labels=(7,),
-                                          negative_labels=(0,), unit="side")}
-    study = study_lib.Study(name="v", tasks=tasks, backbones={
-        "mae": bb.BackboneSpec("checkpoint", path="@mae", image_size=32)},
-        pretrain={"mae": study_lib.PretrainSpec(config="configs/demo.py")}, protocols=("knn",))
+
+    tasks = {
+        "kl_patient": _kl_task(knee_dataset, unit="patient", name="kl_patient"),
+        "missing_class": pr.TaskSpec(
+            "missing_class", data=knee_dataset, positive_labels=(7,), negative_labels=(0,), unit="side"
+        ),
+    }
+    study = study_lib.Study(
+        name="v",
+        tasks=tasks,
+        backbones={"mae": bb.BackboneSpec("checkpoint", path="@mae", image_size=32)},
+        pretrain={"mae": study_lib.PretrainSpec(config="configs/demo.py")},
+        protocols=("knn",),
+    )
 
     def no_pretraining(*a, **k):
         raise AssertionError("pretraining started before the tasks were validated")
+
     monkeypatch.setattr(study_lib, "run_pretraining", no_pretraining)
     monkeypatch.setattr(study_lib, "run_protocol", no_pretraining)
     with pytest.raises(ConfigError) as e:
@@ -94,8 +120,15 @@ def _unit_scores(pred: pr.Prediction, task: pr.TaskSpec):
 def test_ordinal_study_scores_qwk_per_knee_with_patient_bootstrap(knee_dataset, tmp_path):
     task = _kl_task(knee_dataset)
     spec = bb.BackboneSpec("random_init", variant="mu/8", image_size=32, model={"depth": 1})
-    study = study_lib.Study(name="o", tasks={"kl": task}, backbones={"r": spec}, protocols=("knn", "linear"),
-                            n_boot=100, overlay_images=0, options={"knn": {"k": 5}})
+    study = study_lib.Study(
+        name="o",
+        tasks={"kl": task},
+        backbones={"r": spec},
+        protocols=("knn", "linear"),
+        n_boot=100,
+        overlay_images=0,
+        options={"knn": {"k": 5}},
+    )
     study_lib.run_study(study, tmp_path)
     for protocol in ("knn", "linear"):
         run = next(r for r in study.all_runs() if r.protocol == protocol)
@@ -105,9 +138,10 @@ def test_ordinal_study_scores_qwk_per_knee_with_patient_bootstrap(knee_dataset, 
         ids, y, s = _unit_scores(test, task)
         m = record["metrics"]
         assert record["kind"] == "ordinal" and record["unit"] == "side" and record["num_units"] == 20
-        assert record["num_clusters"] == 10                           # 20 knees of 10 patients: patients resampled
-        assert m["qwk"]["point"] == pytest.approx(skm.cohen_kappa_score(y, s.argmax(1), weights="quadratic",
-                                                                        labels=range(5)), abs=1e-12)
+        assert record["num_clusters"] == 10  # 20 knees of 10 patients: patients resampled
+        assert m["qwk"]["point"] == pytest.approx(
+            skm.cohen_kappa_score(y, s.argmax(1), weights="quadratic", labels=range(5)), abs=1e-12
+        )
         assert m["mae_grades"]["point"] == pytest.approx(skm.mean_absolute_error(y, s.argmax(1)), abs=1e-12)
         assert m["qwk"]["low"] <= m["qwk"]["point"] <= m["qwk"]["high"]
     report = tmp_path / "report"
@@ -125,8 +159,13 @@ def test_multiclass_linear_probe_is_sklearns_multinomial_probability():
     def split(n, tag):
         y = rng.integers(0, 3, n)
         x = rng.normal(size=(n, 6)) + 1.2 * np.eye(6)[y]
-        return {"features": x, "y": y, "patient_id": np.array([f"{tag}{i}" for i in range(n)]),
-                "study_id": np.array([f"{tag}{i}" for i in range(n)]), "image_id": np.array([f"{tag}i{i}" for i in range(n)])}
+        return {
+            "features": x,
+            "y": y,
+            "patient_id": np.array([f"{tag}{i}" for i in range(n)]),
+            "study_id": np.array([f"{tag}{i}" for i in range(n)]),
+            "image_id": np.array([f"{tag}i{i}" for i in range(n)]),
+        }
 
     train, val, test = split(90, "a"), split(45, "b"), split(60, "c")
     _, got, info = pr.linear_protocol(train, val, test, kind="multiclass", num_classes=3)
@@ -140,13 +179,24 @@ def test_knn_regression_is_dinos_weighted_mean_of_neighbour_targets():
     rng = np.random.default_rng(1)
     x_train, x_test = rng.normal(size=(70, 5)), rng.normal(size=(20, 5))
     t = rng.uniform(10, 200, 70)
-    split = lambda x, y, tag: {"features": x, "y": y, "patient_id": np.array([f"{tag}{i}" for i in range(len(y))]),  # noqa: E731
-                               "study_id": np.array([f"{tag}{i}" for i in range(len(y))]),
-                               "image_id": np.array([f"{tag}i{i}" for i in range(len(y))])}
-    _, got, _ = pr.knn_protocol(split(x_train, t, "a"), split(x_test, np.zeros(20), "b"), split(x_test, np.zeros(20), "c"),
-                                k=7, temperature=0.1, kind="regression")
-    ref = KNeighborsRegressor(n_neighbors=7, metric="cosine", algorithm="brute",
-                              weights=lambda d: np.exp((1.0 - d) / 0.1)).fit(x_train, t)
+    split = lambda x, y, tag: {
+        "features": x,
+        "y": y,
+        "patient_id": np.array([f"{tag}{i}" for i in range(len(y))]),  # noqa: E731
+        "study_id": np.array([f"{tag}{i}" for i in range(len(y))]),
+        "image_id": np.array([f"{tag}i{i}" for i in range(len(y))]),
+    }
+    _, got, _ = pr.knn_protocol(
+        split(x_train, t, "a"),
+        split(x_test, np.zeros(20), "b"),
+        split(x_test, np.zeros(20), "c"),
+        k=7,
+        temperature=0.1,
+        kind="regression",
+    )
+    ref = KNeighborsRegressor(
+        n_neighbors=7, metric="cosine", algorithm="brute", weights=lambda d: np.exp((1.0 - d) / 0.1)
+    ).fit(x_train, t)
     np.testing.assert_allclose(got.y_score, ref.predict(x_test), rtol=1e-6)
 
 
@@ -155,6 +205,7 @@ def bone_age_csv_dataset(tmp_path_factory):
     """A CSV of 40 hand radiographs (one per patient) with a numeric bone_age_months column; the hand's
     brightness grows with the age, so a probe can read it."""
     from afm_jax.data import folder_dataset
+
     root = tmp_path_factory.mktemp("hands")
     rng = np.random.default_rng(2)
     rows = []
@@ -167,8 +218,11 @@ def bone_age_csv_dataset(tmp_path_factory):
         w = csv.writer(f)
         w.writerow(["path", "patient", "bone_age_months", "laterality"])
         w.writerows(rows)
-    return os.fspath(folder_dataset.build_folder_dataset(root / "hands.csv", root / "out", name="hands",
-                                                          salt=b"test salt", target_column="bone_age_months"))
+    return os.fspath(
+        folder_dataset.build_folder_dataset(
+            root / "hands.csv", root / "out", name="hands", salt=b"test salt", target_column="bone_age_months"
+        )
+    )
 
 
 def test_csv_target_column_becomes_the_records_float_target(bone_age_csv_dataset):
@@ -177,16 +231,17 @@ def test_csv_target_column_becomes_the_records_float_target(bone_age_csv_dataset
         source = records.open_split(bone_age_csv_dataset, split)
         values += [source[i]["target"] for i in range(len(source))]
         sides += [source[i]["laterality"] for i in range(len(source))]
-    assert sorted(set(sides)) == ["L", "R"]                                  # a CSV laterality column is kept
-    assert len(values) == 40 and sum(np.isnan(values)) == 1                  # the empty cell is NaN
+    assert sorted(set(sides)) == ["L", "R"]  # a CSV laterality column is kept
+    assert len(values) == 40 and sum(np.isnan(values)) == 1  # the empty cell is NaN
     finite = np.asarray(values)[np.isfinite(values)]
     assert finite.min() >= 24 and finite.max() < 216 and np.all(finite == np.round(finite))
     assert records.read_info(bone_age_csv_dataset)["target_column"] == "bone_age_months"
 
 
 def test_bone_age_regression_reports_mae_in_months_with_a_ci(bone_age_csv_dataset, tmp_path):
-    task = pr.TaskSpec("bone_age", data=bone_age_csv_dataset, kind="regression", target="target",
-                       target_unit="months", unit="patient")
+    task = pr.TaskSpec(
+        "bone_age", data=bone_age_csv_dataset, kind="regression", target="target", target_unit="months", unit="patient"
+    )
     assert pr.check_task_data(task, bone_age_csv_dataset) == []
     spec = bb.BackboneSpec("random_init", variant="mu/8", image_size=32, model={"depth": 1})
     cache = pr.FeatureCache(tmp_path / "f")
@@ -196,12 +251,15 @@ def test_bone_age_regression_reports_mae_in_months_with_a_ci(bone_age_csv_datase
     assert m["mae"]["point"] == pytest.approx(skm.mean_absolute_error(test.y_true, test.y_score), abs=1e-9)
     assert m["r2"]["point"] == pytest.approx(skm.r2_score(test.y_true, test.y_score), abs=1e-9)
     assert m["mae"]["low"] <= m["mae"]["point"] <= m["mae"]["high"] and "alpha" in info
-    assert not np.any(np.isnan(test.y_true))                                 # the image without age is left out
+    assert not np.any(np.isnan(test.y_true))  # the image without age is left out
 
 
 def test_fracture_types_study_file_has_every_task_kind():
     import pathlib
-    study = study_lib.load_study(pathlib.Path(__file__).resolve().parents[1] / "configs" / "studies" / "fracture_types.py")
+
+    study = study_lib.load_study(
+        pathlib.Path(__file__).resolve().parents[1] / "configs" / "studies" / "fracture_types.py"
+    )
     kinds = {t.kind for t in study.tasks.values()}
     assert kinds == {"binary", "multiclass", "regression"}
     assert study.tasks["fracture_type"].classes == ((0,), (1,), (2,))

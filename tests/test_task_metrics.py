@@ -14,7 +14,7 @@ def _classes(seed, n=150, k=4, ties=True):
     y = rng.integers(0, k, n)
     logits = rng.normal(size=(n, k)) + 1.5 * np.eye(k)[y]
     if ties:
-        logits = np.round(logits, 0)             # many tied probabilities within a column
+        logits = np.round(logits, 0)  # many tied probabilities within a column
     p = np.exp(logits)
     return y, p / p.sum(1, keepdims=True)
 
@@ -40,7 +40,7 @@ def test_multiclass_metrics_match_sklearn_with_ties(seed):
 
 @pytest.mark.parametrize("seed", range(5))
 def test_ordinal_metrics_match_sklearn(seed):
-    y, p = _classes(seed, k=5)                   # e.g. Kellgren–Lawrence grades 0–4
+    y, p = _classes(seed, k=5)  # e.g. Kellgren–Lawrence grades 0–4
     m = metrics.ordinal_metrics(y, p)
     pred = p.argmax(1)
     assert m["qwk"] == pytest.approx(skm.cohen_kappa_score(y, pred, weights="quadratic"), abs=1e-12)
@@ -56,14 +56,15 @@ def test_qwk_weights_the_grade_values_even_when_a_grade_is_missing():
     expected = skm.cohen_kappa_score(y, pred, weights="quadratic", labels=np.arange(5))
     assert metrics.quadratic_weighted_kappa(y, pred, num_classes=5) == pytest.approx(expected, abs=1e-12)
     # a prediction one grade off counts less than one four grades off
-    assert metrics.quadratic_weighted_kappa([0, 1, 2, 3, 4], [1, 1, 2, 3, 4], 5) > \
-        metrics.quadratic_weighted_kappa([0, 1, 2, 3, 4], [4, 1, 2, 3, 4], 5)
+    assert metrics.quadratic_weighted_kappa([0, 1, 2, 3, 4], [1, 1, 2, 3, 4], 5) > metrics.quadratic_weighted_kappa(
+        [0, 1, 2, 3, 4], [4, 1, 2, 3, 4], 5
+    )
 
 
 @pytest.mark.parametrize("seed", range(5))
 def test_regression_metrics_match_sklearn_and_scipy(seed):
     rng = np.random.default_rng(seed)
-    y = np.round(rng.uniform(20, 200, 120))                 # bone age in months, with ties
+    y = np.round(rng.uniform(20, 200, 120))  # bone age in months, with ties
     pred = np.round(y + rng.normal(3, 12, y.size))
     m = metrics.regression_metrics(y, pred)
     assert m["mae"] == pytest.approx(skm.mean_absolute_error(y, pred), rel=1e-12)
@@ -104,8 +105,8 @@ def test_aggregate_float_targets_and_their_conflicts():
 
 def test_macro_f1_counts_a_class_that_is_predicted_but_never_true():
     rng = np.random.default_rng(7)
-    y = rng.integers(0, 3, 80)                       # classes 0..2 in truth
-    p = rng.random((80, 4))                          # class 3 is predicted too
+    y = rng.integers(0, 3, 80)  # classes 0..2 in truth
+    p = rng.random((80, 4))  # class 3 is predicted too
     pred = p.argmax(1)
     assert 3 in pred and 3 not in y
     m = metrics.multiclass_metrics(y, p)

@@ -25,7 +25,7 @@ def _params(result):
 def test_short_training_lowers_the_loss(tiny_mae_config, tmp_path):
     config = tiny_mae_config
     config.total_steps = 40
-    config.optim.base_lr = 0.05          # peak lr 0.05 × 8/256 ≈ 1.6e-3
+    config.optim.base_lr = 0.05  # peak lr 0.05 × 8/256 ≈ 1.6e-3
     config.data.augment.update(crop=False, flip=False, brightness=0.0, contrast=0.0, gamma=0.0)
     result = loop.train(config, str(tmp_path), get_task("mae"))
     assert result.finished and result.step == 40
@@ -38,7 +38,7 @@ def test_kill_and_resume_reaches_the_same_parameters(tiny_mae_config, tmp_path):
     config = tiny_mae_config
     k = 3
     config.total_steps = 2 * k
-    config.model.drop_path_rate = 0.1          # exercises the per-step RNG as well as the masking RNG
+    config.model.drop_path_rate = 0.1  # exercises the per-step RNG as well as the masking RNG
     uninterrupted = loop.train(config, str(tmp_path / "a"), get_task("mae"))
 
     interrupted = loop.train(config, str(tmp_path / "b"), get_task("mae"), stop_at_step=k)
@@ -77,6 +77,7 @@ class _NaNLossTask(MAETask):
 
 def test_divergence_is_a_user_error_that_names_the_fix(tiny_mae_config, tmp_path):
     from afm_jax.errors import UserError
+
     tiny_mae_config.total_steps = 2
     with pytest.raises(errors.TrainingDivergedError, match="base_lr") as caught:
         loop.train(tiny_mae_config, str(tmp_path), _NaNLossTask())

@@ -80,9 +80,7 @@ def ref_patchify_nchw(imgs, p):
 
 
 def test_parse_variant_known_sizes():
-    assert parse_variant("S/16") == dict(
-        width=384, depth=12, num_heads=6, mlp_dim=1536, patch_size=16
-    )
+    assert parse_variant("S/16") == dict(width=384, depth=12, num_heads=6, mlp_dim=1536, patch_size=16)
     assert parse_variant("L/16")["depth"] == 24
     h14 = parse_variant("H/14")
     assert (h14["width"], h14["depth"], h14["num_heads"], h14["patch_size"]) == (1280, 32, 16, 14)
@@ -181,9 +179,7 @@ def test_model_runs_at_other_resolution_with_resampled_pos_embed():
     out = forward(m, x)
     assert out.shape == (2, 1 + 6 * 5, 32)
     pe = m.patch_pos_embed((6, 5))
-    expect = resample_abs_pos_embed(
-        m.pos_embed[...][:, 1:], (6, 5), old_size=(4, 4), num_prefix_tokens=0
-    )
+    expect = resample_abs_pos_embed(m.pos_embed[...][:, 1:], (6, 5), old_size=(4, 4), num_prefix_tokens=0)
     np.testing.assert_allclose(np.asarray(pe), np.asarray(expect), atol=1e-6)
     # stored grid -> the stored table itself
     np.testing.assert_array_equal(np.asarray(m.patch_pos_embed((4, 4))), m.pos_embed[...][:, 1:])
@@ -307,9 +303,7 @@ def test_trainable_params_exclude_fixed_pos_embed():
     assert "pos_embed" in {".".join(map(str, p)) for p, _ in nnx.to_flat_state(rest)}
     learned = tiny_vit(pos_embed="learned")
     assert isinstance(learned.pos_embed, nnx.Param)
-    assert "pos_embed" in {
-        ".".join(map(str, p)) for p, _ in nnx.to_flat_state(nnx.state(learned, nnx.Param))
-    }
+    assert "pos_embed" in {".".join(map(str, p)) for p, _ in nnx.to_flat_state(nnx.state(learned, nnx.Param))}
 
 
 def test_gradients_flow_through_jitted_split_merge():
@@ -477,9 +471,7 @@ def test_matches_timm_forward_features(kw):
         xt = torch.from_numpy(((x - 0.5) / 0.25).transpose(0, 3, 1, 2).copy())
         with torch.no_grad():
             ref = tm.forward_features(xt).numpy()
-        np.testing.assert_allclose(
-            np.asarray(forward(ours, jnp.asarray(x))), ref, atol=1e-4, rtol=0
-        )
+        np.testing.assert_allclose(np.asarray(forward(ours, jnp.asarray(x))), ref, atol=1e-4, rtol=0)
 
 
 @pytest.mark.parametrize("new", [(9, 11), (3, 4), (14, 14)])

@@ -25,18 +25,32 @@ from afm_jax.evaluation.curation_embeddings import curate
 
 
 def define_flags(fv: flags.FlagValues) -> None:
-    flags.DEFINE_string("data", None, "Dataset directory (a version dir, <out_dir>/<name> or an <out_dir> with one "
-                        "dataset).", flag_values=fv)
-    flags.DEFINE_string("out", None, "Output folder for the selection, manifest, report and contact sheets.",
-                        flag_values=fv)
-    flags.DEFINE_string("embeddings", "thumbnail",
-                        "'thumbnail' (model-free baseline), 'backbone:<kind:path,key=value>' (e.g. "
-                        "backbone:checkpoint:runs/mae,image_size=224), or a .npz (embeddings, image_id) / "
-                        ".npy (+ .ids.json).", flag_values=fv)
+    flags.DEFINE_string(
+        "data",
+        None,
+        "Dataset directory (a version dir, <out_dir>/<name> or an <out_dir> with one dataset).",
+        flag_values=fv,
+    )
+    flags.DEFINE_string(
+        "out", None, "Output folder for the selection, manifest, report and contact sheets.", flag_values=fv
+    )
+    flags.DEFINE_string(
+        "embeddings",
+        "thumbnail",
+        "'thumbnail' (model-free baseline), 'backbone:<kind:path,key=value>' (e.g. "
+        "backbone:checkpoint:runs/mae,image_size=224), or a .npz (embeddings, image_id) / "
+        ".npy (+ .ids.json).",
+        flag_values=fv,
+    )
 
 
-TOOL = cli.Tool(__doc__, define_flags, default_config=lambda argv: curation_config.default_config(),
-                config_keys_in="afm_jax/data/curation/config.py", required=("data", "out"))
+TOOL = cli.Tool(
+    __doc__,
+    define_flags,
+    default_config=lambda argv: curation_config.default_config(),
+    config_keys_in="afm_jax/data/curation/config.py",
+    required=("data", "out"),
+)
 
 
 def work(fv: flags.FlagValues, args: list[str]) -> int:

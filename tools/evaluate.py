@@ -44,8 +44,9 @@ def define_flags(fv: flags.FlagValues) -> None:
     d = dict(flag_values=fv)
     flags.DEFINE_string("backbone", None, "The backbone, kind:path[,key=value...] (see above).", **d)
     flags.DEFINE_string("data", None, "Dataset path (tools/preprocess.py output, MURA or folder dataset).", **d)
-    flags.DEFINE_integer("synthetic", None, "Use the embedded synthetic femurs with this many patients "
-                         "(instead of --data).", **d)
+    flags.DEFINE_integer(
+        "synthetic", None, "Use the embedded synthetic femurs with this many patients (instead of --data).", **d
+    )
     flags.DEFINE_list("positive", ["2"], "Comma-separated label ints of the positive class.", **d)
     flags.DEFINE_list("negative", ["1"], "Comma-separated label ints of the negative class.", **d)
     flags.DEFINE_enum("protocol", "linear", ["knn", "linear", "finetune"], "Evaluation protocol.", **d)
@@ -59,20 +60,27 @@ def define_flags(fv: flags.FlagValues) -> None:
 
 def default_config(argv: Sequence[str] = ()) -> ml_collections.ConfigDict:
     """Protocol settings: the kNN classifier's, and the fine-tuning trainer config (its keys, for overrides)."""
-    return ml_collections.ConfigDict(dict(knn=dict(k=20, temperature=0.07), finetune=train_defaults.default_config("finetune")))
+    return ml_collections.ConfigDict(
+        dict(knn=dict(k=20, temperature=0.07), finetune=train_defaults.default_config("finetune"))
+    )
 
 
-TOOL = cli.Tool(__doc__, define_flags, default_config=default_config,
-                config_keys_in="tools/evaluate.py (knn) and afm_jax/train/defaults.py (finetune)",
-                required=("backbone",))
+TOOL = cli.Tool(
+    __doc__,
+    define_flags,
+    default_config=default_config,
+    config_keys_in="tools/evaluate.py (knn) and afm_jax/train/defaults.py (finetune)",
+    required=("backbone",),
+)
 
 
 def _labels(values: list[str], flag: str) -> tuple[int, ...]:
     try:
         return tuple(int(v) for v in values)
     except ValueError:
-        raise ConfigError(f"--{flag} {','.join(values)} must be comma-separated label ints, "
-                          f"e.g. --{flag} 1,2.") from None
+        raise ConfigError(
+            f"--{flag} {','.join(values)} must be comma-separated label ints, e.g. --{flag} 1,2."
+        ) from None
 
 
 def _finetune_options(config: ml_collections.ConfigDict) -> dict:
@@ -89,9 +97,15 @@ def work(fv: flags.FlagValues, args: list[str]) -> int:
     cli.check_output_dir(fv.out)
     spec = backbones.parse_backbone_arg(fv.backbone)
     synthetic = dict(num_patients=fv.synthetic, image_size=256, seed=0) if fv.synthetic else None
-    task = protocols.TaskSpec("task", data=fv.data or "", synthetic=synthetic, unit=fv.unit,
-                              aggregate=fv.aggregate, positive_labels=_labels(fv.positive, "positive"),
-                              negative_labels=_labels(fv.negative, "negative"))
+    task = protocols.TaskSpec(
+        "task",
+        data=fv.data or "",
+        synthetic=synthetic,
+        unit=fv.unit,
+        aggregate=fv.aggregate,
+        positive_labels=_labels(fv.positive, "positive"),
+        negative_labels=_labels(fv.negative, "negative"),
+    )
     out = pathlib.Path(fv.out)
     data_path = task.data_path(out)
     if fv.protocol == "finetune":
@@ -99,26 +113,48 @@ def work(fv: flags.FlagValues, args: list[str]) -> int:
     else:
         options = dict(k=fv.config.knn.k, temperature=fv.config.knn.temperature)
     val, test, info = protocols.run_protocol(
-        spec, task, fv.protocol, seed=fv.seed, fraction=fv.fraction, data_path=data_path,
-        cache=protocols.FeatureCache(out / "features"), workdir=os.fspath(out / "finetune"),
-        name=spec.kind, options=options)
+        spec,
+        task,
+        fv.protocol,
+        seed=fv.seed,
+        fraction=fv.fraction,
+        data_path=data_path,
+        cache=protocols.FeatureCache(out / "features"),
+        workdir=os.fspath(out / "finetune"),
+        name=spec.kind,
+        options=options,
+    )
     scored = protocols.score_predictions(val, test, task, n_boot=fv.n_boot, seed=fv.seed)
     out.mkdir(parents=True, exist_ok=True)
     val.save(out / "predictions_validation.npz")
     test.save(out / "predictions_test.npz")
-    result = {"backbone": spec.to_json(), "protocol": fv.protocol, "fraction": fv.fraction, "seed": fv.seed,
-              **scored, "info": info,
-              "provenance": protocols.provenance(spec, data_path, protocol=fv.protocol,
-                                                 params=protocols.protocol_params(fv.protocol, options, info))}
+    result = {
+        "backbone": spec.to_json(),
+        "protocol": fv.protocol,
+        "fraction": fv.fraction,
+        "seed": fv.seed,
+        **scored,
+        "info": info,
+        "provenance": protocols.provenance(
+            spec, data_path, protocol=fv.protocol, params=protocols.protocol_params(fv.protocol, options, info)
+        ),
+    }
     (out / "result.json").write_text(json.dumps(result, indent=2, default=float))
     for name in ("auroc", "auprc", "accuracy", "sensitivity", "specificity", "f1", "mcc", "kappa"):
         m = scored["metrics"][name]
         print(f"{name:>12}: {m['point']:.4f}  [{m['low']:.4f}, {m['high']:.4f}]")
-    print(json.dumps({"protocol": fv.protocol, "unit": fv.unit, "num_units": scored["num_units"],
-                      **{k: round(scored["metrics"][k]["point"], 4) for k in ("auroc", "auprc", "kappa")},
-                      "auroc_ci": [round(scored["metrics"]["auroc"]["low"], 4),
-                                   round(scored["metrics"]["auroc"]["high"], 4)],
-                      "result": str(out / "result.json")}))
+    print(
+        json.dumps(
+            {
+                "protocol": fv.protocol,
+                "unit": fv.unit,
+                "num_units": scored["num_units"],
+                **{k: round(scored["metrics"][k]["point"], 4) for k in ("auroc", "auprc", "kappa")},
+                "auroc_ci": [round(scored["metrics"]["auroc"]["low"], 4), round(scored["metrics"]["auroc"]["high"], 4)],
+                "result": str(out / "result.json"),
+            }
+        )
+    )
     return 0
 
 

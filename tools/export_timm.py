@@ -98,13 +98,16 @@ def _eval_pool(config: Any) -> str:
 
 
 def _preprocessing_lines(enc: Any, pool: str, size: int) -> list[str]:
-    pooled = ("the class token after the final norm (`pool=\"cls\"`; timm `global_pool=\"token\"`)" if pool == "cls"
-              else "the mean of the final-normed patch tokens, prefix tokens excluded (`pool=\"avg\"`; timm "
-                   "`global_pool=\"avg\"`, `fc_norm=False`)")
+    pooled = (
+        'the class token after the final norm (`pool="cls"`; timm `global_pool="token"`)'
+        if pool == "cls"
+        else 'the mean of the final-normed patch tokens, prefix tokens excluded (`pool="avg"`; timm '
+        '`global_pool="avg"`, `fc_norm=False`)'
+    )
     return [
         f"- **Resize**: the whole image squashed to {size} x {size} (no crop, aspect ratio not kept), bilinear "
-        "with antialiasing when shrinking — our evaluation transform; in timm `crop_mode=\"squash\"`, "
-        "`crop_pct=1.0`, `interpolation=\"bilinear\"` (in config.json, so `timm.data.resolve_data_config` + "
+        'with antialiasing when shrinking — our evaluation transform; in timm `crop_mode="squash"`, '
+        '`crop_pct=1.0`, `interpolation="bilinear"` (in config.json, so `timm.data.resolve_data_config` + '
         "`create_transform` reproduce it).",
         f"- **Normalisation**: grey-scale pixels scaled to [0, 1] (8-bit / 255, 16-bit / 65535; bone bright), "
         f"then (x - {list(enc.input_mean)}) / {list(enc.input_std)}, {enc.in_chans} channel(s).",
@@ -179,13 +182,24 @@ def verify(fv: flags.FlagValues) -> int:
     require_finite_state_dict(sd, f"{out_dir}/model.safetensors")
     encoder = encoder_from_export_config(cfg)
     a = cfg["model_args"]
-    load_timm_state_dict(encoder, sd, source_grid=encoder.grid_size, source_no_embed_class=encoder.no_embed_class,
-                         source_num_heads=int(a["num_heads"]))
+    load_timm_state_dict(
+        encoder,
+        sd,
+        source_grid=encoder.grid_size,
+        source_no_embed_class=encoder.no_embed_class,
+        source_num_heads=int(a["num_heads"]),
+    )
     parity = _measure(encoder, out_dir, a, check=True, architecture=cfg.get("architecture"))
     worst = max((v for v in parity["fp32"].values() if v is not None), default=None)
-    summary = dict(tool="export_timm", verify=os.path.abspath(out_dir), architecture=cfg.get("architecture"),
-                   parity=parity, max_abs_diff=worst, tolerance=fv.tolerance,
-                   recorded=cfg.get("afm_jax", {}).get("parity_max_abs_diff"))
+    summary = dict(
+        tool="export_timm",
+        verify=os.path.abspath(out_dir),
+        architecture=cfg.get("architecture"),
+        parity=parity,
+        max_abs_diff=worst,
+        tolerance=fv.tolerance,
+        recorded=cfg.get("afm_jax", {}).get("parity_max_abs_diff"),
+    )
     for size, diff in parity["fp32"].items():
         print(f"parity {size} (fp32): max |timm - afm_jax| = {diff}")
     if (why := _failure(parity, fv.tolerance)) is not None:
@@ -213,27 +227,49 @@ def export(fv: flags.FlagValues, args: list[str]) -> int:
     pool = _eval_pool(ck.config)
     if pool == "cls" and not ck.encoder.has_class_token:
         pool = "avg"
-    afm_info = dict(method=ck.config.get("task"), step=ck.step, weights=ck.weights,
-                    code_version=ck.code_version, image_size=ck.config.image_size,
-                    eval_pool=pool, compute_dtype=str(ck.config.model.dtype),
-                    preprocessing=dataset.get("preprocessing", {}),
-                    augment=run_config.get("data", {}).get("augment", {}))
+    afm_info = dict(
+        method=ck.config.get("task"),
+        step=ck.step,
+        weights=ck.weights,
+        code_version=ck.code_version,
+        image_size=ck.config.image_size,
+        eval_pool=pool,
+        compute_dtype=str(ck.config.model.dtype),
+        preprocessing=dataset.get("preprocessing", {}),
+        augment=run_config.get("data", {}).get("augment", {}),
+    )
     global_pool = "token" if pool == "cls" else "avg"
     if os.path.isdir(out_dir):
         clear_failed_marks(out_dir)
     config_json = write_export(out_dir, ck.encoder, afm_info=afm_info, global_pool=global_pool)
-    parity = {} if fv.no_parity else _measure(ck.encoder, out_dir, config_json["model_args"], fv.check,
-                                              config_json["architecture"])
+    parity = (
+        {}
+        if fv.no_parity
+        else _measure(ck.encoder, out_dir, config_json["model_args"], fv.check, config_json["architecture"])
+    )
     why = _failure(parity, fv.tolerance) if parity else None
     config_json["afm_jax"]["parity_max_abs_diff"] = parity
     config_json["afm_jax"]["parity_passed"] = None if not parity else why is None
-    write_export(out_dir, ck.encoder, afm_info=config_json["afm_jax"], global_pool=global_pool,
-                 readme=_model_card(ck, config_json, parity, dataset, run_config, pool))
+    write_export(
+        out_dir,
+        ck.encoder,
+        afm_info=config_json["afm_jax"],
+        global_pool=global_pool,
+        readme=_model_card(ck, config_json, parity, dataset, run_config, pool),
+    )
     worst = max((v for v in parity.get("fp32", {}).values() if v is not None), default=None)
-    summary = dict(tool="export_timm", out_dir=os.path.abspath(out_dir), step=ck.step,
-                   weights=ck.weights, architecture=config_json["architecture"],
-                   max_abs_diff=worst, tolerance=fv.tolerance, parity=parity.get("fp32", {}),
-                   compute_dtype=parity.get("compute_dtype"), compute_parity=parity.get("compute"))
+    summary = dict(
+        tool="export_timm",
+        out_dir=os.path.abspath(out_dir),
+        step=ck.step,
+        weights=ck.weights,
+        architecture=config_json["architecture"],
+        max_abs_diff=worst,
+        tolerance=fv.tolerance,
+        parity=parity.get("fp32", {}),
+        compute_dtype=parity.get("compute_dtype"),
+        compute_parity=parity.get("compute"),
+    )
     for size, diff in parity.get("fp32", {}).items():
         print(f"parity {size} (fp32): max |timm - afm_jax| = {diff}")
     for size, diff in (parity.get("compute") or {}).items():
@@ -241,8 +277,10 @@ def export(fv: flags.FlagValues, args: list[str]) -> int:
     if why is not None:
         if fv.check:
             mark_failed_export(out_dir, why)
-            raise InteropError(f"Parity check failed: {why}. The export in {out_dir} is marked failed "
-                               "(weights moved to model.safetensors.FAILED_CHECK, see CHECK_FAILED.txt).")
+            raise InteropError(
+                f"Parity check failed: {why}. The export in {out_dir} is marked failed "
+                "(weights moved to model.safetensors.FAILED_CHECK, see CHECK_FAILED.txt)."
+            )
         print(f"warning: parity {why}; config.json says parity_passed=false", file=sys.stderr)
     print(f"wrote {summary['out_dir']}/model.safetensors, config.json, README.md")
     print(json.dumps(summary))
@@ -250,14 +288,25 @@ def export(fv: flags.FlagValues, args: list[str]) -> int:
 
 
 def define_flags(fv: flags.FlagValues) -> None:
-    flags.DEFINE_string("workdir", None, "A run's folder, its checkpoints/ folder or checkpoints/<step>.",
-                        flag_values=fv)
-    flags.DEFINE_string("verify", None, "Re-check an existing export folder (instead of --workdir/--out): "
-                        "strict timm load, finite weights, fp32 parity.", flag_values=fv)
+    flags.DEFINE_string(
+        "workdir", None, "A run's folder, its checkpoints/ folder or checkpoints/<step>.", flag_values=fv
+    )
+    flags.DEFINE_string(
+        "verify",
+        None,
+        "Re-check an existing export folder (instead of --workdir/--out): "
+        "strict timm load, finite weights, fp32 parity.",
+        flag_values=fv,
+    )
     cli.define_output_flags(fv, "model.safetensors, config.json, README.md")
     flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).", flag_values=fv)
-    flags.DEFINE_enum("weights", "auto", ["auto", "teacher", "student"],
-                      "DINO: teacher (the default via auto) or student; MAE: the encoder.", flag_values=fv)
+    flags.DEFINE_enum(
+        "weights",
+        "auto",
+        ["auto", "teacher", "student"],
+        "DINO: teacher (the default via auto) or student; MAE: the encoder.",
+        flag_values=fv,
+    )
     cli.define_parity_flags(fv, PARITY_TOLERANCE)
 
 

@@ -96,7 +96,8 @@ def timm_reference(source_sd: dict, model_args: dict[str, Any], architecture: st
     model = create_timm_vit(model_args, architecture=architecture)
     dinov3 = bool(architecture and "dinov3" in architecture)
     sd = (eva.checkpoint_filter_fn if dinov3 else checkpoint_filter_fn)(
-        {k: torch.from_numpy(v.copy()) for k, v in sd.items()}, model)
+        {k: torch.from_numpy(v.copy()) for k, v in sd.items()}, model
+    )
     sd["patch_embed.proj.weight"] = adapt_input_conv(model_args["in_chans"], sd["patch_embed.proj.weight"])
     wanted = model.state_dict().keys()
     model.load_state_dict({k: v for k, v in sd.items() if k in wanted}, strict=True)
@@ -110,8 +111,9 @@ def _check_out(fv: flags.FlagValues) -> None:
     source = os.path.abspath(fv.input)
     holder = source if os.path.isdir(source) else os.path.dirname(source)
     if os.path.isdir(fv.out) and os.path.exists(holder) and os.path.samefile(fv.out, holder):
-        raise InteropError(f"--out {fv.out} holds the source {fv.input}: writing there would replace it; "
-                           "give another folder.")
+        raise InteropError(
+            f"--out {fv.out} holds the source {fv.input}: writing there would replace it; give another folder."
+        )
 
 
 def _no_embed_class(normalized: dict, arch: dict[str, Any], known: bool | None, grid: Any) -> bool:
@@ -139,19 +141,37 @@ def import_weights(fv: flags.FlagValues, args: list[str]) -> int:
     kwargs["source_num_heads"] = heads
     variant, overrides = _variant(arch, heads)
     if fv.image_size % arch["patch_size"]:
-        raise InteropError(f"--image_size {fv.image_size} is not a multiple of the source's patch size "
-                           f"{arch['patch_size']}; use e.g. "
-                           f"{fv.image_size // arch['patch_size'] * arch['patch_size']}.")
-    no_embed_class = _no_embed_class(normalized, arch, kwargs.get("source_no_embed_class", layout["no_embed_class"]),
-                                     kwargs.get("source_grid"))
+        raise InteropError(
+            f"--image_size {fv.image_size} is not a multiple of the source's patch size "
+            f"{arch['patch_size']}; use e.g. "
+            f"{fv.image_size // arch['patch_size'] * arch['patch_size']}."
+        )
+    no_embed_class = _no_embed_class(
+        normalized, arch, kwargs.get("source_no_embed_class", layout["no_embed_class"]), kwargs.get("source_grid")
+    )
     kwargs["source_no_embed_class"] = no_embed_class
     rope = arch["rope"]  # DINOv3: RoPE, LayerScale kept, qkv bias as the source, LayerNorm eps 1e-5
-    rope_kw = dict(pos_embed="rope", layer_scale_init=1e-5 if arch["layer_scale"] else None,
-                   qkv_bias=arch["qkv_bias"], norm_eps=DINOV3_NORM_EPS) if rope else dict(pos_embed="learned")
+    rope_kw = (
+        dict(
+            pos_embed="rope",
+            layer_scale_init=1e-5 if arch["layer_scale"] else None,
+            qkv_bias=arch["qkv_bias"],
+            norm_eps=DINOV3_NORM_EPS,
+        )
+        if rope
+        else dict(pos_embed="learned")
+    )
     encoder = VisionTransformer(
-        variant, img_size=fv.image_size, in_chans=int(fv.in_chans), class_token=arch["class_token"],
-        num_reg_tokens=arch["reg_tokens"], no_embed_class=no_embed_class and not rope,
-        rngs=nnx.Rngs(0), **rope_kw, **overrides)
+        variant,
+        img_size=fv.image_size,
+        in_chans=int(fv.in_chans),
+        class_token=arch["class_token"],
+        num_reg_tokens=arch["reg_tokens"],
+        no_embed_class=no_embed_class and not rope,
+        rngs=nnx.Rngs(0),
+        **rope_kw,
+        **overrides,
+    )
     report = load_timm_state_dict(encoder, source_sd, **kwargs)
     if "source_mean" in info and (note := normalisation_mismatch(info["source_mean"], info["source_std"], encoder)):
         report["warnings"].append(note)
@@ -160,12 +180,22 @@ def import_weights(fv: flags.FlagValues, args: list[str]) -> int:
     if not fv.no_parity:
         try:
             ref_args = dict(
-                img_size=fv.image_size, patch_size=arch["patch_size"], embed_dim=arch["embed_dim"],
-                depth=arch["depth"], num_heads=heads, mlp_ratio=arch["mlp_dim"] / arch["embed_dim"],
-                in_chans=int(fv.in_chans), class_token=arch["class_token"], reg_tokens=arch["reg_tokens"],
-                no_embed_class=no_embed_class, init_values=1e-5 if arch["layer_scale"] else None,
-                global_pool="token" if arch["class_token"] else "avg", fc_norm=False, num_classes=0,
-                dynamic_img_size=True)
+                img_size=fv.image_size,
+                patch_size=arch["patch_size"],
+                embed_dim=arch["embed_dim"],
+                depth=arch["depth"],
+                num_heads=heads,
+                mlp_ratio=arch["mlp_dim"] / arch["embed_dim"],
+                in_chans=int(fv.in_chans),
+                class_token=arch["class_token"],
+                reg_tokens=arch["reg_tokens"],
+                no_embed_class=no_embed_class,
+                init_values=1e-5 if arch["layer_scale"] else None,
+                global_pool="token" if arch["class_token"] else "avg",
+                fc_norm=False,
+                num_classes=0,
+                dynamic_img_size=True,
+            )
             architecture = None
             if rope:
                 architecture = timm_architecture(encoder)
@@ -181,36 +211,62 @@ def import_weights(fv: flags.FlagValues, args: list[str]) -> int:
             print(f"parity check skipped: {e}", file=sys.stderr)
 
     why = parity_failure(parity, fv.tolerance) if parity else None
-    afm_info = dict(source=os.path.basename(os.path.normpath(fv.input)), source_layout=report["layout"],
-                    adapted=report["adapted"], dropped=report["dropped"], warnings=report["warnings"],
-                    parity_max_abs_diff={k: (v if math.isfinite(v) else None) for k, v in parity.items()},
-                    parity_passed=None if not parity else why is None)
+    afm_info = dict(
+        source=os.path.basename(os.path.normpath(fv.input)),
+        source_layout=report["layout"],
+        adapted=report["adapted"],
+        dropped=report["dropped"],
+        warnings=report["warnings"],
+        parity_max_abs_diff={k: (v if math.isfinite(v) else None) for k, v in parity.items()},
+        parity_passed=None if not parity else why is None,
+    )
     if os.path.isdir(fv.out):
         clear_failed_marks(fv.out)
     config_json = write_export(fv.out, encoder, afm_info=afm_info)
-    overrides_cli = [f"--config.model.variant={variant}", f"--config.image_size={fv.image_size}",
-                     f"--config.model.in_chans={int(fv.in_chans)}",
-                     f"--config.model.class_token={arch['class_token']}",
-                     f"--config.model.num_reg_tokens={arch['reg_tokens']}",
-                     f"--config.model.no_embed_class={no_embed_class and not rope}"]
+    overrides_cli = [
+        f"--config.model.variant={variant}",
+        f"--config.image_size={fv.image_size}",
+        f"--config.model.in_chans={int(fv.in_chans)}",
+        f"--config.model.class_token={arch['class_token']}",
+        f"--config.model.num_reg_tokens={arch['reg_tokens']}",
+        f"--config.model.no_embed_class={no_embed_class and not rope}",
+    ]
     if rope:
-        overrides_cli += ["--config.model.pos_embed=rope", f"--config.model.norm_eps={DINOV3_NORM_EPS}",
-                          f"--config.model.qkv_bias={arch['qkv_bias']}"]
+        overrides_cli += [
+            "--config.model.pos_embed=rope",
+            f"--config.model.norm_eps={DINOV3_NORM_EPS}",
+            f"--config.model.qkv_bias={arch['qkv_bias']}",
+        ]
         if arch["layer_scale"]:
             overrides_cli.append("--config.model.layer_scale_init=1e-05")
     else:
         overrides_cli.append("--config.model.pos_embed=learned")
     overrides_cli += [f"--config.model.{k}={v}" for k, v in overrides.items()]
     overrides_cli.append(f"--config.init_from={os.path.abspath(fv.out)}")
-    readme = "\n".join([
-        f"# ViT-{variant} imported from {afm_info['source']} ({report['layout']} layout)", "",
-        f"- Adapted: {'; '.join(report['adapted']) or 'nothing'}.",
-        f"- Dropped (not backbone): {', '.join(report['dropped']) or 'nothing'}.",
-        f"- Warnings: {'; '.join(report['warnings']) or 'none'}.",
-        f"- Parity against timm's own adaptation (forward_features, fp32, max abs diff): {json.dumps(parity)}.",
-        "", "## Continue training from it", "", "```", "python -m afm_jax.main --config configs/X.py --workdir DIR \\",
-        "  " + " \\\n  ".join(overrides_cli), "```", "", "## Load in PyTorch", "", "```python",
-        usage_snippet("OUT_DIR", config_json), "```", ""])
+    readme = "\n".join(
+        [
+            f"# ViT-{variant} imported from {afm_info['source']} ({report['layout']} layout)",
+            "",
+            f"- Adapted: {'; '.join(report['adapted']) or 'nothing'}.",
+            f"- Dropped (not backbone): {', '.join(report['dropped']) or 'nothing'}.",
+            f"- Warnings: {'; '.join(report['warnings']) or 'none'}.",
+            f"- Parity against timm's own adaptation (forward_features, fp32, max abs diff): {json.dumps(parity)}.",
+            "",
+            "## Continue training from it",
+            "",
+            "```",
+            "python -m afm_jax.main --config configs/X.py --workdir DIR \\",
+            "  " + " \\\n  ".join(overrides_cli),
+            "```",
+            "",
+            "## Load in PyTorch",
+            "",
+            "```python",
+            usage_snippet("OUT_DIR", config_json),
+            "```",
+            "",
+        ]
+    )
     write_export(fv.out, encoder, afm_info=afm_info, readme=readme)
     worst = max(parity.values()) if parity else None
     worst = None if worst is None or not math.isfinite(worst) else worst
@@ -223,13 +279,24 @@ def import_weights(fv: flags.FlagValues, args: list[str]) -> int:
     print("train from it with:\n  " + " ".join(overrides_cli))
     if fv.check and why is not None:
         mark_failed_export(fv.out, why)
-        raise InteropError(f"Parity check failed: {why}. The output in {fv.out} is marked failed (weights "
-                           "moved to model.safetensors.FAILED_CHECK, see CHECK_FAILED.txt).")
+        raise InteropError(
+            f"Parity check failed: {why}. The output in {fv.out} is marked failed (weights "
+            "moved to model.safetensors.FAILED_CHECK, see CHECK_FAILED.txt)."
+        )
     if why is not None:
         print(f"warning: parity {why}", file=sys.stderr)
-    summary = dict(tool="import_timm", out_dir=os.path.abspath(fv.out), layout=report["layout"],
-                   variant=variant, overrides=overrides, num_heads=heads, adapted=report["adapted"],
-                   max_abs_diff=worst, tolerance=fv.tolerance, config_overrides=overrides_cli)
+    summary = dict(
+        tool="import_timm",
+        out_dir=os.path.abspath(fv.out),
+        layout=report["layout"],
+        variant=variant,
+        overrides=overrides,
+        num_heads=heads,
+        adapted=report["adapted"],
+        max_abs_diff=worst,
+        tolerance=fv.tolerance,
+        config_overrides=overrides_cli,
+    )
     print(f"wrote {summary['out_dir']}/model.safetensors, config.json, README.md")
     print(json.dumps(summary))
     return 0

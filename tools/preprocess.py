@@ -54,10 +54,16 @@ def define_flags(fv: flags.FlagValues) -> None:
     flags.DEFINE_string("label_names", None, "Comma-separated label names in label-id order (default: sorted).", **d)
     flags.DEFINE_string("out", None, "Data directory the dataset is written into.", **d)
     flags.DEFINE_string("name", "femur", "Dataset base name (lower_snake_case).", **d)
-    flags.DEFINE_string("variant", "std512", f"Preprocessing variant: {', '.join(preprocessing.VARIANTS)} or a JSON "
-                        "file of parameters; its parameters are the --config.<key> settings.", **d)
-    flags.DEFINE_integer("workers", _usable_cores(),
-                         "Worker processes (0: in-process; default: the cores this job may use).", **d)
+    flags.DEFINE_string(
+        "variant",
+        "std512",
+        f"Preprocessing variant: {', '.join(preprocessing.VARIANTS)} or a JSON "
+        "file of parameters; its parameters are the --config.<key> settings.",
+        **d,
+    )
+    flags.DEFINE_integer(
+        "workers", _usable_cores(), "Worker processes (0: in-process; default: the cores this job may use).", **d
+    )
     flags.DEFINE_string("shard", None, "Convert only shard i/n (0-based), or 'slurm' for the array task's shard.", **d)
     flags.DEFINE_bool("merge", False, "Only merge the converted shards into the dataset.", **d)
     flags.DEFINE_integer("chunk_size", conversion.DEFAULT_CHUNK_SIZE, "Files per work unit.", **d)
@@ -71,8 +77,12 @@ def define_flags(fv: flags.FlagValues) -> None:
     flags.DEFINE_string("locate", None, "Comma-separated file_ids from a manifest: print their paths and exit.", **d)
     flags.DEFINE_bool("list_variants", False, "Print the built-in variants and exit.", **d)
     flags.DEFINE_bool("quiet", False, "No progress bars.", **d)
-    flags.DEFINE_float("file_timeout", 600.0, "Seconds one file may take to convert (then it is failed:DecodeTimeoutError).", **d)
-    flags.DEFINE_integer("file_memory_mb", 0, "Address-space cap of the per-file decoding process (0: none of its own).", **d)
+    flags.DEFINE_float(
+        "file_timeout", 600.0, "Seconds one file may take to convert (then it is failed:DecodeTimeoutError).", **d
+    )
+    flags.DEFINE_integer(
+        "file_memory_mb", 0, "Address-space cap of the per-file decoding process (0: none of its own).", **d
+    )
 
 
 def _base_variant(name_or_path: str) -> preprocessing.Variant:
@@ -89,8 +99,9 @@ def default_config(argv: Sequence[str]) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict({k: tuple(v) if isinstance(v, list) else v for k, v in params.items()})
 
 
-TOOL = cli.Tool(__doc__, define_flags, default_config=default_config,
-                config_keys_in="afm_jax/data/preprocessing.py (class Variant)")
+TOOL = cli.Tool(
+    __doc__, define_flags, default_config=default_config, config_keys_in="afm_jax/data/preprocessing.py (class Variant)"
+)
 
 # Variant parameters that do not change the stored pixels: overriding them keeps the variant's name.
 _NAME_NEUTRAL_PARAMS = frozenset({"name", "description", "png_compression", "max_pixels"})
@@ -108,12 +119,13 @@ def _variant(fv: flags.FlagValues) -> preprocessing.Variant:
         variant = preprocessing.get_variant(fv.variant, overrides)
     except (ValueError, TypeError) as e:
         raise ConfigError(f"{e}") from None
-    changed = sorted(k for k in set(overrides) - _NAME_NEUTRAL_PARAMS
-                     if getattr(variant, k) != getattr(base, k))
+    changed = sorted(k for k in set(overrides) - _NAME_NEUTRAL_PARAMS if getattr(variant, k) != getattr(base, k))
     if changed and variant.name == base.name:
-        raise ConfigError(f"--config.{', --config.'.join(changed)} changes the pixels of variant {base.name!r}: give "
-                          f"it a new name too (e.g. --config.name={base.name}_custom), so that it gets its own "
-                          "dataset directory.")
+        raise ConfigError(
+            f"--config.{', --config.'.join(changed)} changes the pixels of variant {base.name!r}: give "
+            f"it a new name too (e.g. --config.name={base.name}_custom), so that it gets its own "
+            "dataset directory."
+        )
     return variant
 
 
@@ -129,8 +141,9 @@ def _check_labels_file(path: str | None) -> None:
     except UnicodeDecodeError as e:
         is_text = e.start > len(head) - 4  # a multi-byte character cut at the end of the sample
     if not is_text:
-        raise ConfigError(f"--labels {path} is not a text CSV file (it holds binary data): give a CSV with rows "
-                          "path,label.")
+        raise ConfigError(
+            f"--labels {path} is not a text CSV file (it holds binary data): give a CSV with rows path,label."
+        )
 
 
 def _shard(text: str | None) -> tuple[int, int] | None:
@@ -141,8 +154,10 @@ def _shard(text: str | None) -> tuple[int, int] | None:
             i, n = int(os.environ["SLURM_ARRAY_TASK_ID"]), int(os.environ["SLURM_ARRAY_TASK_COUNT"])
             i -= int(os.environ.get("SLURM_ARRAY_TASK_MIN", "0"))
         except (KeyError, ValueError):
-            raise ConfigError("--shard slurm needs SLURM_ARRAY_TASK_ID and SLURM_ARRAY_TASK_COUNT (run it in an "
-                              "sbatch --array job, see launch/preprocess_array.sbatch) or give --shard i/n.") from None
+            raise ConfigError(
+                "--shard slurm needs SLURM_ARRAY_TASK_ID and SLURM_ARRAY_TASK_COUNT (run it in an "
+                "sbatch --array job, see launch/preprocess_array.sbatch) or give --shard i/n."
+            ) from None
         return conversion_inputs.parse_shard(f"{i}/{n}")
     return conversion_inputs.parse_shard(text)
 
@@ -153,22 +168,30 @@ def _convert_and_merge(fv, files, variant, work_dir, salt, shard, out, name, fra
         shutil.rmtree(work_dir)
     label_names = [s.strip() for s in fv.label_names.split(",")] if fv.label_names else None
     plan = conversion.make_plan(files, variant, work_dir, salt, chunk_size=fv.chunk_size, label_names=label_names)
-    print(f"{len(files)} input files, {plan.num_chunks} chunks of {plan.chunk_size}; variant {variant.name} "
-          f"v{variant.version}; work dir {work_dir}", file=sys.stderr)
+    print(
+        f"{len(files)} input files, {plan.num_chunks} chunks of {plan.chunk_size}; variant {variant.name} "
+        f"v{variant.version}; work dir {work_dir}",
+        file=sys.stderr,
+    )
     if not fv.merge:
         try:
             isolation = decode_isolation.IsolationOptions(timeout_s=fv.file_timeout, max_memory_mb=fv.file_memory_mb)
         except ValueError as e:
             raise ConfigError(f"--file_timeout / --file_memory_mb: {e}") from None
-        conversion.run_shard(plan, salt, shard=shard or (0, 1), workers=fv.workers, progress=not fv.quiet,
-                             isolation=isolation)
+        conversion.run_shard(
+            plan, salt, shard=shard or (0, 1), workers=fv.workers, progress=not fv.quiet, isolation=isolation
+        )
         if shard is not None:
             left = len(conversion.pending_chunks(plan, (0, 1)))
-            print(f"shard {shard[0]}/{shard[1]} done; {left} chunks of other shards still to convert. When all "
-                  "shards are done, run the same command with --merge instead of --shard.", file=sys.stderr)
+            print(
+                f"shard {shard[0]}/{shard[1]} done; {left} chunks of other shards still to convert. When all "
+                "shards are done, run the same command with --merge instead of --shard.",
+                file=sys.stderr,
+            )
             return None
-    directory, summary = conversion_merge.merge(plan, out, name, split_fractions=fractions,
-                                                split_mode=fv.split_mode, overwrite=fv.overwrite or fv.merge)
+    directory, summary = conversion_merge.merge(
+        plan, out, name, split_fractions=fractions, split_mode=fv.split_mode, overwrite=fv.overwrite or fv.merge
+    )
     if not fv.keep_work:
         shutil.rmtree(work_dir, ignore_errors=True)
     return directory, summary
@@ -188,8 +211,11 @@ def work(fv: flags.FlagValues, args: list[str]) -> int:
     salt = anonymize.load_salt(fv.salt_file)
     if not fv.input:
         raise ConfigError("Give --input (folders and/or CSV files).")
-    files = conversion_inputs.list_inputs(fv.input, fv.labels,  # outputs inside an input tree are no inputs
-                                          exclude=[d for d in (fv.out, fv.work_dir) if d])
+    files = conversion_inputs.list_inputs(
+        fv.input,
+        fv.labels,  # outputs inside an input tree are no inputs
+        exclude=[d for d in (fv.out, fv.work_dir) if d],
+    )
     if fv.locate:
         found = conversion_inputs.locate(files, [s.strip() for s in fv.locate.split(",")], salt)
         for fid in fv.locate.split(","):
@@ -211,8 +237,13 @@ def work(fv: flags.FlagValues, args: list[str]) -> int:
     # One run per output dataset (<out>/.<name>.lock; a SLURM array's shards each hold their own shard's
     # lock instead); the lock sits in --out, so --restart and the final clean-up do not remove it.
     lock_name = f".{name}" + (f".shard-{shard[0]}-of-{shard[1]}" if shard else "") + ".lock"
-    with io.exclusive_lock(out, "tools/preprocess.py" + (f" --shard {fv.shard}" if shard else ""),
-                           LockedError, name=lock_name, subject=out / name):
+    with io.exclusive_lock(
+        out,
+        "tools/preprocess.py" + (f" --shard {fv.shard}" if shard else ""),
+        LockedError,
+        name=lock_name,
+        subject=out / name,
+    ):
         result = _convert_and_merge(fv, files, variant, work_dir, salt, shard, out, name, fractions)
     if result is None:
         return 0

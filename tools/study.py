@@ -45,8 +45,9 @@ def default_config(argv: Sequence[str] = ()) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(dict(slurm=dict(partition="", account="", gpus=1, time="04:00:00")))
 
 
-TOOL = cli.Tool(__doc__, define_flags, default_config=default_config, config_keys_in="tools/study.py",
-                positional="STUDY_FILE")
+TOOL = cli.Tool(
+    __doc__, define_flags, default_config=default_config, config_keys_in="tools/study.py", positional="STUDY_FILE"
+)
 
 
 def _load(path: str) -> study_lib.Study:
@@ -58,8 +59,9 @@ def _load(path: str) -> study_lib.Study:
 
 def _pick(items: Sequence, index: int, flag: str, what: str):
     if not 0 <= index < len(items):
-        raise ConfigError(f"--{flag} {index} is out of range: the study has {len(items)} {what} "
-                          f"(0 to {len(items) - 1}).")
+        raise ConfigError(
+            f"--{flag} {index} is out of range: the study has {len(items)} {what} (0 to {len(items) - 1})."
+        )
     return items[index]
 
 
@@ -76,9 +78,16 @@ def work(fv: flags.FlagValues, args: list[str]) -> int:
     if fv.slurm:
         if slurm.gpus < 0:
             raise ConfigError(f"--config.slurm.gpus must be >= 0, got {slurm.gpus}.")
-        study_lib.check_study_data(study, layout)      # before any job is queued: one message for all tasks
-        submit = study_lib.write_slurm(study, out, study_file, partition=slurm.partition, account=slurm.account,
-                                       gpus=slurm.gpus, time_limit=slurm.time)
+        study_lib.check_study_data(study, layout)  # before any job is queued: one message for all tasks
+        submit = study_lib.write_slurm(
+            study,
+            out,
+            study_file,
+            partition=slurm.partition,
+            account=slurm.account,
+            gpus=slurm.gpus,
+            time_limit=slurm.time,
+        )
         print(f"wrote {submit.parent}/*.sbatch; review, then: bash {submit}")
         summary["submit"] = str(submit)
     elif fv.pretrain_index is not None:
@@ -95,11 +104,16 @@ def work(fv: flags.FlagValues, args: list[str]) -> int:
         index = study_lib.run_study(study, out, report=not fv.no_report)
         summary["report"] = str(index) if index else None
         results = [json.loads(p.read_text()) for p in sorted(layout.results.glob("*.json"))]
-        summary["auroc"] = {r["run_id"]: round(r["metrics"]["auroc"]["point"], 4) for r in results
-                            if "auroc" in r["metrics"]}
-        summary["primary"] = {r["run_id"]: [r.get("primary_metric", "auroc"),
-                                            round(r["metrics"][r.get("primary_metric", "auroc")]["point"], 4)]
-                              for r in results}
+        summary["auroc"] = {
+            r["run_id"]: round(r["metrics"]["auroc"]["point"], 4) for r in results if "auroc" in r["metrics"]
+        }
+        summary["primary"] = {
+            r["run_id"]: [
+                r.get("primary_metric", "auroc"),
+                round(r["metrics"][r.get("primary_metric", "auroc")]["point"], 4),
+            ]
+            for r in results
+        }
     if summary.get("report"):
         print(f"report: {summary['report']}")
     print(json.dumps(summary))

@@ -27,11 +27,13 @@ from afm_jax.train import checkpoint
 
 
 def define_flags(fv: flags.FlagValues) -> None:
-    flags.DEFINE_string("workdir", None, "A run's folder (as given to afm_jax.main) or its checkpoints/ folder.",
-                        flag_values=fv)
+    flags.DEFINE_string(
+        "workdir", None, "A run's folder (as given to afm_jax.main) or its checkpoints/ folder.", flag_values=fv
+    )
     flags.DEFINE_bool("move_damaged", False, "Move damaged steps to checkpoints_damaged/.", flag_values=fv)
-    flags.DEFINE_string("out", None, "Folder to write the JSON report into (verification.json); default: none.",
-                        flag_values=fv)
+    flags.DEFINE_string(
+        "out", None, "Folder to write the JSON report into (verification.json); default: none.", flag_values=fv
+    )
 
 
 TOOL = cli.Tool(__doc__, define_flags, required=("workdir",))
@@ -44,8 +46,13 @@ def verify(fv: flags.FlagValues, _args: list[str]) -> int:
     if not verdicts:
         print(f"No checkpoint in {fv.workdir}.")
     for v in verdicts:
-        status = "ok" if v.ok and v.verified else "ok (no integrity record: not verifiable)" if v.ok else \
-            f"DAMAGED: {v.damage}"
+        status = (
+            "ok"
+            if v.ok and v.verified
+            else "ok (no integrity record: not verifiable)"
+            if v.ok
+            else f"DAMAGED: {v.damage}"
+        )
         print(f"step {v.step}: {status}")
     damaged = [v for v in verdicts if not v.ok]
     moved = []
@@ -56,10 +63,14 @@ def verify(fv: flags.FlagValues, _args: list[str]) -> int:
             for v in damaged:
                 moved.append(str(checkpoint.quarantine(root / checkpoint.CHECKPOINTS_DIR / str(v.step), v.kind)))
                 print(f"moved step {v.step} to {moved[-1]}")
-    report = {"workdir": str(fv.workdir), "steps": [v.step for v in verdicts],
-              "verified": [v.step for v in verdicts if v.ok and v.verified],
-              "unverifiable": [v.step for v in verdicts if v.ok and not v.verified],
-              "damaged": {str(v.step): v.damage for v in damaged}, "moved": moved}
+    report = {
+        "workdir": str(fv.workdir),
+        "steps": [v.step for v in verdicts],
+        "verified": [v.step for v in verdicts if v.ok and v.verified],
+        "unverifiable": [v.step for v in verdicts if v.ok and not v.verified],
+        "damaged": {str(v.step): v.damage for v in damaged},
+        "moved": moved,
+    }
     if fv.out is not None:
         pathlib.Path(fv.out).mkdir(parents=True, exist_ok=True)
         io.write_json(pathlib.Path(fv.out) / "verification.json", report)

@@ -11,6 +11,7 @@ import hashlib
 import hmac
 import os
 from pathlib import Path
+
 from afm_jax.errors import MissingSaltError
 
 SALT_ENV_VAR = "AFM_SALT"
@@ -28,8 +29,10 @@ def load_salt(salt_file: str | os.PathLike | None = None, *, allow_demo_salt: bo
     if path:
         p = Path(path).expanduser()
         if not p.is_file():
-            raise MissingSaltError(f"Salt file {p} does not exist. Create it with a long random secret, "
-                                   f"e.g. `python -c 'import secrets; print(secrets.token_hex(32))' > {p}`.")
+            raise MissingSaltError(
+                f"Salt file {p} does not exist. Create it with a long random secret, "
+                f"e.g. `python -c 'import secrets; print(secrets.token_hex(32))' > {p}`."
+            )
         salt = p.read_bytes().strip()
         if not salt:
             raise MissingSaltError(f"Salt file {p} is empty.")

@@ -27,21 +27,23 @@ from __future__ import annotations
 import atexit
 import dataclasses
 import os
+import resource
 import signal
 import socket
 import subprocess
 import sys
-from multiprocessing.connection import Connection
 from collections.abc import Callable
+from multiprocessing.connection import Connection
 from typing import Any
 
-from afm_jax.errors import DecodeTimeoutError, DecoderCrashError
-import resource
+from afm_jax.errors import DecoderCrashError, DecodeTimeoutError
 
-_SIGNAL_HINTS = {signal.SIGABRT: "the decoder aborted (e.g. std::bad_alloc for a size it cannot allocate)",
-                 signal.SIGSEGV: "the decoder crashed (segmentation fault)",
-                 signal.SIGKILL: "killed from outside (the out-of-memory killer, most likely)",
-                 signal.SIGBUS: "the decoder crashed (bus error)"}
+_SIGNAL_HINTS = {
+    signal.SIGABRT: "the decoder aborted (e.g. std::bad_alloc for a size it cannot allocate)",
+    signal.SIGSEGV: "the decoder crashed (segmentation fault)",
+    signal.SIGKILL: "killed from outside (the out-of-memory killer, most likely)",
+    signal.SIGBUS: "the decoder crashed (bus error)",
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,14 +57,14 @@ class IsolationOptions:
 
     def __post_init__(self) -> None:
         if self.timeout_s <= 0 or self.max_memory_mb < 0:
-            raise ValueError(f"timeout_s must be > 0 and max_memory_mb >= 0, got {self.timeout_s}, "
-                             f"{self.max_memory_mb}.")
+            raise ValueError(
+                f"timeout_s must be > 0 and max_memory_mb >= 0, got {self.timeout_s}, {self.max_memory_mb}."
+            )
 
 
 def _serve(conn: Any, max_memory_mb: int) -> None:
     """The child's loop: (function, args) in, ("ok", result) or ("error", exception) out; EOF ends it."""
     if max_memory_mb:
-
         limit = int(max_memory_mb) << 20
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
     while True:
@@ -92,8 +94,17 @@ class IsolatedWorker:
         parent, child = socket.socketpair()
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))  # the caller's imports
         self._process = subprocess.Popen(
-            [sys.executable, "-m", "afm_jax.data.decode_isolation", str(child.fileno()), str(self.options.max_memory_mb)],
-            pass_fds=(child.fileno(),), env=env, stdin=subprocess.DEVNULL)
+            [
+                sys.executable,
+                "-m",
+                "afm_jax.data.decode_isolation",
+                str(child.fileno()),
+                str(self.options.max_memory_mb),
+            ],
+            pass_fds=(child.fileno(),),
+            env=env,
+            stdin=subprocess.DEVNULL,
+        )
         child.close()
         self._conn = Connection(parent.detach())
 
@@ -107,8 +118,10 @@ class IsolatedWorker:
             self._conn.send((fn, args))
             if not self._conn.poll(self.options.timeout_s):
                 self.close()
-                raise DecodeTimeoutError(f"no result within the per-file limit of {self.options.timeout_s:g} s; "
-                                         "the decoding process was stopped")
+                raise DecodeTimeoutError(
+                    f"no result within the per-file limit of {self.options.timeout_s:g} s; "
+                    "the decoding process was stopped"
+                )
             status, value = self._conn.recv()
         except (EOFError, BrokenPipeError, ConnectionResetError, OSError):
             try:

@@ -45,29 +45,43 @@ import dataclasses
 import hashlib
 import math
 import os
+import time
 from typing import Any, Literal
 
 import numpy as np
-
-from afm_jax.errors import DecodeError, TruncatedFileError
-from afm_jax.data import anonymize, dicom_checks
-from afm_jax.data.dicom_checks import DEFAULT_MAX_PIXELS, SkippedFile
 import pydicom
 from pydicom.errors import InvalidDicomError
-import time
-from pydicom.pixels import pixel_array
-from pydicom.pixels import apply_modality_lut
-from pydicom.pixels import apply_voi
+from pydicom.pixels import apply_modality_lut, apply_voi, pixel_array
+
+from afm_jax.data import anonymize, dicom_checks
+from afm_jax.data.dicom_checks import DEFAULT_MAX_PIXELS, SkippedFile
+from afm_jax.errors import DecodeError, TruncatedFileError
 
 VoiMode = Literal["window", "none"]
 FrameMode = Literal["first", "all", "skip"]
 VOI_MODES = ("window", "none")
 FRAME_MODES = ("first", "all", "skip")
 
-_NON_IMAGE_SOP_WORDS = ("Structured Report", "SR Storage", "Presentation State", "Key Object",
-                        "Encapsulated", "Raw Data", "Waveform", "Spectroscopy", "Media Storage Directory",
-                        "Segmentation", "Registration", "Measurement Report", "RT Dose", "RT Plan", "RT Ion",
-                        "RT Structure", "RT Beams", "RT Treatment")
+_NON_IMAGE_SOP_WORDS = (
+    "Structured Report",
+    "SR Storage",
+    "Presentation State",
+    "Key Object",
+    "Encapsulated",
+    "Raw Data",
+    "Waveform",
+    "Spectroscopy",
+    "Media Storage Directory",
+    "Segmentation",
+    "Registration",
+    "Measurement Report",
+    "RT Dose",
+    "RT Plan",
+    "RT Ion",
+    "RT Structure",
+    "RT Beams",
+    "RT Treatment",
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -145,9 +159,15 @@ def read_dicom(path: str | os.PathLike, salt: bytes, options: DicomOptions = Dic
     if photometric == "MONOCHROME2" and str(ds.get("PresentationLUTShape", "")).strip().upper() == "INVERSE":
         notes.append("Presentation LUT Shape INVERSE on MONOCHROME2 not applied (bone bright kept)")
     meta = _metadata(ds, salt)
-    meta.update(photometric=photometric, bits_stored=int(ds.get("BitsStored", 0) or 0), voi_used=voi_used,
-                notes="; ".join(notes),
-                num_frames=num_frames, pixel_hash=pixel_hash, orig_shape=(int(stored.shape[1]), int(stored.shape[2])))
+    meta.update(
+        photometric=photometric,
+        bits_stored=int(ds.get("BitsStored", 0) or 0),
+        voi_used=voi_used,
+        notes="; ".join(notes),
+        num_frames=num_frames,
+        pixel_hash=pixel_hash,
+        orig_shape=(int(stored.shape[1]), int(stored.shape[2])),
+    )
     out = []
     for k, frame in enumerate(stored):
         frame_meta = dict(meta, frame=k)
@@ -160,6 +180,7 @@ def read_dicom(path: str | os.PathLike, salt: bytes, options: DicomOptions = Dic
 
 
 # ─── Reading and classifying ─────────────────────────────────────────────────────────────────────
+
 
 def _read_dataset(path: str | os.PathLike) -> Any:
 
@@ -211,8 +232,9 @@ def _check_is_image(ds: Any) -> None:
         if "FloatPixelData" in ds or "DoubleFloatPixelData" in ds:
             raise SkippedFile("float_pixel_data")
         if "Rows" in ds and "Columns" in ds:  # the Image Pixel module without its Pixel Data: cut short
-            raise TruncatedFileError("the file ends before its Pixel Data element (Rows and Columns are given): "
-                                     "truncated file")
+            raise TruncatedFileError(
+                "the file ends before its Pixel Data element (Rows and Columns are given): truncated file"
+            )
         raise SkippedFile(f"no_pixel_data:{name or 'unknown SOP class'}")
 
 
@@ -246,8 +268,10 @@ def _decode(ds: Any, index: int | None) -> np.ndarray:
 
 
 def _what(ds: Any) -> str:
-    return (f"{transfer_syntax_name(ds) or 'no transfer syntax'}, {ds.get('Rows')}x{ds.get('Columns')}, "
-            f"{ds.get('BitsStored')} bits stored")
+    return (
+        f"{transfer_syntax_name(ds) or 'no transfer syntax'}, {ds.get('Rows')}x{ds.get('Columns')}, "
+        f"{ds.get('BitsStored')} bits stored"
+    )
 
 
 def _plugin_error(line: str) -> str:
@@ -260,6 +284,7 @@ def _plugin_error(line: str) -> str:
 
 
 # ─── Grey-scale transform ────────────────────────────────────────────────────────────────────────
+
 
 def grey_transform(ds: Any, options: DicomOptions, stored: np.ndarray, *, minmax: bool = False):
     """(function stored frame -> float32 [0, 1] bone bright, description of the VOI step used).
@@ -325,8 +350,14 @@ def _stored_range(ds: Any, dtype: np.dtype) -> tuple[float, float]:
     return 0.0, 2.0**bits - 1
 
 
-def _chain(ds: Any, options: DicomOptions, values: np.ndarray, image: np.ndarray,
-           stored_range: tuple[float, float], minmax: bool = False) -> tuple[np.ndarray, str]:
+def _chain(
+    ds: Any,
+    options: DicomOptions,
+    values: np.ndarray,
+    image: np.ndarray,
+    stored_range: tuple[float, float],
+    minmax: bool = False,
+) -> tuple[np.ndarray, str]:
     """Modality LUT then VOI on `values`; returns float64 in [0, 1] and the VOI step's description.
 
     `image` (the stored pixels) is only used for the min-max fallback, `stored_range` for `voi="none"`.
@@ -465,6 +496,7 @@ def padding_mask(ds: Any, stored: np.ndarray) -> np.ndarray | None:
 
 # ─── Metadata ────────────────────────────────────────────────────────────────────────────────────
 
+
 def _text(ds: Any, *keywords: str) -> str:
     for keyword in keywords:
         value = ds.get(keyword)
@@ -494,8 +526,9 @@ def patient_key(ds: Any) -> tuple[str, str]:
     if patient:
         return patient, "PatientID"
     study = str(ds.get("StudyInstanceUID", "") or "")
-    sop = str(ds.get("SOPInstanceUID", "") or getattr(getattr(ds, "file_meta", None),
-                                                      "MediaStorageSOPInstanceUID", "") or "")
+    sop = str(
+        ds.get("SOPInstanceUID", "") or getattr(getattr(ds, "file_meta", None), "MediaStorageSOPInstanceUID", "") or ""
+    )
     if study:
         return f"study:{study}", "StudyInstanceUID"
     return (f"study:{sop}", "SOPInstanceUID") if sop else ("", "")
@@ -504,8 +537,9 @@ def patient_key(ds: Any) -> tuple[str, str]:
 def _metadata(ds: Any, salt: bytes) -> dict[str, Any]:
     """PHI-free metadata: hashed identifiers, acquisition descriptors; names, dates, accession numbers
     and institutions are not read at all."""
-    sop = str(ds.get("SOPInstanceUID", "") or getattr(getattr(ds, "file_meta", None),
-                                                      "MediaStorageSOPInstanceUID", "") or "")
+    sop = str(
+        ds.get("SOPInstanceUID", "") or getattr(getattr(ds, "file_meta", None), "MediaStorageSOPInstanceUID", "") or ""
+    )
     study = str(ds.get("StudyInstanceUID", "") or "")
     series = str(ds.get("SeriesInstanceUID", "") or "")
     if not sop:

@@ -33,9 +33,17 @@ from afm_jax.errors import DecodeError, TruncatedFileError
 
 DEFAULT_MAX_PIXELS = 100_000_000  # 100 megapixels: 4x the largest CR/DX/MG detector (~43x43 cm at 0.07 mm)
 
-_J2K_SYNTAXES = frozenset({"1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.91", "1.2.840.10008.1.2.4.92",
-                           "1.2.840.10008.1.2.4.93", "1.2.840.10008.1.2.4.201", "1.2.840.10008.1.2.4.202",
-                           "1.2.840.10008.1.2.4.203"})
+_J2K_SYNTAXES = frozenset(
+    {
+        "1.2.840.10008.1.2.4.90",
+        "1.2.840.10008.1.2.4.91",
+        "1.2.840.10008.1.2.4.92",
+        "1.2.840.10008.1.2.4.93",
+        "1.2.840.10008.1.2.4.201",
+        "1.2.840.10008.1.2.4.202",
+        "1.2.840.10008.1.2.4.203",
+    }
+)
 
 
 class SkippedFile(Exception):
@@ -59,12 +67,20 @@ def check_input_path(path: str | os.PathLike) -> None:
             raise FileNotFoundError("dangling symbolic link: its target does not exist") from None
         raise SkippedFile("missing_file") from None
     if not stat.S_ISREG(mode):
-        kind = ("folder" if stat.S_ISDIR(mode) else "fifo" if stat.S_ISFIFO(mode) else
-                "socket" if stat.S_ISSOCK(mode) else "device")
+        kind = (
+            "folder"
+            if stat.S_ISDIR(mode)
+            else "fifo"
+            if stat.S_ISFIFO(mode)
+            else "socket"
+            if stat.S_ISSOCK(mode)
+            else "device"
+        )
         raise SkippedFile(f"not_a_regular_file:{kind}")
 
 
 # ─── Repairs ─────────────────────────────────────────────────────────────────────────────────────
+
 
 def repair(ds: Any) -> list[str]:
     """Fixes a missing transfer syntax and drops LUT items pydicom cannot apply; returns notes."""
@@ -115,8 +131,10 @@ def _drop_unusable_luts(ds: Any) -> list[str]:
             apply_modality_lut(probe, ds)
         except Exception as e:  # pylint: disable=broad-except  (any malformation: fall back)
             del ds.ModalityLUTSequence
-            notes.append(f"unusable Modality LUT Sequence ignored ({_short(e)}); "
-                         + ("Rescale Slope/Intercept used" if "RescaleSlope" in ds else "identity used"))
+            notes.append(
+                f"unusable Modality LUT Sequence ignored ({_short(e)}); "
+                + ("Rescale Slope/Intercept used" if "RescaleSlope" in ds else "identity used")
+            )
     if "VOILUTSequence" in ds:
         kept = []
         for k, item in enumerate(ds.VOILUTSequence):
@@ -160,10 +178,12 @@ def _short(e: BaseException) -> str:
 
 # ─── Header checks ───────────────────────────────────────────────────────────────────────────────
 
+
 def check_before_decode(ds: Any, *, all_frames: bool, max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
     """Raises DecodeError (header inconsistent with the pixel data), TruncatedFileError (pixel data
     shorter than the header says) or `SkippedFile("too_many_pixels:...")` (over the `max_pixels` budget;
     0 = no budget) — before a decoder touches the data."""
+
     def number(keyword: str) -> int:
         value = ds.get(keyword)
         try:
@@ -175,8 +195,9 @@ def check_before_decode(ds: Any, *, all_frames: bool, max_pixels: int = DEFAULT_
     frames = int(ds.get("NumberOfFrames", 1) or 1) if str(ds.get("NumberOfFrames", 1) or 1).strip().isdigit() else -1
     samples = int(ds.get("SamplesPerPixel", 1) or 1)
     if rows < 1 or cols < 1 or frames < 1:
-        raise DecodeError(f"Rows {rows}, Columns {cols}, Number of Frames {ds.get('NumberOfFrames', 1)!r}: "
-                          "not an image size")
+        raise DecodeError(
+            f"Rows {rows}, Columns {cols}, Number of Frames {ds.get('NumberOfFrames', 1)!r}: not an image size"
+        )
     if bits not in (1, 8, 16, 32, 64):
         raise DecodeError(f"Bits Allocated is {bits}; DICOM allows 1, 8, 16, 32 or 64")
     decoded = rows * cols * (frames if all_frames else 1)
@@ -192,9 +213,11 @@ def check_before_decode(ds: Any, *, all_frames: bool, max_pixels: int = DEFAULT_
         return
     needed = -(-rows * cols * frames * samples * bits // 8)
     if len(data) < needed:
-        raise TruncatedFileError(f"the pixel data holds {len(data)} bytes, but {rows}x{cols} pixels x {frames} "
-                                 f"frame(s) x {samples} sample(s) x {bits} bits need {needed}: truncated file "
-                                 "or a wrong header")
+        raise TruncatedFileError(
+            f"the pixel data holds {len(data)} bytes, but {rows}x{cols} pixels x {frames} "
+            f"frame(s) x {samples} sample(s) x {bits} bits need {needed}: truncated file "
+            "or a wrong header"
+        )
 
 
 def _check_j2k_size(data: bytes, rows: int, cols: int) -> None:
@@ -210,8 +233,10 @@ def _check_j2k_size(data: bytes, rows: int, cols: int) -> None:
     at = bytes(first[:65536]).find(b"\xff\x4f\xff\x51")  # SOC then SIZ (possibly inside a JP2 box)
     if at < 0 or len(first) < at + 4 + 22:
         raise DecodeError("the JPEG 2000 data has no codestream header (SOC/SIZ markers): corrupt or truncated")
-    xsiz, ysiz, xo, yo = struct.unpack(">IIII", bytes(first[at + 8:at + 24]))
+    xsiz, ysiz, xo, yo = struct.unpack(">IIII", bytes(first[at + 8 : at + 24]))
     width, height = xsiz - xo, ysiz - yo
     if (height, width) != (rows, cols):
-        raise DecodeError(f"the JPEG 2000 codestream says {height}x{width} pixels, the DICOM header "
-                          f"{rows}x{cols}: a broken or forged file (a decoder would allocate the former)")
+        raise DecodeError(
+            f"the JPEG 2000 codestream says {height}x{width} pixels, the DICOM header "
+            f"{rows}x{cols}: a broken or forged file (a decoder would allocate the former)"
+        )

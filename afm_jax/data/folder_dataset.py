@@ -47,7 +47,8 @@ import cv2
 import numpy as np
 
 from afm_jax import io
-from afm_jax.data import anonymize, dicom, records, splits as splits_lib
+from afm_jax.data import anonymize, dicom, records
+from afm_jax.data import splits as splits_lib
 from afm_jax.data.preprocessing import resize_longest
 from afm_jax.errors import ConfigError, DatasetNotFoundError, UnreadableImageError
 
@@ -77,6 +78,7 @@ class LabelledFile:
 
 # ─── Listing ─────────────────────────────────────────────────────────────────────────────────────
 
+
 def is_dicom_file(path: str | os.PathLike) -> bool:
     """True for a `.dcm`-like suffix, or a file with the DICM marker at byte 128 (Part 10 files)."""
     p = pathlib.Path(path)
@@ -99,8 +101,10 @@ def list_folder(root: str | os.PathLike) -> list[LabelledFile]:
     """Images under `root/<label>/...`, sorted by path; hidden files and folders are ignored."""
     root = pathlib.Path(root).expanduser()
     if not root.is_dir():
-        raise DatasetNotFoundError(f"Image folder {root} does not exist or is not a folder. Give a folder "
-                                   "laid out as ROOT/<label>/.../<image> or a CSV path,label[,patient].")
+        raise DatasetNotFoundError(
+            f"Image folder {root} does not exist or is not a folder. Give a folder "
+            "laid out as ROOT/<label>/.../<image> or a CSV path,label[,patient]."
+        )
     out = []
     label_dirs = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
     for label_dir in label_dirs:
@@ -110,24 +114,30 @@ def list_folder(root: str | os.PathLike) -> list[LabelledFile]:
                 p = pathlib.Path(dirpath) / fname
                 if fname.startswith(".") or not _is_image_candidate(p):
                     continue
-                out.append(LabelledFile(path=p, relpath=p.relative_to(root).as_posix(), label_name=label_dir.name,
-                                        in_label_folder=True))
+                out.append(
+                    LabelledFile(
+                        path=p, relpath=p.relative_to(root).as_posix(), label_name=label_dir.name, in_label_folder=True
+                    )
+                )
     if not out:
         raise DatasetNotFoundError(
             f"No images found under {root}/<label>/ ({', '.join(RASTER_SUFFIXES + DICOM_SUFFIXES)} or DICOM "
             f"files without extension). Folders found: {[d.name for d in label_dirs][:10]}. The layout must be "
-            "ROOT/<label>/.../<image>, one folder per label.")
+            "ROOT/<label>/.../<image>, one folder per label."
+        )
     return out
 
 
-_CSV_COLUMNS = {"path": ("path", "file", "filename", "image", "image_path"),
-                "label": ("label", "label_name", "class"),
-                "patient": ("patient", "patient_id"),
-                "study": ("study", "study_id"),
-                "split": ("split",),
-                "body_part": ("body_part",),
-                "laterality": ("laterality", "side"),
-                "target": ("target",)}
+_CSV_COLUMNS = {
+    "path": ("path", "file", "filename", "image", "image_path"),
+    "label": ("label", "label_name", "class"),
+    "patient": ("patient", "patient_id"),
+    "study": ("study", "study_id"),
+    "split": ("split",),
+    "body_part": ("body_part",),
+    "laterality": ("laterality", "side"),
+    "target": ("target",),
+}
 
 
 def list_csv(csv_path: str | os.PathLike, target_column: str = "") -> list[LabelledFile]:
@@ -146,8 +156,9 @@ def list_csv(csv_path: str | os.PathLike, target_column: str = "") -> list[Label
     columns: dict[str, int] = {}
     target_column = target_column.strip().lower()
     if target_column and target_column not in header:
-        raise ConfigError(f"CSV {csv_path} has no column {target_column!r} (the target column); its header is "
-                          f"{header}.")
+        raise ConfigError(
+            f"CSV {csv_path} has no column {target_column!r} (the target column); its header is {header}."
+        )
     if any(h in _CSV_COLUMNS["path"] for h in header):
         if target_column:
             columns["target"] = header.index(target_column)
@@ -159,17 +170,21 @@ def list_csv(csv_path: str | os.PathLike, target_column: str = "") -> list[Label
             log.warning("CSV %s: ignoring columns %s.", csv_path.name, unknown)
     else:
         if len(rows[0]) > 3:
-            raise ConfigError(f"CSV {csv_path} has {len(rows[0])} columns but no header; without a header the "
-                              "columns must be path,label[,patient]. Add a header row naming the columns "
-                              "(path,label,patient,study,split,body_part).")
+            raise ConfigError(
+                f"CSV {csv_path} has {len(rows[0])} columns but no header; without a header the "
+                "columns must be path,label[,patient]. Add a header row naming the columns "
+                "(path,label,patient,study,split,body_part)."
+            )
         columns = {"path": 0, "label": 1, "patient": 2}
     if "label" not in columns and "split" not in columns:
         log.warning("CSV %s has no label column; every image is unlabelled (-1).", csv_path.name)
     out = []
     for line, row in enumerate(rows, start=2 if "path" in header else 1):
+
         def cell(key: str) -> str:
             i = columns.get(key)
             return row[i].strip() if i is not None and i < len(row) else ""
+
         rel = cell("path")
         if not rel:
             raise ConfigError(f"CSV {csv_path} line {line}: empty path.")
@@ -181,13 +196,25 @@ def list_csv(csv_path: str | os.PathLike, target_column: str = "") -> list[Label
                 float(target)
             except ValueError:
                 raise ConfigError(f"CSV {csv_path} line {line}: target {target!r} is not a number.") from None
-        out.append(LabelledFile(path=p, relpath=rel, label_name=cell("label"), patient=cell("patient"),
-                                study=cell("study"), split=cell("split"), body_part=cell("body_part").upper(),
-                                target=target, laterality=cell("laterality").upper()))
+        out.append(
+            LabelledFile(
+                path=p,
+                relpath=rel,
+                label_name=cell("label"),
+                patient=cell("patient"),
+                study=cell("study"),
+                split=cell("split"),
+                body_part=cell("body_part").upper(),
+                target=target,
+                laterality=cell("laterality").upper(),
+            )
+        )
     missing = [f for f in out if not f.path.is_file()]
     if missing:
-        raise DatasetNotFoundError(f"{len(missing)} of {len(out)} files listed in {csv_path} do not exist (first: "
-                                   f"{missing[0].relpath}); paths are relative to the CSV's folder {csv_path.parent}.")
+        raise DatasetNotFoundError(
+            f"{len(missing)} of {len(out)} files listed in {csv_path} do not exist (first: "
+            f"{missing[0].relpath}); paths are relative to the CSV's folder {csv_path.parent}."
+        )
     return out
 
 
@@ -219,6 +246,7 @@ def label_ids(files: Sequence[LabelledFile], label_names: Sequence[str] | None =
 
 
 # ─── Reading one image ───────────────────────────────────────────────────────────────────────────
+
 
 def to_single_channel(image: np.ndarray) -> np.ndarray:
     """(H, W) uint8 or uint16 from a decoded grey, BGR or BGRA image of any numeric dtype.
@@ -264,7 +292,6 @@ def read_image(path: str | os.PathLike, salt: bytes | None = None) -> LoadedImag
     """
     p = pathlib.Path(path)
     if is_dicom_file(p):
-
         salt = salt or anonymize.load_salt()
         try:
             frame = dicom.read_dicom(p, salt)[0]
@@ -294,8 +321,10 @@ def _read_colour_dicom(path: pathlib.Path, salt: bytes) -> LoadedImage:
     if rgb.ndim != 3 or rgb.shape[-1] != 3:
         raise ValueError(f"colour DICOM with pixel array of shape {rgb.shape}")
     grey = to_single_channel(np.ascontiguousarray(rgb[..., ::-1]))  # RGB -> BGR, OpenCV's channel order
-    meta = {key: anonymize.hash_id(str(ds.get(tag)), salt) if ds.get(tag) else ""
-            for key, tag in (("study_id", "StudyInstanceUID"), ("series_id", "SeriesInstanceUID"))}
+    meta = {
+        key: anonymize.hash_id(str(ds.get(tag)), salt) if ds.get(tag) else ""
+        for key, tag in (("study_id", "StudyInstanceUID"), ("series_id", "SeriesInstanceUID"))
+    }
     meta["modality"] = " ".join(str(ds.get("Modality", "") or "").split()).upper()[:64]
     return LoadedImage(grey, meta)
 
@@ -303,21 +332,21 @@ def _read_colour_dicom(path: pathlib.Path, salt: bytes) -> LoadedImage:
 def shrink(image: np.ndarray, image_size: int) -> np.ndarray:
     """The image with its longest side reduced to `image_size` (area interpolation); 0 = unchanged."""
     if image_size and max(image.shape) > image_size:
-
         return resize_longest(image, int(image_size))
     return image
 
 
 # ─── Patients ────────────────────────────────────────────────────────────────────────────────────
 
+
 def _dicom_patient_key(path: pathlib.Path) -> str:
     """The raw key `dicom.read_dicom` hashes as patient_id (Patient ID, else the study), from the header."""
     import pydicom  # pylint: disable=g-import-not-at-top  (pydicom: slow to import, only for DICOM inputs)
 
-
     try:
-        ds = pydicom.dcmread(path, stop_before_pixels=True, force=True,
-                             specific_tags=["PatientID", "StudyInstanceUID", "SOPInstanceUID"])
+        ds = pydicom.dcmread(
+            path, stop_before_pixels=True, force=True, specific_tags=["PatientID", "StudyInstanceUID", "SOPInstanceUID"]
+        )
     except Exception:  # pylint: disable=broad-except  (broken files are reported when read)
         return ""
     return dicom.patient_key(ds)[0]
@@ -338,8 +367,10 @@ def patient_keys(files: Sequence[LabelledFile], patient_from: PatientFrom = "aut
         order = ("csv", "dicom", "subfolder", "file") if patient_from == "auto" else (patient_from,)
         source = next((s for s in order if candidates[s]), None)
         if source is None:
-            raise ConfigError(f"patient_from={patient_from!r} but {f.relpath} has no such patient information; "
-                              "use patient_from='auto'.")
+            raise ConfigError(
+                f"patient_from={patient_from!r} but {f.relpath} has no such patient information; "
+                "use patient_from='auto'."
+            )
         keys.append(candidates[source])
         sources[source] += 1
     return keys, sources
@@ -352,6 +383,7 @@ def _subfolder(f: LabelledFile, level: int) -> str:
 
 
 # ─── Examples and writing ────────────────────────────────────────────────────────────────────────
+
 
 @dataclasses.dataclass(frozen=True)
 class PlannedImage:
@@ -370,8 +402,9 @@ class PlannedImage:
     laterality: str = ""
 
 
-def _load(item: PlannedImage, salt: bytes, image_size: int,
-          png_compression: int | None) -> tuple[PlannedImage, bytes | None, dict[str, Any], str]:
+def _load(
+    item: PlannedImage, salt: bytes, image_size: int, png_compression: int | None
+) -> tuple[PlannedImage, bytes | None, dict[str, Any], str]:
     """(item, 16-bit PNG bytes or None, metadata, failure reason): one file read, shrunk and encoded."""
     try:
         loaded = read_image(item.path, salt)
@@ -396,23 +429,34 @@ def encode_png16(image: np.ndarray, png_compression: int | None = None) -> bytes
     return buf.tobytes()
 
 
-def iter_examples(items: Sequence[PlannedImage], salt: bytes, *, image_size: int = 0, workers: int = 2,
-                  strict: bool = False, failures: Counter | None = None, chunk: int = 64,
-                  png_compression: int | None = None) -> Iterator[dict[str, Any]]:
+def iter_examples(
+    items: Sequence[PlannedImage],
+    salt: bytes,
+    *,
+    image_size: int = 0,
+    workers: int = 2,
+    strict: bool = False,
+    failures: Counter | None = None,
+    chunk: int = 64,
+    png_compression: int | None = None,
+) -> Iterator[dict[str, Any]]:
     """Record dicts for `items` in order, `image` already as 16-bit PNG bytes: decoding, resizing and
     encoding run in `workers` threads (OpenCV releases the GIL; encoding is the larger cost, so it
     must not stay in the writer's thread). Unreadable files are counted in `failures` by reason and
     skipped, or with `strict` raise UnreadableImageError naming the file."""
+
     def load(it: PlannedImage) -> tuple[PlannedImage, bytes | None, dict[str, Any], str]:
         return _load(it, salt, image_size, png_compression)
 
     with concurrent.futures.ThreadPoolExecutor(max(1, int(workers))) as pool:
         for start in range(0, len(items), chunk):
-            for item, png, meta, error in pool.map(load, items[start:start + chunk]):
+            for item, png, meta, error in pool.map(load, items[start : start + chunk]):
                 if png is None:
                     if strict:
-                        raise UnreadableImageError(f"{item.relpath} cannot be read ({error}); replace or remove it "
-                                                   "(folder datasets: without --strict, unreadable files are skipped).")
+                        raise UnreadableImageError(
+                            f"{item.relpath} cannot be read ({error}); replace or remove it "
+                            "(folder datasets: without --strict, unreadable files are skipped)."
+                        )
                     if failures is not None:
                         failures[error] += 1
                     continue
@@ -434,11 +478,23 @@ def iter_examples(items: Sequence[PlannedImage], salt: bytes, *, image_size: int
                 }
 
 
-def build_folder_dataset(source: str | os.PathLike, out_dir: str | os.PathLike, *, name: str,
-                         label_names: Sequence[str] | None = None, split_fractions: Mapping[str, float] | None = None,
-                         image_size: int = 0, salt: bytes | None = None, patient_from: PatientFrom = "auto",
-                         body_part: str = "", overwrite: bool = False, strict: bool = False, workers: int = 2,
-                         png_compression: int | None = None, target_column: str = "") -> pathlib.Path:
+def build_folder_dataset(
+    source: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    name: str,
+    label_names: Sequence[str] | None = None,
+    split_fractions: Mapping[str, float] | None = None,
+    image_size: int = 0,
+    salt: bytes | None = None,
+    patient_from: PatientFrom = "auto",
+    body_part: str = "",
+    overwrite: bool = False,
+    strict: bool = False,
+    workers: int = 2,
+    png_compression: int | None = None,
+    target_column: str = "",
+) -> pathlib.Path:
     """Writes the images of a labelled folder or CSV as a dataset; returns its version directory.
 
     Args:
@@ -460,9 +516,11 @@ def build_folder_dataset(source: str | os.PathLike, out_dir: str | os.PathLike, 
     ids = label_ids(files, label_names)
     raw_patients, patient_sources = patient_keys(files, patient_from)
     if patient_sources.get("file") == len(files) and len(files) > 1:
-        log.warning("No patient information (CSV patient column, DICOM Patient ID or ROOT/<label>/<patient>/ "
-                    "folders): each image is its own patient, so splits are by image. If patients have "
-                    "several images, add a patient column to a CSV to keep each patient in one split.")
+        log.warning(
+            "No patient information (CSV patient column, DICOM Patient ID or ROOT/<label>/<patient>/ "
+            "folders): each image is its own patient, so splits are by image. If patients have "
+            "several images, add a patient column to a CSV to keep each patient in one split."
+        )
     hashed = [anonymize.hash_id(p, salt) for p in raw_patients]
     labels = [ids[f.label_name] if f.label_name else -1 for f in files]
     splits = _assign_splits(files, hashed, labels, split_fractions)
@@ -470,37 +528,70 @@ def build_folder_dataset(source: str | os.PathLike, out_dir: str | os.PathLike, 
     items = []
     for f, raw, pid, label in zip(files, raw_patients, hashed, labels):
         study_raw = f.study or (f"{raw}/{_subfolder(f, 2)}" if _subfolder(f, 2) and raw == _subfolder(f, 1) else "")
-        items.append(PlannedImage(
-            path=f.path, relpath=f.relpath, patient_id=pid,
-            study_id=anonymize.hash_id(f"study:{study_raw}", salt) if study_raw else "",
-            image_id=anonymize.hash_id(f"{name}:{f.relpath}", salt), label=label,
-            label_name=names.get(label, ""), body_part=f.body_part or body_part.upper(), split=splits[pid],
-            target=float(f.target) if f.target else float("nan"), laterality=f.laterality))
+        items.append(
+            PlannedImage(
+                path=f.path,
+                relpath=f.relpath,
+                patient_id=pid,
+                study_id=anonymize.hash_id(f"study:{study_raw}", salt) if study_raw else "",
+                image_id=anonymize.hash_id(f"{name}:{f.relpath}", salt),
+                label=label,
+                label_name=names.get(label, ""),
+                body_part=f.body_part or body_part.upper(),
+                split=splits[pid],
+                target=float(f.target) if f.target else float("nan"),
+                laterality=f.laterality,
+            )
+        )
     split_of_item = {it.image_id: it.split for it in items}
     fractions = splits_lib.fractions_from_counts(Counter(splits.values()))
     empty = sorted(set(split_fractions or splits_lib.DEFAULT_SPLIT_FRACTIONS) - set(fractions))
     if empty and not any(f.split for f in files):
-        log.warning("Splits %s received no patient: there are too few patients per label (%d patients). Add "
-                    "patients, change --splits, or give a CSV with a split column.", empty, len(splits))
+        log.warning(
+            "Splits %s received no patient: there are too few patients per label (%d patients). Add "
+            "patients, change --splits, or give a CSV with a split column.",
+            empty,
+            len(splits),
+        )
     failures: Counter = Counter()
     source_p = pathlib.Path(source).expanduser()
     info = {
         "source": "labelled CSV" if source_p.suffix.lower() == ".csv" else "labelled folder",
-        "preprocessing": {"image_size": int(image_size), "channels": "luminance of RGB; 8-bit scaled x257",
-                          "dicom": "afm_jax.data.dicom defaults (window, first frame)"},
+        "preprocessing": {
+            "image_size": int(image_size),
+            "channels": "luminance of RGB; 8-bit scaled x257",
+            "dicom": "afm_jax.data.dicom defaults (window, first frame)",
+        },
         "source_fingerprint": _listing_fingerprint(items),
         "patient_id_sources": dict(patient_sources),
         "label_ids": ids,
         "target_column": target_column or ("target" if any(f.target for f in files) else ""),
     }
     directory = records.write_dataset(
-        iter_examples(items, salt, image_size=image_size, workers=workers, strict=strict, failures=failures,
-                      png_compression=png_compression),
-        out_dir, name=name, split_fractions=fractions, extra_info=info, num_examples_hint=len(items),
-        overwrite=overwrite, png_compression=png_compression, assign_split=lambda r: split_of_item[r["image_id"]])
+        iter_examples(
+            items,
+            salt,
+            image_size=image_size,
+            workers=workers,
+            strict=strict,
+            failures=failures,
+            png_compression=png_compression,
+        ),
+        out_dir,
+        name=name,
+        split_fractions=fractions,
+        extra_info=info,
+        num_examples_hint=len(items),
+        overwrite=overwrite,
+        png_compression=png_compression,
+        assign_split=lambda r: split_of_item[r["image_id"]],
+    )
     if failures:
-        log.warning("Skipped %d unreadable files (%s); pass strict=True (--strict) to stop at the first and see "
-                    "which.", sum(failures.values()), dict(failures))
+        log.warning(
+            "Skipped %d unreadable files (%s); pass strict=True (--strict) to stop at the first and see which.",
+            sum(failures.values()),
+            dict(failures),
+        )
         _record_failures(directory, failures)
     return directory
 
@@ -523,17 +614,24 @@ def _listing_fingerprint(items: Iterable[PlannedImage]) -> str:
     return h.hexdigest()
 
 
-def _assign_splits(files: Sequence[LabelledFile], hashed: Sequence[str], labels: Sequence[int],
-                   split_fractions: Mapping[str, float] | None) -> dict[str, str]:
+def _assign_splits(
+    files: Sequence[LabelledFile],
+    hashed: Sequence[str],
+    labels: Sequence[int],
+    split_fractions: Mapping[str, float] | None,
+) -> dict[str, str]:
     """hashed patient id -> split: the CSV's split column if present, else stratified by label."""
     given = [f.split for f in files]
     if any(given):
         if not all(given):
-            raise ConfigError(f"The CSV's split column is empty for {sum(not s for s in given)} rows; fill it for "
-                              "every row or drop the column to split automatically.")
+            raise ConfigError(
+                f"The CSV's split column is empty for {sum(not s for s in given)} rows; fill it for "
+                "every row or drop the column to split automatically."
+            )
         return splits_lib.splits_from_column(hashed, given, [f.relpath for f in files])
     per_patient: dict[str, Counter] = {}
     for pid, label in zip(hashed, labels):
         per_patient.setdefault(pid, Counter())[label] += 1
-    return splits_lib.assign_patient_splits(per_patient, dict(split_fractions or splits_lib.DEFAULT_SPLIT_FRACTIONS),
-                                            "stratified")
+    return splits_lib.assign_patient_splits(
+        per_patient, dict(split_fractions or splits_lib.DEFAULT_SPLIT_FRACTIONS), "stratified"
+    )

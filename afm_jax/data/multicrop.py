@@ -43,20 +43,24 @@ from afm_jax.data import pipeline, transforms
 
 def default_multicrop_config() -> ml_collections.ConfigDict:
     """`config.multicrop`: DINO's crop recipe; the global crop size is `config.image_size`."""
-    return ml_collections.ConfigDict(dict(
-        num_global=2,
-        global_scale=(0.4, 1.0),    # DINO main_dino.py (DINOv2: 0.32, 1)
-        num_local=8,
-        local_size=96,
-        local_scale=(0.05, 0.4),    # DINO main_dino.py (DINOv2: 0.05, 0.32)
-        ratio=(3 / 4, 4 / 3),
-        flip=True,
-        jitter_p=0.8,               # DINO's RandomApply(ColorJitter, p=0.8)
-        brightness=0.4, contrast=0.4, gamma=0.2,
-        blur_p=(1.0, 0.1, 0.5),     # first global, second global, local crops
-        blur_sigma=(0.1, 2.0),      # in output pixels (PIL radius in DINO)
-        solarize_p=0.2,             # second global crop only
-    ))
+    return ml_collections.ConfigDict(
+        dict(
+            num_global=2,
+            global_scale=(0.4, 1.0),  # DINO main_dino.py (DINOv2: 0.32, 1)
+            num_local=8,
+            local_size=96,
+            local_scale=(0.05, 0.4),  # DINO main_dino.py (DINOv2: 0.05, 0.32)
+            ratio=(3 / 4, 4 / 3),
+            flip=True,
+            jitter_p=0.8,  # DINO's RandomApply(ColorJitter, p=0.8)
+            brightness=0.4,
+            contrast=0.4,
+            gamma=0.2,
+            blur_p=(1.0, 0.1, 0.5),  # first global, second global, local crops
+            blur_sigma=(0.1, 2.0),  # in output pixels (PIL radius in DINO)
+            solarize_p=0.2,  # second global crop only
+        )
+    )
 
 
 def validate_multicrop_config(config: ml_collections.ConfigDict, patch_size: int) -> None:
@@ -64,8 +68,12 @@ def validate_multicrop_config(config: ml_collections.ConfigDict, patch_size: int
     req = configuration.require
     req(config, "multicrop.num_global", lambda v: int(v) in (1, 2), "1 or 2 global crops")
     req(config, "multicrop.num_local", lambda v: int(v) >= 0, "a count >= 0")
-    req(config, "multicrop.local_size", lambda v: int(v) > 0 and int(v) % patch_size == 0,
-        f"a positive multiple of the patch size {patch_size}")
+    req(
+        config,
+        "multicrop.local_size",
+        lambda v: int(v) > 0 and int(v) % patch_size == 0,
+        f"a positive multiple of the patch size {patch_size}",
+    )
     for key in ("global_scale", "local_scale"):
         req(config, f"multicrop.{key}", lambda v: 0 < float(v[0]) <= float(v[1]) <= 1, "a pair 0 < min <= max <= 1")
     req(config, "multicrop.ratio", lambda v: 0 < float(v[0]) <= float(v[1]), "a pair 0 < min <= max")
@@ -73,19 +81,28 @@ def validate_multicrop_config(config: ml_collections.ConfigDict, patch_size: int
         req(config, f"multicrop.{key}", lambda v: 0 <= float(v) < 1, "a strength in [0, 1)")
     req(config, "multicrop.jitter_p", lambda v: 0 <= float(v) <= 1, "a probability")
     req(config, "multicrop.solarize_p", lambda v: 0 <= float(v) <= 1, "a probability")
-    req(config, "multicrop.blur_p", lambda v: len(v) == 3 and all(0 <= float(p) <= 1 for p in v),
-        "three probabilities (first global, second global, local)")
+    req(
+        config,
+        "multicrop.blur_p",
+        lambda v: len(v) == 3 and all(0 <= float(p) <= 1 for p in v),
+        "three probabilities (first global, second global, local)",
+    )
     req(config, "multicrop.blur_sigma", lambda v: 0 < float(v[0]) <= float(v[1]), "a pair 0 < min <= max")
 
 
 # ─── Op chains ───────────────────────────────────────────────────────────────────────────────────
 
-def crop_chain(cfg: Mapping[str, Any], *, size: int, scale: Sequence[float], blur_p: float,
-               solarize_p: float = 0.0) -> transforms.Chain:
+
+def crop_chain(
+    cfg: Mapping[str, Any], *, size: int, scale: Sequence[float], blur_p: float, solarize_p: float = 0.0
+) -> transforms.Chain:
     """One view's op chain: random resized crop, flip, to_float, jitter, blur, solarize."""
     chain: list[tuple[str, dict[str, Any]]] = [
-        ("random_resized_crop", dict(size=int(size), scale=tuple(map(float, scale)),
-                                     ratio=tuple(map(float, cfg["ratio"]))))]
+        (
+            "random_resized_crop",
+            dict(size=int(size), scale=tuple(map(float, scale)), ratio=tuple(map(float, cfg["ratio"]))),
+        )
+    ]
     if cfg["flip"]:
         chain.append(("flip_lr", dict(p=0.5)))
     chain.append(("to_float", {}))
@@ -104,16 +121,27 @@ def multicrop_chains(cfg: Mapping[str, Any], global_size: int) -> tuple[tuple[tr
     blur = tuple(float(p) for p in cfg["blur_p"])
     globals_ = [crop_chain(cfg, size=global_size, scale=cfg["global_scale"], blur_p=blur[0])]
     if int(cfg["num_global"]) == 2:
-        globals_.append(crop_chain(cfg, size=global_size, scale=cfg["global_scale"], blur_p=blur[1],
-                                   solarize_p=float(cfg["solarize_p"])))
+        globals_.append(
+            crop_chain(
+                cfg, size=global_size, scale=cfg["global_scale"], blur_p=blur[1], solarize_p=float(cfg["solarize_p"])
+            )
+        )
     local = crop_chain(cfg, size=int(cfg["local_size"]), scale=cfg["local_scale"], blur_p=blur[2])
     return tuple(globals_), local
 
 
 # ─── Block masks (iBOT / DINOv2) ─────────────────────────────────────────────────────────────────
 
-def block_mask(grid: tuple[int, int], num_masked: int, rng: np.random.Generator, *, min_block: int = 4,
-               max_block: int | None = None, min_aspect: float = 0.3) -> np.ndarray:
+
+def block_mask(
+    grid: tuple[int, int],
+    num_masked: int,
+    rng: np.random.Generator,
+    *,
+    min_block: int = 4,
+    max_block: int | None = None,
+    min_aspect: float = 0.3,
+) -> np.ndarray:
     """A (gh, gw) bool mask of about `num_masked` patches made of random rectangles.
 
     A port of iBOT/DINOv2's `MaskingGenerator`: rectangles of area ~ U(min_block, remaining) and
@@ -129,13 +157,13 @@ def block_mask(grid: tuple[int, int], num_masked: int, rng: np.random.Generator,
         limit = min(num_masked - count, max_block)
         delta = 0
         for _ in range(10):
-            area = min_block + (limit - min_block) * rng.random()   # Python's random.uniform: works for limit < min
+            area = min_block + (limit - min_block) * rng.random()  # Python's random.uniform: works for limit < min
             aspect = math.exp(rng.uniform(*log_aspect))
             h = int(round(math.sqrt(area * aspect)))
             w = int(round(math.sqrt(area / aspect)))
             if w < gw and h < gh:
                 top, left = int(rng.integers(0, gh - h + 1)), int(rng.integers(0, gw - w + 1))
-                window = mask[top:top + h, left:left + w]
+                window = mask[top : top + h, left : left + w]
                 new = h * w - int(window.sum())
                 if 0 < new <= limit:
                     window[...] = True
@@ -151,6 +179,7 @@ def block_mask(grid: tuple[int, int], num_masked: int, rng: np.random.Generator,
 @dataclasses.dataclass(frozen=True)
 class MaskSpec:
     """Which global crops get iBOT masks, and how many patches (ratios of the `grid`)."""
+
     grid: tuple[int, int]
     probability: float = 0.5
     ratio: tuple[float, float] = (0.1, 0.5)
@@ -165,6 +194,7 @@ class MaskSpec:
 
 
 # ─── grain transform and iterator ────────────────────────────────────────────────────────────────
+
 
 @dataclasses.dataclass(frozen=True)
 class MultiCropTransform(grain.transforms.RandomMap):
@@ -191,8 +221,9 @@ class MultiCropTransform(grain.transforms.RandomMap):
         return out
 
 
-def build_multicrop_transform(config: ml_collections.ConfigDict, *, patch_size: int,
-                              ibot: ml_collections.ConfigDict | None = None) -> MultiCropTransform:
+def build_multicrop_transform(
+    config: ml_collections.ConfigDict, *, patch_size: int, ibot: ml_collections.ConfigDict | None = None
+) -> MultiCropTransform:
     """The transform of `config.multicrop` at global size `config.image_size`; `ibot` (with
     `mask_probability`, `mask_ratio`) adds one block mask per global crop."""
     cfg = config.multicrop
@@ -200,19 +231,35 @@ def build_multicrop_transform(config: ml_collections.ConfigDict, *, patch_size: 
     masks = None
     if ibot is not None:
         g = int(config.image_size) // patch_size
-        masks = MaskSpec(grid=(g, g), probability=float(ibot.mask_probability),
-                         ratio=tuple(float(r) for r in ibot.mask_ratio))
-    return MultiCropTransform(global_chains=globals_, local_chain=local, num_local=int(cfg.num_local),
-                              local_size=int(cfg.local_size), masks=masks)
+        masks = MaskSpec(
+            grid=(g, g), probability=float(ibot.mask_probability), ratio=tuple(float(r) for r in ibot.mask_ratio)
+        )
+    return MultiCropTransform(
+        global_chains=globals_,
+        local_chain=local,
+        num_local=int(cfg.num_local),
+        local_size=int(cfg.local_size),
+        masks=masks,
+    )
 
 
-def build_multicrop_iterator(config: ml_collections.ConfigDict, *, patch_size: int,
-                             ibot: ml_collections.ConfigDict | None = None,
-                             process_index: int | None = None,
-                             process_count: int | None = None) -> pipeline.TrainIterator:
+def build_multicrop_iterator(
+    config: ml_collections.ConfigDict,
+    *,
+    patch_size: int,
+    ibot: ml_collections.ConfigDict | None = None,
+    process_index: int | None = None,
+    process_count: int | None = None,
+) -> pipeline.TrainIterator:
     """This host's infinite, checkpointable iterator of multi-crop batches (see the module doc)."""
     transform = build_multicrop_transform(config, patch_size=patch_size, ibot=ibot)
     dataset, facts = pipeline.build_train_dataset(
-        config.data, global_batch_size=config.batch_size, seed=config.seed, image_size=config.image_size,
-        process_index=process_index, process_count=process_count, transform=transform)
+        config.data,
+        global_batch_size=config.batch_size,
+        seed=config.seed,
+        image_size=config.image_size,
+        process_index=process_index,
+        process_count=process_count,
+        transform=transform,
+    )
     return pipeline.TrainIterator(dataset, facts, config.data)

@@ -43,8 +43,10 @@ MURA_DIR = "MURA-v1.1"
 BODY_PARTS = ("ELBOW", "FINGER", "FOREARM", "HAND", "HUMERUS", "SHOULDER", "WRIST")
 LABEL_NAMES = ("normal", "abnormal")  # label 0, 1: MURA's negative / positive studies
 OFFICIAL_SPLITS = {"train": "train", "valid": "test"}  # MURA split -> our split
-_STUDY_RE = re.compile(r"^(?P<split>train|valid)/XR_(?P<part>[A-Z]+)/(?P<patient>patient\d+)/"
-                       r"(?P<study>study\d+)_(?P<suffix>positive|negative)/?$")
+_STUDY_RE = re.compile(
+    r"^(?P<split>train|valid)/XR_(?P<part>[A-Z]+)/(?P<patient>patient\d+)/"
+    r"(?P<study>study\d+)_(?P<suffix>positive|negative)/?$"
+)
 
 
 def find_mura_dir(root: str | os.PathLike) -> pathlib.Path:
@@ -57,7 +59,8 @@ def find_mura_dir(root: str | os.PathLike) -> pathlib.Path:
         f"{root} is not an unpacked MURA-v1.1 folder: expected {MURA_DIR}/train_image_paths.csv and "
         f"valid_image_paths.csv in it or in its {MURA_DIR} subfolder. Download MURA-v1.1.zip from "
         "https://stanfordmlgroup.github.io/competitions/mura/ (registration needed), unzip it, and pass "
-        "the folder that holds MURA-v1.1.")
+        "the folder that holds MURA-v1.1."
+    )
 
 
 def _relative(entry: str) -> str:
@@ -105,8 +108,10 @@ def list_mura(root: str | os.PathLike, *, body_parts: Sequence[str] | None = Non
             rel = _relative(entry)
             match = _STUDY_RE.match(_study_dir(rel))
             if match is None or match["split"] != mura_split:
-                raise ConfigError(f"{mura_split}_image_paths.csv lists {entry!r}, which does not look like "
-                                  f"{MURA_DIR}/{mura_split}/XR_<PART>/patient<N>/study<N>_<positive|negative>/<image>.")
+                raise ConfigError(
+                    f"{mura_split}_image_paths.csv lists {entry!r}, which does not look like "
+                    f"{MURA_DIR}/{mura_split}/XR_<PART>/patient<N>/study<N>_<positive|negative>/<image>."
+                )
             if match["part"] not in wanted:
                 continue
             from_folder = int(match["suffix"] == "positive")
@@ -115,15 +120,27 @@ def list_mura(root: str | os.PathLike, *, body_parts: Sequence[str] | None = Non
             path = mura_dir / rel
             if not path.is_file():
                 missing.append(rel)
-            out.append({"relpath": rel, "path": path, "mura_split": mura_split, "body_part": match["part"],
-                        "patient": match["patient"], "study": f"{match['patient']}/{match['part']}/{match['study']}",
-                        "label": label})
+            out.append(
+                {
+                    "relpath": rel,
+                    "path": path,
+                    "mura_split": mura_split,
+                    "body_part": match["part"],
+                    "patient": match["patient"],
+                    "study": f"{match['patient']}/{match['part']}/{match['study']}",
+                    "label": label,
+                }
+            )
     if missing:
-        raise DatasetNotFoundError(f"{len(missing)} images listed in the MURA CSVs are missing under {mura_dir} "
-                                   f"(first: {missing[0]}); the unpacked folder is incomplete — unzip it again.")
+        raise DatasetNotFoundError(
+            f"{len(missing)} images listed in the MURA CSVs are missing under {mura_dir} "
+            f"(first: {missing[0]}); the unpacked folder is incomplete — unzip it again."
+        )
     if mismatched:
-        raise ConfigError(f"{mismatched} images are in studies whose label in *_labeled_studies.csv contradicts "
-                          "the folder name (_positive/_negative); the CSVs do not belong to this folder.")
+        raise ConfigError(
+            f"{mismatched} images are in studies whose label in *_labeled_studies.csv contradicts "
+            "the folder name (_positive/_negative); the CSVs do not belong to this folder."
+        )
     if not out:
         raise DatasetNotFoundError(f"No MURA images of body parts {sorted(wanted)} under {mura_dir}.")
     return out
@@ -151,8 +168,9 @@ def carve_validation(images: Sequence[dict], fraction: float) -> set[str]:
         if im["mura_split"] == "train":
             per_patient[im["patient"]][(im["body_part"], im["label"])] += 1
     stratum_of = {patient: splits.majority(counts) for patient, counts in per_patient.items()}
-    split_of = splits.assign_stratified(stratum_of, [("validation", fraction), ("train", 1.0 - fraction)],
-                                        order_key=_validation_order_key)
+    split_of = splits.assign_stratified(
+        stratum_of, [("validation", fraction), ("train", 1.0 - fraction)], order_key=_validation_order_key
+    )
     chosen = {patient for patient, split in split_of.items() if split == "validation"}
     if fraction <= 0.0:
         return chosen
@@ -166,11 +184,14 @@ def carve_validation(images: Sequence[dict], fraction: float) -> set[str]:
         if len(members) >= 2 and not chosen & set(members):
             chosen.add(min(members, key=_validation_order_key))
     if not chosen and len(stratum_of) >= 2:
-        everyone = splits.assign_stratified({p: 0 for p in stratum_of},
-                                            [("validation", fraction), ("train", 1.0 - fraction)],
-                                            order_key=_validation_order_key)
+        everyone = splits.assign_stratified(
+            {p: 0 for p in stratum_of},
+            [("validation", fraction), ("train", 1.0 - fraction)],
+            order_key=_validation_order_key,
+        )
         chosen = {p for p, split in everyone.items() if split == "validation"} or {
-            min(stratum_of, key=_validation_order_key)}
+            min(stratum_of, key=_validation_order_key)
+        }
     return chosen
 
 
@@ -178,10 +199,19 @@ def _validation_order_key(patient: str) -> bytes:
     return hashlib.sha256(f"afm-jax mura validation:{patient}".encode()).digest()
 
 
-def build_mura_dataset(root: str | os.PathLike, out_dir: str | os.PathLike, *, name: str = "mura",
-                       body_parts: Sequence[str] | None = None, validation_fraction: float = 0.1,
-                       image_size: int = 0, salt: bytes | None = None, overwrite: bool = False, workers: int = 2,
-                       png_compression: int | None = None) -> pathlib.Path:
+def build_mura_dataset(
+    root: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    name: str = "mura",
+    body_parts: Sequence[str] | None = None,
+    validation_fraction: float = 0.1,
+    image_size: int = 0,
+    salt: bytes | None = None,
+    overwrite: bool = False,
+    workers: int = 2,
+    png_compression: int | None = None,
+) -> pathlib.Path:
     """Writes MURA-v1.1 (all seven body parts, or `body_parts`) as a dataset; returns its version directory.
 
     Splits: train, validation (carved from train by patient), test (= MURA's official valid).
@@ -200,11 +230,19 @@ def build_mura_dataset(root: str | os.PathLike, out_dir: str | os.PathLike, *, n
             split = "validation"
         patient_id = anonymize.hash_id(f"mura:{im['patient']}", salt)
         patients_per_split[split].add(patient_id)
-        items.append(folder_dataset.PlannedImage(
-            path=im["path"], relpath=im["relpath"], patient_id=patient_id,
-            study_id=anonymize.hash_id(f"mura:{im['study']}", salt),
-            image_id=anonymize.hash_id(f"mura:{im['relpath']}", salt), label=im["label"],
-            label_name=LABEL_NAMES[im["label"]], body_part=im["body_part"], split=split))
+        items.append(
+            folder_dataset.PlannedImage(
+                path=im["path"],
+                relpath=im["relpath"],
+                patient_id=patient_id,
+                study_id=anonymize.hash_id(f"mura:{im['study']}", salt),
+                image_id=anonymize.hash_id(f"mura:{im['relpath']}", salt),
+                label=im["label"],
+                label_name=LABEL_NAMES[im["label"]],
+                body_part=im["body_part"],
+                split=split,
+            )
+        )
     fractions = splits.fractions_from_counts({s: len(p) for s, p in patients_per_split.items()})
     split_of = {it.image_id: it.split for it in items}
     mura_dir = find_mura_dir(root)
@@ -213,16 +251,27 @@ def build_mura_dataset(root: str | os.PathLike, out_dir: str | os.PathLike, *, n
         "preprocessing": {"image_size": int(image_size), "channels": "luminance of RGB; 8-bit scaled x257"},
         "source_fingerprint": _csv_fingerprint(mura_dir),
         "body_parts": sorted({im["body_part"] for im in images}),
-        "split_definition": {"test": "MURA-v1.1 valid", "train/validation": f"MURA-v1.1 train, "
-                             f"{validation_fraction:g} of patients to validation, stratified by body part and label"},
+        "split_definition": {
+            "test": "MURA-v1.1 valid",
+            "train/validation": f"MURA-v1.1 train, "
+            f"{validation_fraction:g} of patients to validation, stratified by body part and label",
+        },
         "label_level": "study (every image carries its study's label)",
         "id_salt": salt_kind,
     }
     return records.write_dataset(
-        folder_dataset.iter_examples(items, salt, image_size=image_size, workers=workers, strict=True,
-                                     png_compression=png_compression),
-        out_dir, name=name, split_fractions=fractions, extra_info=info, num_examples_hint=len(items),
-        overwrite=overwrite, png_compression=png_compression, assign_split=lambda r: split_of[r["image_id"]])
+        folder_dataset.iter_examples(
+            items, salt, image_size=image_size, workers=workers, strict=True, png_compression=png_compression
+        ),
+        out_dir,
+        name=name,
+        split_fractions=fractions,
+        extra_info=info,
+        num_examples_hint=len(items),
+        overwrite=overwrite,
+        png_compression=png_compression,
+        assign_split=lambda r: split_of[r["image_id"]],
+    )
 
 
 def _without_train_copies_of_test_patients(images: list[dict]) -> list[dict]:
@@ -232,8 +281,11 @@ def _without_train_copies_of_test_patients(images: list[dict]) -> list[dict]:
     in_both = test_patients & {im["patient"] for im in images if im["mura_split"] == "train"}
     kept = [im for im in images if not (im["mura_split"] == "train" and im["patient"] in in_both)]
     if in_both:
-        log.warning("Dropped %d train images of %d patients who are also in MURA's valid (our test) split.",
-                    len(images) - len(kept), len(in_both))
+        log.warning(
+            "Dropped %d train images of %d patients who are also in MURA's valid (our test) split.",
+            len(images) - len(kept),
+            len(in_both),
+        )
     return kept
 
 

@@ -31,9 +31,9 @@ from typing import Any
 
 import cv2
 import grain
-from absl import flags
 import ml_collections
 import numpy as np
+from absl import flags
 from tqdm import tqdm
 
 from afm_jax.data import records, transforms
@@ -44,17 +44,21 @@ STATE_VERSION = 1
 
 def default_data_config() -> ml_collections.ConfigDict:
     """The `config.data` block: where the dataset is and how it is read and augmented."""
-    return ml_collections.ConfigDict(dict(
-        path="",                    # dataset version dir, e.g. DIR/femur/1.0.0 (tools/preprocess.py or
-                                    # python -m afm_jax.data.synthetic --out DIR)
-        train_split="train",
-        eval_split="validation",
-        selection=ml_collections.config_dict.placeholder(str),  # JSON list of image_ids to train on (tools/curate.py)
-        num_workers=2,              # decoding processes per host; 0 = in-process
-        read_threads=1,             # threads per process (per worker, or the main process if num_workers=0)
-        prefetch_buffer_size=2,     # batches buffered per worker (or in-process)
-        augment=ml_collections.ConfigDict(transforms.default_augment_config()),
-    ))
+    return ml_collections.ConfigDict(
+        dict(
+            path="",  # dataset version dir, e.g. DIR/femur/1.0.0 (tools/preprocess.py or
+            # python -m afm_jax.data.synthetic --out DIR)
+            train_split="train",
+            eval_split="validation",
+            selection=ml_collections.config_dict.placeholder(
+                str
+            ),  # JSON list of image_ids to train on (tools/curate.py)
+            num_workers=2,  # decoding processes per host; 0 = in-process
+            read_threads=1,  # threads per process (per worker, or the main process if num_workers=0)
+            prefetch_buffer_size=2,  # batches buffered per worker (or in-process)
+            augment=ml_collections.ConfigDict(transforms.default_augment_config()),
+        )
+    )
 
 
 def _get(cfg: Any, key: str, default: Any = None) -> Any:
@@ -75,8 +79,10 @@ def _process_index_and_count(process_index: int | None, process_count: int | Non
 
 def _local_batch_size(global_batch_size: int, process_count: int) -> int:
     if global_batch_size <= 0 or global_batch_size % process_count:
-        raise ConfigError(f"Global batch size {global_batch_size} must be a positive multiple of the "
-                          f"{process_count} processes (config key `batch_size`).")
+        raise ConfigError(
+            f"Global batch size {global_batch_size} must be a positive multiple of the "
+            f"{process_count} processes (config key `batch_size`)."
+        )
     return global_batch_size // process_count
 
 
@@ -97,7 +103,7 @@ def _die_with_parent() -> None:
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     except (OSError, AttributeError):
         return
-    if os.getppid() != parent:   # the parent died before the request took effect
+    if os.getppid() != parent:  # the parent died before the request took effect
         os._exit(1)
 
 
@@ -139,12 +145,15 @@ def _to_iterator(elements: grain.MapDataset, batch_size: int, data_cfg: Any) -> 
     it_ds = elements.batch(batch_size, drop_remainder=True).to_iter_dataset(read)
     if num_workers > 0:
         _ensure_absl_flags_parsed()
-        it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers, per_worker_buffer_size=buffer),
-                                  worker_init_fn=_init_worker)
+        it_ds = it_ds.mp_prefetch(
+            grain.MultiprocessingOptions(num_workers=num_workers, per_worker_buffer_size=buffer),
+            worker_init_fn=_init_worker,
+        )
     return iter(it_ds)
 
 
 # ─── Training ────────────────────────────────────────────────────────────────────────────────────
+
 
 class HostEpochRecords(grain.MapDataset):
     """The infinite stream of one host's training records: element i is record perm_e[start + j],
@@ -186,10 +195,16 @@ class HostEpochRecords(grain.MapDataset):
         return {**self.__dict__, "_permutations": {}}
 
 
-def build_train_dataset(data_cfg: Any, *, global_batch_size: int, seed: int, image_size: int,
-                        process_index: int | None = None, process_count: int | None = None,
-                        transform: grain.transforms.RandomMap | None = None,
-                        ) -> tuple[grain.MapDataset, dict[str, Any]]:
+def build_train_dataset(
+    data_cfg: Any,
+    *,
+    global_batch_size: int,
+    seed: int,
+    image_size: int,
+    process_index: int | None = None,
+    process_count: int | None = None,
+    transform: grain.transforms.RandomMap | None = None,
+) -> tuple[grain.MapDataset, dict[str, Any]]:
     """The infinite MapDataset of this host's augmented training examples (batched by the iterator),
     and the facts an iterator state must match to be resumed on it.
 
@@ -198,21 +213,29 @@ def build_train_dataset(data_cfg: Any, *, global_batch_size: int, seed: int, ima
     The default is `TrainTransform` of `data_cfg.augment` at `image_size`."""
     pi, pc = _process_index_and_count(process_index, process_count)
     local_batch = _local_batch_size(global_batch_size, pc)
-    source = records.open_split(_get(data_cfg, "path", ""), _get(data_cfg, "train_split", "train"),
-                                selection=_get(data_cfg, "selection", None))
+    source = records.open_split(
+        _get(data_cfg, "path", ""), _get(data_cfg, "train_split", "train"), selection=_get(data_cfg, "selection", None)
+    )
     per_host = len(source) // pc  # equal slices (the remainder is dropped), so hosts' epochs stay aligned
     if per_host == 0:
-        raise ConfigError(f"The training split {_get(data_cfg, 'train_split', 'train')!r} of {source.path} has "
-                          f"{len(source)} examples, too few for {pc} processes: use a bigger dataset or split "
-                          "(config keys `data.path`, `data.train_split`, `data.selection`) or fewer processes.")
+        raise ConfigError(
+            f"The training split {_get(data_cfg, 'train_split', 'train')!r} of {source.path} has "
+            f"{len(source)} examples, too few for {pc} processes: use a bigger dataset or split "
+            "(config keys `data.path`, `data.train_split`, `data.selection`) or fewer processes."
+        )
     start, end = pi * per_host, (pi + 1) * per_host
     if transform is None:
         transform = transforms.TrainTransform(transforms.train_chain(_get(data_cfg, "augment", None), image_size))
     ds = HostEpochRecords(source, seed=_derive_seed(seed, 0), start=start, count=end - start)
     ds = ds.random_map(transform, seed=_derive_seed(seed, 1, pi))
     # What decides which examples come next; augmentation and image size may change on resume.
-    facts = {"seed": int(seed), "local_batch_size": local_batch, "process_index": pi, "process_count": pc,
-             "examples": len(source)}
+    facts = {
+        "seed": int(seed),
+        "local_batch_size": local_batch,
+        "process_index": pi,
+        "process_count": pc,
+        "examples": len(source),
+    }
     return ds, facts
 
 
@@ -221,8 +244,9 @@ _TOPOLOGY_FACTS = {"process_index", "process_count", "local_batch_size"}
 
 def _same_global_batch(saved: Mapping[str, Any], now: Mapping[str, Any]) -> bool:
     try:
-        return int(saved["local_batch_size"]) * int(saved["process_count"]) == \
-            int(now["local_batch_size"]) * int(now["process_count"])
+        return int(saved["local_batch_size"]) * int(saved["process_count"]) == int(now["local_batch_size"]) * int(
+            now["process_count"]
+        )
     except (KeyError, TypeError, ValueError):
         return False
 
@@ -243,7 +267,7 @@ class TrainIterator(grain.DatasetIterator):
     def _inner(self) -> grain.DatasetIterator:
         if self._it is None:
             batch = self._facts["local_batch_size"]
-            self._it = _to_iterator(self._dataset[self._next_batch * batch:], batch, self._data_cfg)
+            self._it = _to_iterator(self._dataset[self._next_batch * batch :], batch, self._data_cfg)
         return self._it
 
     def __next__(self) -> dict[str, np.ndarray]:
@@ -261,8 +285,10 @@ class TrainIterator(grain.DatasetIterator):
         """Continues from `state` (from `get_state`); raises ValueError if the pipeline differs."""
         version = state.get("version") if isinstance(state, Mapping) else None
         if version != STATE_VERSION:
-            raise ValueError(f"Not a data iterator state of this code (version {version!r}, expected "
-                             f"{STATE_VERSION}); it was saved by a different input pipeline.")
+            raise ValueError(
+                f"Not a data iterator state of this code (version {version!r}, expected "
+                f"{STATE_VERSION}); it was saved by a different input pipeline."
+            )
         changed = {k: (state.get(k), v) for k, v in self._facts.items() if state.get(k) != v}
         if changed and set(changed) <= _TOPOLOGY_FACTS and _same_global_batch(state, self._facts):
             # Resumed on another number of processes (e.g. 2 hosts -> 1): the global batch index is
@@ -271,12 +297,17 @@ class TrainIterator(grain.DatasetIterator):
             logging.getLogger(__name__).warning(
                 "Data iterator resumed on %d process(es) from a state saved with %d: same global batch, "
                 "continuing at batch %d with a new deal of examples to processes.",
-                self._facts["process_count"], state.get("process_count"), int(state["next_batch"]))
+                self._facts["process_count"],
+                state.get("process_count"),
+                int(state["next_batch"]),
+            )
             changed = {}
         if changed:
             detail = "; ".join(f"{k}: saved {a!r}, now {b!r}" for k, (a, b) in changed.items())
-            raise ConfigError(f"Cannot resume the data iterator, the input pipeline changed ({detail}). Resume with "
-                              "the same data config, seed, batch size and process count, or start a new workdir.")
+            raise ConfigError(
+                f"Cannot resume the data iterator, the input pipeline changed ({detail}). Resume with "
+                "the same data config, seed, batch size and process count, or start a new workdir."
+            )
         self.close()  # a running pipeline was positioned for the old state
         self._closed = False
         self._next_batch = int(state["next_batch"])
@@ -291,8 +322,15 @@ class TrainIterator(grain.DatasetIterator):
         super().close()
 
 
-def build_train_iterator(data_cfg: ml_collections.ConfigDict, *, global_batch_size: int, seed: int, image_size: int,
-                         process_index: int | None = None, process_count: int | None = None) -> TrainIterator:
+def build_train_iterator(
+    data_cfg: ml_collections.ConfigDict,
+    *,
+    global_batch_size: int,
+    seed: int,
+    image_size: int,
+    process_index: int | None = None,
+    process_count: int | None = None,
+) -> TrainIterator:
     """The infinite, shuffled, augmented iterator of this host's training batches.
 
     Each process reads its own slice of the split (`process_index`/`process_count` default to the JAX
@@ -300,9 +338,14 @@ def build_train_iterator(data_cfg: ml_collections.ConfigDict, *, global_batch_si
     process_count. Deterministic for a seed and independent of `data_cfg.num_workers`;
     checkpointable with `iterator_state` / `restore_iterator_state` (or grain's orbax handler).
     """
-    dataset, facts = build_train_dataset(data_cfg, global_batch_size=global_batch_size, seed=seed,
-                                         image_size=image_size, process_index=process_index,
-                                         process_count=process_count)
+    dataset, facts = build_train_dataset(
+        data_cfg,
+        global_batch_size=global_batch_size,
+        seed=seed,
+        image_size=image_size,
+        process_index=process_index,
+        process_count=process_count,
+    )
     return TrainIterator(dataset, facts, data_cfg)
 
 
@@ -318,6 +361,7 @@ def restore_iterator_state(it: grain.DatasetIterator, state: dict[str, Any]) -> 
 
 # ─── Evaluation ──────────────────────────────────────────────────────────────────────────────────
 
+
 class _PaddedEvalElement(grain.transforms.Map):
     """Local position k -> the eval example at its global position, or a masked-out padding element.
 
@@ -325,8 +369,15 @@ class _PaddedEvalElement(grain.transforms.Map):
     assembled from the hosts' local batches (in process order) is in dataset order.
     """
 
-    def __init__(self, source: records.RecordSource, transform: transforms.EvalTransform, batch_size: int,
-                 local_batch: int, process_index: int, image_size: int) -> None:
+    def __init__(
+        self,
+        source: records.RecordSource,
+        transform: transforms.EvalTransform,
+        batch_size: int,
+        local_batch: int,
+        process_index: int,
+        image_size: int,
+    ) -> None:
         self.source, self.transform = source, transform
         self.batch_size, self.local_batch, self.process_index = batch_size, local_batch, process_index
         self.image_size = image_size
@@ -337,8 +388,13 @@ class _PaddedEvalElement(grain.transforms.Map):
         if g < len(self.source):
             return {**self.transform.map(self.source[g]), "mask": np.bool_(True)}
         size = self.image_size
-        return {"image": np.zeros((size, size, 1), np.float32), "label": np.int32(-1), "patient_id": "",
-                "image_id": "", "mask": np.bool_(False)}
+        return {
+            "image": np.zeros((size, size, 1), np.float32),
+            "label": np.int32(-1),
+            "patient_id": "",
+            "image_id": "",
+            "mask": np.bool_(False),
+        }
 
 
 def _threads_instead_of_workers(data_cfg: Any) -> dict[str, Any]:
@@ -350,15 +406,19 @@ def _threads_instead_of_workers(data_cfg: Any) -> dict[str, Any]:
     """
     workers = int(_get(data_cfg, "num_workers", 0))
     threads = int(_get(data_cfg, "read_threads", 1))
-    return {"num_workers": 0, "read_threads": max(threads, workers * threads, 1),
-            "prefetch_buffer_size": _get(data_cfg, "prefetch_buffer_size", 2)}
+    return {
+        "num_workers": 0,
+        "read_threads": max(threads, workers * threads, 1),
+        "prefetch_buffer_size": _get(data_cfg, "prefetch_buffer_size", 2),
+    }
 
 
 class EvalIterator(Iterator[dict]):
     """One pass over a split in batches; `len()` is the number of batches. Closes itself at the end."""
 
-    def __init__(self, dataset: grain.MapDataset, local_batch: int, data_cfg: Any, num_batches: int,
-                 num_examples: int) -> None:
+    def __init__(
+        self, dataset: grain.MapDataset, local_batch: int, data_cfg: Any, num_batches: int, num_examples: int
+    ) -> None:
         self._dataset, self._local_batch, self._data_cfg = dataset, local_batch, data_cfg
         self.num_batches, self.num_examples = num_batches, num_examples
         self._it: grain.DatasetIterator | None = None
@@ -387,8 +447,15 @@ class EvalIterator(Iterator[dict]):
             self.close()
 
 
-def build_eval_iterator(data_cfg: ml_collections.ConfigDict, *, split: str, batch_size: int, image_size: int,
-                        process_index: int | None = None, process_count: int | None = None) -> EvalIterator:
+def build_eval_iterator(
+    data_cfg: ml_collections.ConfigDict,
+    *,
+    split: str,
+    batch_size: int,
+    image_size: int,
+    process_index: int | None = None,
+    process_count: int | None = None,
+) -> EvalIterator:
     """One deterministic pass over `split`: every example exactly once, in dataset order, no augmentation.
 
     Yields {'image': float32 (b, S, S, 1), 'label': int32 (b,), 'patient_id': str (b,),
@@ -400,23 +467,39 @@ def build_eval_iterator(data_cfg: ml_collections.ConfigDict, *, split: str, batc
     local_batch = _local_batch_size(batch_size, pc)
     source = records.open_split(_get(data_cfg, "path", ""), split)
     num_batches = math.ceil(len(source) / batch_size)
-    element = _PaddedEvalElement(source, transforms.EvalTransform(transforms.eval_chain(image_size)), batch_size,
-                                 local_batch, pi, int(image_size))
+    element = _PaddedEvalElement(
+        source,
+        transforms.EvalTransform(transforms.eval_chain(image_size)),
+        batch_size,
+        local_batch,
+        pi,
+        int(image_size),
+    )
     ds = grain.MapDataset.range(num_batches * local_batch).map(element)
     return EvalIterator(ds, local_batch, data_cfg, num_batches, len(source))
 
 
-def map_split(fn: Callable[[np.ndarray], Any], data_cfg: Any, *, split: str, batch_size: int, image_size: int,
-              keys: Sequence[str] = ("label", "patient_id", "image_id"), limit: int | None = None,
-              progress: bool = False, desc: str = "") -> dict[str, np.ndarray]:
+def map_split(
+    fn: Callable[[np.ndarray], Any],
+    data_cfg: Any,
+    *,
+    split: str,
+    batch_size: int,
+    image_size: int,
+    keys: Sequence[str] = ("label", "patient_id", "image_id"),
+    limit: int | None = None,
+    progress: bool = False,
+    desc: str = "",
+) -> dict[str, np.ndarray]:
     """`fn(images)` over every image of `split` once, in dataset order, on this host (no sharding).
 
     The one loop behind feature extraction, probe scoring and monitors: returns
     {"output": concatenated fn outputs (padding rows dropped), <key>: the batch column for each of
     `keys`}. `limit` stops after that many images (the first `limit` of the split).
     """
-    batches = build_eval_iterator(data_cfg, split=split, batch_size=batch_size, image_size=image_size,
-                                  process_index=0, process_count=1)
+    batches = build_eval_iterator(
+        data_cfg, split=split, batch_size=batch_size, image_size=image_size, process_index=0, process_count=1
+    )
     cols: dict[str, list] = {"output": [], **{k: [] for k in keys}}
     seen = 0
     try:

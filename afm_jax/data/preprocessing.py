@@ -105,8 +105,12 @@ class Variant:
 
     @property
     def dicom_options(self) -> DicomOptions:
-        return DicomOptions(voi=self.voi, window_index=self.window_index, frames=self.frames,  # type: ignore[arg-type]
-                            max_pixels=int(self.max_pixels))
+        return DicomOptions(
+            voi=self.voi,
+            window_index=self.window_index,
+            frames=self.frames,  # type: ignore[arg-type]
+            max_pixels=int(self.max_pixels),
+        )
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-safe parameters (what the dataset info stores), plus a fingerprint of them."""
@@ -121,25 +125,38 @@ class Variant:
         params = {k: v for k, v in params.items() if k != "fingerprint"}
         unknown = sorted(set(params) - {f.name for f in dataclasses.fields(cls)})
         if unknown:
-            raise ValueError(f"Unknown preprocessing parameters {unknown}; known: "
-                             f"{[f.name for f in dataclasses.fields(cls)]}.")
+            raise ValueError(
+                f"Unknown preprocessing parameters {unknown}; known: {[f.name for f in dataclasses.fields(cls)]}."
+            )
         if "percentiles" in params:
             params["percentiles"] = tuple(float(p) for p in params["percentiles"])
         return cls(**params)
 
 
-VARIANTS: dict[str, Variant] = {v.name: v for v in (
-    Variant("std512", description="Default: 512 px longest side, field crop, 0.5-99.5 percentile stretch, 16-bit."),
-    Variant("window512", normalization="window",
-            description="The DICOM VOI window as the modality set it, 512 px, field crop, 16-bit."),
-    Variant("clahe512", normalization="clahe", description="CLAHE (clip 2, 8x8 tiles) after field crop, 512 px."),
-    Variant("equalize512", normalization="equalize", description="Global histogram equalisation, 512 px."),
-    Variant("std1024", image_size=1024, description="As std512 at 1024 px (for high-resolution pretraining)."),
-    Variant("std512_8bit", bit_depth=8, description="As std512, stored with 8-bit depth."),
-    Variant("std512_canon_r", flip_to="R", description="As std512 with left femurs mirrored to the right."),
-    Variant("raw", image_size=0, normalization="minmax", crop_field=False, voi="none",
-            description="Full resolution, no crop, min-max of the modality values (for studying preprocessing)."),
-)}
+VARIANTS: dict[str, Variant] = {
+    v.name: v
+    for v in (
+        Variant("std512", description="Default: 512 px longest side, field crop, 0.5-99.5 percentile stretch, 16-bit."),
+        Variant(
+            "window512",
+            normalization="window",
+            description="The DICOM VOI window as the modality set it, 512 px, field crop, 16-bit.",
+        ),
+        Variant("clahe512", normalization="clahe", description="CLAHE (clip 2, 8x8 tiles) after field crop, 512 px."),
+        Variant("equalize512", normalization="equalize", description="Global histogram equalisation, 512 px."),
+        Variant("std1024", image_size=1024, description="As std512 at 1024 px (for high-resolution pretraining)."),
+        Variant("std512_8bit", bit_depth=8, description="As std512, stored with 8-bit depth."),
+        Variant("std512_canon_r", flip_to="R", description="As std512 with left femurs mirrored to the right."),
+        Variant(
+            "raw",
+            image_size=0,
+            normalization="minmax",
+            crop_field=False,
+            voi="none",
+            description="Full resolution, no crop, min-max of the modality values (for studying preprocessing).",
+        ),
+    )
+}
 
 
 def get_variant(name_or_path: str, overrides: dict[str, Any] | None = None) -> Variant:
@@ -151,15 +168,19 @@ def get_variant(name_or_path: str, overrides: dict[str, Any] | None = None) -> V
     else:
         path = pathlib.Path(name_or_path).expanduser()
         if not path.is_file():
-            raise ValueError(f"Unknown preprocessing variant {name_or_path!r}: use one of "
-                             f"{', '.join(VARIANTS)} or the path of a JSON file of parameters.")
+            raise ValueError(
+                f"Unknown preprocessing variant {name_or_path!r}: use one of "
+                f"{', '.join(VARIANTS)} or the path of a JSON file of parameters."
+            )
         try:
             params = json.loads(path.read_text())
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise ValueError(f"Variant file {path} is not JSON ({e}).") from None
         if not isinstance(params, dict):
-            raise ValueError(f"Variant file {path} must hold a JSON object of parameters, e.g. "
-                             '{"name": "std384", "image_size": 384}.')
+            raise ValueError(
+                f"Variant file {path} must hold a JSON object of parameters, e.g. "
+                '{"name": "std384", "image_size": 384}.'
+            )
         params.setdefault("name", path.stem)
     params.update(overrides or {})
     return Variant.from_dict(params)
@@ -167,8 +188,15 @@ def get_variant(name_or_path: str, overrides: dict[str, Any] | None = None) -> V
 
 # ─── Steps ───────────────────────────────────────────────────────────────────────────────────────
 
-def field_box(image: np.ndarray, padding: np.ndarray | None = None, *, threshold: float = 0.01,
-              max_fraction: float = 0.4, thumb: int = 256) -> tuple[int, int, int, int]:
+
+def field_box(
+    image: np.ndarray,
+    padding: np.ndarray | None = None,
+    *,
+    threshold: float = 0.01,
+    max_fraction: float = 0.4,
+    thumb: int = 256,
+) -> tuple[int, int, int, int]:
     """(top, bottom, left, right) of the exposed field: edge rows/columns that are nearly uniform
     (std < `threshold` × the thumbnail's value range: collimator shadow, blank film margin) or all
     padding are cut off.
@@ -205,12 +233,17 @@ def field_box(image: np.ndarray, padding: np.ndarray | None = None, *, threshold
     top, bottom = keep(values[:, left:right], 1)  # rows again within those columns (corners resolved)
     left, right = keep(values[top:bottom], 0)
     # Thumbnail row r is image row r * step; rows between kept thumbnail rows are in the field.
-    return (min(h - 1, top * step), max(1, min(h, (bottom - 1) * step + 1)),
-            min(w - 1, left * step), max(1, min(w, (right - 1) * step + 1)))
+    return (
+        min(h - 1, top * step),
+        max(1, min(h, (bottom - 1) * step + 1)),
+        min(w - 1, left * step),
+        max(1, min(w, (right - 1) * step + 1)),
+    )
 
 
-def resize_longest(image: np.ndarray, size: int, *, upscale: bool = False,
-                   interpolation: int | None = None) -> np.ndarray:
+def resize_longest(
+    image: np.ndarray, size: int, *, upscale: bool = False, interpolation: int | None = None
+) -> np.ndarray:
     """Resized so that the longest side is `size` (aspect ratio kept); unchanged if size == 0 or the
     image is smaller and not `upscale`."""
     h, w = image.shape[:2]
@@ -285,8 +318,14 @@ class BlankImage(SkippedFile):
         super().__init__("blank_after_windowing")
 
 
-def apply_variant(image: np.ndarray, variant: Variant, *, padding: np.ndarray | None = None,
-                  laterality: str = "", reject_blank: bool = True) -> Processed:
+def apply_variant(
+    image: np.ndarray,
+    variant: Variant,
+    *,
+    padding: np.ndarray | None = None,
+    laterality: str = "",
+    reject_blank: bool = True,
+) -> Processed:
     """All steps of `variant` on one float32 [0, 1] bone-bright frame (as `dicom.read_dicom` gives).
 
     Raises BlankImage if the result is (nearly) constant and `reject_blank`."""
@@ -306,8 +345,15 @@ def apply_variant(image: np.ndarray, variant: Variant, *, padding: np.ndarray | 
     scale = max(image.shape) / before
     valid = None
     if padding is not None:
-        valid = resize_longest(np.ascontiguousarray(padding, np.float32), variant.image_size,
-                               upscale=variant.upscale, interpolation=cv2.INTER_AREA) < 0.5
+        valid = (
+            resize_longest(
+                np.ascontiguousarray(padding, np.float32),
+                variant.image_size,
+                upscale=variant.upscale,
+                interpolation=cv2.INTER_AREA,
+            )
+            < 0.5
+        )
     image = normalize(image, variant, valid)
     if reject_blank and is_blank(image, None if valid is None else ~valid):
         raise BlankImage()
@@ -315,7 +361,7 @@ def apply_variant(image: np.ndarray, variant: Variant, *, padding: np.ndarray | 
         image = np.where(valid, image, 0.0).astype(np.float32)
     if variant.pad_square:
         out = np.zeros((variant.image_size, variant.image_size), np.float32)
-        out[:image.shape[0], :image.shape[1]] = image[:variant.image_size, :variant.image_size]
+        out[: image.shape[0], : image.shape[1]] = image[: variant.image_size, : variant.image_size]
         image = out
     return Processed(quantize(image, variant.bit_depth), crop, scale, flipped)
 

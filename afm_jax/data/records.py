@@ -44,6 +44,7 @@ from typing import Any
 import cv2
 import numpy as np
 from tqdm import tqdm
+
 from afm_jax.data import selection as selection_lib
 from afm_jax.data.splits import DEFAULT_SPLIT_FRACTIONS, split_of_patient, validate_fractions  # noqa: F401
 from afm_jax.errors import ConfigError, DatasetNotFoundError
@@ -55,8 +56,18 @@ FILE_FORMAT = "array_record"
 METADATA_FILE = "metadata.json"
 INDEX_DIR = "index"
 
-STRING_KEYS = ("patient_id", "study_id", "series_id", "image_id", "body_part", "view", "laterality",
-               "modality", "label_name", "fracture_type")
+STRING_KEYS = (
+    "patient_id",
+    "study_id",
+    "series_id",
+    "image_id",
+    "body_part",
+    "view",
+    "laterality",
+    "modality",
+    "label_name",
+    "fracture_type",
+)
 SCHEMA_KEYS = ("image", *STRING_KEYS, "pixel_spacing_mm", "orig_shape", "label", "target")
 REQUIRED_KEYS = ("image", "patient_id", "image_id")
 _NAME_RE = re.compile(r"^[a-z][a-z0-9_]*$")
@@ -72,7 +83,8 @@ def _not_found(problem: str) -> DatasetNotFoundError:
         "  python -m afm_jax.data.synthetic --out DIR      # the embedded synthetic demo set\n"
         "  python tools/preprocess.py ...                  # from a DICOM tree\n"
         f"then point the config at the version directory the tool prints, e.g. "
-        f"--config.data.path=DIR/<name>/{SCHEMA_VERSION}")
+        f"--config.data.path=DIR/<name>/{SCHEMA_VERSION}"
+    )
 
 
 def check_dataset_name(name: str, what: str = "Dataset name") -> str:
@@ -85,19 +97,22 @@ def check_dataset_name(name: str, what: str = "Dataset name") -> str:
 
 # ─── Schema ──────────────────────────────────────────────────────────────────────────────────────
 
+
 def features():
     """The TFDS feature spec of one record (imported lazily: tensorflow_datasets is slow to load)."""
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top  (tfds: seconds to import)
 
     text = tfds.features.Text
-    return tfds.features.FeaturesDict({
-        "image": tfds.features.Image(shape=(None, None, 1), dtype=np.uint16, encoding_format="png"),
-        **{key: text() for key in STRING_KEYS},
-        "pixel_spacing_mm": tfds.features.Tensor(shape=(2,), dtype=np.float32),
-        "orig_shape": tfds.features.Tensor(shape=(2,), dtype=np.int32),
-        "label": tfds.features.Scalar(dtype=np.int64),
-        "target": tfds.features.Scalar(dtype=np.float32),
-    })
+    return tfds.features.FeaturesDict(
+        {
+            "image": tfds.features.Image(shape=(None, None, 1), dtype=np.uint16, encoding_format="png"),
+            **{key: text() for key in STRING_KEYS},
+            "pixel_spacing_mm": tfds.features.Tensor(shape=(2,), dtype=np.float32),
+            "orig_shape": tfds.features.Tensor(shape=(2,), dtype=np.int32),
+            "label": tfds.features.Scalar(dtype=np.int64),
+            "target": tfds.features.Scalar(dtype=np.float32),
+        }
+    )
 
 
 FEATURES_SUMMARY: dict[str, dict[str, Any]] = {
@@ -112,11 +127,20 @@ FEATURES_SUMMARY: dict[str, dict[str, Any]] = {
 
 # ─── Writer ──────────────────────────────────────────────────────────────────────────────────────
 
-def write_dataset(examples: Iterable[dict], out_dir: str | os.PathLike, *, name: str,
-                  split_fractions: dict[str, float] | None = None, extra_info: dict | None = None,
-                  num_examples_hint: int | None = None, overwrite: bool = False,
-                  max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, png_compression: int | None = None,
-                  assign_split: Callable[[dict], str] | None = None) -> pathlib.Path:
+
+def write_dataset(
+    examples: Iterable[dict],
+    out_dir: str | os.PathLike,
+    *,
+    name: str,
+    split_fractions: dict[str, float] | None = None,
+    extra_info: dict | None = None,
+    num_examples_hint: int | None = None,
+    overwrite: bool = False,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    png_compression: int | None = None,
+    assign_split: Callable[[dict], str] | None = None,
+) -> pathlib.Path:
     """Writes `examples` as a dataset in `<out_dir>/<name>/<SCHEMA_VERSION>` and returns that directory.
 
     Args:
@@ -151,15 +175,18 @@ def write_dataset(examples: Iterable[dict], out_dir: str | os.PathLike, *, name:
     _check_extra_info(extra_info)
     final_dir = pathlib.Path(out_dir).expanduser().resolve() / name / SCHEMA_VERSION
     if final_dir.exists() and not overwrite:
-        raise FileExistsError(f"A dataset already exists at {final_dir}. Delete it, choose another "
-                              "--out directory or name, or pass overwrite=True.")
+        raise FileExistsError(
+            f"A dataset already exists at {final_dir}. Delete it, choose another "
+            "--out directory or name, or pass overwrite=True."
+        )
     final_dir.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(final_dir.parent)
     tmp_dir = final_dir.parent / f".incomplete-{SCHEMA_VERSION}-{_owner_tag()}-{uuid.uuid4().hex[:8]}"
     tmp_dir.mkdir()
     try:
-        stats = _write_shards(examples, tmp_dir, name, fractions, num_examples_hint, max_shard_bytes,
-                              png_compression, assign_split)
+        stats = _write_shards(
+            examples, tmp_dir, name, fractions, num_examples_hint, max_shard_bytes, png_compression, assign_split
+        )
         _write_metadata(tmp_dir, name, fractions, dict(extra_info, png_compression=png_compression), stats)
         _move_into_place(tmp_dir, final_dir)
     except BaseException:
@@ -229,9 +256,16 @@ def record_digest(record: Mapping[str, Any]) -> bytes:
     return h.digest()
 
 
-def _write_shards(examples: Iterable[dict], tmp_dir: pathlib.Path, name: str, fractions: dict[str, float],
-                  num_examples_hint: int | None, max_shard_bytes: int, png_compression: int | None,
-                  assign_split: Callable[[dict], str] | None = None) -> _WriteStats:
+def _write_shards(
+    examples: Iterable[dict],
+    tmp_dir: pathlib.Path,
+    name: str,
+    fractions: dict[str, float],
+    num_examples_hint: int | None,
+    max_shard_bytes: int,
+    png_compression: int | None,
+    assign_split: Callable[[dict], str] | None = None,
+) -> _WriteStats:
     feats = features()
     stats = _WriteStats()
     if num_examples_hint is None and hasattr(examples, "__len__"):
@@ -259,8 +293,10 @@ def _write_shards(examples: Iterable[dict], tmp_dir: pathlib.Path, name: str, fr
     if not stats.counts:
         raise ValueError("No examples were given to write_dataset; nothing to write.")
     if stats.label_name_conflicts:
-        log.warning("%d records have a label_name that differs from the first name seen for their label.",
-                    stats.label_name_conflicts)
+        log.warning(
+            "%d records have a label_name that differs from the first name seen for their label.",
+            stats.label_name_conflicts,
+        )
     stats.split_infos = writers.finalize()
     return stats
 
@@ -312,10 +348,17 @@ class _SplitShardWriters:
             shards = self._done[split]
             for i, (path, _, _) in enumerate(shards):
                 path.rename(self._dir / f"{self._name}-{split}.{FILE_FORMAT}-{i:05d}-of-{len(shards):05d}")
-            template = tfds.core.ShardedFileTemplate(data_dir=self._dir, dataset_name=self._name, split=split,
-                                                     filetype_suffix=FILE_FORMAT)
-            infos.append(tfds.core.SplitInfo(name=split, shard_lengths=[n for _, n, _ in shards],
-                                             num_bytes=sum(b for _, _, b in shards), filename_template=template))
+            template = tfds.core.ShardedFileTemplate(
+                data_dir=self._dir, dataset_name=self._name, split=split, filetype_suffix=FILE_FORMAT
+            )
+            infos.append(
+                tfds.core.SplitInfo(
+                    name=split,
+                    shard_lengths=[n for _, n, _ in shards],
+                    num_bytes=sum(b for _, _, b in shards),
+                    filename_template=template,
+                )
+            )
         return infos
 
 
@@ -370,8 +413,10 @@ def _encode_png16(image: Any, image_id: Any, compression: int | None = None) -> 
         if decoded is None:
             raise ValueError(f"Image of {image_id!r}: the PNG bytes do not decode.")
         if colour_type != 0 or decoded.ndim != 2 or decoded.dtype not in (np.uint8, np.uint16):
-            raise ValueError(f"Image of {image_id!r} is a colour or {bit_depth}-bit PNG; records hold one-channel "
-                             "16-bit images. Convert to grayscale first or pass a uint16 (H, W) array.")
+            raise ValueError(
+                f"Image of {image_id!r} is a colour or {bit_depth}-bit PNG; records hold one-channel "
+                "16-bit images. Convert to grayscale first or pass a uint16 (H, W) array."
+            )
         image = decoded
     array = np.asarray(image)
     if array.ndim == 3 and array.shape[-1] == 1:
@@ -381,8 +426,10 @@ def _encode_png16(image: Any, image_id: Any, compression: int | None = None) -> 
     if array.dtype == np.uint8:
         array = array.astype(np.uint16) * 257  # 255 -> 65535: full range, same relative intensities
     elif array.dtype != np.uint16:
-        raise ValueError(f"Image of {image_id!r} has dtype {array.dtype}; expected uint16 (or uint8). Window/"
-                         "rescale it to uint16 in the preprocessing step.")
+        raise ValueError(
+            f"Image of {image_id!r} has dtype {array.dtype}; expected uint16 (or uint8). Window/"
+            "rescale it to uint16 in the preprocessing step."
+        )
     params = [] if compression is None else [cv2.IMWRITE_PNG_COMPRESSION, int(compression)]
     ok, buf = cv2.imencode(".png", np.ascontiguousarray(array), params)
     if not ok:
@@ -400,16 +447,30 @@ def _check_extra_info(extra_info: dict) -> None:
         raise ValueError(f"extra_info must be JSON-serialisable (plain str/int/float/list/dict): {e}") from e
 
 
-_RESERVED_INFO_KEYS = ("name", "version", "path", "schema_version", "features", "splits", "split_fractions",
-                       "split_patients", "label_counts", "label_names", "duplicates_skipped",
-                       "content_fingerprint", "tool_version", "created", "png_compression")
+_RESERVED_INFO_KEYS = (
+    "name",
+    "version",
+    "path",
+    "schema_version",
+    "features",
+    "splits",
+    "split_fractions",
+    "split_patients",
+    "label_counts",
+    "label_names",
+    "duplicates_skipped",
+    "content_fingerprint",
+    "tool_version",
+    "created",
+    "png_compression",
+)
 
 
-def _write_metadata(directory: pathlib.Path, name: str, fractions: dict[str, float], extra_info: dict,
-                    stats: _WriteStats) -> None:
+def _write_metadata(
+    directory: pathlib.Path, name: str, fractions: dict[str, float], extra_info: dict, stats: _WriteStats
+) -> None:
     """Writes the TFDS metadata (dataset_info.json, features.json), metadata.json and the split index."""
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top  (tfds: seconds to import)
-
 
     info = {
         "schema_version": SCHEMA_VERSION,
@@ -428,10 +489,14 @@ def _write_metadata(directory: pathlib.Path, name: str, fractions: dict[str, flo
         **extra_info,
     }
     tfds.folder_dataset.write_metadata(
-        data_dir=directory, features=features(), split_infos=stats.split_infos, version=SCHEMA_VERSION,
+        data_dir=directory,
+        features=features(),
+        split_infos=stats.split_infos,
+        version=SCHEMA_VERSION,
         check_data=False,  # its check reads with tf.data, which needs TensorFlow
         description=f"afm-jax radiograph dataset {name!r} (record schema {SCHEMA_VERSION}).",
-        metadata=tfds.core.MetadataDict(info))
+        metadata=tfds.core.MetadataDict(info),
+    )
     (directory / INDEX_DIR).mkdir()
     for split, columns in stats.index.items():
         (directory / INDEX_DIR / f"{split}.json").write_text(json.dumps(columns))
@@ -494,6 +559,7 @@ def _move_into_place(tmp_dir: pathlib.Path, final_dir: pathlib.Path) -> None:
 
 # ─── Reader ──────────────────────────────────────────────────────────────────────────────────────
 
+
 def resolve_dataset_dir(path: str | os.PathLike) -> pathlib.Path:
     """The version directory for `path`, which may also be `<out_dir>/<name>` (newest version is used)
     or an `<out_dir>` holding exactly one dataset. Raises DatasetNotFoundError otherwise."""
@@ -511,8 +577,10 @@ def resolve_dataset_dir(path: str | os.PathLike) -> pathlib.Path:
     if len(datasets) == 1:  # p is an <out_dir> with one dataset
         return _version_dirs(datasets[0])[-1]
     if datasets:
-        raise _not_found(f"{p} holds several datasets ({', '.join(d.name for d in datasets)}); point "
-                         "`data.path` at one version directory, e.g. " + str(_version_dirs(datasets[0])[-1]))
+        raise _not_found(
+            f"{p} holds several datasets ({', '.join(d.name for d in datasets)}); point "
+            "`data.path` at one version directory, e.g. " + str(_version_dirs(datasets[0])[-1])
+        )
     raise _not_found(f"{p} is not a dataset directory (no dataset_info.json in it or below it).")
 
 
@@ -537,8 +605,12 @@ def read_info(path: str | os.PathLike) -> dict:
     tfds_info = json.loads((directory / "dataset_info.json").read_text())
     meta_file = directory / METADATA_FILE
     info = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
-    info.update(name=tfds_info.get("name"), version=tfds_info.get("version"), path=str(directory),
-                splits={s["name"]: sum(int(n) for n in s.get("shardLengths", [])) for s in tfds_info.get("splits", [])})
+    info.update(
+        name=tfds_info.get("name"),
+        version=tfds_info.get("version"),
+        path=str(directory),
+        splits={s["name"]: sum(int(n) for n in s.get("shardLengths", [])) for s in tfds_info.get("splits", [])},
+    )
     return info
 
 
@@ -553,8 +625,9 @@ def open_split(path: str | os.PathLike, split: str, *, selection: str | None = N
     splits = read_info(directory)["splits"]
     base = split.split("[", 1)[0]
     if base not in splits:
-        raise _not_found(f"Dataset {directory} has no split {split!r}; available splits: "
-                         f"{', '.join(sorted(splits)) or 'none'}.")
+        raise _not_found(
+            f"Dataset {directory} has no split {split!r}; available splits: {', '.join(sorted(splits)) or 'none'}."
+        )
     indices = None
     if selection:
         if base != split:
@@ -585,9 +658,11 @@ def _selected_indices(directory: pathlib.Path, split: str, selection: str | os.P
     ids = split_index(directory, split)["image_id"]
     indices = np.asarray([i for i, image_id in enumerate(ids) if image_id in wanted_set], np.int64)
     if indices.size == 0:
-        raise ConfigError(f"Selection {pathlib.Path(selection).expanduser()} ({len(wanted_set)} ids) matches none "
-                          f"of the {len(ids)} records of split {split!r} in {directory}: it was made for another "
-                          "dataset or split (config keys `data.selection`, `data.path`).")
+        raise ConfigError(
+            f"Selection {pathlib.Path(selection).expanduser()} ({len(wanted_set)} ids) matches none "
+            f"of the {len(ids)} records of split {split!r} in {directory}: it was made for another "
+            "dataset or split (config keys `data.selection`, `data.path`)."
+        )
     return indices
 
 

@@ -24,8 +24,10 @@ def write_selection(path: str | os.PathLike, image_ids: Sequence[str]) -> pathli
     """Writes `image_ids` (order kept, repeats dropped) as a selection file, atomically; returns its path."""
     ids = list(dict.fromkeys(str(i) for i in image_ids))
     if not ids:
-        raise ConfigError("A selection must name at least one image; the curation kept none — loosen the "
-                          "thresholds (see the report's removal counts).")
+        raise ConfigError(
+            "A selection must name at least one image; the curation kept none — loosen the "
+            "thresholds (see the report's removal counts)."
+        )
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     io.write_text(path, json.dumps(ids, indent=0))
@@ -37,13 +39,17 @@ def read_selection(path: str | os.PathLike, key: str = "data.selection") -> list
     not a JSON list of strings; both name the config `key` the path came from."""
     sel_path = pathlib.Path(path).expanduser()
     if not sel_path.is_file():
-        raise DatasetNotFoundError(f"Selection file {sel_path} does not exist (config key `{key}`). "
-                                   "Make one with tools/curate.py or unset the key.")
+        raise DatasetNotFoundError(
+            f"Selection file {sel_path} does not exist (config key `{key}`). "
+            "Make one with tools/curate.py or unset the key."
+        )
     try:
         ids = json.loads(sel_path.read_text())
     except json.JSONDecodeError as e:
-        raise ConfigError(f"Selection file {sel_path} (config key `{key}`) is not JSON ({e}); it must hold a "
-                          "JSON list of image_id strings.") from None
+        raise ConfigError(
+            f"Selection file {sel_path} (config key `{key}`) is not JSON ({e}); it must hold a "
+            "JSON list of image_id strings."
+        ) from None
     if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
         raise ConfigError(f"Selection file {sel_path} must hold a JSON list of image_id strings.")
     return ids

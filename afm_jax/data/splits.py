@@ -45,8 +45,9 @@ def validate_fractions(split_fractions: Mapping[str, float]) -> dict[str, float]
         raise ConfigError("split_fractions is empty: give e.g. {'train': 0.8, 'validation': 0.1, 'test': 0.1}.")
     bad = [k for k, v in fractions.items() if not (v > 0) or not is_split_name(k)]
     if bad:
-        raise ConfigError(f"split_fractions {fractions}: splits {bad} need a positive fraction and a "
-                          "lower_snake_case name.")
+        raise ConfigError(
+            f"split_fractions {fractions}: splits {bad} need a positive fraction and a lower_snake_case name."
+        )
     if not math.isclose(sum(fractions.values()), 1.0, abs_tol=1e-6):
         raise ConfigError(f"split_fractions {fractions} sum to {sum(fractions.values())}, not 1.")
     return fractions
@@ -59,8 +60,9 @@ def parse_split_fractions(text: str, option: str = "--splits") -> dict[str, floa
         fractions = {k.strip(): float(v) for k, v in (part.split("=") for part in text.split(","))}
         return validate_fractions(fractions)
     except ValueError as e:
-        raise ConfigError(f"{option} {text!r} must look like train=0.8,validation=0.1,test=0.1 (positive "
-                          f"fractions summing to 1): {e}") from None
+        raise ConfigError(
+            f"{option} {text!r} must look like train=0.8,validation=0.1,test=0.1 (positive fractions summing to 1): {e}"
+        ) from None
 
 
 def patient_order_key(patient_id: str) -> bytes:
@@ -91,8 +93,11 @@ def majority(counts: Mapping[Hashable, int]) -> Hashable:
     return min(k for k, v in counts.items() if v == top)
 
 
-def assign_stratified(stratum_of: Mapping[str, Hashable], fractions: Sequence[tuple[str, float]],
-                      order_key: Callable[[str], bytes] = patient_order_key) -> dict[str, str]:
+def assign_stratified(
+    stratum_of: Mapping[str, Hashable],
+    fractions: Sequence[tuple[str, float]],
+    order_key: Callable[[str], bytes] = patient_order_key,
+) -> dict[str, str]:
     """patient -> split: within each stratum, patients ordered by `order_key` and patient k of n given the
     split whose range of cumulative `fractions` (in the order given, not checked) holds (k + ½)/n."""
     names = [name for name, _ in fractions]
@@ -110,8 +115,9 @@ def assign_stratified(stratum_of: Mapping[str, Hashable], fractions: Sequence[tu
     return out
 
 
-def assign_patient_splits(patient_labels: Mapping[str, Counter], fractions: Mapping[str, float],
-                          mode: str = "stratified") -> dict[str, str]:
+def assign_patient_splits(
+    patient_labels: Mapping[str, Counter], fractions: Mapping[str, float], mode: str = "stratified"
+) -> dict[str, str]:
     """patient_id -> split. `patient_labels[p]` counts the labels of p's images (-1 = unlabelled).
 
     `mode="stratified"`: strata are the patients' most frequent label (-1 when unlabelled), splits in
@@ -137,8 +143,10 @@ def splits_from_column(patient_ids: Sequence[str], given: Sequence[str], example
     out: dict[str, str] = {}
     for pid, split, example in zip(patient_ids, given, examples):
         if out.setdefault(pid, split) != split:
-            raise ConfigError(f"A patient is in two splits ({out[pid]!r} and {split!r}; e.g. {example}). "
-                              "Splits must be by patient: fix the CSV's split column.")
+            raise ConfigError(
+                f"A patient is in two splits ({out[pid]!r} and {split!r}; e.g. {example}). "
+                "Splits must be by patient: fix the CSV's split column."
+            )
     return out
 
 

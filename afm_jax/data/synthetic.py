@@ -187,8 +187,14 @@ def _chord(radius: np.ndarray | float, dist: np.ndarray) -> np.ndarray:
     return 2.0 * np.sqrt(np.maximum(np.square(radius) - np.square(dist), 0.0))
 
 
-def _ellipsoid_path(x: np.ndarray, y: np.ndarray, centre: tuple[float, float], axes: tuple[float, float],
-                    depth: float, angle: float = 0.0) -> np.ndarray:
+def _ellipsoid_path(
+    x: np.ndarray,
+    y: np.ndarray,
+    centre: tuple[float, float],
+    axes: tuple[float, float],
+    depth: float,
+    angle: float = 0.0,
+) -> np.ndarray:
     """Projected path length through an ellipsoid with in-plane semi-axes `axes` and half-depth `depth`."""
     c, s = math.cos(angle), math.sin(angle)
     dx, dy = x - centre[0], y - centre[1]
@@ -202,8 +208,10 @@ def _shell(full_path: np.ndarray, core_path: np.ndarray) -> np.ndarray:
 
 
 def _shelled_ellipsoid(x, y, centre, axes, depth, angle=0.0, core=0.88) -> np.ndarray:
-    return _shell(_ellipsoid_path(x, y, centre, axes, depth, angle),
-                  _ellipsoid_path(x, y, centre, (core * axes[0], core * axes[1]), core * depth, angle))
+    return _shell(
+        _ellipsoid_path(x, y, centre, axes, depth, angle),
+        _ellipsoid_path(x, y, centre, (core * axes[0], core * axes[1]), core * depth, angle),
+    )
 
 
 def _capsule_distance(x, y, start: tuple[float, float], direction: tuple[float, float], length: float):
@@ -275,16 +283,18 @@ class _Beak:
     sigma: float
 
 
-def _bone_attenuation(x: np.ndarray, y: np.ndarray, anat: FemurAnatomy, view: str,
-                      beak: _Beak | None = None, native_head: bool = True) -> np.ndarray:
+def _bone_attenuation(
+    x: np.ndarray, y: np.ndarray, anat: FemurAnatomy, view: str, beak: _Beak | None = None, native_head: bool = True
+) -> np.ndarray:
     """Attenuation (relative to soft tissue) of the intact femur and the bones of the knee at (x, y).
 
     Parts far from the points asked for are skipped (the arrays may be a band of the image)."""
     u = x - _shaft_centre(y, anat, view)
     outer, inner, canal_mu, _ = _shaft_radii(y, anat, view)
     outer_path, inner_path = _chord(outer, u), _chord(inner, u)
-    bone = (_MU_CORTEX * (outer_path - inner_path) + canal_mu * inner_path) \
-        * (_soft_step(y + 0.23, 0.03) * _soft_step(anat.knee_y - 0.075 - y, 0.04))
+    bone = (_MU_CORTEX * (outer_path - inner_path) + canal_mu * inner_path) * (
+        _soft_step(y + 0.23, 0.03) * _soft_step(anat.knee_y - 0.075 - y, 0.04)
+    )
     if beak is not None:
         bone = bone + _beak_attenuation(u, y, outer, inner, beak)
     if float(y.min()) < 0.05:
@@ -315,8 +325,10 @@ def _knee_attenuation(x, y, anat: FemurAnatomy, view: str) -> np.ndarray:
     cx = float(_shaft_centre(ky, anat, view))
     top = ky + 0.02  # tibial plateau, 5 mm below the condyles (joint space)
     if view == "AP":
-        bone = np.maximum(_shelled_ellipsoid(x, y, (cx + 1.2 * r0, ky - 0.07), (1.55 * r0, 1.3 * r0), 1.5 * r0, core=0.93),
-                          _shelled_ellipsoid(x, y, (cx - 1.2 * r0, ky - 0.073), (1.5 * r0, 1.25 * r0), 1.45 * r0, core=0.93))
+        bone = np.maximum(
+            _shelled_ellipsoid(x, y, (cx + 1.2 * r0, ky - 0.07), (1.55 * r0, 1.3 * r0), 1.5 * r0, core=0.93),
+            _shelled_ellipsoid(x, y, (cx - 1.2 * r0, ky - 0.073), (1.5 * r0, 1.25 * r0), 1.45 * r0, core=0.93),
+        )
         bone = bone + _shelled_ellipsoid(x, y, (cx + 0.1 * r0, ky - 0.11), (1.3 * r0, 1.55 * r0), 0.9 * r0)
         tx, plateau, fib_x = cx + 0.1 * r0, 1.75, cx - 2.2 * r0
     else:
@@ -328,15 +340,16 @@ def _knee_attenuation(x, y, anat: FemurAnatomy, view: str) -> np.ndarray:
     outer = r0 * (0.85 + plateau * flare)
     inner = outer - 0.3 * r0 * (1.0 - 0.8 * flare)
     u = x - tx
-    tibia = (_MU_CORTEX * (_chord(outer, u) - _chord(inner, u)) + _MU_TRABECULAR * flare * _chord(inner, u)) \
-        * _soft_step(y - top - 0.002 * np.square(u / r0), 0.008)
-    fibula = _chord(0.28 * r0, x - fib_x) * _MU_CORTEX * 0.6 * _soft_step(y - (top + 0.08), 0.01) \
-        + _shelled_ellipsoid(x, y, (fib_x, top + 0.075), (0.55 * r0, 0.7 * r0), 0.55 * r0)
+    tibia = (
+        _MU_CORTEX * (_chord(outer, u) - _chord(inner, u)) + _MU_TRABECULAR * flare * _chord(inner, u)
+    ) * _soft_step(y - top - 0.002 * np.square(u / r0), 0.008)
+    fibula = _chord(0.28 * r0, x - fib_x) * _MU_CORTEX * 0.6 * _soft_step(y - (top + 0.08), 0.01) + _shelled_ellipsoid(
+        x, y, (fib_x, top + 0.075), (0.55 * r0, 0.7 * r0), 0.55 * r0
+    )
     return bone + tibia + fibula
 
 
-def _beak_attenuation(u: np.ndarray, y: np.ndarray, outer: np.ndarray, inner: np.ndarray,
-                      beak: _Beak) -> np.ndarray:
+def _beak_attenuation(u: np.ndarray, y: np.ndarray, outer: np.ndarray, inner: np.ndarray, beak: _Beak) -> np.ndarray:
     """Dense lens on the lateral (-u) surface whose thickness follows a Gaussian along the shaft."""
     bump = beak.height * np.exp(-np.square((y - beak.y) / beak.sigma))
     inward = 0.5 * (outer - inner)  # the thickening also densifies the outer half of the cortex
@@ -357,12 +370,17 @@ def _pelvis_attenuation(x: np.ndarray, y: np.ndarray, anat: FemurAnatomy, view: 
     if view == "LAT":
         return _MU_PELVIS * 0.5 * _ellipsoid_path(x, y, (hx - 0.3 * rh, hy - 0.5 * rh), (2.6 * rh, 2.0 * rh), 0.6 * rh)
     r = np.hypot(x - hx, y - hy)
-    roof = _chord(0.22 * rh, r - 1.3 * rh) * 2.5 * _soft_step(hy + 0.3 * rh - y, 0.3 * rh) \
+    roof = (
+        _chord(0.22 * rh, r - 1.3 * rh)
+        * 2.5
+        * _soft_step(hy + 0.3 * rh - y, 0.3 * rh)
         * _soft_step(x - (hx - 1.15 * rh), 0.2 * rh)
+    )
     ilium = _ellipsoid_path(x, y, (hx + 0.6 * rh, hy - 2.3 * rh), (2.6 * rh, 1.4 * rh), 0.3 * rh, -0.45)
     ring_c = (hx + 1.7 * rh, hy + 2.1 * rh)
-    ring = _ellipsoid_path(x, y, ring_c, (1.3 * rh, 1.6 * rh), 0.5 * rh, 0.4) \
-        - _ellipsoid_path(x, y, ring_c, (0.85 * rh, 1.15 * rh), 0.5 * rh, 0.4)
+    ring = _ellipsoid_path(x, y, ring_c, (1.3 * rh, 1.6 * rh), 0.5 * rh, 0.4) - _ellipsoid_path(
+        x, y, ring_c, (0.85 * rh, 1.15 * rh), 0.5 * rh, 0.4
+    )
     return _MU_PELVIS * (roof + ilium + np.maximum(ring, 0.0))
 
 
@@ -371,8 +389,11 @@ def _soft_tissue_attenuation(x: np.ndarray, y: np.ndarray, anat: FemurAnatomy, v
     narrowing over the knee to the calf; it follows half the shaft's slant."""
     slant = anat.valgus if view == "AP" else 0.0
     centre = _SHAFT_X + anat.thigh_offset * (1.0 if view == "AP" else -0.5) + 0.5 * slant * (y - _SHAFT_TOP)
-    radius = anat.thigh_radius * (1.0 + 0.3 * _sigmoid((-0.2 - y) / 0.08)) \
+    radius = (
+        anat.thigh_radius
+        * (1.0 + 0.3 * _sigmoid((-0.2 - y) / 0.08))
         * (1.0 - 0.32 * _sigmoid((y - (anat.knee_y - 0.35)) / 0.12))
+    )
     dx = x - centre
     return _MU_SOFT * (0.7 * _chord(radius, dx) + 0.4 * _chord(0.75 * radius, dx))
 
@@ -401,9 +422,18 @@ def _fracture_y(position: float) -> float:
     return _FRACTURE_Y_RANGE[0] + position * (_FRACTURE_Y_RANGE[1] - _FRACTURE_Y_RANGE[0])
 
 
-def _line_distance(x: np.ndarray, y: np.ndarray, anat: FemurAnatomy, view: str, y0: float, slope: float,
-                   wobble: float = 0.0, spike_start: float | None = None, spike_slope: float = 0.0,
-                   rough: tuple[float, float, float] = (0.0, 0.0, 0.0)) -> np.ndarray:
+def _line_distance(
+    x: np.ndarray,
+    y: np.ndarray,
+    anat: FemurAnatomy,
+    view: str,
+    y0: float,
+    slope: float,
+    wobble: float = 0.0,
+    spike_start: float | None = None,
+    spike_slope: float = 0.0,
+    rough: tuple[float, float, float] = (0.0, 0.0, 0.0),
+) -> np.ndarray:
     """Signed distance (approx.) from the fracture line y = y0 + slope*u [+ wobble, + medial spike,
     + jagged roughness]; > 0 distal."""
     # Beyond the shaft the line runs on transversely, so it never cuts the neck, head or knee.
@@ -419,8 +449,14 @@ def _line_distance(x: np.ndarray, y: np.ndarray, anat: FemurAnatomy, view: str, 
     return (y - y0 - offset) / math.sqrt(1.0 + slope * slope)
 
 
-def _split_fragments(dist: Callable[[np.ndarray, np.ndarray], np.ndarray], gap: float, edge: float,
-                     shift: tuple[float, float], angle: float, pivot: tuple[float, float]) -> tuple[_Fragment, ...]:
+def _split_fragments(
+    dist: Callable[[np.ndarray, np.ndarray], np.ndarray],
+    gap: float,
+    edge: float,
+    shift: tuple[float, float],
+    angle: float,
+    pivot: tuple[float, float],
+) -> tuple[_Fragment, ...]:
     """Proximal fragment in place, distal fragment displaced, a gap of width `gap` between them."""
     return (
         _Fragment(lambda x, y: _soft_step(-dist(x, y) - gap / 2, edge)),
@@ -432,8 +468,9 @@ def _signed(rng: np.random.Generator, low: float, high: float) -> float:
     return float(rng.uniform(low, high) * rng.choice((-1.0, 1.0)))
 
 
-def _plan_fracture(anat: FemurAnatomy, view: str, fracture_type: str, position: float, edge: float,
-                   fixed: bool = False) -> _FracturePlan:
+def _plan_fracture(
+    anat: FemurAnatomy, view: str, fracture_type: str, position: float, edge: float, fixed: bool = False
+) -> _FracturePlan:
     """Fracture geometry for one view. Shapes come from the patient's fracture seed; both views are
     always drawn (in a fixed order) so AP and LAT of one patient show the same fracture. A `fixed`
     fracture (an implant holds it) keeps a sixth of its displacement."""
@@ -451,16 +488,21 @@ def _plan_fracture(anat: FemurAnatomy, view: str, fracture_type: str, position: 
     rough = p["rough"]
 
     if fracture_type in ("oblique", "spiral"):
+
         def dist(x, y):
             return _line_distance(x, y, anat, view, y0, p["slope"], wobble=p.get("wobble", 0.0), rough=rough)
+
         return _FracturePlan(_split_fragments(dist, p["gap"], edge, **disp))
 
     if fracture_type == "comminuted":
+
         def dist_a(x, y):
             return _line_distance(x, y, anat, view, y0 - p["half_zone"], p["slope_a"], rough=rough)
 
         def dist_b(x, y):
-            return _line_distance(x, y, anat, view, y0 + p["half_zone"], p["slope_b"], rough=(rough[0], rough[2], rough[1]))
+            return _line_distance(
+                x, y, anat, view, y0 + p["half_zone"], p["slope_b"], rough=(rough[0], rough[2], rough[1])
+            )
 
         def dist_c(x, y):  # longitudinal split of the middle zone into a lateral and a medial piece
             return (x - _shaft_centre(y, anat, view)) - p["split_u"] - p["split_slope"] * (y - y0)
@@ -473,10 +515,14 @@ def _plan_fracture(anat: FemurAnatomy, view: str, fracture_type: str, position: 
         fragments = (
             _Fragment(lambda x, y: _soft_step(-dist_a(x, y) - g, edge)),
             _Fragment(lambda x, y: _soft_step(dist_b(x, y) - g, edge), **disp),
-            _Fragment(lambda x, y: middle(x, y) * _soft_step(-dist_c(x, y) - g, edge),
-                      **moved(p["lateral_shift"], p["lateral_angle"])),
-            _Fragment(lambda x, y: middle(x, y) * _soft_step(dist_c(x, y) - g, edge),
-                      **moved(p["medial_shift"], p["medial_angle"])),
+            _Fragment(
+                lambda x, y: middle(x, y) * _soft_step(-dist_c(x, y) - g, edge),
+                **moved(p["lateral_shift"], p["lateral_angle"]),
+            ),
+            _Fragment(
+                lambda x, y: middle(x, y) * _soft_step(dist_c(x, y) - g, edge),
+                **moved(p["medial_shift"], p["medial_angle"]),
+            ),
         )
         chips = tuple((pivot[0] + cx, y0 + cy, ax, ay, a) for cx, cy, ax, ay, a in p["chips"])
         return _FracturePlan(fragments, chips)
@@ -484,9 +530,20 @@ def _plan_fracture(anat: FemurAnatomy, view: str, fracture_type: str, position: 
     if fracture_type == "transverse":
         beak = _Beak(y0 + p["beak_offset"], p["beak_height"], p["beak_sigma"])
         if p["complete"]:
+
             def dist(x, y):
-                return _line_distance(x, y, anat, view, y0, p["slope"], spike_start=p["spike_start"],
-                                      spike_slope=p["spike_slope"], rough=(0.3 * rough[0], *rough[1:]))
+                return _line_distance(
+                    x,
+                    y,
+                    anat,
+                    view,
+                    y0,
+                    p["slope"],
+                    spike_start=p["spike_start"],
+                    spike_slope=p["spike_slope"],
+                    rough=(0.3 * rough[0], *rough[1:]),
+                )
+
             return _FracturePlan(_split_fragments(dist, p["gap"], edge, **disp), beak=beak)
         tip = -r0 + p["extent"] * 2.0 * r0  # incomplete: the crack runs in from the lateral cortex, then stops
 
@@ -495,6 +552,7 @@ def _plan_fracture(anat: FemurAnatomy, view: str, fracture_type: str, position: 
             half_width = p["gap"] / 2 * np.clip((tip - u) / (0.5 * r0), 0.0, 1.0)
             dist = _line_distance(x, y, anat, view, y0, p["slope"])
             return 1.0 - _soft_step(half_width - np.abs(dist), edge)
+
         return _FracturePlan((_Fragment(intact_except_crack),), beak=beak)
 
     raise ValueError(f"Unknown fracture_type {fracture_type!r}; expected one of {sum(FRACTURE_TYPES.values(), ())}.")
@@ -509,44 +567,73 @@ def _draw_fracture_params(rng: np.random.Generator, fracture_type: str, r0: floa
     deg = math.radians
     rough = (rng.uniform(0.04, 0.12) * r0, rng.uniform(0, 2 * math.pi), rng.uniform(0, 2 * math.pi))
     if fracture_type == "oblique":
-        return dict(slope=math.tan(_signed(rng, deg(30), deg(60))), gap=rng.uniform(0.004, 0.01),
-                    shift=(_signed(rng, 0.4, 1.3) * r0, rng.uniform(-1.2, 0.1) * r0),
-                    angle=_signed(rng, 0.0, deg(12)), rough=rough)
+        return dict(
+            slope=math.tan(_signed(rng, deg(30), deg(60))),
+            gap=rng.uniform(0.004, 0.01),
+            shift=(_signed(rng, 0.4, 1.3) * r0, rng.uniform(-1.2, 0.1) * r0),
+            angle=_signed(rng, 0.0, deg(12)),
+            rough=rough,
+        )
     if fracture_type == "spiral":
-        return dict(slope=math.tan(_signed(rng, deg(50), deg(68))), wobble=rng.uniform(0.25, 0.45) * r0,
-                    gap=rng.uniform(0.004, 0.01),
-                    shift=(_signed(rng, 0.3, 1.1) * r0, rng.uniform(-1.2, 0.1) * r0),
-                    angle=_signed(rng, 0.0, deg(10)), rough=rough)
+        return dict(
+            slope=math.tan(_signed(rng, deg(50), deg(68))),
+            wobble=rng.uniform(0.25, 0.45) * r0,
+            gap=rng.uniform(0.004, 0.01),
+            shift=(_signed(rng, 0.3, 1.1) * r0, rng.uniform(-1.2, 0.1) * r0),
+            angle=_signed(rng, 0.0, deg(10)),
+            rough=rough,
+        )
     if fracture_type == "comminuted":
         slope_a = _signed(rng, 0.15, 0.8)
         slope_b = slope_a + rng.uniform(-0.6, 0.6)
-        chips = tuple((rng.uniform(-1.7, 1.7) * r0, rng.uniform(-1.3, 1.3) * r0, rng.uniform(0.1, 0.3) * r0,
-                       rng.uniform(0.06, 0.16) * r0, rng.uniform(0, math.pi)) for _ in range(rng.integers(3, 8)))
-        return dict(slope_a=slope_a, slope_b=slope_b, gap=rng.uniform(0.004, 0.01),
-                    half_zone=(0.55 * abs(slope_a - slope_b) + rng.uniform(0.4, 0.8)) * r0,
-                    split_u=rng.uniform(-0.3, 0.3) * r0, split_slope=rng.uniform(-0.4, 0.4),
-                    shift=(_signed(rng, 0.3, 1.1) * r0, rng.uniform(-1.0, 0.1) * r0),
-                    angle=_signed(rng, 0.0, deg(12)),
-                    lateral_shift=(-rng.uniform(0.25, 0.8) * r0, rng.uniform(-0.3, 0.3) * r0),
-                    lateral_angle=_signed(rng, deg(5), deg(25)),
-                    medial_shift=(rng.uniform(0.25, 0.8) * r0, rng.uniform(-0.3, 0.3) * r0),
-                    medial_angle=_signed(rng, deg(5), deg(25)), chips=chips, rough=rough)
+        chips = tuple(
+            (
+                rng.uniform(-1.7, 1.7) * r0,
+                rng.uniform(-1.3, 1.3) * r0,
+                rng.uniform(0.1, 0.3) * r0,
+                rng.uniform(0.06, 0.16) * r0,
+                rng.uniform(0, math.pi),
+            )
+            for _ in range(rng.integers(3, 8))
+        )
+        return dict(
+            slope_a=slope_a,
+            slope_b=slope_b,
+            gap=rng.uniform(0.004, 0.01),
+            half_zone=(0.55 * abs(slope_a - slope_b) + rng.uniform(0.4, 0.8)) * r0,
+            split_u=rng.uniform(-0.3, 0.3) * r0,
+            split_slope=rng.uniform(-0.4, 0.4),
+            shift=(_signed(rng, 0.3, 1.1) * r0, rng.uniform(-1.0, 0.1) * r0),
+            angle=_signed(rng, 0.0, deg(12)),
+            lateral_shift=(-rng.uniform(0.25, 0.8) * r0, rng.uniform(-0.3, 0.3) * r0),
+            lateral_angle=_signed(rng, deg(5), deg(25)),
+            medial_shift=(rng.uniform(0.25, 0.8) * r0, rng.uniform(-0.3, 0.3) * r0),
+            medial_angle=_signed(rng, deg(5), deg(25)),
+            chips=chips,
+            rough=rough,
+        )
     if fracture_type == "transverse":
         complete = bool(rng.random() < 0.5)
-        return dict(slope=math.tan(_signed(rng, 0.0, deg(20) if complete else deg(6))),
-                    gap=rng.uniform(0.003, 0.007) if complete else rng.uniform(0.0017, 0.005),
-                    complete=complete, extent=rng.uniform(0.15, 0.55),
-                    spike_start=(rng.uniform(0.1, 0.5) * r0 if rng.random() < 0.7 else None),
-                    spike_slope=_signed(rng, 1.2, 2.2),
-                    shift=(_signed(rng, 0.0, 0.25) * r0, rng.uniform(-0.1, 0.05) * r0),
-                    angle=_signed(rng, 0.0, deg(2.5)),
-                    beak_height=rng.uniform(0.3, 0.55) * r0, beak_sigma=rng.uniform(0.6, 1.0) * r0,
-                    beak_offset=rng.uniform(-0.15, 0.15) * r0, rough=rough)
+        return dict(
+            slope=math.tan(_signed(rng, 0.0, deg(20) if complete else deg(6))),
+            gap=rng.uniform(0.003, 0.007) if complete else rng.uniform(0.0017, 0.005),
+            complete=complete,
+            extent=rng.uniform(0.15, 0.55),
+            spike_start=(rng.uniform(0.1, 0.5) * r0 if rng.random() < 0.7 else None),
+            spike_slope=_signed(rng, 1.2, 2.2),
+            shift=(_signed(rng, 0.0, 0.25) * r0, rng.uniform(-0.1, 0.05) * r0),
+            angle=_signed(rng, 0.0, deg(2.5)),
+            beak_height=rng.uniform(0.3, 0.55) * r0,
+            beak_sigma=rng.uniform(0.6, 1.0) * r0,
+            beak_offset=rng.uniform(-0.15, 0.15) * r0,
+            rough=rough,
+        )
     raise ValueError(f"No fracture parameters for fracture_type {fracture_type!r}.")
 
 
-def _fractured_bone(x: np.ndarray, y: np.ndarray, anat: FemurAnatomy, view: str,
-                    plan: _FracturePlan | None, native_head: bool = True) -> np.ndarray:
+def _fractured_bone(
+    x: np.ndarray, y: np.ndarray, anat: FemurAnatomy, view: str, plan: _FracturePlan | None, native_head: bool = True
+) -> np.ndarray:
     """Bone attenuation with each fragment moved rigidly (sampled at its undisplaced coordinates).
 
     A fragment's bone is evaluated only on the image rows where its membership is non-zero."""
@@ -695,13 +782,17 @@ class _Acquisition:
         elif rng.random() < 0.6:  # top/bottom leaves open
             sides = (sides[0], sides[1], -1.0, 1.0)
         return cls(
-            framing=framing, framing_level=level, field=field,
+            framing=framing,
+            framing_level=level,
+            field=field,
             shift_x=float(rng.uniform(-0.05, 0.05)),
             rotation=math.radians(rng.uniform(-10.0, 10.0)),
             blur_px=float(rng.uniform(0.5, 1.0)),
             photons=float(np.exp(rng.uniform(math.log(400.0), math.log(5000.0)))),
             scatter=float(rng.uniform(0.03, 0.12) if grid >= 0 else rng.uniform(0.15, 0.4)),
-            grid=grid, grid_freq=float(rng.uniform(0.3, 0.48)), grid_amp=float(rng.uniform(0.01, 0.05)),
+            grid=grid,
+            grid_freq=float(rng.uniform(0.3, 0.48)),
+            grid_amp=float(rng.uniform(0.01, 0.05)),
             grid_phase=float(rng.uniform(0.0, 2 * math.pi)),
             heel=float(rng.uniform(-0.15, 0.15)),
             collimation=tuple(float(s) for s in sides),
@@ -750,8 +841,12 @@ def _collimator(size: int, acq: _Acquisition) -> np.ndarray:
     rx, ry = c * gx + s * gy, -s * gx + c * gy
     left, right, top, bottom = acq.collimation
     pen = 2.0 / size  # penumbra about two pixels
-    return (_soft_step(rx - left, pen) * _soft_step(right - rx, pen) * _soft_step(ry - top, pen)
-            * _soft_step(bottom - ry, pen)).astype(np.float32)
+    return (
+        _soft_step(rx - left, pen)
+        * _soft_step(right - rx, pen)
+        * _soft_step(ry - top, pen)
+        * _soft_step(bottom - ry, pen)
+    ).astype(np.float32)
 
 
 def _marker_mask(size: int, letter: str, acq: _Acquisition) -> tuple[np.ndarray, tuple[float, float]]:
@@ -770,8 +865,9 @@ def _marker_mask(size: int, letter: str, acq: _Acquisition) -> tuple[np.ndarray,
     else:  # along the left or right edge
         px = lo_x if acq.marker_edge == 2 else hi_x
         py = lo_y + acq.marker_along * (hi_y - lo_y)
-    cv2.putText(mask, letter, (int(round(px)), int(round(py))), cv2.FONT_HERSHEY_SIMPLEX, scale, 255, thickness,
-                cv2.LINE_AA)
+    cv2.putText(
+        mask, letter, (int(round(px)), int(round(py))), cv2.FONT_HERSHEY_SIMPLEX, scale, 255, thickness, cv2.LINE_AA
+    )
     return mask.astype(np.float32) / 255.0, ((px + w / 2) / size, (py - h / 2) / size)
 
 
@@ -784,9 +880,20 @@ class _Rendered:
     layers: dict[str, np.ndarray] | None = None  # line integrals in image orientation (tests)
 
 
-def _render(rng: np.random.Generator, *, label_name: str, fracture_type: str, size: int, view: str,
-            laterality: str, fracture_position: float, anatomy: FemurAnatomy | None, framing: str | None = None,
-            implant: str = "none", layers: bool = False) -> _Rendered:
+def _render(
+    rng: np.random.Generator,
+    *,
+    label_name: str,
+    fracture_type: str,
+    size: int,
+    view: str,
+    laterality: str,
+    fracture_position: float,
+    anatomy: FemurAnatomy | None,
+    framing: str | None = None,
+    implant: str = "none",
+    layers: bool = False,
+) -> _Rendered:
     """render_femur plus the pixel spacing, framing and marker place (and, if asked, the layers)."""
     _check_render_args(label_name, fracture_type, size, view, laterality, fracture_position, framing, implant)
     anat = anatomy if anatomy is not None else FemurAnatomy.sample(rng)
@@ -805,11 +912,15 @@ def _render(rng: np.random.Generator, *, label_name: str, fracture_type: str, si
     x = (cx + acq.field * (c * gx + s * gy)).astype(np.float32)
     y = (cy + acq.field * (-s * gx + c * gy)).astype(np.float32)
     edge = acq.field / size  # one pixel in canonical units
-    plan = None if fracture_type == "none" else _plan_fracture(anat, view, fracture_type, fracture_position, edge,
-                                                               fixed=implant != "none")
+    plan = (
+        None
+        if fracture_type == "none"
+        else _plan_fracture(anat, view, fracture_type, fracture_position, edge, fixed=implant != "none")
+    )
     trabecular = 0.3 + _sigmoid((-0.05 - y) / 0.05) + _sigmoid((y - anat.knee_y + 0.3) / 0.05)
-    bone = _fractured_bone(x, y, anat, view, plan, native_head=implant != "hip") \
-        * (1.0 + acq.texture_amount * trabecular * texture) + _pelvis_attenuation(x, y, anat, view)
+    bone = _fractured_bone(x, y, anat, view, plan, native_head=implant != "hip") * (
+        1.0 + acq.texture_amount * trabecular * texture
+    ) + _pelvis_attenuation(x, y, anat, view)
     soft = _soft_tissue_attenuation(x, y, anat, view)
     metal = _implant_attenuation(x, y, anat, view, implant)
 
@@ -844,18 +955,33 @@ def _render(rng: np.random.Generator, *, label_name: str, fracture_type: str, si
     out_layers = None
     if layers:
         flip = (lambda a: np.ascontiguousarray(a[:, ::-1])) if laterality == "L" else (lambda a: a)
-        out_layers = {"soft": flip(soft), "bone": flip(bone), "metal": flip(metal), "collimator": _collimator(size, acq),
-                      "marker": marker}
+        out_layers = {
+            "soft": flip(soft),
+            "bone": flip(bone),
+            "metal": flip(metal),
+            "collimator": _collimator(size, acq),
+            "marker": marker,
+        }
     return _Rendered(pixels, _FIELD_MM * acq.field / size, acq.framing, marker_xy, out_layers)
 
 
-def _check_render_args(label_name: str, fracture_type: str, size: int, view: str, laterality: str,
-                       fracture_position: float, framing: str | None = None, implant: str = "none") -> None:
+def _check_render_args(
+    label_name: str,
+    fracture_type: str,
+    size: int,
+    view: str,
+    laterality: str,
+    fracture_position: float,
+    framing: str | None = None,
+    implant: str = "none",
+) -> None:
     if label_name not in FRACTURE_TYPES:
         raise ValueError(f"label_name {label_name!r} is not one of {LABEL_NAMES}.")
     if fracture_type not in FRACTURE_TYPES[label_name]:
-        raise ValueError(f"fracture_type {fracture_type!r} does not fit label {label_name!r}; "
-                         f"use one of {FRACTURE_TYPES[label_name]}.")
+        raise ValueError(
+            f"fracture_type {fracture_type!r} does not fit label {label_name!r}; "
+            f"use one of {FRACTURE_TYPES[label_name]}."
+        )
     if view not in VIEWS:
         raise ValueError(f"view {view!r} is not one of {VIEWS}.")
     if laterality not in LATERALITIES:
@@ -863,17 +989,28 @@ def _check_render_args(label_name: str, fracture_type: str, size: int, view: str
     if size < 32:
         raise ValueError(f"size {size} is too small; use at least 32 pixels.")
     if not 0.0 <= fracture_position <= 1.0:
-        raise ValueError(f"fracture_position {fracture_position} must lie in [0, 1] "
-                         "(0 = sub-trochanteric, 1 = mid-shaft).")
+        raise ValueError(
+            f"fracture_position {fracture_position} must lie in [0, 1] (0 = sub-trochanteric, 1 = mid-shaft)."
+        )
     if framing is not None and framing not in FRAMINGS:
         raise ValueError(f"framing {framing!r} is not one of {FRAMINGS} (or None to draw one).")
     if implant not in IMPLANTS:
         raise ValueError(f"implant {implant!r} is not one of {IMPLANTS}.")
 
 
-def render_femur(rng: np.random.Generator, *, label_name: str, fracture_type: str, size: int, view: str,
-                 laterality: str, fracture_position: float, anatomy: FemurAnatomy | None = None,
-                 framing: str | None = None, implant: str = "none") -> np.ndarray:
+def render_femur(
+    rng: np.random.Generator,
+    *,
+    label_name: str,
+    fracture_type: str,
+    size: int,
+    view: str,
+    laterality: str,
+    fracture_position: float,
+    anatomy: FemurAnatomy | None = None,
+    framing: str | None = None,
+    implant: str = "none",
+) -> np.ndarray:
     """Renders one femur radiograph: uint16 (size, size), bone bright, most of the 16-bit range used.
 
     `fracture_position` in [0, 1] runs from sub-trochanteric (0) to mid-shaft (1). `anatomy`
@@ -882,19 +1019,58 @@ def render_femur(rng: np.random.Generator, *, label_name: str, fracture_type: st
     For a fixed `rng` state and anatomy, images of different classes differ only where the
     fracture changes the bone: framing, pose, exposure and noise are drawn independently of the class.
     """
-    return _render(rng, label_name=label_name, fracture_type=fracture_type, size=size, view=view,
-                   laterality=laterality, fracture_position=fracture_position, anatomy=anatomy, framing=framing,
-                   implant=implant).pixels
+    return _render(
+        rng,
+        label_name=label_name,
+        fracture_type=fracture_type,
+        size=size,
+        view=view,
+        laterality=laterality,
+        fracture_position=fracture_position,
+        anatomy=anatomy,
+        framing=framing,
+        implant=implant,
+    ).pixels
 
 
 # ======================================================================================
 # Synthetic patients
 # ======================================================================================
 
-_FIRST_NAMES = ("JANE", "MARY", "ANNA", "ELSA", "INGRID", "KARIN", "MAJA", "ASTRID", "LINNEA", "SARA",
-                "JOHN", "ERIK", "LARS", "PER", "OLOF")
-_LAST_NAMES = ("DOE", "ROE", "SMITH", "ANDERSSON", "JOHANSSON", "KARLSSON", "NILSSON", "ERIKSSON",
-               "LARSSON", "OLSSON", "PERSSON", "SVENSSON", "GUSTAFSSON", "PETTERSSON", "LINDBERG")
+_FIRST_NAMES = (
+    "JANE",
+    "MARY",
+    "ANNA",
+    "ELSA",
+    "INGRID",
+    "KARIN",
+    "MAJA",
+    "ASTRID",
+    "LINNEA",
+    "SARA",
+    "JOHN",
+    "ERIK",
+    "LARS",
+    "PER",
+    "OLOF",
+)
+_LAST_NAMES = (
+    "DOE",
+    "ROE",
+    "SMITH",
+    "ANDERSSON",
+    "JOHANSSON",
+    "KARLSSON",
+    "NILSSON",
+    "ERIKSSON",
+    "LARSSON",
+    "OLSSON",
+    "PERSSON",
+    "SVENSSON",
+    "GUSTAFSSON",
+    "PETTERSSON",
+    "LINDBERG",
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -929,8 +1105,9 @@ def _plan_patient(index: int, seed: int, class_fractions: Sequence[float]) -> _P
     views = [("AP", 0), ("LAT", 0)]
     n_followup = int(rng.choice(3, p=(0.4, 0.4, 0.2)))  # a follow-up study with 0-2 more images
     views += [(VIEWS[k], 1) for k in range(n_followup)]
-    studies = tuple((f"ACC{rng.integers(10**8):08d}", str(rng.choice(("CR", "DX"))))
-                    for _ in range(2 if n_followup else 1))
+    studies = tuple(
+        (f"ACC{rng.integers(10**8):08d}", str(rng.choice(("CR", "DX")))) for _ in range(2 if n_followup else 1)
+    )
     birth = f"{rng.integers(1925, 1970)}{rng.integers(1, 13):02d}{rng.integers(1, 29):02d}"
     name = f"{rng.choice(_LAST_NAMES)}^{rng.choice(_FIRST_NAMES)}"
     has_implant, implant_u = rng.random() < _IMPLANT_P, rng.random()
@@ -958,12 +1135,15 @@ def _uid(*parts: object) -> str:
 
 def _check_fractions(class_fractions: Sequence[float]) -> None:
     if len(class_fractions) != len(LABEL_NAMES) or min(class_fractions) < 0 or sum(class_fractions) <= 0:
-        raise ValueError(f"class_fractions {tuple(class_fractions)} must be {len(LABEL_NAMES)} non-negative "
-                         f"numbers (for {LABEL_NAMES}) with a positive sum.")
+        raise ValueError(
+            f"class_fractions {tuple(class_fractions)} must be {len(LABEL_NAMES)} non-negative "
+            f"numbers (for {LABEL_NAMES}) with a positive sum."
+        )
 
 
-def iter_synthetic_images(num_patients: int, *, seed: int = 0, image_size: int = 256,
-                          class_fractions: Sequence[float] = _DEFAULT_FRACTIONS) -> Iterator[SyntheticImage]:
+def iter_synthetic_images(
+    num_patients: int, *, seed: int = 0, image_size: int = 256, class_fractions: Sequence[float] = _DEFAULT_FRACTIONS
+) -> Iterator[SyntheticImage]:
     """Yields the images of `num_patients` synthetic patients (2-4 AP/LAT images each, one label each).
 
     Deterministic for (num_patients, seed, image_size); patient i's images don't depend on
@@ -972,8 +1152,9 @@ def iter_synthetic_images(num_patients: int, *, seed: int = 0, image_size: int =
     return _iter_images(num_patients, seed=seed, image_size=image_size, class_fractions=class_fractions)
 
 
-def _iter_images(num_patients: int, *, seed: int, image_size: int, class_fractions: Sequence[float],
-                 fractures: bool = True) -> Iterator[SyntheticImage]:
+def _iter_images(
+    num_patients: int, *, seed: int, image_size: int, class_fractions: Sequence[float], fractures: bool = True
+) -> Iterator[SyntheticImage]:
     """iter_synthetic_images; with `fractures=False` every image is drawn as its patient's *normal twin*
     (same anatomy, framing, implant, exposure, noise and marker; no fracture, labels kept) — what the
     class-independence test reads to show that nothing outside the fracture carries the class."""
@@ -985,10 +1166,16 @@ def _iter_images(num_patients: int, *, seed: int, image_size: int, class_fractio
         for j, (view, study) in enumerate(plan.images):
             implant = plan.followup_implant if study == 1 else "none"
             out = _render(
-                np.random.default_rng([seed, i, j, 1]), label_name=label_name if fractures else "normal",
-                fracture_type=plan.fracture_type if fractures else "none", size=image_size, view=view,
-                laterality=plan.laterality, fracture_position=plan.fracture_position, anatomy=plan.anatomy,
-                implant=implant)
+                np.random.default_rng([seed, i, j, 1]),
+                label_name=label_name if fractures else "normal",
+                fracture_type=plan.fracture_type if fractures else "none",
+                size=image_size,
+                view=view,
+                laterality=plan.laterality,
+                fracture_position=plan.fracture_position,
+                anatomy=plan.anatomy,
+                implant=implant,
+            )
             spacing = out.spacing_mm
             yield SyntheticImage(
                 pixels=out.pixels,
@@ -1013,8 +1200,9 @@ def _iter_images(num_patients: int, *, seed: int, image_size: int, class_fractio
             )
 
 
-def count_synthetic_images(num_patients: int, *, seed: int = 0,
-                           class_fractions: Sequence[float] = _DEFAULT_FRACTIONS) -> int:
+def count_synthetic_images(
+    num_patients: int, *, seed: int = 0, class_fractions: Sequence[float] = _DEFAULT_FRACTIONS
+) -> int:
     """Number of images iter_synthetic_images yields, without rendering them."""
     return sum(len(_plan_patient(i, seed, class_fractions).images) for i in range(num_patients))
 
@@ -1044,9 +1232,15 @@ def to_record(img: SyntheticImage, salt: bytes) -> dict:
     }
 
 
-def build_synthetic_dataset(data_dir: str | os.PathLike, *, num_patients: int = 300, seed: int = 0,
-                            image_size: int = 256, name: str = "synthetic_femur",
-                            overwrite: bool = False) -> pathlib.Path:
+def build_synthetic_dataset(
+    data_dir: str | os.PathLike,
+    *,
+    num_patients: int = 300,
+    seed: int = 0,
+    image_size: int = 256,
+    name: str = "synthetic_femur",
+    overwrite: bool = False,
+) -> pathlib.Path:
     """Renders the synthetic dataset and writes it with records.write_dataset; returns its directory.
 
     Identifiers are hashed with `anonymize.load_salt(allow_demo_salt=True)`: the user's salt if
@@ -1054,16 +1248,29 @@ def build_synthetic_dataset(data_dir: str | os.PathLike, *, num_patients: int = 
     """
     salt = anonymize.load_salt(allow_demo_salt=True)
     examples = (to_record(img, salt) for img in iter_synthetic_images(num_patients, seed=seed, image_size=image_size))
-    parameters = {"num_patients": num_patients, "seed": seed, "image_size": image_size,
-                  "class_fractions": list(_DEFAULT_FRACTIONS)}
-    info = {"preprocessing": {"generator": "afm_jax.data.synthetic", **parameters},
-            "source_fingerprint": "synthetic:" + ",".join(f"{k}={v}" for k, v in parameters.items())}
-    return records.write_dataset(examples, data_dir, name=name, extra_info=info, overwrite=overwrite,
-                                 num_examples_hint=count_synthetic_images(num_patients, seed=seed))
+    parameters = {
+        "num_patients": num_patients,
+        "seed": seed,
+        "image_size": image_size,
+        "class_fractions": list(_DEFAULT_FRACTIONS),
+    }
+    info = {
+        "preprocessing": {"generator": "afm_jax.data.synthetic", **parameters},
+        "source_fingerprint": "synthetic:" + ",".join(f"{k}={v}" for k, v in parameters.items()),
+    }
+    return records.write_dataset(
+        examples,
+        data_dir,
+        name=name,
+        extra_info=info,
+        overwrite=overwrite,
+        num_examples_hint=count_synthetic_images(num_patients, seed=seed),
+    )
 
 
-def ensure_synthetic_dataset(data_dir: str | os.PathLike, *, num_patients: int = 300, seed: int = 0,
-                             image_size: int = 256) -> pathlib.Path:
+def ensure_synthetic_dataset(
+    data_dir: str | os.PathLike, *, num_patients: int = 300, seed: int = 0, image_size: int = 256
+) -> pathlib.Path:
     """The synthetic dataset for these parameters under `data_dir`, built only if it is not there yet.
 
     Each parameter set gets its own folder, so a rerun (e.g. a resumed demo) reuses the dataset its
@@ -1076,8 +1283,7 @@ def ensure_synthetic_dataset(data_dir: str | os.PathLike, *, num_patients: int =
             return records.resolve_dataset_dir(existing)
         except errors.DatasetNotFoundError:
             pass  # an interrupted build leaves no dataset_info.json; write_dataset starts over
-    return build_synthetic_dataset(data_dir, num_patients=num_patients, seed=seed, image_size=image_size,
-                                   name=name)
+    return build_synthetic_dataset(data_dir, num_patients=num_patients, seed=seed, image_size=image_size, name=name)
 
 
 def prepare_dataset(config, workdir: str) -> None:
@@ -1091,8 +1297,9 @@ def prepare_dataset(config, workdir: str) -> None:
     data_root = os.path.join(workdir, "data")
 
     def ensure() -> str:
-        return os.fspath(ensure_synthetic_dataset(data_root, num_patients=syn.num_patients, seed=syn.seed,
-                                                  image_size=syn.image_size))
+        return os.fspath(
+            ensure_synthetic_dataset(data_root, num_patients=syn.num_patients, seed=syn.seed, image_size=syn.image_size)
+        )
 
     if jax.process_index() != 0:
         multihost_utils.sync_global_devices("afm_jax:synthetic_dataset")
@@ -1151,14 +1358,19 @@ def stored_pixels(pixels: np.ndarray, photometric: str, bits_stored: int) -> np.
     return (top - scaled).astype(np.uint16) if photometric == "MONOCHROME1" else scaled
 
 
-def _to_dicom(img: SyntheticImage, study_index: int, instance_number: int,
-              style: _DicomStyle | None = None) -> "pydicom.Dataset":
+def _to_dicom(
+    img: SyntheticImage, study_index: int, instance_number: int, style: _DicomStyle | None = None
+) -> "pydicom.Dataset":
     """The DICOM dataset of one image; pixels stored as the study's device would store them
     (or as `style` says, for twins that differ only in storage)."""
     import pydicom  # pydicom: slow to import, only the DICOM writer needs it
     from pydicom.dataset import FileMetaDataset
-    from pydicom.uid import (PYDICOM_IMPLEMENTATION_UID, ComputedRadiographyImageStorage,
-                             DigitalXRayImageStorageForPresentation, ExplicitVRLittleEndian)
+    from pydicom.uid import (
+        PYDICOM_IMPLEMENTATION_UID,
+        ComputedRadiographyImageStorage,
+        DigitalXRayImageStorageForPresentation,
+        ExplicitVRLittleEndian,
+    )
 
     style = style or _dicom_style(img, study_index)
     sop_class = ComputedRadiographyImageStorage if img.modality == "CR" else DigitalXRayImageStorageForPresentation
@@ -1208,8 +1420,14 @@ def _to_dicom(img: SyntheticImage, study_index: int, instance_number: int,
     return ds
 
 
-def write_dicom_twin(img: SyntheticImage, path: str | os.PathLike, *, photometric: str, bits_stored: int = 12,
-                     rescale: tuple[float, float] = (1.0, 0.0)) -> pathlib.Path:
+def write_dicom_twin(
+    img: SyntheticImage,
+    path: str | os.PathLike,
+    *,
+    photometric: str,
+    bits_stored: int = 12,
+    rescale: tuple[float, float] = (1.0, 0.0),
+) -> pathlib.Path:
     """Writes `img` as one DICOM file with the given storage (MONOCHROME1/2, bits, rescale), all else
     as `write_dicom_files` would write it; for tests that two storages of one image read the same.
 
@@ -1231,8 +1449,9 @@ def write_dicom_twin(img: SyntheticImage, path: str | os.PathLike, *, photometri
     return out
 
 
-def write_dicom_files(out_dir: str | os.PathLike, *, num_patients: int = 10, seed: int = 0, image_size: int = 256,
-                      progress: bool = False) -> list[pathlib.Path]:
+def write_dicom_files(
+    out_dir: str | os.PathLike, *, num_patients: int = 10, seed: int = 0, image_size: int = 256, progress: bool = False
+) -> list[pathlib.Path]:
     """Writes the same images as DICOM in `out_dir/<patient>/<accession>/IM####[.dcm]`; returns the paths.
 
     A realistic raw input for the DICOM converter: CR and DX, MONOCHROME1 (inverted pixels) and
@@ -1270,8 +1489,9 @@ def write_dicom_files(out_dir: str | os.PathLike, *, num_patients: int = 10, see
 # ======================================================================================
 
 
-def contact_sheet(path: str | os.PathLike, *, seed: int = 0, image_size: int = 256, tile: int = 128,
-                  columns: int = 6) -> pathlib.Path:
+def contact_sheet(
+    path: str | os.PathLike, *, seed: int = 0, image_size: int = 256, tile: int = 128, columns: int = 6
+) -> pathlib.Path:
     """Writes an 8-bit PNG: one row per class x view, the first `columns` images of that kind in
     patient order (no picking), each `tile` px, captioned with fracture type, framing and implant."""
     rows = [(name, view) for name in LABEL_NAMES for view in VIEWS]
@@ -1285,18 +1505,26 @@ def contact_sheet(path: str | os.PathLike, *, seed: int = 0, image_size: int = 2
     label_w = 54
     sheet = np.full((len(rows) * tile, label_w + columns * tile), 255, np.uint8)
     for r, key in enumerate(rows):
-        cv2.putText(sheet, key[0].upper(), (4, r * tile + tile // 2 - 4), cv2.FONT_HERSHEY_SIMPLEX, 0.45, 0, 1,
-                    cv2.LINE_AA)
+        cv2.putText(
+            sheet, key[0].upper(), (4, r * tile + tile // 2 - 4), cv2.FONT_HERSHEY_SIMPLEX, 0.45, 0, 1, cv2.LINE_AA
+        )
         cv2.putText(sheet, key[1], (4, r * tile + tile // 2 + 14), cv2.FONT_HERSHEY_SIMPLEX, 0.45, 0, 1, cv2.LINE_AA)
         for k, img in enumerate(found[key]):
             small = cv2.resize(img.pixels.astype(np.float32) / 257.0, (tile, tile), interpolation=cv2.INTER_AREA)
             cell = np.clip(np.round(small), 0, 255).astype(np.uint8)
-            caption = " ".join(t for t in (img.fracture_type if img.fracture_type != "none" else "",
-                                           img.framing[:4], img.implant if img.implant != "none" else "") if t)
+            caption = " ".join(
+                t
+                for t in (
+                    img.fracture_type if img.fracture_type != "none" else "",
+                    img.framing[:4],
+                    img.implant if img.implant != "none" else "",
+                )
+                if t
+            )
             cv2.putText(cell, caption, (3, tile - 5), cv2.FONT_HERSHEY_SIMPLEX, 0.3, 0, 2, cv2.LINE_AA)
             cv2.putText(cell, caption, (3, tile - 5), cv2.FONT_HERSHEY_SIMPLEX, 0.3, 255, 1, cv2.LINE_AA)
             x0 = label_w + k * tile
-            sheet[r * tile:(r + 1) * tile, x0:x0 + tile] = cell
+            sheet[r * tile : (r + 1) * tile, x0 : x0 + tile] = cell
     ok, png = cv2.imencode(".png", sheet, [cv2.IMWRITE_PNG_COMPRESSION, 9])
     if not ok:
         raise RuntimeError("PNG encoding of the contact sheet failed.")
@@ -1312,8 +1540,9 @@ def contact_sheet(path: str | os.PathLike, *, seed: int = 0, image_size: int = 2
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     parser.add_argument("--out", help="output directory")
     parser.add_argument("--contact_sheet", metavar="PNG", help="write the class x view contact sheet PNG instead")
     parser.add_argument("--num_patients", type=int, default=300)
@@ -1327,12 +1556,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     if not args.out:
         parser.error("--out is required (or --contact_sheet PNG)")
     if args.dicom:
-        paths = write_dicom_files(args.out, num_patients=args.num_patients, seed=args.seed,
-                                  image_size=args.image_size, progress=True)
+        paths = write_dicom_files(
+            args.out, num_patients=args.num_patients, seed=args.seed, image_size=args.image_size, progress=True
+        )
         print(f"Wrote {len(paths)} DICOM files and labels.csv under {pathlib.Path(args.out).resolve()}")
     else:
-        path = build_synthetic_dataset(args.out, num_patients=args.num_patients, seed=args.seed,
-                                       image_size=args.image_size)
+        path = build_synthetic_dataset(
+            args.out, num_patients=args.num_patients, seed=args.seed, image_size=args.image_size
+        )
         print(f"Wrote synthetic dataset to {path}")
 
 

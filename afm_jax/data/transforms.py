@@ -45,8 +45,9 @@ def register(name: str) -> Callable[[Op], Op]:
     return wrap
 
 
-def apply_chain(image: np.ndarray, chain: Sequence[tuple[str, Mapping[str, Any]]],
-                rng: np.random.Generator | None = None) -> np.ndarray:
+def apply_chain(
+    image: np.ndarray, chain: Sequence[tuple[str, Mapping[str, Any]]], rng: np.random.Generator | None = None
+) -> np.ndarray:
     """Applies the ops of `chain` in order."""
     for name, params in chain:
         try:
@@ -91,6 +92,7 @@ def decode_png16(data: bytes) -> np.ndarray:
 
 # ─── Geometry ────────────────────────────────────────────────────────────────────────────────────
 
+
 def _resize(image: np.ndarray, height: int, width: int) -> np.ndarray:
     """(h, w, 1) -> (height, width, 1) of the same dtype, antialiased when shrinking, and cheap.
 
@@ -103,7 +105,7 @@ def _resize(image: np.ndarray, height: int, width: int) -> np.ndarray:
     k = int(min(src.shape[0] / height, src.shape[1] / width))
     if k >= 2:
         h, w = src.shape[0] // k, src.shape[1] // k
-        src = cv2.resize(src[:h * k, :w * k], (w, h), interpolation=cv2.INTER_AREA)
+        src = cv2.resize(src[: h * k, : w * k], (w, h), interpolation=cv2.INTER_AREA)
     return cv2.resize(src, (width, height), interpolation=cv2.INTER_LINEAR)[..., None]
 
 
@@ -114,8 +116,14 @@ def resize(image: np.ndarray, rng: np.random.Generator | None, *, size: int) -> 
     return _resize(image, size, size)
 
 
-def sample_crop_box(height: int, width: int, rng: np.random.Generator, scale: Sequence[float],
-                    ratio: Sequence[float], attempts: int = 10) -> tuple[int, int, int, int]:
+def sample_crop_box(
+    height: int,
+    width: int,
+    rng: np.random.Generator,
+    scale: Sequence[float],
+    ratio: Sequence[float],
+    attempts: int = 10,
+) -> tuple[int, int, int, int]:
     """(top, left, h, w) of a random crop covering `scale` of the area with aspect ratio w/h in `ratio`.
 
     The Inception / torchvision RandomResizedCrop recipe: up to `attempts` draws, then a centre crop
@@ -141,11 +149,17 @@ def sample_crop_box(height: int, width: int, rng: np.random.Generator, scale: Se
 
 
 @register("random_resized_crop")
-def random_resized_crop(image: np.ndarray, rng: np.random.Generator, *, size: int,
-                        scale: Sequence[float] = (0.2, 1.0), ratio: Sequence[float] = (3 / 4, 4 / 3)) -> np.ndarray:
+def random_resized_crop(
+    image: np.ndarray,
+    rng: np.random.Generator,
+    *,
+    size: int,
+    scale: Sequence[float] = (0.2, 1.0),
+    ratio: Sequence[float] = (3 / 4, 4 / 3),
+) -> np.ndarray:
     """A random crop (area fraction in `scale`, aspect ratio in `ratio`) resized to (size, size)."""
     top, left, h, w = sample_crop_box(image.shape[0], image.shape[1], rng, scale, ratio)
-    return _resize(image[top:top + h, left:left + w], size, size)
+    return _resize(image[top : top + h, left : left + w], size, size)
 
 
 @register("flip_lr")
@@ -156,9 +170,17 @@ def flip_lr(image: np.ndarray, rng: np.random.Generator, *, p: float = 0.5) -> n
 
 # ─── Intensity ───────────────────────────────────────────────────────────────────────────────────
 
+
 @register("intensity_jitter")
-def intensity_jitter(image: np.ndarray, rng: np.random.Generator, *, brightness: float = 0.0,
-                     contrast: float = 0.0, gamma: float = 0.0, p: float = 1.0) -> np.ndarray:
+def intensity_jitter(
+    image: np.ndarray,
+    rng: np.random.Generator,
+    *,
+    brightness: float = 0.0,
+    contrast: float = 0.0,
+    gamma: float = 0.0,
+    p: float = 1.0,
+) -> np.ndarray:
     """Mild exposure changes, each drawn independently and skipped at strength 0; clipped to [0, 1].
 
     gamma: x ** g with log g ~ U(-gamma, gamma); contrast: scale about the image mean by
@@ -184,8 +206,9 @@ def intensity_jitter(image: np.ndarray, rng: np.random.Generator, *, brightness:
 
 
 @register("gaussian_blur")
-def gaussian_blur(image: np.ndarray, rng: np.random.Generator, *, p: float = 0.5,
-                  sigma: Sequence[float] = (0.1, 2.0)) -> np.ndarray:
+def gaussian_blur(
+    image: np.ndarray, rng: np.random.Generator, *, p: float = 0.5, sigma: Sequence[float] = (0.1, 2.0)
+) -> np.ndarray:
     """Gaussian blur with probability p, sigma ~ U(sigma) in output pixels (DINO: PIL radius 0.1–2).
 
     Float images only (put it after `to_float`); the kernel is cut at 4 sigma, borders reflect."""
@@ -195,8 +218,9 @@ def gaussian_blur(image: np.ndarray, rng: np.random.Generator, *, p: float = 0.5
         return image
     s = float(rng.uniform(float(sigma[0]), float(sigma[1])))
     radius = max(1, int(math.ceil(4.0 * s)))
-    blurred = cv2.GaussianBlur(np.ascontiguousarray(image[..., 0]), (2 * radius + 1, 2 * radius + 1), s,
-                               borderType=cv2.BORDER_REFLECT_101)
+    blurred = cv2.GaussianBlur(
+        np.ascontiguousarray(image[..., 0]), (2 * radius + 1, 2 * radius + 1), s, borderType=cv2.BORDER_REFLECT_101
+    )
     return blurred[..., None].astype(np.float32, copy=False)
 
 
@@ -213,10 +237,12 @@ def solarize(image: np.ndarray, rng: np.random.Generator, *, p: float = 0.2, thr
 
 # ─── Chains from config ──────────────────────────────────────────────────────────────────────────
 
+
 def default_augment_config() -> dict[str, Any]:
     """The training augmentation: random resized crop, horizontal flip, mild intensity jitter."""
-    return dict(crop=True, crop_scale=(0.2, 1.0), crop_ratio=(3 / 4, 4 / 3), flip=True,
-                brightness=0.1, contrast=0.1, gamma=0.1)
+    return dict(
+        crop=True, crop_scale=(0.2, 1.0), crop_ratio=(3 / 4, 4 / 3), flip=True, brightness=0.1, contrast=0.1, gamma=0.1
+    )
 
 
 def train_chain(augment: Mapping[str, Any] | None, image_size: int) -> Chain:
@@ -226,8 +252,9 @@ def train_chain(augment: Mapping[str, Any] | None, image_size: int) -> Chain:
     cfg = default_augment_config()
     unknown = sorted(set(augment or {}) - set(cfg))
     if unknown:
-        raise ConfigError(f"Unknown augment config keys {unknown} (config key `data.augment`); known keys: "
-                          f"{sorted(cfg)}.")
+        raise ConfigError(
+            f"Unknown augment config keys {unknown} (config key `data.augment`); known keys: {sorted(cfg)}."
+        )
     cfg.update(dict(augment or {}))
     _check_range("crop_scale", cfg["crop_scale"], 0.0, 1.0)
     _check_range("crop_ratio", cfg["crop_ratio"], 0.0, math.inf)
@@ -236,8 +263,16 @@ def train_chain(augment: Mapping[str, Any] | None, image_size: int) -> Chain:
             raise ConfigError(f"Config key `data.augment.{key}` = {cfg[key]!r} must be in [0, 1).")
     chain: list[tuple[str, dict[str, Any]]] = []
     if cfg["crop"]:
-        chain.append(("random_resized_crop", dict(size=int(image_size), scale=tuple(map(float, cfg["crop_scale"])),
-                                                  ratio=tuple(map(float, cfg["crop_ratio"])))))
+        chain.append(
+            (
+                "random_resized_crop",
+                dict(
+                    size=int(image_size),
+                    scale=tuple(map(float, cfg["crop_scale"])),
+                    ratio=tuple(map(float, cfg["crop_ratio"])),
+                ),
+            )
+        )
     else:
         chain.append(("resize", dict(size=int(image_size))))
     if cfg["flip"]:
@@ -265,6 +300,7 @@ def _check_range(key: str, value: Any, low: float, high: float) -> None:
 
 # ─── grain transforms ────────────────────────────────────────────────────────────────────────────
 
+
 @dataclasses.dataclass(frozen=True)
 class TrainTransform(grain.transforms.RandomMap):
     """Record -> {'image': float32 (S, S, 1), 'label': int32}: decode, then the random op chain.
@@ -287,5 +323,9 @@ class EvalTransform(grain.transforms.Map):
 
     def map(self, element: Mapping[str, Any]) -> dict[str, Any]:
         image = apply_chain(decode_png(element["image"]), self.chain)
-        return {"image": np.ascontiguousarray(image, np.float32), "label": np.int32(element["label"]),
-                "patient_id": element["patient_id"], "image_id": element["image_id"]}
+        return {
+            "image": np.ascontiguousarray(image, np.float32),
+            "label": np.int32(element["label"]),
+            "patient_id": element["patient_id"],
+            "image_id": element["image_id"],
+        }

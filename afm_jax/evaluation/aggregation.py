@@ -20,8 +20,9 @@ HOW = ("mean", "max")
 ON_CONFLICT = ("error", "max")
 
 
-def aggregate(ids, y_true, y_score, how: Literal["mean", "max"] = "mean", *,
-              on_conflict: Literal["error", "max"] = "error") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def aggregate(
+    ids, y_true, y_score, how: Literal["mean", "max"] = "mean", *, on_conflict: Literal["error", "max"] = "error"
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(unique ids (sorted), one label per id, one score per id).
 
     `y_score` is (N,) probabilities or (N, C) class probabilities (aggregated column-wise). Scores
@@ -37,14 +38,16 @@ def aggregate(ids, y_true, y_score, how: Literal["mean", "max"] = "mean", *,
     s = np.asarray(y_score, dtype=np.float64)
     n = ids_arr.shape[0] if ids_arr.ndim else 0
     if y.shape != (n,) or s.shape[:1] != (n,) or s.ndim > 2:
-        raise ValueError(f"ids ({ids_arr.shape}), y_true ({y.shape}) and y_score ({s.shape}) must have the same "
-                         "length; y_score (N,) or (N, C).")
+        raise ValueError(
+            f"ids ({ids_arr.shape}), y_true ({y.shape}) and y_score ({s.shape}) must have the same "
+            "length; y_score (N,) or (N, C)."
+        )
     if n == 0:
         raise ValueError("No examples to aggregate.")
     unique, inverse = np.unique(ids_arr, return_inverse=True)
     inverse = inverse.ravel()
     k = unique.size
-    if np.issubdtype(y.dtype, np.floating):   # regression targets: one value per unit too
+    if np.issubdtype(y.dtype, np.floating):  # regression targets: one value per unit too
         label_max, label_min = np.full(k, -np.inf), np.full(k, np.inf)
         np.maximum.at(label_max, inverse, y.astype(np.float64))
         np.minimum.at(label_min, inverse, y.astype(np.float64))
@@ -56,9 +59,11 @@ def aggregate(ids, y_true, y_score, how: Literal["mean", "max"] = "mean", *,
         np.minimum.at(label_min, inverse, y.astype(np.int64))
         conflicted = label_max != label_min
     if conflicted.any() and on_conflict == "error":
-        raise ValueError(f"{int(conflicted.sum())} of {k} ids have images with different labels "
-                         f"(e.g. {unique[conflicted][:3].tolist()}); fix the labels, or pass on_conflict='max' "
-                         "to call a unit positive when any of its images is.")
+        raise ValueError(
+            f"{int(conflicted.sum())} of {k} ids have images with different labels "
+            f"(e.g. {unique[conflicted][:3].tolist()}); fix the labels, or pass on_conflict='max' "
+            "to call a unit positive when any of its images is."
+        )
     flat = s.reshape(n, -1)
     if how == "mean":
         sums = np.zeros((k, flat.shape[1]))

@@ -32,17 +32,15 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 from flax import nnx
 
 from afm_jax.errors import ConfigError
-from afm_jax.train.checkpoint import is_checkpoint_path, resolve_step_dir
-from afm_jax.models import factory
-from afm_jax.train.checkpoint import read_encoder_checkpoint
-import ml_collections
-from afm_jax.train.checkpoint import read_meta
-from afm_jax.train.init_from import initialize_encoder
 from afm_jax.interop.torchvision_resnet import resnet50_from_torchvision
+from afm_jax.models import factory
+from afm_jax.train.checkpoint import is_checkpoint_path, read_encoder_checkpoint, read_meta, resolve_step_dir
+from afm_jax.train.init_from import initialize_encoder
 
 KINDS = ("checkpoint", "timm_vit", "resnet50", "torch_timm", "random_init")
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -168,7 +166,7 @@ class JaxViTBackbone(Backbone):
 
         def attention(state, images):
             enc = nnx.merge(graphdef, state)
-            attn = enc.attention_maps(images).mean(axis=1)                 # (B, T, T), heads averaged
+            attn = enc.attention_maps(images).mean(axis=1)  # (B, T, T), heads averaged
             rows = attn[:, 0, prefix:] if enc.has_class_token else attn[:, prefix:, prefix:].mean(axis=1)
             b, h, w = images.shape[0], images.shape[1] // patch, images.shape[2] // patch
             maps = rows.reshape(b, h, w)
@@ -202,7 +200,7 @@ class JaxResNetBackbone(Backbone):
         graphdef, state = nnx.split(model)
 
         def spatial(state, images):
-            return nnx.merge(graphdef, state).feature_map(images)          # (B, h, w, 2048)
+            return nnx.merge(graphdef, state).feature_map(images)  # (B, h, w, 2048)
 
         self._state = state
         self._spatial = jax.jit(spatial)
@@ -228,8 +226,10 @@ class TorchTimmBackbone(Backbone):
         missing, unexpected = self.model.load_state_dict(state_dict, strict=False)
         missing = [k for k in missing if not k.startswith(("fc.", "head.", "classifier."))]
         if missing:
-            raise ConfigError(f"{path} does not fit timm model {arch!r}: {len(missing)} weights missing "
-                              f"(e.g. {missing[:3]}). Check `arch` against the file.")
+            raise ConfigError(
+                f"{path} does not fit timm model {arch!r}: {len(missing)} weights missing "
+                f"(e.g. {missing[:3]}). Check `arch` against the file."
+            )
         self.unexpected = [k for k in unexpected if not k.startswith(("fc.", "head.", "classifier."))]
         self.model.eval()
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -254,9 +254,9 @@ class TorchTimmBackbone(Backbone):
 
     def spatial_features(self, images: np.ndarray) -> np.ndarray | None:
         feats = self._forward_features(images).float().cpu().numpy()
-        if feats.ndim == 4:                                                # CNN: (B, C, h, w)
+        if feats.ndim == 4:  # CNN: (B, C, h, w)
             return feats.transpose(0, 2, 3, 1)
-        tokens = feats[:, self.num_prefix:]                                # ViT: (B, T, D)
+        tokens = feats[:, self.num_prefix :]  # ViT: (B, T, D)
         side = int(round(np.sqrt(tokens.shape[1])))
         if side * side != tokens.shape[1]:
             return None
@@ -272,6 +272,7 @@ def _read_torch_state_dict(path: str) -> dict:
         raise ConfigError(f"Backbone weights file {p} does not exist.")
     if p.suffix == ".safetensors":
         from safetensors.torch import load_file  # optional extra [torch]
+
         return load_file(str(p))
     obj = torch.load(str(p), map_location="cpu", weights_only=True)
     for key in ("state_dict", "model", "teacher", "module"):
@@ -289,7 +290,7 @@ def _vit_from_spec(spec: BackboneSpec, model_cfg=None, image_size: int | None = 
         model_cfg.update(dict(spec.model))
     try:
         factory.parse_variant(model_cfg.variant)
-    except ValueError as e:   # e.g. `random_init:,variant=Z/99`
+    except ValueError as e:  # e.g. `random_init:,variant=Z/99`
         raise ConfigError(f"Backbone {spec.kind}: {e} Give it as variant=<size>/<patch> in --backbone.") from None
     return factory.build_encoder(model_cfg, image_size or spec.image_size, nnx.Rngs(spec.seed))
 
@@ -306,16 +307,18 @@ def load_backbone(spec: BackboneSpec, name: str = "") -> Backbone:
             step_dir, _ = resolve_step_dir(spec.path)
             saved = read_meta(step_dir)["config"]
             model_cfg, size = ml_collections.ConfigDict(saved["model"]), int(saved["image_size"])
-            spec = dataclasses.replace(spec, seed=int(saved.get("seed", spec.seed)))   # the run's own draw
-        return JaxViTBackbone(_vit_from_spec(spec, model_cfg, size), pool=spec.pool, image_size=spec.image_size,
-                              name=name)
+            spec = dataclasses.replace(spec, seed=int(saved.get("seed", spec.seed)))  # the run's own draw
+        return JaxViTBackbone(
+            _vit_from_spec(spec, model_cfg, size), pool=spec.pool, image_size=spec.image_size, name=name
+        )
     if spec.kind == "timm_vit":
         encoder = _vit_from_spec(spec)
         initialize_encoder(encoder, spec.path)
         return JaxViTBackbone(encoder, pool=spec.pool, image_size=spec.image_size, name=name)
     if spec.kind == "resnet50":
-        return JaxResNetBackbone(resnet50_from_torchvision(os.fspath(spec.path), in_chans=1),
-                                 image_size=spec.image_size, name=name)
+        return JaxResNetBackbone(
+            resnet50_from_torchvision(os.fspath(spec.path), in_chans=1), image_size=spec.image_size, name=name
+        )
     if spec.kind == "torch_timm":
         return TorchTimmBackbone(spec.arch, os.fspath(spec.path), image_size=spec.image_size, name=name)
     raise ConfigError(f"Backbone kind {spec.kind!r} is unknown: expected one of {', '.join(KINDS)}.")
@@ -336,14 +339,21 @@ def describe_backbone(spec: BackboneSpec) -> dict[str, Any]:
         step_dir, step = resolve_step_dir(spec.path)
         meta = read_meta(step_dir)
         model_cfg = ml_collections.ConfigDict(dict(meta["config"]["model"]))
-        d.update(variant=model_cfg.get("variant"), model=factory.size_overrides(model_cfg), step=int(step),
-                 checkpoint_code_version=meta.get("code_version"))
+        d.update(
+            variant=model_cfg.get("variant"),
+            model=factory.size_overrides(model_cfg),
+            step=int(step),
+            checkpoint_code_version=meta.get("code_version"),
+        )
     elif spec.kind in ("timm_vit", "random_init"):
         model_cfg = factory.default_model_config(spec.variant)
         model_cfg.update(dict(spec.model))
     if model_cfg is not None and model_cfg.get("arch", "vit") == "vit":
-        d["architecture"] = {"arch": "vit", **factory.vit_dims(model_cfg),
-                             "class_token": bool(model_cfg.get("class_token", True))}
+        d["architecture"] = {
+            "arch": "vit",
+            **factory.vit_dims(model_cfg),
+            "class_token": bool(model_cfg.get("class_token", True)),
+        }
     elif model_cfg is not None:
         d["architecture"] = {"arch": str(model_cfg.get("arch"))}
     else:
@@ -369,6 +379,8 @@ def parse_backbone_arg(text: str) -> BackboneSpec:
         elif key in ("pool", "variant", "arch"):
             kwargs[key] = value
         else:
-            raise ConfigError(f"Backbone option {key!r} is unknown: use image_size, pool, variant, arch, seed, "
-                              "in_chans, depth, width, num_heads, mlp_dim.")
+            raise ConfigError(
+                f"Backbone option {key!r} is unknown: use image_size, pool, variant, arch, seed, "
+                "in_chans, depth, width, num_heads, mlp_dim."
+            )
     return BackboneSpec(kind=kind, path=path, model=tuple(sorted(model.items())), **kwargs)

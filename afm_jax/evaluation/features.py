@@ -24,16 +24,33 @@ def pooled_features_fn(encoder: nnx.Module, pool: str = "avg"):
     return lambda images: np.asarray(jitted(state, images), np.float32)
 
 
-def extract_features(encoder: nnx.Module, data_cfg, *, split: str, image_size: int, batch_size: int = 64,
-                     pool: str = "avg", progress: bool = True, limit: int | None = None,
-                     keys: Sequence[str] = ("label", "patient_id", "image_id")) -> dict[str, np.ndarray]:
+def extract_features(
+    encoder: nnx.Module,
+    data_cfg,
+    *,
+    split: str,
+    image_size: int,
+    batch_size: int = 64,
+    pool: str = "avg",
+    progress: bool = True,
+    limit: int | None = None,
+    keys: Sequence[str] = ("label", "patient_id", "image_id"),
+) -> dict[str, np.ndarray]:
     """`encoder`'s pooled features of every image of `split` (or its first `limit`), in dataset order.
 
     Returns {"features": (N, D) float32, and one (N,) array per key in `keys`}; ids are str.
     """
-    out = pipeline.map_split(pooled_features_fn(encoder, pool), data_cfg, split=split, batch_size=batch_size,
-                             image_size=image_size, keys=keys, limit=limit, progress=progress,
-                             desc=f"features[{split}]")
+    out = pipeline.map_split(
+        pooled_features_fn(encoder, pool),
+        data_cfg,
+        split=split,
+        batch_size=batch_size,
+        image_size=image_size,
+        keys=keys,
+        limit=limit,
+        progress=progress,
+        desc=f"features[{split}]",
+    )
     out["features"] = out.pop("output")
     for k in ("patient_id", "image_id"):
         if k in out:

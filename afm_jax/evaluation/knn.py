@@ -15,9 +15,16 @@ def _l2_normalise(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
-def knn_predict(train_features: np.ndarray, train_labels: np.ndarray, test_features: np.ndarray, *,
-                num_classes: int, k: int = 20, temperature: float = 0.07,
-                chunk_size: int = 1024) -> np.ndarray:
+def knn_predict(
+    train_features: np.ndarray,
+    train_labels: np.ndarray,
+    test_features: np.ndarray,
+    *,
+    num_classes: int,
+    k: int = 20,
+    temperature: float = 0.07,
+    chunk_size: int = 1024,
+) -> np.ndarray:
     """(n_test, num_classes) class probabilities from a temperature-weighted cosine kNN vote.
 
     `train_labels` are ints in [0, num_classes). Test features are processed in chunks, so memory
@@ -37,26 +44,42 @@ def knn_predict(train_features: np.ndarray, train_labels: np.ndarray, test_featu
     k = min(k, train.shape[0])
     probs = np.zeros((test.shape[0], num_classes), np.float64)
     for start in range(0, test.shape[0], chunk_size):
-        sims = test[start:start + chunk_size] @ train.T                        # (c, n_train)
-        top = np.argpartition(-sims, k - 1, axis=1)[:, :k]                     # k nearest, unordered
+        sims = test[start : start + chunk_size] @ train.T  # (c, n_train)
+        top = np.argpartition(-sims, k - 1, axis=1)[:, :k]  # k nearest, unordered
         top_sims = np.take_along_axis(sims, top, axis=1).astype(np.float64)
-        weights = np.exp(top_sims / temperature - (1.0 / temperature))         # shift: exp stays finite
+        weights = np.exp(top_sims / temperature - (1.0 / temperature))  # shift: exp stays finite
         votes = np.zeros((top.shape[0], num_classes), np.float64)
         np.add.at(votes, (np.arange(top.shape[0])[:, None], labels[top]), weights)
-        probs[start:start + chunk_size] = votes / votes.sum(axis=1, keepdims=True)
+        probs[start : start + chunk_size] = votes / votes.sum(axis=1, keepdims=True)
     return probs
 
 
-def knn_accuracy(train_features: np.ndarray, train_labels: np.ndarray, test_features: np.ndarray,
-                 test_labels: np.ndarray, *, num_classes: int, k: int = 20, temperature: float = 0.07) -> float:
+def knn_accuracy(
+    train_features: np.ndarray,
+    train_labels: np.ndarray,
+    test_features: np.ndarray,
+    test_labels: np.ndarray,
+    *,
+    num_classes: int,
+    k: int = 20,
+    temperature: float = 0.07,
+) -> float:
     """Top-1 accuracy of `knn_predict` (ties go to the lower class index)."""
-    probs = knn_predict(train_features, train_labels, test_features, num_classes=num_classes, k=k,
-                        temperature=temperature)
+    probs = knn_predict(
+        train_features, train_labels, test_features, num_classes=num_classes, k=k, temperature=temperature
+    )
     return float(np.mean(probs.argmax(axis=1) == np.asarray(test_labels)))
 
 
-def knn_regress(train_features: np.ndarray, train_targets: np.ndarray, test_features: np.ndarray, *,
-                k: int = 20, temperature: float = 0.07, chunk_size: int = 1024) -> np.ndarray:
+def knn_regress(
+    train_features: np.ndarray,
+    train_targets: np.ndarray,
+    test_features: np.ndarray,
+    *,
+    k: int = 20,
+    temperature: float = 0.07,
+    chunk_size: int = 1024,
+) -> np.ndarray:
     """(n_test,) weighted mean of the k most cosine-similar training targets, weights exp(sim / T):
     DINO's vote with the class one-hot replaced by the neighbour's value (e.g. bone age)."""
     train = _l2_normalise(train_features)
@@ -69,8 +92,8 @@ def knn_regress(train_features: np.ndarray, train_targets: np.ndarray, test_feat
     k = min(k, train.shape[0])
     out = np.zeros(test.shape[0], np.float64)
     for start in range(0, test.shape[0], chunk_size):
-        sims = test[start:start + chunk_size] @ train.T
+        sims = test[start : start + chunk_size] @ train.T
         top = np.argpartition(-sims, k - 1, axis=1)[:, :k]
         weights = np.exp(np.take_along_axis(sims, top, axis=1).astype(np.float64) / temperature - 1.0 / temperature)
-        out[start:start + chunk_size] = (weights * targets[top]).sum(1) / weights.sum(1)
+        out[start : start + chunk_size] = (weights * targets[top]).sum(1) / weights.sum(1)
     return out

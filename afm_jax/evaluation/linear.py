@@ -26,13 +26,21 @@ class LinearProbe:
         return self.classifier.predict_proba(features)[:, 1]
 
 
-def fit_linear_probe(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, val_y: np.ndarray,
-                     c_grid: tuple[float, ...] = DEFAULT_C_GRID, seed: int = 0) -> LinearProbe:
+def fit_linear_probe(
+    train_x: np.ndarray,
+    train_y: np.ndarray,
+    val_x: np.ndarray,
+    val_y: np.ndarray,
+    c_grid: tuple[float, ...] = DEFAULT_C_GRID,
+    seed: int = 0,
+) -> LinearProbe:
     """Fits standardise + logistic regression for each C, keeps the best validation AUROC (binary labels)."""
     for name, y in (("training", train_y), ("validation", val_y)):
         if len(np.unique(y)) < 2:
-            raise ValueError(f"The {name} split has only one class ({np.unique(y)}); a probe needs both. "
-                             "Use more patients or another split.")
+            raise ValueError(
+                f"The {name} split has only one class ({np.unique(y)}); a probe needs both. "
+                "Use more patients or another split."
+            )
     best: LinearProbe | None = None
     for c in c_grid:
         clf = make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=5000, random_state=seed))
@@ -63,8 +71,16 @@ def _macro_auroc(y: np.ndarray, p: np.ndarray) -> float:
     return float(np.mean(scores)) if scores else float("nan")
 
 
-def fit_multiclass_probe(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, val_y: np.ndarray, *,
-                         num_classes: int, c_grid: tuple[float, ...] = DEFAULT_C_GRID, seed: int = 0) -> MulticlassProbe:
+def fit_multiclass_probe(
+    train_x: np.ndarray,
+    train_y: np.ndarray,
+    val_x: np.ndarray,
+    val_y: np.ndarray,
+    *,
+    num_classes: int,
+    c_grid: tuple[float, ...] = DEFAULT_C_GRID,
+    seed: int = 0,
+) -> MulticlassProbe:
     """Standardise + multinomial logistic regression for each C; keeps the best validation macro AUROC."""
     if len(np.unique(train_y)) < 2:
         raise ValueError(f"The training split has only class {np.unique(train_y)}; a probe needs two or more.")
@@ -96,8 +112,14 @@ class RidgeProbe:
         return self.regressor.predict(features) * self.target_std + self.target_mean
 
 
-def fit_ridge_probe(train_x: np.ndarray, train_t: np.ndarray, val_x: np.ndarray, val_t: np.ndarray, *,
-                    alpha_grid: tuple[float, ...] = DEFAULT_ALPHA_GRID) -> RidgeProbe:
+def fit_ridge_probe(
+    train_x: np.ndarray,
+    train_t: np.ndarray,
+    val_x: np.ndarray,
+    val_t: np.ndarray,
+    *,
+    alpha_grid: tuple[float, ...] = DEFAULT_ALPHA_GRID,
+) -> RidgeProbe:
     """Standardise features + ridge regression on the standardised target for each alpha; keeps the
     lowest validation mean absolute error."""
     t = np.asarray(train_t, np.float64)

@@ -31,30 +31,53 @@ def _auroc_or_nan(y: np.ndarray, s: np.ndarray) -> float:
     return float(roc_auc_score(y, s)) if len(np.unique(y)) == 2 else float("nan")
 
 
-def _patient_scores(test: dict, scores: np.ndarray, task: protocols.TaskSpec) -> tuple[np.ndarray, np.ndarray,
-                                                                                       np.ndarray]:
+def _patient_scores(
+    test: dict, scores: np.ndarray, task: protocols.TaskSpec
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(unit ids, labels, scores) at the task's unit, sorted by unit id (the same order every seed)."""
-    pred = protocols.Prediction(y_true=test["y"], y_score=np.asarray(scores, np.float64),
-                                patient_id=test["patient_id"], study_id=test["study_id"], image_id=test["image_id"])
+    pred = protocols.Prediction(
+        y_true=test["y"],
+        y_score=np.asarray(scores, np.float64),
+        patient_id=test["patient_id"],
+        study_id=test["study_id"],
+        image_id=test["image_id"],
+    )
     ids, y, s, _ = protocols.unit_level(pred, task)
     order = np.argsort(ids)
     return ids[order], np.asarray(y)[order], np.asarray(s)[order]
 
 
-def low_label_comparison(encoders: Mapping[str, nnx.Module], data_cfg: Any, task: protocols.TaskSpec, *,
-                         image_size: int, fractions: Sequence[float] = (0.1, 1.0), seeds: Sequence[int] = (0, 1, 2),
-                         pool: str = "avg", batch_size: int = 64, n_boot: int = 1000,
-                         bootstrap_seed: int = 0) -> dict[str, Any]:
+def low_label_comparison(
+    encoders: Mapping[str, nnx.Module],
+    data_cfg: Any,
+    task: protocols.TaskSpec,
+    *,
+    image_size: int,
+    fractions: Sequence[float] = (0.1, 1.0),
+    seeds: Sequence[int] = (0, 1, 2),
+    pool: str = "avg",
+    batch_size: int = 64,
+    n_boot: int = 1000,
+    bootstrap_seed: int = 0,
+) -> dict[str, Any]:
     """{fraction: {encoder: {"auroc", "low", "high", "per_seed", "num_train_patients"}, "difference": ...}}.
 
     `encoders` maps a name to an in-memory encoder; the first one is the one compared with the rest.
     """
     if not encoders:
         raise ValueError("low_label_comparison needs at least one encoder.")
-    splits = {name: [protocols.binary_subset(protocols.encoder_split(encoder, data_cfg, split, image_size=image_size,
-                                                                     pool=pool, batch_size=batch_size), task)
-                     for split in (task.train_split, task.val_split, task.test_split)]
-              for name, encoder in encoders.items()}
+    splits = {
+        name: [
+            protocols.binary_subset(
+                protocols.encoder_split(
+                    encoder, data_cfg, split, image_size=image_size, pool=pool, batch_size=batch_size
+                ),
+                task,
+            )
+            for split in (task.train_split, task.val_split, task.test_split)
+        ]
+        for name, encoder in encoders.items()
+    }
     names = list(encoders)
     results: dict[str, Any] = {"unit": task.unit, "seeds": list(seeds), "n_boot": int(n_boot)}
     for fraction in fractions:
@@ -74,8 +97,7 @@ def low_label_comparison(encoders: Mapping[str, nnx.Module], data_cfg: Any, task
                 unit_scores[name].append(s)
                 per_seed.append(_auroc_or_nan(y, s))
                 counts.append(int(len(np.unique(sub["patient_id"]))))
-            per_encoder[name] = {"auroc": float(np.mean(per_seed)), "per_seed": per_seed,
-                                 "num_train_patients": counts}
+            per_encoder[name] = {"auroc": float(np.mean(per_seed)), "per_seed": per_seed, "num_train_patients": counts}
         replicates = _bootstrap_mean_auroc(labels, unit_scores, n_boot=n_boot, seed=bootstrap_seed)
         for name in names:
             low, high = np.nanpercentile(replicates[name], [2.5, 97.5])
@@ -87,14 +109,17 @@ def low_label_comparison(encoders: Mapping[str, nnx.Module], data_cfg: Any, task
             low, high = np.nanpercentile(diff, [2.5, 97.5])
             per_encoder["difference"][f"{reference}-{name}"] = {
                 "point": per_encoder[reference]["auroc"] - per_encoder[name]["auroc"],
-                "low": float(low), "high": float(high)}
+                "low": float(low),
+                "high": float(high),
+            }
         per_encoder["num_test_units"] = int(len(labels))
         results[f"{fraction:g}"] = per_encoder
     return results
 
 
-def _bootstrap_mean_auroc(labels: np.ndarray, unit_scores: Mapping[str, list[np.ndarray]], *, n_boot: int,
-                          seed: int) -> dict[str, np.ndarray]:
+def _bootstrap_mean_auroc(
+    labels: np.ndarray, unit_scores: Mapping[str, list[np.ndarray]], *, n_boot: int, seed: int
+) -> dict[str, np.ndarray]:
     """Per encoder, `n_boot` replicates of the seed-averaged AUROC over test units resampled with
     replacement (the same resamples for every encoder, so differences are paired)."""
     rng = np.random.default_rng(seed)

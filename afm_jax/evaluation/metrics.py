@@ -37,8 +37,10 @@ def check_binary_inputs(y_true, y_score) -> tuple[np.ndarray, np.ndarray]:
     y = np.asarray(y_true)
     s = np.asarray(y_score, dtype=np.float64)
     if y.ndim != 1 or s.ndim != 1:
-        raise ValueError(f"y_true and y_score must be 1-D, got shapes {y.shape} and {s.shape}; for "
-                         "two-column probabilities pass the positive-class column.")
+        raise ValueError(
+            f"y_true and y_score must be 1-D, got shapes {y.shape} and {s.shape}; for "
+            "two-column probabilities pass the positive-class column."
+        )
     if y.shape != s.shape:
         raise ValueError(f"y_true has {y.size} entries but y_score has {s.size}.")
     if y.size == 0:
@@ -47,8 +49,10 @@ def check_binary_inputs(y_true, y_score) -> tuple[np.ndarray, np.ndarray]:
         raise ValueError(f"y_score holds {int(np.sum(~np.isfinite(s)))} NaN/inf values; check the model outputs.")
     values = np.unique(y)
     if not np.all(np.isin(values, (0, 1))):
-        raise ValueError(f"y_true must hold binary labels 0/1 (1 = positive), got values {values[:10].tolist()}. "
-                         "Drop unlabelled (-1) examples and map multi-class labels to one-vs-rest first.")
+        raise ValueError(
+            f"y_true must hold binary labels 0/1 (1 = positive), got values {values[:10].tolist()}. "
+            "Drop unlabelled (-1) examples and map multi-class labels to one-vs-rest first."
+        )
     return y.astype(np.int64), s
 
 
@@ -164,8 +168,9 @@ def specificity_key(specificity: float) -> str:
     return f"sensitivity_at_spec_{specificity:.2f}"
 
 
-def binary_metrics(y_true, y_score, *, threshold: float | None = None,
-                   specificities: Sequence[float] = DEFAULT_SPECIFICITIES) -> dict[str, float]:
+def binary_metrics(
+    y_true, y_score, *, threshold: float | None = None, specificities: Sequence[float] = DEFAULT_SPECIFICITIES
+) -> dict[str, float]:
     """Every binary metric of scores `y_score` (higher = more positive) against labels 0/1.
 
     Keys: auroc, auprc, threshold (the one used), youden_threshold, accuracy, sensitivity,
@@ -230,8 +235,13 @@ def calibration_bins(y_true, y_score, n_bins: int = 10) -> dict[str, np.ndarray 
         observed = np.bincount(which, weights=y.astype(np.float64), minlength=n_bins) / counts
     nonempty = counts > 0
     ece = float(np.sum(counts[nonempty] / y.size * np.abs(observed[nonempty] - mean_predicted[nonempty])))
-    return {"bin_edges": edges, "mean_predicted": mean_predicted, "observed_fraction": observed,
-            "counts": counts, "ece": ece}
+    return {
+        "bin_edges": edges,
+        "mean_predicted": mean_predicted,
+        "observed_fraction": observed,
+        "counts": counts,
+        "ece": ece,
+    }
 
 
 def multiclass_metrics(y_true, y_prob) -> dict[str, float]:
@@ -307,7 +317,7 @@ def ordinal_metrics(y_true, y_prob) -> dict[str, float]:
     p = np.asarray(y_prob, np.float64)
     pred = np.argmax(p, axis=1)
     err = np.abs(pred - y)
-    out["qwk"] = quadratic_weighted_kappa(y, pred, num_classes=p.shape[1])   # weights on the grade values
+    out["qwk"] = quadratic_weighted_kappa(y, pred, num_classes=p.shape[1])  # weights on the grade values
     out["mae_grades"] = float(err.mean())
     out["within_1"] = float(np.mean(err <= 1))
     probs = p / np.maximum(p.sum(1, keepdims=True), 1e-12)
@@ -332,6 +342,13 @@ def regression_metrics(y_true, y_pred) -> dict[str, float]:
     pearson = float(np.mean((y - y.mean()) * (p - p.mean())) / (sd_y * sd_p)) if sd_y > 0 and sd_p > 0 else math.nan
     sd_diff = float(np.std(diff, ddof=1)) if y.size > 1 else math.nan
     bias = float(diff.mean())
-    return {"mae": float(np.mean(np.abs(diff))), "rmse": float(np.sqrt(np.mean(diff ** 2))),
-            "r2": 1.0 - float(np.sum(diff ** 2)) / ss_tot if ss_tot > 0 else math.nan, "pearson": pearson,
-            "bias": bias, "loa_low": bias - 1.96 * sd_diff, "loa_high": bias + 1.96 * sd_diff, "n": float(y.size)}
+    return {
+        "mae": float(np.mean(np.abs(diff))),
+        "rmse": float(np.sqrt(np.mean(diff**2))),
+        "r2": 1.0 - float(np.sum(diff**2)) / ss_tot if ss_tot > 0 else math.nan,
+        "pearson": pearson,
+        "bias": bias,
+        "loa_low": bias - 1.96 * sd_diff,
+        "loa_high": bias + 1.96 * sd_diff,
+        "n": float(y.size),
+    }

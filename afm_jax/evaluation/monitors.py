@@ -36,7 +36,7 @@ class KnnMonitor:
     def __call__(self, task: Task, model: nnx.Module, extra: Any, step: int) -> dict[str, float]:
         results = {"knn_acc": self.accuracy(task.monitored_encoder(model, extra))}
         if self.knn.random_init_baseline:
-            if self._random_init is None:   # once per process: the same network at its initialisation
+            if self._random_init is None:  # once per process: the same network at its initialisation
                 fresh = task.build_model(self.config, nnx.Rngs(self.config.seed))
                 self._random_init = self.accuracy(task.encoder_of(fresh))
             results["knn_acc_random_init"] = self._random_init
@@ -57,16 +57,25 @@ class KnnMonitor:
         if len(train_y) == 0 or len(test_y) == 0:
             return float("nan")
         num_classes = int(max(train_y.max(), test_y.max())) + 1
-        return knn_accuracy(train_x, train_y, test_x, test_y, num_classes=num_classes, k=int(k.k),
-                            temperature=float(k.temperature))
+        return knn_accuracy(
+            train_x, train_y, test_x, test_y, num_classes=num_classes, k=int(k.k), temperature=float(k.temperature)
+        )
 
     def _features(self, encoder: nnx.Module, split: str, limit: int) -> tuple[np.ndarray, np.ndarray]:
         k = self.knn
-        out = extract_features(encoder, self.config.data, split=split, image_size=self.config.image_size,
-                               batch_size=int(k.batch_size), pool=k.pool, progress=False, limit=limit,
-                               keys=("label",))
+        out = extract_features(
+            encoder,
+            self.config.data,
+            split=split,
+            image_size=self.config.image_size,
+            batch_size=int(k.batch_size),
+            pool=k.pool,
+            progress=False,
+            limit=limit,
+            keys=("label",),
+        )
         feats, labels = out["features"], out["label"]
-        if k.label_key != "label":   # eval batches are in dataset order: record i is feature i
+        if k.label_key != "label":  # eval batches are in dataset order: record i is feature i
             source = records.open_split(self.config.data.path, split)
             labels = np.array([str(source[i].get(k.label_key, "")) for i in range(len(feats))])
         return feats, labels

@@ -33,28 +33,33 @@ import numpy as np
 from flax import nnx
 
 from afm_jax import configuration, io
-from afm_jax.version import code_version
-from afm_jax.errors import ConfigError
 from afm_jax.data import pipeline, records, synthetic
 from afm_jax.data.selection import write_selection
+from afm_jax.errors import ConfigError
 from afm_jax.evaluation import aggregation, sampling, statistics
+from afm_jax.evaluation import metrics as metrics_lib
 from afm_jax.evaluation.backbones import Backbone, BackboneSpec, describe_backbone, load_backbone
 from afm_jax.evaluation.features import extract_features
 from afm_jax.evaluation.knn import knn_predict, knn_regress
-from afm_jax.evaluation.linear import (DEFAULT_ALPHA_GRID, DEFAULT_C_GRID, fit_linear_probe, fit_multiclass_probe,
-                                      fit_ridge_probe)
-from afm_jax.evaluation import metrics as metrics_lib
+from afm_jax.evaluation.linear import (
+    DEFAULT_ALPHA_GRID,
+    DEFAULT_C_GRID,
+    fit_linear_probe,
+    fit_multiclass_probe,
+    fit_ridge_probe,
+)
 from afm_jax.evaluation.metrics import binary_metrics
+from afm_jax.models.classifier import binary_targets
 from afm_jax.train import run as train_run
 from afm_jax.train.checkpoint import read_meta, resolve_step_dir
 from afm_jax.train.defaults import default_config
-from afm_jax.models.classifier import binary_targets
+from afm_jax.version import code_version
 
 PROTOCOLS = ("knn", "linear", "finetune")
 KINDS = ("binary", "multiclass", "ordinal", "regression")
-UNITS = ("image", "patient", "study", "side")   # or any string record field (e.g. "laterality", "view")
+UNITS = ("image", "patient", "study", "side")  # or any string record field (e.g. "laterality", "view")
 CLUSTERS = ("patient", "study", "image")
-RECORD_FIELDS = ("study_id", "body_part", "laterality", "view")   # travel with every prediction
+RECORD_FIELDS = ("study_id", "body_part", "laterality", "view")  # travel with every prediction
 PRIMARY_METRIC = {"binary": "auroc", "multiclass": "macro_auroc", "ordinal": "qwk", "regression": "mae"}
 # Targets derived from record fields, for datasets without a `target` column (documented synthetic targets).
 DERIVED_TARGETS: dict[str, Callable[[dict], float]] = {
@@ -110,30 +115,45 @@ class TaskSpec:
         self.class_names = tuple(str(c) for c in self.class_names)
         if self.kind not in KINDS:
             raise ConfigError(f"Task {self.name!r}: kind {self.kind!r} is invalid; expected one of {KINDS}.")
-        if self.kind == "binary" and (not self.positive_labels or not self.negative_labels
-                                      or set(self.positive_labels) & set(self.negative_labels)):
-            raise ConfigError(f"Task {self.name!r}: positive_labels {self.positive_labels} and negative_labels "
-                              f"{self.negative_labels} must be non-empty and disjoint.")
+        if self.kind == "binary" and (
+            not self.positive_labels
+            or not self.negative_labels
+            or set(self.positive_labels) & set(self.negative_labels)
+        ):
+            raise ConfigError(
+                f"Task {self.name!r}: positive_labels {self.positive_labels} and negative_labels "
+                f"{self.negative_labels} must be non-empty and disjoint."
+            )
         if self.kind == "binary" and self.class_names and len(self.class_names) != 2:
-            raise ConfigError(f"Task {self.name!r}: a binary task's class_names are (negative, positive), got "
-                              f"{self.class_names}.")
+            raise ConfigError(
+                f"Task {self.name!r}: a binary task's class_names are (negative, positive), got {self.class_names}."
+            )
         if self.kind in ("multiclass", "ordinal"):
             flat = [x for c in self.classes for x in c]
             if len(self.classes) < 2 or len(flat) != len(set(flat)):
-                raise ConfigError(f"Task {self.name!r} ({self.kind}): `classes` must list >= 2 disjoint groups of "
-                                  f"label ints, e.g. ((0,), (1,), (2,)); got {self.classes}.")
+                raise ConfigError(
+                    f"Task {self.name!r} ({self.kind}): `classes` must list >= 2 disjoint groups of "
+                    f"label ints, e.g. ((0,), (1,), (2,)); got {self.classes}."
+                )
             if self.class_names and len(self.class_names) != len(self.classes):
-                raise ConfigError(f"Task {self.name!r}: {len(self.class_names)} class_names for "
-                                  f"{len(self.classes)} classes.")
+                raise ConfigError(
+                    f"Task {self.name!r}: {len(self.class_names)} class_names for {len(self.classes)} classes."
+                )
         if self.kind == "regression" and self.target != "target" and self.target not in DERIVED_TARGETS:
-            raise ConfigError(f"Task {self.name!r}: target {self.target!r} is neither the record field 'target' nor "
-                              f"one of the derived targets {sorted(DERIVED_TARGETS)}.")
+            raise ConfigError(
+                f"Task {self.name!r}: target {self.target!r} is neither the record field 'target' nor "
+                f"one of the derived targets {sorted(DERIVED_TARGETS)}."
+            )
         if not isinstance(self.unit, str) or not self.unit:
-            raise ConfigError(f"Task {self.name!r}: unit {self.unit!r} is invalid; expected one of {UNITS} or a "
-                              "record field such as 'laterality'.")
+            raise ConfigError(
+                f"Task {self.name!r}: unit {self.unit!r} is invalid; expected one of {UNITS} or a "
+                "record field such as 'laterality'."
+            )
         if self.unit not in UNITS and self.unit not in records.STRING_KEYS:
-            raise ConfigError(f"Task {self.name!r}: unit {self.unit!r} is invalid; expected one of {UNITS} or a "
-                              f"record field ({', '.join(records.STRING_KEYS)}).")
+            raise ConfigError(
+                f"Task {self.name!r}: unit {self.unit!r} is invalid; expected one of {UNITS} or a "
+                f"record field ({', '.join(records.STRING_KEYS)})."
+            )
         if self.cluster not in CLUSTERS:
             raise ConfigError(f"Task {self.name!r}: cluster {self.cluster!r} is invalid; expected one of {CLUSTERS}.")
         self.fixed_thresholds = tuple(float(t) for t in self.fixed_thresholds)
@@ -142,8 +162,10 @@ class TaskSpec:
         if self.aggregate not in ("mean", "max"):
             raise ConfigError(f"Task {self.name!r}: aggregate {self.aggregate!r} is invalid; use 'mean' or 'max'.")
         if not self.data and not self.synthetic:
-            raise ConfigError(f"Task {self.name!r} names no dataset: set `data` to a dataset path "
-                              "(tools/preprocess.py output, a MURA or folder dataset) or `synthetic`.")
+            raise ConfigError(
+                f"Task {self.name!r} names no dataset: set `data` to a dataset path "
+                "(tools/preprocess.py output, a MURA or folder dataset) or `synthetic`."
+            )
 
     @property
     def num_classes(self) -> int:
@@ -173,9 +195,14 @@ class TaskSpec:
         if self.data:
             return os.fspath(self.data)
         s = dict(self.synthetic or {})
-        return os.fspath(synthetic.ensure_synthetic_dataset(
-            pathlib.Path(root) / "data", num_patients=int(s.get("num_patients", 300)),
-            seed=int(s.get("seed", 0)), image_size=int(s.get("image_size", 256))))
+        return os.fspath(
+            synthetic.ensure_synthetic_dataset(
+                pathlib.Path(root) / "data",
+                num_patients=int(s.get("num_patients", 300)),
+                seed=int(s.get("seed", 0)),
+                image_size=int(s.get("image_size", 256)),
+            )
+        )
 
 
 @dataclasses.dataclass
@@ -198,7 +225,7 @@ class Prediction:
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Prediction":
         with np.load(path, allow_pickle=False) as z:
-            fields = {k[len("field__"):]: z[k] for k in z.files if k.startswith("field__")}
+            fields = {k[len("field__") :]: z[k] for k in z.files if k.startswith("field__")}
             return cls(**{f.name: z[f.name] for f in dataclasses.fields(cls) if f.name != "fields"}, fields=fields)
 
     def field(self, name: str) -> np.ndarray:
@@ -218,12 +245,20 @@ class Prediction:
 
 # ─── Features ────────────────────────────────────────────────────────────────────────────────────
 
-def extract_split(backbone: Backbone, data_path: str, split: str, *, batch_size: int = 64,
-                  progress: bool = True) -> dict[str, np.ndarray]:
+
+def extract_split(
+    backbone: Backbone, data_path: str, split: str, *, batch_size: int = 64, progress: bool = True
+) -> dict[str, np.ndarray]:
     """Frozen features of every image of `split` in dataset order, with label and ids."""
-    out = pipeline.map_split(backbone.features, {"path": data_path, "num_workers": 0}, split=split,
-                             batch_size=batch_size, image_size=backbone.image_size, progress=progress,
-                             desc=f"features[{backbone.name}:{split}]")
+    out = pipeline.map_split(
+        backbone.features,
+        {"path": data_path, "num_workers": 0},
+        split=split,
+        batch_size=batch_size,
+        image_size=backbone.image_size,
+        progress=progress,
+        desc=f"features[{backbone.name}:{split}]",
+    )
     out["features"] = out.pop("output")
     out["patient_id"] = out["patient_id"].astype(str)
     out["image_id"] = out["image_id"].astype(str)
@@ -231,8 +266,9 @@ def extract_split(backbone: Backbone, data_path: str, split: str, *, batch_size:
     return out
 
 
-def encoder_split(encoder: nnx.Module, data_cfg, split: str, *, image_size: int, pool: str = "avg",
-                  batch_size: int = 64) -> dict[str, np.ndarray]:
+def encoder_split(
+    encoder: nnx.Module, data_cfg, split: str, *, image_size: int, pool: str = "avg", batch_size: int = 64
+) -> dict[str, np.ndarray]:
     """`extract_split` for an in-memory Flax encoder (a model just trained, or its random init)."""
     out = extract_features(encoder, data_cfg, split=split, image_size=image_size, batch_size=batch_size, pool=pool)
     out["study_id"] = _study_ids(data_cfg.path, split, out["image_id"])
@@ -281,18 +317,30 @@ def dataset_provenance(data_path: str) -> dict[str, Any]:
     variant = prep.get("variant") or prep.get("name") if isinstance(prep, dict) else None
     if isinstance(variant, dict):
         variant = variant.get("name")
-    return {"path": info.get("path"), "name": info.get("name"), "version": info.get("version"),
-            "fingerprint": dataset_fingerprint(data_path), "content_fingerprint": info.get("content_fingerprint"),
-            "source_fingerprint": info.get("source_fingerprint"), "preprocessing_variant": variant,
-            "preprocessing": prep, "dataset_tool_version": info.get("tool_version")}
+    return {
+        "path": info.get("path"),
+        "name": info.get("name"),
+        "version": info.get("version"),
+        "fingerprint": dataset_fingerprint(data_path),
+        "content_fingerprint": info.get("content_fingerprint"),
+        "source_fingerprint": info.get("source_fingerprint"),
+        "preprocessing_variant": variant,
+        "preprocessing": prep,
+        "dataset_tool_version": info.get("tool_version"),
+    }
 
 
 def provenance(spec: BackboneSpec, data_path: str, *, protocol: str = "", params: dict | None = None) -> dict[str, Any]:
     """The provenance block of every result and feature cache: the backbone as really evaluated
     (architecture and step read from its checkpoint), the dataset, the protocol parameters and the
     code version of this evaluation."""
-    return {"backbone": describe_backbone(spec), "dataset": dataset_provenance(data_path), "protocol": protocol,
-            "protocol_params": dict(params or {}), "code_version": code_version()}
+    return {
+        "backbone": describe_backbone(spec),
+        "dataset": dataset_provenance(data_path),
+        "protocol": protocol,
+        "protocol_params": dict(params or {}),
+        "code_version": code_version(),
+    }
 
 
 def protocol_params(protocol: str, options: dict | None, info: dict | None = None) -> dict[str, Any]:
@@ -323,8 +371,9 @@ class FeatureCache:
     def path(self, spec: BackboneSpec, data_path: str, split: str) -> pathlib.Path:
         return self.root / spec.cache_key() / dataset_fingerprint(data_path) / f"{split}.npz"
 
-    def get(self, spec: BackboneSpec, data_path: str, split: str, backbone: Callable[[], Backbone], *,
-            batch_size: int = 64) -> dict[str, np.ndarray]:
+    def get(
+        self, spec: BackboneSpec, data_path: str, split: str, backbone: Callable[[], Backbone], *, batch_size: int = 64
+    ) -> dict[str, np.ndarray]:
         path = self.path(spec, data_path, split)
         if path.is_file():
             with np.load(path, allow_pickle=False) as z:
@@ -337,8 +386,9 @@ class FeatureCache:
         return feats
 
 
-def task_subset(feats: dict[str, np.ndarray], task: TaskSpec, data_path: str | None = None,
-                split: str | None = None) -> dict[str, np.ndarray]:
+def task_subset(
+    feats: dict[str, np.ndarray], task: TaskSpec, data_path: str | None = None, split: str | None = None
+) -> dict[str, np.ndarray]:
     """The task's images only, with `y` (class index, or the float target for regression) and the
     record fields (`fields__<name>`) read from the records when `data_path` and `split` are given."""
     feats = dict(feats)
@@ -360,9 +410,15 @@ def binary_subset(feats: dict[str, np.ndarray], task: TaskSpec) -> dict[str, np.
 
 
 def _prediction(split: dict[str, np.ndarray], scores: np.ndarray) -> Prediction:
-    fields = {k[len("fields__"):]: v for k, v in split.items() if k.startswith("fields__")}
-    return Prediction(y_true=split["y"], y_score=np.asarray(scores, np.float64), patient_id=split["patient_id"],
-                      study_id=split["study_id"], image_id=split["image_id"], fields=fields)
+    fields = {k[len("fields__") :]: v for k, v in split.items() if k.startswith("fields__")}
+    return Prediction(
+        y_true=split["y"],
+        y_score=np.asarray(scores, np.float64),
+        patient_id=split["patient_id"],
+        study_id=split["study_id"],
+        image_id=split["image_id"],
+        fields=fields,
+    )
 
 
 def low_shot_strata(train: dict[str, np.ndarray], kind: str) -> np.ndarray:
@@ -380,46 +436,72 @@ def low_shot_mask(train: dict[str, np.ndarray], fraction: float, seed: int, kind
         return np.ones(len(train["y"]), bool)
     mask = sampling.low_shot_patients(train["patient_id"], low_shot_strata(train, kind), fraction, seed)
     if kind != "regression" and len(np.unique(train["y"][mask])) < 2:
-        raise ConfigError(f"{fraction:.0%} of the training patients (seed {seed}) holds only one class: use a "
-                          "larger fraction or dataset.")
+        raise ConfigError(
+            f"{fraction:.0%} of the training patients (seed {seed}) holds only one class: use a "
+            "larger fraction or dataset."
+        )
     return mask
 
 
 # ─── Protocols on frozen features ────────────────────────────────────────────────────────────────
 
-def knn_protocol(train: dict, val: dict, test: dict, *, k: int = 20, temperature: float = 0.07,
-                 kind: str = "binary", num_classes: int = 2) -> tuple[Prediction, Prediction, dict]:
+
+def knn_protocol(
+    train: dict,
+    val: dict,
+    test: dict,
+    *,
+    k: int = 20,
+    temperature: float = 0.07,
+    kind: str = "binary",
+    num_classes: int = 2,
+) -> tuple[Prediction, Prediction, dict]:
     """DINO's weighted vote (classes: probabilities; binary keeps P(positive)) or, for regression, the
     weighted mean of the neighbours' targets."""
     if kind == "regression":
-        preds = [knn_regress(train["features"], train["y"], s["features"], k=k, temperature=temperature)
-                 for s in (val, test)]
+        preds = [
+            knn_regress(train["features"], train["y"], s["features"], k=k, temperature=temperature) for s in (val, test)
+        ]
     else:
-        preds = [knn_predict(train["features"], train["y"], s["features"], num_classes=num_classes, k=k,
-                             temperature=temperature) for s in (val, test)]
+        preds = [
+            knn_predict(
+                train["features"], train["y"], s["features"], num_classes=num_classes, k=k, temperature=temperature
+            )
+            for s in (val, test)
+        ]
         if kind == "binary":
             preds = [p[:, 1] for p in preds]
     return _prediction(val, preds[0]), _prediction(test, preds[1]), {"k": k, "temperature": temperature}
 
 
-def linear_protocol(train: dict, val: dict, test: dict, *, seed: int = 0, kind: str = "binary",
-                    num_classes: int = 2) -> tuple[Prediction, Prediction, dict]:
+def linear_protocol(
+    train: dict, val: dict, test: dict, *, seed: int = 0, kind: str = "binary", num_classes: int = 2
+) -> tuple[Prediction, Prediction, dict]:
     """Logistic regression (binary), multinomial logistic regression (classes) or ridge regression
     (regression) on frozen features, regularisation chosen on validation."""
     if kind == "regression":
         probe = fit_ridge_probe(train["features"], train["y"], val["features"], val["y"])
-        return (_prediction(val, probe.predict(val["features"])), _prediction(test, probe.predict(test["features"])),
-                {"alpha": probe.alpha, "validation_mae": probe.validation_mae})
+        return (
+            _prediction(val, probe.predict(val["features"])),
+            _prediction(test, probe.predict(test["features"])),
+            {"alpha": probe.alpha, "validation_mae": probe.validation_mae},
+        )
     if kind != "binary":
-        probe = fit_multiclass_probe(train["features"], train["y"], val["features"], val["y"],
-                                     num_classes=num_classes, seed=seed)
-        return (_prediction(val, probe.predict_proba(val["features"])),
-                _prediction(test, probe.predict_proba(test["features"])),
-                {"C": probe.C, "validation_macro_auroc": probe.validation_macro_auroc})
+        probe = fit_multiclass_probe(
+            train["features"], train["y"], val["features"], val["y"], num_classes=num_classes, seed=seed
+        )
+        return (
+            _prediction(val, probe.predict_proba(val["features"])),
+            _prediction(test, probe.predict_proba(test["features"])),
+            {"C": probe.C, "validation_macro_auroc": probe.validation_macro_auroc},
+        )
     probe = fit_linear_probe(train["features"], train["y"], val["features"], val["y"], seed=seed)
     info = {"C": probe.C, "validation_auroc": probe.validation_auroc}
-    return (_prediction(val, probe.predict_proba(val["features"])), _prediction(test, probe.predict_proba(test["features"])),
-            info)
+    return (
+        _prediction(val, probe.predict_proba(val["features"])),
+        _prediction(test, probe.predict_proba(test["features"])),
+        info,
+    )
 
 
 @dataclasses.dataclass
@@ -436,20 +518,27 @@ def probe_direction(train: dict, val: dict, *, seed: int = 0) -> ProbeDirection:
     """The fitted linear probe of `train` (C chosen on `val`) as a `ProbeDirection`, for class-activation maps."""
     probe = fit_linear_probe(train["features"], train["y"], val["features"], val["y"], seed=seed)
     scaler, clf = probe.classifier[0], probe.classifier[-1]
-    sign = 1.0 if list(clf.classes_).index(1) == 1 else -1.0     # decision_function is for classes_[1]
-    return ProbeDirection(weights=(sign * clf.coef_[0] / scaler.scale_).astype(np.float32),
-                          mean=np.asarray(scaler.mean_, np.float32), intercept=float(sign * clf.intercept_[0]))
+    sign = 1.0 if list(clf.classes_).index(1) == 1 else -1.0  # decision_function is for classes_[1]
+    return ProbeDirection(
+        weights=(sign * clf.coef_[0] / scaler.scale_).astype(np.float32),
+        mean=np.asarray(scaler.mean_, np.float32),
+        intercept=float(sign * clf.intercept_[0]),
+    )
 
 
 # ─── Fine-tuning through the trainer ─────────────────────────────────────────────────────────────
 
-def finetune_config(spec: BackboneSpec, task: TaskSpec, data_path: str, *, seed: int,
-                    options: dict[str, Any] | None = None):
+
+def finetune_config(
+    spec: BackboneSpec, task: TaskSpec, data_path: str, *, seed: int, options: dict[str, Any] | None = None
+):
     """The trainer config of fine-tuning `spec` on `task`; `options` are dotted config overrides
     (e.g. {"total_steps": 300, "optim.base_lr": 1e-3})."""
     if spec.kind not in ("checkpoint", "timm_vit", "random_init"):
-        raise ConfigError(f"Fine-tuning needs a JAX ViT backbone (checkpoint, timm_vit, random_init), not "
-                          f"{spec.kind!r}; evaluate {spec.kind!r} with the knn or linear protocol.")
+        raise ConfigError(
+            f"Fine-tuning needs a JAX ViT backbone (checkpoint, timm_vit, random_init), not "
+            f"{spec.kind!r}; evaluate {spec.kind!r} with the knn or linear protocol."
+        )
     config = default_config("finetune", spec.variant)
     if spec.kind == "checkpoint" or (spec.kind == "random_init" and spec.path):
         step_dir, _ = resolve_step_dir(spec.path)
@@ -465,19 +554,35 @@ def finetune_config(spec: BackboneSpec, task: TaskSpec, data_path: str, *, seed:
     config.data.path = data_path
     config.data.num_workers = 0
     config.data.train_split, config.data.eval_split = task.train_split, task.val_split
-    config.finetune.update(positive_labels=task.positive_labels, negative_labels=task.negative_labels,
-                           pool=spec.pool, test_split=task.test_split, kind=task.kind, classes=task.classes)
-    config.checkpoint_every = 10 ** 9
+    config.finetune.update(
+        positive_labels=task.positive_labels,
+        negative_labels=task.negative_labels,
+        pool=spec.pool,
+        test_split=task.test_split,
+        kind=task.kind,
+        classes=task.classes,
+    )
+    config.checkpoint_every = 10**9
     configuration.apply_overrides(config, options or {}, "Fine-tuning options")
     return config
 
 
-def finetune_protocol(spec: BackboneSpec, task: TaskSpec, data_path: str, workdir: str, *, seed: int,
-                      fraction: float, options: dict[str, Any] | None = None) -> tuple[Prediction, Prediction, dict]:
+def finetune_protocol(
+    spec: BackboneSpec,
+    task: TaskSpec,
+    data_path: str,
+    workdir: str,
+    *,
+    seed: int,
+    fraction: float,
+    options: dict[str, Any] | None = None,
+) -> tuple[Prediction, Prediction, dict]:
     """Fine-tunes in `workdir` (resumable) and returns the best-on-validation model's predictions."""
     if task.kind == "regression":
-        raise ConfigError(f"Task {task.name!r} is a regression: the finetune protocol fine-tunes classification tasks "
-                          "only so far; evaluate it with the knn or linear protocol.")
+        raise ConfigError(
+            f"Task {task.name!r} is a regression: the finetune protocol fine-tunes classification tasks "
+            "only so far; evaluate it with the knn or linear protocol."
+        )
     config = finetune_config(spec, task, data_path, seed=seed, options=options)
     os.makedirs(workdir, exist_ok=True)
     if fraction < 1.0:
@@ -489,27 +594,49 @@ def finetune_protocol(spec: BackboneSpec, task: TaskSpec, data_path: str, workdi
         selection = os.path.join(workdir, "low_shot_selection.json")
         mask = low_shot_mask(train, fraction, seed, task.kind)
         write_selection(selection, ids[mask].tolist())
-        config.data.selection = selection   # batches cycle over the chosen images (epochs wrap)
+        config.data.selection = selection  # batches cycle over the chosen images (epochs wrap)
     result = train_run.run(config, workdir)
     preds = []
     for split, dataset_split in (("validation", task.val_split), ("test", task.test_split)):
         z = result.predictions[split]
         cols = record_columns(data_path, dataset_split, z["image_id"].astype(str))
         study = cols.pop("study_id")
-        preds.append(Prediction(y_true=z["y_true"].astype(np.int64), y_score=z["y_score"].astype(np.float64),
-                                patient_id=z["patient_id"].astype(str), study_id=study,
-                                image_id=z["image_id"].astype(str), fields=cols))
+        preds.append(
+            Prediction(
+                y_true=z["y_true"].astype(np.int64),
+                y_score=z["y_score"].astype(np.float64),
+                patient_id=z["patient_id"].astype(str),
+                study_id=study,
+                image_id=z["image_id"].astype(str),
+                fields=cols,
+            )
+        )
     best = result.predictions["best"]
     selection = {"binary": "auroc", "multiclass": "macro_auroc", "ordinal": "qwk"}[task.kind]
-    return preds[0], preds[1], {"best_step": best["step"], f"validation_{selection}": best["val_auroc"],
-                                "steps_run": int(result.step)}
+    return (
+        preds[0],
+        preds[1],
+        {"best_step": best["step"], f"validation_{selection}": best["val_auroc"], "steps_run": int(result.step)},
+    )
 
 
 # ─── One run ─────────────────────────────────────────────────────────────────────────────────────
 
-def run_protocol(spec: BackboneSpec, task: TaskSpec, protocol: str, *, seed: int = 0, fraction: float = 1.0,
-                 cache: FeatureCache, data_path: str, workdir: str | None = None, name: str = "",
-                 options: dict[str, Any] | None = None, batch_size: int = 64) -> tuple[Prediction, Prediction, dict]:
+
+def run_protocol(
+    spec: BackboneSpec,
+    task: TaskSpec,
+    protocol: str,
+    *,
+    seed: int = 0,
+    fraction: float = 1.0,
+    cache: FeatureCache,
+    data_path: str,
+    workdir: str | None = None,
+    name: str = "",
+    options: dict[str, Any] | None = None,
+    batch_size: int = 64,
+) -> tuple[Prediction, Prediction, dict]:
     """(validation, test, info) predictions of `protocol` for backbone `spec` on `task`."""
     if protocol not in PROTOCOLS:
         raise ConfigError(f"Protocol {protocol!r} is unknown: expected one of {', '.join(PROTOCOLS)}.")
@@ -527,22 +654,33 @@ def run_protocol(spec: BackboneSpec, task: TaskSpec, protocol: str, *, seed: int
             loaded["b"] = load_backbone(spec, name)
         return loaded["b"]
 
-    splits = [task_subset(cache.get(spec, data_path, s, backbone, batch_size=batch_size), task, data_path, s)
-              for s in (task.train_split, task.val_split, task.test_split)]
+    splits = [
+        task_subset(cache.get(spec, data_path, s, backbone, batch_size=batch_size), task, data_path, s)
+        for s in (task.train_split, task.val_split, task.test_split)
+    ]
     train, val, test = splits
     for split_name, split in zip((task.train_split, task.val_split), (train, val)):
         if task.kind == "regression" and len(split["y"]) < 2:
-            raise ConfigError(f"Split {split_name!r} of {data_path} has fewer than 2 images with a target "
-                              f"({task.target!r}) for task {task.name!r}.")
+            raise ConfigError(
+                f"Split {split_name!r} of {data_path} has fewer than 2 images with a target "
+                f"({task.target!r}) for task {task.name!r}."
+            )
         if task.kind != "regression" and len(np.unique(split["y"])) < 2:
-            raise ConfigError(f"Split {split_name!r} of {data_path} lacks classes of task {task.name!r} "
-                              f"({describe_classes(task)}).")
+            raise ConfigError(
+                f"Split {split_name!r} of {data_path} lacks classes of task {task.name!r} ({describe_classes(task)})."
+            )
     mask = low_shot_mask(train, fraction, seed, task.kind)
     train = {k: v[mask] for k, v in train.items()}
     if protocol == "knn":
-        val_p, test_p, info = knn_protocol(train, val, test, k=int(options.get("k", 20)),
-                                           temperature=float(options.get("temperature", 0.07)), kind=task.kind,
-                                           num_classes=task.num_classes)
+        val_p, test_p, info = knn_protocol(
+            train,
+            val,
+            test,
+            k=int(options.get("k", 20)),
+            temperature=float(options.get("temperature", 0.07)),
+            kind=task.kind,
+            num_classes=task.num_classes,
+        )
     else:
         val_p, test_p, info = linear_protocol(train, val, test, seed=seed, kind=task.kind, num_classes=task.num_classes)
     info.update(num_train_images=int(mask.sum()), num_train_patients=int(len(np.unique(train["patient_id"]))))
@@ -550,6 +688,7 @@ def run_protocol(spec: BackboneSpec, task: TaskSpec, protocol: str, *, seed: int
 
 
 # ─── Metrics with confidence intervals ───────────────────────────────────────────────────────────
+
 
 def check_task_data(task: TaskSpec, data_path: str, *, min_test_units_per_class: int = 2) -> list[str]:
     """Problems that would stop or void `task` on `data_path`, found from the records alone (no image is
@@ -573,14 +712,21 @@ def check_task_data(task: TaskSpec, data_path: str, *, min_test_units_per_class:
         if not keep.any():
             problems.append(f"{where}: split {split!r} has no image of the task ({describe_classes(task)}).")
             continue
-        pred = Prediction(y_true=y[keep], y_score=np.zeros(int(keep.sum())),
-                          patient_id=np.asarray(index["patient_id"]).astype(str)[keep], study_id=cols["study_id"][keep],
-                          image_id=ids[keep], fields={k: v[keep] for k, v in cols.items() if k not in ("study_id", "value")})
+        pred = Prediction(
+            y_true=y[keep],
+            y_score=np.zeros(int(keep.sum())),
+            patient_id=np.asarray(index["patient_id"]).astype(str)[keep],
+            study_id=cols["study_id"][keep],
+            image_id=ids[keep],
+            fields={k: v[keep] for k, v in cols.items() if k not in ("study_id", "value")},
+        )
         try:
             units, unit_y, _, _ = unit_level(pred, task)
-        except ValueError as e:     # labels that differ within a unit
-            problems.append(f"{where}, split {split!r}, unit {task.unit!r}: {e} Choose the unit the label belongs to "
-                            "(e.g. unit='side' for one grade per knee) - the bootstrap still resamples patients.")
+        except ValueError as e:  # labels that differ within a unit
+            problems.append(
+                f"{where}, split {split!r}, unit {task.unit!r}: {e} Choose the unit the label belongs to "
+                "(e.g. unit='side' for one grade per knee) - the bootstrap still resamples patients."
+            )
             continue
         if task.kind == "regression":
             if len(units) < 2:
@@ -589,10 +735,16 @@ def check_task_data(task: TaskSpec, data_path: str, *, min_test_units_per_class:
         counts = np.bincount(unit_y.astype(np.int64), minlength=task.num_classes)
         missing = [task.names[k] for k in range(task.num_classes) if counts[k] == 0]
         if split == task.test_split:
-            few = [f"{task.names[k]} ({counts[k]})" for k in range(task.num_classes) if counts[k] < min_test_units_per_class]
+            few = [
+                f"{task.names[k]} ({counts[k]})"
+                for k in range(task.num_classes)
+                if counts[k] < min_test_units_per_class
+            ]
             if few:
-                problems.append(f"{where}: the test split has fewer than {min_test_units_per_class} {task.unit} units of "
-                                f"class(es) {', '.join(few)}; no metric of that class can be estimated.")
+                problems.append(
+                    f"{where}: the test split has fewer than {min_test_units_per_class} {task.unit} units of "
+                    f"class(es) {', '.join(few)}; no metric of that class can be estimated."
+                )
         elif missing:
             problems.append(f"{where}: split {split!r} has no {task.unit} of class(es) {', '.join(missing)}.")
     return problems
@@ -648,8 +800,9 @@ def unit_field(pred: Prediction, task: TaskSpec, field: str) -> np.ndarray:
     return np.asarray([first[u] for u in ids.tolist()], dtype=str)
 
 
-def operating_points(test: Prediction, task: TaskSpec, points: list[tuple[str, float | None]], *,
-                     n_boot: int = 1000, seed: int = 0) -> list[dict[str, Any]]:
+def operating_points(
+    test: Prediction, task: TaskSpec, points: list[tuple[str, float | None]], *, n_boot: int = 1000, seed: int = 0
+) -> list[dict[str, Any]]:
     """Kappa, sensitivity, specificity and accuracy at each (label, threshold) — a unit is called positive
     when its aggregated probability is >= the threshold — overall and per `task.group_by` value
     (MURA: per body part), each with a patient-bootstrap 95% CI."""
@@ -657,32 +810,49 @@ def operating_points(test: Prediction, task: TaskSpec, points: list[tuple[str, f
     by = unit_field(test, task, task.group_by) if task.group_by else None
     out = []
     for label, t in points:
+
         def fn(yy, ss, t=t):
             m = binary_metrics(yy, ss, threshold=t)
             return {k: m[k] for k in OPERATING_POINT_METRICS}
-        entry = {"label": label, "threshold": t, "overall": statistics.bootstrap_metrics(
-            fn, y, s, groups, n_boot=n_boot, seed=seed), "n": int(len(ids)), "by_group": {}}
+
+        entry = {
+            "label": label,
+            "threshold": t,
+            "overall": statistics.bootstrap_metrics(fn, y, s, groups, n_boot=n_boot, seed=seed),
+            "n": int(len(ids)),
+            "by_group": {},
+        }
         if by is not None:
             for value in sorted(set(by.tolist())):
                 keep = by == value
-                entry["by_group"][value] = {"n": int(keep.sum()), **statistics.bootstrap_metrics(
-                    fn, y[keep], s[keep], groups[keep], n_boot=n_boot, seed=seed)}
+                entry["by_group"][value] = {
+                    "n": int(keep.sum()),
+                    **statistics.bootstrap_metrics(fn, y[keep], s[keep], groups[keep], n_boot=n_boot, seed=seed),
+                }
         out.append(entry)
     return out
 
 
-def score_predictions(val: Prediction, test: Prediction, task: TaskSpec, *, n_boot: int = 1000,
-                      seed: int = 0) -> dict[str, Any]:
+def score_predictions(
+    val: Prediction, test: Prediction, task: TaskSpec, *, n_boot: int = 1000, seed: int = 0
+) -> dict[str, Any]:
     """Test metrics at the task's unit with 95% bootstrap CIs over the task's clusters (patients). Binary:
     operating point (Youden) fixed on validation; other kinds: their metrics (`metric_function`)."""
     if task.kind != "binary":
         ids, y, s, groups = unit_level(test, task)
         metrics = statistics.bootstrap_metrics(metric_function(task), y, s, groups, n_boot=n_boot, seed=seed)
-        return {"metrics": metrics, "kind": task.kind, "primary_metric": PRIMARY_METRIC[task.kind],
-                "class_names": list(task.names) if task.kind != "regression" else [],
-                "unit": task.unit, "cluster": task.cluster, "num_units": int(len(ids)),
-                "num_clusters": int(len(np.unique(groups))), "num_patients": int(len(np.unique(
-                    test.patient_id))), "threshold_from": "argmax" if task.kind != "regression" else "none"}
+        return {
+            "metrics": metrics,
+            "kind": task.kind,
+            "primary_metric": PRIMARY_METRIC[task.kind],
+            "class_names": list(task.names) if task.kind != "regression" else [],
+            "unit": task.unit,
+            "cluster": task.cluster,
+            "num_units": int(len(ids)),
+            "num_clusters": int(len(np.unique(groups))),
+            "num_patients": int(len(np.unique(test.patient_id))),
+            "threshold_from": "argmax" if task.kind != "regression" else "none",
+        }
     _, vy, vs, _ = unit_level(val, task)
     threshold = binary_metrics(vy, vs)["youden_threshold"] if len(np.unique(vy)) == 2 else None
     if threshold is not None and not np.isfinite(threshold):
@@ -694,7 +864,16 @@ def score_predictions(val: Prediction, test: Prediction, task: TaskSpec, *, n_bo
         points = [(f"fixed {t:g}", t) for t in task.fixed_thresholds]
         points.append(("validation Youden" if threshold is not None else "test Youden", threshold))
         extra["operating_points"] = operating_points(test, task, points, n_boot=n_boot, seed=seed)
-    return {**extra, "metrics": metrics, "kind": "binary", "primary_metric": "auroc", "class_names": list(task.names),
-            "unit": task.unit, "cluster": task.cluster, "num_units": int(len(ids)),
-            "num_clusters": int(len(np.unique(groups))), "num_patients": int(len(np.unique(test.patient_id))),
-            "threshold_from": "validation" if threshold is not None else "test (Youden; validation had one class)"}
+    return {
+        **extra,
+        "metrics": metrics,
+        "kind": "binary",
+        "primary_metric": "auroc",
+        "class_names": list(task.names),
+        "unit": task.unit,
+        "cluster": task.cluster,
+        "num_units": int(len(ids)),
+        "num_clusters": int(len(np.unique(groups))),
+        "num_patients": int(len(np.unique(test.patient_id))),
+        "threshold_from": "validation" if threshold is not None else "test (Youden; validation had one class)",
+    }

@@ -52,8 +52,9 @@ def _metric_fn(metric: str | MetricFn) -> tuple[str, MetricFn]:
     name = str(metric)
     probe = metrics_lib.binary_metrics([0, 1], [0.0, 1.0])
     if name not in probe:
-        raise ValueError(f"Unknown metric {name!r}; use one of {sorted(probe)} or pass a function "
-                         "(y_true, y_score) -> float.")
+        raise ValueError(
+            f"Unknown metric {name!r}; use one of {sorted(probe)} or pass a function (y_true, y_score) -> float."
+        )
     if name in ("auroc", "auprc"):  # fast paths: one sort, no operating point
         return name, metrics_lib.auroc if name == "auroc" else metrics_lib.average_precision
     return name, lambda y, s: metrics_lib.binary_metrics(y, s)[name]
@@ -97,13 +98,27 @@ def _check_alpha(alpha: float, n_boot: int) -> None:
 def _summary(point: float, replicates: np.ndarray, alpha: float) -> dict[str, float]:
     low, high = _percentile_interval(replicates, alpha)
     valid = replicates[np.isfinite(replicates)]
-    return {"point": float(point), "low": low, "high": high,
-            "se": float(np.std(valid, ddof=1)) if valid.size > 1 else math.nan,
-            "n_boot": int(valid.size), "n_invalid": int(replicates.size - valid.size)}
+    return {
+        "point": float(point),
+        "low": low,
+        "high": high,
+        "se": float(np.std(valid, ddof=1)) if valid.size > 1 else math.nan,
+        "n_boot": int(valid.size),
+        "n_invalid": int(replicates.size - valid.size),
+    }
 
 
-def bootstrap_ci(y_true, y_score, groups, metric: str | MetricFn, *, n_boot: int = 1000, seed: int = 0,
-                 alpha: float = 0.05, progress: bool = False) -> dict[str, float]:
+def bootstrap_ci(
+    y_true,
+    y_score,
+    groups,
+    metric: str | MetricFn,
+    *,
+    n_boot: int = 1000,
+    seed: int = 0,
+    alpha: float = 0.05,
+    progress: bool = False,
+) -> dict[str, float]:
     """Point estimate and (1 − alpha) percentile interval of `metric` by bootstrap over `groups`.
 
     `metric` is a `metrics.binary_metrics` key ("auroc", "kappa", "sensitivity_at_spec_0.90", ...)
@@ -133,8 +148,17 @@ def _finite_or_nan(fn: MetricFn, y: np.ndarray, s: np.ndarray) -> float:
     return value if math.isfinite(value) else math.nan
 
 
-def bootstrap_all(y_true, y_score, groups, *, n_boot: int = 1000, seed: int = 0, alpha: float = 0.05,
-                  threshold: float | None = None, progress: bool = False) -> dict[str, dict[str, float]]:
+def bootstrap_all(
+    y_true,
+    y_score,
+    groups,
+    *,
+    n_boot: int = 1000,
+    seed: int = 0,
+    alpha: float = 0.05,
+    threshold: float | None = None,
+    progress: bool = False,
+) -> dict[str, dict[str, float]]:
     """Every `metrics.binary_metrics` entry with its bootstrap interval: {metric: {point, low, high, se, ...}}.
 
     One set of replicates serves all metrics (so they are consistent with each other). With
@@ -155,9 +179,17 @@ def bootstrap_all(y_true, y_score, groups, *, n_boot: int = 1000, seed: int = 0,
     return {k: _summary(point[k], replicates[:, i], alpha) for i, k in enumerate(keys)}
 
 
-def bootstrap_metrics(metric_fn: Callable[[np.ndarray, np.ndarray], dict[str, float]], y_true, y_score, groups, *,
-                      n_boot: int = 1000, seed: int = 0, alpha: float = 0.05,
-                      progress: bool = False) -> dict[str, dict[str, float]]:
+def bootstrap_metrics(
+    metric_fn: Callable[[np.ndarray, np.ndarray], dict[str, float]],
+    y_true,
+    y_score,
+    groups,
+    *,
+    n_boot: int = 1000,
+    seed: int = 0,
+    alpha: float = 0.05,
+    progress: bool = False,
+) -> dict[str, dict[str, float]]:
     """`bootstrap_all` for any dict-valued metric (multi-class, ordinal, regression): every key of
     `metric_fn(y, s)` with its (1 − alpha) percentile interval over the same patient replicates.
     `y_score` may be (N,) or (N, C). Replicates where the function raises ValueError count as invalid."""
@@ -178,9 +210,19 @@ def bootstrap_metrics(metric_fn: Callable[[np.ndarray, np.ndarray], dict[str, fl
     return {k: _summary(point[k], replicates[:, i], alpha) for i, k in enumerate(keys)}
 
 
-def paired_bootstrap(y_true, score_a, score_b, groups, metric: str | MetricFn = "auroc", *, n_boot: int = 1000,
-                     seed: int = 0, alpha: float = 0.05, progress: bool = False,
-                     return_replicates: bool = False) -> dict[str, float]:
+def paired_bootstrap(
+    y_true,
+    score_a,
+    score_b,
+    groups,
+    metric: str | MetricFn = "auroc",
+    *,
+    n_boot: int = 1000,
+    seed: int = 0,
+    alpha: float = 0.05,
+    progress: bool = False,
+    return_replicates: bool = False,
+) -> dict[str, float]:
     """Difference metric(a) − metric(b) on the same examples, with a paired bootstrap over `groups`.
 
     Returns metric_a, metric_b, diff, low, high (percentile interval of the difference), se,
@@ -219,12 +261,18 @@ def pooled_difference(diffs: list[float], replicates: list[np.ndarray], *, alpha
     valid = pooled[np.isfinite(pooled)]
     low, high = _percentile_interval(valid, alpha) if valid.size else (math.nan, math.nan)
     far_side = min(int(np.sum(valid <= 0)), int(np.sum(valid >= 0))) if valid.size else 0
-    return {"diff": float(np.mean(diffs)) if diffs else math.nan, "low": low, "high": high,
-            "p_value": min(1.0, 2.0 * (1 + far_side) / (valid.size + 1)) if valid.size else math.nan,
-            "num_seeds": len(diffs), "n_boot": int(valid.size)}
+    return {
+        "diff": float(np.mean(diffs)) if diffs else math.nan,
+        "low": low,
+        "high": high,
+        "p_value": min(1.0, 2.0 * (1 + far_side) / (valid.size + 1)) if valid.size else math.nan,
+        "num_seeds": len(diffs),
+        "n_boot": int(valid.size),
+    }
 
 
 # ─── DeLong ──────────────────────────────────────────────────────────────────────────────────────
+
 
 def _midranks(x: np.ndarray) -> np.ndarray:
     """1-based ranks with ties given their average rank (Sun & Xu's midrank)."""
@@ -240,7 +288,7 @@ def _delong_components(y: np.ndarray, scores: list[np.ndarray]) -> tuple[np.ndar
         x, z = s[pos], s[neg]
         tx, tz, tall = _midranks(x), _midranks(z), _midranks(np.r_[x, z])
         auc = (tall[:m].sum() - m * (m + 1) / 2.0) / (m * n)
-        v10.append((tall[:m] - tx) / n)        # structural components of positives
+        v10.append((tall[:m] - tx) / n)  # structural components of positives
         v01.append(1.0 - (tall[m:] - tz) / m)  # ... of negatives
         aucs.append(auc)
     s10 = np.atleast_2d(np.cov(np.asarray(v10))) if m > 1 else np.zeros((len(scores),) * 2)
@@ -258,8 +306,7 @@ def delong_test(y_true, score_a, score_b, *, alpha: float = 0.05) -> dict[str, f
     y, _, (a, b) = _inputs(y_true, None, score_a, score_b)
     y, _ = metrics_lib.check_binary_inputs(y, a)
     if y.min() == y.max():
-        raise ValueError("DeLong's test needs both classes among the examples; this set has only "
-                         f"label {int(y[0])}.")
+        raise ValueError(f"DeLong's test needs both classes among the examples; this set has only label {int(y[0])}.")
     if not np.all(np.isfinite(b)):
         raise ValueError("score_b holds NaN/inf values.")
     aucs, cov = _delong_components(y, [a, b])
@@ -272,9 +319,18 @@ def delong_test(y_true, score_a, score_b, *, alpha: float = 0.05) -> dict[str, f
     else:  # identical rankings: no evidence of a difference
         z, p_value = (0.0, 1.0) if diff == 0 else (math.copysign(math.inf, diff), 0.0)
     q = float(scipy_stats.norm.ppf(1.0 - alpha / 2.0))
-    return {"auc_a": float(aucs[0]), "auc_b": float(aucs[1]), "diff": diff, "se_diff": se,
-            "low": diff - q * se, "high": diff + q * se, "z": float(z), "p_value": p_value,
-            "se_a": math.sqrt(max(float(cov[0, 0]), 0.0)), "se_b": math.sqrt(max(float(cov[1, 1]), 0.0))}
+    return {
+        "auc_a": float(aucs[0]),
+        "auc_b": float(aucs[1]),
+        "diff": diff,
+        "se_diff": se,
+        "low": diff - q * se,
+        "high": diff + q * se,
+        "z": float(z),
+        "p_value": p_value,
+        "se_a": math.sqrt(max(float(cov[0, 0]), 0.0)),
+        "se_b": math.sqrt(max(float(cov[1, 1]), 0.0)),
+    }
 
 
 def delong_ci(y_true, y_score, *, alpha: float = 0.05) -> dict[str, float]:
@@ -289,5 +345,9 @@ def delong_ci(y_true, y_score, *, alpha: float = 0.05) -> dict[str, float]:
     aucs, cov = _delong_components(y, [s])
     se = math.sqrt(max(float(cov[0, 0]), 0.0))
     q = float(scipy_stats.norm.ppf(1.0 - alpha / 2.0))
-    return {"point": float(aucs[0]), "low": max(0.0, float(aucs[0]) - q * se),
-            "high": min(1.0, float(aucs[0]) + q * se), "se": se}
+    return {
+        "point": float(aucs[0]),
+        "low": max(0.0, float(aucs[0]) - q * se),
+        "high": min(1.0, float(aucs[0]) + q * se),
+        "se": se,
+    }

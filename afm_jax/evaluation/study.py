@@ -37,14 +37,24 @@ from tqdm import tqdm
 
 from afm_jax import configuration, io
 from afm_jax.data import pipeline, records
+from afm_jax.errors import ConfigError
 from afm_jax.evaluation import monitors
 from afm_jax.evaluation import report as report_lib
-from afm_jax.errors import ConfigError
 from afm_jax.evaluation.backbones import BackboneSpec, load_backbone
+from afm_jax.evaluation.protocols import (
+    PROTOCOLS,
+    FeatureCache,
+    Prediction,
+    TaskSpec,
+    binary_subset,
+    check_task_data,
+    probe_direction,
+    protocol_params,
+    provenance,
+    run_protocol,
+    score_predictions,
+)
 from afm_jax.train import run as train_run
-from afm_jax.evaluation.protocols import (PROTOCOLS, FeatureCache, Prediction, TaskSpec, binary_subset, probe_direction,
-                                          check_task_data, protocol_params, provenance,
-                                          run_protocol, score_predictions)
 
 
 @dataclasses.dataclass
@@ -68,8 +78,9 @@ class Run:
 
     @property
     def run_id(self) -> str:
-        return re.sub(r"[^A-Za-z0-9_.-]+", "_",
-                      f"{self.task}__{self.backbone}__{self.protocol}__f{self.fraction:g}__s{self.seed}")
+        return re.sub(
+            r"[^A-Za-z0-9_.-]+", "_", f"{self.task}__{self.backbone}__{self.protocol}__f{self.fraction:g}__s{self.seed}"
+        )
 
 
 @dataclasses.dataclass
@@ -98,28 +109,39 @@ class Study:
     def all_runs(self) -> list[Run]:
         if self.runs is not None:
             return list(self.runs)
-        return [Run(b, t, p, int(s), float(f)) for t, p, f, s, b in itertools.product(
-            self.tasks, self.protocols, self.fractions, self.seeds, self.backbones)]
+        return [
+            Run(b, t, p, int(s), float(f))
+            for t, p, f, s, b in itertools.product(
+                self.tasks, self.protocols, self.fractions, self.seeds, self.backbones
+            )
+        ]
 
     def validate(self) -> None:
         for run in self.all_runs():
             if run.backbone not in self.backbones:
-                raise ConfigError(f"Study {self.name!r}: run {run.run_id} names backbone {run.backbone!r}, not one of "
-                                  f"{sorted(self.backbones)}.")
+                raise ConfigError(
+                    f"Study {self.name!r}: run {run.run_id} names backbone {run.backbone!r}, not one of "
+                    f"{sorted(self.backbones)}."
+                )
             if run.task not in self.tasks:
-                raise ConfigError(f"Study {self.name!r}: run {run.run_id} names task {run.task!r}, not one of "
-                                  f"{sorted(self.tasks)}.")
+                raise ConfigError(
+                    f"Study {self.name!r}: run {run.run_id} names task {run.task!r}, not one of {sorted(self.tasks)}."
+                )
             if run.protocol not in PROTOCOLS:
                 raise ConfigError(f"Study {self.name!r}: protocol {run.protocol!r} is not one of {PROTOCOLS}.")
         for name, spec in self.backbones.items():
             ref = spec.path[1:] if spec.path.startswith("@") else None
             if ref is not None and ref not in self.pretrain:
-                raise ConfigError(f"Study {self.name!r}: backbone {name!r} refers to pretraining {spec.path!r}, but "
-                                  f"the study's `pretrain` has only {sorted(self.pretrain)}.")
+                raise ConfigError(
+                    f"Study {self.name!r}: backbone {name!r} refers to pretraining {spec.path!r}, but "
+                    f"the study's `pretrain` has only {sorted(self.pretrain)}."
+                )
         for name, p in self.pretrain.items():
             if p.data_task and p.data_task not in self.tasks:
-                raise ConfigError(f"Study {self.name!r}: pretraining {name!r} names data_task {p.data_task!r}, not "
-                                  f"one of {sorted(self.tasks)}.")
+                raise ConfigError(
+                    f"Study {self.name!r}: pretraining {name!r} names data_task {p.data_task!r}, not "
+                    f"one of {sorted(self.tasks)}."
+                )
 
 
 def check_study_data(study: Study, layout: "Layout") -> None:
@@ -130,12 +152,15 @@ def check_study_data(study: Study, layout: "Layout") -> None:
         task = study.tasks[name]
         problems += check_task_data(task, task.data_path(layout.root))
         if task.kind == "regression" and any(r.protocol == "finetune" for r in study.all_runs() if r.task == name):
-            problems.append(f"task {name!r} is a regression: the finetune protocol supports classification tasks only "
-                            "so far; use knn or linear for it.")
+            problems.append(
+                f"task {name!r} is a regression: the finetune protocol supports classification tasks only "
+                "so far; use knn or linear for it."
+            )
     if problems:
-        raise ConfigError(f"Study {study.name!r} cannot run as configured ({len(problems)} problem"
-                          f"{'s' if len(problems) > 1 else ''}; nothing was trained or extracted):\n- "
-                          + "\n- ".join(problems))
+        raise ConfigError(
+            f"Study {study.name!r} cannot run as configured ({len(problems)} problem"
+            f"{'s' if len(problems) > 1 else ''}; nothing was trained or extracted):\n- " + "\n- ".join(problems)
+        )
 
 
 def load_study(path: str | os.PathLike) -> Study:
@@ -148,6 +173,7 @@ def load_study(path: str | os.PathLike) -> Study:
 
 
 # ─── Paths ───────────────────────────────────────────────────────────────────────────────────────
+
 
 class Layout:
     """Where a study keeps its parts, under one output folder."""
@@ -177,6 +203,7 @@ def resolve_backbone(spec: BackboneSpec, layout: Layout) -> BackboneSpec:
 
 
 # ─── Pretraining variants ────────────────────────────────────────────────────────────────────────
+
 
 def pretraining_config(study: Study, name: str, layout: Layout):
     """The trainer config of pretraining variant `name` (overrides applied, data path resolved)."""
@@ -208,6 +235,7 @@ def run_pretraining(study: Study, name: str, layout: Layout) -> pathlib.Path:
 
 # ─── Runs ────────────────────────────────────────────────────────────────────────────────────────
 
+
 def execute_run(study: Study, run: Run, layout: Layout) -> dict:
     """Computes one run (if its result is missing) and returns its result record."""
     path = layout.result(run)
@@ -221,25 +249,46 @@ def execute_run(study: Study, run: Run, layout: Layout) -> dict:
     data_path = task.data_path(layout.root)
     print(f"[study] {run.run_id}", flush=True)
     start = time.perf_counter()
-    val, test, info = run_protocol(spec, task, run.protocol, seed=run.seed, fraction=run.fraction,
-                                   cache=FeatureCache(layout.features), data_path=data_path,
-                                   workdir=os.fspath(layout.finetune / run.run_id), name=run.backbone,
-                                   options=study.options.get(run.protocol), batch_size=study.feature_batch_size)
+    val, test, info = run_protocol(
+        spec,
+        task,
+        run.protocol,
+        seed=run.seed,
+        fraction=run.fraction,
+        cache=FeatureCache(layout.features),
+        data_path=data_path,
+        workdir=os.fspath(layout.finetune / run.run_id),
+        name=run.backbone,
+        options=study.options.get(run.protocol),
+        batch_size=study.feature_batch_size,
+    )
     scored = score_predictions(val, test, task, n_boot=study.n_boot, seed=run.seed)
     layout.predictions.mkdir(parents=True, exist_ok=True)
     val.save(layout.prediction(run, "validation"))
     test.save(layout.prediction(run, "test"))
-    record = {"run_id": run.run_id, **dataclasses.asdict(run), **scored, "info": info,
-              "backbone_spec": spec.to_json(),
-              "provenance": provenance(spec, data_path, protocol=run.protocol,
-                                       params=protocol_params(run.protocol, study.options.get(run.protocol), info)),
-              "seconds": time.perf_counter() - start}
+    record = {
+        "run_id": run.run_id,
+        **dataclasses.asdict(run),
+        **scored,
+        "info": info,
+        "backbone_spec": spec.to_json(),
+        "provenance": provenance(
+            spec,
+            data_path,
+            protocol=run.protocol,
+            params=protocol_params(run.protocol, study.options.get(run.protocol), info),
+        ),
+        "seconds": time.perf_counter() - start,
+    }
     layout.results.mkdir(parents=True, exist_ok=True)
     io.write_json(path, record, default=float)
     key = scored.get("primary_metric", "auroc")
     m = scored["metrics"][key]
-    print(f"[study] {run.run_id}: {key} {m['point']:.3f} [{m['low']:.3f}, {m['high']:.3f}] "
-          f"({time.perf_counter() - start:.0f} s)", flush=True)
+    print(
+        f"[study] {run.run_id}: {key} {m['point']:.3f} [{m['low']:.3f}, {m['high']:.3f}] "
+        f"({time.perf_counter() - start:.0f} s)",
+        flush=True,
+    )
     return record
 
 
@@ -248,17 +297,19 @@ def pick_overlay_cases(pred: Prediction, n: int) -> list[tuple[str, int]]:
     and false negatives (and true negatives if those run out), at P = 0.5, taken in turn."""
     y, s = np.asarray(pred.y_true), np.asarray(pred.y_score)
     called = s >= 0.5
-    cases = {"true positive": np.flatnonzero((y == 1) & called)[np.argsort(-s[(y == 1) & called])],
-             "false positive": np.flatnonzero((y == 0) & called)[np.argsort(-s[(y == 0) & called])],
-             "false negative": np.flatnonzero((y == 1) & ~called)[np.argsort(s[(y == 1) & ~called])],
-             "true negative": np.flatnonzero((y == 0) & ~called)[np.argsort(s[(y == 0) & ~called])]}
+    cases = {
+        "true positive": np.flatnonzero((y == 1) & called)[np.argsort(-s[(y == 1) & called])],
+        "false positive": np.flatnonzero((y == 0) & called)[np.argsort(-s[(y == 0) & called])],
+        "false negative": np.flatnonzero((y == 1) & ~called)[np.argsort(s[(y == 1) & ~called])],
+        "true negative": np.flatnonzero((y == 0) & ~called)[np.argsort(s[(y == 0) & ~called])],
+    }
     out, rank = [], 0
     main = ("true positive", "false positive", "false negative")
     while len(out) < n and any(rank < len(cases[c]) for c in main):
         out += [(c, int(cases[c][rank])) for c in main if rank < len(cases[c])]
         rank += 1
     out = out[:n]
-    out += [("true negative", int(i)) for i in cases["true negative"][:n - len(out)]]
+    out += [("true negative", int(i)) for i in cases["true negative"][: n - len(out)]]
     return out
 
 
@@ -283,7 +334,7 @@ def _overlays(study: Study, layout: Layout, records_: list[dict]) -> dict[tuple[
     names = [b for b in study.backbones if any(r["backbone"] == b for r in records_)]
     for task_name in sorted({r["task"] for r in records_}):
         task = study.tasks[task_name]
-        if task.kind != "binary":   # attention / CAM overlays of a binary probe only
+        if task.kind != "binary":  # attention / CAM overlays of a binary probe only
             continue
         data_path = task.data_path(layout.root)
         for name in names:
@@ -297,9 +348,14 @@ def _overlays(study: Study, layout: Layout, records_: list[dict]) -> dict[tuple[
             backbone = load_backbone(spec, name)
             wanted = {pred.image_id[i]: k for k, (_, i) in enumerate(picks)}
             model_images = [None] * len(picks)
-            batches = pipeline.build_eval_iterator({"path": data_path, "num_workers": 0}, split=task.test_split,
-                                                   batch_size=64, image_size=spec.image_size, process_index=0,
-                                                   process_count=1)
+            batches = pipeline.build_eval_iterator(
+                {"path": data_path, "num_workers": 0},
+                split=task.test_split,
+                batch_size=64,
+                image_size=spec.image_size,
+                process_index=0,
+                process_count=1,
+            )
             for batch in batches:
                 for img, image_id, ok in zip(batch["image"], batch["image_id"], batch["mask"]):
                     if ok and str(image_id) in wanted:
@@ -309,19 +365,27 @@ def _overlays(study: Study, layout: Layout, records_: list[dict]) -> dict[tuple[
             batches.close()
             images = np.stack(model_images)
             display = [_stored_image(data_path, task.test_split, pred.image_id[i])[..., None] for _, i in picks]
-            captions = [f"{case}\n{task.names[int(pred.y_true[i])]}, P({task.names[1]}) = {pred.y_score[i]:.2f}\n"
-                        f"patient {pred.patient_id[i][:8]} ({run['protocol']})" for case, i in picks]
+            captions = [
+                f"{case}\n{task.names[int(pred.y_true[i])]}, P({task.names[1]}) = {pred.y_score[i]:.2f}\n"
+                f"patient {pred.patient_id[i][:8]} ({run['protocol']})"
+                for case, i in picks
+            ]
             maps = {}
             attention = backbone.attention_maps(images)
             if attention is not None:
-                maps["CLS attention, last block" + ("\n(probe pools patches)" if spec.pool == "avg" else "")] = attention
+                maps["CLS attention, last block" + ("\n(probe pools patches)" if spec.pool == "avg" else "")] = (
+                    attention
+                )
             spatial = backbone.spatial_features(images)
             if spatial is not None:
-                train, val = (binary_subset(cache.get(spec, data_path, s, lambda: backbone), task)
-                              for s in (task.train_split, task.val_split))
+                train, val = (
+                    binary_subset(cache.get(spec, data_path, s, lambda: backbone), task)
+                    for s in (task.train_split, task.val_split)
+                )
                 direction = probe_direction(train, val)
                 maps["probe CAM (= Grad-CAM)\ncentred on train mean"] = report_lib.cam_maps(
-                    spatial, direction.weights, direction.mean)
+                    spatial, direction.weights, direction.mean
+                )
             if maps:
                 out[(task_name, name)] = {"images": display, "captions": captions, "maps": maps}
     return out
@@ -337,13 +401,23 @@ def write_study_report(study: Study, layout: Layout, *, overlays: bool = True) -
         rec = json.loads(layout.result(run).read_text())
         rec["order"] = order[run.backbone]
         results.append(rec)
-        predictions[run.run_id] = (Prediction.load(layout.prediction(run, "validation")),
-                                   Prediction.load(layout.prediction(run, "test")))
+        predictions[run.run_id] = (
+            Prediction.load(layout.prediction(run, "validation")),
+            Prediction.load(layout.prediction(run, "test")),
+        )
     if not results:
         raise ConfigError(f"No results in {layout.results} yet: run the study before asking for its report.")
     maps = _overlays(study, layout, results) if overlays else {}
-    return report_lib.write_report(layout.report, results, predictions, study.tasks, reference=study.reference,
-                               overlays=maps, title=f"Study {study.name}", n_boot=study.n_boot)
+    return report_lib.write_report(
+        layout.report,
+        results,
+        predictions,
+        study.tasks,
+        reference=study.reference,
+        overlays=maps,
+        title=f"Study {study.name}",
+        n_boot=study.n_boot,
+    )
 
 
 def run_study(study: Study, out_dir: str | os.PathLike, *, report: bool = True) -> pathlib.Path | None:
@@ -361,8 +435,17 @@ def run_study(study: Study, out_dir: str | os.PathLike, *, report: bool = True) 
 
 # ─── SLURM ───────────────────────────────────────────────────────────────────────────────────────
 
-def write_slurm(study: Study, out_dir: str | os.PathLike, study_file: str, *, partition: str = "",
-                account: str = "", gpus: int = 1, time_limit: str = "04:00:00") -> pathlib.Path:
+
+def write_slurm(
+    study: Study,
+    out_dir: str | os.PathLike,
+    study_file: str,
+    *,
+    partition: str = "",
+    account: str = "",
+    gpus: int = 1,
+    time_limit: str = "04:00:00",
+) -> pathlib.Path:
     """Writes `<out>/launch/`: pretrain.sbatch, runs.sbatch (an array over missing runs), report.sbatch
     and submit.sh chaining them with dependencies. Submits nothing; returns submit.sh."""
     layout = Layout(out_dir)
@@ -371,10 +454,17 @@ def write_slurm(study: Study, out_dir: str | os.PathLike, study_file: str, *, pa
     missing = [i for i, r in enumerate(runs) if not layout.result(r).is_file()]
     pending_pre = [name for name in study.pretrain if not (layout.pretrain / name / "done.json").is_file()]
     tool = shlex.quote(os.fspath(pathlib.Path(__file__).resolve().parents[2] / "tools" / "study.py"))
-    base = f"{shlex.quote(sys.executable)} {tool} {shlex.quote(os.fspath(pathlib.Path(study_file).absolute()))} " \
-           f"--out {shlex.quote(os.fspath(layout.root))}"
-    header = ["#!/bin/bash", f"#SBATCH --gpus={gpus}", f"#SBATCH --time={time_limit}",
-              f"#SBATCH --output={layout.launch}/%x_%A_%a.log", "#SBATCH --signal=B:TERM@120"]
+    base = (
+        f"{shlex.quote(sys.executable)} {tool} {shlex.quote(os.fspath(pathlib.Path(study_file).absolute()))} "
+        f"--out {shlex.quote(os.fspath(layout.root))}"
+    )
+    header = [
+        "#!/bin/bash",
+        f"#SBATCH --gpus={gpus}",
+        f"#SBATCH --time={time_limit}",
+        f"#SBATCH --output={layout.launch}/%x_%A_%a.log",
+        "#SBATCH --signal=B:TERM@120",
+    ]
     if partition:
         header.append(f"#SBATCH --partition={partition}")
     if account:
@@ -392,8 +482,13 @@ def write_slurm(study: Study, out_dir: str | os.PathLike, study_file: str, *, pa
     (layout.launch / "runs.txt").write_text("\n".join(f"{i}\t{runs[i].run_id}" for i in missing) + "\n")
     (layout.launch / "pretrain.txt").write_text("\n".join(f"{i}\t{n}" for i, n in enumerate(study.pretrain)) + "\n")
     names = list(study.pretrain)
-    submit = ["#!/bin/bash", "# Written by tools/study.py --slurm; review, then run: bash submit.sh", "set -euo pipefail",
-              f"cd {shlex.quote(os.fspath(layout.launch))}", "dep=''"]
+    submit = [
+        "#!/bin/bash",
+        "# Written by tools/study.py --slurm; review, then run: bash submit.sh",
+        "set -euo pipefail",
+        f"cd {shlex.quote(os.fspath(layout.launch))}",
+        "dep=''",
+    ]
     if pending_pre:
         script("pretrain", f"srun {base} --pretrain_index $SLURM_ARRAY_TASK_ID", [names.index(n) for n in pending_pre])
         submit += ["pre=$(sbatch --parsable pretrain.sbatch)", 'dep="--dependency=afterok:${pre}"']

@@ -84,9 +84,7 @@ def encoder_flat_state(encoder: nnx.Module) -> dict[str, nnx.Variable]:
 
 def flat_to_timm_state_dict(flat: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     """``{our dotted path: array}`` -> timm state dict (keys renamed, arrays transposed, fp32)."""
-    return {
-        timm_key(path): to_timm_array(path, np.asarray(v, np.float32)) for path, v in flat.items()
-    }
+    return {timm_key(path): to_timm_array(path, np.asarray(v, np.float32)) for path, v in flat.items()}
 
 
 def to_eva_state_dict(sd: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -115,7 +113,6 @@ def encoder_state_dict(encoder: VisionTransformer) -> dict[str, np.ndarray]:
     return to_eva_state_dict(sd) if encoder.pos_embed_type == "rope" else sd
 
 
-
 # ----------------------------------------------------------------------------------------------
 # Import: timm-layout state dict -> our encoder, in place.
 # ----------------------------------------------------------------------------------------------
@@ -140,7 +137,8 @@ def source_pos_layout(
             return slots, (side, side)
     raise InteropError(
         f"Key 'pos_embed' has {rows} rows, which is not {num_prefix} or 0 prefix slots plus a square "
-        "grid; pass the source grid (our exports store it in config.json as img_size/patch_size).")
+        "grid; pass the source grid (our exports store it in config.json as img_size/patch_size)."
+    )
 
 
 def _adapt_channels(w: np.ndarray, target: int, adapted: list[str]) -> np.ndarray:
@@ -154,8 +152,10 @@ def _adapt_channels(w: np.ndarray, target: int, adapted: list[str]) -> np.ndarra
     if c == 1:
         adapted.append(f"patch_embed.proj.weight: 1 input channel repeated to {target}, divided by {target}")
         return np.repeat(w, target, axis=1) / float(target)
-    raise InteropError(f"Key 'patch_embed.proj.weight' has {c} input channels; cannot adapt them to "
-                       f"{target}. Set --config.model.in_chans to 1 or {c}.")
+    raise InteropError(
+        f"Key 'patch_embed.proj.weight' has {c} input channels; cannot adapt them to "
+        f"{target}. Set --config.model.in_chans to 1 or {c}."
+    )
 
 
 def _adapt_pos_embed(
@@ -173,7 +173,7 @@ def _adapt_pos_embed(
         if "cls_token" in sd:
             sd["cls_token"] = sd["cls_token"] + pe[:, :1]
         if "reg_token" in sd:
-            sd["reg_token"] = sd["reg_token"] + pe[:, int("cls_token" in sd):slots]
+            sd["reg_token"] = sd["reg_token"] + pe[:, int("cls_token" in sd) : slots]
         pe = pe[:, slots:]
         adapted.append("pos_embed: prefix-token slots folded into cls_token/reg_token (no_embed_class)")
     elif target_slots and not slots:  # zero slots: exact
@@ -187,11 +187,15 @@ def _adapt_pos_embed(
             pe = np.concatenate([prefix, table], axis=1)
             how = "plain bicubic with DINO's +0.1 offset"
         else:
-            pe = np.asarray(resample_abs_pos_embed(jnp.asarray(pe), encoder.grid_size, old_size=grid,
-                                                   num_prefix_tokens=target_slots))
+            pe = np.asarray(
+                resample_abs_pos_embed(
+                    jnp.asarray(pe), encoder.grid_size, old_size=grid, num_prefix_tokens=target_slots
+                )
+            )
             how = "bicubic, antialias, as timm"
-        adapted.append(f"pos_embed: grid resampled {grid[0]}x{grid[1]} -> "
-                       f"{encoder.grid_size[0]}x{encoder.grid_size[1]} ({how})")
+        adapted.append(
+            f"pos_embed: grid resampled {grid[0]}x{grid[1]} -> {encoder.grid_size[0]}x{encoder.grid_size[1]} ({how})"
+        )
     sd["pos_embed"] = pe
 
 
@@ -250,29 +254,38 @@ def load_timm_state_dict(
 
     heads = source_num_heads
     if heads is not None and heads != encoder.num_heads:
-        raise InteropError(f"The source has {heads} attention heads, the model {encoder.num_heads}: "
-                           f"set --config.model.num_heads={heads} (or the matching variant).")
+        raise InteropError(
+            f"The source has {heads} attention heads, the model {encoder.num_heads}: "
+            f"set --config.model.num_heads={heads} (or the matching variant)."
+        )
     if heads is None and arch["embed_dim"] in USUAL_NUM_HEADS and arch["num_heads"] != encoder.num_heads:
-        warnings.append(f"the file does not store the head count; width {arch['embed_dim']} usually has "
-                        f"{arch['num_heads']} heads, the model has {encoder.num_heads}")
+        warnings.append(
+            f"the file does not store the head count; width {arch['embed_dim']} usually has "
+            f"{arch['num_heads']} heads, the model has {encoder.num_heads}"
+        )
     p = encoder.patch_size
     if arch["patch_size"] != p:
-        raise InteropError(f"Key 'patch_embed.proj.weight' has patch size {arch['patch_size']}, the model "
-                           f"{p}: use a '/{arch['patch_size']}' variant (e.g. --config.model.variant=B/"
-                           f"{arch['patch_size']}).")
+        raise InteropError(
+            f"Key 'patch_embed.proj.weight' has patch size {arch['patch_size']}, the model "
+            f"{p}: use a '/{arch['patch_size']}' variant (e.g. --config.model.variant=B/"
+            f"{arch['patch_size']})."
+        )
     rope = encoder.pos_embed_type == "rope"
     if arch["rope"] != rope:
         raise InteropError(
-            "The source has rotary position embeddings (no 'pos_embed'; DINOv3): set "
-            "--config.model.pos_embed=rope." if arch["rope"] else
-            "The source has an absolute position table ('pos_embed'), the model RoPE: set "
-            "--config.model.pos_embed=learned (or sincos).")
+            "The source has rotary position embeddings (no 'pos_embed'; DINOv3): set --config.model.pos_embed=rope."
+            if arch["rope"]
+            else "The source has an absolute position table ('pos_embed'), the model RoPE: set "
+            "--config.model.pos_embed=learned (or sincos)."
+        )
     qkv_bias = encoder.blocks[0].attn.qkv.use_bias if len(encoder.blocks) else arch["qkv_bias"]
     if arch["qkv_bias"] and not qkv_bias:
         biases = [sd[k] for k in sd if k.endswith(".attn.qkv.bias")]
         if any(np.any(b != 0) for b in biases):
-            raise InteropError("The source has non-zero qkv biases ('blocks.0.attn.qkv.bias'), the model none: "
-                               "set --config.model.qkv_bias=True.")
+            raise InteropError(
+                "The source has non-zero qkv biases ('blocks.0.attn.qkv.bias'), the model none: "
+                "set --config.model.qkv_bias=True."
+            )
         for k in [k for k in sd if k.endswith(".attn.qkv.bias")]:
             del sd[k]
         adapted.append("attn.qkv.bias: all zero in the source, dropped (the model has no qkv bias; exact)")
@@ -281,24 +294,27 @@ def load_timm_state_dict(
             sd[f"blocks.{i}.attn.qkv.bias"] = np.zeros((3 * arch["embed_dim"],), np.float32)
         adapted.append("attn.qkv.bias: zeros (the source has no qkv bias; exact)")
     if arch["class_token"] != encoder.has_class_token:
-        raise InteropError(f"The source {'has' if arch['class_token'] else 'has no'} class token "
-                           f"('cls_token'); set --config.model.class_token={arch['class_token']}.")
+        raise InteropError(
+            f"The source {'has' if arch['class_token'] else 'has no'} class token "
+            f"('cls_token'); set --config.model.class_token={arch['class_token']}."
+        )
     if arch["reg_tokens"] != encoder.num_reg_tokens:
         if arch["reg_tokens"] == 0 and "pos_embed" in sd:
             sd["reg_token"] = np.asarray(encoder.reg_token[...], np.float32)  # keep the init
             left_at_init.append("reg_token")
             pe = sd["pos_embed"]
-            slots, grid = source_pos_layout(pe.shape[1], int(arch["class_token"]), source_grid,
-                                             source_no_embed_class)
+            slots, grid = source_pos_layout(pe.shape[1], int(arch["class_token"]), source_grid, source_no_embed_class)
             if slots:  # the new registers get zero position slots after the class token's
                 zeros = np.zeros((1, encoder.num_reg_tokens, pe.shape[2]), np.float32)
                 sd["pos_embed"] = np.concatenate([pe[:, :slots], zeros, pe[:, slots:]], axis=1)
                 adapted.append("pos_embed: zero slots added for the new register tokens")
             source_grid, source_no_embed_class = grid, slots == 0
         else:
-            raise InteropError(f"Key 'reg_token' has {arch['reg_tokens']} register tokens, the model "
-                               f"{encoder.num_reg_tokens}: set --config.model.num_reg_tokens="
-                               f"{arch['reg_tokens']}.")
+            raise InteropError(
+                f"Key 'reg_token' has {arch['reg_tokens']} register tokens, the model "
+                f"{encoder.num_reg_tokens}: set --config.model.num_reg_tokens="
+                f"{arch['reg_tokens']}."
+            )
     sd["patch_embed.proj.weight"] = _adapt_channels(sd["patch_embed.proj.weight"], encoder.in_chans, adapted)
     if "pos_embed" in sd:
         _adapt_pos_embed(sd, encoder, source_grid, source_no_embed_class, adapted)
@@ -308,29 +324,39 @@ def load_timm_state_dict(
     targets = encoder_flat_state(encoder)
     missing = [timm_key(path) for path in targets if timm_key(path) not in sd]
     if missing:
-        raise InteropError(f"Key {missing[0]!r} is missing from the file ({len(missing)} missing in all: "
-                           f"{', '.join(missing[:6])}{' ...' if len(missing) > 6 else ''}); the file has "
-                           f"depth {arch['depth']} and width {arch['embed_dim']}, the model "
-                           f"{len(encoder.blocks)} and {encoder.embed_dim}.")
+        raise InteropError(
+            f"Key {missing[0]!r} is missing from the file ({len(missing)} missing in all: "
+            f"{', '.join(missing[:6])}{' ...' if len(missing) > 6 else ''}); the file has "
+            f"depth {arch['depth']} and width {arch['embed_dim']}, the model "
+            f"{len(encoder.blocks)} and {encoder.embed_dim}."
+        )
     unexpected = sorted(set(sd) - {timm_key(path) for path in targets})
     if unexpected:
-        raise InteropError(f"Key {unexpected[0]!r} in the file has no place in the model ("
-                           f"{', '.join(unexpected[:6])}{' ...' if len(unexpected) > 6 else ''}); the file "
-                           f"has depth {arch['depth']}, the model {len(encoder.blocks)}.")
+        raise InteropError(
+            f"Key {unexpected[0]!r} in the file has no place in the model ("
+            f"{', '.join(unexpected[:6])}{' ...' if len(unexpected) > 6 else ''}); the file "
+            f"has depth {arch['depth']}, the model {len(encoder.blocks)}."
+        )
     new_values = {}
     for path, var in targets.items():
         key = timm_key(path)
         value = from_timm_array(path, sd[key])
         if value.shape != tuple(var.shape):
-            raise InteropError(f"Key {key!r} has shape {tuple(sd[key].shape)} in the file but the model "
-                               f"needs {tuple(to_timm_array(path, np.zeros(var.shape)).shape)} (timm "
-                               "layout); check the variant / width / mlp_dim of the config.")
+            raise InteropError(
+                f"Key {key!r} has shape {tuple(sd[key].shape)} in the file but the model "
+                f"needs {tuple(to_timm_array(path, np.zeros(var.shape)).shape)} (timm "
+                "layout); check the variant / width / mlp_dim of the config."
+            )
         new_values[path] = value.astype(var.dtype)
     for path, var in targets.items():  # assign only once everything fits: no half-loaded model
         var.set_value(jnp.asarray(new_values[path]))  # also fills an nnx.eval_shape (abstract) model
         if path.split(".")[0] not in left_at_init:
             loaded.append(timm_key(path))
-    return dict(layout=info["layout"], loaded=loaded, adapted=adapted, left_at_init=left_at_init,
-                dropped=info["dropped"], warnings=warnings)
-
-
+    return dict(
+        layout=info["layout"],
+        loaded=loaded,
+        adapted=adapted,
+        left_at_init=left_at_init,
+        dropped=info["dropped"],
+        warnings=warnings,
+    )

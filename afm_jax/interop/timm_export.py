@@ -29,8 +29,13 @@ from afm_jax.models.vit import VisionTransformer
 # ----------------------------------------------------------------------------------------------
 
 # timm entry points and the size each one stands for: (width, depth, heads, mlp_dim, patch).
-_TIMM_SIZES = {"tiny": (192, 12, 3, 768), "small": (384, 12, 6, 1536), "base": (768, 12, 12, 3072),
-               "large": (1024, 24, 16, 4096), "huge": (1280, 32, 16, 5120)}
+_TIMM_SIZES = {
+    "tiny": (192, 12, 3, 768),
+    "small": (384, 12, 6, 1536),
+    "base": (768, 12, 12, 3072),
+    "large": (1024, 24, 16, 4096),
+    "huge": (1280, 32, 16, 5120),
+}
 _REGISTERED_PATCHES = {"tiny": (16,), "small": (8, 16, 32), "base": (8, 16, 32), "large": (16, 32), "huge": (14,)}
 # The name used when no registered timm ViT has the encoder's size: every size comes from model_args.
 GENERIC_ARCHITECTURE = "vit_base_patch16_224"
@@ -65,8 +70,9 @@ def architecture_matches(encoder: VisionTransformer) -> bool:
     dims = (encoder.embed_dim, len(encoder.blocks), encoder.num_heads, encoder.mlp_dim)
     if encoder.pos_embed_type == "rope":
         return encoder.patch_size == 16 and dims in (_TIMM_SIZES["small"], _TIMM_SIZES["base"], _TIMM_SIZES["large"])
-    return timm_architecture(encoder) != GENERIC_ARCHITECTURE or (dims == _TIMM_SIZES["base"]
-                                                                   and encoder.patch_size == 16)
+    return timm_architecture(encoder) != GENERIC_ARCHITECTURE or (
+        dims == _TIMM_SIZES["base"] and encoder.patch_size == 16
+    )
 
 
 def timm_model_args(encoder: VisionTransformer, *, global_pool: str | None = None) -> dict[str, Any]:
@@ -116,18 +122,31 @@ def _eva_model_args(encoder: VisionTransformer, pool: str) -> dict[str, Any]:
     fixes what our encoder shares with DINOv3 (rope_type 'dinov3', rotate-half, no absolute table,
     LayerNorm eps 1e-5); the sizes and options are passed explicitly."""
     if abs(encoder.norm_eps - DINOV3_NORM_EPS) > 1e-12:
-        raise InteropError(f"A RoPE encoder exports as timm's vit_*_dinov3, whose LayerNorm eps is {DINOV3_NORM_EPS}; "
-                           f"this one has {encoder.norm_eps}. Train with --config.model.norm_eps={DINOV3_NORM_EPS}.")
+        raise InteropError(
+            f"A RoPE encoder exports as timm's vit_*_dinov3, whose LayerNorm eps is {DINOV3_NORM_EPS}; "
+            f"this one has {encoder.norm_eps}. Train with --config.model.norm_eps={DINOV3_NORM_EPS}."
+        )
     if encoder.patch_size != 16 or encoder.no_embed_class:
         pass  # patch_size is passed explicitly; no_embed_class has no meaning without a position table
     h, w = encoder.img_size
     return dict(
-        img_size=h if h == w else [h, w], patch_size=encoder.patch_size, embed_dim=encoder.embed_dim,
-        depth=len(encoder.blocks), num_heads=encoder.num_heads, mlp_ratio=encoder.mlp_dim / encoder.embed_dim,
-        in_chans=encoder.in_chans, class_token=encoder.has_class_token, num_reg_tokens=encoder.num_reg_tokens,
-        qkv_bias=encoder.qkv_bias, init_values=1e-5 if _has_layer_scale(encoder) else None,
-        rope_temperature=encoder.rope_temperature, global_pool=pool, use_fc_norm=False, num_classes=0,
-        dynamic_img_size=True)
+        img_size=h if h == w else [h, w],
+        patch_size=encoder.patch_size,
+        embed_dim=encoder.embed_dim,
+        depth=len(encoder.blocks),
+        num_heads=encoder.num_heads,
+        mlp_ratio=encoder.mlp_dim / encoder.embed_dim,
+        in_chans=encoder.in_chans,
+        class_token=encoder.has_class_token,
+        num_reg_tokens=encoder.num_reg_tokens,
+        qkv_bias=encoder.qkv_bias,
+        init_values=1e-5 if _has_layer_scale(encoder) else None,
+        rope_temperature=encoder.rope_temperature,
+        global_pool=pool,
+        use_fc_norm=False,
+        num_classes=0,
+        dynamic_img_size=True,
+    )
 
 
 def timm_pretrained_cfg(encoder: VisionTransformer) -> dict[str, Any]:
@@ -151,8 +170,9 @@ def timm_pretrained_cfg(encoder: VisionTransformer) -> dict[str, Any]:
 # ----------------------------------------------------------------------------------------------
 
 
-def create_timm_vit(model_args: Mapping[str, Any], state_dict: Mapping[str, np.ndarray] | None = None,
-                    architecture: str | None = None):
+def create_timm_vit(
+    model_args: Mapping[str, Any], state_dict: Mapping[str, np.ndarray] | None = None, architecture: str | None = None
+):
     """A timm ``VisionTransformer`` (or, for a ``*dinov3*`` architecture, timm's ``Eva`` built by that
     entry point), eval mode, random init unless ``state_dict``, loaded strictly."""
     import timm  # optional extra [torch]
@@ -168,8 +188,9 @@ def create_timm_vit(model_args: Mapping[str, Any], state_dict: Mapping[str, np.n
         model = TimmViT(img_size=img, **args).eval()
     if state_dict is not None:
         try:
-            model.load_state_dict({k: torch.from_numpy(np.array(v, np.float32)) for k, v in state_dict.items()},
-                                  strict=True)
+            model.load_state_dict(
+                {k: torch.from_numpy(np.array(v, np.float32)) for k, v in state_dict.items()}, strict=True
+            )
         except RuntimeError as e:  # missing / unexpected keys, shape mismatches
             first = next((line.strip() for line in str(e).splitlines() if line.strip()), "")
             raise InteropError(f"timm does not load the weights strictly: {first[:300]}") from None
@@ -194,10 +215,13 @@ def require_finite_state_dict(sd: Mapping[str, np.ndarray], what: str = "The wei
     bad = [k for k, v in sd.items() if not np.all(np.isfinite(np.asarray(v, np.float32)))]
     if bad:
         v = np.asarray(sd[bad[0]], np.float32)
-        raise InteropError(f"{what} hold non-finite values: {bad[0]!r} has {int(np.isnan(v).sum())} NaN and "
-                           f"{int(np.isinf(v).sum())} Inf of {v.size}" + (f" ({len(bad)} tensors in all)"
-                           if len(bad) > 1 else "") + "; the run diverged or the file is corrupt. Export "
-                           "an earlier step (--step) instead.")
+        raise InteropError(
+            f"{what} hold non-finite values: {bad[0]!r} has {int(np.isnan(v).sum())} NaN and "
+            f"{int(np.isinf(v).sum())} Inf of {v.size}"
+            + (f" ({len(bad)} tensors in all)" if len(bad) > 1 else "")
+            + "; the run diverged or the file is corrupt. Export "
+            "an earlier step (--step) instead."
+        )
 
 
 def require_tolerance(tolerance: float, flag: str = "tolerance") -> float:
@@ -214,8 +238,11 @@ def parity_failure(parity: Mapping[str, float], tolerance: float) -> str | None:
         return "no parity was measured"
     bad = {k: v for k, v in parity.items() if not (math.isfinite(v) and v <= tolerance)}  # NaN fails
     if bad:
-        return "max abs difference " + ", ".join(f"{v:.3g} at {k}" for k, v in bad.items()) + \
-            f" exceeds the tolerance {tolerance:g} (or is not finite)"
+        return (
+            "max abs difference "
+            + ", ".join(f"{v:.3g} at {k}" for k, v in bad.items())
+            + f" exceeds the tolerance {tolerance:g} (or is not finite)"
+        )
     return None
 
 
@@ -227,7 +254,11 @@ def check_sizes(encoder: VisionTransformer) -> list[tuple[int, int]]:
 
 
 def forward_parity(
-    encoder: VisionTransformer, timm_model: Any, *, batch: int = 2, size: Sequence[int] | None = None,
+    encoder: VisionTransformer,
+    timm_model: Any,
+    *,
+    batch: int = 2,
+    size: Sequence[int] | None = None,
     seed: int = 0,
 ) -> float:
     """Max |ours(x) - timm.forward_features(normalised x)| on a random batch of [0, 1] images (NaN
@@ -245,21 +276,27 @@ def forward_parity(
     return float(np.max(np.abs(ours - ref)))
 
 
-def export_parity(encoder: VisionTransformer, state_dict: Mapping[str, np.ndarray],
-                  model_args: Mapping[str, Any], architecture: str | None = None) -> dict[str, Any]:
+def export_parity(
+    encoder: VisionTransformer,
+    state_dict: Mapping[str, np.ndarray],
+    model_args: Mapping[str, Any],
+    architecture: str | None = None,
+) -> dict[str, Any]:
     """Loads ``state_dict`` strictly into a fresh timm model and compares ``forward_features`` with an
     fp32 copy of ``encoder`` at :func:`check_sizes`; returns ``{"fp32": {size: diff}, "compute_dtype":
     name, "compute": {size: diff}}`` (``compute`` only for a non-fp32 encoder: information, not checked)."""
     model = create_timm_vit(model_args, state_dict, architecture or timm_architecture(encoder))
     fp32 = with_compute_dtype(encoder, jnp.float32)
     sizes = check_sizes(encoder)
-    out: dict[str, Any] = {"fp32": {f"{h}x{w}": forward_parity(fp32, model, size=(h, w), seed=i)
-                                    for i, (h, w) in enumerate(sizes)}}
+    out: dict[str, Any] = {
+        "fp32": {f"{h}x{w}": forward_parity(fp32, model, size=(h, w), seed=i) for i, (h, w) in enumerate(sizes)}
+    }
     dtype = jnp.dtype(encoder.dtype)
     out["compute_dtype"] = dtype.name
     if dtype != jnp.float32:
-        out["compute"] = {f"{h}x{w}": forward_parity(encoder, model, size=(h, w), seed=i)
-                          for i, (h, w) in enumerate(sizes)}
+        out["compute"] = {
+            f"{h}x{w}": forward_parity(encoder, model, size=(h, w), seed=i) for i, (h, w) in enumerate(sizes)
+        }
     return out
 
 
@@ -268,31 +305,45 @@ def export_parity(encoder: VisionTransformer, state_dict: Mapping[str, np.ndarra
 # ----------------------------------------------------------------------------------------------
 
 
-def export_config(encoder: VisionTransformer, afm_info: Mapping[str, Any] | None = None, *,
-                  global_pool: str | None = None) -> dict[str, Any]:
+def export_config(
+    encoder: VisionTransformer, afm_info: Mapping[str, Any] | None = None, *, global_pool: str | None = None
+) -> dict[str, Any]:
     """``config.json`` content: timm's ``architecture``/``model_args``/``pretrained_cfg`` (what
     ``timm.create_model("local-dir:OUT")`` reads) plus our own ``afm_jax`` section."""
     args = timm_model_args(encoder, global_pool=global_pool)
     return dict(
         architecture=timm_architecture(encoder),
-        architecture_note=("the name picks timm's entry point; model_args set every size"
-                           + ("" if architecture_matches(encoder) else
-                              f" (no registered timm ViT has width {encoder.embed_dim}, depth "
-                              f"{len(encoder.blocks)}, {encoder.num_heads} heads, patch {encoder.patch_size})")),
+        architecture_note=(
+            "the name picks timm's entry point; model_args set every size"
+            + (
+                ""
+                if architecture_matches(encoder)
+                else f" (no registered timm ViT has width {encoder.embed_dim}, depth "
+                f"{len(encoder.blocks)}, {encoder.num_heads} heads, patch {encoder.patch_size})"
+            )
+        ),
         num_classes=0,
         num_features=encoder.embed_dim,
         global_pool=args["global_pool"],
         model_args=args,
         pretrained_cfg=timm_pretrained_cfg(encoder),
-        afm_jax={"variant": str(encoder.variant), "pos_embed": encoder.pos_embed_type, "norm_eps": encoder.norm_eps,
-                 "qkv_bias": encoder.qkv_bias,
-                 **dict(afm_info or {})},
+        afm_jax={
+            "variant": str(encoder.variant),
+            "pos_embed": encoder.pos_embed_type,
+            "norm_eps": encoder.norm_eps,
+            "qkv_bias": encoder.qkv_bias,
+            **dict(afm_info or {}),
+        },
     )
 
 
 def write_export(
-    out_dir: str, encoder: VisionTransformer, *, afm_info: Mapping[str, Any] | None = None,
-    readme: str | None = None, global_pool: str | None = None,
+    out_dir: str,
+    encoder: VisionTransformer,
+    *,
+    afm_info: Mapping[str, Any] | None = None,
+    readme: str | None = None,
+    global_pool: str | None = None,
 ) -> dict[str, Any]:
     """Writes ``OUT/model.safetensors`` (timm keys, fp32), ``OUT/config.json`` and ``OUT/README.md``.
 
@@ -300,12 +351,15 @@ def write_export(
     torch-saved safetensors do.
     """
 
-
     os.makedirs(out_dir, exist_ok=True)
     sd = encoder_state_dict(encoder)
     require_finite_state_dict(sd, "The encoder's weights")
-    io.write_with(os.path.join(out_dir, "model.safetensors"), lambda tmp: save_file(
-        {k: np.ascontiguousarray(v, np.float32) for k, v in sd.items()}, str(tmp), metadata={"format": "pt"}))
+    io.write_with(
+        os.path.join(out_dir, "model.safetensors"),
+        lambda tmp: save_file(
+            {k: np.ascontiguousarray(v, np.float32) for k, v in sd.items()}, str(tmp), metadata={"format": "pt"}
+        ),
+    )
     config = export_config(encoder, afm_info, global_pool=global_pool)
     io.write_json(os.path.join(out_dir, "config.json"), config)
     if readme is not None:
@@ -364,20 +418,36 @@ def encoder_from_export_config(cfg: Mapping[str, Any]) -> VisionTransformer:
     try:
         img = a["img_size"] if isinstance(a["img_size"], (list, tuple)) else [a["img_size"]] * 2
         d = int(a["embed_dim"])
-        kw = dict(width=d, depth=int(a["depth"]), num_heads=int(a["num_heads"]),
-                  mlp_dim=int(round(float(a.get("mlp_ratio", 4.0)) * d)))
+        kw = dict(
+            width=d,
+            depth=int(a["depth"]),
+            num_heads=int(a["num_heads"]),
+            mlp_dim=int(round(float(a.get("mlp_ratio", 4.0)) * d)),
+        )
         pc = cfg.get("pretrained_cfg", {})
         rope = "dinov3" in str(cfg.get("architecture", ""))
         if rope:
-            kw.update(rope_temperature=float(a.get("rope_temperature", 100.0)), qkv_bias=bool(a.get("qkv_bias", True)),
-                      norm_eps=DINOV3_NORM_EPS)
-        return nnx.eval_shape(lambda: VisionTransformer(
-            f"B/{int(a['patch_size'])}", img_size=tuple(int(v) for v in img), in_chans=int(a.get("in_chans", 3)),
-            class_token=bool(a.get("class_token", True)),
-            num_reg_tokens=int(a.get("num_reg_tokens" if rope else "reg_tokens", 0) or 0),
-            no_embed_class=bool(a.get("no_embed_class", False)), pos_embed="rope" if rope else "learned",
-            layer_scale_init=1.0 if a.get("init_values") else None,
-            input_mean=pc.get("mean"), input_std=pc.get("std"), rngs=nnx.Rngs(0), **kw))
+            kw.update(
+                rope_temperature=float(a.get("rope_temperature", 100.0)),
+                qkv_bias=bool(a.get("qkv_bias", True)),
+                norm_eps=DINOV3_NORM_EPS,
+            )
+        return nnx.eval_shape(
+            lambda: VisionTransformer(
+                f"B/{int(a['patch_size'])}",
+                img_size=tuple(int(v) for v in img),
+                in_chans=int(a.get("in_chans", 3)),
+                class_token=bool(a.get("class_token", True)),
+                num_reg_tokens=int(a.get("num_reg_tokens" if rope else "reg_tokens", 0) or 0),
+                no_embed_class=bool(a.get("no_embed_class", False)),
+                pos_embed="rope" if rope else "learned",
+                layer_scale_init=1.0 if a.get("init_values") else None,
+                input_mean=pc.get("mean"),
+                input_std=pc.get("std"),
+                rngs=nnx.Rngs(0),
+                **kw,
+            )
+        )
     except (KeyError, TypeError, ValueError) as e:
         raise InteropError(f"config.json's model_args do not describe a ViT we can rebuild ({e}).") from None
 
@@ -391,8 +461,10 @@ def mark_failed_export(out_dir: str, reason: str) -> None:
     weights = os.path.join(out_dir, "model.safetensors")
     if os.path.exists(weights):
         os.replace(weights, os.path.join(out_dir, FAILED_WEIGHTS))
-    note = (f"THIS EXPORT FAILED ITS PARITY CHECK: {reason}. Do not use it; the weights were moved to "
-            f"{FAILED_WEIGHTS}. Export again (with --overwrite) after fixing the cause.\n")
+    note = (
+        f"THIS EXPORT FAILED ITS PARITY CHECK: {reason}. Do not use it; the weights were moved to "
+        f"{FAILED_WEIGHTS}. Export again (with --overwrite) after fixing the cause.\n"
+    )
     io.write_text(os.path.join(out_dir, "CHECK_FAILED.txt"), note)
     card = os.path.join(out_dir, "README.md")
     old = open(card).read() if os.path.isfile(card) else ""
@@ -407,4 +479,4 @@ def clear_failed_marks(out_dir: str) -> None:
             os.remove(path)
 
 
-PARITY_TOLERANCE = 1e-4   # max abs difference to timm's forward_features accepted by --check (fp32)
+PARITY_TOLERANCE = 1e-4  # max abs difference to timm's forward_features accepted by --check (fp32)

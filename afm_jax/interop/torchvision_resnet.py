@@ -30,8 +30,13 @@ from afm_jax.errors import InteropError
 from afm_jax.interop.weights_file import read_weights_file
 from afm_jax.models.resnet import RESNET_LAYERS, ResNet
 
-__all__ = ["normalize_resnet_state_dict", "load_torchvision_resnet", "resnet_from_file", "resnet50_from_torchvision",
-           "flax_key"]
+__all__ = [
+    "normalize_resnet_state_dict",
+    "load_torchvision_resnet",
+    "resnet_from_file",
+    "resnet50_from_torchvision",
+    "flax_key",
+]
 
 _SEQUENTIAL = {"0": "conv1", "1": "bn1", "4": "layer1", "5": "layer2", "6": "layer3", "7": "layer4"}
 _BN_LEAF = {"weight": "scale", "bias": "bias", "running_mean": "mean", "running_var": "var"}
@@ -39,24 +44,27 @@ _BN_LEAF = {"weight": "scale", "bias": "bias", "running_mean": "mean", "running_
 
 def normalize_resnet_state_dict(sd: Mapping[str, Any]) -> tuple[dict[str, np.ndarray], list[str]]:
     """Any supported ResNet layout -> torchvision keys (fp32 numpy); returns (state dict, dropped)."""
-    sd = {str(k): np.array(v.detach().float().numpy() if hasattr(v, "detach") else v, np.float32, copy=True)
-          for k, v in sd.items()}
+    sd = {
+        str(k): np.array(v.detach().float().numpy() if hasattr(v, "detach") else v, np.float32, copy=True)
+        for k, v in sd.items()
+    }
     anchors = [k[: -len("layer1.0.conv1.weight")] for k in sd if k.endswith("layer1.0.conv1.weight")]
     sequential = False
     if not anchors:
-        anchors = [k[: -len("4.0.conv1.weight")] for k in sd
-                   if re.search(r"(^|\.)4\.0\.conv1\.weight$", k)]
+        anchors = [k[: -len("4.0.conv1.weight")] for k in sd if re.search(r"(^|\.)4\.0\.conv1\.weight$", k)]
         sequential = bool(anchors)
     if not anchors:
-        raise InteropError("No ResNet found in the file (expected torchvision keys such as "
-                           "'layer1.0.conv1.weight'); ViT weights load with tools/import_timm.py.")
+        raise InteropError(
+            "No ResNet found in the file (expected torchvision keys such as "
+            "'layer1.0.conv1.weight'); ViT weights load with tools/import_timm.py."
+        )
     prefix = min(anchors, key=len)
     out, dropped = {}, []
     for k, v in sd.items():
         if not k.startswith(prefix):
             dropped.append(k)
             continue
-        rest = k[len(prefix):]
+        rest = k[len(prefix) :]
         if sequential:
             head, _, tail = rest.partition(".")
             if head not in _SEQUENTIAL:
@@ -100,19 +108,24 @@ def load_torchvision_resnet(model: ResNet, state_dict: Mapping[str, Any]) -> dic
     for path, var in targets.items():
         key, kind = flax_key(path)
         if key not in sd:
-            raise InteropError(f"Key {key!r} is missing from the file; is it a ResNet-50 (layers "
-                               f"{RESNET_LAYERS['resnet50']})?")
+            raise InteropError(
+                f"Key {key!r} is missing from the file; is it a ResNet-50 (layers {RESNET_LAYERS['resnet50']})?"
+            )
         v = sd.pop(key)
         if kind == "conv":
             v = v.transpose(2, 3, 1, 0)
         if v.shape != tuple(var.shape):
-            raise InteropError(f"Key {key!r} has shape {sd_shape(v, kind)} in the file, the model needs "
-                               f"{sd_shape(np.zeros(var.shape), kind)}.")
+            raise InteropError(
+                f"Key {key!r} has shape {sd_shape(v, kind)} in the file, the model needs "
+                f"{sd_shape(np.zeros(var.shape), kind)}."
+            )
         values[path] = v
     if sd:
         extra = sorted(sd)
-        raise InteropError(f"Key {extra[0]!r} in the file has no place in the model ({len(extra)} such keys); "
-                           "is it a deeper ResNet (101/152)? Build ResNet with its layers.")
+        raise InteropError(
+            f"Key {extra[0]!r} in the file has no place in the model ({len(extra)} such keys); "
+            "is it a deeper ResNet (101/152)? Build ResNet with its layers."
+        )
     for path, var in targets.items():
         var.set_value(jnp.asarray(values[path], var.dtype))  # works on nnx.eval_shape models too
     return dict(loaded=len(values), adapted=adapted, dropped=dropped)
@@ -123,8 +136,9 @@ def sd_shape(v: np.ndarray, kind: str) -> tuple[int, ...]:
     return tuple(v.transpose(3, 2, 0, 1).shape) if kind == "conv" else tuple(v.shape)
 
 
-def resnet_from_file(path: str | os.PathLike, *, in_chans: int = 1, arch: str = "resnet50",
-                     **kwargs: Any) -> tuple[ResNet, dict[str, Any]]:
+def resnet_from_file(
+    path: str | os.PathLike, *, in_chans: int = 1, arch: str = "resnet50", **kwargs: Any
+) -> tuple[ResNet, dict[str, Any]]:
     """A ResNet loaded from a ``.safetensors``/``.pth`` file (RadImageNet, ImageNet, DINO ResNet-50)."""
     if arch not in RESNET_LAYERS:
         raise InteropError(f"Unknown ResNet {arch!r}; choose one of {', '.join(RESNET_LAYERS)}.")

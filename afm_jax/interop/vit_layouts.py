@@ -26,7 +26,6 @@ _NON_BACKBONE = re.compile(
 )
 
 
-
 # ----------------------------------------------------------------------------------------------
 # Foreign layouts -> timm layout.
 # ----------------------------------------------------------------------------------------------
@@ -56,10 +55,12 @@ def _strip_prefix(sd: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], str
             "afm_jax.interop.torchvision_resnet."
         )
     prefix = min((h[0] for h in hits), key=len)
-    if prefix and not any(k == prefix + "cls_token" or k.startswith(prefix + "blocks.") or
-                          k.startswith(prefix + "encoder.layer.") for k in sd):
+    if prefix and not any(
+        k == prefix + "cls_token" or k.startswith(prefix + "blocks.") or k.startswith(prefix + "encoder.layer.")
+        for k in sd
+    ):
         raise InteropError(f"Found a patch embedding under {prefix!r} but no transformer blocks.")
-    kept = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+    kept = {k[len(prefix) :]: v for k, v in sd.items() if k.startswith(prefix)}
     dropped = sorted(k for k in sd if not k.startswith(prefix))
     return kept, prefix, dropped
 
@@ -78,8 +79,9 @@ def _from_hf_dinov2(sd: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
                 continue
             name = f"{mid}.{leaf}" if leaf == "lambda1" else mid
             if name not in _HF_BLOCK:
-                raise InteropError(f"Unsupported Hugging Face Dinov2 key {k!r} (SwiGLU / giant "
-                                   "models are not supported by our ViT).")
+                raise InteropError(
+                    f"Unsupported Hugging Face Dinov2 key {k!r} (SwiGLU / giant models are not supported by our ViT)."
+                )
             target = _HF_BLOCK[name]
             out[f"blocks.{i}.{target}" + ("" if leaf == "lambda1" else f".{leaf}")] = v
             continue
@@ -97,8 +99,7 @@ def _from_hf_dinov2(sd: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     for (i, leaf), parts in qkv.items():
         if set(parts) != {"query", "key", "value"}:
             raise InteropError(f"Layer {i}: attention {leaf} lacks one of query/key/value.")
-        out[f"blocks.{i}.attn.qkv.{leaf}"] = np.concatenate(
-            [parts["query"], parts["key"], parts["value"]], axis=0)
+        out[f"blocks.{i}.attn.qkv.{leaf}"] = np.concatenate([parts["query"], parts["key"], parts["value"]], axis=0)
     return out
 
 
@@ -110,8 +111,10 @@ def _from_dinov3(sd: dict[str, np.ndarray], dropped: list[str], prefix: str) -> 
     (the mask zeroes the k bias, as the original forward does)."""
     hub = "storage_tokens" in sd or any(k.endswith("qkv.bias_mask") for k in sd) or "rope_embed.periods" in sd
     if "cls_norm.weight" in sd:
-        raise InteropError("This DINOv3 checkpoint has untied class/patch norms ('cls_norm', the 7B model); "
-                           "our ViT has one final norm. Use ViT-S/B/L DINOv3 weights.")
+        raise InteropError(
+            "This DINOv3 checkpoint has untied class/patch norms ('cls_norm', the 7B model); "
+            "our ViT has one final norm. Use ViT-S/B/L DINOv3 weights."
+        )
     out: dict[str, np.ndarray] = {}
     qv: dict[str, dict[str, np.ndarray]] = {}
     for k, v in sd.items():
@@ -139,8 +142,13 @@ def _from_dinov3(sd: dict[str, np.ndarray], dropped: list[str], prefix: str) -> 
 
 def is_dinov3_layout(sd: Mapping[str, Any]) -> bool:
     """Whether a (prefix-stripped) state dict is a DINOv3 one (timm's Eva port or the original hub layout)."""
-    return ("storage_tokens" in sd or "rope_embed.periods" in sd or "blocks.0.gamma_1" in sd
-            or "blocks.0.attn.q_bias" in sd or any(k.endswith("qkv.bias_mask") for k in sd))
+    return (
+        "storage_tokens" in sd
+        or "rope_embed.periods" in sd
+        or "blocks.0.gamma_1" in sd
+        or "blocks.0.attn.q_bias" in sd
+        or any(k.endswith("qkv.bias_mask") for k in sd)
+    )
 
 
 def normalize_vit_state_dict(sd: Mapping[str, Any]) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
@@ -168,8 +176,10 @@ def normalize_vit_state_dict(sd: Mapping[str, Any]) -> tuple[dict[str, np.ndarra
     if any(re.match(r"blocks\.\d+\.\d+\.", k) for k in sd):  # DINOv2 block chunks
         sd = {re.sub(r"^blocks\.\d+\.(\d+)\.", r"blocks.\1.", k): v for k, v in sd.items()}
     if any(re.match(r"blocks\.\d+\.mlp\.w(12|3)\.", k) for k in sd):
-        raise InteropError("This checkpoint uses SwiGLU MLPs (DINOv2 giant); our ViT has GELU MLPs "
-                           "and cannot load it. Use ViT-S/B/L DINOv2 weights.")
+        raise InteropError(
+            "This checkpoint uses SwiGLU MLPs (DINOv2 giant); our ViT has GELU MLPs "
+            "and cannot load it. Use ViT-S/B/L DINOv2 weights."
+        )
     if "mask_token" in sd or "register_tokens" in sd:
         layout = "dinov2" if layout == "timm" else layout
         sd.pop("mask_token", None)
@@ -185,11 +195,12 @@ def normalize_vit_state_dict(sd: Mapping[str, Any]) -> tuple[dict[str, np.ndarra
             dropped.append(prefix + k)
             del sd[k]
     if "norm.weight" not in sd and "fc_norm.weight" in sd:
-        raise InteropError("This checkpoint has `fc_norm` (pooled-feature norm) instead of the final "
-                           "token `norm` (a fine-tuned avg-pool classifier); export its backbone from "
-                           "the pretraining checkpoint instead.")
-    return sd, dict(layout=layout, prefix=prefix, dropped=sorted(set(dropped)),
-                    no_embed_class=no_embed_class)
+        raise InteropError(
+            "This checkpoint has `fc_norm` (pooled-feature norm) instead of the final "
+            "token `norm` (a fine-tuned avg-pool classifier); export its backbone from "
+            "the pretraining checkpoint instead."
+        )
+    return sd, dict(layout=layout, prefix=prefix, dropped=sorted(set(dropped)), no_embed_class=no_embed_class)
 
 
 def describe_vit_state_dict(sd: Mapping[str, np.ndarray]) -> dict[str, Any]:
@@ -217,5 +228,3 @@ def describe_vit_state_dict(sd: Mapping[str, np.ndarray]) -> dict[str, Any]:
         qkv_bias="blocks.0.attn.qkv.bias" in sd or depth == 0,
         num_heads=USUAL_NUM_HEADS.get(int(d), max(int(d) // 64, 1)),
     )
-
-

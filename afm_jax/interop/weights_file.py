@@ -46,8 +46,10 @@ def _unreadable(p: pathlib.Path, error: BaseException, reader: str) -> str:
     if len(first) > 200:
         first = first[:200] + " ..."
     size = p.stat().st_size if p.exists() else 0
-    return (f"{p} ({size} bytes) cannot be read with {reader}: {type(error).__name__}: {first.rstrip('.')}. "
-            "It is truncated, corrupt, or not a weights file of this kind.")
+    return (
+        f"{p} ({size} bytes) cannot be read with {reader}: {type(error).__name__}: {first.rstrip('.')}. "
+        "It is truncated, corrupt, or not a weights file of this kind."
+    )
 
 
 def read_weights_file(path: str | os.PathLike) -> dict[str, np.ndarray]:
@@ -58,8 +60,10 @@ def read_weights_file(path: str | os.PathLike) -> dict[str, np.ndarray]:
     """
     p = pathlib.Path(path)
     if p.suffix in (".safetensors", *TORCH_SUFFIXES) and not p.is_file():
-        raise InteropError(f"{p} is not a readable file ({'a folder' if p.is_dir() else 'it does not exist'}): "
-                           "give the weights file itself.")
+        raise InteropError(
+            f"{p} is not a readable file ({'a folder' if p.is_dir() else 'it does not exist'}): "
+            "give the weights file itself."
+        )
     if p.suffix == ".safetensors":
         try:
             raw: Any = safetensors_numpy.load_file(str(p))
@@ -69,15 +73,17 @@ def read_weights_file(path: str | os.PathLike) -> dict[str, np.ndarray]:
         try:
             import torch  # optional extra: only .pth/.pt files need it
         except ImportError as e:
-            raise InteropError(f"Reading {p.name} needs PyTorch (pip install -e '.[torch]'), or convert "
-                               "it to .safetensors first.") from e
+            raise InteropError(
+                f"Reading {p.name} needs PyTorch (pip install -e '.[torch]'), or convert it to .safetensors first."
+            ) from e
         with torch.serialization.safe_globals([argparse.Namespace]):
             try:
                 raw = torch.load(str(p), map_location="cpu", weights_only=True)
             except Exception as e:  # garbage, truncated zip, or a pickle with objects weights_only refuses
-                raise InteropError(_unreadable(p, e, "torch.load(weights_only=True)") + " If the file is "
-                                   "complete, save its state_dict alone (or as .safetensors) and retry.") from None
+                raise InteropError(
+                    _unreadable(p, e, "torch.load(weights_only=True)") + " If the file is "
+                    "complete, save its state_dict alone (or as .safetensors) and retry."
+                ) from None
     else:
-        raise InteropError(f"Unsupported weights file {p.name}: use .safetensors or "
-                           f"{'/'.join(TORCH_SUFFIXES)}.")
+        raise InteropError(f"Unsupported weights file {p.name}: use .safetensors or {'/'.join(TORCH_SUFFIXES)}.")
     return {k: _to_numpy(v) for k, v in unwrap_state_dict(raw).items()}

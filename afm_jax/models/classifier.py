@@ -25,23 +25,35 @@ from flax import nnx
 class Classifier(nnx.Module):
     """encoder -> pooled features -> linear head with `num_classes` logits."""
 
-    def __init__(self, encoder: nnx.Module, num_classes: int, *, pool: str = "avg",
-                 head_init_std: float = 2e-5, freeze_encoder: bool = False, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        encoder: nnx.Module,
+        num_classes: int,
+        *,
+        pool: str = "avg",
+        head_init_std: float = 2e-5,
+        freeze_encoder: bool = False,
+        rngs: nnx.Rngs,
+    ):
         if pool not in ("avg", "cls"):
             raise ValueError(f"pool must be 'avg' or 'cls', got {pool!r}.")
         self.encoder = encoder
         self.pool = pool
         self.freeze_encoder = bool(freeze_encoder)
-        self.head = nnx.Linear(encoder.embed_dim, num_classes,
-                               kernel_init=nnx.initializers.truncated_normal(stddev=head_init_std),
-                               bias_init=nnx.initializers.zeros_init(), rngs=rngs)
+        self.head = nnx.Linear(
+            encoder.embed_dim,
+            num_classes,
+            kernel_init=nnx.initializers.truncated_normal(stddev=head_init_std),
+            bias_init=nnx.initializers.zeros_init(),
+            rngs=rngs,
+        )
 
     def features(self, images: jax.Array, *, rngs: nnx.Rngs | jax.Array | None = None) -> jax.Array:
         tokens = self.encoder(images, rngs=None if self.freeze_encoder else rngs)
         if self.pool == "cls":
             pooled = tokens[:, 0]
         else:
-            pooled = tokens[:, self.encoder.num_prefix_tokens:].mean(axis=1)
+            pooled = tokens[:, self.encoder.num_prefix_tokens :].mean(axis=1)
         return jax.lax.stop_gradient(pooled) if self.freeze_encoder else pooled
 
     def __call__(self, images: jax.Array, *, rngs: nnx.Rngs | jax.Array | None = None) -> jax.Array:
@@ -58,13 +70,20 @@ def class_weights(labels: Sequence[int] | np.ndarray, num_classes: int, how: str
     labels = np.asarray(labels, np.int64)
     counts = np.bincount(labels, minlength=num_classes).astype(np.float64)
     if (counts == 0).any():
-        raise ValueError(f"Class(es) {np.flatnonzero(counts == 0).tolist()} have no training examples; "
-                         "balanced weighting needs every class present.")
+        raise ValueError(
+            f"Class(es) {np.flatnonzero(counts == 0).tolist()} have no training examples; "
+            "balanced weighting needs every class present."
+        )
     return (labels.size / (num_classes * counts)).astype(np.float32)
 
 
-def weighted_cross_entropy(logits: jax.Array, targets: jax.Array, weights: jax.Array,
-                           valid: jax.Array | None = None, label_smoothing: float = 0.0) -> jax.Array:
+def weighted_cross_entropy(
+    logits: jax.Array,
+    targets: jax.Array,
+    weights: jax.Array,
+    valid: jax.Array | None = None,
+    label_smoothing: float = 0.0,
+) -> jax.Array:
     """Σ_i w_{y_i} CE_i / Σ_i w_{y_i} over valid examples (targets < 0 are ignored)."""
     num_classes = logits.shape[-1]
     valid = (targets >= 0) if valid is None else valid & (targets >= 0)
@@ -107,8 +126,9 @@ def cumulative_probabilities(logits: jax.Array) -> jax.Array:
     return upper - lower
 
 
-def cumulative_loss(logits: jax.Array, targets: jax.Array, weights: jax.Array,
-                    valid: jax.Array | None = None) -> jax.Array:
+def cumulative_loss(
+    logits: jax.Array, targets: jax.Array, weights: jax.Array, valid: jax.Array | None = None
+) -> jax.Array:
     """Σ_i w_{y_i} Σ_k BCE(logit_ik, [y_i > k]) / Σ_i w_{y_i}: the ordinal head's loss (targets < 0 ignored)."""
     valid = (targets >= 0) if valid is None else valid & (targets >= 0)
     safe = jnp.where(valid, targets, 0)

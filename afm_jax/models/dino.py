@@ -33,8 +33,18 @@ from flax import nnx
 from afm_jax.models.resnet import ResNet
 from afm_jax.models.vit import VisionTransformer, trunc_normal
 
-__all__ = ["DINOHead", "DINOModel", "FrozenWeight", "dino_loss", "teacher_softmax", "update_center",
-           "sinkhorn_knopp", "koleo_loss", "ibot_patch_loss", "entropy"]
+__all__ = [
+    "DINOHead",
+    "DINOModel",
+    "FrozenWeight",
+    "dino_loss",
+    "teacher_softmax",
+    "update_center",
+    "sinkhorn_knopp",
+    "koleo_loss",
+    "ibot_patch_loss",
+    "entropy",
+]
 
 L2_EPS = 1e-12  # F.normalize's default in DINO
 
@@ -56,11 +66,10 @@ class WeightNormLinear(nnx.Module):
     `weight_g` (out,). With `freeze_norm` g is a :class:`FrozenWeight` of ones (DINO's
     `norm_last_layer=True`)."""
 
-    def __init__(self, in_dim: int, out_dim: int, *, freeze_norm: bool, param_dtype: Any = jnp.float32,
-                 rngs: nnx.Rngs):
+    def __init__(self, in_dim: int, out_dim: int, *, freeze_norm: bool, param_dtype: Any = jnp.float32, rngs: nnx.Rngs):
         # The reference creates this layer after its trunc-normal init pass, so v keeps torch's default
         # Linear init, kaiming-uniform(a=√5) = U(-1/√in, 1/√in).
-        bound = 1.0 / in_dim ** 0.5
+        bound = 1.0 / in_dim**0.5
         v = jax.random.uniform(rngs.params(), (in_dim, out_dim), param_dtype, -bound, bound)
         self.weight_v = nnx.Param(v)
         # torch's weight_norm initialises g = ||v|| (so the initial weight is v); DINO then fills g with 1.
@@ -78,17 +87,39 @@ class WeightNormLinear(nnx.Module):
 class DINOHead(nnx.Module):
     """MLP (nlayers, GELU) -> bottleneck -> L2 normalise -> weight-normalised prototypes."""
 
-    def __init__(self, in_dim: int, out_dim: int = 65536, *, hidden_dim: int = 2048, bottleneck_dim: int = 256,
-                 nlayers: int = 3, norm_last_layer: bool = True, dtype: Any = jnp.float32,
-                 param_dtype: Any = jnp.float32, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        in_dim: int,
+        out_dim: int = 65536,
+        *,
+        hidden_dim: int = 2048,
+        bottleneck_dim: int = 256,
+        nlayers: int = 3,
+        norm_last_layer: bool = True,
+        dtype: Any = jnp.float32,
+        param_dtype: Any = jnp.float32,
+        rngs: nnx.Rngs,
+    ):
         if nlayers < 1:
             raise ValueError(f"DINOHead needs nlayers >= 1, got {nlayers}.")
         dims = [in_dim] + [hidden_dim] * (nlayers - 1) + [bottleneck_dim]
-        self.mlp = nnx.List([nnx.Linear(a, b, dtype=dtype, param_dtype=param_dtype, kernel_init=_trunc_normal(),
-                                        bias_init=nnx.initializers.zeros_init(), rngs=rngs)
-                             for a, b in zip(dims[:-1], dims[1:])])
-        self.last_layer = WeightNormLinear(bottleneck_dim, out_dim, freeze_norm=norm_last_layer,
-                                           param_dtype=param_dtype, rngs=rngs)
+        self.mlp = nnx.List(
+            [
+                nnx.Linear(
+                    a,
+                    b,
+                    dtype=dtype,
+                    param_dtype=param_dtype,
+                    kernel_init=_trunc_normal(),
+                    bias_init=nnx.initializers.zeros_init(),
+                    rngs=rngs,
+                )
+                for a, b in zip(dims[:-1], dims[1:])
+            ]
+        )
+        self.last_layer = WeightNormLinear(
+            bottleneck_dim, out_dim, freeze_norm=norm_last_layer, param_dtype=param_dtype, rngs=rngs
+        )
 
     def bottleneck(self, x: jax.Array) -> jax.Array:
         """(..., in_dim) -> (..., bottleneck_dim) L2-normalised, float32."""
@@ -107,26 +138,52 @@ class DINOHead(nnx.Module):
 class DINOModel(nnx.Module):
     """Student (and, with EMA params, teacher) of DINO/DINOv2: backbone + head(s) + mask token."""
 
-    def __init__(self, encoder: VisionTransformer | ResNet, *, out_dim: int, hidden_dim: int = 2048,
-                 bottleneck_dim: int = 256, nlayers: int = 3, norm_last_layer: bool = True,
-                 ibot: bool = False, ibot_separate_head: bool = False, ibot_out_dim: int | None = None,
-                 ibot_hidden_dim: int | None = None, ibot_bottleneck_dim: int | None = None,
-                 ibot_nlayers: int | None = None, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        encoder: VisionTransformer | ResNet,
+        *,
+        out_dim: int,
+        hidden_dim: int = 2048,
+        bottleneck_dim: int = 256,
+        nlayers: int = 3,
+        norm_last_layer: bool = True,
+        ibot: bool = False,
+        ibot_separate_head: bool = False,
+        ibot_out_dim: int | None = None,
+        ibot_hidden_dim: int | None = None,
+        ibot_bottleneck_dim: int | None = None,
+        ibot_nlayers: int | None = None,
+        dtype: Any = jnp.float32,
+        param_dtype: Any = jnp.float32,
+        rngs: nnx.Rngs,
+    ):
         self.is_resnet = isinstance(encoder, ResNet)
         if self.is_resnet and ibot:
             raise ValueError("iBOT needs patch tokens; a ResNet backbone has none (set dino.ibot.enabled=False).")
         if not self.is_resnet and not encoder.has_class_token:
             raise ValueError("DINO needs an encoder with a class token (config model.class_token=True).")
         self.encoder = encoder
-        kw = dict(hidden_dim=hidden_dim, bottleneck_dim=bottleneck_dim, nlayers=nlayers,
-                  norm_last_layer=norm_last_layer, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        kw = dict(
+            hidden_dim=hidden_dim,
+            bottleneck_dim=bottleneck_dim,
+            nlayers=nlayers,
+            norm_last_layer=norm_last_layer,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            rngs=rngs,
+        )
         self.dino_head = DINOHead(encoder.embed_dim, out_dim, **kw)
         self.ibot = bool(ibot)
         # A separate iBOT head has its own sizes (DINOv2 `ibot.head_*`; None = the DINO head's).
-        ibot_kw = dict(kw, hidden_dim=ibot_hidden_dim or hidden_dim, bottleneck_dim=ibot_bottleneck_dim or bottleneck_dim,
-                       nlayers=ibot_nlayers or nlayers)
-        self.ibot_head = (DINOHead(encoder.embed_dim, ibot_out_dim or out_dim, **ibot_kw)
-                          if ibot and ibot_separate_head else None)
+        ibot_kw = dict(
+            kw,
+            hidden_dim=ibot_hidden_dim or hidden_dim,
+            bottleneck_dim=ibot_bottleneck_dim or bottleneck_dim,
+            nlayers=ibot_nlayers or nlayers,
+        )
+        self.ibot_head = (
+            DINOHead(encoder.embed_dim, ibot_out_dim or out_dim, **ibot_kw) if ibot and ibot_separate_head else None
+        )
         # DINOv2 initialises the mask token to zeros.
         self.mask_token = nnx.Param(jnp.zeros((1, 1, encoder.embed_dim), param_dtype)) if ibot else None
 
@@ -134,8 +191,9 @@ class DINOModel(nnx.Module):
         """Prototype logits of patch tokens: the iBOT head, or the DINO head when shared."""
         return (self.ibot_head if self.ibot_head is not None else self.dino_head)(tokens)
 
-    def backbone(self, images: jax.Array, *, masks: jax.Array | None = None,
-                 rngs: nnx.Rngs | jax.Array | None = None) -> tuple[jax.Array, jax.Array | None]:
+    def backbone(
+        self, images: jax.Array, *, masks: jax.Array | None = None, rngs: nnx.Rngs | jax.Array | None = None
+    ) -> tuple[jax.Array, jax.Array | None]:
         """(B, H, W, C) -> (class token (B, D), patch tokens (B, N, D)), after the final norm.
 
         `masks` (B, N) bool replaces the masked patch embeddings by `mask_token` *before* the
@@ -157,10 +215,11 @@ class DINOModel(nnx.Module):
         x = x + enc.patch_pos_embed((gh, gw))
         x = jnp.concatenate([enc.prefix_tokens(b), x], axis=1)
         x = enc.encode_tokens(x, rngs=rngs, grid_hw=(gh, gw))
-        return x[:, 0], x[:, enc.num_prefix_tokens:]
+        return x[:, 0], x[:, enc.num_prefix_tokens :]
 
 
 # ─── Losses and centring (pure functions) ────────────────────────────────────────────────────────
+
 
 def teacher_softmax(teacher_logits: jax.Array, center: jax.Array, temperature: jax.Array | float) -> jax.Array:
     """softmax((t - c) / τ_t) over the last axis: DINO's centred, sharpened targets."""
@@ -190,8 +249,9 @@ def update_center(center: jax.Array, batch_center: jax.Array, momentum: float = 
     return center * momentum + batch_center * (1.0 - momentum)
 
 
-def sinkhorn_knopp(teacher_logits: jax.Array, temperature: jax.Array | float, num_iters: int = 3,
-                   weights: jax.Array | None = None) -> jax.Array:
+def sinkhorn_knopp(
+    teacher_logits: jax.Array, temperature: jax.Array | float, num_iters: int = 3, weights: jax.Array | None = None
+) -> jax.Array:
     """DINOv2's Sinkhorn-Knopp centring: (N, K) logits -> (N, K) targets, rows summing to 1.
 
     Q = exp(t / τ) is alternately normalised so every prototype gets mass 1/K and every sample
@@ -207,8 +267,8 @@ def sinkhorn_knopp(teacher_logits: jax.Array, temperature: jax.Array | float, nu
     k = q.shape[1]
     q = q / jnp.sum(q)
     for _ in range(num_iters):
-        q = q / jnp.maximum(jnp.sum(q, axis=0, keepdims=True), 1e-30) / k   # prototypes: 1/K each
-        q = q / jnp.maximum(jnp.sum(q, axis=1, keepdims=True), 1e-30) / n   # samples: 1/N each
+        q = q / jnp.maximum(jnp.sum(q, axis=0, keepdims=True), 1e-30) / k  # prototypes: 1/K each
+        q = q / jnp.maximum(jnp.sum(q, axis=1, keepdims=True), 1e-30) / n  # samples: 1/N each
         q = q * w[:, None]
     return q * n
 
@@ -221,19 +281,20 @@ def koleo_loss(x: jax.Array, eps: float = 1e-8) -> jax.Array:
     dots = x @ x.T
     dots = jnp.where(jnp.eye(x.shape[0], dtype=bool), -1.0, dots)
     nn = jax.lax.stop_gradient(jnp.argmax(dots, axis=1))
-    dist = jnp.linalg.norm(x - x[nn] + eps, axis=-1)    # torch PairwiseDistance adds eps to the difference
+    dist = jnp.linalg.norm(x - x[nn] + eps, axis=-1)  # torch PairwiseDistance adds eps to the difference
     return -jnp.mean(jnp.log(dist + eps))
 
 
-def ibot_patch_loss(student_logits: jax.Array, teacher_probs: jax.Array, masks: jax.Array,
-                    student_temp: float = 0.1) -> jax.Array:
+def ibot_patch_loss(
+    student_logits: jax.Array, teacher_probs: jax.Array, masks: jax.Array, student_temp: float = 0.1
+) -> jax.Array:
     """iBOT/DINOv2 masked-patch loss: per image, the mean over its masked patches of
     -Σ_k p_t log p_s, then the mean over all images (those without a mask count as 0).
 
     student_logits, teacher_probs: (B, N, K); masks: (B, N) bool.
     """
     log_ps = jax.nn.log_softmax(student_logits.astype(jnp.float32) / student_temp, axis=-1)
-    ce = -jnp.sum(teacher_probs.astype(jnp.float32) * log_ps, axis=-1)          # (B, N)
+    ce = -jnp.sum(teacher_probs.astype(jnp.float32) * log_ps, axis=-1)  # (B, N)
     m = masks.astype(jnp.float32)
     per_image = jnp.sum(ce * m, axis=-1) / jnp.maximum(jnp.sum(m, axis=-1), 1.0)
     return jnp.mean(per_image)

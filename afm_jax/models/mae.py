@@ -52,9 +52,7 @@ __all__ = ["MAE", "random_masking", "mae_loss", "normalize_patches", "denormaliz
 NORM_PIX_EPS = 1e-6
 
 
-def random_masking(
-    tokens: jax.Array, mask_ratio: float, key: jax.Array
-) -> tuple[jax.Array, jax.Array, jax.Array]:
+def random_masking(tokens: jax.Array, mask_ratio: float, key: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Per-sample random masking by argsort of uniform noise (MAE reference ``random_masking``).
 
     Args:
@@ -102,9 +100,7 @@ def denormalize_patches(pred: jax.Array, target: jax.Array) -> jax.Array:
     return pred * jnp.sqrt(var + NORM_PIX_EPS) + mean
 
 
-def mae_loss(
-    pred: jax.Array, target_patches: jax.Array, mask: jax.Array, norm_pix_loss: bool
-) -> jax.Array:
+def mae_loss(pred: jax.Array, target_patches: jax.Array, mask: jax.Array, norm_pix_loss: bool) -> jax.Array:
     """MAE loss: per-patch MSE averaged over the removed patches (reference ``forward_loss``).
 
     Args:
@@ -155,9 +151,7 @@ class MAE(nnx.Module):
         if not 0.0 <= mask_ratio < 1.0:
             raise ValueError(f"mask_ratio must be in [0, 1), got {mask_ratio}.")
         if int(encoder.num_patches * (1 - mask_ratio)) < 1:
-            raise ValueError(
-                f"mask_ratio {mask_ratio} keeps no patch of the {encoder.num_patches}; lower it."
-            )
+            raise ValueError(f"mask_ratio {mask_ratio} keeps no patch of the {encoder.num_patches}; lower it.")
         dtype = encoder.dtype if dtype is None else dtype
         param_dtype = encoder.param_dtype if param_dtype is None else param_dtype
         self.encoder = encoder
@@ -305,9 +299,7 @@ class MAE(nnx.Module):
         grid = (images.shape[1] // enc.patch_size, images.shape[2] // enc.patch_size)
         pred_img = unpatchify(pred, enc.patch_size, grid, enc.in_chans)
         pred_img = pred_img * jnp.asarray(enc.input_std) + jnp.asarray(enc.input_mean)
-        mask_img = unpatchify(
-            jnp.broadcast_to(mask[:, :, None], pred.shape), enc.patch_size, grid, enc.in_chans
-        )
+        mask_img = unpatchify(jnp.broadcast_to(mask[:, :, None], pred.shape), enc.patch_size, grid, enc.in_chans)
         images = jnp.asarray(images, jnp.float32)
         masked = images * (1.0 - mask_img)
         return masked, masked + pred_img * mask_img

@@ -63,9 +63,7 @@ def get_1d_sincos_pos_embed_from_grid(embed_dim: int, pos: np.ndarray) -> np.nda
     return np.concatenate([np.sin(out), np.cos(out)], axis=1)
 
 
-def get_2d_sincos_pos_embed(
-    embed_dim: int, grid_size: int | Sequence[int], num_prefix_tokens: int = 0
-) -> np.ndarray:
+def get_2d_sincos_pos_embed(embed_dim: int, grid_size: int | Sequence[int], num_prefix_tokens: int = 0) -> np.ndarray:
     """Fixed 2-D sin-cos position table ``(num_prefix_tokens + gh * gw, embed_dim)``, float32.
 
     Tokens are in row-major (h, w) order, the order of :func:`afm_jax.models.vit.patchify` and of a
@@ -122,8 +120,7 @@ def resample_abs_pos_embed(
         side = int(round(np.sqrt(num_pos - num_prefix_tokens)))
         if side * side != num_pos - num_prefix_tokens:
             raise ValueError(
-                f"Cannot infer a square grid from {num_pos - num_prefix_tokens} grid positions; "
-                "pass old_size=(h, w)."
+                f"Cannot infer a square grid from {num_pos - num_prefix_tokens} grid positions; pass old_size=(h, w)."
             )
         old_size = (side, side)
     old_h, old_w = _as_hw(old_size)
@@ -148,10 +145,10 @@ def _torch_cubic_weights(in_size: int, out_size: int, scale: float) -> np.ndarra
     (i + 0.5) / scale - 0.5, the four taps around it are clamped to the border."""
     a = -0.75
 
-    def near(x):   # |x| <= 1
+    def near(x):  # |x| <= 1
         return ((a + 2) * x - (a + 3)) * x * x + 1
 
-    def far(x):    # 1 < |x| < 2
+    def far(x):  # 1 < |x| < 2
         return ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
 
     weights = np.zeros((out_size, in_size), np.float64)
@@ -164,8 +161,9 @@ def _torch_cubic_weights(in_size: int, out_size: int, scale: float) -> np.ndarra
     return weights
 
 
-def resample_pos_embed_dino(grid: jax.Array, new_size: Sequence[int], old_size: Sequence[int], *,
-                            offset: float = 0.1) -> jax.Array:
+def resample_pos_embed_dino(
+    grid: jax.Array, new_size: Sequence[int], old_size: Sequence[int], *, offset: float = 0.1
+) -> jax.Array:
     """DINO/DINOv2's ``interpolate_pos_encoding`` on the grid part ``(1, old_h*old_w, D)``.
 
     Plain (not antialiased) bicubic with torch's cubic kernel, and the scale factor

@@ -45,16 +45,31 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 def _conv(cin: int, cout: int, k: int, stride: int, dtype: Any, param_dtype: Any, rngs: nnx.Rngs) -> nnx.Conv:
     pad = k // 2
-    return nnx.Conv(cin, cout, kernel_size=(k, k), strides=(stride, stride),
-                    padding=((pad, pad), (pad, pad)), use_bias=False, dtype=dtype, param_dtype=param_dtype,
-                    kernel_init=nnx.initializers.variance_scaling(2.0, "fan_out", "normal"), rngs=rngs)
+    return nnx.Conv(
+        cin,
+        cout,
+        kernel_size=(k, k),
+        strides=(stride, stride),
+        padding=((pad, pad), (pad, pad)),
+        use_bias=False,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        kernel_init=nnx.initializers.variance_scaling(2.0, "fan_out", "normal"),
+        rngs=rngs,
+    )
 
 
 def _bn(c: int, use_running_average: bool, param_dtype: Any, rngs: nnx.Rngs, zero: bool = False) -> nnx.BatchNorm:
-    return nnx.BatchNorm(c, use_running_average=use_running_average, momentum=0.9, epsilon=1e-5,
-                         dtype=jnp.float32, param_dtype=param_dtype,
-                         scale_init=nnx.initializers.zeros_init() if zero else nnx.initializers.ones_init(),
-                         rngs=rngs)
+    return nnx.BatchNorm(
+        c,
+        use_running_average=use_running_average,
+        momentum=0.9,
+        epsilon=1e-5,
+        dtype=jnp.float32,
+        param_dtype=param_dtype,
+        scale_init=nnx.initializers.zeros_init() if zero else nnx.initializers.ones_init(),
+        rngs=rngs,
+    )
 
 
 class Bottleneck(nnx.Module):
@@ -62,8 +77,17 @@ class Bottleneck(nnx.Module):
 
     expansion = 4
 
-    def __init__(self, cin: int, width: int, stride: int, *, use_running_average: bool = True,
-                 dtype: Any = jnp.float32, param_dtype: Any = jnp.float32, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        cin: int,
+        width: int,
+        stride: int,
+        *,
+        use_running_average: bool = True,
+        dtype: Any = jnp.float32,
+        param_dtype: Any = jnp.float32,
+        rngs: nnx.Rngs,
+    ):
         cout = width * self.expansion
         self.conv1 = _conv(cin, width, 1, 1, dtype, param_dtype, rngs)
         self.bn1 = _bn(width, use_running_average, param_dtype, rngs)
@@ -72,9 +96,14 @@ class Bottleneck(nnx.Module):
         self.conv3 = _conv(width, cout, 1, 1, dtype, param_dtype, rngs)
         self.bn3 = _bn(cout, use_running_average, param_dtype, rngs, zero=True)
         self.downsample = (
-            nnx.List([_conv(cin, cout, 1, stride, dtype, param_dtype, rngs),
-                      _bn(cout, use_running_average, param_dtype, rngs)])
-            if stride != 1 or cin != cout else None
+            nnx.List(
+                [
+                    _conv(cin, cout, 1, stride, dtype, param_dtype, rngs),
+                    _bn(cout, use_running_average, param_dtype, rngs),
+                ]
+            )
+            if stride != 1 or cin != cout
+            else None
         )
 
     def __call__(self, x: jax.Array, use_running_average: bool | None = None) -> jax.Array:
@@ -96,10 +125,18 @@ class ResNet(nnx.Module):
       input_mean / input_std: normalisation of [0, 1] images applied first.
     """
 
-    def __init__(self, layers: Sequence[int] = (3, 4, 6, 3), *, in_chans: int = 1,
-                 use_running_average: bool = True, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32,
-                 input_mean: Sequence[float] | None = None, input_std: Sequence[float] | None = None,
-                 rngs: nnx.Rngs):
+    def __init__(
+        self,
+        layers: Sequence[int] = (3, 4, 6, 3),
+        *,
+        in_chans: int = 1,
+        use_running_average: bool = True,
+        dtype: Any = jnp.float32,
+        param_dtype: Any = jnp.float32,
+        input_mean: Sequence[float] | None = None,
+        input_std: Sequence[float] | None = None,
+        rngs: nnx.Rngs,
+    ):
         if len(layers) != 4:
             raise ValueError(f"A ResNet has 4 stages; got layers={tuple(layers)}.")
         self.in_chans = in_chans
@@ -109,9 +146,18 @@ class ResNet(nnx.Module):
         self.input_std = tuple(float(v) for v in (input_std if input_std is not None else std))
         if len(self.input_mean) != in_chans or len(self.input_std) != in_chans:
             raise ValueError(f"input_mean/input_std need {in_chans} values.")
-        self.conv1 = nnx.Conv(in_chans, 64, kernel_size=(7, 7), strides=(2, 2), padding=((3, 3), (3, 3)),
-                              use_bias=False, dtype=dtype, param_dtype=param_dtype,
-                              kernel_init=nnx.initializers.variance_scaling(2.0, "fan_out", "normal"), rngs=rngs)
+        self.conv1 = nnx.Conv(
+            in_chans,
+            64,
+            kernel_size=(7, 7),
+            strides=(2, 2),
+            padding=((3, 3), (3, 3)),
+            use_bias=False,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            kernel_init=nnx.initializers.variance_scaling(2.0, "fan_out", "normal"),
+            rngs=rngs,
+        )
         self.bn1 = _bn(64, use_running_average, param_dtype, rngs)
         cin = 64
         stages = []
@@ -119,14 +165,22 @@ class ResNet(nnx.Module):
             width = 64 * 2**i
             blocks = []
             for j in range(n):
-                blocks.append(Bottleneck(cin, width, 2 if (j == 0 and i > 0) else 1,
-                                         use_running_average=use_running_average, dtype=dtype,
-                                         param_dtype=param_dtype, rngs=rngs))
+                blocks.append(
+                    Bottleneck(
+                        cin,
+                        width,
+                        2 if (j == 0 and i > 0) else 1,
+                        use_running_average=use_running_average,
+                        dtype=dtype,
+                        param_dtype=param_dtype,
+                        rngs=rngs,
+                    )
+                )
                 cin = width * Bottleneck.expansion
             stages.append(nnx.List(blocks))
         self.layer1, self.layer2, self.layer3, self.layer4 = stages
         self.num_features = cin
-        self.embed_dim = cin          # the pooled feature width, under the ViT's name (heads, probes)
+        self.embed_dim = cin  # the pooled feature width, under the ViT's name (heads, probes)
 
     def normalize(self, images: jax.Array) -> jax.Array:
         x = jnp.asarray(images, jnp.float32)

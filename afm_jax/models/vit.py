@@ -116,8 +116,7 @@ def parse_variant(variant: str) -> dict[str, int]:
     valid = ", ".join(VIT_SIZES)
     if match is None:
         raise ValueError(
-            f"ViT variant {variant!r} is not of the form '<size>/<patch>', e.g. 'S/16' or 'L/16'; "
-            f"valid sizes: {valid}."
+            f"ViT variant {variant!r} is not of the form '<size>/<patch>', e.g. 'S/16' or 'L/16'; valid sizes: {valid}."
         )
     size, patch = match.group(1), int(match.group(2))
     if size not in VIT_SIZES:
@@ -148,9 +147,7 @@ def patchify(images: jax.Array, patch_size: int) -> jax.Array:
     return x.reshape(b, gh * gw, p * p * c)
 
 
-def unpatchify(
-    patches: jax.Array, patch_size: int, grid_hw: Sequence[int], channels: int
-) -> jax.Array:
+def unpatchify(patches: jax.Array, patch_size: int, grid_hw: Sequence[int], channels: int) -> jax.Array:
     """Inverse of :func:`patchify`: ``(B, gh*gw, p*p*C)`` -> ``(B, gh*p, gw*p, C)``."""
     b, n, _ = patches.shape
     gh, gw = (int(grid_hw[0]), int(grid_hw[1]))
@@ -184,8 +181,10 @@ def trunc_normal(std: float = 0.02, lower: float = -2.0, upper: float = 2.0) -> 
     """timm's ``trunc_normal_(std=std)``: N(0, std^2) cut at *absolute* bounds -2, 2, so at std 0.02 the
     cut is 100 std away and the real std is ``std``. (``jax.nn.initializers.truncated_normal(std)``
     cuts at 2 std instead: real std 0.88 x ``std``.) At 100 std a clip and a redraw are the same."""
+
     def init(key, shape, dtype=jnp.float32):
         return jnp.clip(jax.random.normal(key, shape, jnp.float32) * std, lower, upper).astype(dtype)
+
     return init
 
 
@@ -242,10 +241,10 @@ class PatchEmbed(nnx.Module):
     ):
         self.patch_size = patch_size
         fan_in = patch_size * patch_size * in_chans
-        if init == "mae":   # MAE: xavier on the kernel viewed as a (p*p*C, D) matrix, zero bias
+        if init == "mae":  # MAE: xavier on the kernel viewed as a (p*p*C, D) matrix, zero bias
             kernel_init = nnx.initializers.variance_scaling(1.0, "fan_avg", "uniform", in_axis=(0, 1, 2), out_axis=-1)
             bias_init = _zeros()
-        else:               # DINO/DINOv2 leave the conv at torch's default init
+        else:  # DINO/DINOv2 leave the conv at torch's default init
             kernel_init = bias_init = _torch_default_uniform(fan_in)
         self.proj = nnx.Conv(
             in_chans,
@@ -352,9 +351,7 @@ class Attention(nnx.Module):
     def attention_weights(self, x: jax.Array, rope: tuple | None = None) -> jax.Array:
         """Softmax attention probabilities ``(B, heads, N, N)``, float32."""
         q, k, _ = self._qkv(x, rope)
-        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * (
-            self.head_dim**-0.5
-        )
+        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * (self.head_dim**-0.5)
         return jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
 
     def __call__(self, x: jax.Array, rope: tuple | None = None) -> jax.Array:
@@ -436,18 +433,10 @@ class Block(nnx.Module):
             qkv_bias=qkv_bias,
             rngs=rngs,
         )
-        self.ls1 = (
-            LayerScale(dim, layer_scale_init, param_dtype=param_dtype)
-            if layer_scale_init is not None
-            else None
-        )
+        self.ls1 = LayerScale(dim, layer_scale_init, param_dtype=param_dtype) if layer_scale_init is not None else None
         self.norm2 = _layer_norm(dim, dtype, param_dtype, rngs, norm_eps)
         self.mlp = Mlp(dim, mlp_dim, dtype=dtype, param_dtype=param_dtype, init=init, rngs=rngs)
-        self.ls2 = (
-            LayerScale(dim, layer_scale_init, param_dtype=param_dtype)
-            if layer_scale_init is not None
-            else None
-        )
+        self.ls2 = LayerScale(dim, layer_scale_init, param_dtype=param_dtype) if layer_scale_init is not None else None
 
     def __call__(self, x: jax.Array, *, key: jax.Array | None = None, rope: tuple | None = None) -> jax.Array:
         """``key`` enables drop-path (training); without it the block is deterministic. ``rope``:
@@ -572,9 +561,7 @@ class VisionTransformer(nnx.Module):
     ):
         unknown = set(overrides) - set(_OVERRIDE_KEYS)
         if unknown:
-            raise TypeError(
-                f"Unknown ViT override(s) {sorted(unknown)}; allowed: {', '.join(_OVERRIDE_KEYS)}."
-            )
+            raise TypeError(f"Unknown ViT override(s) {sorted(unknown)}; allowed: {', '.join(_OVERRIDE_KEYS)}.")
         cfg = parse_variant(variant)
         if "width" in overrides and "mlp_dim" not in overrides:
             overrides = dict(overrides, mlp_dim=4 * int(overrides["width"]))
@@ -590,7 +577,9 @@ class VisionTransformer(nnx.Module):
         if init not in INIT_SCHEMES:
             raise ValueError(f"init must be one of {INIT_SCHEMES}, got {init!r}.")
         if pos_embed_interpolation not in INTERPOLATIONS:
-            raise ValueError(f"pos_embed_interpolation must be one of {INTERPOLATIONS}, got {pos_embed_interpolation!r}.")
+            raise ValueError(
+                f"pos_embed_interpolation must be one of {INTERPOLATIONS}, got {pos_embed_interpolation!r}."
+            )
         self.init_scheme = init
         self.pos_embed_interpolation = pos_embed_interpolation
 
@@ -615,21 +604,16 @@ class VisionTransformer(nnx.Module):
         self.dtype = dtype
         self.param_dtype = param_dtype
         mean_default, std_default = _default_norm(in_chans)
-        self.input_mean = _as_channel_tuple(
-            mean_default if input_mean is None else input_mean, in_chans, "input_mean"
-        )
-        self.input_std = _as_channel_tuple(
-            std_default if input_std is None else input_std, in_chans, "input_std"
-        )
+        self.input_mean = _as_channel_tuple(mean_default if input_mean is None else input_mean, in_chans, "input_mean")
+        self.input_std = _as_channel_tuple(std_default if input_std is None else input_std, in_chans, "input_std")
 
-        self.patch_embed = PatchEmbed(
-            p, in_chans, d, dtype=dtype, param_dtype=param_dtype, init=init, rngs=rngs
-        )
-        token_init = {"mae": nnx.initializers.normal(stddev=0.02), "dino": trunc_normal(0.02),
-                      "dinov2": nnx.initializers.normal(stddev=1e-6)}[init]
-        self.cls_token = (
-            nnx.Param(token_init(rngs.params(), (1, 1, d), param_dtype)) if class_token else None
-        )
+        self.patch_embed = PatchEmbed(p, in_chans, d, dtype=dtype, param_dtype=param_dtype, init=init, rngs=rngs)
+        token_init = {
+            "mae": nnx.initializers.normal(stddev=0.02),
+            "dino": trunc_normal(0.02),
+            "dinov2": nnx.initializers.normal(stddev=1e-6),
+        }[init]
+        self.cls_token = nnx.Param(token_init(rngs.params(), (1, 1, d), param_dtype)) if class_token else None
         self.reg_token = (
             nnx.Param(token_init(rngs.params(), (1, self.num_reg_tokens, d), param_dtype))
             if self.num_reg_tokens
@@ -639,8 +623,9 @@ class VisionTransformer(nnx.Module):
         if pos_embed == "rope":
             self.pos_embed = None
             if (cfg["width"] // cfg["num_heads"]) % 4:
-                raise ValueError(f"pos_embed='rope' needs width / num_heads divisible by 4, got "
-                                 f"{cfg['width']} / {cfg['num_heads']}.")
+                raise ValueError(
+                    f"pos_embed='rope' needs width / num_heads divisible by 4, got {cfg['width']} / {cfg['num_heads']}."
+                )
         elif pos_embed == "sincos":
             table = get_2d_sincos_pos_embed(d, self.grid_size, num_pos_prefix)
             self.pos_embed = FixedPosEmbed(jnp.asarray(table[None], dtype=param_dtype))
@@ -680,9 +665,7 @@ class VisionTransformer(nnx.Module):
         """``(images - input_mean) / input_std`` in float32 (the model's input normalisation)."""
         x = jnp.asarray(images, jnp.float32)
         if x.ndim != 4 or x.shape[-1] != self.in_chans:
-            raise ValueError(
-                f"Expected images of shape (B, H, W, {self.in_chans}) (NHWC), got {x.shape}."
-            )
+            raise ValueError(f"Expected images of shape (B, H, W, {self.in_chans}) (NHWC), got {x.shape}.")
         mean = jnp.asarray(self.input_mean, jnp.float32)
         std = jnp.asarray(self.input_std, jnp.float32)
         return (x - mean) / std
@@ -704,9 +687,7 @@ class VisionTransformer(nnx.Module):
             table = table[:, self.num_prefix_tokens :]
         if self.pos_embed_interpolation == "dino":
             return resample_pos_embed_dino(table, tuple(grid_hw), self.grid_size)
-        return resample_abs_pos_embed(
-            table, tuple(grid_hw), old_size=self.grid_size, num_prefix_tokens=0
-        )
+        return resample_abs_pos_embed(table, tuple(grid_hw), old_size=self.grid_size, num_prefix_tokens=0)
 
     def embed_patches(self, images: jax.Array) -> jax.Array:
         """Normalise, patch-embed and add position embeddings: ``(B, N, D)`` float32."""
@@ -734,8 +715,9 @@ class VisionTransformer(nnx.Module):
             prefix = prefix + self._pos_embed_table()[:, : self.num_prefix_tokens]
         return jnp.broadcast_to(prefix, (batch_size, self.num_prefix_tokens, d))
 
-    def rope(self, num_tokens: int, grid_hw: Sequence[int] | None = None,
-             patch_ids: jax.Array | None = None) -> tuple[jax.Array, jax.Array] | None:
+    def rope(
+        self, num_tokens: int, grid_hw: Sequence[int] | None = None, patch_ids: jax.Array | None = None
+    ) -> tuple[jax.Array, jax.Array] | None:
         """Per-token RoPE ``(sin, cos)`` for ``num_tokens`` tokens (prefix first), or None without RoPE.
 
         ``grid_hw``: the patch grid (default: the stored one, or the square one the count implies).
@@ -761,8 +743,12 @@ class VisionTransformer(nnx.Module):
         return sin, cos
 
     def encode_tokens(
-        self, tokens: jax.Array, *, rngs: nnx.Rngs | jax.Array | None = None,
-        grid_hw: Sequence[int] | None = None, patch_ids: jax.Array | None = None,
+        self,
+        tokens: jax.Array,
+        *,
+        rngs: nnx.Rngs | jax.Array | None = None,
+        grid_hw: Sequence[int] | None = None,
+        patch_ids: jax.Array | None = None,
     ) -> jax.Array:
         """Transformer blocks + final norm on ``(B, T, D)`` tokens -> ``(B, T, D)`` float32.
 
@@ -773,8 +759,11 @@ class VisionTransformer(nnx.Module):
         x = tokens.astype(jnp.float32)
         rope = self.rope(x.shape[1], grid_hw, patch_ids)
         keys = _dropout_keys(rngs, len(self.blocks))
-        apply = _block_call if self.remat == "none" else nnx.remat(
-            _block_call, policy=REMAT_POLICIES[self.remat], prevent_cse=True)
+        apply = (
+            _block_call
+            if self.remat == "none"
+            else nnx.remat(_block_call, policy=REMAT_POLICIES[self.remat], prevent_cse=True)
+        )
         for block, key in zip(self.blocks, keys, strict=True):
             x = apply(block, x, key, rope)
         return self.norm(x).astype(jnp.float32)

@@ -18,27 +18,31 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
-from afm_jax.train import optim, sharding, state as state_lib, step as step_lib
+from afm_jax.train import optim, sharding
+from afm_jax.train import state as state_lib
+from afm_jax.train import step as step_lib
 from afm_jax.train.init_from import initialize_encoder
 
 
 @dataclasses.dataclass
 class Assembly:
     """Everything the loop needs to run steps; `initial_state()` creates a fresh state."""
+
     graphdef: nnx.GraphDef
     abstract_state: state_lib.TrainState
     state_shardings: Any
     batch_sharding: NamedSharding
     tx: optax.GradientTransformation
     schedule: optax.Schedule
-    train_step: Callable            # the pure step function
-    jit_step: Callable              # jitted with shardings and donated state
+    train_step: Callable  # the pure step function
+    jit_step: Callable  # jitted with shardings and donated state
     initial_state: Callable[[], state_lib.TrainState]
-    init_report: dict               # what `init_from` loaded, once `initial_state()` has run
+    init_report: dict  # what `init_from` loaded, once `initial_state()` has run
 
 
-def assemble(config: ml_collections.ConfigDict, task: Any, mesh: Mesh, *, total_steps: int,
-             warmup_steps: int) -> Assembly:
+def assemble(
+    config: ml_collections.ConfigDict, task: Any, mesh: Mesh, *, total_steps: int, warmup_steps: int
+) -> Assembly:
     """Optimiser, abstract and sharded train state, and the compiled-on-first-call step."""
     schedule = optim.learning_rate_schedule(config.optim, config.batch_size, total_steps, warmup_steps)
     boxes: dict[str, Any] = {}
@@ -61,21 +65,40 @@ def assemble(config: ml_collections.ConfigDict, task: Any, mesh: Mesh, *, total_
     state_shardings = sharding.param_shardings(mesh, abstract_state, config.get("sharding"))
     batch_sharding = sharding.batch_sharding(mesh)
     train_step = step_lib.make_train_step(
-        graphdef, task.loss, tx, schedule, update_extra=task.update_extra,
-        accum_steps=int(config.get("accum_steps", 1)), batch_sharding=batch_sharding)
-    jit_step = jax.jit(train_step, in_shardings=(state_shardings, batch_sharding),
-                       out_shardings=(state_shardings, sharding.replicated(mesh)), donate_argnums=0)
+        graphdef,
+        task.loss,
+        tx,
+        schedule,
+        update_extra=task.update_extra,
+        accum_steps=int(config.get("accum_steps", 1)),
+        batch_sharding=batch_sharding,
+    )
+    jit_step = jax.jit(
+        train_step,
+        in_shardings=(state_shardings, batch_sharding),
+        out_shardings=(state_shardings, sharding.replicated(mesh)),
+        donate_argnums=0,
+    )
 
     def initial_state() -> state_lib.TrainState:
         init_from = config.get("init_from")
         if not init_from:
             return jax.jit(lambda: build(tx), out_shardings=state_shardings)()
-        state = build(tx, init_from)     # on the host: the weights come from a file
+        state = build(tx, init_from)  # on the host: the weights come from a file
         return jax.device_put(state, state_shardings)
 
-    return Assembly(graphdef=graphdef, abstract_state=abstract_state, state_shardings=state_shardings,
-                    batch_sharding=batch_sharding, tx=tx, schedule=schedule, train_step=train_step,
-                    jit_step=jit_step, initial_state=initial_state, init_report=init_report)
+    return Assembly(
+        graphdef=graphdef,
+        abstract_state=abstract_state,
+        state_shardings=state_shardings,
+        batch_sharding=batch_sharding,
+        tx=tx,
+        schedule=schedule,
+        train_step=train_step,
+        jit_step=jit_step,
+        initial_state=initial_state,
+        init_report=init_report,
+    )
 
 
 def load_initial_weights(task: Any, model: nnx.Module, path: str) -> dict:

@@ -42,8 +42,8 @@ from afm_jax.models.vit import VisionTransformer
 
 ITEMS = ("state", "data", "meta")
 CHECKPOINTS_DIR = "checkpoints"
-DAMAGED_DIR = "checkpoints_damaged"      # <workdir>/checkpoints_damaged/<step>-<reason>: moved aside, never read
-INTEGRITY_FILE = "integrity.json"         # in each step folder: sha256 and size of every file saved
+DAMAGED_DIR = "checkpoints_damaged"  # <workdir>/checkpoints_damaged/<step>-<reason>: moved aside, never read
+INTEGRITY_FILE = "integrity.json"  # in each step folder: sha256 and size of every file saved
 _TMP_MARK = ".orbax-checkpoint-tmp"
 # orbax rewrites these top-level files when it commits the step, after the digest is taken: not recorded
 # (the items' files are; damage to these shows as a failed restore).
@@ -53,6 +53,7 @@ log = logging.getLogger(__name__)
 
 
 # ─── Integrity: a digest of every file of a finished step, verified before it is restored ───
+
 
 def _sha256(path: pathlib.Path) -> str:
     with open(path, "rb") as f:
@@ -80,8 +81,8 @@ class Verdict:
 
     step: int
     damage: str | None
-    kind: str = ""            # short slug for the folder name in checkpoints_damaged/
-    verified: bool = False    # an integrity record was present and matched
+    kind: str = ""  # short slug for the folder name in checkpoints_damaged/
+    verified: bool = False  # an integrity record was present and matched
 
     @property
     def ok(self) -> bool:
@@ -111,10 +112,11 @@ def verify_step(step_dir: pathlib.Path, *, hash_files: bool = True) -> Verdict:
             if size != int(want["bytes"]):
                 return Verdict(step, f"{rel} has {size} bytes, {want['bytes']} were written", "truncated")
             if hash_files and _sha256(path) != want["sha256"]:
-                return Verdict(step, f"{rel} does not match its recorded sha256 (bit rot or overwritten)",
-                               "checksum-mismatch")
+                return Verdict(
+                    step, f"{rel} does not match its recorded sha256 (bit rot or overwritten)", "checksum-mismatch"
+                )
         verified = True
-    for item in ITEMS[::2]:   # state, meta: orbax items that must be there (data only when an iterator was saved)
+    for item in ITEMS[::2]:  # state, meta: orbax items that must be there (data only when an iterator was saved)
         if not (step_dir / item).is_dir():
             return Verdict(step, f"its {item}/ item is missing", "missing-item")
     try:
@@ -184,18 +186,24 @@ class Checkpointer:
 
     def __init__(self, workdir: str | os.PathLike, *, max_to_keep: int = 3, async_save: bool = True):
         if int(max_to_keep) < 1:
-            raise ConfigError(f"Config key `keep_checkpoints` = {max_to_keep} is invalid: keep at least 1 "
-                              "checkpoint, or the run can never resume.")
+            raise ConfigError(
+                f"Config key `keep_checkpoints` = {max_to_keep} is invalid: keep at least 1 "
+                "checkpoint, or the run can never resume."
+            )
         self.directory = os.path.join(os.path.abspath(os.fspath(workdir)), CHECKPOINTS_DIR)
         self._async = async_save
-        self._pending: int | None = None       # the step whose save is in flight
-        self._last_good: int | None = None     # the newest step known to be complete
+        self._pending: int | None = None  # the step whose save is in flight
+        self._last_good: int | None = None  # the newest step known to be complete
         self._closed = False
         self._failed: CheckpointError | None = None
         async_options = ocp.AsyncOptions(post_finalization_callback=self._on_finalized) if async_save else None
-        options = ocp.CheckpointManagerOptions(max_to_keep=int(max_to_keep), create=True,
-                                               enable_async_checkpointing=async_save, async_options=async_options,
-                                               cleanup_tmp_directories=True)
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=int(max_to_keep),
+            create=True,
+            enable_async_checkpointing=async_save,
+            async_options=async_options,
+            cleanup_tmp_directories=True,
+        )
         self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
         _quiet_orbax.active = True
 
@@ -220,7 +228,8 @@ class Checkpointer:
         return CheckpointError(
             f"Saving the checkpoint of step {step} in {self.directory} failed: {_first_line(error)}. The newest "
             f"complete checkpoint (step {good}) is intact; fix the cause (e.g. free disk space) and rerun the same "
-            "command to resume from it.")
+            "command to resume from it."
+        )
 
     def save(self, step: int, state: Any, data_iterator: Any | None, meta: dict) -> None:
         """Starts an (async) save of `step`; the previous async save is waited for first. A failure of
@@ -256,8 +265,9 @@ class Checkpointer:
             data_iterator.set_state(json.loads(self._data_state_file(step).read_text()))
         return restored["state"], restored["meta"]
 
-    def restore_latest(self, abstract_state: Any, data_iterator: Any | None,
-                       check: Callable[[dict], None] | None = None) -> tuple[int, Any, dict] | None:
+    def restore_latest(
+        self, abstract_state: Any, data_iterator: Any | None, check: Callable[[dict], None] | None = None
+    ) -> tuple[int, Any, dict] | None:
         """(step, state, meta) of the newest good checkpoint, or None when there is none.
 
         Each candidate, newest first, is verified (`verify_step`); `check(meta)` may then refuse it
@@ -282,7 +292,8 @@ class Checkpointer:
                         raise CheckpointError(
                             f"The checkpoint of step {verdict.step} in {self.directory} is intact but cannot be "
                             f"restored into this run's model: {_first_line(e)}. Resume with the config it was "
-                            "saved with (kept in its meta/), or start a new --workdir.") from None
+                            "saved with (kept in its meta/), or start a new --workdir."
+                        ) from None
                     verdict = Verdict(verdict.step, f"it cannot be read ({_first_line(e)})", "unreadable-state")
             where = self._move_aside(step_dir, verdict)
             moved.append(f"step {verdict.step} ({verdict.damage}) -> {where}")
@@ -290,7 +301,8 @@ class Checkpointer:
             raise CheckpointError(
                 f"No checkpoint in {self.directory} can be restored: " + "; ".join(moved) + ". Rerunning the "
                 "same command starts over from step 0; to keep what was trained, repair or copy back a step folder "
-                f"from {pathlib.Path(self.directory).parent / DAMAGED_DIR} first.")
+                f"from {pathlib.Path(self.directory).parent / DAMAGED_DIR} first."
+            )
         return None
 
     @staticmethod
@@ -308,10 +320,19 @@ class Checkpointer:
         target = pathlib.Path(step_dir.parent.parent / DAMAGED_DIR / f"{step_dir.name}-{verdict.kind}")
         if jax.process_index() == 0:
             target = quarantine(step_dir, verdict.kind)
-            log.warning("Checkpoint of step %d in %s is damaged: %s. Moved it to %s; trying the previous one.",
-                        verdict.step, self.directory, verdict.damage, target)
-            print(f"warning: checkpoint of step {verdict.step} is damaged ({verdict.damage}); moved it to {target} "
-                  "and trying the previous one.", file=sys.stderr, flush=True)
+            log.warning(
+                "Checkpoint of step %d in %s is damaged: %s. Moved it to %s; trying the previous one.",
+                verdict.step,
+                self.directory,
+                verdict.damage,
+                target,
+            )
+            print(
+                f"warning: checkpoint of step {verdict.step} is damaged ({verdict.damage}); moved it to {target} "
+                "and trying the previous one.",
+                file=sys.stderr,
+                flush=True,
+            )
         if jax.process_count() > 1:
             multihost_utils.sync_global_devices(f"afm_jax:quarantine:{verdict.step}")
         self._manager.reload()
@@ -351,7 +372,7 @@ class Checkpointer:
         except Exception as e:  # noqa: BLE001
             error = error or self._failed or self._save_error(e)
         if error is not None or self._failed is not None:
-            _join_orbax_threads(timeout_s=60.0)   # a failed save can leave writers of the other items running
+            _join_orbax_threads(timeout_s=60.0)  # a failed save can leave writers of the other items running
         if jax.process_index() == 0:
             for tmp in pathlib.Path(self.directory).glob(f"*{_TMP_MARK}*"):
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -388,14 +409,15 @@ class EncoderCheckpoint:
     encoder: VisionTransformer
     config: ml_collections.ConfigDict
     step: int
-    weights: str                  # "student" (params) or "teacher" (extra['teacher'])
+    weights: str  # "student" (params) or "teacher" (extra['teacher'])
     code_version: str
     step_dir: pathlib.Path
 
 
 def _numbered_steps(directory: pathlib.Path) -> list[int]:
-    return sorted(int(p.name) for p in directory.iterdir()
-                  if p.is_dir() and p.name.isdigit() and (p / "state").is_dir())
+    return sorted(
+        int(p.name) for p in directory.iterdir() if p.is_dir() and p.name.isdigit() and (p / "state").is_dir()
+    )
 
 
 def is_checkpoint_path(path: str | os.PathLike) -> bool:
@@ -414,8 +436,10 @@ def resolve_step_dir(path: str | os.PathLike, step: int | None = None) -> tuple[
     """(step directory, step) for a workdir, a ``checkpoints`` dir or a step dir; latest by default."""
     p = pathlib.Path(path).expanduser()
     if not p.exists():
-        raise InteropError(f"Checkpoint path {p} does not exist: pass a run's --workdir, its "
-                           "checkpoints/ folder or one checkpoints/<step> folder.")
+        raise InteropError(
+            f"Checkpoint path {p} does not exist: pass a run's --workdir, its "
+            "checkpoints/ folder or one checkpoints/<step> folder."
+        )
     if (p / "state").is_dir() and (p / "meta").is_dir():
         if step is not None and p.name.isdigit() and int(p.name) != step:
             raise InteropError(f"{p} is the checkpoint of step {p.name}, not of --step {step}.")
@@ -424,8 +448,10 @@ def resolve_step_dir(path: str | os.PathLike, step: int | None = None) -> tuple[
         p = p / CHECKPOINTS_DIR
     steps = _numbered_steps(p) if p.is_dir() else []
     if not steps:
-        raise InteropError(f"No checkpoint found in {p}: expected <workdir>/checkpoints/<step>/state "
-                           "as the trainer writes it. Did the run save a checkpoint yet?")
+        raise InteropError(
+            f"No checkpoint found in {p}: expected <workdir>/checkpoints/<step>/state "
+            "as the trainer writes it. Did the run save a checkpoint yet?"
+        )
     if step is None:
         step = steps[-1]
     if step not in steps:
@@ -449,8 +475,9 @@ def _restore_subtrees(state_dir: pathlib.Path, keys: tuple[str, ...]) -> dict:
         tree = getattr(tree, "tree", tree)
         item = {k: tree[k] for k in keys if k in tree and tree[k]}
         restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
-        return ck.restore(state_dir, args=ocp.args.PyTreeRestore(
-            item=item, restore_args=restore_args, partial_restore=True))
+        return ck.restore(
+            state_dir, args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True)
+        )
 
 
 def _flatten(tree: Any, prefix: str = "") -> dict[str, np.ndarray]:
@@ -472,17 +499,22 @@ def assign_flat_state(module: nnx.Module, flat: dict[str, np.ndarray], *, source
     targets = encoder_flat_state(module)
     for path, var in targets.items():
         if path not in flat:
-            raise InteropError(f"Key {path!r} is missing from {source}; the checkpoint's encoder does "
-                               "not match its own config (was it written by another code version?).")
+            raise InteropError(
+                f"Key {path!r} is missing from {source}; the checkpoint's encoder does "
+                "not match its own config (was it written by another code version?)."
+            )
         if tuple(flat[path].shape) != tuple(var.shape):
-            raise InteropError(f"Key {path!r} has shape {flat[path].shape} in {source}, the model built "
-                               f"from its config {tuple(var.shape)}.")
+            raise InteropError(
+                f"Key {path!r} has shape {flat[path].shape} in {source}, the model built "
+                f"from its config {tuple(var.shape)}."
+            )
     for path, var in targets.items():
         var.set_value(jnp.asarray(flat[path], var.dtype))
 
 
-def read_encoder_checkpoint(path: str | os.PathLike, *, step: int | None = None,
-                            weights: str = "auto") -> EncoderCheckpoint:
+def read_encoder_checkpoint(
+    path: str | os.PathLike, *, step: int | None = None, weights: str = "auto"
+) -> EncoderCheckpoint:
     """The encoder of a checkpoint, rebuilt from the run's config and loaded with its weights.
 
     Args:
@@ -502,16 +534,26 @@ def read_encoder_checkpoint(path: str | os.PathLike, *, step: int | None = None,
     teacher = (restored.get("extra") or {}).get("teacher")
     chosen = "teacher" if weights == "teacher" or (weights == "auto" and teacher) else "student"
     if chosen == "teacher" and not teacher:
-        raise InteropError(f"The checkpoint in {step_dir} has no teacher (extra['teacher']; MAE runs "
-                           "have none): use --weights student.")
+        raise InteropError(
+            f"The checkpoint in {step_dir} has no teacher (extra['teacher']; MAE runs "
+            "have none): use --weights student."
+        )
     params = teacher if chosen == "teacher" else restored["params"]
     if "encoder" not in params:
-        raise InteropError(f"The checkpoint's params have no 'encoder' (keys: {sorted(params)}); "
-                           "only models that expose their ViT as .encoder can be exported.")
+        raise InteropError(
+            f"The checkpoint's params have no 'encoder' (keys: {sorted(params)}); "
+            "only models that expose their ViT as .encoder can be exported."
+        )
     flat = _flatten((restored.get("frozen") or {}).get("encoder", {}))
     flat.update(_flatten(params["encoder"]))
     # abstract build (no random init: every variable is set from the checkpoint just below)
     encoder = nnx.eval_shape(lambda: factory.build_encoder(config.model, config.image_size, nnx.Rngs(0)))
     assign_flat_state(encoder, flat, source=str(step_dir))
-    return EncoderCheckpoint(encoder=encoder, config=config, step=step, weights=chosen,
-                             code_version=str(meta.get("code_version", "unknown")), step_dir=step_dir)
+    return EncoderCheckpoint(
+        encoder=encoder,
+        config=config,
+        step=step,
+        weights=chosen,
+        code_version=str(meta.get("code_version", "unknown")),
+        step_dir=step_dir,
+    )

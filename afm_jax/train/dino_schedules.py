@@ -58,8 +58,9 @@ def weight_decay_schedule(base: float, final: float, total_steps: int):
 
 def ema_update(teacher: Any, student: Any, momentum: jax.Array | float) -> Any:
     """teacher <- m·teacher + (1 - m)·student, leaf by leaf (DINO's momentum update)."""
-    return jax.tree.map(lambda t, s: (t * momentum + s.astype(t.dtype) * (1.0 - momentum)).astype(t.dtype),
-                        teacher, student)
+    return jax.tree.map(
+        lambda t, s: (t * momentum + s.astype(t.dtype) * (1.0 - momentum)).astype(t.dtype), teacher, student
+    )
 
 
 def freeze_for_steps(mask: Any, num_steps: int) -> optax.GradientTransformation:
@@ -67,6 +68,7 @@ def freeze_for_steps(mask: Any, num_steps: int) -> optax.GradientTransformation:
 
     `make_dino_optimizer` puts it last (no update, hence no weight decay, during the freeze: the
     last layer's lr is 0) and, with LARS in "fresh_adam" mode, before the momentum as well."""
+
     def init_fn(params):
         del params
         return {"count": jnp.zeros([], jnp.int32)}
@@ -83,6 +85,7 @@ def freeze_for_steps(mask: Any, num_steps: int) -> optax.GradientTransformation:
 def clip_per_tensor(max_norm: float) -> optax.GradientTransformation:
     """Scales each gradient tensor with norm > max_norm down to max_norm (DINO `clip_gradients`:
     `clip_coef = clip / (norm + 1e-6)`, applied where < 1)."""
+
     def update_fn(updates, state, params=None):
         del params
 
@@ -101,6 +104,7 @@ def clip_per_module(max_norm: float, module_of: Any) -> optax.GradientTransforma
     norm, `for v in model.student.values(): v.clip_grad_norm_(clip)` (torch's formula:
     g · max_norm / (norm + 1e-6) where that factor is < 1). `module_of` is a pytree like the
     gradients holding each leaf's module name (static strings)."""
+
     def update_fn(updates, state, params=None):
         del params
         leaves, treedef = jax.tree.flatten(updates)
@@ -128,13 +132,14 @@ def scale_by_adam_from(b1: float, b2: float, eps: float, start: Any) -> optax.Gr
     gradients are set to None for the first epoch, so AdamW skips it and creates its state at the
     unfreeze). Leaves with start 0 are exactly `optax.scale_by_adam`. `start` is a pytree like the
     params of static ints."""
+
     def init_fn(params):
         zeros = jax.tree.map(jnp.zeros_like, params)
         return DelayedAdamState(jnp.zeros([], jnp.int32), zeros, jax.tree.map(jnp.zeros_like, params))
 
     def update_fn(updates, state, params=None):
         del params
-        step = state.count                                   # updates made so far
+        step = state.count  # updates made so far
         count = optax.safe_increment(step)
 
         def one(g, m, v, s):
@@ -142,17 +147,18 @@ def scale_by_adam_from(b1: float, b2: float, eps: float, start: Any) -> optax.Gr
             v_new = b2 * v + (1 - b2) * jnp.square(g)
             if s == 0:
                 t = count.astype(jnp.float32)
-                u = (m_new / (1 - b1 ** t)) / (jnp.sqrt(v_new / (1 - b2 ** t)) + eps)
+                u = (m_new / (1 - b1**t)) / (jnp.sqrt(v_new / (1 - b2**t)) + eps)
                 return u, m_new, v_new
             active = step >= s
             t = jnp.maximum(count - s, 1).astype(jnp.float32)
-            u = (m_new / (1 - b1 ** t)) / (jnp.sqrt(v_new / (1 - b2 ** t)) + eps)
-            return (jnp.where(active, u, jnp.zeros_like(u)), jnp.where(active, m_new, m),
-                    jnp.where(active, v_new, v))
+            u = (m_new / (1 - b1**t)) / (jnp.sqrt(v_new / (1 - b2**t)) + eps)
+            return (jnp.where(active, u, jnp.zeros_like(u)), jnp.where(active, m_new, m), jnp.where(active, v_new, v))
 
         out = jax.tree.map(one, updates, state.mu, state.nu, start)
+
         def pick(i):
             return jax.tree.map(lambda x: x[i], out, is_leaf=lambda x: isinstance(x, tuple) and len(x) == 3)
+
         u, mu, nu = pick(0), pick(1), pick(2)
         return u, DelayedAdamState(count, mu, nu)
 

@@ -51,8 +51,10 @@ def slurm_local_device_ids(env: Mapping[str, str]) -> list[int] | None:
         return [0]
     share, rest = divmod(num_visible, tasks_on_node)
     if share == 0 or rest:
-        raise ConfigError(f"SLURM gives {tasks_on_node} tasks per node but {num_visible} visible GPUs; use one "
-                          "task per node or one task per GPU (see docs/cluster.md).")
+        raise ConfigError(
+            f"SLURM gives {tasks_on_node} tasks per node but {num_visible} visible GPUs; use one "
+            "task per node or one task per GPU (see docs/cluster.md)."
+        )
     local = int(env.get("SLURM_LOCALID", "0"))
     return list(range(local * share, (local + 1) * share))
 
@@ -66,8 +68,13 @@ def in_multi_task_slurm_step(env: Mapping[str, str]) -> bool:
     return all(k in env for k in needed) and int(tasks) > 1
 
 
-def initialize(*, coordinator: str | None = None, num_processes: int | None = None,
-               process_id: int | None = None, env: Mapping[str, str] | None = None) -> bool:
+def initialize(
+    *,
+    coordinator: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+    env: Mapping[str, str] | None = None,
+) -> bool:
     """Calls `jax.distributed.initialize` when this process is part of a job; True if it did."""
     env = os.environ if env is None else env
     explicit = (coordinator, num_processes, process_id)
@@ -78,8 +85,7 @@ def initialize(*, coordinator: str | None = None, num_processes: int | None = No
             raise ConfigError(f"--process_id {process_id} is not in [0, --num_processes={num_processes}).")
         if num_processes == 1:
             return False
-        jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
-                                   process_id=process_id)
+        jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes, process_id=process_id)
         return True
     if in_multi_task_slurm_step(env):
         jax.distributed.initialize(local_device_ids=slurm_local_device_ids(env))

@@ -44,13 +44,16 @@ from afm_jax.train.checkpoint import is_checkpoint_path, read_encoder_checkpoint
 
 __all__ = ["initialize_encoder", "initialize_resnet", "read_vit_source", "normalisation_mismatch"]
 
+
 def _read_json(path: pathlib.Path) -> dict[str, Any]:
     """A JSON object file, or an InteropError in one sentence."""
     try:
         obj = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise InteropError(f"{path} is not readable JSON ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
-                           "restore the folder's config.json or pass the weights file itself.") from None
+        raise InteropError(
+            f"{path} is not readable JSON ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+            "restore the folder's config.json or pass the weights file itself."
+        ) from None
     if not isinstance(obj, dict):
         raise InteropError(f"{path} holds a JSON {type(obj).__name__}, not an object; not an export's config.json.")
     return obj
@@ -68,8 +71,10 @@ def read_vit_source(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dic
     files = [folder / n for n in ("model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin")]
     weights = next((f for f in files if f.is_file()), None)
     if weights is None:
-        raise InteropError(f"{folder} has no model.safetensors (or pytorch_model.bin): not an export "
-                           "folder. Pass the weights file itself or a run's workdir.")
+        raise InteropError(
+            f"{folder} has no model.safetensors (or pytorch_model.bin): not an export "
+            "folder. Pass the weights file itself or a run's workdir."
+        )
     kwargs: dict[str, Any] = {}
     info: dict[str, Any] = {"file": str(weights)}
     if "model_args" in cfg:  # timm format (ours, timm Hub)
@@ -109,18 +114,28 @@ def initialize_encoder(encoder: VisionTransformer | ResNet, path: str | os.PathL
     """
     p = pathlib.Path(path).expanduser()
     if not p.exists():
-        raise InteropError(f"init_from path {p} does not exist: give a .safetensors/.pth file, an export "
-                           "folder (config.json + model.safetensors) or a run's workdir.")
+        raise InteropError(
+            f"init_from path {p} does not exist: give a .safetensors/.pth file, an export "
+            "folder (config.json + model.safetensors) or a run's workdir."
+        )
     if isinstance(encoder, ResNet):
         return initialize_resnet(encoder, p)
     extra: dict[str, Any] = {}
     if p.is_dir() and is_checkpoint_path(p):
         src = read_encoder_checkpoint(p)
         sd = timm_interop.encoder_state_dict(src.encoder)
-        kwargs = dict(source_grid=src.encoder.grid_size, source_no_embed_class=src.encoder.no_embed_class,
-                      source_num_heads=src.encoder.num_heads)
-        extra = dict(source="checkpoint", step=src.step, weights=src.weights,
-                     source_mean=list(src.encoder.input_mean), source_std=list(src.encoder.input_std))
+        kwargs = dict(
+            source_grid=src.encoder.grid_size,
+            source_no_embed_class=src.encoder.no_embed_class,
+            source_num_heads=src.encoder.num_heads,
+        )
+        extra = dict(
+            source="checkpoint",
+            step=src.step,
+            weights=src.weights,
+            source_mean=list(src.encoder.input_mean),
+            source_std=list(src.encoder.input_std),
+        )
     elif p.is_dir():
         sd, kwargs, info = read_vit_source(p)
         extra = dict(source="export", **info)
@@ -132,7 +147,8 @@ def initialize_encoder(encoder: VisionTransformer | ResNet, path: str | os.PathL
     report["summary"] = (
         f"{len(report['loaded'])} tensors from a {report['layout']} {report['source']}"
         + (f"; adapted: {'; '.join(report['adapted'])}" if report["adapted"] else "")
-        + (f"; left at init: {', '.join(report['left_at_init'])}" if report["left_at_init"] else ""))
+        + (f"; left at init: {', '.join(report['left_at_init'])}" if report["left_at_init"] else "")
+    )
     if "source_mean" in report:
         note = normalisation_mismatch(report["source_mean"], report["source_std"], encoder)
         if note:
@@ -149,21 +165,32 @@ def initialize_resnet(encoder: ResNet, path: pathlib.Path) -> dict[str, Any]:
         shapes that do not fit (named by :func:`load_torchvision_resnet`).
     """
     if path.is_dir():
-        raise InteropError(f"init_from {path} is a folder; a ResNet starts from a torchvision-layout weights "
-                           "file (.pth/.pt/.safetensors, e.g. RadImageNet's ResNet50.pt).")
+        raise InteropError(
+            f"init_from {path} is a folder; a ResNet starts from a torchvision-layout weights "
+            "file (.pth/.pt/.safetensors, e.g. RadImageNet's ResNet50.pt)."
+        )
     loaded = load_torchvision_resnet(encoder, read_weights_file(path))
     keys = [flax_key(".".join(map(str, k)))[0] for k, _ in nnx.to_flat_state(nnx.state(encoder))]
-    report: dict[str, Any] = dict(source="file", path=str(path), layout="torchvision ResNet",
-                                  loaded=keys, adapted=loaded["adapted"], left_at_init=[],
-                                  dropped=loaded["dropped"], warnings=[])
-    report["summary"] = (f"{loaded['loaded']} tensors from a torchvision ResNet file"
-                         + (f"; adapted: {'; '.join(loaded['adapted'])}" if loaded["adapted"] else "")
-                         + _dropped_note(loaded["dropped"]))
+    report: dict[str, Any] = dict(
+        source="file",
+        path=str(path),
+        layout="torchvision ResNet",
+        loaded=keys,
+        adapted=loaded["adapted"],
+        left_at_init=[],
+        dropped=loaded["dropped"],
+        warnings=[],
+    )
+    report["summary"] = (
+        f"{loaded['loaded']} tensors from a torchvision ResNet file"
+        + (f"; adapted: {'; '.join(loaded['adapted'])}" if loaded["adapted"] else "")
+        + _dropped_note(loaded["dropped"])
+    )
     return report
 
 
 def _dropped_note(dropped: list[str]) -> str:
-    """"; dropped: fc.weight, fc.bias (+ 17 num_batches_tracked)" — the counters are not worth listing."""
+    """ "; dropped: fc.weight, fc.bias (+ 17 num_batches_tracked)" — the counters are not worth listing."""
     counters = [k for k in dropped if k.endswith("num_batches_tracked")]
     named = [k for k in dropped if not k.endswith("num_batches_tracked")]
     if not dropped:
@@ -171,8 +198,7 @@ def _dropped_note(dropped: list[str]) -> str:
     return "; dropped: " + ", ".join(named + ([f"{len(counters)} num_batches_tracked"] if counters else []))
 
 
-def normalisation_mismatch(source_mean: list[float], source_std: list[float],
-                           encoder: VisionTransformer) -> str | None:
+def normalisation_mismatch(source_mean: list[float], source_std: list[float], encoder: VisionTransformer) -> str | None:
     """A note when the source normalised its inputs differently from ``encoder`` (per channel, or
     channel-averaged when the channel count was adapted), else None."""
     sm, ss = np.asarray(source_mean, np.float64), np.asarray(source_std, np.float64)
@@ -180,6 +206,8 @@ def normalisation_mismatch(source_mean: list[float], source_std: list[float],
         sm, ss = sm.mean(keepdims=True), ss.mean(keepdims=True)
     if np.allclose(sm, encoder.input_mean, atol=1e-3) and np.allclose(ss, encoder.input_std, atol=1e-3):
         return None
-    return (f"the source normalised inputs with mean {list(source_mean)} std {list(source_std)}, the model "
-            f"uses mean {list(encoder.input_mean)} std {list(encoder.input_std)}: features shift until "
-            "training adapts (the patch embedding is linear, so fine-tuning absorbs it quickly)")
+    return (
+        f"the source normalised inputs with mean {list(source_mean)} std {list(source_std)}, the model "
+        f"uses mean {list(encoder.input_mean)} std {list(encoder.input_std)}: features shift until "
+        "training adapts (the patch embedding is linear, so fine-tuning absorbs it quickly)"
+    )

@@ -38,8 +38,8 @@ class TrainResult:
     state: state_lib.TrainState
     graphdef: nnx.GraphDef
     step: int
-    finished: bool           # False when stopped early (signal or stop_at_step)
-    predictions: dict | None = None   # the task's predictions (fine-tuning: per split), see Task.predictions
+    finished: bool  # False when stopped early (signal or stop_at_step)
+    predictions: dict | None = None  # the task's predictions (fine-tuning: per split), see Task.predictions
 
     def model(self) -> nnx.Module:
         """The trained model (host copy), e.g. for `task.encoder_of(result.model())`."""
@@ -103,23 +103,31 @@ def validate_common(config: ml_collections.ConfigDict) -> None:
     configuration.require(config, "checkpoint_every", lambda v: int(v) > 0, "a positive step interval")
     configuration.require(config, "accum_steps", lambda v: int(v) >= 1, "a micro-batch count >= 1")
     configuration.require(config, "eval_every", lambda v: int(v) >= 0, "a step interval (0 = never)")
-    configuration.require(config, "keep_checkpoints", lambda v: int(v) >= 1,
-                          "at least 1 (with fewer, nothing is kept to resume from)")
+    configuration.require(
+        config, "keep_checkpoints", lambda v: int(v) >= 1, "at least 1 (with fewer, nothing is kept to resume from)"
+    )
     configuration.require(config, "data.num_workers", lambda v: int(v) >= 0, "a process count >= 0 (0 = in-process)")
     configuration.require(config, "data.read_threads", lambda v: int(v) >= 1, "a thread count >= 1")
     configuration.require(config, "data.prefetch_buffer_size", lambda v: int(v) >= 1, "a batch count >= 1")
-    configuration.require(config, "batch_size", lambda v: int(v) % int(config.accum_steps) == 0,
-                          f"a multiple of accum_steps = {config.accum_steps}")
+    configuration.require(
+        config,
+        "batch_size",
+        lambda v: int(v) % int(config.accum_steps) == 0,
+        f"a multiple of accum_steps = {config.accum_steps}",
+    )
     if config.batch_size % jax.process_count():
         raise errors.ConfigError(
-            f"Config key `batch_size` = {config.batch_size} is not divisible by the {jax.process_count()} processes.")
+            f"Config key `batch_size` = {config.batch_size} is not divisible by the {jax.process_count()} processes."
+        )
 
 
 def check_workdir(workdir: Any) -> str:
     """The absolute workdir; refuses an empty one and one that is a file."""
     if not isinstance(workdir, (str, os.PathLike)) or not os.fspath(workdir).strip():
-        raise errors.ConfigError("--workdir is empty: give the run directory (checkpoints, logs and images go there; "
-                                 "rerunning with the same one resumes).")
+        raise errors.ConfigError(
+            "--workdir is empty: give the run directory (checkpoints, logs and images go there; "
+            "rerunning with the same one resumes)."
+        )
     workdir = os.path.abspath(os.fspath(workdir))
     if os.path.exists(workdir) and not os.path.isdir(workdir):
         raise errors.ConfigError(f"--workdir {workdir} is a file, not a folder: give a run directory.")
@@ -140,17 +148,25 @@ def workdir_lock(workdir: str) -> Iterator[None]:
     except (PermissionError, OSError) as e:
         if isinstance(e, errors.UserError) or not _is_write_error(e, workdir):
             raise
-        raise errors.ConfigError(f"--workdir {workdir} cannot be written ({e.strerror or e}): give a folder on a "
-                                 "writable filesystem.") from None
+        raise errors.ConfigError(
+            f"--workdir {workdir} cannot be written ({e.strerror or e}): give a folder on a writable filesystem."
+        ) from None
 
 
 def _is_write_error(error: OSError, workdir: str) -> bool:
-    return error.errno in (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.EEXIST) and \
-        (error.filename is None or os.fspath(error.filename).startswith(workdir))
+    return error.errno in (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.EEXIST) and (
+        error.filename is None or os.fspath(error.filename).startswith(workdir)
+    )
 
 
-def train(config: ml_collections.ConfigDict, workdir: str, task: Task, *,
-          stop_at_step: int | None = None, monitor: Monitor | None = None) -> TrainResult:
+def train(
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    task: Task,
+    *,
+    stop_at_step: int | None = None,
+    monitor: Monitor | None = None,
+) -> TrainResult:
     """Trains `task` per `config` in `workdir`, resuming from its latest checkpoint if there is one.
 
     `stop_at_step` saves and returns at that step as a preemption would (used by resume tests);
@@ -163,8 +179,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, task: Task, *,
         return _train(config, workdir, task, stop_at_step=stop_at_step, monitor=monitor)
 
 
-def _train(config: ml_collections.ConfigDict, workdir: str, task: Task, *, stop_at_step: int | None,
-           monitor: Monitor | None) -> TrainResult:
+def _train(
+    config: ml_collections.ConfigDict, workdir: str, task: Task, *, stop_at_step: int | None, monitor: Monitor | None
+) -> TrainResult:
     is_main = jax.process_index() == 0
 
     # ─── Input ───────────────────────────────────────────────────────────────────────────────
@@ -172,10 +189,10 @@ def _train(config: ml_collections.ConfigDict, workdir: str, task: Task, *, stop_
     if config.batch_size > num_train:
         raise errors.ConfigError(
             f"Config key `batch_size` = {config.batch_size} is larger than the {num_train} images of split "
-            f"`{config.data.train_split}` in {config.data.path}: lower --config.batch_size or use a larger dataset.")
+            f"`{config.data.train_split}` in {config.data.path}: lower --config.batch_size or use a larger dataset."
+        )
     total_steps, warmup_steps = run_schedule(config, num_train)
-    task.setup(config, workdir=workdir, total_steps=total_steps,
-               steps_per_epoch=max(num_train // config.batch_size, 1))
+    task.setup(config, workdir=workdir, total_steps=total_steps, steps_per_epoch=max(num_train // config.batch_size, 1))
 
     # ─── Mesh ────────────────────────────────────────────────────────────────────────────────
     mesh = sharding.make_mesh(config.mesh)
@@ -183,7 +200,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str, task: Task, *, stop_
     if micro_batch % mesh.size:
         raise errors.ConfigError(
             f"Config key `batch_size` = {config.batch_size} (÷ accum_steps = {config.accum_steps}) is not "
-            f"divisible by the {mesh.size} devices.")
+            f"divisible by the {mesh.size} devices."
+        )
     # Everything opened from here on is closed on every exit path (an error, a divergence, a failed save),
     # newest first: the logs, the checkpoint manager (it waits for the save in flight, so the last good
     # checkpoint is complete and no orbax temporary folder is left), grain's worker processes.
@@ -203,8 +221,9 @@ def _train(config: ml_collections.ConfigDict, workdir: str, task: Task, *, stop_
         # ─── Checkpoint: resume automatically (newest good step; damaged ones are moved aside) ───
         ckpt = checkpoint.Checkpointer(workdir, max_to_keep=config.keep_checkpoints)
         closers.append(lambda: ckpt.close(raise_errors=False))
-        target = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                              parts.abstract_state, state_shardings)
+        target = jax.tree.map(
+            lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), parts.abstract_state, state_shardings
+        )
         notes: list[str] = []
 
         def check(saved_meta: dict) -> None:
@@ -215,22 +234,36 @@ def _train(config: ml_collections.ConfigDict, workdir: str, task: Task, *, stop_
             state = parts.initial_state()
             start_step = 0
             if parts.init_report and is_main:
-                print(f"Initialised from {config.init_from}: {parts.init_report.get('summary', parts.init_report)}",
-                      flush=True)
+                print(
+                    f"Initialised from {config.init_from}: {parts.init_report.get('summary', parts.init_report)}",
+                    flush=True,
+                )
         else:
             start_step, state, _ = restored
             if is_main:
                 print(f"Resumed from {ckpt.directory} at step {start_step}.", flush=True)
                 for note in notes:
                     print(f"note: {note}", flush=True)
-        meta = {"config": configuration.to_json(config), "code_version": code_version(),
-                "resume": resume.resume_record(config)}
+        meta = {
+            "config": configuration.to_json(config),
+            "code_version": code_version(),
+            "resume": resume.resume_record(config),
+        }
 
         writer = MetricsWriter(workdir, enabled=is_main, total_steps=total_steps)
         closers.append(writer.close)
-        writer.write_record({"event": "start", "step": start_step, "total_steps": total_steps,
-                             "num_train_examples": num_train, "processes": jax.process_count(),
-                             "devices": jax.device_count(), "init_from": parts.init_report or None, **meta})
+        writer.write_record(
+            {
+                "event": "start",
+                "step": start_step,
+                "total_steps": total_steps,
+                "num_train_examples": num_train,
+                "processes": jax.process_count(),
+                "devices": jax.device_count(),
+                "init_from": parts.init_report or None,
+                **meta,
+            }
+        )
 
         # ─── Loop ────────────────────────────────────────────────────────────────────────────────
         step = start_step
@@ -274,7 +307,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str, task: Task, *, stop_
                         raise TrainingDivergedError(
                             f"Loss is {scalars['loss']} at step {step}: training diverged. Lower the learning rate "
                             "(--config.optim.base_lr) or enable clipping (--config.optim.grad_clip_norm=1), then rerun "
-                            f"(it resumes from the last checkpoint in {workdir}; delete it to start over).")
+                            f"(it resumes from the last checkpoint in {workdir}; delete it to start over)."
+                        )
                     writer.write_scalars(step, scalars)
                     writer.progress(step, scalars)
                     last_loss = scalars["loss"]
@@ -294,12 +328,15 @@ def _train(config: ml_collections.ConfigDict, workdir: str, task: Task, *, stop_
                     if results:
                         writer.write_scalars(step, {f"eval/{k}": float(v) for k, v in results.items()})
                         if is_main:
-                            print(f"eval @ {step}: " + "  ".join(f"{k}={float(v):.4f}" for k, v in results.items()),
-                                  flush=True)
+                            print(
+                                f"eval @ {step}: " + "  ".join(f"{k}={float(v):.4f}" for k, v in results.items()),
+                                flush=True,
+                            )
 
                 preempted = multi_process and multihost_utils.reached_preemption_sync_point(step)
-                stopping = (stop.requested is not None or preempted
-                            or (stop_at_step is not None and step >= stop_at_step))
+                stopping = (
+                    stop.requested is not None or preempted or (stop_at_step is not None and step >= stop_at_step)
+                )
                 if step % config.checkpoint_every == 0 or step == total_steps or stopping or early_stop:
                     ckpt.save(step, state, data_iter, {**meta, "step": step})
                 if early_stop:
@@ -309,22 +346,28 @@ def _train(config: ml_collections.ConfigDict, workdir: str, task: Task, *, stop_
                     break
                 if stopping:
                     if is_main:
-                        why = stop.requested or ("SIGTERM, all processes" if preempted else f"stop_at_step={stop_at_step}")
-                        print(f"Stopping at step {step} ({why}); checkpoint saved, rerun the same command to resume.",
-                              flush=True)
+                        why = stop.requested or (
+                            "SIGTERM, all processes" if preempted else f"stop_at_step={stop_at_step}"
+                        )
+                        print(
+                            f"Stopping at step {step} ({why}); checkpoint saved, rerun the same command to resume.",
+                            flush=True,
+                        )
                     break
             else:
                 finished = True
-        ckpt.close()   # waits for the last save; a failed one raises CheckpointError here
+        ckpt.close()  # waits for the last save; a failed one raises CheckpointError here
         if jax.process_count() > 1 and last_loss is not None:  # one line per process: they must agree
             print(f"[process {jax.process_index()}/{jax.process_count()}] step {step} loss {last_loss:.6f}", flush=True)
         return TrainResult(state=state, graphdef=graphdef, step=step, finished=finished, predictions=task.predictions())
     except OSError as e:
         if e.errno not in (errno.ENOSPC, errno.EDQUOT) or isinstance(e, errors.UserError):
             raise
-        raise errors.OutOfSpaceError(f"The disk is full writing {e.filename or workdir} ({e.strerror}). The newest "
-                                     f"complete checkpoint in {workdir}/checkpoints is intact: free space and rerun the "
-                                     "same command to resume.") from None
+        raise errors.OutOfSpaceError(
+            f"The disk is full writing {e.filename or workdir} ({e.strerror}). The newest "
+            f"complete checkpoint in {workdir}/checkpoints is intact: free space and rerun the "
+            "same command to resume."
+        ) from None
     finally:
         for close in reversed(closers):
             try:

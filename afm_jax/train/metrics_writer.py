@@ -28,6 +28,7 @@ class MetricsWriter:
         self._start = time.time()
         if enabled:
             from tensorboardX import SummaryWriter  # imported lazily: only process 0 needs it
+
             os.makedirs(self.workdir, exist_ok=True)
             self._tb = SummaryWriter(os.path.join(self.workdir, "tensorboard"))
             self._jsonl = open(os.path.join(self.workdir, "metrics.jsonl"), "a", buffering=1)
@@ -63,8 +64,12 @@ class MetricsWriter:
         if not self.enabled:
             return
         parts = [f"step {step}" + (f"/{self.total_steps}" if self.total_steps else "")]
-        for key, fmt in (("loss", "loss {:.4f}"), ("lr", "lr {:.2e}"), ("img_per_s", "{:.1f} img/s"),
-                         ("mfu", "MFU {:.1%}")):
+        for key, fmt in (
+            ("loss", "loss {:.4f}"),
+            ("lr", "lr {:.2e}"),
+            ("img_per_s", "{:.1f} img/s"),
+            ("mfu", "MFU {:.1%}"),
+        ):
             if key in scalars:
                 parts.append(fmt.format(float(scalars[key])))
         if "step_time_s" in scalars and self.total_steps:

@@ -36,14 +36,19 @@ def peak_learning_rate(optim: ml_collections.ConfigDict, global_batch_size: int)
     return optim.base_lr * global_batch_size / 256
 
 
-def learning_rate_schedule(optim: ml_collections.ConfigDict, global_batch_size: int,
-                           total_steps: int, warmup_steps: int) -> optax.Schedule:
+def learning_rate_schedule(
+    optim: ml_collections.ConfigDict, global_batch_size: int, total_steps: int, warmup_steps: int
+) -> optax.Schedule:
     """Linear warmup from 0 to the peak lr over `warmup_steps`, then cosine to `optim.min_lr`."""
     peak = peak_learning_rate(optim, global_batch_size)
     warmup_steps = min(warmup_steps, max(total_steps - 1, 0))
     return optax.warmup_cosine_decay_schedule(
-        init_value=0.0, peak_value=peak, warmup_steps=warmup_steps,
-        decay_steps=max(total_steps, warmup_steps + 1), end_value=optim.min_lr)
+        init_value=0.0,
+        peak_value=peak,
+        warmup_steps=warmup_steps,
+        decay_steps=max(total_steps, warmup_steps + 1),
+        end_value=optim.min_lr,
+    )
 
 
 def _path_names(path: tuple) -> list[str]:
@@ -63,6 +68,7 @@ def weight_decay_mask(params: Any, rule: str = "no_tokens") -> Any:
         if rule == "no_tokens" and any(n in NO_DECAY_NAMES for n in names):
             return False
         return getattr(leaf, "ndim", 0) >= 2
+
     return jax.tree_util.tree_map_with_path(decays, params)
 
 
@@ -76,17 +82,34 @@ def make_optimizer(optim: ml_collections.ConfigDict, schedule: optax.Schedule) -
     parts = []
     if optim.grad_clip_norm and optim.grad_clip_norm > 0:
         parts.append(optax.clip_by_global_norm(optim.grad_clip_norm))
-    parts.append(optax.adamw(schedule, b1=optim.b1, b2=optim.b2, eps=optim.eps,
-                             weight_decay=optim.weight_decay, mask=decay_mask_fn(optim)))
+    parts.append(
+        optax.adamw(
+            schedule,
+            b1=optim.b1,
+            b2=optim.b2,
+            eps=optim.eps,
+            weight_decay=optim.weight_decay,
+            mask=decay_mask_fn(optim),
+        )
+    )
     return optax.chain(*parts)
 
 
 def default_optim_config() -> ml_collections.ConfigDict:
     """MAE pretraining defaults (He et al. 2021, Table 8): AdamW(0.9, 0.95), wd 0.05, base lr 1.5e-4."""
-    return ml_collections.ConfigDict(dict(
-        base_lr=1.5e-4, min_lr=0.0, warmup_epochs=40.0, b1=0.9, b2=0.95, eps=1e-8,
-        weight_decay=0.05, grad_clip_norm=0.0,
-        weight_decay_rule="rank"))          # MAE decays cls/mask tokens (see WEIGHT_DECAY_RULES)
+    return ml_collections.ConfigDict(
+        dict(
+            base_lr=1.5e-4,
+            min_lr=0.0,
+            warmup_epochs=40.0,
+            b1=0.9,
+            b2=0.95,
+            eps=1e-8,
+            weight_decay=0.05,
+            grad_clip_norm=0.0,
+            weight_decay_rule="rank",
+        )
+    )  # MAE decays cls/mask tokens (see WEIGHT_DECAY_RULES)
 
 
 CLIP_MODES = ("per_tensor", "global", "per_module")
@@ -100,8 +123,14 @@ def _module_of(path: tuple) -> str:
     return "encoder" if top == "mask_token" else top
 
 
-def make_dino_optimizer(config: ml_collections.ConfigDict, schedule: optax.Schedule, params: Any, *,
-                        total_steps: int, freeze_last_layer_steps: int) -> optax.GradientTransformation:
+def make_dino_optimizer(
+    config: ml_collections.ConfigDict,
+    schedule: optax.Schedule,
+    params: Any,
+    *,
+    total_steps: int,
+    freeze_last_layer_steps: int,
+) -> optax.GradientTransformation:
     """DINO's optimiser: AdamW (or LARS for a ResNet) with cosine weight decay (0.04 -> 0.4) on the
     tensors of `optim.weight_decay_rule`, gradient clipping (`dino.clip_mode`), the head's last layer
     frozen for the first `freeze_last_layer_steps` (`dino.freeze_last_layer_mode`), and optional
@@ -133,19 +162,27 @@ def make_dino_optimizer(config: ml_collections.ConfigDict, schedule: optax.Sched
         parts.append(optax.add_decayed_weights(wd, mask=decay_mask))
         if fresh:
             parts.append(dino_schedules.freeze_for_steps(is_last, freeze_last_layer_steps))
-        parts += [optax.masked(optax.scale_by_trust_ratio(trust_coefficient=float(d.lars_trust_coefficient)),
-                               not_1d),
-                  optax.trace(decay=float(d.lars_momentum)),
-                  optax.scale_by_learning_rate(schedule)]
+        parts += [
+            optax.masked(optax.scale_by_trust_ratio(trust_coefficient=float(d.lars_trust_coefficient)), not_1d),
+            optax.trace(decay=float(d.lars_momentum)),
+            optax.scale_by_learning_rate(schedule),
+        ]
     else:
         start = jax.tree.map(lambda last: freeze_last_layer_steps if (fresh and last) else 0, is_last)
-        parts += [dino_schedules.scale_by_adam_from(o.b1, o.b2, o.eps, start),
-                  optax.add_decayed_weights(wd, mask=decay_mask),
-                  optax.scale_by_learning_rate(schedule)]
+        parts += [
+            dino_schedules.scale_by_adam_from(o.b1, o.b2, o.eps, start),
+            optax.add_decayed_weights(wd, mask=decay_mask),
+            optax.scale_by_learning_rate(schedule),
+        ]
     if d.layer_decay < 1.0 or d.patch_embed_lr_mult != 1.0:
         depth = factory.vit_dims(config.model)["depth"]
-        parts.append(layer_decay.scale_updates_by_tree(layer_decay.lr_scale_tree(
-            params, num_layers=depth, decay=float(d.layer_decay), patch_embed_scale=float(d.patch_embed_lr_mult))))
-    if freeze:   # no update (and so no weight decay) of the last layer during the freeze: lr 0
+        parts.append(
+            layer_decay.scale_updates_by_tree(
+                layer_decay.lr_scale_tree(
+                    params, num_layers=depth, decay=float(d.layer_decay), patch_embed_scale=float(d.patch_embed_lr_mult)
+                )
+            )
+        )
+    if freeze:  # no update (and so no weight decay) of the last layer during the freeze: lr 0
         parts.append(dino_schedules.freeze_for_steps(is_last, freeze_last_layer_steps))
     return optax.chain(*parts)

@@ -46,13 +46,20 @@ def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
 
 def resume_record(config: ml_collections.ConfigDict) -> dict[str, Any]:
     """{dotted key: value} of what must stay the same for a resume to continue this run."""
-    model = {f"model.{k}": v for k, v in _flat(configuration.to_json(config.model)).items()
-             if k not in SAFE_MODEL_KEYS}
+    model = {f"model.{k}": v for k, v in _flat(configuration.to_json(config.model)).items() if k not in SAFE_MODEL_KEYS}
     data = config.data
-    return {"version": RECORD_VERSION, "task": config.task, **model, "image_size": int(config.image_size),
-            "batch_size": int(config.batch_size), "seed": int(config.seed), "data.train_split": data.train_split,
-            "data.selection": data.get("selection"), "dataset_fingerprint": dataset_fingerprint(data.path),
-            "data.path": data.path}
+    return {
+        "version": RECORD_VERSION,
+        "task": config.task,
+        **model,
+        "image_size": int(config.image_size),
+        "batch_size": int(config.batch_size),
+        "seed": int(config.seed),
+        "data.train_split": data.train_split,
+        "data.selection": data.get("selection"),
+        "dataset_fingerprint": dataset_fingerprint(data.path),
+        "data.path": data.path,
+    }
 
 
 def check_resume(saved_meta: dict, config: ml_collections.ConfigDict) -> list[str]:
@@ -71,8 +78,9 @@ def check_resume(saved_meta: dict, config: ml_collections.ConfigDict) -> list[st
         if saved.get(key) != value:
             differences.append(f"`{key}`: checkpoint {saved.get(key)!r}, now {value!r}")
     notes = []
-    same_data = saved.get("dataset_fingerprint") is not None and saved.get("dataset_fingerprint") == \
-        now["dataset_fingerprint"]
+    same_data = (
+        saved.get("dataset_fingerprint") is not None and saved.get("dataset_fingerprint") == now["dataset_fingerprint"]
+    )
     if saved.get("data.path") != now["data.path"]:
         if same_data:
             notes.append(f"data.path moved from {saved.get('data.path')!r} to {now['data.path']!r} (same records)")
@@ -81,12 +89,16 @@ def check_resume(saved_meta: dict, config: ml_collections.ConfigDict) -> list[st
     if differences:
         raise ConfigError(
             "Cannot resume: this run differs from the one that wrote the checkpoint in what must not change: "
-            + "; ".join(differences) + ". Rerun with the checkpoint's values (its config is in "
-            "checkpoints/<step>/meta), or give a new --workdir to start a new run with these settings.")
+            + "; ".join(differences)
+            + ". Rerun with the checkpoint's values (its config is in "
+            "checkpoints/<step>/meta), or give a new --workdir to start a new run with these settings."
+        )
     old = _flat(saved_meta.get("config") or {})
     current = _flat(configuration.to_json(config))
     changed = sorted(k for k, v in current.items() if k in old and old[k] != v and k != "data.path")
     if changed:
-        notes.append("config changed since the checkpoint (safe to resume): "
-                     + ", ".join(f"{k} {old[k]!r} -> {current[k]!r}" for k in changed))
+        notes.append(
+            "config changed since the checkpoint (safe to resume): "
+            + ", ".join(f"{k} {old[k]!r} -> {current[k]!r}" for k in changed)
+        )
     return notes

@@ -19,10 +19,11 @@ from afm_jax.train.loop import Monitor, TrainResult
 from afm_jax.train.tasks import get_task
 
 
-def run(config: ml_collections.ConfigDict, workdir: str, *, monitor: Monitor | None = None,
-        stop_at_step: int | None = None) -> TrainResult:
+def run(
+    config: ml_collections.ConfigDict, workdir: str, *, monitor: Monitor | None = None, stop_at_step: int | None = None
+) -> TrainResult:
     """Trains `config.task` per `config` in `workdir` (see the module docstring)."""
     task = get_task(config.task)
-    with loop.workdir_lock(workdir):   # also covers building the synthetic dataset into the workdir
+    with loop.workdir_lock(workdir):  # also covers building the synthetic dataset into the workdir
         synthetic.prepare_dataset(config, workdir)
         return loop.train(config, workdir, task, monitor=monitor, stop_at_step=stop_at_step)

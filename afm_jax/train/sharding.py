@@ -24,7 +24,9 @@ from typing import Any
 import jax
 import ml_collections
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
 from afm_jax.errors import ConfigError
 
 MESH_AXES = ("data", "fsdp")
@@ -34,7 +36,7 @@ DEFAULT_RULES = ((".*", "fsdp"),)
 
 def default_sharding_config() -> ml_collections.ConfigDict:
     """`config.sharding`: placement rules (first match wins) and the FSDP size floor."""
-    return ml_collections.ConfigDict(dict(rules=DEFAULT_RULES, min_fsdp_size=2 ** 12))
+    return ml_collections.ConfigDict(dict(rules=DEFAULT_RULES, min_fsdp_size=2**12))
 
 
 def make_mesh(mesh_cfg: ml_collections.ConfigDict, devices: list | None = None) -> Mesh:
@@ -42,7 +44,7 @@ def make_mesh(mesh_cfg: ml_collections.ConfigDict, devices: list | None = None) 
     devices = list(devices if devices is not None else jax.devices())
     sizes = [int(mesh_cfg.data), int(mesh_cfg.fsdp)]
     if sizes.count(-1) > 1:
-        raise ConfigError("Config keys `mesh.data`/`mesh.fsdp`: at most one may be -1 (\"the rest\").")
+        raise ConfigError('Config keys `mesh.data`/`mesh.fsdp`: at most one may be -1 ("the rest").')
     known = int(np.prod([s for s in sizes if s != -1]))
     if known <= 0:
         raise ConfigError(f"Config keys `mesh.data`/`mesh.fsdp` = {sizes}: sizes must be positive or -1.")
@@ -51,8 +53,7 @@ def make_mesh(mesh_cfg: ml_collections.ConfigDict, devices: list | None = None) 
             raise ConfigError(f"Config key `mesh`: {len(devices)} devices are not divisible by {known}.")
         sizes[sizes.index(-1)] = len(devices) // known
     if int(np.prod(sizes)) != len(devices):
-        raise ConfigError(f"Config key `mesh`: data×fsdp = {sizes[0]}×{sizes[1]} but there are "
-                          f"{len(devices)} devices.")
+        raise ConfigError(f"Config key `mesh`: data×fsdp = {sizes[0]}×{sizes[1]} but there are {len(devices)} devices.")
     return Mesh(np.asarray(devices).reshape(sizes), MESH_AXES)
 
 
@@ -102,12 +103,16 @@ def _spec_for(path: str, shape: Sequence[int], rules: Sequence, fsdp_size: int, 
             return fsdp_spec(shape, fsdp_size, min_size)
         spec = tuple(placement)
         if len(spec) != len(shape):
-            raise ConfigError(f"Config key `sharding.rules`: rule {pattern!r} gives {spec} for {path} of "
-                              f"shape {tuple(shape)} (one entry per dimension needed).")
+            raise ConfigError(
+                f"Config key `sharding.rules`: rule {pattern!r} gives {spec} for {path} of "
+                f"shape {tuple(shape)} (one entry per dimension needed)."
+            )
         for dim, axis in zip(shape, spec):
             if axis is not None and dim % dict(data=1, fsdp=fsdp_size).get(axis, 1):
-                raise ConfigError(f"Config key `sharding.rules`: {path} dimension {dim} is not divisible by "
-                                  f"the size of mesh axis {axis!r}.")
+                raise ConfigError(
+                    f"Config key `sharding.rules`: {path} dimension {dim} is not divisible by "
+                    f"the size of mesh axis {axis!r}."
+                )
         return P(*spec)
     return P()
 
@@ -115,7 +120,7 @@ def _spec_for(path: str, shape: Sequence[int], rules: Sequence, fsdp_size: int, 
 def param_shardings(mesh: Mesh, abstract_tree: Any, sharding_cfg: ml_collections.ConfigDict | None = None) -> Any:
     """A NamedSharding for every leaf of a (train-state) pytree, from the rules (see module doc)."""
     rules = tuple(sharding_cfg.rules) if sharding_cfg is not None else DEFAULT_RULES
-    min_size = int(sharding_cfg.min_fsdp_size) if sharding_cfg is not None else 2 ** 12
+    min_size = int(sharding_cfg.min_fsdp_size) if sharding_cfg is not None else 2**12
     fsdp_size = mesh.shape["fsdp"]
 
     def place(path, leaf):

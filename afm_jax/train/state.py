@@ -17,11 +17,11 @@ from flax import nnx, struct
 
 @struct.dataclass
 class TrainState:
-    step: jax.Array          # int32 scalar: optimiser steps taken
-    params: Any              # nnx.State of nnx.Param variables
-    frozen: Any              # nnx.State of every other variable (fixed pos-embeds, ...)
+    step: jax.Array  # int32 scalar: optimiser steps taken
+    params: Any  # nnx.State of nnx.Param variables
+    frozen: Any  # nnx.State of every other variable (fixed pos-embeds, ...)
     opt_state: Any
-    rng: jax.Array           # base key; the key of step t is fold_in(rng, t), so resume is exact
+    rng: jax.Array  # base key; the key of step t is fold_in(rng, t), so resume is exact
     extra: Any = struct.field(default_factory=dict)  # method state: DINO teacher and centre, ...
 
 
@@ -36,12 +36,18 @@ def merge_model(graphdef: nnx.GraphDef, state: TrainState, params: Any | None = 
     return nnx.merge(graphdef, state.params if params is None else params, state.frozen)
 
 
-def create_train_state(model: nnx.Module, tx: optax.GradientTransformation, seed: int,
-                       extra: Any = None) -> tuple[nnx.GraphDef, TrainState]:
+def create_train_state(
+    model: nnx.Module, tx: optax.GradientTransformation, seed: int, extra: Any = None
+) -> tuple[nnx.GraphDef, TrainState]:
     graphdef, params, frozen = split_model(model)
-    state = TrainState(step=jnp.zeros((), jnp.int32), params=params, frozen=frozen,
-                       opt_state=tx.init(params), rng=jax.random.key_data(jax.random.key(seed)),
-                       extra={} if extra is None else extra)
+    state = TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        frozen=frozen,
+        opt_state=tx.init(params),
+        rng=jax.random.key_data(jax.random.key(seed)),
+        extra={} if extra is None else extra,
+    )
     return graphdef, state
 
 

@@ -33,6 +33,7 @@ UpdateExtraFn = Callable[[Any, Any, dict, jax.Array], Any]
 
 def split_micro_batches(batch: dict, accum_steps: int, sharding: NamedSharding | None = None) -> dict:
     """(B, ...) leaves -> (k, B/k, ...): micro-batch i holds examples i, i+k, i+2k, ..."""
+
     def split(x):
         if x.shape[0] % accum_steps:
             raise ValueError(f"Batch of {x.shape[0]} is not divisible by accum_steps={accum_steps}.")
@@ -41,12 +42,20 @@ def split_micro_batches(batch: dict, accum_steps: int, sharding: NamedSharding |
             spec = jax.sharding.PartitionSpec(None, *sharding.spec)
             y = jax.lax.with_sharding_constraint(y, NamedSharding(sharding.mesh, spec))
         return y
+
     return jax.tree.map(split, batch)
 
 
-def make_train_step(graphdef: nnx.GraphDef, loss_fn: LossFn, tx: optax.GradientTransformation,
-                    schedule: optax.Schedule, *, update_extra: UpdateExtraFn | None = None,
-                    accum_steps: int = 1, batch_sharding: NamedSharding | None = None) -> Callable:
+def make_train_step(
+    graphdef: nnx.GraphDef,
+    loss_fn: LossFn,
+    tx: optax.GradientTransformation,
+    schedule: optax.Schedule,
+    *,
+    update_extra: UpdateExtraFn | None = None,
+    accum_steps: int = 1,
+    batch_sharding: NamedSharding | None = None,
+) -> Callable:
     """Returns train_step(state, batch) for `jax.jit` (with shardings and donated state)."""
     if accum_steps < 1:
         raise ValueError(f"accum_steps must be >= 1, got {accum_steps}.")
@@ -57,14 +66,19 @@ def make_train_step(graphdef: nnx.GraphDef, loss_fn: LossFn, tx: optax.GradientT
         def grads_of(frozen: Any, micro_batch: dict, micro_key: jax.Array):
             """((loss, (metrics, outputs)), grads) of one (micro-)batch, and the model's non-Param
             state after the loss (BatchNorm running averages; everything else passes through)."""
+
             def loss_of(params):
-                model = nnx.merge(graphdef, params, frozen, copy=True)   # fresh variables: the loss may update them
+                model = nnx.merge(graphdef, params, frozen, copy=True)  # fresh variables: the loss may update them
                 loss, aux = loss_fn(model, micro_batch, micro_key, state.extra, state.step)
                 _, _, after = nnx.split(model, nnx.Param, ...)
                 return loss, (aux, after)
+
             (loss, (aux, after)), grads = jax.value_and_grad(loss_of, has_aux=True)(state.params)
-            after = jax.tree.map(lambda new, old: new if new.dtype == old.dtype else new.astype(old.dtype),
-                                 jax.lax.stop_gradient(after), frozen)
+            after = jax.tree.map(
+                lambda new, old: new if new.dtype == old.dtype else new.astype(old.dtype),
+                jax.lax.stop_gradient(after),
+                frozen,
+            )
             return ((loss, aux), grads), after
 
         if accum_steps == 1:
@@ -88,7 +102,8 @@ def make_train_step(graphdef: nnx.GraphDef, loss_fn: LossFn, tx: optax.GradientT
         params = optax.apply_updates(state.params, updates)
         extra = state.extra if update_extra is None else update_extra(state.extra, params, outputs, state.step)
         metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": schedule(state.step), **metrics}
-        return state.replace(step=state.step + 1, params=params, frozen=frozen, opt_state=opt_state,
-                             extra=extra), metrics
+        return state.replace(
+            step=state.step + 1, params=params, frozen=frozen, opt_state=opt_state, extra=extra
+        ), metrics
 
     return train_step

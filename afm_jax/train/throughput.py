@@ -38,8 +38,9 @@ def compiled_flops(compiled: jax.stages.Compiled, num_devices: int = 1) -> float
     return float(analysis["flops"]) * num_devices
 
 
-def measure_matmul_flops(size: int = 2048, dtype=jnp.float32, repeats: int = 5,
-                         device: jax.Device | None = None) -> float:
+def measure_matmul_flops(
+    size: int = 2048, dtype=jnp.float32, repeats: int = 5, device: jax.Device | None = None
+) -> float:
     """Achieved FLOP/s of a (size × size) @ (size × size) matmul on one device: the practical ceiling."""
     device = device or jax.devices()[0]
     a = jax.device_put(jnp.ones((size, size), dtype), device)

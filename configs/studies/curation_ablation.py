@@ -41,20 +41,34 @@ ARMS = {"curated": "selection.json", "random_subset": "selection_random.json"}
 
 # One pretraining recipe for every arm; only data.selection and seed differ.
 PRETRAIN = {
-    "model.variant": "Ti/8", "model.depth": 4, "image_size": IMAGE_SIZE, "batch_size": 32,
-    "total_steps": 300, "optim.base_lr": 4e-3, "optim.warmup_epochs": 2.0,
-    "mae.decoder_dim": 64, "mae.decoder_depth": 2, "mae.decoder_heads": 4,
-    "data.num_workers": 0, "probe.enabled": False, "image_every": 0, "checkpoint_every": 300,
-    "log_every": 50, "data.synthetic.enabled": False, "data.path": DATA,
+    "model.variant": "Ti/8",
+    "model.depth": 4,
+    "image_size": IMAGE_SIZE,
+    "batch_size": 32,
+    "total_steps": 300,
+    "optim.base_lr": 4e-3,
+    "optim.warmup_epochs": 2.0,
+    "mae.decoder_dim": 64,
+    "mae.decoder_depth": 2,
+    "mae.decoder_heads": 4,
+    "data.num_workers": 0,
+    "probe.enabled": False,
+    "image_every": 0,
+    "checkpoint_every": 300,
+    "log_every": 50,
+    "data.synthetic.enabled": False,
+    "data.path": DATA,
 }
 
 
 def get_study() -> Study:
     missing = [f for f in ARMS.values() if not (pathlib.Path(CURATION) / f).is_file()]
     if missing:
-        raise ConfigError(f"The curation ablation needs tools/curate.py's output in {CURATION} (missing: "
-                          f"{', '.join(missing)}); run `python tools/curate.py --data {DATA} --out {CURATION}` "
-                          "first, or set AFM_ABLATION_CURATION.")
+        raise ConfigError(
+            f"The curation ablation needs tools/curate.py's output in {CURATION} (missing: "
+            f"{', '.join(missing)}); run `python tools/curate.py --data {DATA} --out {CURATION}` "
+            "first, or set AFM_ABLATION_CURATION."
+        )
     tasks = {
         "aff_vs_nff": TaskSpec("aff_vs_nff", data=DATA, positive_labels=(2,), negative_labels=(1,)),
         "fracture": TaskSpec("fracture", data=DATA, positive_labels=(1, 2), negative_labels=(0,)),
@@ -63,9 +77,19 @@ def get_study() -> Study:
     for arm, selection in ARMS.items():
         for seed in SEEDS:
             name = f"{arm}_s{seed}"
-            pretrain[name] = PretrainSpec(config="configs/demo.py", overrides={
-                **PRETRAIN, "seed": seed, "data.selection": os.fspath(pathlib.Path(CURATION) / selection)})
+            pretrain[name] = PretrainSpec(
+                config="configs/demo.py",
+                overrides={**PRETRAIN, "seed": seed, "data.selection": os.fspath(pathlib.Path(CURATION) / selection)},
+            )
             backbones[name] = BackboneSpec("checkpoint", path=f"@{name}", image_size=IMAGE_SIZE, pool="avg")
-    return Study(name="curation_ablation", tasks=tasks, pretrain=pretrain, backbones=backbones,
-                 protocols=("knn", "linear"), reference="random_subset_s0", n_boot=1000, overlay_images=0,
-                 options={"knn": {"k": 20, "temperature": 0.07}})
+    return Study(
+        name="curation_ablation",
+        tasks=tasks,
+        pretrain=pretrain,
+        backbones=backbones,
+        protocols=("knn", "linear"),
+        reference="random_subset_s0",
+        n_boot=1000,
+        overlay_images=0,
+        options={"knn": {"k": 20, "temperature": 0.07}},
+    )

@@ -28,18 +28,46 @@ IMAGE_SIZE = 64
 
 
 def get_study() -> Study:
-    femur = TaskSpec("aff_vs_nff", synthetic=dict(num_patients=300, image_size=128, seed=0),
-                     positive_labels=(2,), negative_labels=(1,), unit="patient", aggregate="mean")
-    mae = PretrainSpec(config="configs/demo.py", data_task="aff_vs_nff", overrides={
-        "model.variant": "Ti/8", "model.depth": 4, "image_size": IMAGE_SIZE, "batch_size": 32,
-        "total_steps": 300, "optim.base_lr": 4e-3, "optim.warmup_epochs": 2.0,
-        "mae.decoder_dim": 64, "mae.decoder_depth": 2, "mae.decoder_heads": 4,
-        "data.num_workers": 0, "probe.enabled": False, "image_every": 0, "checkpoint_every": 300, "log_every": 50,
-        "data.synthetic.enabled": False})
+    femur = TaskSpec(
+        "aff_vs_nff",
+        synthetic=dict(num_patients=300, image_size=128, seed=0),
+        positive_labels=(2,),
+        negative_labels=(1,),
+        unit="patient",
+        aggregate="mean",
+    )
+    mae = PretrainSpec(
+        config="configs/demo.py",
+        data_task="aff_vs_nff",
+        overrides={
+            "model.variant": "Ti/8",
+            "model.depth": 4,
+            "image_size": IMAGE_SIZE,
+            "batch_size": 32,
+            "total_steps": 300,
+            "optim.base_lr": 4e-3,
+            "optim.warmup_epochs": 2.0,
+            "mae.decoder_dim": 64,
+            "mae.decoder_depth": 2,
+            "mae.decoder_heads": 4,
+            "data.num_workers": 0,
+            "probe.enabled": False,
+            "image_every": 0,
+            "checkpoint_every": 300,
+            "log_every": 50,
+            "data.synthetic.enabled": False,
+        },
+    )
     # The same images, normal vs fractured (NFF or AFF): a second task costs no extra forward pass
     # (features are cached per backbone × dataset × split).
-    fracture = TaskSpec("fracture", synthetic=femur.synthetic, positive_labels=(1, 2), negative_labels=(0,),
-                        unit="patient", aggregate="mean")
+    fracture = TaskSpec(
+        "fracture",
+        synthetic=femur.synthetic,
+        positive_labels=(1, 2),
+        negative_labels=(0,),
+        unit="patient",
+        aggregate="mean",
+    )
     return Study(
         name="demo",
         tasks={"aff_vs_nff": femur, "fracture": fracture},
@@ -51,10 +79,19 @@ def get_study() -> Study:
         },
         protocols=("knn", "linear"),
         seeds=(0, 1, 2),
-        fractions=(0.1, 1.0),   # the low-label regime and full labels
-        options={"knn": {"k": 20, "temperature": 0.07},
-                 "finetune": {"total_steps": 150, "batch_size": 32, "eval_every": 25, "optim.base_lr": 1e-3,
-                              "optim.warmup_epochs": 1.0, "finetune.patience": 3, "log_every": 25}},
+        fractions=(0.1, 1.0),  # the low-label regime and full labels
+        options={
+            "knn": {"k": 20, "temperature": 0.07},
+            "finetune": {
+                "total_steps": 150,
+                "batch_size": 32,
+                "eval_every": 25,
+                "optim.base_lr": 1e-3,
+                "optim.warmup_epochs": 1.0,
+                "finetune.patience": 3,
+                "log_every": 25,
+            },
+        },
         n_boot=1000,
         overlay_images=4,
     )

@@ -44,19 +44,53 @@ SYNTHETIC = dict(num_patients=300, image_size=128, seed=0)
 
 def get_study() -> Study:
     tasks = {
-        "aff_vs_nff": TaskSpec("aff_vs_nff", synthetic=SYNTHETIC, positive_labels=(2,), negative_labels=(1,),
-                               class_names=("NFF", "AFF"), unit="patient"),
-        "fracture_type": TaskSpec("fracture_type", synthetic=SYNTHETIC, kind="multiclass",
-                                  classes=((0,), (1,), (2,)), class_names=("normal", "NFF", "AFF"), unit="patient"),
-        "field_of_view": TaskSpec("field_of_view", synthetic=SYNTHETIC, kind="regression", target="field_of_view_mm",
-                                  target_unit="mm", unit="image"),
+        "aff_vs_nff": TaskSpec(
+            "aff_vs_nff",
+            synthetic=SYNTHETIC,
+            positive_labels=(2,),
+            negative_labels=(1,),
+            class_names=("NFF", "AFF"),
+            unit="patient",
+        ),
+        "fracture_type": TaskSpec(
+            "fracture_type",
+            synthetic=SYNTHETIC,
+            kind="multiclass",
+            classes=((0,), (1,), (2,)),
+            class_names=("normal", "NFF", "AFF"),
+            unit="patient",
+        ),
+        "field_of_view": TaskSpec(
+            "field_of_view",
+            synthetic=SYNTHETIC,
+            kind="regression",
+            target="field_of_view_mm",
+            target_unit="mm",
+            unit="image",
+        ),
     }
-    mae = PretrainSpec(config="configs/demo.py", data_task="aff_vs_nff", overrides={
-        "model.variant": "Ti/8", "model.depth": 4, "image_size": IMAGE_SIZE, "batch_size": 32,
-        "total_steps": 200, "optim.base_lr": 4e-3, "optim.warmup_epochs": 2.0,
-        "mae.decoder_dim": 64, "mae.decoder_depth": 2, "mae.decoder_heads": 4,
-        "data.num_workers": 0, "probe.enabled": False, "image_every": 0, "checkpoint_every": 200, "log_every": 50,
-        "data.synthetic.enabled": False})
+    mae = PretrainSpec(
+        config="configs/demo.py",
+        data_task="aff_vs_nff",
+        overrides={
+            "model.variant": "Ti/8",
+            "model.depth": 4,
+            "image_size": IMAGE_SIZE,
+            "batch_size": 32,
+            "total_steps": 200,
+            "optim.base_lr": 4e-3,
+            "optim.warmup_epochs": 2.0,
+            "mae.decoder_dim": 64,
+            "mae.decoder_depth": 2,
+            "mae.decoder_heads": 4,
+            "data.num_workers": 0,
+            "probe.enabled": False,
+            "image_every": 0,
+            "checkpoint_every": 200,
+            "log_every": 50,
+            "data.synthetic.enabled": False,
+        },
+    )
     study = Study(
         name="fracture_types",
         tasks=tasks,

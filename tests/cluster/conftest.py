@@ -19,8 +19,17 @@ import time
 import pytest
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
-TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE",
-            "PREEMPTED"}
+TERMINAL = {
+    "COMPLETED",
+    "FAILED",
+    "CANCELLED",
+    "TIMEOUT",
+    "NODE_FAIL",
+    "OUT_OF_MEMORY",
+    "BOOT_FAIL",
+    "DEADLINE",
+    "PREEMPTED",
+}
 
 
 def _missing() -> str | None:
@@ -39,8 +48,15 @@ class Slurm:
     env: dict
 
     def run(self, *args: str, **kw) -> subprocess.CompletedProcess:
-        out = subprocess.run(list(args), env={**self.env, **kw.pop("env", {})}, capture_output=True, text=True,
-                             timeout=kw.pop("timeout", 60), cwd=kw.pop("cwd", REPO), **kw)
+        out = subprocess.run(
+            list(args),
+            env={**self.env, **kw.pop("env", {})},
+            capture_output=True,
+            text=True,
+            timeout=kw.pop("timeout", 60),
+            cwd=kw.pop("cwd", REPO),
+            **kw,
+        )
         assert out.returncode == 0, f"{' '.join(args)} failed:\n{out.stdout}\n{out.stderr}"
         return out
 
@@ -88,12 +104,24 @@ def slurm():
             pytest.fail(f"AFM_REQUIRE_SLURM=1 but {reason}")
         pytest.skip(reason)
     directory = tempfile.mkdtemp(prefix="afm-slurm-")
-    start = subprocess.run(["bash", str(REPO / "launch" / "slurm_local_cluster.sh"), "start", directory],
-                           capture_output=True, text=True, timeout=120)
+    start = subprocess.run(
+        ["bash", str(REPO / "launch" / "slurm_local_cluster.sh"), "start", directory],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert start.returncode == 0, f"local SLURM did not start:\n{start.stdout}\n{start.stderr}"
     conf = re.search(r"export SLURM_CONF=(\S+)", start.stdout).group(1)
-    env = dict(os.environ, SLURM_CONF=conf, AFM_VENV=sys.prefix, PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu",
-               XLA_FLAGS="", AFM_SALT="slurm-test-salt", PYTHONUNBUFFERED="1")
+    env = dict(
+        os.environ,
+        SLURM_CONF=conf,
+        AFM_VENV=sys.prefix,
+        PYTHONPATH=str(REPO),
+        JAX_PLATFORMS="cpu",
+        XLA_FLAGS="",
+        AFM_SALT="slurm-test-salt",
+        PYTHONUNBUFFERED="1",
+    )
     try:
         yield Slurm(env)
     finally:

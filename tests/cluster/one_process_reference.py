@@ -55,9 +55,19 @@ def main(config_file: str, workdir: str, total_steps: int) -> None:
     config.total_steps = total_steps
     prepare_dataset(config, workdir)
     task = get_task(config.task)
-    task.build_train_iterator = lambda c: TwoHosts([
-        pipeline.build_train_iterator(c.data, global_batch_size=c.batch_size, seed=c.seed, image_size=c.image_size,
-                                      process_index=i, process_count=2) for i in range(2)])
+    task.build_train_iterator = lambda c: TwoHosts(
+        [
+            pipeline.build_train_iterator(
+                c.data,
+                global_batch_size=c.batch_size,
+                seed=c.seed,
+                image_size=c.image_size,
+                process_index=i,
+                process_count=2,
+            )
+            for i in range(2)
+        ]
+    )
     result = loop.train(config, workdir, task)
     assert result.finished and result.step == total_steps, result.step
 

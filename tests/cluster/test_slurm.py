@@ -10,7 +10,6 @@ Run with `make test-slurm` (root; installs nothing itself — .ci/run does).
 from __future__ import annotations
 
 import json
-import os
 import pathlib
 import re
 import subprocess
@@ -24,7 +23,7 @@ import pytest
 REPO = pathlib.Path(__file__).resolve().parents[2]
 
 CONFIG = "configs/ci/multiprocess_mae.py"
-STEPS = 40                                   # long enough (~10 s of steps) to signal the job mid-run
+STEPS = 40  # long enough (~10 s of steps) to signal the job mid-run
 # A CPU node: one node, 2 tasks of 1 CPU, no GPUs; the 10-minute USR1 offset needs a longer limit.
 CPU_NODE = ["--nodes=1", "--ntasks-per-node=2", "--gpus-per-node=0", "--cpus-per-task=1", "--time=00:30:00"]
 
@@ -48,8 +47,14 @@ def assert_same_params(a: dict, b: dict, *, atol: float = 0.0) -> float:
 
 def pretrain(slurm, tmp: pathlib.Path, name: str) -> tuple[str, pathlib.Path, pathlib.Path]:
     workdir, log = tmp / name, tmp / f"{name}.out"
-    job = slurm.sbatch(*CPU_NODE, f"--output={log}", "launch/slurm_multinode.sbatch", CONFIG, str(workdir),
-                       f"--config.total_steps={STEPS}")
+    job = slurm.sbatch(
+        *CPU_NODE,
+        f"--output={log}",
+        "launch/slurm_multinode.sbatch",
+        CONFIG,
+        str(workdir),
+        f"--config.total_steps={STEPS}",
+    )
     return job, workdir, log
 
 
@@ -67,15 +72,20 @@ def test_two_task_job_agrees_across_processes_and_equals_one_process(slurm, unin
     workdir, text = uninterrupted
     finals = re.findall(rf"\[process (\d)/2\] step {STEPS} loss ([0-9.]+)", text)
     assert sorted(p for p, _ in finals) == ["0", "1"], text[-3000:]
-    assert finals[0][1] == finals[1][1]                               # the same global loss on both processes
-    assert text.count(f"step {STEPS}/{STEPS} |") == 1                 # console line from process 0 only
+    assert finals[0][1] == finals[1][1]  # the same global loss on both processes
+    assert text.count(f"step {STEPS}/{STEPS} |") == 1  # console line from process 0 only
     assert "srun: error" not in text and "Traceback" not in text
 
     # One process, 2 CPU devices, the two hosts' batches side by side: the same global batch every step.
     reference = tmp_path / "one_process"
-    out = subprocess.run([sys.executable, "tests/cluster/one_process_reference.py", CONFIG, str(reference), str(STEPS)],
-                         cwd=REPO, env=slurm.env,    # same salt, hence the same patient splits
-                         capture_output=True, text=True, timeout=400)
+    out = subprocess.run(
+        [sys.executable, "tests/cluster/one_process_reference.py", CONFIG, str(reference), str(STEPS)],
+        cwd=REPO,
+        env=slurm.env,  # same salt, hence the same patient splits
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
     one_loss = re.findall(rf"step {STEPS}/{STEPS} \| loss ([0-9.]+)", out.stdout)
     two_loss = re.findall(rf"step {STEPS}/{STEPS} \| loss ([0-9.]+)", text)
@@ -98,8 +108,16 @@ def test_usr1_checkpoints_requeues_and_resumes_to_the_uninterrupted_parameters(s
     step = int(stopped.group(1))
     assert 4 <= step < STEPS
     # The order of one requeue cycle: signal -> checkpoint -> requeue -> rerun of the script -> resume -> end.
-    marks = ["(restart 0)", "time limit near", f"Stopping at step {step}", "trainer stopped; requeueing", "(restart 1)",
-             f"at step {step}.", f"step {STEPS}/{STEPS}", f"[process 0/2] step {STEPS} loss"]
+    marks = [
+        "(restart 0)",
+        "time limit near",
+        f"Stopping at step {step}",
+        "trainer stopped; requeueing",
+        "(restart 1)",
+        f"at step {step}.",
+        f"step {STEPS}/{STEPS}",
+        f"[process 0/2] step {STEPS} loss",
+    ]
     positions = [text.find(m) for m in marks]
     assert all(p >= 0 for p in positions) and positions == sorted(positions), list(zip(marks, positions))
     assert re.search(rf"Resumed from \S+ at step {step}\.", text)
@@ -113,33 +131,74 @@ def test_usr1_checkpoints_requeues_and_resumes_to_the_uninterrupted_parameters(s
 def _dataset(directory: pathlib.Path) -> tuple:
     """Everything of a dataset except its creation time and path: info, decoded records, index, manifest."""
     from afm_jax.data import records
+
     info = records.read_info(directory)
     info.pop("created")
     info.pop("path")
     # Known difference, reported to the lead: the serialized bytes (hence this hash) of the array job's
     # records differ from the single-process run's although every decoded field is equal.
     info.pop("content_fingerprint")
-    recs = {split: [{k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in records.open_split(directory, split)[i].items()}
-                    for i in range(n)] for split, n in info["splits"].items()}
+    recs = {
+        split: [
+            {
+                k: (v.tolist() if isinstance(v, np.ndarray) else v)
+                for k, v in records.open_split(directory, split)[i].items()
+            }
+            for i in range(n)
+        ]
+        for split, n in info["splits"].items()
+    }
     index = {p.name: p.read_text() for p in (directory / "index").iterdir()}
     return info, recs, index, (directory / "manifest.csv").read_text()
 
 
 def test_preprocess_array_job_merges_to_the_single_process_dataset_and_a_killed_task_resumes(slurm, tmp_path):
     from afm_jax.data import synthetic
+
     archive = tmp_path / "dicom"
     synthetic.write_dicom_files(archive, num_patients=16, image_size=64)
     salt = tmp_path / "salt"
     salt.write_text("array-test-salt")
     salt.chmod(0o600)
-    common = ["--input", str(archive), "--labels", str(archive / "labels.csv"), "--name", "femur",
-              "--variant", "std512", "--chunk_size", "1"]
-    env = {"AFM_SALT_FILE": str(salt), "PY": sys.executable, "INPUT": str(archive),
-           "LABELS": str(archive / "labels.csv"), "NAME": "femur", "VARIANT": "std512", "EXTRA_ARGS": "--chunk_size 1"}
+    common = [
+        "--input",
+        str(archive),
+        "--labels",
+        str(archive / "labels.csv"),
+        "--name",
+        "femur",
+        "--variant",
+        "std512",
+        "--chunk_size",
+        "1",
+    ]
+    env = {
+        "AFM_SALT_FILE": str(salt),
+        "PY": sys.executable,
+        "INPUT": str(archive),
+        "LABELS": str(archive / "labels.csv"),
+        "NAME": "femur",
+        "VARIANT": "std512",
+        "EXTRA_ARGS": "--chunk_size 1",
+    }
 
-    single = subprocess.run([sys.executable, "tools/preprocess.py", *common, "--out", str(tmp_path / "single"),
-                             "--workers", "0", "--quiet"], cwd=REPO, env={**slurm.env, **env}, capture_output=True,
-                            text=True, timeout=300)
+    single = subprocess.run(
+        [
+            sys.executable,
+            "tools/preprocess.py",
+            *common,
+            "--out",
+            str(tmp_path / "single"),
+            "--workers",
+            "0",
+            "--quiet",
+        ],
+        cwd=REPO,
+        env={**slurm.env, **env},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert single.returncode == 0, single.stderr[-3000:]
 
     out = tmp_path / "array"
@@ -154,9 +213,10 @@ def test_preprocess_array_job_merges_to_the_single_process_dataset_and_a_killed_
     # interrupted mid-shard and rerun is tested in tests/test_conversion.py.)
     slurm.wait_for(lambda: slurm.states(f"{array}_1").get(f"{array}_1") == "RUNNING", "task 1 to start", poll=0.05)
     slurm.run("scancel", "--signal=STOP", "--full", f"{array}_1")
-    slurm.wait_for(lambda: all(slurm.states(f"{array}_{i}").get(f"{array}_{i}") == "COMPLETED" for i in (0, 2)),
-                   "tasks 0 and 2")
-    slurm.run("scancel", f"{array}_1")              # SIGCONT, SIGTERM, SIGKILL
+    slurm.wait_for(
+        lambda: all(slurm.states(f"{array}_{i}").get(f"{array}_{i}") == "COMPLETED" for i in (0, 2)), "tasks 0 and 2"
+    )
+    slurm.run("scancel", f"{array}_1")  # SIGCONT, SIGTERM, SIGKILL
     states = slurm.wait(array)
     assert states[f"{array}_0"] == states[f"{array}_2"] == "COMPLETED", states
     assert states[f"{array}_1"] == "CANCELLED", states
@@ -175,8 +235,9 @@ def test_preprocess_array_job_merges_to_the_single_process_dataset_and_a_killed_
     assert len(list(chunks.glob("chunk-*.jsonl"))) == num_chunks
     log = (logs / f"afm-preprocess-{again}_1.out").read_text()
     assert "shard 1/3 done; 0 chunks of other shards still to convert" in log, log
-    merge = slurm.sbatch(*opts, f"--dependency=afterok:{again}", "launch/preprocess_array.sbatch",
-                         env={**env, "MERGE": "1"})
+    merge = slurm.sbatch(
+        *opts, f"--dependency=afterok:{again}", "launch/preprocess_array.sbatch", env={**env, "MERGE": "1"}
+    )
     assert slurm.wait(merge) == {merge: "COMPLETED"}, [p.read_text()[-2000:] for p in logs.glob(f"*{merge}*")]
     name = "femur_std512_v1/1.0.0"
     assert _dataset(out / name) == _dataset(tmp_path / "single" / name)
@@ -186,21 +247,32 @@ def test_study_slurm_scripts_run_the_study_to_the_local_report(slurm, tmp_path):
     study = "tests/cluster/tiny_study.py"
     local, cluster = tmp_path / "local", tmp_path / "cluster"
     env = {**slurm.env, "AFM_SALT": "study-salt"}
-    out = subprocess.run([sys.executable, "tools/study.py", study, "--out", str(local)], cwd=REPO, env=env,
-                         capture_output=True, text=True, timeout=400)
+    out = subprocess.run(
+        [sys.executable, "tools/study.py", study, "--out", str(local)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
-    slurm.run(sys.executable, "tools/study.py", study, "--out", str(cluster), "--slurm", "--config.slurm.gpus=1", env=env)
+    slurm.run(
+        sys.executable, "tools/study.py", study, "--out", str(cluster), "--slurm", "--config.slurm.gpus=1", env=env
+    )
     launch = cluster / "launch"
     # The scripts ask for a GPU (#SBATCH --gpus=1); SBATCH_GPUS overrides it for sbatch calls in submit.sh.
     submitted = slurm.run("bash", str(launch / "submit.sh"), env={**env, "SBATCH_GPUS": "0"}).stdout
     report_job = re.findall(r"Submitted batch job (\d+)", submitted)[-1]
-    assert slurm.wait(report_job, timeout=400) == {report_job: "COMPLETED"}, \
-        "\n".join(p.read_text()[-2000:] for p in launch.glob("*.log"))
+    assert slurm.wait(report_job, timeout=400) == {report_job: "COMPLETED"}, "\n".join(
+        p.read_text()[-2000:] for p in launch.glob("*.log")
+    )
     for log in launch.glob("*.log"):
         assert "Traceback" not in log.read_text(), log.read_text()[-3000:]
-    assert sorted(p.name for p in (cluster / "results").glob("*.json")) == \
-        sorted(p.name for p in (local / "results").glob("*.json"))
+    assert sorted(p.name for p in (cluster / "results").glob("*.json")) == sorted(
+        p.name for p in (local / "results").glob("*.json")
+    )
 
     def report(root):
         return (root / "report" / "index.md").read_text().replace(str(root), "OUT")
+
     assert report(cluster) == report(local)

@@ -12,19 +12,46 @@ IMAGE_SIZE = 32
 
 
 def get_study() -> Study:
-    femur = TaskSpec("aff_vs_nff", synthetic=dict(num_patients=100, image_size=64, seed=0),
-                     positive_labels=(2,), negative_labels=(1,), unit="patient", aggregate="mean")
-    mae = PretrainSpec(config="configs/demo.py", data_task="aff_vs_nff", overrides={
-        "model.variant": "mu/8", "model.depth": 2, "image_size": IMAGE_SIZE, "batch_size": 8, "total_steps": 6,
-        "mae.decoder_dim": 32, "mae.decoder_depth": 1, "mae.decoder_heads": 2,
-        "data.num_workers": 0, "probe.enabled": False, "image_every": 0, "checkpoint_every": 6, "log_every": 2,
-        "data.synthetic.enabled": False})
+    femur = TaskSpec(
+        "aff_vs_nff",
+        synthetic=dict(num_patients=100, image_size=64, seed=0),
+        positive_labels=(2,),
+        negative_labels=(1,),
+        unit="patient",
+        aggregate="mean",
+    )
+    mae = PretrainSpec(
+        config="configs/demo.py",
+        data_task="aff_vs_nff",
+        overrides={
+            "model.variant": "mu/8",
+            "model.depth": 2,
+            "image_size": IMAGE_SIZE,
+            "batch_size": 8,
+            "total_steps": 6,
+            "mae.decoder_dim": 32,
+            "mae.decoder_depth": 1,
+            "mae.decoder_heads": 2,
+            "data.num_workers": 0,
+            "probe.enabled": False,
+            "image_every": 0,
+            "checkpoint_every": 6,
+            "log_every": 2,
+            "data.synthetic.enabled": False,
+        },
+    )
     return Study(
         name="tiny",
         tasks={"aff_vs_nff": femur},
         pretrain={"mae": mae},
-        backbones={"mae": BackboneSpec("checkpoint", path="@mae", image_size=IMAGE_SIZE, pool="avg"),
-                   "random_init": BackboneSpec("random_init", path="@mae", image_size=IMAGE_SIZE, pool="avg")},
-        protocols=("knn",), seeds=(0,), fractions=(1.0,), options={"knn": {"k": 5, "temperature": 0.07}},
-        n_boot=50, overlay_images=2,
+        backbones={
+            "mae": BackboneSpec("checkpoint", path="@mae", image_size=IMAGE_SIZE, pool="avg"),
+            "random_init": BackboneSpec("random_init", path="@mae", image_size=IMAGE_SIZE, pool="avg"),
+        },
+        protocols=("knn",),
+        seeds=(0,),
+        fractions=(1.0,),
+        options={"knn": {"k": 5, "temperature": 0.07}},
+        n_boot=50,
+        overlay_images=2,
     )

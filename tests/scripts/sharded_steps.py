@@ -25,7 +25,7 @@ def tiny_config(data: int, fsdp: int, accum_steps: int = 1, remat: str = "none")
     config.mae.update(decoder_dim=32, decoder_depth=1, decoder_heads=2)
     config.optim.base_lr = 1e-2
     config.mesh.data, config.mesh.fsdp = data, fsdp
-    config.sharding.min_fsdp_size = 0   # shard even tiny arrays, so the test exercises FSDP
+    config.sharding.min_fsdp_size = 0  # shard even tiny arrays, so the test exercises FSDP
     return config
 
 
@@ -50,18 +50,26 @@ def restore_elsewhere(devices: list, workdir: str) -> dict:
     ckpt.close()
 
     mesh4, parts4 = build(2, 2, devices[:4])
-    target = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
-                          parts4.abstract_state, parts4.state_shardings)
+    target = jax.tree.map(
+        lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), parts4.abstract_state, parts4.state_shardings
+    )
     ckpt = Checkpointer(workdir)
     restored, meta = ckpt.restore(1, target, None)
     ckpt.close()
-    diffs = [float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
-             for a, b in zip(jax.tree.leaves(saved), jax.tree.leaves(jax.device_get(restored.params)))]
+    diffs = [
+        float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
+        for a, b in zip(jax.tree.leaves(saved), jax.tree.leaves(jax.device_get(restored.params)))
+    ]
     devices_used = {d.id for leaf in jax.tree.leaves(restored.params) for d in leaf.sharding.device_set}
     # and the restored state trains on the new mesh
     restored, metrics = parts4.jit_step(restored, sharding.global_batch(mesh4, {"image": images}))
-    return {"max_diff": max(diffs), "devices_used": sorted(devices_used), "step": int(restored.step),
-            "loss_after": float(metrics["loss"]), "meta_step": meta["step"]}
+    return {
+        "max_diff": max(diffs),
+        "devices_used": sorted(devices_used),
+        "step": int(restored.step),
+        "loss_after": float(metrics["loss"]),
+        "meta_step": meta["step"],
+    }
 
 
 def run(data: int, fsdp: int, devices: list, steps: int = 2) -> dict:
@@ -80,15 +88,26 @@ def run(data: int, fsdp: int, devices: list, steps: int = 2) -> dict:
         losses.append(float(metrics["loss"]))
     params = jax.device_get(state.params)
     flat = np.concatenate([np.ravel(x) for x in jax.tree.leaves(params)])
-    return {"losses": losses, "param_sum": float(np.sum(flat)), "param_abs": float(np.sum(np.abs(flat))),
-            "first": [float(x) for x in flat[:64]], "specs": sharded, "devices": mesh.size}
+    return {
+        "losses": losses,
+        "param_sum": float(np.sum(flat)),
+        "param_abs": float(np.sum(np.abs(flat))),
+        "first": [float(x) for x in flat[:64]],
+        "specs": sharded,
+        "devices": mesh.size,
+    }
 
 
 if __name__ == "__main__":
     devices = jax.devices()
-    results = {"single": run(1, 1, devices[:1]), "data8": run(8, 1, devices),
-               "fsdp8": run(1, 8, devices), "data2_fsdp4": run(2, 4, devices)}
+    results = {
+        "single": run(1, 1, devices[:1]),
+        "data8": run(8, 1, devices),
+        "fsdp8": run(1, 8, devices),
+        "data2_fsdp4": run(2, 4, devices),
+    }
     import tempfile
+
     with tempfile.TemporaryDirectory() as tmp:
         results["restore_8_to_4"] = restore_elsewhere(devices, tmp)
     print(json.dumps(results))

@@ -48,8 +48,8 @@ from afm_jax import io
 from afm_jax.data import anonymize, decode_isolation, dicom, preprocessing
 from afm_jax.data.conversion import inputs as conversion_inputs
 from afm_jax.data.conversion.inputs import InputFile
-from afm_jax.errors import ConfigError, DecodeTimeoutError, DecoderCrashError
 from afm_jax.data.preprocessing import Variant
+from afm_jax.errors import ConfigError, DecoderCrashError, DecodeTimeoutError
 
 PLAN_FILE = "plan.json"
 CHUNK_DIR = "chunks"
@@ -77,7 +77,7 @@ class Plan:
 
     def chunk_files(self, chunk: int) -> list[InputFile]:
         start = chunk * self.chunk_size
-        return list(self.files[start:start + self.chunk_size])
+        return list(self.files[start : start + self.chunk_size])
 
     def chunk_path(self, chunk: int, suffix: str) -> pathlib.Path:
         return pathlib.Path(self.work_dir) / CHUNK_DIR / f"chunk-{chunk:06d}.{suffix}"
@@ -86,13 +86,26 @@ class Plan:
         return self.chunk_path(chunk, "jsonl").is_file()
 
     def summary(self) -> dict[str, Any]:
-        return {"inputs_fingerprint": self.inputs_fingerprint, "num_files": len(self.files),
-                "num_chunks": self.num_chunks, "chunk_size": self.chunk_size, "variant": self.variant.to_dict(),
-                "label_ids": self.label_ids, "salt_check": self.salt_check}
+        return {
+            "inputs_fingerprint": self.inputs_fingerprint,
+            "num_files": len(self.files),
+            "num_chunks": self.num_chunks,
+            "chunk_size": self.chunk_size,
+            "variant": self.variant.to_dict(),
+            "label_ids": self.label_ids,
+            "salt_check": self.salt_check,
+        }
 
 
-def make_plan(files: Sequence[InputFile], variant: Variant, work_dir: str | os.PathLike, salt: bytes, *,
-              chunk_size: int = DEFAULT_CHUNK_SIZE, label_names: Sequence[str] | None = None) -> Plan:
+def make_plan(
+    files: Sequence[InputFile],
+    variant: Variant,
+    work_dir: str | os.PathLike,
+    salt: bytes,
+    *,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    label_names: Sequence[str] | None = None,
+) -> Plan:
     """The plan for converting `files`; writes `<work_dir>/plan.json` or checks an existing one.
 
     Raises ConfigError if the work directory holds chunks of a different plan (other inputs, variant,
@@ -100,25 +113,38 @@ def make_plan(files: Sequence[InputFile], variant: Variant, work_dir: str | os.P
     if chunk_size < 1:
         raise ConfigError(f"--chunk_size must be >= 1, got {chunk_size}.")
     work = pathlib.Path(work_dir).expanduser().resolve()
-    plan = Plan(str(work), tuple(files), variant, int(chunk_size), conversion_inputs.label_ids(files, label_names),
-                conversion_inputs.inputs_fingerprint(files), anonymize.hash_id("afm-jax salt check", salt))
+    plan = Plan(
+        str(work),
+        tuple(files),
+        variant,
+        int(chunk_size),
+        conversion_inputs.label_ids(files, label_names),
+        conversion_inputs.inputs_fingerprint(files),
+        anonymize.hash_id("afm-jax salt check", salt),
+    )
     (work / CHUNK_DIR).mkdir(parents=True, exist_ok=True)
     plan_file = work / PLAN_FILE
     wanted = plan.summary()
     if plan_file.is_file():
         existing = json.loads(plan_file.read_text())
         if existing != json.loads(json.dumps(wanted)):
-            changed = sorted(k for k in set(existing) | set(wanted)
-                             if json.dumps(existing.get(k), sort_keys=True) != json.dumps(wanted.get(k), sort_keys=True))
-            raise ConfigError(f"The work directory {work} holds a conversion with different {', '.join(changed)} "
-                              "(salt_check: another salt). Use the same inputs, variant, chunk size and salt to "
-                              "resume it, or delete the directory (or pass --restart) to start over.")
+            changed = sorted(
+                k
+                for k in set(existing) | set(wanted)
+                if json.dumps(existing.get(k), sort_keys=True) != json.dumps(wanted.get(k), sort_keys=True)
+            )
+            raise ConfigError(
+                f"The work directory {work} holds a conversion with different {', '.join(changed)} "
+                "(salt_check: another salt). Use the same inputs, variant, chunk size and salt to "
+                "resume it, or delete the directory (or pass --restart) to start over."
+            )
     else:
         io.write_text(plan_file, json.dumps(wanted, indent=1, sort_keys=True))
     return plan
 
 
 # ─── One chunk (runs in a worker process) ────────────────────────────────────────────────────────
+
 
 @dataclasses.dataclass(frozen=True)
 class ChunkTask:
@@ -166,17 +192,26 @@ def _convert_file_isolated(f: InputFile, variant: Variant, task: ChunkTask) -> t
     try:
         return decode_isolation.shared_worker(task.isolation).call(convert_file, f, variant, task.salt, task.label_ids)
     except (DecoderCrashError, DecodeTimeoutError) as e:
-        row = {"file_index": f.index, "file_id": f.file_id(task.salt), "label_name": f.label_name,
-               "label": task.label_ids.get(f.label_name, -1) if f.label_name else -1,
-               "status": f"failed:{type(e).__name__}: {e}", "seconds": round(time.perf_counter() - start, 4)}
+        row = {
+            "file_index": f.index,
+            "file_id": f.file_id(task.salt),
+            "label_name": f.label_name,
+            "label": task.label_ids.get(f.label_name, -1) if f.label_name else -1,
+            "status": f"failed:{type(e).__name__}: {e}",
+            "seconds": round(time.perf_counter() - start, 4),
+        }
         return row, []
 
 
 def convert_file(f: InputFile, variant: Variant, salt: bytes, label_ids: dict[str, int]) -> tuple[dict, list[bytes]]:
     """One input file -> (manifest row, PNG bytes of its images). Never raises for a bad file."""
     start = time.perf_counter()
-    row: dict[str, Any] = {"file_index": f.index, "file_id": f.file_id(salt), "label_name": f.label_name,
-                           "label": label_ids.get(f.label_name, -1) if f.label_name else -1}
+    row: dict[str, Any] = {
+        "file_index": f.index,
+        "file_id": f.file_id(salt),
+        "label_name": f.label_name,
+        "label": label_ids.get(f.label_name, -1) if f.label_name else -1,
+    }
     pngs: list[bytes] = []
     try:
         with warnings.catch_warnings():
@@ -185,21 +220,50 @@ def convert_file(f: InputFile, variant: Variant, salt: bytes, label_ids: dict[st
         images = []
         for frame in frames:
             meta = frame.meta
-            processed = preprocessing.apply_variant(frame.image, variant, padding=frame.padding,
-                                                    laterality=meta["laterality"])
+            processed = preprocessing.apply_variant(
+                frame.image, variant, padding=frame.padding, laterality=meta["laterality"]
+            )
             pngs.append(preprocessing.encode_png(processed.image, variant.png_compression))
             spacing = [float(s) / processed.scale for s in meta["pixel_spacing_mm"]]
-            images.append({
-                "image_id": meta["image_id"], "patient_id": meta["patient_id"], "study_id": meta["study_id"],
-                "series_id": meta["series_id"], "body_part": meta["body_part"], "view": meta["view"],
-                "laterality": meta["laterality"], "modality": meta["modality"], "frame": meta["frame"],
-                "pixel_spacing_mm": [None if s != s else s for s in spacing],  # NaN -> null in JSON
-                "shape": list(processed.image.shape), "crop": list(processed.crop), "flipped": processed.flipped})
+            images.append(
+                {
+                    "image_id": meta["image_id"],
+                    "patient_id": meta["patient_id"],
+                    "study_id": meta["study_id"],
+                    "series_id": meta["series_id"],
+                    "body_part": meta["body_part"],
+                    "view": meta["view"],
+                    "laterality": meta["laterality"],
+                    "modality": meta["modality"],
+                    "frame": meta["frame"],
+                    "pixel_spacing_mm": [None if s != s else s for s in spacing],  # NaN -> null in JSON
+                    "shape": list(processed.image.shape),
+                    "crop": list(processed.crop),
+                    "flipped": processed.flipped,
+                }
+            )
         first = frames[0].meta
-        row.update(status="converted", images=images, pixel_hash=first["pixel_hash"],
-                   **{k: first[k] for k in ("manufacturer", "sop_class", "transfer_syntax", "photometric",
-                                            "bits_stored", "voi_used", "num_frames", "orig_shape",
-                                            "patient_id_source", "spacing_source", "notes")})
+        row.update(
+            status="converted",
+            images=images,
+            pixel_hash=first["pixel_hash"],
+            **{
+                k: first[k]
+                for k in (
+                    "manufacturer",
+                    "sop_class",
+                    "transfer_syntax",
+                    "photometric",
+                    "bits_stored",
+                    "voi_used",
+                    "num_frames",
+                    "orig_shape",
+                    "patient_id_source",
+                    "spacing_source",
+                    "notes",
+                )
+            },
+        )
     except dicom.SkippedFile as e:
         row["status"] = f"skipped:{e.reason}"
         pngs = []
@@ -221,6 +285,7 @@ def _scrub(message: str, f: InputFile) -> str:
 
 # ─── Running a shard ─────────────────────────────────────────────────────────────────────────────
 
+
 def pending_chunks(plan: Plan, shard: tuple[int, int] = (0, 1)) -> list[int]:
     """The chunks of `shard` that are not complete yet."""
     return [c for c in conversion_inputs.chunks_of_shard(plan.num_chunks, shard) if not plan.is_done(c)]
@@ -236,9 +301,16 @@ def _remove_stale_temporaries(plan: Plan, chunks: Sequence[int]) -> None:
             path.unlink(missing_ok=True)
 
 
-def run_shard(plan: Plan, salt: bytes, *, shard: tuple[int, int] = (0, 1), workers: int = 0, progress: bool = True,
-              on_chunk_done: Callable[[int], None] | None = None,
-              isolation: decode_isolation.IsolationOptions = decode_isolation.IsolationOptions()) -> Counter:
+def run_shard(
+    plan: Plan,
+    salt: bytes,
+    *,
+    shard: tuple[int, int] = (0, 1),
+    workers: int = 0,
+    progress: bool = True,
+    on_chunk_done: Callable[[int], None] | None = None,
+    isolation: decode_isolation.IsolationOptions = decode_isolation.IsolationOptions(),
+) -> Counter:
     """Converts the pending chunks of `shard`; returns status counts of the files converted now.
 
     `workers` > 0 uses that many spawned processes; 0 converts in this process. `on_chunk_done(chunk)`
@@ -250,12 +322,29 @@ def run_shard(plan: Plan, salt: bytes, *, shard: tuple[int, int] = (0, 1), worke
     total = sum(len(plan.chunk_files(c)) for c in shard_chunks)
     done_files = total - sum(len(plan.chunk_files(c)) for c in todo)
     variant = plan.variant.to_dict()
-    tasks = [ChunkTask(c, tuple(plan.chunk_files(c)), variant, plan.label_ids, salt,
-                       str(plan.chunk_path(c, "array_record")), str(plan.chunk_path(c, "jsonl")), isolation)
-             for c in todo]
+    tasks = [
+        ChunkTask(
+            c,
+            tuple(plan.chunk_files(c)),
+            variant,
+            plan.label_ids,
+            salt,
+            str(plan.chunk_path(c, "array_record")),
+            str(plan.chunk_path(c, "jsonl")),
+            isolation,
+        )
+        for c in todo
+    ]
     counts: Counter = Counter()
-    bar = tqdm(total=total, initial=done_files, unit="file", desc=f"converting shard {shard[0]}/{shard[1]}",
-               disable=not progress, smoothing=0.05, dynamic_ncols=True)
+    bar = tqdm(
+        total=total,
+        initial=done_files,
+        unit="file",
+        desc=f"converting shard {shard[0]}/{shard[1]}",
+        disable=not progress,
+        smoothing=0.05,
+        dynamic_ncols=True,
+    )
     try:
         if workers <= 0:
             for task in tasks:

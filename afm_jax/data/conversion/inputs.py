@@ -25,8 +25,8 @@ import os
 import pathlib
 from collections.abc import Iterable, Sequence
 
-from afm_jax.errors import ConfigError
 from afm_jax.data import anonymize
+from afm_jax.errors import ConfigError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,8 +49,9 @@ def _read_label_csv(csv_path: pathlib.Path) -> list[tuple[str, str]]:
         reader = csv.DictReader(f)
         fields = [c.strip().lower() for c in (reader.fieldnames or [])]
         if "path" not in fields:
-            raise ConfigError(f"CSV {csv_path} needs a `path` column (and optionally `label`); "
-                              f"its columns are {reader.fieldnames}.")
+            raise ConfigError(
+                f"CSV {csv_path} needs a `path` column (and optionally `label`); its columns are {reader.fieldnames}."
+            )
         label_key = next((k for k in ("label", "label_name") if k in fields), None)
         rows = []
         for raw in reader:
@@ -72,8 +73,12 @@ def _walk(root: pathlib.Path) -> list[str]:
     return sorted(found)
 
 
-def list_inputs(inputs: Sequence[str | os.PathLike], labels_csv: str | os.PathLike | None = None,
-                *, exclude: Iterable[str | os.PathLike] = ()) -> list[InputFile]:
+def list_inputs(
+    inputs: Sequence[str | os.PathLike],
+    labels_csv: str | os.PathLike | None = None,
+    *,
+    exclude: Iterable[str | os.PathLike] = (),
+) -> list[InputFile]:
     """The ordered input list. Raises ConfigError for a missing input, an empty list or a bad CSV.
 
     `exclude`: folders to leave out (the output directory, when it lies inside an input tree)."""
@@ -103,8 +108,9 @@ def list_inputs(inputs: Sequence[str | os.PathLike], labels_csv: str | os.PathLi
         elif p.is_file():
             entries = [(p.name, str(p), "")]
         else:
-            raise ConfigError(f"Input {p} does not exist: give folders of DICOM files or CSV files "
-                              "with a `path` column.")
+            raise ConfigError(
+                f"Input {p} does not exist: give folders of DICOM files or CSV files with a `path` column."
+            )
         for rel, full, label in entries:
             if any(_is_within(full, e) for e in excluded):
                 continue

@@ -34,17 +34,42 @@ import numpy as np
 
 from afm_jax import io
 from afm_jax.data import records
+from afm_jax.data.conversion.chunks import Plan, read_rows
 from afm_jax.data.splits import SPLIT_MODES, assign_patient_splits, parse_split_fractions  # noqa: F401  (CLIs' names)
 from afm_jax.errors import IncompleteConversionError, NothingConvertedError
-from afm_jax.data.conversion.chunks import Plan, read_rows
 
 log = logging.getLogger(__name__)
 
 MANIFEST_FILE = "manifest.csv"
-MANIFEST_COLUMNS = ("file_index", "file_id", "status", "output", "duplicate_of", "patient_id", "study_id",
-                    "series_id", "image_id", "label", "label_name", "modality", "body_part", "view", "laterality",
-                    "manufacturer", "sop_class", "transfer_syntax", "photometric", "bits_stored", "voi_used",
-                    "orig_rows", "orig_cols", "num_frames", "num_images", "pixel_hash", "notes")
+MANIFEST_COLUMNS = (
+    "file_index",
+    "file_id",
+    "status",
+    "output",
+    "duplicate_of",
+    "patient_id",
+    "study_id",
+    "series_id",
+    "image_id",
+    "label",
+    "label_name",
+    "modality",
+    "body_part",
+    "view",
+    "laterality",
+    "manufacturer",
+    "sop_class",
+    "transfer_syntax",
+    "photometric",
+    "bits_stored",
+    "voi_used",
+    "orig_rows",
+    "orig_cols",
+    "num_frames",
+    "num_images",
+    "pixel_hash",
+    "notes",
+)
 
 
 def check_complete(plan: Plan) -> None:
@@ -55,7 +80,8 @@ def check_complete(plan: Plan) -> None:
         raise IncompleteConversionError(
             f"{len(missing)} of {plan.num_chunks} chunks are not converted yet (chunks {shown}). Run (or rerun) "
             "the conversion shards first — finished chunks are skipped — then --merge again. Chunk c belongs to "
-            "shard c mod n of a --shard i/n run.")
+            "shard c mod n of a --shard i/n run."
+        )
 
 
 def mark_duplicates(rows: list[dict]) -> None:
@@ -78,9 +104,17 @@ def mark_duplicates(rows: list[dict]) -> None:
         by_pixels[row["pixel_hash"]] = row["file_id"]
 
 
-def merge(plan: Plan, out_dir: str | pathlib.Path, name: str, *, split_fractions: Mapping[str, float] | None = None,
-          split_mode: str = "stratified", overwrite: bool = False, max_shard_bytes: int = records.DEFAULT_MAX_SHARD_BYTES,
-          extra_info: dict | None = None) -> tuple[pathlib.Path, dict[str, int]]:
+def merge(
+    plan: Plan,
+    out_dir: str | pathlib.Path,
+    name: str,
+    *,
+    split_fractions: Mapping[str, float] | None = None,
+    split_mode: str = "stratified",
+    overwrite: bool = False,
+    max_shard_bytes: int = records.DEFAULT_MAX_SHARD_BYTES,
+    extra_info: dict | None = None,
+) -> tuple[pathlib.Path, dict[str, int]]:
     """Writes the dataset `<out_dir>/<name>/<version>` and its manifest; returns (dataset dir, summary).
 
     The summary counts files per status (`converted`, `skipped:<reason>`, `failed:<ExceptionType>`).
@@ -100,8 +134,13 @@ def merge(plan: Plan, out_dir: str | pathlib.Path, name: str, *, split_fractions
     split_of = assign_patient_splits(patient_labels, fractions, split_mode)
     empty = sorted(set(fractions) - set(split_of.values()))
     if empty and split_of:
-        log.warning("Splits %s received no patient (%d patients in all): too few patients per label for the "
-                    "fractions %s. Add patients or change --splits.", empty, len(split_of), fractions)
+        log.warning(
+            "Splits %s received no patient (%d patients in all): too few patients per label for the "
+            "fractions %s. Add patients or change --splits.",
+            empty,
+            len(split_of),
+            fractions,
+        )
     summary = summarize(rows)
 
     # Output locations, in the order write_dataset will see the records.
@@ -116,19 +155,37 @@ def merge(plan: Plan, out_dir: str | pathlib.Path, name: str, *, split_fractions
             row["output"] = ";".join(outputs)
 
     info = dict(extra_info or {})
-    info.update(preprocessing=plan.variant.to_dict(), source_fingerprint=plan.inputs_fingerprint,
-                conversion={"files": len(rows), "status_counts": summary, "split_mode": split_mode,
-                            "label_ids": plan.label_ids, "chunk_size": plan.chunk_size})
+    info.update(
+        preprocessing=plan.variant.to_dict(),
+        source_fingerprint=plan.inputs_fingerprint,
+        conversion={
+            "files": len(rows),
+            "status_counts": summary,
+            "split_mode": split_mode,
+            "label_ids": plan.label_ids,
+            "chunk_size": plan.chunk_size,
+        },
+    )
     base = pathlib.Path(out_dir).expanduser().resolve()
     if not position:
         (base / name).mkdir(parents=True, exist_ok=True)
         write_manifest(rows, base / name / MANIFEST_FILE)
-        raise NothingConvertedError(f"No file was converted ({summary}); the manifest {base / name / MANIFEST_FILE} "
-                                    "gives each file's reason. Check that --input points at DICOM images.")
+        raise NothingConvertedError(
+            f"No file was converted ({summary}); the manifest {base / name / MANIFEST_FILE} "
+            "gives each file's reason. Check that --input points at DICOM images."
+        )
     directory = records.write_dataset(
-        _examples(plan, rows), base, name=name, split_fractions=fractions, extra_info=info,
-        num_examples_hint=sum(position.values()), overwrite=overwrite, max_shard_bytes=max_shard_bytes,
-        png_compression=plan.variant.png_compression, assign_split=lambda record: split_of[record["patient_id"]])
+        _examples(plan, rows),
+        base,
+        name=name,
+        split_fractions=fractions,
+        extra_info=info,
+        num_examples_hint=sum(position.values()),
+        overwrite=overwrite,
+        max_shard_bytes=max_shard_bytes,
+        png_compression=plan.variant.png_compression,
+        assign_split=lambda record: split_of[record["patient_id"]],
+    )
     write_manifest(rows, directory / MANIFEST_FILE)
     return directory, summary
 
@@ -164,11 +221,19 @@ def _examples(plan: Plan, rows: list[dict]) -> Iterator[dict[str, Any]]:
 def _record(row: dict, image: dict, png: bytes) -> dict[str, Any]:
     spacing = [np.nan if s is None else s for s in image["pixel_spacing_mm"]]
     return {
-        "image": png, "patient_id": image["patient_id"], "study_id": image["study_id"],
-        "series_id": image["series_id"], "image_id": image["image_id"], "body_part": image["body_part"],
-        "view": image["view"], "laterality": image["laterality"], "modality": image["modality"],
-        "label_name": row["label_name"], "label": int(row["label"]),
-        "pixel_spacing_mm": np.asarray(spacing, np.float32), "orig_shape": np.asarray(row["orig_shape"], np.int32),
+        "image": png,
+        "patient_id": image["patient_id"],
+        "study_id": image["study_id"],
+        "series_id": image["series_id"],
+        "image_id": image["image_id"],
+        "body_part": image["body_part"],
+        "view": image["view"],
+        "laterality": image["laterality"],
+        "modality": image["modality"],
+        "label_name": row["label_name"],
+        "label": int(row["label"]),
+        "pixel_spacing_mm": np.asarray(spacing, np.float32),
+        "orig_shape": np.asarray(row["orig_shape"], np.int32),
     }
 
 
@@ -207,15 +272,23 @@ def _write_manifest_rows(rows: list[dict], path: pathlib.Path) -> None:
             images = row.get("images") or [{}]
             first = images[0]
             orig = row.get("orig_shape") or ["", ""]
-            writer.writerow({
-                **{k: row.get(k, "") for k in MANIFEST_COLUMNS},
-                **{k: ";".join(dict.fromkeys(str(im.get(k, "")) for im in images))
-                   for k in ("patient_id", "study_id", "series_id", "body_part", "view", "laterality", "modality")},
-                "image_id": ";".join(str(im.get("image_id", "")) for im in images),
-                "orig_rows": orig[0], "orig_cols": orig[1], "num_images": len(row.get("images") or []),
-                "label": row.get("label", -1), "output": row.get("output", ""),
-                "duplicate_of": row.get("duplicate_of", ""),
-            } | ({} if first else {"patient_id": "", "image_id": ""}))
+            writer.writerow(
+                {
+                    **{k: row.get(k, "") for k in MANIFEST_COLUMNS},
+                    **{
+                        k: ";".join(dict.fromkeys(str(im.get(k, "")) for im in images))
+                        for k in ("patient_id", "study_id", "series_id", "body_part", "view", "laterality", "modality")
+                    },
+                    "image_id": ";".join(str(im.get("image_id", "")) for im in images),
+                    "orig_rows": orig[0],
+                    "orig_cols": orig[1],
+                    "num_images": len(row.get("images") or []),
+                    "label": row.get("label", -1),
+                    "output": row.get("output", ""),
+                    "duplicate_of": row.get("duplicate_of", ""),
+                }
+                | ({} if first else {"patient_id": "", "image_id": ""})
+            )
 
 
 def read_manifest(path: str | pathlib.Path) -> list[dict[str, str]]:

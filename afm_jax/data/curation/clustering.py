@@ -26,8 +26,9 @@ import numpy as np
 from afm_jax.data.curation.duplicates import normalize
 
 
-def hierarchical_kmeans(x: np.ndarray, levels: Sequence[int], *, niter: int = 20, seed: int = 0,
-                        min_points_per_cluster: int = 4) -> tuple[list[np.ndarray], list[np.ndarray]]:
+def hierarchical_kmeans(
+    x: np.ndarray, levels: Sequence[int], *, niter: int = 20, seed: int = 0, min_points_per_cluster: int = 4
+) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """Spherical k-means (faiss) on the unit-normalised rows of `x`, then on the centroids, per level.
 
     `levels` are cluster counts, finest first, e.g. (32, 8). A level gets at most
@@ -46,8 +47,17 @@ def hierarchical_kmeans(x: np.ndarray, levels: Sequence[int], *, niter: int = 20
         if k == 1:
             labels, cents = np.zeros(len(points), np.int64), normalize(points.mean(0, keepdims=True))
         else:
-            km = faiss.Kmeans(points.shape[1], k, niter=niter, seed=seed + level, spherical=True,
-                              min_points_per_centroid=1, max_points_per_centroid=1 << 30, nredo=3, verbose=False)
+            km = faiss.Kmeans(
+                points.shape[1],
+                k,
+                niter=niter,
+                seed=seed + level,
+                spherical=True,
+                min_points_per_centroid=1,
+                max_points_per_centroid=1 << 30,
+                nredo=3,
+                verbose=False,
+            )
             km.train(points)
             _, labels = km.index.search(points, 1)
             labels, cents = labels[:, 0].astype(np.int64), np.asarray(km.centroids, np.float32)
@@ -80,8 +90,9 @@ def _interleave(parent: np.ndarray, child: np.ndarray, rank: np.ndarray, rng: np
     return new_rank
 
 
-def balanced_order(assignments: Sequence[np.ndarray], *, seed: int = 0, within: str = "random",
-                   distance: np.ndarray | None = None) -> np.ndarray:
+def balanced_order(
+    assignments: Sequence[np.ndarray], *, seed: int = 0, within: str = "random", distance: np.ndarray | None = None
+) -> np.ndarray:
     """A permutation of the points whose every prefix is balanced across clusters at every level.
 
     `assignments` as returned by hierarchical_kmeans (finest first). `within` orders each leaf
@@ -137,8 +148,14 @@ def retrieve(x: np.ndarray, seeds: np.ndarray, *, neighbours: int, min_cosine: f
     return np.asarray(sorted(best, key=lambda i: (-best[i], i)), np.int64)
 
 
-def take(order: np.ndarray, target: int, *, patients: np.ndarray | None = None, max_per_patient: int = 0,
-         first: np.ndarray | None = None) -> np.ndarray:
+def take(
+    order: np.ndarray,
+    target: int,
+    *,
+    patients: np.ndarray | None = None,
+    max_per_patient: int = 0,
+    first: np.ndarray | None = None,
+) -> np.ndarray:
     """The first `target` points of `first` (e.g. retrieved ones) followed by `order`, skipping
     repeats and any point whose patient already has `max_per_patient` points taken (0 = no cap)."""
     seq = order if first is None or len(first) == 0 else np.concatenate([first, order])

@@ -113,11 +113,18 @@ def hamming_pairs(codes: np.ndarray, max_distance: int, *, chunk: int = 4096, pr
     return _range_pairs(lambda q: index.range_search(q, max_distance + 1), codes, chunk, progress, "phash pairs")
 
 
-IVF_MIN_ROWS = 100_000   # method="auto": exact flat search below, IVF from here on
+IVF_MIN_ROWS = 100_000  # method="auto": exact flat search below, IVF from here on
 
 
-def cosine_pairs(embeddings: np.ndarray, min_cosine: float, *, chunk: int = 4096, progress: bool = False,
-                 method: str = "auto", nprobe: int = 8) -> np.ndarray:
+def cosine_pairs(
+    embeddings: np.ndarray,
+    min_cosine: float,
+    *,
+    chunk: int = 4096,
+    progress: bool = False,
+    method: str = "auto",
+    nprobe: int = 8,
+) -> np.ndarray:
     """(P, 2) pairs (i < j) whose L2-normalised embeddings have cosine >= min_cosine, with faiss.
 
     `method`: "flat" is exact and quadratic (N² dot products: ~20 min at 500k × 256 on 2 cores);
@@ -153,7 +160,7 @@ def cosine_pairs(embeddings: np.ndarray, min_cosine: float, *, chunk: int = 4096
 def _range_pairs(search, queries: np.ndarray, chunk: int, progress: bool, desc: str) -> np.ndarray:
     out = []
     for start in tqdm(range(0, len(queries), chunk), desc=desc, disable=not progress, leave=False):
-        lims, _, ids = search(queries[start:start + chunk])
+        lims, _, ids = search(queries[start : start + chunk])
         rows = np.repeat(np.arange(len(lims) - 1), np.diff(lims.astype(np.int64))) + start
         out.append(np.stack([rows, ids.astype(np.int64)], 1))
     pairs = np.concatenate(out) if out else np.zeros((0, 2), np.int64)
@@ -184,8 +191,9 @@ def representative_order(area: np.ndarray, dynamic_range: np.ndarray, image_ids:
     return rank
 
 
-def dedup(candidates: np.ndarray, pairs: np.ndarray, patients: np.ndarray, rank: np.ndarray, scope: str
-          ) -> tuple[np.ndarray, np.ndarray, list[dict]]:
+def dedup(
+    candidates: np.ndarray, pairs: np.ndarray, patients: np.ndarray, rank: np.ndarray, scope: str
+) -> tuple[np.ndarray, np.ndarray, list[dict]]:
     """Groups `pairs` (indices into the candidate list) and keeps the best-ranked member of each group.
 
     Returns (removed, kept_by: index of the representative each removed item defers to, groups:
@@ -197,8 +205,15 @@ def dedup(candidates: np.ndarray, pairs: np.ndarray, patients: np.ndarray, rank:
         items = candidates[members]
         best = items[np.argmin(rank[items])]
         n_patients = len(set(patients[items].tolist()))
-        groups.append({"size": int(len(items)), "patients": n_patients, "cross_patient": n_patients > 1,
-                       "kept": int(best), "members": [int(i) for i in items]})
+        groups.append(
+            {
+                "size": int(len(items)),
+                "patients": n_patients,
+                "cross_patient": n_patients > 1,
+                "kept": int(best),
+                "members": [int(i) for i in items],
+            }
+        )
         for i in items:
             if i != best:
                 removed.append(int(i))

@@ -48,8 +48,14 @@ def thumbnail_embedding(small: np.ndarray) -> np.ndarray:
     return (thumb / max(float(np.linalg.norm(thumb)), 1e-6)).astype(np.float32)
 
 
-def load_embeddings(source: str, image_ids: Sequence[str], *, dataset_dir: str | os.PathLike | None = None,
-                    splits: Sequence[str] = (), embed: Embedder | None = None) -> np.ndarray:
+def load_embeddings(
+    source: str,
+    image_ids: Sequence[str],
+    *,
+    dataset_dir: str | os.PathLike | None = None,
+    splits: Sequence[str] = (),
+    embed: Embedder | None = None,
+) -> np.ndarray:
     """(len(image_ids), D) float32 embeddings in the order of `image_ids`, from a file `source`
     (.npz or .npy + .ids.json) or computed by `embed` ("backbone:<spec>", reading `splits` of
     `dataset_dir`). ("thumbnail" is computed by the quality pass, not here.)"""
@@ -57,19 +63,24 @@ def load_embeddings(source: str, image_ids: Sequence[str], *, dataset_dir: str |
         if dataset_dir is None:
             raise ConfigError(f"--embeddings={source} needs the dataset to compute embeddings from.")
         if embed is None:
-            raise ConfigError(f"--embeddings={source} needs a model to compute embeddings: run tools/curate.py, or "
-                              "call afm_jax.evaluation.curation_embeddings.curate, which computes them.")
-        emb, ids = embed(source[len(BACKBONE_PREFIX):], dataset_dir, splits)
+            raise ConfigError(
+                f"--embeddings={source} needs a model to compute embeddings: run tools/curate.py, or "
+                "call afm_jax.evaluation.curation_embeddings.curate, which computes them."
+            )
+        emb, ids = embed(source[len(BACKBONE_PREFIX) :], dataset_dir, splits)
         return _in_order(emb, ids, image_ids, source)
     path = pathlib.Path(source).expanduser()
     if not path.is_file():
-        raise ConfigError(f"Embeddings file {path} does not exist. Pass --embeddings=thumbnail, a .npz with "
-                          "`embeddings` and `image_id` arrays, or a .npy with <stem>.ids.json beside it.")
+        raise ConfigError(
+            f"Embeddings file {path} does not exist. Pass --embeddings=thumbnail, a .npz with "
+            "`embeddings` and `image_id` arrays, or a .npy with <stem>.ids.json beside it."
+        )
     if path.suffix == ".npz":
         with np.load(path, allow_pickle=False) as data:
             if "embeddings" not in data or "image_id" not in data:
-                raise ConfigError(f"{path} must hold arrays `embeddings` (N, D) and `image_id` (N,); it has "
-                                  f"{sorted(data.files)}.")
+                raise ConfigError(
+                    f"{path} must hold arrays `embeddings` (N, D) and `image_id` (N,); it has {sorted(data.files)}."
+                )
             emb, ids = np.asarray(data["embeddings"]), [str(i) for i in data["image_id"]]
     elif path.suffix == ".npy":
         ids_file = path.with_suffix(".ids.json")
@@ -87,8 +98,10 @@ def _in_order(emb: np.ndarray, ids: Sequence[str], image_ids: Sequence[str], sou
     row = {image_id: i for i, image_id in enumerate(ids)}
     missing = [i for i in image_ids if i not in row]
     if missing:
-        raise ConfigError(f"{source} has no embedding for {len(missing)} of the {len(image_ids)} images being "
-                          f"curated (e.g. {missing[0]}); recompute it for this dataset.")
+        raise ConfigError(
+            f"{source} has no embedding for {len(missing)} of the {len(image_ids)} images being "
+            f"curated (e.g. {missing[0]}); recompute it for this dataset."
+        )
     return np.asarray(emb[[row[i] for i in image_ids]], np.float32)
 
 

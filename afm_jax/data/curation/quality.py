@@ -22,14 +22,41 @@ import numpy as np
 
 from afm_jax.data.curation.config import METADATA_PREFIX, QUALITY_REASONS, csv_items, parse_field_rules
 
-SIGNAL_NAMES = ("mean", "std", "p01", "p05", "p50", "p95", "p99", "dynamic_range", "dark_fraction",
-                "bright_fraction", "metal_fraction", "text_fraction", "field_mm", "height", "width")
-WHITE_LEVEL = 0.98     # "clipped white": metal, saturation
-DARK_LEVEL = 0.02      # "clipped black"
-TEXT_CONTRAST = 0.35   # a stroke must stand this much above its surroundings (white top-hat)
+SIGNAL_NAMES = (
+    "mean",
+    "std",
+    "p01",
+    "p05",
+    "p50",
+    "p95",
+    "p99",
+    "dynamic_range",
+    "dark_fraction",
+    "bright_fraction",
+    "metal_fraction",
+    "text_fraction",
+    "field_mm",
+    "height",
+    "width",
+)
+WHITE_LEVEL = 0.98  # "clipped white": metal, saturation
+DARK_LEVEL = 0.02  # "clipped black"
+TEXT_CONTRAST = 0.35  # a stroke must stand this much above its surroundings (white top-hat)
 # Record fields that are identifiers or labels, never metadata to filter on.
-NON_METADATA_FIELDS = frozenset({"image", "patient_id", "study_id", "series_id", "image_id", "label",
-                                 "label_name", "fracture_type", "pixel_spacing_mm", "orig_shape"})
+NON_METADATA_FIELDS = frozenset(
+    {
+        "image",
+        "patient_id",
+        "study_id",
+        "series_id",
+        "image_id",
+        "label",
+        "label_name",
+        "fracture_type",
+        "pixel_spacing_mm",
+        "orig_shape",
+    }
+)
 
 
 def working_copy(pixels: np.ndarray, work_size: int) -> np.ndarray:
@@ -54,9 +81,14 @@ def _kernel(small: np.ndarray) -> np.ndarray:
     return cv2.getStructuringElement(cv2.MORPH_RECT, (k, k))
 
 
-def image_signals(pixels: np.ndarray, *, work_size: int = 128, pixel_spacing_mm: Sequence[float] | None = None,
-                  orig_shape: Sequence[int] | None = None,
-                  stored_shape: Sequence[int] | None = None) -> dict[str, float]:
+def image_signals(
+    pixels: np.ndarray,
+    *,
+    work_size: int = 128,
+    pixel_spacing_mm: Sequence[float] | None = None,
+    orig_shape: Sequence[int] | None = None,
+    stored_shape: Sequence[int] | None = None,
+) -> dict[str, float]:
     """The quality signals of one image (see SIGNAL_NAMES).
 
     - mean, std, p01..p99: intensity statistics; dynamic_range = p99 - p01.
@@ -84,12 +116,21 @@ def image_signals(pixels: np.ndarray, *, work_size: int = 128, pixel_spacing_mm:
     if pixel_spacing_mm is not None and len(pixel_spacing_mm) == 2 and all(np.isfinite(pixel_spacing_mm)):
         field = float(min(rows * float(pixel_spacing_mm[0]), cols * float(pixel_spacing_mm[1])))
     return {
-        "mean": float(small.mean()), "std": float(small.std()),
-        "p01": float(p01), "p05": float(p05), "p50": float(p50), "p95": float(p95), "p99": float(p99),
+        "mean": float(small.mean()),
+        "std": float(small.std()),
+        "p01": float(p01),
+        "p05": float(p05),
+        "p50": float(p50),
+        "p95": float(p95),
+        "p99": float(p99),
         "dynamic_range": float(p99 - p01),
-        "dark_fraction": float((small <= DARK_LEVEL).mean()), "bright_fraction": float(white.mean()),
-        "metal_fraction": float(metal.mean()), "text_fraction": float((tophat > TEXT_CONTRAST).mean()),
-        "field_mm": field, "height": float(h), "width": float(w),
+        "dark_fraction": float((small <= DARK_LEVEL).mean()),
+        "bright_fraction": float(white.mean()),
+        "metal_fraction": float(metal.mean()),
+        "text_fraction": float((tophat > TEXT_CONTRAST).mean()),
+        "field_mm": field,
+        "height": float(h),
+        "width": float(w),
     }
 
 
@@ -106,8 +147,9 @@ def metadata_fields(record: Mapping[str, Any]) -> dict[str, str]:
         elif isinstance(value, bytes):
             out[key] = value.decode("utf-8", "replace")
         elif isinstance(value, np.ndarray) and value.dtype.kind in "SOU":
-            out[key] = "\\".join(v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v)
-                                 for v in value.ravel())
+            out[key] = "\\".join(
+                v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v) for v in value.ravel()
+            )
     return out
 
 
@@ -141,7 +183,7 @@ class MetadataFilter:
         self.deny = parse_field_rules(deny, "metadata.deny")
 
     def reasons(self, fields: Mapping[str, str]) -> list[str]:
-        """"metadata:<field>" for each field that breaks a rule."""
+        """ "metadata:<field>" for each field that breaks a rule."""
         out = []
         for field, values in self.allow.items():
             value = fields.get(field, "").strip().upper()

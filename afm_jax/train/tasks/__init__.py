@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+
 from afm_jax.errors import ConfigError
 
 # name -> "module:Class"; a task module registers here and nowhere else.

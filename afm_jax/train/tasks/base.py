@@ -27,17 +27,16 @@ import numpy as np
 import optax
 from flax import nnx
 
+from afm_jax.data import pipeline, records
 from afm_jax.models import factory
 from afm_jax.train import optim
-from afm_jax.data import records
-from afm_jax.data import pipeline
 
 
 class Task:
     """Default behaviour of a training method; subclasses set `name` and override what differs."""
 
     name: str = ""
-    batch_keys: tuple[str, ...] = ("image",)   # which keys of a host batch go to the devices
+    batch_keys: tuple[str, ...] = ("image",)  # which keys of a host batch go to the devices
 
     # ─── Config ──────────────────────────────────────────────────────────────────────────────
     @classmethod
@@ -50,11 +49,11 @@ class Task:
 
     def num_train_examples(self, config: ml_collections.ConfigDict) -> int:
         """How many examples one epoch has (for `num_epochs` and warmup epochs); called before setup."""
-        return len(records.open_split(config.data.path, config.data.train_split,
-                                      selection=config.data.get("selection")))
+        return len(
+            records.open_split(config.data.path, config.data.train_split, selection=config.data.get("selection"))
+        )
 
-    def setup(self, config: ml_collections.ConfigDict, *, workdir: str, total_steps: int,
-              steps_per_epoch: int) -> None:
+    def setup(self, config: ml_collections.ConfigDict, *, workdir: str, total_steps: int, steps_per_epoch: int) -> None:
         """Called once by the trainer before anything is built: remembers the run's shape."""
         self.config = config
         self.workdir = workdir
@@ -73,15 +72,17 @@ class Task:
         """Method state beside the trained params (not touched by the optimiser); {} for none."""
         return {}
 
-    def make_optimizer(self, config: ml_collections.ConfigDict, schedule: optax.Schedule,
-                       params: Any) -> optax.GradientTransformation:
+    def make_optimizer(
+        self, config: ml_collections.ConfigDict, schedule: optax.Schedule, params: Any
+    ) -> optax.GradientTransformation:
         """The optimiser; `params` is the (abstract) param tree, for masks and per-layer rates."""
         return optim.make_optimizer(config.optim, schedule)
 
     def build_train_iterator(self, config: ml_collections.ConfigDict):
         """This host's infinite, checkpointable iterator of training batches (numpy dicts)."""
-        return pipeline.build_train_iterator(config.data, global_batch_size=config.batch_size,
-                                             seed=config.seed, image_size=config.image_size)
+        return pipeline.build_train_iterator(
+            config.data, global_batch_size=config.batch_size, seed=config.seed, image_size=config.image_size
+        )
 
     def example_batch(self, config: ml_collections.ConfigDict, batch_size: int, seed: int) -> dict[str, np.ndarray]:
         """A random batch shaped like the iterator's (benchmarks, compile checks)."""
@@ -90,8 +91,9 @@ class Task:
         return {"image": rng.random((batch_size, s, s, 1), dtype=np.float32)}
 
     # ─── Pure functions inside the compiled step ─────────────────────────────────────────────
-    def loss(self, model: nnx.Module, batch: dict, key: jax.Array, extra: Any,
-             step: jax.Array) -> tuple[jax.Array, tuple[dict, dict]]:
+    def loss(
+        self, model: nnx.Module, batch: dict, key: jax.Array, extra: Any, step: jax.Array
+    ) -> tuple[jax.Array, tuple[dict, dict]]:
         raise NotImplementedError
 
     def update_extra(self, extra: Any, params: Any, outputs: dict, step: jax.Array) -> Any:

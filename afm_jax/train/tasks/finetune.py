@@ -41,9 +41,7 @@ import optax
 from flax import nnx
 from sklearn.metrics import cohen_kappa_score, roc_auc_score
 
-from afm_jax import errors
-from afm_jax import configuration
-from afm_jax import io
+from afm_jax import configuration, errors, io
 from afm_jax.data import pipeline, records, selection
 from afm_jax.models import classifier as ft
 from afm_jax.models import factory
@@ -58,22 +56,24 @@ PREDICTIONS_DIR = "predictions"
 
 def default_finetune_config() -> ml_collections.ConfigDict:
     """The `config.finetune` block (MAE fine-tuning recipe where it applies)."""
-    return ml_collections.ConfigDict(dict(
-        positive_labels=(2,),        # label ints of the positive class (synthetic femur: aff=2)
-        negative_labels=(1,),        # label ints of the negative class (nff=1); other labels are left out
-        pool="avg",                  # "avg" (mean of patch tokens, MAE's fine-tuning choice) or "cls"
-        head_init_std=2e-5,          # MAE: trunc-normal(2e-5) head init
-        layer_decay=0.75,            # layer-wise lr decay (MAE ViT-B: 0.75; 1.0 = off)
-        class_weighting="balanced",  # "balanced" (n / (C·n_c)) or "none"
-        label_smoothing=0.0,
-        patience=5,                  # evaluations without validation-AUROC gain before stopping (0 = never)
-        eval_batch_size=64,
-        eval_image_size=0,           # 0 = config.image_size
-        test_split="test",
-        kind="binary",               # binary | multiclass | ordinal (regression needs targets in the batches: not yet)
-        classes=(),                  # multiclass/ordinal: label ints of each class in order, e.g. ((0,), (1,), (2,))
-        ordinal_head="softmax",      # ordinal: "softmax" (cross-entropy) or "cumulative" (K−1 logits of P(grade > k))
-    ))
+    return ml_collections.ConfigDict(
+        dict(
+            positive_labels=(2,),  # label ints of the positive class (synthetic femur: aff=2)
+            negative_labels=(1,),  # label ints of the negative class (nff=1); other labels are left out
+            pool="avg",  # "avg" (mean of patch tokens, MAE's fine-tuning choice) or "cls"
+            head_init_std=2e-5,  # MAE: trunc-normal(2e-5) head init
+            layer_decay=0.75,  # layer-wise lr decay (MAE ViT-B: 0.75; 1.0 = off)
+            class_weighting="balanced",  # "balanced" (n / (C·n_c)) or "none"
+            label_smoothing=0.0,
+            patience=5,  # evaluations without validation-AUROC gain before stopping (0 = never)
+            eval_batch_size=64,
+            eval_image_size=0,  # 0 = config.image_size
+            test_split="test",
+            kind="binary",  # binary | multiclass | ordinal (regression needs targets in the batches: not yet)
+            classes=(),  # multiclass/ordinal: label ints of each class in order, e.g. ((0,), (1,), (2,))
+            ordinal_head="softmax",  # ordinal: "softmax" (cross-entropy) or "cumulative" (K−1 logits of P(grade > k))
+        )
+    )
 
 
 class FinetuneTask(Task):
@@ -90,8 +90,7 @@ class FinetuneTask(Task):
         # MAE fine-tuning (He et al. 2021, Table 9): AdamW(0.9, 0.999), wd 0.05, base lr 5e-4 (B),
         # 5 warmup epochs, drop-path 0.1, 100 epochs; evaluation drives early stopping.
         # No decay on tokens/pos embeds: MAE `main_finetune.py` exempts timm's `no_weight_decay()` set.
-        config.optim.update(base_lr=5e-4, b2=0.999, weight_decay=0.05, warmup_epochs=5.0,
-                            weight_decay_rule="no_tokens")
+        config.optim.update(base_lr=5e-4, b2=0.999, weight_decay=0.05, warmup_epochs=5.0, weight_decay_rule="no_tokens")
         config.model.drop_path_rate = 0.1
         config.num_epochs = 100.0
         config.batch_size = 1024
@@ -101,31 +100,48 @@ class FinetuneTask(Task):
     def validate(self, config: ml_collections.ConfigDict) -> None:
         factory.validate_model_config(config)
         f = config.finetune
-        configuration.require(config, "finetune.positive_labels", lambda v: len(v) > 0, "a non-empty tuple of label ints")
-        configuration.require(config, "finetune.negative_labels",
-                              lambda v: len(v) > 0 and not set(v) & set(f.positive_labels),
-                              "a non-empty tuple of label ints disjoint from finetune.positive_labels")
+        configuration.require(
+            config, "finetune.positive_labels", lambda v: len(v) > 0, "a non-empty tuple of label ints"
+        )
+        configuration.require(
+            config,
+            "finetune.negative_labels",
+            lambda v: len(v) > 0 and not set(v) & set(f.positive_labels),
+            "a non-empty tuple of label ints disjoint from finetune.positive_labels",
+        )
         configuration.require_choice(config, "finetune.pool", ("avg", "cls"))
         configuration.require_choice(config, "finetune.class_weighting", ("balanced", "none"))
         configuration.require(config, "finetune.layer_decay", lambda v: 0.0 < v <= 1.0, "a factor in (0, 1]")
         configuration.require(config, "finetune.label_smoothing", lambda v: 0.0 <= v < 1.0, "a value in [0, 1)")
         configuration.require(config, "finetune.patience", lambda v: int(v) >= 0, "an evaluation count >= 0")
-        configuration.require(config, "eval_every", lambda v: int(v) > 0,
-                              "a positive step interval (fine-tuning evaluates on validation to pick the model)")
+        configuration.require(
+            config,
+            "eval_every",
+            lambda v: int(v) > 0,
+            "a positive step interval (fine-tuning evaluates on validation to pick the model)",
+        )
         configuration.require_choice(config, "finetune.kind", ("binary", "multiclass", "ordinal"))
         configuration.require_choice(config, "finetune.ordinal_head", ("softmax", "cumulative"))
         if f.kind != "binary":
             flat = [int(x) for c in f.classes for x in c]
-            configuration.require(config, "finetune.classes", lambda v: len(v) >= 2 and len(flat) == len(set(flat)),
-                                  ">= 2 disjoint tuples of label ints, e.g. ((0,), (1,), (2,))")
+            configuration.require(
+                config,
+                "finetune.classes",
+                lambda v: len(v) >= 2 and len(flat) == len(set(flat)),
+                ">= 2 disjoint tuples of label ints, e.g. ((0,), (1,), (2,))",
+            )
         if f.pool == "cls" and not config.model.class_token:
-            raise errors.ConfigError("Config key `finetune.pool` = 'cls' needs model.class_token=True; "
-                                            "use --config.finetune.pool=avg.")
+            raise errors.ConfigError(
+                "Config key `finetune.pool` = 'cls' needs model.class_token=True; use --config.finetune.pool=avg."
+            )
 
     def _training_examples(self, config: ml_collections.ConfigDict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(image ids, binary targets with -1 for left-out labels, mask of the examples trained on)."""
         f = config.finetune
-        self.positive, self.negative = tuple(int(x) for x in f.positive_labels), tuple(int(x) for x in f.negative_labels)
+        self.positive, self.negative = (
+            tuple(int(x) for x in f.positive_labels),
+            tuple(int(x) for x in f.negative_labels),
+        )
         self.kind = str(f.get("kind", "binary"))
         self.classes = tuple(tuple(int(x) for x in c) for c in f.get("classes", ()))
         self.num_classes = 2 if self.kind == "binary" else len(self.classes)
@@ -154,22 +170,24 @@ class FinetuneTask(Task):
     def num_train_examples(self, config: ml_collections.ConfigDict) -> int:
         return int(self._training_examples(config)[2].sum())
 
-    def setup(self, config: ml_collections.ConfigDict, *, workdir: str, total_steps: int,
-              steps_per_epoch: int) -> None:
+    def setup(self, config: ml_collections.ConfigDict, *, workdir: str, total_steps: int, steps_per_epoch: int) -> None:
         super().setup(config, workdir=workdir, total_steps=total_steps, steps_per_epoch=steps_per_epoch)
         f = config.finetune
         ids, targets, keep = self._training_examples(config)
         if self.kind != "binary":
             missing = sorted(set(range(self.num_classes)) - set(np.unique(targets[keep]).tolist()))
             if missing:
-                raise errors.ConfigError(f"The training split `{config.data.train_split}` of {config.data.path} has no "
-                                         f"examples of class(es) {missing} of finetune.classes {self.classes}.")
+                raise errors.ConfigError(
+                    f"The training split `{config.data.train_split}` of {config.data.path} has no "
+                    f"examples of class(es) {missing} of finetune.classes {self.classes}."
+                )
         elif len(np.unique(targets[keep])) < 2:
             raise errors.ConfigError(
                 f"The training split `{config.data.train_split}` of {config.data.path} has no examples of "
                 f"{'positive' if not (targets[keep] == 1).any() else 'negative'} labels "
                 f"{self.positive if not (targets[keep] == 1).any() else self.negative}: check "
-                "finetune.positive_labels / finetune.negative_labels against the dataset's labels.")
+                "finetune.positive_labels / finetune.negative_labels against the dataset's labels."
+            )
         self.class_weights = ft.class_weights(targets[keep], self.num_classes, f.class_weighting)
         os.makedirs(workdir, exist_ok=True)
         self.selection_path = os.path.join(workdir, SELECTION_FILE)
@@ -189,16 +207,24 @@ class FinetuneTask(Task):
         outputs = 2 if kind == "binary" else len(config.finetune.classes)
         if kind == "ordinal" and str(config.finetune.get("ordinal_head", "softmax")) == "cumulative":
             outputs -= 1
-        return ft.Classifier(encoder, outputs, pool=config.finetune.pool, head_init_std=config.finetune.head_init_std,
-                             freeze_encoder=self.freeze_encoder, rngs=rngs)
+        return ft.Classifier(
+            encoder,
+            outputs,
+            pool=config.finetune.pool,
+            head_init_std=config.finetune.head_init_std,
+            freeze_encoder=self.freeze_encoder,
+            rngs=rngs,
+        )
 
-    def make_optimizer(self, config: ml_collections.ConfigDict, schedule: optax.Schedule,
-                       params: Any) -> optax.GradientTransformation:
+    def make_optimizer(
+        self, config: ml_collections.ConfigDict, schedule: optax.Schedule, params: Any
+    ) -> optax.GradientTransformation:
         base = optim.make_optimizer(config.optim, schedule)
         if self.freeze_encoder:
+
             def labels(p):
-                return jax.tree_util.tree_map_with_path(
-                    lambda path, _: "frozen" if _is_encoder(path) else "train", p)
+                return jax.tree_util.tree_map_with_path(lambda path, _: "frozen" if _is_encoder(path) else "train", p)
+
             return optax.multi_transform({"train": base, "frozen": optax.set_to_zero()}, labels)
         decay = float(config.finetune.layer_decay)
         if decay >= 1.0:
@@ -211,8 +237,9 @@ class FinetuneTask(Task):
         data = config.data.copy_and_resolve_references()
         with data.unlocked():
             data.selection = self.selection_path
-        return pipeline.build_train_iterator(data, global_batch_size=config.batch_size, seed=config.seed,
-                                             image_size=config.image_size)
+        return pipeline.build_train_iterator(
+            data, global_batch_size=config.batch_size, seed=config.seed, image_size=config.image_size
+        )
 
     def example_batch(self, config: ml_collections.ConfigDict, batch_size: int, seed: int) -> dict[str, np.ndarray]:
         batch = super().example_batch(config, batch_size, seed)
@@ -224,15 +251,20 @@ class FinetuneTask(Task):
         return {**batch, "label": labels[:batch_size].astype(np.int32)}
 
     # ─── Loss ────────────────────────────────────────────────────────────────────────────────
-    def loss(self, model: ft.Classifier, batch: dict, key: jax.Array, extra: Any = None,
-             step: jax.Array = None) -> tuple[jax.Array, tuple[dict, dict]]:
+    def loss(
+        self, model: ft.Classifier, batch: dict, key: jax.Array, extra: Any = None, step: jax.Array = None
+    ) -> tuple[jax.Array, tuple[dict, dict]]:
         targets = self.targets(batch["label"])
         logits = model(batch["image"], rngs=key)
         if self.cumulative:
             loss = ft.cumulative_loss(logits, targets, jnp.asarray(self.class_weights))
         else:
-            loss = ft.weighted_cross_entropy(logits, targets, jnp.asarray(self.class_weights),
-                                             label_smoothing=float(self.config.finetune.label_smoothing))
+            loss = ft.weighted_cross_entropy(
+                logits,
+                targets,
+                jnp.asarray(self.class_weights),
+                label_smoothing=float(self.config.finetune.label_smoothing),
+            )
         valid = targets >= 0
         correct = (self.probabilities(logits).argmax(-1) == targets) & valid
         accuracy = correct.sum() / jnp.maximum(valid.sum(), 1)
@@ -250,12 +282,18 @@ class FinetuneTask(Task):
             def score(m, images):
                 p = probabilities(m(images))
                 return p[:, 1] if binary else p
+
             self._score_fn = score
         f = self.config.finetune
-        out = pipeline.map_split(lambda images: self._score_fn(model, images), self.config.data, split=split,
-                                 batch_size=int(f.eval_batch_size),
-                                 image_size=int(f.eval_image_size or self.config.image_size),
-                                 progress=jax.process_index() == 0, desc=f"eval[{split}]")
+        out = pipeline.map_split(
+            lambda images: self._score_fn(model, images),
+            self.config.data,
+            split=split,
+            batch_size=int(f.eval_batch_size),
+            image_size=int(f.eval_image_size or self.config.image_size),
+            progress=jax.process_index() == 0,
+            desc=f"eval[{split}]",
+        )
         out["y_score"] = out.pop("output")
         targets = np.asarray(self.targets(np.asarray(out["label"])))
         keep = targets >= 0
@@ -279,7 +317,8 @@ class FinetuneTask(Task):
         if len(np.unique(val["y_true"])) < 2:
             raise errors.ConfigError(
                 f"The validation split `{self.config.data.eval_split}` needs positive and negative images for "
-                "early stopping on AUROC; set --config.data.eval_split to a split that has both.")
+                "early stopping on AUROC; set --config.data.eval_split to a split that has both."
+            )
         auroc = float(self.selection_metric(val["y_true"], val["y_score"]))
         improved = auroc > float(self.best["val_auroc"])
         if improved:
