@@ -600,11 +600,11 @@ def test_text_file_named_safetensors_is_a_message(synthetic_dataset, tmp_path, c
     fake.write_text("hello, not weights")
     config = _config(synthetic_dataset)
     config.init_from = os.fspath(fake)
-    with pytest.raises(errors.InteropError, match="not a readable safetensors file"):
+    with pytest.raises(errors.InteropError, match="cannot be read with safetensors"):
         train_run.run(config, os.fspath(tmp_path / "run"))
     assert _tool("import_timm").main(["--input", str(fake), "--out", str(tmp_path / "imp")]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error:") and "not a readable safetensors file" in err
+    assert err.startswith("error:") and "cannot be read with safetensors" in err
 
 
 def test_evaluate_random_init_with_unknown_variant_is_a_message(capsys):
