@@ -637,3 +637,15 @@ def test_real_full_disk_on_a_small_tmpfs(trained, tmp_path):
         assert verdicts and all(v.ok and v.verified for v in verdicts), verdicts
     finally:
         subprocess.run(["umount", str(mnt)], check=True)
+
+
+@pytest.mark.parametrize("content,message", [(None, "does not exist"), ('{"a": 1}', "JSON list"),
+                                             ('["no-such-image"]', "matches none")])
+def test_bad_selection_is_a_message(synthetic_dataset, tmp_path, content, message):
+    selection = tmp_path / "selection.json"
+    if content is not None:
+        selection.write_text(content)
+    config = _config(synthetic_dataset)
+    config.data.selection = os.fspath(selection)
+    with pytest.raises(errors.UserError, match=message):
+        train_run.run(config, os.fspath(tmp_path / "run"))
