@@ -639,8 +639,9 @@ def test_real_full_disk_on_a_small_tmpfs(trained, tmp_path):
         subprocess.run(["umount", str(mnt)], check=True)
 
 
-@pytest.mark.parametrize("content,message", [(None, "does not exist"), ('{"a": 1}', "JSON list"),
-                                             ('["no-such-image"]', "matches none")])
+@pytest.mark.parametrize(
+    "content,message", [(None, "does not exist"), ('{"a": 1}', "JSON list"), ('["no-such-image"]', "matches none")]
+)
 def test_bad_selection_is_a_message(synthetic_dataset, tmp_path, content, message):
     selection = tmp_path / "selection.json"
     if content is not None:
