@@ -105,9 +105,9 @@ def test_vit_backbone_puts_the_mask_token_at_the_masked_patches_before_the_posit
     seen = {}
     original = enc.encode_tokens
 
-    def capture(tokens, *, rngs=None):
+    def capture(tokens, *, rngs=None, **kwargs):  # kwargs: grid_hw / kept ids (RoPE positions)
         seen["tokens"] = np.asarray(tokens)
-        return original(tokens, rngs=rngs)
+        return original(tokens, rngs=rngs, **kwargs)
 
     enc.encode_tokens = capture
     model.backbone(images, masks=jnp.asarray(masks))

@@ -38,7 +38,7 @@ def test_size_overrides_change_only_what_they_name():
         (dict(num_heads=5), "model.num_heads"),
         (dict(variant="XL/16"), "model.variant"),
         (dict(depth=0), "model.depth"),
-        (dict(pos_embed="rope"), "model.pos_embed"),
+        (dict(pos_embed="fourier"), "model.pos_embed"),
     ],
 )
 def test_bad_model_values_name_the_key(model, key):
