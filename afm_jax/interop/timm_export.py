@@ -126,8 +126,6 @@ def _eva_model_args(encoder: VisionTransformer, pool: str) -> dict[str, Any]:
             f"A RoPE encoder exports as timm's vit_*_dinov3, whose LayerNorm eps is {DINOV3_NORM_EPS}; "
             f"this one has {encoder.norm_eps}. Train with --config.model.norm_eps={DINOV3_NORM_EPS}."
         )
-    if encoder.patch_size != 16 or encoder.no_embed_class:
-        pass  # patch_size is passed explicitly; no_embed_class has no meaning without a position table
     h, w = encoder.img_size
     return dict(
         img_size=h if h == w else [h, w],
