@@ -643,8 +643,49 @@ def test_real_full_disk_on_a_small_tmpfs(trained, tmp_path):
         assert not list((mnt / "checkpoints").glob("*orbax-checkpoint-tmp*"))
         verdicts = checkpoint.verify_workdir(mnt)
         assert verdicts and all(v.ok and v.verified for v in verdicts), verdicts
+        # the failed run closed every file it opened there (a leaked one keeps the filesystem busy)
+        assert _open_files_under(mnt) == []
     finally:
-        subprocess.run(["umount", str(mnt)], check=True)
+        if subprocess.run(["umount", str(mnt)], capture_output=True).returncode:
+            subprocess.run(["umount", "-l", str(mnt)], check=True)  # detach anyway: no mount outlives the test
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small tmpfs needs root")
+def test_metrics_writer_closes_its_files_on_a_full_disk(tmp_path):
+    """tensorboardX flushes before it closes; on a full disk that raises, and its event file must still close."""
+    from afm_jax.train.metrics_writer import MetricsWriter
+
+    mnt = tmp_path / "tiny"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mnt)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        writer = MetricsWriter(mnt)
+        with open(mnt / "filler", "wb", buffering=0) as filler, pytest.raises(OSError):
+            while True:
+                filler.write(b"\0" * 4096)
+        with pytest.raises(OSError):
+            writer.write_scalars(1, {"loss": 1.0})  # metrics.jsonl is line-buffered: this write fails
+        with pytest.raises(OSError):
+            writer.close()  # tensorboardX's final flush fails
+        writer.close()  # a second close is a no-op
+        assert _open_files_under(mnt) == []
+    finally:
+        if subprocess.run(["umount", str(mnt)], capture_output=True).returncode:
+            subprocess.run(["umount", "-l", str(mnt)], check=True)
+
+
+def _open_files_under(directory: pathlib.Path) -> list[str]:
+    """The files under `directory` this process holds open (from /proc/self/fd)."""
+    held = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:  # the descriptor listdir itself used, already closed
+            continue
+        if target.startswith(f"{directory}/"):
+            held.append(target)
+    return held
 
 
 @pytest.mark.parametrize(

@@ -82,6 +82,7 @@ class BackboneSpec:
             raise ConfigError(f"Backbone pool {self.pool!r} is invalid: expected 'avg' or 'cls'.")
         if int(self.image_size) <= 0:
             raise ConfigError(f"Backbone image_size {self.image_size!r} must be a positive number of pixels.")
+        _check_variant(self.kind, self.variant)  # before any data is built or weights are read
 
     def to_json(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -281,6 +282,14 @@ def _read_torch_state_dict(path: str) -> dict:
     return {k.removeprefix("module.").removeprefix("backbone."): v for k, v in obj.items()}
 
 
+def _check_variant(kind: str, variant: str) -> None:
+    """A ConfigError naming the valid sizes for a variant such as `Z/99` (`random_init:,variant=Z/99`)."""
+    try:
+        factory.parse_variant(variant)
+    except ValueError as e:
+        raise ConfigError(f"Backbone {kind}: {e} Give it as variant=<size>/<patch> in --backbone.") from None
+
+
 def _vit_from_spec(spec: BackboneSpec, model_cfg=None, image_size: int | None = None):
     """A fresh VisionTransformer of `spec`'s shape (or `model_cfg`'s, built for `image_size`),
     initialised with `spec.seed` (the trainer's `nnx.Rngs(config.seed)`: the same draw as a run's start)."""
@@ -288,10 +297,7 @@ def _vit_from_spec(spec: BackboneSpec, model_cfg=None, image_size: int | None = 
         model_cfg = factory.default_model_config(spec.variant)
         model_cfg.in_chans = spec.in_chans
         model_cfg.update(dict(spec.model))
-    try:
-        factory.parse_variant(model_cfg.variant)
-    except ValueError as e:  # e.g. `random_init:,variant=Z/99`
-        raise ConfigError(f"Backbone {spec.kind}: {e} Give it as variant=<size>/<patch> in --backbone.") from None
+    _check_variant(spec.kind, model_cfg.variant)
     return factory.build_encoder(model_cfg, image_size or spec.image_size, nnx.Rngs(spec.seed))
 
 

@@ -5,6 +5,7 @@ Other processes get a writer that does nothing, so call sites never branch on th
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import os
@@ -78,7 +79,31 @@ class MetricsWriter:
         print(" | ".join(parts), file=sys.stdout, flush=True)
 
     def close(self) -> None:
-        if self.enabled:
+        """Closes both logs, also when the disk is full (then the flush error is raised after closing)."""
+        if not self.enabled:
+            return
+        self.enabled = False
+        try:
             self._tb.close()
+        except OSError:
+            _close_event_files(self._tb)
+            raise
+        finally:
             self._jsonl.close()
-            self.enabled = False
+
+
+def _close_event_files(summary_writer) -> None:
+    """Closes the event files of a tensorboardX writer whose `close()` failed.
+
+    tensorboardX flushes before it closes: on a full disk the flush raises and the file stays open, which
+    keeps the workdir's filesystem busy (it cannot be unmounted) for the rest of the process.
+    """
+    for file_writer in getattr(summary_writer, "all_writers", {}).values():
+        event_file_writer = getattr(file_writer, "event_writer", None)
+        events = getattr(event_file_writer, "_ev_writer", None)
+        handle = getattr(getattr(events, "_py_recordio_writer", None), "_writer", None)
+        if handle is not None:
+            with contextlib.suppress(OSError):
+                handle.close()  # the buffered flush fails again, the descriptor is closed regardless
+        if event_file_writer is not None:
+            event_file_writer._closed = True  # its atexit hook would retry the flush and print a traceback
