@@ -44,6 +44,12 @@ class OutOfSpaceError(UserError, OSError):
     """The disk (or quota) is full while a run writes its logs or outputs; the message says where."""
 
 
+class StoppedBeforeFinishingError(UserError, RuntimeError):
+    """A training run inside a larger job (a study's pretraining or fine-tuning) was stopped by a signal
+    (time limit, preemption) after saving its checkpoint; the job must be rerun to resume it. Nothing
+    computed from the unfinished run is kept."""
+
+
 class LockedError(UserError, RuntimeError):
     """A folder is in use by another run (its lock file names the holder: host, pid, start time)."""
 

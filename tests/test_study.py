@@ -4,6 +4,9 @@ study files and SLURM scripts, and the command-line tools' user errors."""
 import json
 import os
 import pathlib
+import signal
+import subprocess
+import time
 
 import pytest
 
@@ -87,6 +90,48 @@ def test_slurm_mode_writes_array_scripts_for_missing_runs_only(synthetic_dataset
     assert "--pretrain_index $SLURM_ARRAY_TASK_ID" in (layout.launch / "pretrain.sbatch").read_text()
     text = submit.read_text()
     assert "afterok:${pre}" in text and "afterany:${runs}" in text and "report.sbatch" in text
+
+
+_STUBS = {
+    # the trainer: runs until SIGTERM (then "saves" and exits 2, as the study does when stopped early)
+    "srun": 'echo $$ > "$STUBS/srun.pid"; trap \'echo saved >> "$STUBS/calls"; exit 2\' TERM; '
+    'if [ -n "${FAIL:-}" ]; then exit 3; fi; while :; do sleep 0.05; done',
+    "scancel": 'echo "scancel $*" >> "$STUBS/calls"; kill -TERM "$(cat "$STUBS/srun.pid")"',
+    "scontrol": 'echo "scontrol $*" >> "$STUBS/calls"',
+}
+
+
+def _run_script_with_stubs(script: pathlib.Path, tmp_path: pathlib.Path, *, signal_it: bool, fail: bool = False):
+    stubs = tmp_path / "stubs"
+    stubs.mkdir(parents=True)
+    for name, body in _STUBS.items():
+        (stubs / name).write_text(f"#!/bin/bash\n{body}\n")
+        (stubs / name).chmod(0o755)
+    env = dict(os.environ, PATH=f"{stubs}:{os.environ['PATH']}", STUBS=str(stubs), SLURM_JOB_ID="77")
+    env.update(SLURM_ARRAY_TASK_ID="0", **({"FAIL": "1"} if fail else {}))
+    shell = subprocess.Popen(["bash", str(script)], env=env, stdout=subprocess.PIPE, text=True)
+    if signal_it:
+        deadline = time.monotonic() + 30
+        while not (stubs / "srun.pid").is_file() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        shell.send_signal(signal.SIGUSR1)  # what SLURM sends the batch shell before the time limit
+    out, _ = shell.communicate(timeout=60)
+    calls = (stubs / "calls").read_text().splitlines() if (stubs / "calls").is_file() else []
+    return shell.returncode, calls, out
+
+
+def test_slurm_scripts_checkpoint_and_requeue_before_the_time_limit(synthetic_dataset, tmp_path):
+    """USR1 to the batch shell: SIGTERM to the step's tasks only, wait for them, requeue this task, exit 0;
+    a step that fails by itself is not requeued and its status is the job's."""
+    study = _study(synthetic_dataset)
+    study.pretrain = {"mae": study_lib.PretrainSpec(config=os.fspath(REPO / "configs" / "demo.py"), data_task="aff")}
+    study_lib.write_slurm(study, tmp_path / "out", "configs/studies/x.py")
+    script = study_lib.Layout(tmp_path / "out").launch / "pretrain.sbatch"
+    assert "#SBATCH --signal=B:USR1@300" in script.read_text() and "#SBATCH --requeue" in script.read_text()
+    status, calls, out = _run_script_with_stubs(script, tmp_path / "signalled", signal_it=True)
+    assert (status, calls) == (0, ["scancel --signal=TERM 77", "saved", "scontrol requeue 77"]), out
+    status, calls, out = _run_script_with_stubs(script, tmp_path / "failing", signal_it=False, fail=True)
+    assert (status, calls) == (3, []), out
 
 
 def test_study_file_mistakes_are_user_errors(tmp_path, synthetic_dataset):

@@ -35,7 +35,7 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
-from afm_jax import configuration, io
+from afm_jax import configuration, errors, io
 from afm_jax.data import pipeline, records
 from afm_jax.errors import ConfigError
 from afm_jax.evaluation import monitors
@@ -229,7 +229,10 @@ def run_pretraining(study: Study, name: str, layout: Layout) -> pathlib.Path:
     if result.finished:
         io.write_json(done, {"step": result.step})
     else:
-        raise RuntimeError(f"Pretraining {name!r} stopped at step {result.step} before finishing; rerun to resume.")
+        raise errors.StoppedBeforeFinishingError(
+            f"Pretraining {name!r} stopped at step {result.step} of {config.total_steps} before finishing "
+            f"(its checkpoint is in {workdir}); rerun the same command to resume it."
+        )
     return workdir
 
 
@@ -436,6 +439,32 @@ def run_study(study: Study, out_dir: str | os.PathLike, *, report: bool = True) 
 # ─── SLURM ───────────────────────────────────────────────────────────────────────────────────────
 
 
+# Five minutes before the time limit SLURM signals the batch shell (USR1, `--signal=B:USR1@300`); the trap
+# sends SIGTERM to the job step's tasks only (`scancel --signal=TERM`; killing srun would SIGKILL them):
+# the trainer saves a checkpoint and the study command exits with StoppedBeforeFinishingError; then the
+# task is requeued and its rerun resumes from that checkpoint. Jobs that depend on it wait meanwhile.
+# The same cycle as launch/slurm_multinode.sbatch, run on a real SLURM by tests/cluster/test_slurm.py.
+_REQUEUE_ON_TIME_LIMIT = (
+    'echo "job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0})"',
+    "requeue_on_time_limit() {",
+    '  echo "time limit near: asking the step to checkpoint, then requeueing $SLURM_JOB_ID"',
+    '  scancel --signal=TERM "$SLURM_JOB_ID" || true',
+    '  wait "$STEP_PID" || true',
+    '  echo "step stopped; requeueing $SLURM_JOB_ID"',
+    '  scontrol requeue "$SLURM_JOB_ID"',
+    "  exit 0",
+    "}",
+    "trap requeue_on_time_limit USR1",
+)
+_WAIT_FOR_STEP = (
+    "STEP_PID=$!",
+    "status=0",
+    'wait "$STEP_PID" || status=$?',
+    'echo "job $SLURM_JOB_ID: exited with status $status"',
+    'exit "$status"',
+)
+
+
 def write_slurm(
     study: Study,
     out_dir: str | os.PathLike,
@@ -463,18 +492,20 @@ def write_slurm(
         f"#SBATCH --gpus={gpus}",
         f"#SBATCH --time={time_limit}",
         f"#SBATCH --output={layout.launch}/%x_%A_%a.log",
-        "#SBATCH --signal=B:TERM@120",
+        "#SBATCH --open-mode=append",
+        "#SBATCH --requeue",
+        "#SBATCH --signal=B:USR1@300",
     ]
     if partition:
         header.append(f"#SBATCH --partition={partition}")
     if account:
         header.append(f"#SBATCH --account={account}")
 
-    def script(name: str, body: str, array: list[int] | None = None) -> pathlib.Path:
+    def script(name: str, command: str, array: list[int] | None = None) -> pathlib.Path:
         lines = [*header, f"#SBATCH --job-name={study.name}_{name}"]
         if array is not None:
             lines.append(f"#SBATCH --array={','.join(map(str, array))}")
-        lines += ["set -euo pipefail", body, ""]
+        lines += ["set -euo pipefail", *_REQUEUE_ON_TIME_LIMIT, f"{command} &", *_WAIT_FOR_STEP, ""]
         path = layout.launch / f"{name}.sbatch"
         path.write_text("\n".join(lines))
         return path
@@ -491,10 +522,18 @@ def write_slurm(
     ]
     if pending_pre:
         script("pretrain", f"srun {base} --pretrain_index $SLURM_ARRAY_TASK_ID", [names.index(n) for n in pending_pre])
-        submit += ["pre=$(sbatch --parsable pretrain.sbatch)", 'dep="--dependency=afterok:${pre}"']
+        submit += [
+            "pre=$(sbatch --parsable pretrain.sbatch)",
+            'echo "pretraining: job ${pre}"',
+            'dep="--dependency=afterok:${pre}"',
+        ]
     if missing:
         script("runs", f"srun {base} --run_index $SLURM_ARRAY_TASK_ID --no_report", missing)
-        submit += ["runs=$(sbatch --parsable ${dep} runs.sbatch)", 'dep="--dependency=afterany:${runs}"']
+        submit += [
+            "runs=$(sbatch --parsable ${dep} runs.sbatch)",
+            'echo "runs: job ${runs}"',
+            'dep="--dependency=afterany:${runs}"',
+        ]
     script("report", f"{base} --report_only")
     submit += ["sbatch ${dep} report.sbatch", ""]
     path = layout.launch / "submit.sh"

@@ -20,7 +20,7 @@ import numpy as np  # noqa: E402
 from absl import flags  # noqa: E402
 
 from afm_jax.data import pipeline  # noqa: E402
-from afm_jax.main import prepare_dataset  # noqa: E402
+from afm_jax.data.synthetic import prepare_dataset  # noqa: E402
 from afm_jax.train import loop  # noqa: E402
 from afm_jax.train.tasks import get_task  # noqa: E402
 

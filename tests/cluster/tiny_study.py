@@ -14,7 +14,7 @@ IMAGE_SIZE = 32
 def get_study() -> Study:
     femur = TaskSpec(
         "aff_vs_nff",
-        synthetic=dict(num_patients=100, image_size=64, seed=0),
+        synthetic=dict(num_patients=160, image_size=64, seed=0),
         positive_labels=(2,),
         negative_labels=(1,),
         unit="patient",
@@ -28,15 +28,15 @@ def get_study() -> Study:
             "model.depth": 2,
             "image_size": IMAGE_SIZE,
             "batch_size": 8,
-            "total_steps": 6,
+            "total_steps": 1000,  # a few seconds: long enough to signal the SLURM job mid-run
             "mae.decoder_dim": 32,
             "mae.decoder_depth": 1,
             "mae.decoder_heads": 2,
             "data.num_workers": 0,
             "probe.enabled": False,
             "image_every": 0,
-            "checkpoint_every": 6,
-            "log_every": 2,
+            "checkpoint_every": 1000,
+            "log_every": 50,
             "data.synthetic.enabled": False,
         },
     )
