@@ -492,7 +492,11 @@ def write_slurm(
         f"#SBATCH --gpus={gpus}",
         f"#SBATCH --time={time_limit}",
         f"#SBATCH --output={layout.launch}/%x_%A_%a.log",
+        # relative paths in the study file (configs, data) mean what they mean where --slurm was run
+        f"#SBATCH --chdir={os.getcwd()}",
         "#SBATCH --open-mode=append",
+        # a failed pretraining cancels the jobs waiting on it instead of leaving them pending forever
+        "#SBATCH --kill-on-invalid-dep=yes",
         "#SBATCH --requeue",
         "#SBATCH --signal=B:USR1@300",
     ]
