@@ -127,7 +127,10 @@ def test_slurm_scripts_checkpoint_and_requeue_before_the_time_limit(synthetic_da
     study.pretrain = {"mae": study_lib.PretrainSpec(config=os.fspath(REPO / "configs" / "demo.py"), data_task="aff")}
     study_lib.write_slurm(study, tmp_path / "out", "configs/studies/x.py")
     script = study_lib.Layout(tmp_path / "out").launch / "pretrain.sbatch"
-    assert "#SBATCH --signal=B:USR1@300" in script.read_text() and "#SBATCH --requeue" in script.read_text()
+    header = script.read_text()
+    assert "#SBATCH --signal=B:USR1@300" in header and "#SBATCH --requeue" in header
+    # the study file's relative paths resolve where --slurm ran; a failed job cancels its dependants
+    assert f"#SBATCH --chdir={os.getcwd()}" in header and "#SBATCH --kill-on-invalid-dep=yes" in header
     status, calls, out = _run_script_with_stubs(script, tmp_path / "signalled", signal_it=True)
     assert (status, calls) == (0, ["scancel --signal=TERM 77", "saved", "scontrol requeue 77"]), out
     status, calls, out = _run_script_with_stubs(script, tmp_path / "failing", signal_it=False, fail=True)
