@@ -543,7 +543,6 @@ def build_folder_dataset(
                 laterality=f.laterality,
             )
         )
-    split_of_item = {it.image_id: it.split for it in items}
     fractions = splits_lib.fractions_from_counts(Counter(splits.values()))
     empty = sorted(set(split_fractions or splits_lib.DEFAULT_SPLIT_FRACTIONS) - set(fractions))
     if empty and not any(f.split for f in files):
@@ -567,7 +566,49 @@ def build_folder_dataset(
         "label_ids": ids,
         "target_column": target_column or ("target" if any(f.target for f in files) else ""),
     }
-    directory = records.write_dataset(
+    directory = write_planned_images(
+        items,
+        salt,
+        out_dir,
+        name=name,
+        split_fractions=fractions,
+        extra_info=info,
+        image_size=image_size,
+        workers=workers,
+        strict=strict,
+        failures=failures,
+        overwrite=overwrite,
+        png_compression=png_compression,
+    )
+    if failures:
+        log.warning(
+            "Skipped %d unreadable files (%s); pass strict=True (--strict) to stop at the first and see which.",
+            sum(failures.values()),
+            dict(failures),
+        )
+        _record_failures(directory, failures)
+    return directory
+
+
+def write_planned_images(
+    items: Sequence[PlannedImage],
+    salt: bytes,
+    out_dir: str | os.PathLike,
+    *,
+    name: str,
+    split_fractions: Mapping[str, float],
+    extra_info: Mapping[str, Any],
+    image_size: int = 0,
+    workers: int = 2,
+    strict: bool = False,
+    failures: Counter | None = None,
+    overwrite: bool = False,
+    png_compression: int | None = None,
+) -> pathlib.Path:
+    """Writes `items` (read and encoded by `iter_examples`), each in the split its plan names, as the
+    dataset `name` under `out_dir` (`records.write_dataset`); returns its version directory."""
+    split_of_item = {it.image_id: it.split for it in items}
+    return records.write_dataset(
         iter_examples(
             items,
             salt,
@@ -579,21 +620,13 @@ def build_folder_dataset(
         ),
         out_dir,
         name=name,
-        split_fractions=fractions,
-        extra_info=info,
+        split_fractions=split_fractions,
+        extra_info=extra_info,
         num_examples_hint=len(items),
         overwrite=overwrite,
         png_compression=png_compression,
         assign_split=lambda r: split_of_item[r["image_id"]],
     )
-    if failures:
-        log.warning(
-            "Skipped %d unreadable files (%s); pass strict=True (--strict) to stop at the first and see which.",
-            sum(failures.values()),
-            dict(failures),
-        )
-        _record_failures(directory, failures)
-    return directory
 
 
 def _record_failures(directory: pathlib.Path, failures: Counter) -> None:
