@@ -543,7 +543,7 @@ def build_folder_dataset(
                 laterality=f.laterality,
             )
         )
-    fractions = splits_lib.fractions_from_counts(Counter(splits.values()))
+    fractions = planned_split_fractions(items)
     empty = sorted(set(split_fractions or splits_lib.DEFAULT_SPLIT_FRACTIONS) - set(fractions))
     if empty and not any(f.split for f in files):
         log.warning(
@@ -570,9 +570,8 @@ def build_folder_dataset(
         items,
         salt,
         out_dir,
-        name=name,
-        split_fractions=fractions,
-        extra_info=info,
+        name,
+        info,
         image_size=image_size,
         workers=workers,
         strict=strict,
@@ -590,14 +589,19 @@ def build_folder_dataset(
     return directory
 
 
+def planned_split_fractions(items: Sequence[PlannedImage]) -> dict[str, float]:
+    """{split: share of patients} of the planned images, for the dataset info (splits given, not drawn)."""
+    patient_splits = {(it.patient_id, it.split) for it in items}
+    return splits_lib.fractions_from_counts(Counter(split for _, split in patient_splits))
+
+
 def write_planned_images(
     items: Sequence[PlannedImage],
     salt: bytes,
     out_dir: str | os.PathLike,
-    *,
     name: str,
-    split_fractions: Mapping[str, float],
     extra_info: Mapping[str, Any],
+    *,
     image_size: int = 0,
     workers: int = 2,
     strict: bool = False,
@@ -605,8 +609,9 @@ def write_planned_images(
     overwrite: bool = False,
     png_compression: int | None = None,
 ) -> pathlib.Path:
-    """Writes `items` (read and encoded by `iter_examples`), each in the split its plan names, as the
-    dataset `name` under `out_dir` (`records.write_dataset`); returns its version directory."""
+    """Writes `items` (read and encoded by `iter_examples`; `failures` and `strict` as there), each in the
+    split its plan names, as the dataset `name` under `out_dir` (`records.write_dataset`, with
+    `extra_info`); returns its version directory."""
     split_of_item = {it.image_id: it.split for it in items}
     return records.write_dataset(
         iter_examples(
@@ -620,7 +625,7 @@ def write_planned_images(
         ),
         out_dir,
         name=name,
-        split_fractions=split_fractions,
+        split_fractions=planned_split_fractions(items),
         extra_info=extra_info,
         num_examples_hint=len(items),
         overwrite=overwrite,

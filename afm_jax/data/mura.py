@@ -223,13 +223,12 @@ def build_mura_dataset(
     salt_kind = "public demo salt" if salt == anonymize.SYNTHETIC_DEMO_SALT else "user salt"
     images = _without_train_copies_of_test_patients(list_mura(root, body_parts=body_parts))
     validation = carve_validation(images, validation_fraction)
-    items, patients_per_split = [], defaultdict(set)
+    items = []
     for im in images:
         split = OFFICIAL_SPLITS[im["mura_split"]]
         if im["patient"] in validation and split == "train":
             split = "validation"
         patient_id = anonymize.hash_id(f"mura:{im['patient']}", salt)
-        patients_per_split[split].add(patient_id)
         items.append(
             folder_dataset.PlannedImage(
                 path=im["path"],
@@ -243,7 +242,6 @@ def build_mura_dataset(
                 split=split,
             )
         )
-    fractions = splits.fractions_from_counts({s: len(p) for s, p in patients_per_split.items()})
     mura_dir = find_mura_dir(root)
     info = {
         "source": "MURA-v1.1",
@@ -262,9 +260,8 @@ def build_mura_dataset(
         items,
         salt,
         out_dir,
-        name=name,
-        split_fractions=fractions,
-        extra_info=info,
+        name,
+        info,
         image_size=image_size,
         workers=workers,
         strict=True,
