@@ -543,8 +543,7 @@ def build_folder_dataset(
                 laterality=f.laterality,
             )
         )
-    split_of_item = {it.image_id: it.split for it in items}
-    fractions = splits_lib.fractions_from_counts(Counter(splits.values()))
+    fractions = planned_split_fractions(items)
     empty = sorted(set(split_fractions or splits_lib.DEFAULT_SPLIT_FRACTIONS) - set(fractions))
     if empty and not any(f.split for f in files):
         log.warning(
@@ -567,7 +566,54 @@ def build_folder_dataset(
         "label_ids": ids,
         "target_column": target_column or ("target" if any(f.target for f in files) else ""),
     }
-    directory = records.write_dataset(
+    directory = write_planned_images(
+        items,
+        salt,
+        out_dir,
+        name,
+        info,
+        image_size=image_size,
+        workers=workers,
+        strict=strict,
+        failures=failures,
+        overwrite=overwrite,
+        png_compression=png_compression,
+    )
+    if failures:
+        log.warning(
+            "Skipped %d unreadable files (%s); pass strict=True (--strict) to stop at the first and see which.",
+            sum(failures.values()),
+            dict(failures),
+        )
+        _record_failures(directory, failures)
+    return directory
+
+
+def planned_split_fractions(items: Sequence[PlannedImage]) -> dict[str, float]:
+    """{split: share of patients} of the planned images, for the dataset info (splits given, not drawn)."""
+    patient_splits = {(it.patient_id, it.split) for it in items}
+    return splits_lib.fractions_from_counts(Counter(split for _, split in patient_splits))
+
+
+def write_planned_images(
+    items: Sequence[PlannedImage],
+    salt: bytes,
+    out_dir: str | os.PathLike,
+    name: str,
+    extra_info: Mapping[str, Any],
+    *,
+    image_size: int = 0,
+    workers: int = 2,
+    strict: bool = False,
+    failures: Counter | None = None,
+    overwrite: bool = False,
+    png_compression: int | None = None,
+) -> pathlib.Path:
+    """Writes `items` (read and encoded by `iter_examples`; `failures` and `strict` as there), each in the
+    split its plan names, as the dataset `name` under `out_dir` (`records.write_dataset`, with
+    `extra_info`); returns its version directory."""
+    split_of_item = {it.image_id: it.split for it in items}
+    return records.write_dataset(
         iter_examples(
             items,
             salt,
@@ -579,21 +625,13 @@ def build_folder_dataset(
         ),
         out_dir,
         name=name,
-        split_fractions=fractions,
-        extra_info=info,
+        split_fractions=planned_split_fractions(items),
+        extra_info=extra_info,
         num_examples_hint=len(items),
         overwrite=overwrite,
         png_compression=png_compression,
         assign_split=lambda r: split_of_item[r["image_id"]],
     )
-    if failures:
-        log.warning(
-            "Skipped %d unreadable files (%s); pass strict=True (--strict) to stop at the first and see which.",
-            sum(failures.values()),
-            dict(failures),
-        )
-        _record_failures(directory, failures)
-    return directory
 
 
 def _record_failures(directory: pathlib.Path, failures: Counter) -> None:

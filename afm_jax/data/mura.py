@@ -34,7 +34,7 @@ import re
 from collections import Counter, defaultdict
 from collections.abc import Sequence
 
-from afm_jax.data import anonymize, folder_dataset, records, splits
+from afm_jax.data import anonymize, folder_dataset, splits
 from afm_jax.errors import ConfigError, DatasetNotFoundError
 
 log = logging.getLogger(__name__)
@@ -223,13 +223,12 @@ def build_mura_dataset(
     salt_kind = "public demo salt" if salt == anonymize.SYNTHETIC_DEMO_SALT else "user salt"
     images = _without_train_copies_of_test_patients(list_mura(root, body_parts=body_parts))
     validation = carve_validation(images, validation_fraction)
-    items, patients_per_split = [], defaultdict(set)
+    items = []
     for im in images:
         split = OFFICIAL_SPLITS[im["mura_split"]]
         if im["patient"] in validation and split == "train":
             split = "validation"
         patient_id = anonymize.hash_id(f"mura:{im['patient']}", salt)
-        patients_per_split[split].add(patient_id)
         items.append(
             folder_dataset.PlannedImage(
                 path=im["path"],
@@ -243,8 +242,6 @@ def build_mura_dataset(
                 split=split,
             )
         )
-    fractions = splits.fractions_from_counts({s: len(p) for s, p in patients_per_split.items()})
-    split_of = {it.image_id: it.split for it in items}
     mura_dir = find_mura_dir(root)
     info = {
         "source": "MURA-v1.1",
@@ -259,18 +256,17 @@ def build_mura_dataset(
         "label_level": "study (every image carries its study's label)",
         "id_salt": salt_kind,
     }
-    return records.write_dataset(
-        folder_dataset.iter_examples(
-            items, salt, image_size=image_size, workers=workers, strict=True, png_compression=png_compression
-        ),
+    return folder_dataset.write_planned_images(
+        items,
+        salt,
         out_dir,
-        name=name,
-        split_fractions=fractions,
-        extra_info=info,
-        num_examples_hint=len(items),
+        name,
+        info,
+        image_size=image_size,
+        workers=workers,
+        strict=True,
         overwrite=overwrite,
         png_compression=png_compression,
-        assign_split=lambda r: split_of[r["image_id"]],
     )
 
 

@@ -56,11 +56,9 @@ FILE_FORMAT = "array_record"
 METADATA_FILE = "metadata.json"
 INDEX_DIR = "index"
 
+ID_KEYS = ("patient_id", "study_id", "series_id", "image_id")  # salted hashes, "" when unknown
 STRING_KEYS = (
-    "patient_id",
-    "study_id",
-    "series_id",
-    "image_id",
+    *ID_KEYS,
     "body_part",
     "view",
     "laterality",

@@ -54,7 +54,7 @@ import hashlib
 import math
 import os
 import pathlib
-from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Sequence
 
 import cv2
 import jax
@@ -889,13 +889,33 @@ def _render(
     view: str,
     laterality: str,
     fracture_position: float,
-    anatomy: FemurAnatomy | None,
+    anatomy: FemurAnatomy | None = None,
     framing: str | None = None,
     implant: str = "none",
     layers: bool = False,
 ) -> _Rendered:
     """render_femur plus the pixel spacing, framing and marker place (and, if asked, the layers)."""
-    _check_render_args(label_name, fracture_type, size, view, laterality, fracture_position, framing, implant)
+    if label_name not in FRACTURE_TYPES:
+        raise ValueError(f"label_name {label_name!r} is not one of {LABEL_NAMES}.")
+    if fracture_type not in FRACTURE_TYPES[label_name]:
+        raise ValueError(
+            f"fracture_type {fracture_type!r} does not fit label {label_name!r}; "
+            f"use one of {FRACTURE_TYPES[label_name]}."
+        )
+    if view not in VIEWS:
+        raise ValueError(f"view {view!r} is not one of {VIEWS}.")
+    if laterality not in LATERALITIES:
+        raise ValueError(f"laterality {laterality!r} is not one of {LATERALITIES}.")
+    if size < 32:
+        raise ValueError(f"size {size} is too small; use at least 32 pixels.")
+    if not 0.0 <= fracture_position <= 1.0:
+        raise ValueError(
+            f"fracture_position {fracture_position} must lie in [0, 1] (0 = sub-trochanteric, 1 = mid-shaft)."
+        )
+    if framing is not None and framing not in FRAMINGS:
+        raise ValueError(f"framing {framing!r} is not one of {FRAMINGS} (or None to draw one).")
+    if implant not in IMPLANTS:
+        raise ValueError(f"implant {implant!r} is not one of {IMPLANTS}.")
     anat = anatomy if anatomy is not None else FemurAnatomy.sample(rng)
     # All image-level randomness is drawn here, before and independently of the class.
     acq = _Acquisition.sample(rng)
@@ -965,72 +985,19 @@ def _render(
     return _Rendered(pixels, _FIELD_MM * acq.field / size, acq.framing, marker_xy, out_layers)
 
 
-def _check_render_args(
-    label_name: str,
-    fracture_type: str,
-    size: int,
-    view: str,
-    laterality: str,
-    fracture_position: float,
-    framing: str | None = None,
-    implant: str = "none",
-) -> None:
-    if label_name not in FRACTURE_TYPES:
-        raise ValueError(f"label_name {label_name!r} is not one of {LABEL_NAMES}.")
-    if fracture_type not in FRACTURE_TYPES[label_name]:
-        raise ValueError(
-            f"fracture_type {fracture_type!r} does not fit label {label_name!r}; "
-            f"use one of {FRACTURE_TYPES[label_name]}."
-        )
-    if view not in VIEWS:
-        raise ValueError(f"view {view!r} is not one of {VIEWS}.")
-    if laterality not in LATERALITIES:
-        raise ValueError(f"laterality {laterality!r} is not one of {LATERALITIES}.")
-    if size < 32:
-        raise ValueError(f"size {size} is too small; use at least 32 pixels.")
-    if not 0.0 <= fracture_position <= 1.0:
-        raise ValueError(
-            f"fracture_position {fracture_position} must lie in [0, 1] (0 = sub-trochanteric, 1 = mid-shaft)."
-        )
-    if framing is not None and framing not in FRAMINGS:
-        raise ValueError(f"framing {framing!r} is not one of {FRAMINGS} (or None to draw one).")
-    if implant not in IMPLANTS:
-        raise ValueError(f"implant {implant!r} is not one of {IMPLANTS}.")
-
-
-def render_femur(
-    rng: np.random.Generator,
-    *,
-    label_name: str,
-    fracture_type: str,
-    size: int,
-    view: str,
-    laterality: str,
-    fracture_position: float,
-    anatomy: FemurAnatomy | None = None,
-    framing: str | None = None,
-    implant: str = "none",
-) -> np.ndarray:
+def render_femur(rng: np.random.Generator, **shot: Any) -> np.ndarray:
     """Renders one femur radiograph: uint16 (size, size), bone bright, most of the 16-bit range used.
 
+    Keyword arguments (those of `_render`, which checks them): `label_name`, `fracture_type` (one of
+    FRACTURE_TYPES[label_name]), `size` (pixels, at least 32), `view` (one of VIEWS), `laterality` (one of
+    LATERALITIES), `fracture_position`; optional `anatomy`, `framing`, `implant`.
     `fracture_position` in [0, 1] runs from sub-trochanteric (0) to mid-shaft (1). `anatomy`
     fixes the patient (and its fracture shape) across images; if None it is drawn from `rng`.
     `framing` (one of FRAMINGS) fixes the window, else it is drawn; `implant` is one of IMPLANTS.
     For a fixed `rng` state and anatomy, images of different classes differ only where the
     fracture changes the bone: framing, pose, exposure and noise are drawn independently of the class.
     """
-    return _render(
-        rng,
-        label_name=label_name,
-        fracture_type=fracture_type,
-        size=size,
-        view=view,
-        laterality=laterality,
-        fracture_position=fracture_position,
-        anatomy=anatomy,
-        framing=framing,
-        implant=implant,
-    ).pixels
+    return _render(rng, **shot).pixels
 
 
 # ======================================================================================

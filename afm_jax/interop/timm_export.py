@@ -82,10 +82,25 @@ def timm_model_args(encoder: VisionTransformer, *, global_pool: str | None = Non
     stays the token norm even with ``global_pool='avg'``), ``dynamic_img_size=True`` (any input size
     that is a multiple of the patch, position embeddings resampled as ours are).
     """
-    h, w = encoder.img_size
     pool = global_pool or ("token" if encoder.has_class_token else "avg")
     if encoder.pos_embed_type == "rope":
         return _eva_model_args(encoder, pool)
+    return dict(
+        **_shape_args(encoder),
+        reg_tokens=encoder.num_reg_tokens,
+        no_embed_class=encoder.no_embed_class,
+        init_values=1e-5 if _has_layer_scale(encoder) else None,  # only decides that gammas exist
+        qkv_bias=True,
+        global_pool=pool,
+        fc_norm=False,
+        num_classes=0,
+        dynamic_img_size=True,
+    )
+
+
+def _shape_args(encoder: VisionTransformer) -> dict[str, Any]:
+    """The kwargs that size a timm ViT or Eva as ``encoder`` (the ones both constructors name alike)."""
+    h, w = encoder.img_size
     return dict(
         img_size=h if h == w else [h, w],
         patch_size=encoder.patch_size,
@@ -95,14 +110,6 @@ def timm_model_args(encoder: VisionTransformer, *, global_pool: str | None = Non
         mlp_ratio=encoder.mlp_dim / encoder.embed_dim,
         in_chans=encoder.in_chans,
         class_token=encoder.has_class_token,
-        reg_tokens=encoder.num_reg_tokens,
-        no_embed_class=encoder.no_embed_class,
-        init_values=1e-5 if _has_layer_scale(encoder) else None,  # only decides that gammas exist
-        qkv_bias=True,
-        global_pool=pool,
-        fc_norm=False,
-        num_classes=0,
-        dynamic_img_size=True,
     )
 
 
@@ -126,16 +133,8 @@ def _eva_model_args(encoder: VisionTransformer, pool: str) -> dict[str, Any]:
             f"A RoPE encoder exports as timm's vit_*_dinov3, whose LayerNorm eps is {DINOV3_NORM_EPS}; "
             f"this one has {encoder.norm_eps}. Train with --config.model.norm_eps={DINOV3_NORM_EPS}."
         )
-    h, w = encoder.img_size
     return dict(
-        img_size=h if h == w else [h, w],
-        patch_size=encoder.patch_size,
-        embed_dim=encoder.embed_dim,
-        depth=len(encoder.blocks),
-        num_heads=encoder.num_heads,
-        mlp_ratio=encoder.mlp_dim / encoder.embed_dim,
-        in_chans=encoder.in_chans,
-        class_token=encoder.has_class_token,
+        **_shape_args(encoder),
         num_reg_tokens=encoder.num_reg_tokens,
         qkv_bias=encoder.qkv_bias,
         init_values=1e-5 if _has_layer_scale(encoder) else None,

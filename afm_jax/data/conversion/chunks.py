@@ -55,6 +55,8 @@ PLAN_FILE = "plan.json"
 CHUNK_DIR = "chunks"
 DEFAULT_CHUNK_SIZE = 32
 _MAX_ERROR_CHARS = 240
+# The DICOM header facts of a converted file, copied from its first frame into its row (and the manifest).
+HEADER_FIELDS = ("manufacturer", "sop_class", "transfer_syntax", "photometric", "bits_stored", "voi_used")
 
 log = logging.getLogger(__name__)
 
@@ -250,12 +252,7 @@ def convert_file(f: InputFile, variant: Variant, salt: bytes, label_ids: dict[st
             **{
                 k: first[k]
                 for k in (
-                    "manufacturer",
-                    "sop_class",
-                    "transfer_syntax",
-                    "photometric",
-                    "bits_stored",
-                    "voi_used",
+                    *HEADER_FIELDS,
                     "num_frames",
                     "orig_shape",
                     "patient_id_source",

@@ -34,7 +34,7 @@ import numpy as np
 
 from afm_jax import io
 from afm_jax.data import records
-from afm_jax.data.conversion.chunks import Plan, read_rows
+from afm_jax.data.conversion.chunks import HEADER_FIELDS, Plan, read_rows
 from afm_jax.data.splits import SPLIT_MODES, assign_patient_splits, parse_split_fractions  # noqa: F401  (CLIs' names)
 from afm_jax.errors import IncompleteConversionError, NothingConvertedError
 
@@ -47,22 +47,14 @@ MANIFEST_COLUMNS = (
     "status",
     "output",
     "duplicate_of",
-    "patient_id",
-    "study_id",
-    "series_id",
-    "image_id",
+    *records.ID_KEYS,
     "label",
     "label_name",
     "modality",
     "body_part",
     "view",
     "laterality",
-    "manufacturer",
-    "sop_class",
-    "transfer_syntax",
-    "photometric",
-    "bits_stored",
-    "voi_used",
+    *HEADER_FIELDS,
     "orig_rows",
     "orig_cols",
     "num_frames",

@@ -20,6 +20,7 @@ from typing import Any
 import cv2
 import numpy as np
 
+from afm_jax.data import records
 from afm_jax.data.curation.config import METADATA_PREFIX, QUALITY_REASONS, csv_items, parse_field_rules
 
 SIGNAL_NAMES = (
@@ -46,10 +47,7 @@ TEXT_CONTRAST = 0.35  # a stroke must stand this much above its surroundings (wh
 NON_METADATA_FIELDS = frozenset(
     {
         "image",
-        "patient_id",
-        "study_id",
-        "series_id",
-        "image_id",
+        *records.ID_KEYS,
         "label",
         "label_name",
         "fracture_type",
