@@ -457,3 +457,37 @@ def test_drop_path_is_the_students_only(synthetic_dataset):
     logp = _log_softmax(s / 0.1)
     deterministic = np.mean([np.mean(np.sum(-q[i] * logp[v], -1)) for i in range(2) for v in range(4) if v != i])
     assert abs(float(metrics["loss_dino"]) - deterministic) > 1e-4 * abs(deterministic)
+
+
+def _reference_sinkhorn(teacher_output, temp, n_iterations):
+    """V2 dinov2/loss/dino_clstoken_loss.py sinkhorn_knopp_teacher on one process (Q is K x B)."""
+    q = np.exp(teacher_output / temp).T
+    b, k = q.shape[1], q.shape[0]
+    q /= q.sum()
+    for _ in range(n_iterations):
+        q /= q.sum(axis=1, keepdims=True)
+        q /= k
+        q /= q.sum(axis=0, keepdims=True)
+        q /= b
+    q *= b
+    return q.T
+
+
+def test_sinkhorn_centering_runs_the_configured_number_of_iterations(synthetic_dataset):
+    """centering "sinkhorn_knopp" with dino.sinkhorn_iterations = 1 (V2 SSL default 3): the DINO loss's
+    targets are V2's `sinkhorn_knopp_teacher(teacher_output, teacher_temp, n_iterations=1)` over the
+    global batch of both global crops."""
+    config = _dino_config(synthetic_dataset, centering="sinkhorn_knopp", sinkhorn_iterations=1)
+    task = setup_dino_task(config)
+    model = task.build_model(config, nnx.Rngs(0))
+    extra = task.init_extra(model)
+    batch = {k: jnp.asarray(v) for k, v in task.example_batch(config, 4, seed=0).items()}
+    _, (metrics, _) = jax.jit(task.loss)(model, batch, jax.random.key(0), extra, jnp.asarray(0))
+    g = jnp.swapaxes(batch["global"], 0, 1).reshape(-1, 16, 16, 1)
+    loc = jnp.swapaxes(batch["local"], 0, 1).reshape(-1, 8, 8, 1)
+    t = np.asarray(model.dino_head(model.backbone(g)[0])).astype(np.float64)  # (2·4, K)
+    s = np.concatenate([t.reshape(2, 4, -1), np.asarray(model.dino_head(model.backbone(loc)[0])).reshape(2, 4, -1)])
+    q = _reference_sinkhorn(t, 0.04, 1).reshape(2, 4, -1)  # step 0: the warm-up temperature
+    logp = _log_softmax(s / 0.1)
+    want = np.mean([np.mean(np.sum(-q[i] * logp[v], axis=-1)) for i in range(2) for v in range(4) if v != i])
+    np.testing.assert_allclose(float(metrics["loss_dino"]), want, rtol=1e-4)
