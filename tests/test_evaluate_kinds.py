@@ -11,7 +11,6 @@ import sys
 import numpy as np
 import pytest
 import sklearn.metrics as skm
-
 from eval_helpers import write_brightness_dataset
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]

@@ -6,11 +6,11 @@ import os
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from eval_helpers import split_targets, write_brightness_dataset
 from flax import nnx
 
 from afm_jax.data import pipeline
 from afm_jax.models import classifier as ft
-from eval_helpers import split_targets, write_brightness_dataset
 
 
 def _sigmoid(x):

@@ -38,11 +38,11 @@ import json
 import os
 from typing import Any
 
+import grain
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import grain
 import optax
 from flax import nnx
 from sklearn.metrics import cohen_kappa_score, roc_auc_score
