@@ -13,7 +13,7 @@ What: `write_report(out_dir, results, predictions, tasks, ...)` writes
     roc_<group>.png               one ROC line per backbone (group = task, protocol, fraction, seed)
     calibration_<group>.png       reliability diagram, one line per backbone
     confusion_<group>.png         one 2×2 matrix per backbone at its operating point
-    overlays_<task>_<backbone>.png  test images with the last-block attention (ViTs) and the
+    overlays_<task>_<backbone>.png  test images with the last-block attention of the pooled token (ViTs) and the
                                   linear probe's class-activation map (CAM; for a GAP + linear head
                                   this *is* Grad-CAM: the gradient of the logit w.r.t. the last
                                   feature map is the probe weight / (h·w) at every location)

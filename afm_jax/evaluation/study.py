@@ -368,9 +368,8 @@ def _overlays(study: Study, layout: Layout, records_: list[dict]) -> dict[tuple[
             maps = {}
             attention = backbone.attention_maps(images)
             if attention is not None:
-                maps["CLS attention, last block" + ("\n(probe pools patches)" if spec.pool == "avg" else "")] = (
-                    attention
-                )
+                source = "CLS" if backbone.attention_source == "class token" else "patch-mean"
+                maps[f"{source} attention, last block\n(the token the backbone pools)"] = attention
             spatial = backbone.spatial_features(images)
             if spatial is not None:
                 train, val = (
