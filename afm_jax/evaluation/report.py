@@ -80,6 +80,11 @@ def group_slug(key: tuple) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{task}_{protocol}_f{fraction:g}_s{seed}")
 
 
+def _run_cells(r: dict) -> list[str]:
+    """The cells naming a run in every results table: task, protocol, fraction, seed, backbone."""
+    return [r["task"], r["protocol"], f"{float(r['fraction']):g}", str(r["seed"]), r["backbone"]]
+
+
 def _fmt(entry: dict | None) -> str:
     if not entry or not math.isfinite(entry.get("point", math.nan)):
         return "–"
@@ -101,15 +106,8 @@ def results_table(results: list[dict], kind: str = "binary") -> tuple[list[str],
         n = int(m.get("n", {}).get("point", r.get("num_units", 0)))
         pos = int(round(n * m.get("prevalence", {}).get("point", 0.0)))
         rows.append(
-            [
-                r["task"],
-                r["protocol"],
-                f"{float(r['fraction']):g}",
-                str(r["seed"]),
-                r["backbone"],
-                r["unit"],
-                f"{n} ({pos})" if kind == "binary" else str(n),
-            ]
+            _run_cells(r)
+            + [r["unit"], f"{n} ({pos})" if kind == "binary" else str(n)]
             + [_fmt(m.get(k)) for k in columns]
         )
     return header, rows
@@ -415,16 +413,8 @@ def operating_point_rows(results: list[dict]) -> tuple[list[str], list[list[str]
             groups = [("all", {"n": op["n"], **op["overall"]})] + sorted(op["by_group"].items())
             for name, m in groups:
                 rows.append(
-                    [
-                        r["task"],
-                        r["protocol"],
-                        f"{float(r['fraction']):g}",
-                        str(r["seed"]),
-                        r["backbone"],
-                        label,
-                        name,
-                        str(m["n"]),
-                    ]
+                    _run_cells(r)
+                    + [label, name, str(m["n"])]
                     + [_fmt(m.get(k)) for k in ("kappa", "sensitivity", "specificity", "accuracy")]
                 )
     return header, rows
