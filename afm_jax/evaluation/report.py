@@ -80,8 +80,11 @@ def group_slug(key: tuple) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{task}_{protocol}_f{fraction:g}_s{seed}")
 
 
+RUN_HEADER = ["task", "protocol", "fraction", "seed", "backbone"]  # the columns naming a run in each table
+
+
 def _run_cells(r: dict) -> list[str]:
-    """The cells naming a run in every results table: task, protocol, fraction, seed, backbone."""
+    """The cells naming a run in every results table (RUN_HEADER)."""
     return [r["task"], r["protocol"], f"{float(r['fraction']):g}", str(r["seed"]), r["backbone"]]
 
 
@@ -99,7 +102,7 @@ def results_table(results: list[dict], kind: str = "binary") -> tuple[list[str],
     backbone order."""
     columns = KIND_METRICS[kind]
     count = "n (pos)" if kind == "binary" else "n"
-    header = ["task", "protocol", "fraction", "seed", "backbone", "unit", count] + [SHORT.get(m, m) for m in columns]
+    header = RUN_HEADER + ["unit", count] + [SHORT.get(m, m) for m in columns]
     rows = []
     for r in sorted((r for r in results if kind_of(r) == kind), key=lambda r: (*group_key(r), r.get("order", 0))):
         m = r["metrics"]
@@ -164,12 +167,7 @@ def comparisons(
 
 
 def _comparison_rows(comps: list[dict]) -> tuple[list[str], list[list[str]]]:
-    header = [
-        "task",
-        "protocol",
-        "fraction",
-        "seed",
-        "backbone",
+    header = RUN_HEADER + [
         "vs",
         "metric",
         "diff [95% CI]",
@@ -391,12 +389,7 @@ def cam_maps(spatial: np.ndarray, weights: np.ndarray, mean: np.ndarray | float 
 def operating_point_rows(results: list[dict]) -> tuple[list[str], list[list[str]]]:
     """The fixed-threshold table (MURA: study-level kappa at 0.5 per body part and overall, and at the
     validation threshold, labelled as such)."""
-    header = [
-        "task",
-        "protocol",
-        "fraction",
-        "seed",
-        "backbone",
+    header = RUN_HEADER + [
         "threshold",
         "group",
         "n",
