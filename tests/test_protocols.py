@@ -46,10 +46,44 @@ def test_vit_backbone_features_and_maps_come_from_the_encoder():
     )
     tokens = np.asarray(encoder(images))[:, 1:]
     np.testing.assert_allclose(backbone.spatial_features(images), tokens.reshape(3, 4, 4, -1), atol=1e-5)
-    maps = backbone.attention_maps(images)
-    cls_row = np.asarray(encoder.attention_maps(images)).mean(axis=1)[:, 0, 1:].reshape(3, 4, 4)
-    expected = (cls_row - cls_row.min((1, 2), keepdims=True)) / np.ptp(cls_row, axis=(1, 2), keepdims=True)
+    maps = backbone.attention_maps(images)  # pool="avg": the mean of the patch tokens' attention rows
+    patch_rows = np.asarray(encoder.attention_maps(images)).mean(axis=1)[:, 1:, 1:].mean(axis=1).reshape(3, 4, 4)
+    expected = (patch_rows - patch_rows.min((1, 2), keepdims=True)) / np.ptp(patch_rows, axis=(1, 2), keepdims=True)
     np.testing.assert_allclose(maps, expected, atol=1e-5)
+    assert backbone.attention_source == "mean of patch tokens"
+
+
+def _numpy_last_block_attention(encoder, images):
+    """(B, heads, T, T) attention of a 1-block ViT, recomputed in numpy from its weights: LayerNorm
+    (eps 1e-6) of the input tokens, the fused qkv projection in timm's (3, heads, head_dim) order,
+    softmax(q kᵀ / √head_dim)."""
+    x = np.asarray(encoder.tokens(images), np.float64)  # patch embedding + class token + positions
+    block = encoder.blocks[0]
+    mu, var = x.mean(-1, keepdims=True), x.var(-1, keepdims=True)
+    h = (x - mu) / np.sqrt(var + 1e-6) * np.asarray(block.norm1.scale[...]) + np.asarray(block.norm1.bias[...])
+    qkv = h @ np.asarray(block.attn.qkv.kernel[...]) + np.asarray(block.attn.qkv.bias[...])
+    b, t, _ = x.shape
+    heads = block.attn.num_heads
+    qkv = qkv.reshape(b, t, 3, heads, -1)
+    q, k = qkv[:, :, 0], qkv[:, :, 1]
+    logits = np.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(q.shape[-1])
+    e = np.exp(logits - logits.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+
+@pytest.mark.parametrize("pool", ["cls", "avg"])
+def test_attention_maps_are_the_pooled_tokens_attention_recomputed_from_q_and_k(pool):
+    spec = bb.BackboneSpec("random_init", variant="mu/8", image_size=32, model={"depth": 1}, seed=4, pool=pool)
+    backbone = bb.load_backbone(spec)
+    encoder = backbone.jax_encoder()
+    assert encoder.num_prefix_tokens == 1 and len(encoder.blocks) == 1
+    images = _images()
+    attn = _numpy_last_block_attention(encoder, images).mean(axis=1)  # heads averaged
+    rows = attn[:, 0, 1:] if pool == "cls" else attn[:, 1:, 1:].mean(axis=1)
+    rows = rows.reshape(3, 4, 4)
+    expected = (rows - rows.min((1, 2), keepdims=True)) / np.ptp(rows, axis=(1, 2), keepdims=True)
+    np.testing.assert_allclose(backbone.attention_maps(images), expected, atol=1e-4)
+    assert backbone.attention_source == ("class token" if pool == "cls" else "mean of patch tokens")
 
 
 def test_random_init_of_a_run_is_the_encoder_its_training_started_from(tiny_mae_config, tmp_path):

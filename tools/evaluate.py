@@ -1,7 +1,9 @@
 """Evaluate one backbone on one dataset with one protocol; metrics with 95% CIs over patients.
 
 Usage: python tools/evaluate.py --backbone KIND:PATH[,KEY=VALUE...] (--data DATASET | --synthetic PATIENTS)
-    [--protocol knn|linear|finetune] [--positive 2 --negative 1] [--out FOLDER] [--config.KEY=VALUE ...]
+    [--protocol knn|linear|finetune] [--kind binary|multiclass|ordinal|regression]
+    [--positive 2 --negative 1 | --classes 0,1,2 [--class_names A,B,C] | --target target [--target_unit U]]
+    [--out FOLDER] [--config.KEY=VALUE ...]
 
 Example:
     python tools/evaluate.py --backbone checkpoint:runs/mae_vitb,image_size=224 \\
@@ -10,6 +12,19 @@ Example:
         --positive 1 --negative 0 --unit study --protocol knn --config.knn.k=10
     python tools/evaluate.py --backbone random_init:,variant=S/16 --synthetic 300 --protocol finetune \\
         --config.finetune.total_steps=300
+    python tools/evaluate.py --backbone checkpoint:runs/mae_vitb --data DATA/femur/1.0.0 \\
+        --kind multiclass --classes 0,1,2 --class_names normal,NFF,AFF --protocol linear
+    python tools/evaluate.py --backbone checkpoint:runs/mae_vitb --data DATA/knees/1.0.0 \\
+        --kind ordinal --classes 0,1,2,3,4 --class_names KL0,KL1,KL2,KL3,KL4 --unit side --protocol knn
+    python tools/evaluate.py --backbone checkpoint:runs/mae_vitb --data DATA/hands/1.0.0 \\
+        --kind regression --target target --target_unit months --protocol linear
+
+--kind is the task: binary (--positive vs --negative label ints; AUROC, sensitivity, ...), multiclass
+or ordinal (--classes: the label ints of each class in class order, `+` joining labels of one class,
+e.g. 0,1+2,3; ordinal adds quadratic-weighted kappa, MAE in grades, accuracy within ±1 grade) or
+regression (--target: the records' float `target` field, e.g. a CSV's bone-age column given to
+tools/make_eval_dataset.py --target_column, or a derived target such as field_of_view_mm; MAE, RMSE,
+R², Pearson r). The printed block is the kind's headline metrics with 95% CIs.
 
 --backbone names the backbone as `kind:path[,key=value...]`: kind is checkpoint (one of our run
 folders) | timm_vit (a timm / DINO / DINOv2 weights file or export folder) | resnet50 (a
@@ -50,7 +65,18 @@ def define_flags(fv: flags.FlagValues) -> None:
     flags.DEFINE_list("positive", ["2"], "Comma-separated label ints of the positive class.", **d)
     flags.DEFINE_list("negative", ["1"], "Comma-separated label ints of the negative class.", **d)
     flags.DEFINE_enum("protocol", "linear", ["knn", "linear", "finetune"], "Evaluation protocol.", **d)
-    flags.DEFINE_enum("unit", "patient", ["image", "patient", "study"], "Unit the metrics are computed over.", **d)
+    flags.DEFINE_enum(
+        "kind", "binary", list(protocols.KINDS), "Task kind: binary, multiclass, ordinal or regression.", **d
+    )
+    flags.DEFINE_list(
+        "classes", [], "multiclass/ordinal: label ints of each class in order, `+` joins labels (0,1+2,3).", **d
+    )
+    flags.DEFINE_list("class_names", [], "Names of the classes (reports), e.g. normal,NFF,AFF.", **d)
+    flags.DEFINE_string("target", "target", "regression: the record field `target` or a derived target name.", **d)
+    flags.DEFINE_string("target_unit", "", "regression: the target's unit in the output, e.g. months.", **d)
+    flags.DEFINE_enum(
+        "unit", "patient", ["image", "patient", "study", "side"], "Unit the metrics are computed over.", **d
+    )
     flags.DEFINE_enum("aggregate", "mean", ["mean", "max"], "How image scores combine into a unit's score.", **d)
     flags.DEFINE_float("fraction", 1.0, "Fraction of training patients (low-shot).", **d)
     flags.DEFINE_integer("seed", 0, "Seed of the protocol and the bootstrap.", **d)
@@ -83,6 +109,56 @@ def _labels(values: list[str], flag: str) -> tuple[int, ...]:
         ) from None
 
 
+def _classes(values: list[str]) -> tuple[tuple[int, ...], ...]:
+    try:
+        return tuple(tuple(int(x) for x in v.split("+")) for v in values)
+    except ValueError:
+        raise ConfigError(
+            f"--classes {','.join(values)} must be comma-separated label ints, `+` joining the labels of one "
+            "class, e.g. --classes 0,1,2,3,4 or --classes 0,1+2,3."
+        ) from None
+
+
+def _check_kind_flags(fv: flags.FlagValues) -> None:
+    """One message for flags that do not belong to the chosen --kind."""
+    given = [name for name in ("positive", "negative", "classes", "target") if fv[name].present]
+    wrong = {
+        "binary": [n for n in given if n in ("classes", "target")],
+        "multiclass": [n for n in given if n in ("positive", "negative", "target")],
+        "ordinal": [n for n in given if n in ("positive", "negative", "target")],
+        "regression": [n for n in given if n in ("positive", "negative", "classes")],
+    }[fv.kind]
+    if fv.kind != "regression" and fv["target_unit"].present:
+        wrong.append("target_unit")
+    if fv.kind == "regression" and fv["class_names"].present:
+        wrong.append("class_names")
+    uses = {
+        "binary": "--positive and --negative",
+        "multiclass": "--classes (and --class_names)",
+        "ordinal": "--classes (and --class_names)",
+        "regression": "--target (and --target_unit)",
+    }[fv.kind]
+    if wrong:
+        raise ConfigError(
+            f"{', '.join('--' + n for n in wrong)} do{'es' if len(wrong) == 1 else ''} not apply to --kind "
+            f"{fv.kind}, which uses {uses}; drop {'it' if len(wrong) == 1 else 'them'} or change --kind."
+        )
+    if fv.kind in ("multiclass", "ordinal") and len(fv.classes) < 2:
+        raise ConfigError(
+            f"--kind {fv.kind} needs --classes: the label ints of each class in class order (at least 2), "
+            "e.g. --classes 0,1,2,3,4 for Kellgren-Lawrence grades 0-4."
+        )
+
+
+# The printed headline block of each kind (metric keys of protocols.score_predictions).
+HEADLINE = {
+    "binary": ("auroc", "auprc", "accuracy", "sensitivity", "specificity", "f1", "mcc", "kappa"),
+    "multiclass": ("accuracy", "balanced_accuracy", "macro_f1", "macro_auroc", "kappa"),
+    "ordinal": ("qwk", "mae_grades", "within_1", "accuracy", "balanced_accuracy", "macro_f1", "macro_auroc"),
+    "regression": ("mae", "rmse", "r2", "pearson", "bias"),
+}
+
+
 def _finetune_options(config: ml_collections.ConfigDict) -> dict:
     """The fine-tuning keys the command line changed (dotted), applied over what backbone and task set."""
     given = cli.flatten(config)
@@ -93,6 +169,7 @@ def _finetune_options(config: ml_collections.ConfigDict) -> dict:
 def work(fv: flags.FlagValues, args: list[str]) -> int:
     if (fv.data is None) == (fv.synthetic is None):
         raise ConfigError("Give one of --data (a dataset folder) or --synthetic PATIENTS.")
+    _check_kind_flags(fv)
     cli.require_positive(fv.n_boot, "n_boot", allow_zero=False)
     cli.check_output_dir(fv.out)
     spec = backbones.parse_backbone_arg(fv.backbone)
@@ -105,6 +182,11 @@ def work(fv: flags.FlagValues, args: list[str]) -> int:
         aggregate=fv.aggregate,
         positive_labels=_labels(fv.positive, "positive"),
         negative_labels=_labels(fv.negative, "negative"),
+        kind=fv.kind,
+        classes=_classes(fv.classes),
+        class_names=tuple(fv.class_names),
+        target=fv.target,
+        target_unit=fv.target_unit,
     )
     out = pathlib.Path(fv.out)
     data_path = task.data_path(out)
@@ -140,17 +222,24 @@ def work(fv: flags.FlagValues, args: list[str]) -> int:
         ),
     }
     (out / "result.json").write_text(json.dumps(result, indent=2, default=float))
-    for name in ("auroc", "auprc", "accuracy", "sensitivity", "specificity", "f1", "mcc", "kappa"):
+    unit = f" {fv.target_unit}" if fv.kind == "regression" and fv.target_unit else ""
+    print(f"{fv.kind} task, {scored['num_units']} test {fv.unit} unit(s), 95% CIs over {task.cluster}s:")
+    for name in HEADLINE[fv.kind]:
         m = scored["metrics"][name]
-        print(f"{name:>12}: {m['point']:.4f}  [{m['low']:.4f}, {m['high']:.4f}]")
+        suffix = unit if name in ("mae", "rmse", "bias") else ""
+        print(f"{name:>17}: {m['point']:.4f}  [{m['low']:.4f}, {m['high']:.4f}]{suffix}")
+    primary = protocols.PRIMARY_METRIC[fv.kind]
+    shown = ("auroc", "auprc", "kappa") if fv.kind == "binary" else HEADLINE[fv.kind][:3]
+    m = scored["metrics"][primary]
     print(
         json.dumps(
             {
                 "protocol": fv.protocol,
+                "kind": fv.kind,
                 "unit": fv.unit,
                 "num_units": scored["num_units"],
-                **{k: round(scored["metrics"][k]["point"], 4) for k in ("auroc", "auprc", "kappa")},
-                "auroc_ci": [round(scored["metrics"]["auroc"]["low"], 4), round(scored["metrics"]["auroc"]["high"], 4)],
+                **{k: round(scored["metrics"][k]["point"], 4) for k in shown},
+                f"{primary}_ci": [round(m["low"], 4), round(m["high"], 4)],
                 "result": str(out / "result.json"),
             }
         )

@@ -5,7 +5,9 @@ What: `BackboneSpec` says which backbone (a data record a study file or the comm
 
     features(images) -> (B, D) float32            pooled features for kNN / linear probes
     spatial_features(images) -> (B, h, w, D)      per-location features (CAMs; None if unavailable)
-    attention_maps(images) -> (B, h, w) in [0, 1] last-block class-token attention (ViTs; else None)
+    attention_maps(images) -> (B, h, w) in [0, 1] last-block attention, heads averaged, of the token the
+                              backbone pools: the class token (pool="cls") or the mean over patch tokens
+                              (pool="avg"), named by `attention_source` (ViTs; else None)
 
 where `images` are float32 (B, H, W, 1) in [0, 1], bone bright (the pipeline's convention). Kinds:
 
@@ -130,6 +132,9 @@ class Backbone:
     def spatial_features(self, images: np.ndarray) -> np.ndarray | None:
         return None
 
+    # Which token's attention `attention_maps` shows ("class token", "mean of patch tokens"); "" = none.
+    attention_source: str = ""
+
     def attention_maps(self, images: np.ndarray) -> np.ndarray | None:
         return None
 
@@ -165,10 +170,14 @@ class JaxViTBackbone(Backbone):
             b, h, w = images.shape[0], images.shape[1] // patch, images.shape[2] // patch
             return tokens.reshape(b, h, w, tokens.shape[-1])
 
+        # The attention of the token the backbone pools: the class token's row (pool="cls"), or the mean
+        # of the patch tokens' rows (pool="avg", the features are their mean); over the patch keys.
+        self.attention_source = "class token" if pool == "cls" else "mean of patch tokens"
+
         def attention(state, images):
             enc = nnx.merge(graphdef, state)
             attn = enc.attention_maps(images).mean(axis=1)  # (B, T, T), heads averaged
-            rows = attn[:, 0, prefix:] if enc.has_class_token else attn[:, prefix:, prefix:].mean(axis=1)
+            rows = attn[:, 0, prefix:] if pool == "cls" else attn[:, prefix:, prefix:].mean(axis=1)
             b, h, w = images.shape[0], images.shape[1] // patch, images.shape[2] // patch
             maps = rows.reshape(b, h, w)
             lo = maps.min(axis=(1, 2), keepdims=True)

@@ -578,17 +578,25 @@ def finetune_protocol(
     options: dict[str, Any] | None = None,
 ) -> tuple[Prediction, Prediction, dict]:
     """Fine-tunes in `workdir` (resumable) and returns the best-on-validation model's predictions."""
-    if task.kind == "regression":
-        raise ConfigError(
-            f"Task {task.name!r} is a regression: the finetune protocol fine-tunes classification tasks "
-            "only so far; evaluate it with the knn or linear protocol."
-        )
     config = finetune_config(spec, task, data_path, seed=seed, options=options)
     os.makedirs(workdir, exist_ok=True)
+    regression = task.kind == "regression"
+    if regression:  # every split's targets by image (derived targets are computed here, in this layer)
+        values = {}
+        for split in dict.fromkeys((task.train_split, task.val_split, task.test_split)):
+            ids = np.asarray(records.split_index(data_path, split)["image_id"]).astype(str)
+            v = record_columns(data_path, split, ids, task.target)["value"]
+            values[split] = {i: float(x) for i, x in zip(ids.tolist(), v.tolist()) if np.isfinite(x)}
+        config.finetune.targets_file = os.path.join(workdir, "regression_targets.json")
+        io.write_json(config.finetune.targets_file, values)
     if fraction < 1.0:
         index = records.split_index(data_path, task.train_split)
-        y = task.targets(np.asarray(index["label"]))
-        keep = y >= 0
+        if regression:
+            y = np.asarray([values[task.train_split].get(i, np.nan) for i in index["image_id"]], np.float64)
+            keep = np.isfinite(y)
+        else:
+            y = task.targets(np.asarray(index["label"]))
+            keep = y >= 0
         ids = np.asarray(index["image_id"])[keep]
         train = {"patient_id": np.asarray(index["patient_id"])[keep].astype(str), "y": y[keep]}
         selection = os.path.join(workdir, "low_shot_selection.json")
@@ -603,7 +611,7 @@ def finetune_protocol(
         study = cols.pop("study_id")
         preds.append(
             Prediction(
-                y_true=z["y_true"].astype(np.int64),
+                y_true=z["y_true"].astype(np.float64 if regression else np.int64),
                 y_score=z["y_score"].astype(np.float64),
                 patient_id=z["patient_id"].astype(str),
                 study_id=study,
@@ -612,12 +620,12 @@ def finetune_protocol(
             )
         )
     best = result.predictions["best"]
-    selection = {"binary": "auroc", "multiclass": "macro_auroc", "ordinal": "qwk"}[task.kind]
-    return (
-        preds[0],
-        preds[1],
-        {"best_step": best["step"], f"validation_{selection}": best["val_auroc"], "steps_run": int(result.step)},
-    )
+    if regression:  # early stopping maximised −MAE
+        chosen = {"validation_mae": -float(best["val_auroc"])}
+    else:
+        selection = {"binary": "auroc", "multiclass": "macro_auroc", "ordinal": "qwk"}[task.kind]
+        chosen = {f"validation_{selection}": best["val_auroc"]}
+    return preds[0], preds[1], {"best_step": best["step"], **chosen, "steps_run": int(result.step)}
 
 
 # ─── One run ─────────────────────────────────────────────────────────────────────────────────────

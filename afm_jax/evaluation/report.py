@@ -13,7 +13,7 @@ What: `write_report(out_dir, results, predictions, tasks, ...)` writes
     roc_<group>.png               one ROC line per backbone (group = task, protocol, fraction, seed)
     calibration_<group>.png       reliability diagram, one line per backbone
     confusion_<group>.png         one 2×2 matrix per backbone at its operating point
-    overlays_<task>_<backbone>.png  test images with the last-block attention (ViTs) and the
+    overlays_<task>_<backbone>.png  test images with the last-block attention of the pooled token (ViTs) and the
                                   linear probe's class-activation map (CAM; for a GAP + linear head
                                   this *is* Grad-CAM: the gradient of the logit w.r.t. the last
                                   feature map is the probe weight / (h·w) at every location)
@@ -80,6 +80,14 @@ def group_slug(key: tuple) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{task}_{protocol}_f{fraction:g}_s{seed}")
 
 
+RUN_HEADER = ["task", "protocol", "fraction", "seed", "backbone"]  # the columns naming a run in each table
+
+
+def _run_cells(r: dict) -> list[str]:
+    """The cells naming a run in every results table (RUN_HEADER)."""
+    return [r["task"], r["protocol"], f"{float(r['fraction']):g}", str(r["seed"]), r["backbone"]]
+
+
 def _fmt(entry: dict | None) -> str:
     if not entry or not math.isfinite(entry.get("point", math.nan)):
         return "–"
@@ -94,22 +102,15 @@ def results_table(results: list[dict], kind: str = "binary") -> tuple[list[str],
     backbone order."""
     columns = KIND_METRICS[kind]
     count = "n (pos)" if kind == "binary" else "n"
-    header = ["task", "protocol", "fraction", "seed", "backbone", "unit", count] + [SHORT.get(m, m) for m in columns]
+    header = RUN_HEADER + ["unit", count] + [SHORT.get(m, m) for m in columns]
     rows = []
     for r in sorted((r for r in results if kind_of(r) == kind), key=lambda r: (*group_key(r), r.get("order", 0))):
         m = r["metrics"]
         n = int(m.get("n", {}).get("point", r.get("num_units", 0)))
         pos = int(round(n * m.get("prevalence", {}).get("point", 0.0)))
         rows.append(
-            [
-                r["task"],
-                r["protocol"],
-                f"{float(r['fraction']):g}",
-                str(r["seed"]),
-                r["backbone"],
-                r["unit"],
-                f"{n} ({pos})" if kind == "binary" else str(n),
-            ]
+            _run_cells(r)
+            + [r["unit"], f"{n} ({pos})" if kind == "binary" else str(n)]
             + [_fmt(m.get(k)) for k in columns]
         )
     return header, rows
@@ -166,12 +167,7 @@ def comparisons(
 
 
 def _comparison_rows(comps: list[dict]) -> tuple[list[str], list[list[str]]]:
-    header = [
-        "task",
-        "protocol",
-        "fraction",
-        "seed",
-        "backbone",
+    header = RUN_HEADER + [
         "vs",
         "metric",
         "diff [95% CI]",
@@ -393,12 +389,7 @@ def cam_maps(spatial: np.ndarray, weights: np.ndarray, mean: np.ndarray | float 
 def operating_point_rows(results: list[dict]) -> tuple[list[str], list[list[str]]]:
     """The fixed-threshold table (MURA: study-level kappa at 0.5 per body part and overall, and at the
     validation threshold, labelled as such)."""
-    header = [
-        "task",
-        "protocol",
-        "fraction",
-        "seed",
-        "backbone",
+    header = RUN_HEADER + [
         "threshold",
         "group",
         "n",
@@ -415,16 +406,8 @@ def operating_point_rows(results: list[dict]) -> tuple[list[str], list[list[str]
             groups = [("all", {"n": op["n"], **op["overall"]})] + sorted(op["by_group"].items())
             for name, m in groups:
                 rows.append(
-                    [
-                        r["task"],
-                        r["protocol"],
-                        f"{float(r['fraction']):g}",
-                        str(r["seed"]),
-                        r["backbone"],
-                        label,
-                        name,
-                        str(m["n"]),
-                    ]
+                    _run_cells(r)
+                    + [label, name, str(m["n"])]
                     + [_fmt(m.get(k)) for k in ("kappa", "sensitivity", "specificity", "accuracy")]
                 )
     return header, rows

@@ -165,18 +165,16 @@ def bootstrap_all(
     `threshold=None` the Youden point is re-chosen in each replicate — the interval then includes
     the uncertainty of choosing the point; pass a threshold fixed on validation to exclude it.
     """
-    _check_alpha(alpha, n_boot)
-    y, g, (s,) = _inputs(y_true, groups, y_score)
-    point = metrics_lib.binary_metrics(y, s, threshold=threshold)
-    keys = list(point)
-    resampler = _PatientResampler(g, seed)
-    replicates = np.full((int(n_boot), len(keys)), np.nan)
-    for b in tqdm(range(int(n_boot)), desc="bootstrap", unit="rep", disable=not progress, leave=False):
-        idx = resampler.draw()
-        m = metrics_lib.binary_metrics(y[idx], s[idx], threshold=threshold)
-        replicates[b] = [m[k] for k in keys]
-    replicates[~np.isfinite(replicates)] = np.nan
-    return {k: _summary(point[k], replicates[:, i], alpha) for i, k in enumerate(keys)}
+    return bootstrap_metrics(
+        lambda y, s: metrics_lib.binary_metrics(y, s, threshold=threshold),
+        y_true,
+        y_score,
+        groups,
+        n_boot=n_boot,
+        seed=seed,
+        alpha=alpha,
+        progress=progress,
+    )
 
 
 def bootstrap_metrics(

@@ -151,11 +151,6 @@ def check_study_data(study: Study, layout: "Layout") -> None:
     for name in sorted({r.task for r in study.all_runs()}):
         task = study.tasks[name]
         problems += check_task_data(task, task.data_path(layout.root))
-        if task.kind == "regression" and any(r.protocol == "finetune" for r in study.all_runs() if r.task == name):
-            problems.append(
-                f"task {name!r} is a regression: the finetune protocol supports classification tasks only "
-                "so far; use knn or linear for it."
-            )
     if problems:
         raise ConfigError(
             f"Study {study.name!r} cannot run as configured ({len(problems)} problem"
@@ -376,9 +371,8 @@ def _overlays(study: Study, layout: Layout, records_: list[dict]) -> dict[tuple[
             maps = {}
             attention = backbone.attention_maps(images)
             if attention is not None:
-                maps["CLS attention, last block" + ("\n(probe pools patches)" if spec.pool == "avg" else "")] = (
-                    attention
-                )
+                source = "CLS" if backbone.attention_source == "class token" else "patch-mean"
+                maps[f"{source} attention, last block\n(the token the backbone pools)"] = attention
             spatial = backbone.spatial_features(images)
             if spatial is not None:
                 train, val = (

@@ -5,7 +5,9 @@ one linear layer; `class_weights` gives "balanced" weights n / (C · n_c) so a r
 rarer than NFF in real data) counts as much as a common one; `weighted_cross_entropy` is softmax
 cross-entropy with those weights, normalised by the summed weight of the batch (so the loss scale
 does not depend on the batch's class mix). `binary_targets` maps dataset label ints to the task's
-class index (negative labels -> 0, positive labels -> 1).
+class index (negative labels -> 0, positive labels -> 1). For regression the head has one output that
+predicts the standardised target (`standardised_regression_loss`, MSE or L1); `destandardise` maps it
+back to the target's units.
 
 Why a separate head with a small init: the MAE fine-tuning recipe (He et al. 2021, appendix A.2)
 initialises the head with std 2e-5 (trunc-normal), so at step 0 the pretrained features are not
@@ -138,3 +140,25 @@ def cumulative_loss(
     bce = jnp.maximum(x, 0) - x * above + jnp.log1p(jnp.exp(-jnp.abs(x)))
     w = jnp.asarray(weights, jnp.float32)[safe] * valid
     return (w * bce.sum(-1)).sum() / jnp.maximum(w.sum(), 1e-12)
+
+
+def destandardise(z: jax.Array, mean: float, std: float) -> jax.Array:
+    """The regression head's standardised output -> the target's units: z · std + mean."""
+    return z.astype(jnp.float32) * std + mean
+
+
+def standardised_regression_loss(
+    outputs: jax.Array, targets: jax.Array, mean: float, std: float, *, l1: bool = False
+) -> tuple[jax.Array, jax.Array]:
+    """(loss, MAE in the target's units) of the regression head's (B,) outputs against (B,) float targets:
+    the mean squared (l1: absolute) error between the outputs and (target − mean) / std over the images
+    with a finite target (NaN = none, ignored)."""
+    targets = jnp.asarray(targets, jnp.float32)
+    valid = jnp.isfinite(targets)
+    z = jnp.where(valid, (targets - mean) / std, 0.0)
+    err = outputs.astype(jnp.float32) - z
+    per = jnp.abs(err) if l1 else jnp.square(err)
+    n = jnp.maximum(valid.sum(), 1)
+    loss = jnp.where(valid, per, 0.0).sum() / n
+    mae = jnp.where(valid, jnp.abs(err), 0.0).sum() / n * std
+    return loss, mae

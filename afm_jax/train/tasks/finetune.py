@@ -6,7 +6,12 @@ images with other labels are left out of training through a selection file in th
 with `finetune.kind` = "multiclass" / "ordinal" on `finetune.classes` (softmax cross-entropy with
 balanced class weights; for ordinal grades optionally the cumulative head, `finetune.ordinal_head`
 = "cumulative": K − 1 logits of P(grade > k) with a summed binary cross-entropy; early stopping on
-validation macro AUROC / quadratic-weighted kappa). The
+validation macro AUROC / quadratic-weighted kappa), or `finetune.kind = "regression"`: one output
+trained with MSE (`finetune.regression_loss = "l1"`: mean absolute error) on the float target
+standardised with the training images' mean and standard deviation, predictions de-standardised back
+to the target's units, early stopping on validation MAE. The target of an image is the record field
+`target` (NaN = none, left out), or the value in `finetune.targets_file` (JSON {split: {image_id:
+value}}, e.g. a target derived from other record fields by the evaluation layer). The
 trainer brings checkpointing, resume, logging and SIGTERM handling; this task adds
 
 - start weights from `config.init_from` (our workdir, a timm/DINO/DINOv2 file or an export);
@@ -33,6 +38,7 @@ import json
 import os
 from typing import Any
 
+import grain
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -42,7 +48,7 @@ from flax import nnx
 from sklearn.metrics import cohen_kappa_score, roc_auc_score
 
 from afm_jax import configuration, errors, io
-from afm_jax.data import pipeline, records, selection
+from afm_jax.data import pipeline, records, selection, transforms
 from afm_jax.models import classifier as ft
 from afm_jax.models import factory
 from afm_jax.train import optim
@@ -69,9 +75,11 @@ def default_finetune_config() -> ml_collections.ConfigDict:
             eval_batch_size=64,
             eval_image_size=0,  # 0 = config.image_size
             test_split="test",
-            kind="binary",  # binary | multiclass | ordinal (regression needs targets in the batches: not yet)
+            kind="binary",  # binary | multiclass | ordinal | regression
             classes=(),  # multiclass/ordinal: label ints of each class in order, e.g. ((0,), (1,), (2,))
             ordinal_head="softmax",  # ordinal: "softmax" (cross-entropy) or "cumulative" (K−1 logits of P(grade > k))
+            regression_loss="mse",  # regression: "mse" or "l1", on the target standardised with the train split's mean/std
+            targets_file="",  # regression: JSON {split: {image_id: value}}; "" = the records' `target` field
         )
     )
 
@@ -80,7 +88,6 @@ class FinetuneTask(Task):
     """Full fine-tuning of a ViT encoder with a linear head on a binary label task."""
 
     name = "finetune"
-    batch_keys = ("image", "label")
     freeze_encoder = False
 
     # ─── Config ──────────────────────────────────────────────────────────────────────────────
@@ -120,9 +127,12 @@ class FinetuneTask(Task):
             lambda v: int(v) > 0,
             "a positive step interval (fine-tuning evaluates on validation to pick the model)",
         )
-        configuration.require_choice(config, "finetune.kind", ("binary", "multiclass", "ordinal"))
+        configuration.require_choice(config, "finetune.kind", ("binary", "multiclass", "ordinal", "regression"))
         configuration.require_choice(config, "finetune.ordinal_head", ("softmax", "cumulative"))
-        if f.kind != "binary":
+        configuration.require_choice(config, "finetune.regression_loss", ("mse", "l1"))
+        if f.targets_file and not os.path.isfile(os.path.expanduser(f.targets_file)):
+            raise errors.ConfigError(f"Config key `finetune.targets_file` = {f.targets_file!r} is not a file.")
+        if f.kind in ("multiclass", "ordinal"):
             flat = [int(x) for c in f.classes for x in c]
             configuration.require(
                 config,
@@ -144,14 +154,38 @@ class FinetuneTask(Task):
         )
         self.kind = str(f.get("kind", "binary"))
         self.classes = tuple(tuple(int(x) for x in c) for c in f.get("classes", ()))
-        self.num_classes = 2 if self.kind == "binary" else len(self.classes)
+        self.num_classes = {"binary": 2, "regression": 1}.get(self.kind, len(self.classes))
         index = records.split_index(config.data.path, config.data.train_split)
         ids = np.asarray(index["image_id"])
-        targets = self.targets(np.asarray(index["label"]))
-        keep = targets >= 0
+        if self.kind == "regression":
+            targets = self.target_values(config, config.data.train_split, ids)
+            keep = np.isfinite(targets)
+        else:
+            targets = self.targets(np.asarray(index["label"]))
+            keep = targets >= 0
         if config.data.get("selection"):
             keep &= np.isin(ids, np.asarray(selection.read_selection(config.data.selection)))
         return ids, targets, keep
+
+    @staticmethod
+    def target_values(config: ml_collections.ConfigDict, split: str, image_ids) -> np.ndarray:
+        """The float regression target of each image of `split` (NaN = none): from
+        `finetune.targets_file`, or the records' `target` field."""
+        path = str(config.finetune.get("targets_file", "") or "")
+        if path:
+            with open(os.path.expanduser(path)) as fh:
+                by_image = {str(k): float(v) for k, v in json.load(fh).get(split, {}).items()}
+        else:
+            source = records.open_split(config.data.path, split)
+            by_image = {}
+            for i in range(len(source)):
+                ex = source[i]
+                by_image[ex["image_id"]] = float(ex["target"])
+        return np.asarray([by_image.get(str(i), np.nan) for i in np.asarray(image_ids).tolist()], np.float64)
+
+    @property
+    def batch_keys(self) -> tuple[str, ...]:
+        return ("image", "label", "target") if getattr(self, "kind", "") == "regression" else ("image", "label")
 
     def targets(self, labels):
         """Label ints -> class index (binary: 0 negative, 1 positive), −1 for labels outside the task."""
@@ -174,7 +208,19 @@ class FinetuneTask(Task):
         super().setup(config, workdir=workdir, total_steps=total_steps, steps_per_epoch=steps_per_epoch)
         f = config.finetune
         ids, targets, keep = self._training_examples(config)
-        if self.kind != "binary":
+        if self.kind == "regression":
+            values = targets[keep]
+            if values.size < 2 or not np.std(values) > 0:
+                raise errors.ConfigError(
+                    f"The training split `{config.data.train_split}` of {config.data.path} has "
+                    f"{values.size} image(s) with a regression target and {np.unique(values).size} distinct "
+                    "value(s); standardising the target needs >= 2 images with different targets."
+                )
+            # The head predicts (target − mean) / std of the training images (the images trained on).
+            self.target_mean, self.target_std = float(np.mean(values)), float(np.std(values))
+            self.class_weights = np.ones(1, np.float32)
+            self.train_targets = dict(zip(ids[keep].tolist(), values.tolist()))
+        elif self.kind != "binary":
             missing = sorted(set(range(self.num_classes)) - set(np.unique(targets[keep]).tolist()))
             if missing:
                 raise errors.ConfigError(
@@ -188,7 +234,8 @@ class FinetuneTask(Task):
                 f"{self.positive if not (targets[keep] == 1).any() else self.negative}: check "
                 "finetune.positive_labels / finetune.negative_labels against the dataset's labels."
             )
-        self.class_weights = ft.class_weights(targets[keep], self.num_classes, f.class_weighting)
+        if self.kind != "regression":
+            self.class_weights = ft.class_weights(targets[keep], self.num_classes, f.class_weighting)
         os.makedirs(workdir, exist_ok=True)
         self.selection_path = os.path.join(workdir, SELECTION_FILE)
         if jax.process_index() == 0 or not os.path.exists(self.selection_path):
@@ -204,7 +251,7 @@ class FinetuneTask(Task):
     def build_model(self, config: ml_collections.ConfigDict, rngs: nnx.Rngs) -> ft.Classifier:
         encoder = factory.build_encoder(config.model, config.image_size, rngs)
         kind = str(config.finetune.get("kind", "binary"))
-        outputs = 2 if kind == "binary" else len(config.finetune.classes)
+        outputs = {"binary": 2, "regression": 1}.get(kind, len(config.finetune.classes))
         if kind == "ordinal" and str(config.finetune.get("ordinal_head", "softmax")) == "cumulative":
             outputs -= 1
         return ft.Classifier(
@@ -237,9 +284,19 @@ class FinetuneTask(Task):
         data = config.data.copy_and_resolve_references()
         with data.unlocked():
             data.selection = self.selection_path
-        return pipeline.build_train_iterator(
-            data, global_batch_size=config.batch_size, seed=config.seed, image_size=config.image_size
+        if self.kind != "regression":
+            return pipeline.build_train_iterator(
+                data, global_batch_size=config.batch_size, seed=config.seed, image_size=config.image_size
+            )
+        augment = transforms.TrainTransform(transforms.train_chain(data.get("augment", None), config.image_size))
+        dataset, facts = pipeline.build_train_dataset(
+            data,
+            global_batch_size=config.batch_size,
+            seed=config.seed,
+            image_size=config.image_size,
+            transform=WithTarget(augment, self.train_targets),
         )
+        return pipeline.TrainIterator(dataset, facts, data)
 
     def example_batch(self, config: ml_collections.ConfigDict, batch_size: int, seed: int) -> dict[str, np.ndarray]:
         batch = super().example_batch(config, batch_size, seed)
@@ -248,14 +305,26 @@ class FinetuneTask(Task):
         else:
             pool = [int(c[0]) for c in config.finetune.classes]
         labels = np.asarray(pool * batch_size)
-        return {**batch, "label": labels[:batch_size].astype(np.int32)}
+        out = {**batch, "label": labels[:batch_size].astype(np.int32)}
+        if str(config.finetune.get("kind", "binary")) == "regression":
+            out["target"] = np.random.default_rng(seed).normal(size=batch_size).astype(np.float32)
+        return out
 
     # ─── Loss ────────────────────────────────────────────────────────────────────────────────
     def loss(
         self, model: ft.Classifier, batch: dict, key: jax.Array, extra: Any = None, step: jax.Array = None
     ) -> tuple[jax.Array, tuple[dict, dict]]:
-        targets = self.targets(batch["label"])
         logits = model(batch["image"], rngs=key)
+        if self.kind == "regression":
+            loss, mae = ft.standardised_regression_loss(
+                logits[:, 0],
+                batch["target"],
+                self.target_mean,
+                self.target_std,
+                l1=str(self.config.finetune.regression_loss) == "l1",
+            )
+            return loss, ({"train_mae": mae}, {})
+        targets = self.targets(batch["label"])
         if self.cumulative:
             loss = ft.cumulative_loss(logits, targets, jnp.asarray(self.class_weights))
         else:
@@ -276,10 +345,14 @@ class FinetuneTask(Task):
         probabilities of the task's images), with labels and ids."""
         if self._score_fn is None:
             binary = self.kind == "binary"
+            regression = self.kind == "regression"
             probabilities = self.probabilities
+            mean, std = getattr(self, "target_mean", 0.0), getattr(self, "target_std", 1.0)
 
             @nnx.jit
             def score(m, images):
+                if regression:  # back to the target's units
+                    return ft.destandardise(m(images)[:, 0], mean, std)
                 p = probabilities(m(images))
                 return p[:, 1] if binary else p
 
@@ -295,8 +368,12 @@ class FinetuneTask(Task):
             desc=f"eval[{split}]",
         )
         out["y_score"] = out.pop("output")
-        targets = np.asarray(self.targets(np.asarray(out["label"])))
-        keep = targets >= 0
+        if self.kind == "regression":
+            targets = self.target_values(self.config, split, out["image_id"].astype(str))
+            keep = np.isfinite(targets)
+        else:
+            targets = np.asarray(self.targets(np.asarray(out["label"])))
+            keep = targets >= 0
         out = {k: v[keep] for k, v in out.items()}
         out["y_true"] = targets[keep]
         return out
@@ -314,7 +391,12 @@ class FinetuneTask(Task):
 
     def evaluate(self, model: ft.Classifier, extra: Any, step: int) -> dict[str, float]:
         val = self.predict_split(model, self.config.data.eval_split)
-        if len(np.unique(val["y_true"])) < 2:
+        if self.kind == "regression" and len(val["y_true"]) < 1:
+            raise errors.ConfigError(
+                f"The validation split `{self.config.data.eval_split}` has no image with a regression target "
+                "for early stopping on MAE; set --config.data.eval_split to a split that has some."
+            )
+        if self.kind != "regression" and len(np.unique(val["y_true"])) < 2:
             raise errors.ConfigError(
                 f"The validation split `{self.config.data.eval_split}` needs positive and negative images for "
                 "early stopping on AUROC; set --config.data.eval_split to a split that has both."
@@ -339,18 +421,32 @@ class FinetuneTask(Task):
 
     @property
     def selection_metric_name(self) -> str:
-        return {"binary": "auroc", "multiclass": "macro_auroc", "ordinal": "qwk"}[self.kind]
+        return {"binary": "auroc", "multiclass": "macro_auroc", "ordinal": "qwk", "regression": "neg_mae"}[self.kind]
 
     def selection_metric(self, y: np.ndarray, s: np.ndarray) -> float:
         """What early stopping maximises on validation: AUROC (binary), macro one-vs-rest AUROC
-        (multiclass), quadratic-weighted kappa of the argmax grade (ordinal). The `val_auroc` keys of
-        the bookkeeping hold this metric for every kind."""
+        (multiclass), quadratic-weighted kappa of the argmax grade (ordinal), minus the mean absolute
+        error (regression). The `val_auroc` keys of the bookkeeping hold this metric for every kind."""
+        if self.kind == "regression":
+            return -float(np.mean(np.abs(np.asarray(y, np.float64) - np.asarray(s, np.float64))))
         if self.kind == "binary":
             return roc_auc_score(y, s)
         if self.kind == "multiclass":
             present = [k for k in range(s.shape[1]) if 0 < np.sum(y == k) < y.size]
             return float(np.mean([roc_auc_score(y == k, s[:, k]) for k in present]))
         return float(cohen_kappa_score(y, s.argmax(1), weights="quadratic", labels=np.arange(s.shape[1])))
+
+
+class WithTarget(grain.transforms.RandomMap):
+    """A training transform plus the image's float regression target (`target`, NaN when it has none)."""
+
+    def __init__(self, inner: grain.transforms.RandomMap, targets: dict[str, float]) -> None:
+        self.inner, self.targets = inner, dict(targets)
+
+    def random_map(self, element: dict, rng: np.random.Generator) -> dict:
+        out = dict(self.inner.random_map(element, rng))
+        out["target"] = np.float32(self.targets.get(str(element["image_id"]), np.nan))
+        return out
 
 
 def _is_encoder(path: tuple) -> bool:
