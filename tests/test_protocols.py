@@ -291,6 +291,26 @@ def test_finetune_protocol_low_shot_trains_on_whole_chosen_patients(synthetic_da
     assert info["steps_run"] == 4 and info["best_step"] in (2, 4)
 
 
+def test_an_interrupted_finetune_gives_no_result_and_resumes(synthetic_dataset, tmp_path, monkeypatch, capsys):
+    """A fine-tune stopped by a signal (here: stop_at_step) must not score its half-trained model."""
+    from afm_jax.errors import StoppedBeforeFinishingError
+    from afm_jax.train import run as train_run
+
+    data = os.fspath(synthetic_dataset)
+    task = pr.TaskSpec("aff", data=data, positive_labels=(2,), negative_labels=(1,), unit="patient")
+    spec = bb.BackboneSpec("random_init", variant="mu/8", image_size=32)
+    options = {"total_steps": 4, "batch_size": 8, "eval_every": 2, "log_every": 2, "optim.warmup_epochs": 0.0}
+    kwargs = dict(seed=0, cache=pr.FeatureCache(tmp_path / "c"), data_path=data, workdir=os.fspath(tmp_path / "ft"))
+    real_run = train_run.run
+    monkeypatch.setattr(train_run, "run", lambda config, workdir: real_run(config, workdir, stop_at_step=2))
+    with pytest.raises(StoppedBeforeFinishingError, match="stopped at step 2 of 4"):
+        pr.run_protocol(spec, task, "finetune", options=options, **kwargs)
+    monkeypatch.setattr(train_run, "run", real_run)
+    val, test, info = pr.run_protocol(spec, task, "finetune", options=options, **kwargs)  # resumes at step 2
+    assert info["steps_run"] == 4 and len(test.y_true) > 0
+    assert "Resumed from" in capsys.readouterr().out
+
+
 # ─── End to end ──────────────────────────────────────────────────────────────────────────────────
 
 

@@ -32,7 +32,7 @@ from typing import Any, Callable
 import numpy as np
 from flax import nnx
 
-from afm_jax import configuration, io
+from afm_jax import configuration, errors, io
 from afm_jax.data import pipeline, records, synthetic
 from afm_jax.data.selection import write_selection
 from afm_jax.errors import ConfigError
@@ -604,6 +604,11 @@ def finetune_protocol(
         write_selection(selection, ids[mask].tolist())
         config.data.selection = selection  # batches cycle over the chosen images (epochs wrap)
     result = train_run.run(config, workdir)
+    if not result.finished:  # a signal (time limit, preemption) stopped it: its predictions are not the result
+        raise errors.StoppedBeforeFinishingError(
+            f"Fine-tuning in {workdir} stopped at step {result.step} of {config.total_steps} before finishing "
+            "(its checkpoint is kept); rerun the same command to resume it."
+        )
     preds = []
     for split, dataset_split in (("validation", task.val_split), ("test", task.test_split)):
         z = result.predictions[split]
