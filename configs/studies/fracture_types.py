@@ -32,8 +32,8 @@ Expected: study_out/fracture_types/report/index.html, opening with the summary (
             fracture_type  macro AUROC  mae 0.53 [0.39, 0.64]   random_init 0.57 [0.40, 0.70]
             field_of_view  MAE (mm)     mae 22.0 [18.6, 26.4]   random_init 20.9 [17.9, 24.5]
           (an earlier version of this file recorded AUROC 0.81 / 0.72, macro AUROC 0.62 / 0.72 and MAE
-          12.7 / 13.1 mm for the same config; the code under it has changed since, which change moved
-          them was not traced.)
+          12.7 / 13.1 mm: measured with the previous synthetic generator, before the radiograph-like
+          femurs of afm_jax/data/synthetic.py, whose fractures are subtler and framings more varied.)
           No pooled paired difference excludes 0: at this CPU budget the study shows the machinery
           for every task kind, not MAE's value.
 """
