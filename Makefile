@@ -27,7 +27,7 @@ test: $(STAMP)
 # The launchers on a throw-away local SLURM (root, `apt-get install -y slurm-wlm munge`; .ci/run does both).
 # AFM_REQUIRE_SLURM=1: a missing SLURM fails the target instead of skipping the tests.
 test-slurm: $(STAMP)
-	AFM_REQUIRE_SLURM=1 $(PY) -m pytest -q -p no:xdist -rs tests/cluster
+	AFM_REQUIRE_SLURM=1 $(PY) -m pytest -q -p no:xdist -rs --durations=0 tests/cluster
 
 # ruff (format + lint) and the layer contract (import-linter, pyproject.toml [tool.importlinter]).
 lint: $(STAMP)
