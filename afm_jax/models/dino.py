@@ -76,12 +76,22 @@ class WeightNormLinear(nnx.Module):
         g = jnp.ones((out_dim,), param_dtype)
         self.weight_g = FrozenWeight(g) if freeze_norm else nnx.Param(g)
 
-    def kernel(self) -> jax.Array:
+    def scale(self) -> jax.Array:
+        """g / ||v|| per output unit, (out,) float32."""
         v = self.weight_v[...].astype(jnp.float32)
-        return v * (self.weight_g[...].astype(jnp.float32) / jnp.linalg.norm(v, axis=0))
+        return self.weight_g[...].astype(jnp.float32) / jnp.linalg.norm(v, axis=0)
+
+    def kernel(self) -> jax.Array:
+        """The effective weight g · v / ||v||, (in, out) float32."""
+        return self.weight_v[...].astype(jnp.float32) * self.scale()
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return jnp.dot(x.astype(jnp.float32), self.kernel())
+        # x @ (v · s) computed as (x @ v) · s: the same product per output unit, without building the
+        # scaled (in, out) kernel. Measured (ViT-S DINO step, 65,536 prototypes, 1 CPU thread): XLA:CPU
+        # fused the column norm into the scaled kernel feeding the teacher's matmul and recomputed it
+        # per element, ~13 of the step's ~22 CPU-s at batch 4 (bench/README.md).
+        v = self.weight_v[...].astype(jnp.float32)
+        return jnp.dot(x.astype(jnp.float32), v) * self.scale()
 
 
 class DINOHead(nnx.Module):

@@ -206,6 +206,11 @@ def _zeros() -> nnx.Initializer:
     return nnx.initializers.zeros_init()
 
 
+def _linear_kwargs(dtype: Any, param_dtype: Any, init: str, rngs: nnx.Rngs) -> dict[str, Any]:
+    """``nnx.Linear`` keyword arguments of the blocks' projections: the scheme's kernel init, zero bias."""
+    return dict(dtype=dtype, param_dtype=param_dtype, kernel_init=_linear_init(init), bias_init=_zeros(), rngs=rngs)
+
+
 def _layer_norm(dim: int, dtype: Any, param_dtype: Any, rngs: nnx.Rngs, eps: float = 1e-6) -> nnx.LayerNorm:
     # use_fast_variance=True (var = E[x^2] - mean^2): the two-pass form E[(x-mean)^2] makes XLA:CPU
     # rebuild the residual-stream gradient chain inside every block's backward, so step time grew
@@ -328,13 +333,7 @@ class Attention(nnx.Module):
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
         self.implementation = implementation
-        kw = dict(
-            dtype=dtype,
-            param_dtype=param_dtype,
-            kernel_init=_linear_init(init),
-            bias_init=_zeros(),
-            rngs=rngs,
-        )
+        kw = _linear_kwargs(dtype, param_dtype, init, rngs)
         self.qkv = nnx.Linear(dim, 3 * dim, use_bias=qkv_bias, **kw)
         self.proj = nnx.Linear(dim, dim, **kw)
 
@@ -375,13 +374,7 @@ class Mlp(nnx.Module):
         init: str = "mae",
         rngs: nnx.Rngs,
     ):
-        kw = dict(
-            dtype=dtype,
-            param_dtype=param_dtype,
-            kernel_init=_linear_init(init),
-            bias_init=_zeros(),
-            rngs=rngs,
-        )
+        kw = _linear_kwargs(dtype, param_dtype, init, rngs)
         self.fc1 = nnx.Linear(dim, hidden_dim, **kw)
         self.fc2 = nnx.Linear(hidden_dim, dim, **kw)
 

@@ -195,12 +195,11 @@ class DINOTask(Task):
         t_logits = jax.lax.stop_gradient(teacher.dino_head(t_cls)).reshape(ng, b, -1)
 
         s_cls, s_patch = model.backbone(g_images, masks=masks, rngs=key_g)
-        s_logits = [model.dino_head(s_cls).reshape(ng, b, -1)]
+        cls_tokens = [s_cls]
         if "local" in batch:
-            loc = batch["local"]
-            l_cls, _ = model.backbone(crops_first(loc), rngs=key_l)
-            s_logits.append(model.dino_head(l_cls).reshape(loc.shape[1], b, -1))
-        s_logits = jnp.concatenate(s_logits, axis=0)  # (V, B, K), global views first
+            cls_tokens.append(model.backbone(crops_first(batch["local"]), rngs=key_l)[0])
+        # The head once on every view's class token, as DINO's MultiCropWrapper (one weight-norm pass).
+        s_logits = model.dino_head(jnp.concatenate(cls_tokens, axis=0)).reshape(-1, b, t_logits.shape[-1])
 
         temp = self.teacher_temp(step)
         if d.centering == "center":
