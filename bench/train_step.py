@@ -29,8 +29,8 @@ Timing: each model is timed in ``--rounds`` interleaved rounds (MAE, JAX ViT, ti
 so background load on a shared machine hits all of them alike; every figure is the *best* (minimum)
 single-step time over all ``--steps`` timed steps (the median is reported beside it).
 ``cores_used`` (process CPU time / wall time) shows how much of the machine the run actually had;
-``--single-thread`` (one XLA and one torch thread) compares per-core efficiency, which stays steady
-when other jobs share the cores.
+``--single-thread`` (one XLA and one torch thread, the process pinned to one core) compares per-core
+efficiency, which stays steady when other jobs share the cores.
 
 The last line of stdout is one JSON object; progress goes to stderr.
 """
@@ -443,6 +443,10 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     if args.single_thread:  # read when the backend starts, i.e. at the first jax.devices() below
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false").strip()
+        # XLA:CPU still runs independent ops on other threads (1.87 cores busy measured): pin the whole
+        # process, ours and the peer alike, to one core so that "single thread" means one core.
+        if hasattr(os, "sched_setaffinity"):
+            os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
     from afm_jax.train import throughput
 
     device = jax.devices()[0]
