@@ -5,32 +5,23 @@ import math
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from dino_helpers import log_softmax, reference_sinkhorn, softmax
 from flax import nnx
 
 from afm_jax.models import dino
 from afm_jax.train import dino_schedules
 
 
-def _softmax(x, axis=-1):
-    e = np.exp(x - x.max(axis=axis, keepdims=True))
-    return e / e.sum(axis=axis, keepdims=True)
-
-
-def _log_softmax(x, axis=-1):
-    m = x.max(axis=axis, keepdims=True)
-    return x - m - np.log(np.exp(x - m).sum(axis=axis, keepdims=True))
-
-
 def _reference_dino_loss(student_views, teacher_views, center, student_temp, teacher_temp):
     """DINO `DINOLoss.forward`, written as its loop over (teacher view iq, student view v)."""
     student_out = [s / student_temp for s in student_views]
-    teacher_out = [_softmax((t - center) / teacher_temp) for t in teacher_views]
+    teacher_out = [softmax((t - center) / teacher_temp) for t in teacher_views]
     total, n_terms = 0.0, 0
     for iq, q in enumerate(teacher_out):
         for v in range(len(student_out)):
             if v == iq:
                 continue
-            loss = np.sum(-q * _log_softmax(student_out[v]), axis=-1)
+            loss = np.sum(-q * log_softmax(student_out[v]), axis=-1)
             total += loss.mean()
             n_terms += 1
     return total / n_terms
@@ -62,30 +53,16 @@ def test_dino_loss_and_center_match_the_reference(num_global, num_local):
     )
 
 
-def _reference_sinkhorn(teacher_output, temp, n_iterations=3):
-    """DINOv2 `sinkhorn_knopp_teacher` on one process (Q is K x B)."""
-    q = np.exp(teacher_output / temp).T
-    b, k = q.shape[1], q.shape[0]
-    q /= q.sum()
-    for _ in range(n_iterations):
-        q /= q.sum(axis=1, keepdims=True)
-        q /= k
-        q /= q.sum(axis=0, keepdims=True)
-        q /= b
-    q *= b
-    return q.T
-
-
 def test_sinkhorn_knopp_matches_reference_and_has_the_right_marginals():
     rng = np.random.default_rng(0)
     n, k = 24, 10
     logits = rng.normal(size=(n, k))
     q = np.asarray(dino.sinkhorn_knopp(jnp.asarray(logits, jnp.float32), 0.5, 3))
-    np.testing.assert_allclose(q, _reference_sinkhorn(logits.astype(np.float64), 0.5), rtol=1e-4, atol=1e-7)
+    np.testing.assert_allclose(q, reference_sinkhorn(logits.astype(np.float64), 0.5), rtol=1e-4, atol=1e-7)
     np.testing.assert_allclose(q.sum(axis=1), 1.0, rtol=1e-5)  # each sample: a distribution
     np.testing.assert_allclose(q.sum(axis=0), n / k, rtol=0.05)  # prototypes: equal mass
     # Far more balanced than a plain softmax of the same logits.
-    plain = _softmax(logits / 0.5).sum(axis=0)
+    plain = softmax(logits / 0.5).sum(axis=0)
     assert np.std(q.sum(axis=0)) < 0.2 * np.std(plain)
 
 
@@ -114,11 +91,11 @@ def test_ibot_loss_counts_only_masked_patches():
     rng = np.random.default_rng(3)
     b, n, k = 3, 8, 5
     student = rng.normal(size=(b, n, k)).astype(np.float32)
-    teacher = _softmax(rng.normal(size=(b, n, k))).astype(np.float32)
+    teacher = softmax(rng.normal(size=(b, n, k))).astype(np.float32)
     masks = rng.random((b, n)) < 0.4
     masks[2] = False  # an image without masks contributes 0
     got = float(dino.ibot_patch_loss(jnp.asarray(student), jnp.asarray(teacher), jnp.asarray(masks), 0.1))
-    ce = -np.sum(teacher * _log_softmax(student / 0.1), axis=-1)
+    ce = -np.sum(teacher * log_softmax(student / 0.1), axis=-1)
     want = np.mean([ce[i][masks[i]].mean() if masks[i].any() else 0.0 for i in range(b)])
     np.testing.assert_allclose(got, want, rtol=1e-5)
     changed = student.copy()

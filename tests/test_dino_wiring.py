@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from dino_helpers import setup_dino_task
+from dino_helpers import log_softmax, setup_dino_task, softmax
 from flax import nnx
 
 from afm_jax.train import dino_schedules
@@ -32,16 +32,6 @@ def _config(path, **dino):
     config.dino.update(**{**dict(out_dim=32, hidden_dim=32, bottleneck_dim=16, warmup_teacher_temp_epochs=5.0), **dino})
     config.optim.update(grad_clip_norm=0.0)
     return config
-
-
-def _softmax(x):
-    e = np.exp(x - x.max(-1, keepdims=True))
-    return e / e.sum(-1, keepdims=True)
-
-
-def _log_softmax(x):
-    x = x - x.max(-1, keepdims=True)
-    return x - np.log(np.exp(x).sum(-1, keepdims=True))
 
 
 def test_step_loss_uses_the_centre_before_its_update_and_the_centre_keeps_momentum(synthetic_dataset):
@@ -74,8 +64,8 @@ def test_step_loss_uses_the_centre_before_its_update_and_the_centre_keeps_moment
         ]
     )
     temp = 0.04 + (0.07 - 0.04) * step_no / 10  # linear warm-up, per step
-    q = _softmax((t - np.asarray(center)) / temp)
-    logp = _log_softmax(s / 0.1)
+    q = softmax((t - np.asarray(center)) / temp)
+    logp = log_softmax(s / 0.1)
     terms = [np.mean(np.sum(-q[i] * logp[v], axis=-1)) for i in range(2) for v in range(4) if v != i]
     want_loss = np.mean(terms)
 

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from dino_helpers import flat_state, setup_dino_task
+from dino_helpers import flat_state, log_softmax, reference_sinkhorn, setup_dino_task, softmax
 from flax import nnx
 from test_recipes import _get, _load
 
@@ -30,16 +30,6 @@ from afm_jax.train import loop, optim
 from afm_jax.train import state as state_lib
 from afm_jax.train import step as step_lib
 from afm_jax.train.defaults import default_config
-
-
-def _softmax(x):
-    e = np.exp(x - x.max(-1, keepdims=True))
-    return e / e.sum(-1, keepdims=True)
-
-
-def _log_softmax(x):
-    x = x - x.max(-1, keepdims=True)
-    return x - np.log(np.exp(x).sum(-1, keepdims=True))
 
 
 def _dino_config(path, **dino):
@@ -100,8 +90,8 @@ def test_one_step_uses_the_configured_temperatures_centre_momentum_and_teacher_m
     s = np.concatenate([t, np.asarray(model.dino_head(model.backbone(loc)[0])).reshape(2, 4, -1)])
     warmup_iters = 4.0 * per_epoch
     temp = 0.03 + (0.05 - 0.03) * step_no / warmup_iters
-    q = _softmax((t - center) / temp)
-    logp = _log_softmax(s / 0.2)
+    q = softmax((t - center) / temp)
+    logp = log_softmax(s / 0.2)
     want_loss = np.mean([np.mean(np.sum(-q[i] * logp[v], axis=-1)) for i in range(2) for v in range(4) if v != i])
 
     train_step = jax.jit(
@@ -156,7 +146,7 @@ def test_ibot_term_uses_its_weight_the_student_temperature_and_the_patch_centre_
     t_patch = np.asarray(model.patch_head(model.backbone(g)[1]))  # teacher = student at init, unmasked input
     s_patch = np.asarray(model.patch_head(model.backbone(g, masks=jnp.asarray(mk))[1]))
     temp = 0.03 + (0.05 - 0.03) * step_no / (30.0 * 2)  # warmup_teacher_temp_epochs: the published 30
-    ce = np.sum(-_softmax((t_patch - pc) / temp) * _log_softmax(s_patch / 0.2), axis=-1)  # (crops, N)
+    ce = np.sum(-softmax((t_patch - pc) / temp) * log_softmax(s_patch / 0.2), axis=-1)  # (crops, N)
     want_ibot = np.mean([ce[i][mk[i]].mean() if mk[i].any() else 0.0 for i in range(len(mk))])
     np.testing.assert_allclose(float(metrics["loss_ibot"]), want_ibot, rtol=1e-5)
     np.testing.assert_allclose(float(total), 0.6 * float(metrics["loss_dino"]) + 0.3 * want_ibot, rtol=1e-5)
@@ -453,24 +443,10 @@ def test_drop_path_is_the_students_only(synthetic_dataset):
     t = np.asarray(model.dino_head(model.backbone(g)[0])).reshape(2, 4, -1)
     np.testing.assert_allclose(np.asarray(outputs["teacher_mean"]), t.mean(axis=(0, 1)), rtol=1e-5, atol=1e-6)
     s = np.concatenate([t, np.asarray(model.dino_head(model.backbone(loc)[0])).reshape(2, 4, -1)])
-    q = _softmax(t / float(metrics["teacher_temp"]))
-    logp = _log_softmax(s / 0.1)
+    q = softmax(t / float(metrics["teacher_temp"]))
+    logp = log_softmax(s / 0.1)
     deterministic = np.mean([np.mean(np.sum(-q[i] * logp[v], -1)) for i in range(2) for v in range(4) if v != i])
     assert abs(float(metrics["loss_dino"]) - deterministic) > 1e-4 * abs(deterministic)
-
-
-def _reference_sinkhorn(teacher_output, temp, n_iterations):
-    """V2 dinov2/loss/dino_clstoken_loss.py sinkhorn_knopp_teacher on one process (Q is K x B)."""
-    q = np.exp(teacher_output / temp).T
-    b, k = q.shape[1], q.shape[0]
-    q /= q.sum()
-    for _ in range(n_iterations):
-        q /= q.sum(axis=1, keepdims=True)
-        q /= k
-        q /= q.sum(axis=0, keepdims=True)
-        q /= b
-    q *= b
-    return q.T
 
 
 def test_sinkhorn_centering_runs_the_configured_number_of_iterations(synthetic_dataset):
@@ -487,7 +463,7 @@ def test_sinkhorn_centering_runs_the_configured_number_of_iterations(synthetic_d
     loc = jnp.swapaxes(batch["local"], 0, 1).reshape(-1, 8, 8, 1)
     t = np.asarray(model.dino_head(model.backbone(g)[0])).astype(np.float64)  # (2·4, K)
     s = np.concatenate([t.reshape(2, 4, -1), np.asarray(model.dino_head(model.backbone(loc)[0])).reshape(2, 4, -1)])
-    q = _reference_sinkhorn(t, 0.04, 1).reshape(2, 4, -1)  # step 0: the warm-up temperature
-    logp = _log_softmax(s / 0.1)
+    q = reference_sinkhorn(t, 0.04, 1).reshape(2, 4, -1)  # step 0: the warm-up temperature
+    logp = log_softmax(s / 0.1)
     want = np.mean([np.mean(np.sum(-q[i] * logp[v], axis=-1)) for i in range(2) for v in range(4) if v != i])
     np.testing.assert_allclose(float(metrics["loss_dino"]), want, rtol=1e-4)
