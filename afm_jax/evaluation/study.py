@@ -68,6 +68,30 @@ class PretrainSpec:
     arg: str | None = None
 
 
+def small_mae_overrides(image_size: int, total_steps: int) -> dict[str, Any]:
+    """The CPU-sized MAE pretraining the shipped studies share (over configs/demo.py): a 4-block ViT-Ti/8
+    with a 2-block 64-wide decoder, batch 32, one checkpoint at the end, no in-run probe or images,
+    on the study task's dataset. A study adds or replaces keys (e.g. `data.path`) in its own file."""
+    return {
+        "model.variant": "Ti/8",
+        "model.depth": 4,
+        "image_size": image_size,
+        "batch_size": 32,
+        "total_steps": total_steps,
+        "optim.base_lr": 4e-3,
+        "optim.warmup_epochs": 2.0,
+        "mae.decoder_dim": 64,
+        "mae.decoder_depth": 2,
+        "mae.decoder_heads": 4,
+        "data.num_workers": 0,
+        "probe.enabled": False,
+        "image_every": 0,
+        "checkpoint_every": total_steps,
+        "log_every": 50,
+        "data.synthetic.enabled": False,
+    }
+
+
 @dataclasses.dataclass(frozen=True)
 class Run:
     backbone: str

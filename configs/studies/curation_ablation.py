@@ -31,7 +31,7 @@ import pathlib
 from afm_jax.errors import ConfigError
 from afm_jax.evaluation.backbones import BackboneSpec
 from afm_jax.evaluation.protocols import TaskSpec
-from afm_jax.evaluation.study import PretrainSpec, Study
+from afm_jax.evaluation.study import PretrainSpec, Study, small_mae_overrides
 
 DATA = os.environ.get("AFM_ABLATION_DATA", "data/synthetic_femur/1.0.0")
 CURATION = os.environ.get("AFM_ABLATION_CURATION", "curation_out")
@@ -40,25 +40,7 @@ SEEDS = (0, 1)
 ARMS = {"curated": "selection.json", "random_subset": "selection_random.json"}
 
 # One pretraining recipe for every arm; only data.selection and seed differ.
-PRETRAIN = {
-    "model.variant": "Ti/8",
-    "model.depth": 4,
-    "image_size": IMAGE_SIZE,
-    "batch_size": 32,
-    "total_steps": 300,
-    "optim.base_lr": 4e-3,
-    "optim.warmup_epochs": 2.0,
-    "mae.decoder_dim": 64,
-    "mae.decoder_depth": 2,
-    "mae.decoder_heads": 4,
-    "data.num_workers": 0,
-    "probe.enabled": False,
-    "image_every": 0,
-    "checkpoint_every": 300,
-    "log_every": 50,
-    "data.synthetic.enabled": False,
-    "data.path": DATA,
-}
+PRETRAIN = {**small_mae_overrides(IMAGE_SIZE, total_steps=300), "data.path": DATA}
 
 
 def get_study() -> Study:

@@ -22,7 +22,7 @@ BackboneSpec("timm_vit", path="vit_small.safetensors", variant="S/16", image_siz
 
 from afm_jax.evaluation.backbones import BackboneSpec
 from afm_jax.evaluation.protocols import TaskSpec
-from afm_jax.evaluation.study import PretrainSpec, Study
+from afm_jax.evaluation.study import PretrainSpec, Study, small_mae_overrides
 
 IMAGE_SIZE = 64
 
@@ -39,24 +39,7 @@ def get_study() -> Study:
     mae = PretrainSpec(
         config="configs/demo.py",
         data_task="aff_vs_nff",
-        overrides={
-            "model.variant": "Ti/8",
-            "model.depth": 4,
-            "image_size": IMAGE_SIZE,
-            "batch_size": 32,
-            "total_steps": 300,
-            "optim.base_lr": 4e-3,
-            "optim.warmup_epochs": 2.0,
-            "mae.decoder_dim": 64,
-            "mae.decoder_depth": 2,
-            "mae.decoder_heads": 4,
-            "data.num_workers": 0,
-            "probe.enabled": False,
-            "image_every": 0,
-            "checkpoint_every": 300,
-            "log_every": 50,
-            "data.synthetic.enabled": False,
-        },
+        overrides=small_mae_overrides(IMAGE_SIZE, total_steps=300),
     )
     # The same images, normal vs fractured (NFF or AFF): a second task costs no extra forward pass
     # (features are cached per backbone × dataset × split).
