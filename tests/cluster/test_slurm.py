@@ -209,16 +209,21 @@ def test_preprocess_array_job_merges_to_the_single_process_dataset_and_a_killed_
     logs.mkdir()
     opts = ["--cpus-per-task=1", "--mem=500M", "--time=00:20:00", f"--output={logs}/%x-%A_%a.out"]
     chunks = out / ".work" / "femur_std512_v1" / "chunks"
-    array = slurm.sbatch(*opts, "--array=0-2", "launch/preprocess_array.sbatch", env=env)
-    # Task 1 is frozen as soon as it runs and killed once the others are done: a task lost mid-array.
-    # (Killing it between two chunks cannot be timed reliably here, a shard takes < 1 s; a conversion
-    # interrupted mid-shard and rerun is tested in tests/test_conversion.py.)
-    slurm.wait_for(lambda: slurm.states(f"{array}_1").get(f"{array}_1") == "RUNNING", "task 1 to start", poll=0.05)
-    slurm.run("scancel", "--signal=STOP", "--full", f"{array}_1")
+    # Task 1 is held in the script's site set-up hook (AFM_SETUP) before the tool starts, and killed once
+    # the others are done: a task lost mid-array. (Freezing it from outside once it is RUNNING raced the
+    # tool, a shard takes < 1 s, and CI once saw task 1 finish first; killing it between two chunks cannot
+    # be timed reliably here either. A conversion interrupted mid-shard and rerun is tested in
+    # tests/test_conversion.py.)
+    held = tmp_path / "task1-held"
+    hold = tmp_path / "hold_task_1.sh"
+    hold.write_text(f'if [[ "$SLURM_ARRAY_TASK_ID" == 1 ]]; then touch {held}; sleep 600; fi\n')
+    array = slurm.sbatch(*opts, "--array=0-2", "launch/preprocess_array.sbatch", env={**env, "AFM_SETUP": str(hold)})
+    slurm.wait_for(held.exists, "task 1 to reach the hold", poll=0.05)
     slurm.wait_for(
         lambda: all(slurm.states(f"{array}_{i}").get(f"{array}_{i}") == "COMPLETED" for i in (0, 2)), "tasks 0 and 2"
     )
-    slurm.run("scancel", f"{array}_1")  # SIGCONT, SIGTERM, SIGKILL
+    assert slurm.states(f"{array}_1") == {f"{array}_1": "RUNNING"}
+    slurm.run("scancel", f"{array}_1")
     states = slurm.wait(array)
     assert states[f"{array}_0"] == states[f"{array}_2"] == "COMPLETED", states
     assert states[f"{array}_1"] == "CANCELLED", states
