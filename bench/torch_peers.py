@@ -377,7 +377,28 @@ class TorchPeerStep:
         if self.device.type == "cuda":
             torch.cuda.synchronize()
 
+    def count_matmul_flops(self) -> float:
+        """Matmul/conv FLOPs of one step (`torch.utils.flop_counter.FlopCounterMode`, 2 per
+        multiply-add). On a CPU the fused attention kernel is invisible to the counter, so timm's
+        attention runs unfused (the same maths) while counting. The counted step is a real one (it
+        updates the weights); call it before timing."""
+        from torch.utils.flop_counter import FlopCounterMode
+
+        attention = [m for m in self.model.modules() if hasattr(m, "fused_attn")]
+        fused = [m.fused_attn for m in attention]
+        for m in attention:
+            m.fused_attn = False
+        try:
+            with FlopCounterMode(display=False) as counter:
+                self.step()
+        finally:
+            for m, f in zip(attention, fused):
+                m.fused_attn = f
+        return float(counter.get_total_flops())
+
     def run(self, n: int, record: bool = True) -> None:
+        if n <= 0:  # e.g. --warmup 0
+            return
         for _ in range(n):
             self._sync()
             c0, t0 = time.process_time(), time.perf_counter()

@@ -224,11 +224,14 @@ class JaxStep:
         from afm_jax.train import throughput
 
         self.flops = throughput.compiled_flops(self.compiled, num_devices=num_devices)  # whole step, all devices
+        self._jitted = jitted
         self.state, self.batch = state, batch
         self.timer = StepTimer(name)
         self.last_loss = float("nan")
 
     def run(self, n: int, record: bool = True) -> None:
+        if n <= 0:  # e.g. --warmup 0
+            return
         for _ in range(n):
             c0, t0 = time.process_time(), time.perf_counter()
             self.state, metrics = self.compiled(self.state, self.batch)
@@ -237,6 +240,12 @@ class JaxStep:
             if record:
                 self.timer.add(dt, dc)
         self.last_loss = float(metrics["loss"])
+
+    def matmul_flops(self) -> float:
+        """Matmul/conv FLOPs of one step counted on its jaxpr (torch FlopCounterMode's convention)."""
+        from afm_jax.train import throughput
+
+        return throughput.matmul_flops(self._jitted, self.state, self.batch)
 
 
 class TorchStep:
@@ -286,6 +295,8 @@ class TorchStep:
             self.torch.cuda.synchronize()
 
     def run(self, n: int, record: bool = True) -> None:
+        if n <= 0:  # e.g. --warmup 0
+            return
         torch = self.torch
         for _ in range(n):
             self._sync()
@@ -423,8 +434,11 @@ def method_figures(method: dict, ceiling: float) -> dict:
             {
                 "torch_img_per_s": _round(b / pt.best),
                 "torch_img_per_s_median": _round(b / pt.median),
-                # XLA's FLOPs of our step: the peer does the same maths
+                # XLA's FLOPs of our step: the peer does the same maths (matmul_flops_ratio checks it)
                 "torch_mfu": _round(_ratio(step.flops / pt.best if step.flops else None, ceiling)),
+                "matmul_gflop": _round(method["matmul_gflop"][0]),
+                "torch_matmul_gflop": _round(method["matmul_gflop"][1]),
+                "matmul_flops_ratio": _round(_ratio(*method["matmul_gflop"])),
                 "vs_torch": _round(_ratio(b / step.timer.best, b / pt.best)),
                 "vs_torch_median": _round(_ratio(b / step.timer.median, b / pt.median)),
                 "vs_torch_cpu": _round(_ratio(pt.cpu_median, step.timer.cpu_median)),
@@ -494,6 +508,9 @@ def main(argv: list[str] | None = None) -> dict:
             try:
                 peer = peers.peer_for(c, StepTimer(f"torch_{c.task}"), threads=1 if args.single_thread else None)
                 log(f"torch peer {peer.name} with {peer.threads} torch threads")
+                # Same matmul work on both sides, counted the same way (2 per multiply-add)?
+                method["matmul_gflop"] = (step.matmul_flops() / 1e9, peer.count_matmul_flops() / 1e9)
+                log("  matmul GFLOP/step (jaxpr / torch FlopCounterMode): %.1f / %.1f" % method["matmul_gflop"])
                 runners.append(peer)
                 method["torch"] = peer
             except ValueError as e:  # no peer for this task

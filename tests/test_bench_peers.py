@@ -125,3 +125,44 @@ def test_multicrop_wrapper_one_backbone_pass_per_resolution_and_weight_norm_head
     w = head.last_layer.weight.detach().numpy()
     np.testing.assert_allclose(np.linalg.norm(w, axis=1), 1.0, rtol=1e-5)
     assert not head.last_layer.parametrizations.weight.original0.requires_grad
+
+
+@pytest.mark.parametrize("task", ["mae", "dino"])
+def test_our_step_and_the_torch_peer_do_the_same_matmul_work(task):
+    """`torch_mfu` in the bench divides XLA's FLOPs of our step by the peer's time: that holds only if
+    the peer multiplies as much as we do. Our whole train step (forward, backward; jaxpr count) and
+    the peer's (FlopCounterMode) agree to the FLOP, once two tiny products that only we write as matmuls
+    are added to the peer's count; e.g. a peer whose teacher also saw the local crops, or our step
+    running the head twice on the globals, would fail here."""
+    import types
+
+    from afm_jax.train import assembly, sharding, throughput
+    from afm_jax.train.defaults import default_config
+    from afm_jax.train.tasks import get_task
+
+    config = default_config(task, "mu/8")
+    config.image_size, config.batch_size = 32, 2
+    if task == "mae":
+        config.mae.update(decoder_dim=32, decoder_depth=2, decoder_heads=2)
+    else:
+        config.multicrop.update(local_size=16, num_local=3)
+        config.dino.update(out_dim=96, hidden_dim=48, bottleneck_dim=16)
+    t = get_task(task)
+    t.setup(config, workdir="", total_steps=10, steps_per_epoch=1)
+    mesh = sharding.make_mesh(config.mesh)
+    parts = assembly.assemble(config, t, mesh, total_steps=10, warmup_steps=1)
+    batch = sharding.global_batch(mesh, t.example_batch(config, config.batch_size, seed=1))
+    ours = throughput.matmul_flops(parts.jit_step, parts.initial_state(), batch)
+
+    timer = types.SimpleNamespace(add=lambda *a: None)
+    theirs = peers.peer_for(config, timer, threads=1).count_matmul_flops()
+    extra = 0  # products we compute as matmuls where the peer uses ops FlopCounterMode does not count
+    if task == "dino":
+        b, views, k, d = config.batch_size, 2 + 3, 96, 32
+        # the cross-entropy of every (teacher view, student view) pair as one einsum over the K
+        # prototypes, forward and its gradient for the student (the peer: sum(-q * log_softmax))
+        extra += 2 * (2 * 2 * views * b * k)
+        # the student's local crops resample the 4x4 position table to 2x2 separably (rows: 2x4 on
+        # 4·D, then columns: 2x4 on 2·D), forward and backward (the peer: F.interpolate)
+        extra += 2 * (2 * 2 * 4 * 4 * d + 2 * 2 * 4 * 2 * d)
+    assert theirs > 0 and ours == theirs + extra, (ours, theirs, extra)

@@ -10,6 +10,7 @@ import time
 
 import jax
 import jax.numpy as jnp
+from jax.extend import core as jax_core
 
 # Dense bf16 tensor-core peaks, FLOP/s per device (vendor data sheets, no sparsity).
 PEAK_FLOPS_BY_DEVICE_KIND = {
@@ -64,3 +65,54 @@ def device_peak_flops(device: jax.Device | None = None) -> tuple[float, str]:
     if kind in PEAK_FLOPS_BY_DEVICE_KIND:
         return PEAK_FLOPS_BY_DEVICE_KIND[kind], f"data sheet ({kind})"
     return measure_matmul_flops(size=8192, dtype=jnp.bfloat16, device=device), f"measured bf16 matmul ({kind})"
+
+
+def matmul_flops(fn, *args, **kwargs) -> float:
+    """FLOPs of the matrix products one call of ``fn(*args, **kwargs)`` asks for, counted on its jaxpr.
+
+    Counts ``dot_general`` and ``conv_general_dilated`` only, 2 per multiply-add — the convention of
+    PyTorch's ``torch.utils.flop_counter.FlopCounterMode``, so a JAX step and its PyTorch peer can be
+    checked to do the same matmul work. XLA's ``cost_analysis`` (``compiled_flops``) also counts
+    elementwise work and fusion-dependent extras, so it is not comparable to the torch count.
+    Nested jaxprs (jit, remat, custom_jvp/vjp) are walked; a ``scan`` counts its body ``length``
+    times, a ``cond`` its most expensive branch, a ``while`` loop its body once (the trip count is
+    not known statically)."""
+    closed = jax.make_jaxpr(fn)(*args, **kwargs)
+    return float(_jaxpr_matmul_flops(closed.jaxpr))
+
+
+def _prod(shape) -> int:
+    out = 1
+    for d in shape:
+        out *= int(d)
+    return out
+
+
+def _jaxpr_matmul_flops(jaxpr) -> int:
+    total = 0
+    for eqn in jaxpr.eqns:
+        name = eqn.primitive.name
+        if name == "dot_general":
+            (lhs_contract, _), _ = eqn.params["dimension_numbers"]
+            lhs = eqn.invars[0].aval.shape
+            total += 2 * _prod(eqn.outvars[0].aval.shape) * _prod(lhs[i] for i in lhs_contract)
+        elif name == "conv_general_dilated":
+            rhs = eqn.invars[1].aval.shape
+            out_features = rhs[eqn.params["dimension_numbers"].rhs_spec[0]]
+            total += 2 * _prod(eqn.outvars[0].aval.shape) * (_prod(rhs) // out_features)
+        elif name == "cond":
+            total += max(_jaxpr_matmul_flops(b.jaxpr) for b in eqn.params["branches"])
+        else:
+            repeat = eqn.params["length"] if name == "scan" else 1
+            for sub in _sub_jaxprs(eqn.params):
+                total += repeat * _jaxpr_matmul_flops(sub)
+    return total
+
+
+def _sub_jaxprs(params: dict):
+    for value in params.values():
+        for item in value if isinstance(value, (tuple, list)) else (value,):
+            if isinstance(item, jax_core.ClosedJaxpr):
+                yield item.jaxpr
+            elif isinstance(item, jax_core.Jaxpr):
+                yield item
