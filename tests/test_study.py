@@ -179,6 +179,14 @@ def test_tools_print_a_message_not_a_traceback(tmp_path, capsys, synthetic_datas
     )
     assert tool("study").main([str(study_file), "--out", str(tmp_path / "o"), "--report_only"]) == 2
     assert "error: No results" in capsys.readouterr().err
+    assert tool("study").main([str(study_file), "--out", str(tmp_path / "o"), "--run_index", "99"]) == 2
+    err = capsys.readouterr().err
+    assert "--run_index 99 is out of range: the study has 2 runs (0 to 1)" in err and "Traceback" not in err
+    broken = tmp_path / "broken.py"
+    broken.write_text("def get_study(:\n    pass\n")
+    assert tool("study").main([str(broken), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert f"Study file {broken} has a syntax error at line 1" in err and "Traceback" not in err
     assert (
         tool("evaluate").main(
             [
