@@ -18,8 +18,9 @@ where `images` are float32 (B, H, W, 1) in [0, 1], bone bright (the pipeline's c
     random_init  our ViT at initialisation (the architecture of `path`'s run if given, same seed)
 
 Why one interface: the protocols (kNN, linear probe, low-shot) and the report (attention, CAM
-overlays) never ask what a backbone is, so adding a kind touches only this module. The interop
-modules are imported lazily, so a kind whose code is not installed fails with a message only when used.
+overlays) never ask what a backbone is, so adding a kind touches only this module. Only the optional
+heavy dependencies (torch, timm) are imported inside the kinds that need them, so a kind whose
+packages are not installed fails with a message only when used.
 Three channels exist only at the PyTorch/ImageNet boundary: grey images are replicated there.
 """
 
