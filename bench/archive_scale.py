@@ -6,10 +6,12 @@ Command:  python bench/archive_scale.py [--sizes 10000,50000,500000] [--dim 256]
 The real archive is ~500,000 images from ~17,000 patients (~30 images per patient). For each N this
 times, on synthetic data of that shape:
 
-* ``merge_rows`` (timed under tracemalloc, which slows allocation: an upper bound): the row pass of `afm_jax.data.conversion.merge` — rows as `read_rows` returns them
-  (JSON-sized dicts), `mark_duplicates` (1 % planted SOP-UID and pixel duplicates), the patient
-  splits (`assign_patient_splits`, stratified), `summarize` and `write_manifest`; peak Python heap
-  from `tracemalloc` (the rows included: the merge holds them all) and the manifest's size.
+* ``merge_rows`` (timed under tracemalloc, which slows allocation: an upper bound): the row passes
+  of `afm_jax.data.conversion.merge` over rows shaped as the conversion writes them, read from
+  chunk JSONL files as the merge reads them — `MergedRows` (1 % planted SOP-UID and pixel
+  duplicates, the stratified patient splits, the summary) and `write_manifest` of its `rows()`;
+  the records pass is the ``records`` stage. Peak Python heap from `tracemalloc` (the merge streams
+  the rows: ids, hashes and per-patient counts are what it holds) and the manifest's size.
 * ``exact_pairs``: equal pixel hashes (`duplicates.exact_pairs`).
 * ``hamming_pairs``: 256-bit pHashes within 12 bits (`duplicates.hamming_pairs`, faiss binary).
 * ``cosine_flat``: embedding pairs at cosine >= 0.99, exact (`duplicates.cosine_pairs`, faiss flat,
@@ -39,14 +41,12 @@ import sys
 import tempfile
 import time
 import tracemalloc
-from collections import Counter, defaultdict
 
 import numpy as np
 
 from afm_jax.data import records
 from afm_jax.data.conversion import merge
 from afm_jax.data.curation import clustering, duplicates
-from afm_jax.data.splits import assign_patient_splits
 
 IMAGES_PER_PATIENT = 30  # 500,000 images / 17,000 patients ≈ 29
 
@@ -133,29 +133,31 @@ def synthetic_columns(n: int, dim: int, rng: np.random.Generator) -> tuple[np.nd
 # ------------------------------------------------------------------------------------------------
 
 
+CHUNK_ROWS = 1024  # rows per chunk file (the conversion's --chunk_size is 64 by default; the reads are the same)
+
+
 def stage_merge_rows(n: int, rng: np.random.Generator, tmp: str) -> dict:
-    tracemalloc.start()
     t = time.perf_counter()
     rows = synthetic_rows(n, rng)
+    chunk_files = []
+    for start in range(0, n, CHUNK_ROWS):  # as the conversion leaves them: one JSON row per line
+        path = os.path.join(tmp, f"chunk-{start // CHUNK_ROWS:06d}.jsonl")
+        with open(path, "w") as f:
+            f.writelines(json.dumps(row) + "\n" for row in rows[start : start + CHUNK_ROWS])
+        chunk_files.append(path)
+    del rows
     build_s = time.perf_counter() - t
+
+    def read():  # what merge.plan_rows does with a Plan's chunk files
+        for path in chunk_files:
+            with open(path) as f:
+                yield from sorted((json.loads(line) for line in f), key=lambda r: r["file_index"])
+
+    tracemalloc.start()
     t, c = time.perf_counter(), time.process_time()
-    rows.sort(key=lambda r: r["file_index"])
-    merge.mark_duplicates(rows)
-    patient_labels: dict[str, Counter] = defaultdict(Counter)
-    for row in rows:
-        if row["status"] == "converted":
-            for image in row["images"]:
-                patient_labels[image["patient_id"]][int(row["label"])] += 1
-    split_of = assign_patient_splits(patient_labels, {"train": 0.8, "validation": 0.1, "test": 0.1}, "stratified")
-    summary = merge.summarize(rows)
-    position: Counter = Counter()
-    for row in rows:
-        if row["status"] == "converted":
-            split = split_of[row["images"][0]["patient_id"]]
-            row["output"] = f"{split}:{position[split]}"
-            position[split] += 1
+    merged = merge.MergedRows(read, {"train": 0.8, "validation": 0.1, "test": 0.1}, "stratified")
     path = os.path.join(tmp, f"manifest_{n}.csv")
-    merge.write_manifest(rows, pathlib.Path(path))
+    merge.write_manifest(merged.rows(), pathlib.Path(path))
     seconds, cpu_s = time.perf_counter() - t, time.process_time() - c
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
@@ -165,10 +167,12 @@ def stage_merge_rows(n: int, rng: np.random.Generator, tmp: str) -> dict:
         "rows_build_s": round(build_s, 3),
         "peak_mb": round(peak / 2**20, 1),
         "manifest_mb": round(os.path.getsize(path) / 2**20, 1),
-        "patients": len(split_of),
-        "skipped": sum(v for k, v in summary.items() if k.startswith("skipped")),
+        "patients": len(merged.split_of),
+        "skipped": sum(v for k, v in merged.summary.items() if k.startswith("skipped")),
     }
     os.remove(path)
+    for chunk in chunk_files:
+        os.remove(chunk)
     return out
 
 

@@ -23,9 +23,9 @@ def test_patch_convolution_counts_kernel_elements_per_output_feature():
         return jax.lax.conv_general_dilated(x, w, (16, 16), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
     # 2 images of 32² px, 3 channels, 16² patches -> 2·2·2 positions × 8 features, 16·16·3 MACs each
-    assert throughput.matmul_flops(patchify, jnp.ones((2, 32, 32, 3)), jnp.ones((16, 16, 3, 8))) == 2 * (2 * 2 * 2 * 8) * (
-        16 * 16 * 3
-    )
+    assert throughput.matmul_flops(patchify, jnp.ones((2, 32, 32, 3)), jnp.ones((16, 16, 3, 8))) == 2 * (
+        2 * 2 * 2 * 8
+    ) * (16 * 16 * 3)
 
 
 def test_gradient_nested_jit_scan_and_cond():
@@ -34,9 +34,9 @@ def test_gradient_nested_jit_scan_and_cond():
     # forward x@w, backward dL/dw = x.T @ g (dL/dx is not needed): 2 products, inside a nested jit
     assert throughput.matmul_flops(jax.grad(lambda w: jnp.sum(jax.jit(jnp.matmul)(x, w))), w) == 2 * one
     # a scan of 7 products counts 7
-    assert throughput.matmul_flops(lambda x, w: jax.lax.scan(lambda c, _: (c @ w, None), x, length=7)[0], x, w) == 7 * one
-    # a cond counts its most expensive branch: (x@w)@w, not x@w
-    branches = throughput.matmul_flops(
-        lambda p, x, w: jax.lax.cond(p, lambda: x @ w, lambda: (x @ w) @ w), True, x, w
+    assert (
+        throughput.matmul_flops(lambda x, w: jax.lax.scan(lambda c, _: (c @ w, None), x, length=7)[0], x, w) == 7 * one
     )
+    # a cond counts its most expensive branch: (x@w)@w, not x@w
+    branches = throughput.matmul_flops(lambda p, x, w: jax.lax.cond(p, lambda: x @ w, lambda: (x @ w) @ w), True, x, w)
     assert branches == 2 * one

@@ -1,13 +1,15 @@
 """Merge complete conversion chunks into one dataset: dedup, patient splits, records, manifest.
 
 Runs once, after every chunk is complete (on one machine, or as the final `--merge` step after a
-SLURM array). Two passes over the chunk outputs:
+SLURM array). It streams over the chunk outputs, one chunk at a time, never holding all rows
+(`MergedRows`; at 500k files the row dicts alone would be ~1 GB):
 
-1. the rows (small): exact duplicates are marked — same SOP Instance UID (hashed `image_id`) or the
-   same stored pixels (`pixel_hash`) as an earlier file in input order; the earlier file is kept,
-   so the choice does not depend on sharding — and every patient gets a split;
+1. the rows: exact duplicates are decided — same SOP Instance UID (hashed `image_id`) or the same
+   stored pixels (`pixel_hash`) as an earlier file in input order; the earlier file is kept, so the
+   choice does not depend on sharding — and every patient gets a split;
 2. the images: streamed in input order into `records.write_dataset`, so the dataset, its index and
-   `content_fingerprint` are the same however the chunks were produced.
+   `content_fingerprint` are the same however the chunks were produced;
+3. the rows again, with the decisions and record positions applied, into the manifest.
 
 **Splits** are by patient. With `split_mode="stratified"` (default) patients are grouped by label
 (their most frequent image label; -1 when unlabelled), ordered within a group by the same salted
@@ -24,10 +26,11 @@ The manifest (`manifest.csv`, beside the shards) has one row per input file: `st
 from __future__ import annotations
 
 import csv
+import itertools
 import logging
 import pathlib
 from collections import Counter, defaultdict
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -76,24 +79,85 @@ def check_complete(plan: Plan) -> None:
         )
 
 
-def mark_duplicates(rows: list[dict]) -> None:
-    """Marks converted rows that repeat an earlier row's SOP Instance UID or pixels (in place)."""
-    by_image: dict[str, str] = {}
-    by_pixels: dict[str, str] = {}
-    for row in rows:
+class _DuplicateFinder:
+    """Decides, row by row in input order, whether a converted row repeats an earlier row's SOP
+    Instance UID or pixels; keeps only the ids and hashes seen, not the rows."""
+
+    def __init__(self) -> None:
+        self.by_image: dict[str, str] = {}
+        self.by_pixels: dict[str, str] = {}
+
+    def check(self, row: dict) -> tuple[str, str] | None:
+        """(status, duplicate_of) for a duplicate, None for a row to keep (then remembered)."""
         if row["status"] != "converted":
-            continue
+            return None
         ids = [image["image_id"] for image in row["images"]]
-        first = next((by_image[i] for i in ids if i in by_image), None)
+        first = next((self.by_image[i] for i in ids if i in self.by_image), None)
         if first is not None:
-            row.update(status="skipped:duplicate_sop_instance_uid", duplicate_of=first)
-            continue
-        if row["pixel_hash"] in by_pixels:
-            row.update(status="skipped:duplicate_pixels", duplicate_of=by_pixels[row["pixel_hash"]])
-            continue
+            return "skipped:duplicate_sop_instance_uid", first
+        if row["pixel_hash"] in self.by_pixels:
+            return "skipped:duplicate_pixels", self.by_pixels[row["pixel_hash"]]
         for i in ids:
-            by_image[i] = row["file_id"]
-        by_pixels[row["pixel_hash"]] = row["file_id"]
+            self.by_image[i] = row["file_id"]
+        self.by_pixels[row["pixel_hash"]] = row["file_id"]
+        return None
+
+
+class MergedRows:
+    """The merge's decisions over every input row, made in one streaming pass; `rows()` streams the
+    rows again with them applied (status of duplicates, `output` positions).
+
+    `read` returns a fresh iterator over all rows in input order each time it is called (the merge
+    reads the chunk files again; nothing but ids, hashes and per-patient label counts is held: ~1 GB
+    of row dicts at 500k files otherwise)."""
+
+    def __init__(
+        self, read: Callable[[], Iterable[dict]], fractions: Mapping[str, float], split_mode: str = "stratified"
+    ) -> None:
+        self._read = read
+        finder = _DuplicateFinder()
+        self._duplicates: dict[int, tuple[str, str]] = {}
+        patient_labels: dict[str, Counter] = defaultdict(Counter)
+        counts: Counter = Counter()
+        self.num_files = self.num_images = 0
+        for row in read():
+            self.num_files += 1
+            decision = finder.check(row)
+            if decision is not None:
+                self._duplicates[row["file_index"]] = decision
+            status = decision[0] if decision else row["status"]
+            counts[status] += 1
+            if status == "converted":
+                self.num_images += len(row["images"])
+                for image in row["images"]:
+                    patient_labels[image["patient_id"]][int(row["label"])] += 1
+        del finder
+        self.split_of = assign_patient_splits(patient_labels, fractions, split_mode)
+        self.summary = summarize(counts)
+
+    def rows(self) -> Iterator[dict]:
+        """Every row in input order, duplicates marked, kept images' `output` = `<split>:<index>` in
+        the order `records.write_dataset` sees them."""
+        position: Counter = Counter()
+        for row in self._read():
+            decision = self._duplicates.get(row["file_index"])
+            if decision is not None:
+                row.update(status=decision[0], duplicate_of=decision[1])
+            elif row["status"] == "converted":
+                outputs = []
+                for image in row["images"]:
+                    split = self.split_of[image["patient_id"]]
+                    outputs.append(f"{split}:{position[split]}")
+                    position[split] += 1
+                row["output"] = ";".join(outputs)
+            yield row
+
+
+def plan_rows(plan: Plan) -> Iterator[dict]:
+    """Every row of a complete conversion in input order, one chunk file at a time (chunk c holds
+    files c·chunk_size to (c+1)·chunk_size - 1)."""
+    for chunk in range(plan.num_chunks):
+        yield from sorted(read_rows(plan, chunk), key=lambda r: r["file_index"])
 
 
 def merge(
@@ -112,18 +176,12 @@ def merge(
     The summary counts files per status (`converted`, `skipped:<reason>`, `failed:<ExceptionType>`).
     Raises IncompleteConversionError if chunks are missing, NothingConvertedError (a ConfigError, so a
     ValueError) if nothing was converted (the manifest is then written to `<out_dir>/<name>/manifest.csv`
-    for inspection)."""
+    for inspection). Streams: the rows are read three times (decisions, records, manifest), never
+    all held."""
     check_complete(plan)
     fractions = dict(split_fractions or records.DEFAULT_SPLIT_FRACTIONS)
-    rows = [row for c in range(plan.num_chunks) for row in read_rows(plan, c)]
-    rows.sort(key=lambda r: r["file_index"])
-    mark_duplicates(rows)
-    patient_labels: dict[str, Counter] = defaultdict(Counter)
-    for row in rows:
-        if row["status"] == "converted":
-            for image in row["images"]:
-                patient_labels[image["patient_id"]][int(row["label"])] += 1
-    split_of = assign_patient_splits(patient_labels, fractions, split_mode)
+    merged = MergedRows(lambda: plan_rows(plan), fractions, split_mode)
+    split_of, summary = merged.split_of, merged.summary
     empty = sorted(set(fractions) - set(split_of.values()))
     if empty and split_of:
         log.warning(
@@ -133,25 +191,13 @@ def merge(
             len(split_of),
             fractions,
         )
-    summary = summarize(rows)
-
-    # Output locations, in the order write_dataset will see the records.
-    position: Counter = Counter()
-    for row in rows:
-        if row["status"] == "converted":
-            outputs = []
-            for image in row["images"]:
-                split = split_of[image["patient_id"]]
-                outputs.append(f"{split}:{position[split]}")
-                position[split] += 1
-            row["output"] = ";".join(outputs)
 
     info = dict(extra_info or {})
     info.update(
         preprocessing=plan.variant.to_dict(),
         source_fingerprint=plan.inputs_fingerprint,
         conversion={
-            "files": len(rows),
+            "files": merged.num_files,
             "status_counts": summary,
             "split_mode": split_mode,
             "label_ids": plan.label_ids,
@@ -159,39 +205,37 @@ def merge(
         },
     )
     base = pathlib.Path(out_dir).expanduser().resolve()
-    if not position:
+    if not merged.num_images:
         (base / name).mkdir(parents=True, exist_ok=True)
-        write_manifest(rows, base / name / MANIFEST_FILE)
+        write_manifest(merged.rows(), base / name / MANIFEST_FILE)
         raise NothingConvertedError(
             f"No file was converted ({summary}); the manifest {base / name / MANIFEST_FILE} "
             "gives each file's reason. Check that --input points at DICOM images."
         )
     directory = records.write_dataset(
-        _examples(plan, rows),
+        _examples(plan, merged.rows()),
         base,
         name=name,
         split_fractions=fractions,
         extra_info=info,
-        num_examples_hint=sum(position.values()),
+        num_examples_hint=merged.num_images,
         overwrite=overwrite,
         max_shard_bytes=max_shard_bytes,
         png_compression=plan.variant.png_compression,
         assign_split=lambda record: split_of[record["patient_id"]],
     )
-    write_manifest(rows, directory / MANIFEST_FILE)
+    write_manifest(merged.rows(), directory / MANIFEST_FILE)
     return directory, summary
 
 
-def _examples(plan: Plan, rows: list[dict]) -> Iterator[dict[str, Any]]:
-    """Record dicts of the kept images, in input order, with the PNGs read from the chunk files."""
+def _examples(plan: Plan, rows: Iterable[dict]) -> Iterator[dict[str, Any]]:
+    """Record dicts of the kept images, in input order, with the PNGs read from the chunk files (one
+    chunk's PNGs in memory at a time)."""
     # array_record: a native extension, loaded only by the process that merges
     from array_record.python.array_record_module import ArrayRecordReader  # pylint: disable=g-import-not-at-top
 
-    by_chunk: dict[int, list[dict]] = defaultdict(list)
-    for row in rows:
-        by_chunk[row["file_index"] // plan.chunk_size].append(row)
-    for chunk in range(plan.num_chunks):
-        chunk_rows = by_chunk.get(chunk, [])
+    for chunk, chunk_rows in itertools.groupby(rows, key=lambda r: r["file_index"] // plan.chunk_size):
+        chunk_rows = list(chunk_rows)
         if not any("images" in r for r in chunk_rows):
             continue
         reader = ArrayRecordReader(str(plan.chunk_path(chunk, "array_record")))
@@ -229,14 +273,18 @@ def _record(row: dict, image: dict, png: bytes) -> dict[str, Any]:
     }
 
 
-def summarize(rows: list[dict]) -> dict[str, int]:
-    """Files per status, failures grouped by exception type (messages stay in the manifest)."""
+def summarize(rows_or_counts: Iterable[dict] | Mapping[str, int]) -> dict[str, int]:
+    """Files per status, failures grouped by exception type (messages stay in the manifest); from
+    the rows, or from counts of their full status strings."""
+    if isinstance(rows_or_counts, Mapping):
+        full = rows_or_counts
+    else:
+        full = Counter(row["status"] for row in rows_or_counts)
     counts: Counter = Counter()
-    for row in rows:
-        status = row["status"]
+    for status, n in full.items():
         if status.startswith("failed:"):
             status = status.split(":", 2)[0] + ":" + status.split(":", 2)[1].strip()
-        counts[status] += 1
+        counts[status] += n
     return dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
 
 
@@ -250,13 +298,13 @@ def format_summary(summary: Mapping[str, int]) -> str:
     return "\n".join(lines)
 
 
-def write_manifest(rows: list[dict], path: pathlib.Path) -> None:
+def write_manifest(rows: Iterable[dict], path: pathlib.Path) -> None:
     """One CSV row per input file (no paths, no raw identifiers), streamed into an atomic temporary
     (not built in memory first: ~150 MB of text at 500k files)."""
     io.write_with(path, lambda tmp: _write_manifest_rows(rows, tmp))
 
 
-def _write_manifest_rows(rows: list[dict], path: pathlib.Path) -> None:
+def _write_manifest_rows(rows: Iterable[dict], path: pathlib.Path) -> None:
     with open(path, "w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=MANIFEST_COLUMNS, extrasaction="ignore", lineterminator="\n")
         writer.writeheader()
