@@ -7,7 +7,8 @@ import numpy as np
 
 def write_brightness_dataset(out, num_patients: int = 80) -> str:
     """`num_patients` patients, one 32×32 image each, whose float `target` is a linear function of the
-    image's brightness: target = 20 + 100 · b months (b uniform in [0.1, 0.9]), so a model can read it.
+    image's brightness: target = 20 + 100 · b months (b uniform in [0.1, 0.9]), so a model can read it,
+    and whose label is 2 for b > 0.5, else 1 (an easily separable binary label: AFF 2 vs NFF 1).
     Splits train / validation / test = 0.6 / 0.2 / 0.2 of the patients."""
     from afm_jax.data import records
 
@@ -21,7 +22,7 @@ def write_brightness_dataset(out, num_patients: int = 80) -> str:
                 image=(img * 65535).astype(np.uint16),
                 patient_id=f"p{i:03d}",
                 image_id=f"p{i:03d}_0",
-                label=0,
+                label=2 if b > 0.5 else 1,
                 target=20.0 + 100.0 * b,
             )
         )

@@ -219,3 +219,39 @@ def test_regression_finetune_beats_the_training_mean(brightness_dataset, tmp_pat
     assert info["validation_mae"] == pytest.approx(mean_absolute_error(val.y_true, val.y_score), rel=1e-5)
     scored = pr.score_predictions(val, test, task, n_boot=20)
     assert scored["metrics"]["mae"]["point"] == pytest.approx(mae, rel=1e-9)
+
+
+def test_binary_finetune_separates_an_easily_separable_label(brightness_dataset, tmp_path):
+    """Issue 19: fine-tuning a random-init ViT on a label that brightness decides reaches validation and
+    test AUROC > 0.9 (sklearn's roc_auc_score on the returned predictions; y_true from the records)."""
+    from sklearn.metrics import roc_auc_score
+
+    from afm_jax.evaluation import backbones as bb
+    from afm_jax.evaluation import protocols as pr
+
+    task = pr.TaskSpec("bright", data=brightness_dataset, positive_labels=(2,), negative_labels=(1,), unit="image")
+    spec = bb.BackboneSpec("random_init", variant="mu/8", image_size=32)
+    options = {
+        "total_steps": 60,
+        "batch_size": 16,
+        "eval_every": 20,
+        "log_every": 20,
+        "optim.warmup_epochs": 0.0,
+        "optim.base_lr": 5e-2,
+        "data.augment": {"brightness": 0.0, "contrast": 0.0, "gamma": 0.0},  # the label is the brightness
+    }
+    val, test, info = pr.run_protocol(
+        spec,
+        task,
+        "finetune",
+        cache=pr.FeatureCache(tmp_path / "c"),
+        data_path=brightness_dataset,
+        workdir=os.fspath(tmp_path / "ft"),
+        options=options,
+    )
+    bright = {i: t > 70.0 for i, t in split_targets(brightness_dataset, "test").items()}  # b > 0.5
+    np.testing.assert_array_equal(test.y_true, [int(bright[i]) for i in test.image_id])
+    assert 0 < test.y_true.sum() < len(test.y_true)
+    val_auroc, test_auroc = roc_auc_score(val.y_true, val.y_score), roc_auc_score(test.y_true, test.y_score)
+    print(f"validation AUROC {val_auroc:.3f}, test AUROC {test_auroc:.3f}, {info}")
+    assert val_auroc > 0.9 and test_auroc > 0.9
