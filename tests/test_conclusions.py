@@ -444,3 +444,33 @@ def test_low_shot_curve_points_are_the_mean_and_range_over_seeds():
     curves = report_lib.low_shot_curves(results)
     points = sorted(curves[("t", "knn")]["b"])
     assert points[0] == pytest.approx((10.5, 0.65, 0.6, 0.7)) and points[1] == pytest.approx((40, 0.85, 0.8, 0.9))
+
+
+def test_overlay_cases_are_the_most_confident_tp_fp_fn_in_turn():
+    """Issue 19 item 4: overlays show true positives, false positives and false negatives (at P = 0.5),
+    each the most confident of its kind first, taken in turn; true negatives only fill up. Worked out
+    by hand on 8 images."""
+    from afm_jax.evaluation.study import pick_overlay_cases
+
+    #           0    1    2    3    4    5    6    7
+    y = np.array([1, 1, 0, 0, 1, 0, 1, 0])
+    s = np.array([0.9, 0.6, 0.8, 0.55, 0.1, 0.2, 0.4, 0.05])
+    # TP: 0 (0.9), 1 (0.6); FP: 2 (0.8), 3 (0.55); FN: 4 (0.1, most confidently wrong), 6 (0.4); TN: 7, 5
+    ids = np.array(list("abcdefgh"))
+    pred = pr.Prediction(y_true=y, y_score=s, patient_id=ids, study_id=ids, image_id=ids)
+    assert pick_overlay_cases(pred, 4) == [
+        ("true positive", 0),
+        ("false positive", 2),
+        ("false negative", 4),
+        ("true positive", 1),
+    ]
+    assert pick_overlay_cases(pred, 8) == [
+        ("true positive", 0),
+        ("false positive", 2),
+        ("false negative", 4),
+        ("true positive", 1),
+        ("false positive", 3),
+        ("false negative", 6),
+        ("true negative", 7),
+        ("true negative", 5),
+    ]
