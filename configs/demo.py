@@ -2,16 +2,17 @@
 
 Command:  make demo      (= python -m afm_jax.main --config configs/demo.py --workdir demo_out)
 Hardware: a laptop CPU (sized for 2 cores).
-Runtime:  ~10 min on 2 quiet cores (estimated from the parts; the measured run shared the cores with
-          other jobs): ~1 min to render 1,000 synthetic patients (2,825 images), ~5 min of MAE (1,000
-          steps × 32 images), ~3 min of feature extraction at 256 px and probes.
+Runtime:  9 min 3 s measured end to end from a fresh clone (venv built) on a 2-core AMD EPYC box,
+          ~2 min of it shared with a test run: ~1 min to render 1,000 synthetic patients (2,825
+          images), ~5 min of MAE (1,000 steps × 32 images), ~3 min of feature extraction at 256 px
+          and probes.
 Expected: AFF-vs-NFF linear probes on frozen features of held-out patients (patient-level AUROC,
           image scores averaged per patient, 95% bootstrap CI over test patients, mean of 3 probe
           seeds), with 100% and then 10% of the training patients labelled; the last line is
           `AUROC (AFF vs NFF, linear probe, 10% labels): mae=<f> [<lo>-<hi>] random_init=<f> [<lo>-<hi>]`.
-          Measured (74 test patients): 100% labels mae=0.798 [0.69-0.89] random_init=0.573 [0.44-0.69],
-          difference +0.225 [+0.081 to +0.370]; 10% labels mae=0.642 [0.55-0.73] random_init=0.506
-          [0.42-0.58], difference +0.135 [+0.039 to +0.233]. `random_init` is the exact encoder the MAE
+          Measured (74 test patients, that run): 100% labels mae=0.7985 [0.70-0.89] random_init=0.5714
+          [0.44-0.69], difference +0.227 [+0.082 to +0.374]; 10% labels mae=0.6418 [0.55-0.73]
+          random_init=0.5062 [0.42-0.58], difference +0.136 [+0.038 to +0.234]. `random_init` is the exact encoder the MAE
           started from (same seed), so the difference is what pretraining added.
 Deviations from the MAE paper, for CPU size (each named here, all config keys):
   - encoder ViT-Ti width (192, 3 heads) with 6 blocks instead of 12 (`model.depth=6`), 128-px crops;
