@@ -28,8 +28,8 @@ from afm_jax.data import records
 from afm_jax.data import selection as selection_lib
 from afm_jax.data.curation import clustering, duplicates, quality
 from afm_jax.data.curation import config as config_lib
-from afm_jax.data.curation import embeddings as emb_lib
 from afm_jax.data.curation import curation_report as report_lib
+from afm_jax.data.curation import embeddings as emb_lib
 from afm_jax.data.curation import scan as scan_lib
 from afm_jax.errors import ConfigError
 
