@@ -651,6 +651,9 @@ def main(argv: list[str] | None = None) -> dict:
             "jax_version": jax.__version__,
             "python": platform.python_version(),
             "xla_flags": os.environ.get("XLA_FLAGS", ""),
+            # the allocator changes CPU step times by up to 1.5x (bench/README.md, "Allocator")
+            "ld_preload": os.environ.get("LD_PRELOAD", ""),
+            "malloc_conf": os.environ.get("MALLOC_CONF", ""),
         }
     )
     print(json.dumps(result), flush=True)
