@@ -180,34 +180,42 @@ def test_regression_predictions_are_the_destandardised_head_output(brightness_da
     assert set(np.round(batch["target"], 3).tolist()) <= set(np.round(train_t.astype(np.float32), 3).tolist())
 
 
-@pytest.mark.parametrize("loss", ["mse", "l1"])
-def test_regression_finetune_beats_the_training_mean(brightness_dataset, tmp_path, loss):
-    from sklearn.metrics import mean_absolute_error
-
+def _finetune_random_init(task, data_path, tmp_path, options=None):
+    """60 fine-tuning steps of a random-init mu/8 ViT on `task` (the brightness dataset: no intensity
+    jitter, since brightness is the signal); returns (validation, test, info) predictions."""
     from afm_jax.evaluation import backbones as bb
     from afm_jax.evaluation import protocols as pr
 
-    task = pr.TaskSpec("brightness", data=brightness_dataset, kind="regression", target_unit="months", unit="image")
     spec = bb.BackboneSpec("random_init", variant="mu/8", image_size=32)
-    options = {
+    base = {
         "total_steps": 60,
         "batch_size": 16,
         "eval_every": 20,
         "log_every": 20,
         "optim.warmup_epochs": 0.0,
         "optim.base_lr": 5e-2,  # × batch/256 (linear scaling): lr 3e-3
-        "finetune.head_init_std": 0.02,
-        "finetune.regression_loss": loss,
-        "data.augment": {"brightness": 0.0, "contrast": 0.0, "gamma": 0.0},  # the target is the brightness
+        "data.augment": {"brightness": 0.0, "contrast": 0.0, "gamma": 0.0},
     }
-    val, test, info = pr.run_protocol(
+    return pr.run_protocol(
         spec,
         task,
         "finetune",
         cache=pr.FeatureCache(tmp_path / "c"),
-        data_path=brightness_dataset,
+        data_path=data_path,
         workdir=os.fspath(tmp_path / "ft"),
-        options=options,
+        options={**base, **(options or {})},
+    )
+
+
+@pytest.mark.parametrize("loss", ["mse", "l1"])
+def test_regression_finetune_beats_the_training_mean(brightness_dataset, tmp_path, loss):
+    from sklearn.metrics import mean_absolute_error
+
+    from afm_jax.evaluation import protocols as pr
+
+    task = pr.TaskSpec("brightness", data=brightness_dataset, kind="regression", target_unit="months", unit="image")
+    val, test, info = _finetune_random_init(
+        task, brightness_dataset, tmp_path, {"finetune.head_init_std": 0.02, "finetune.regression_loss": loss}
     )
     test_t = split_targets(brightness_dataset, "test")
     np.testing.assert_allclose(test.y_true, [test_t[i] for i in test.image_id])
@@ -226,29 +234,10 @@ def test_binary_finetune_separates_an_easily_separable_label(brightness_dataset,
     test AUROC > 0.9 (sklearn's roc_auc_score on the returned predictions; y_true from the records)."""
     from sklearn.metrics import roc_auc_score
 
-    from afm_jax.evaluation import backbones as bb
     from afm_jax.evaluation import protocols as pr
 
     task = pr.TaskSpec("bright", data=brightness_dataset, positive_labels=(2,), negative_labels=(1,), unit="image")
-    spec = bb.BackboneSpec("random_init", variant="mu/8", image_size=32)
-    options = {
-        "total_steps": 60,
-        "batch_size": 16,
-        "eval_every": 20,
-        "log_every": 20,
-        "optim.warmup_epochs": 0.0,
-        "optim.base_lr": 5e-2,
-        "data.augment": {"brightness": 0.0, "contrast": 0.0, "gamma": 0.0},  # the label is the brightness
-    }
-    val, test, info = pr.run_protocol(
-        spec,
-        task,
-        "finetune",
-        cache=pr.FeatureCache(tmp_path / "c"),
-        data_path=brightness_dataset,
-        workdir=os.fspath(tmp_path / "ft"),
-        options=options,
-    )
+    val, test, info = _finetune_random_init(task, brightness_dataset, tmp_path)
     bright = {i: t > 70.0 for i, t in split_targets(brightness_dataset, "test").items()}  # b > 0.5
     np.testing.assert_array_equal(test.y_true, [int(bright[i]) for i in test.image_id])
     assert 0 < test.y_true.sum() < len(test.y_true)
