@@ -273,15 +273,11 @@ def _record(row: dict, image: dict, png: bytes) -> dict[str, Any]:
     }
 
 
-def summarize(rows_or_counts: Iterable[dict] | Mapping[str, int]) -> dict[str, int]:
-    """Files per status, failures grouped by exception type (messages stay in the manifest); from
-    the rows, or from counts of their full status strings."""
-    if isinstance(rows_or_counts, Mapping):
-        full = rows_or_counts
-    else:
-        full = Counter(row["status"] for row in rows_or_counts)
+def summarize(status_counts: Mapping[str, int]) -> dict[str, int]:
+    """Files per status from counts of the full status strings, failures grouped by exception type
+    (their messages stay in the manifest)."""
     counts: Counter = Counter()
-    for status, n in full.items():
+    for status, n in status_counts.items():
         if status.startswith("failed:"):
             status = status.split(":", 2)[0] + ":" + status.split(":", 2)[1].strip()
         counts[status] += n
